@@ -1,0 +1,1 @@
+"""Odoo -> Supabase one-way CDC replicator."""
