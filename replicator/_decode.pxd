@@ -1,0 +1,86 @@
+from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
+
+
+# A growable byte buffer owned by C: rows are appended here without touching
+# a Python object, then handed to COPY as one bytes object per table.
+cdef struct Buf:
+    char *data
+    Py_ssize_t len
+    Py_ssize_t cap
+
+
+# One field of a TupleData, pointing into the message being decoded.
+cdef struct Field:
+    char kind          # 'n', 'u', 't' or 'b'
+    const char *ptr
+    int32_t len
+
+
+# The decoder's view of one source relation: what the hot loop needs to turn
+# an Insert/Update/Delete into a staging row.
+cdef struct Rel:
+    uint32_t relid
+    int active         # 0: not replicated, its changes are dropped
+    int ncols
+    int nkey
+    int *key_idx       # positions of the key columns among ncols
+    uint8_t *is_key    # ncols flags, 1 for a key column
+    Field *old_fields
+    Field *new_fields
+    Buf buf
+    int64_t rows
+    int64_t n_insert
+    int64_t n_update
+    int64_t n_delete
+    int64_t n_unchanged   # rows that carry at least one unchanged-TOAST column
+    int64_t n_moves       # primary-key changes
+
+
+ctypedef int (*getcopydata_fn)(void *conn, char **buf, int async_) nogil
+ctypedef int (*consumeinput_fn)(void *conn) nogil
+ctypedef void (*freemem_fn)(void *ptr) nogil
+
+
+cdef class Decoder:
+    cdef Rel *rels
+    cdef int nrels
+    cdef int relcap
+    cdef int last_rel
+
+    cdef readonly int64_t seq
+    cdef public uint64_t skip_before
+    cdef readonly int in_txn
+    cdef readonly int skipping
+    cdef readonly int in_stream
+    cdef readonly uint32_t xid
+    cdef readonly uint32_t stream_xid
+    cdef readonly uint64_t final_lsn
+    cdef readonly uint64_t commit_lsn
+    cdef readonly uint64_t end_lsn
+    cdef readonly int64_t commit_ts
+    cdef readonly int64_t txn_rows
+    cdef readonly int64_t batch_rows
+    cdef readonly Py_ssize_t buffered_bytes
+
+    # replication stream position (from the CopyData headers)
+    cdef readonly uint64_t wal_start
+    cdef readonly uint64_t wal_end
+    cdef readonly int64_t send_time
+    cdef readonly int reply_requested
+
+    cdef readonly object event
+    cdef char errbuf[256]
+
+    cdef getcopydata_fn _getcopydata
+    cdef consumeinput_fn _consumeinput
+    cdef freemem_fn _freemem
+    cdef void *_conn
+
+    cdef Rel *_find(self, uint32_t relid) noexcept nogil
+    cdef int _hot(self, const char *p, Py_ssize_t n) noexcept nogil
+    cdef int _row(self, const char *p, Py_ssize_t n, char tag) noexcept nogil
+    cdef int _begin(self, const char *p, Py_ssize_t n) noexcept nogil
+    cdef int _fail(self, const char *msg) noexcept nogil
+    cdef str _error(self)
+    cdef int _cold(self, const char *p, Py_ssize_t n) except -1
+    cdef int _message(self, const char *p, Py_ssize_t n) except -1

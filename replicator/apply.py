@@ -1,0 +1,328 @@
+"""Applying a batch: one destination transaction, COPY into staging, one MERGE per table.
+
+The MERGE keeps the last change per key (staging rows carry a sequence
+number), deletes what was deleted, and never writes an unchanged-TOAST column
+(`u`) as NULL: such a column keeps the mirror's value, or takes the latest
+earlier image of the same row in the batch, or, after a primary-key change,
+the old key's image. A `u` that none of those can supply goes to the dead
+letter table instead of the mirror.
+
+Pooler safe (Supabase port 6543, transaction mode): no prepared statements,
+settings by SET LOCAL only, nothing that outlives the transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import psycopg
+from psycopg import sql
+
+from . import state
+from .batch import AlterTable, Batch, Rows, TableRows, Truncate
+from .errors import ErrorKind, ReplicatorError
+from .lsn import format_lsn
+from .schema import (MirrorTable, alter_mirror_sql, create_mirror_sql, create_staging_sql,
+                     mirror_columns, mirror_exists)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ApplyResult:
+    rows: int = 0
+    inserts: int = 0
+    updates: int = 0
+    deletes: int = 0
+    dead_letters: int = 0
+    seconds: float = 0.0
+    per_table: dict[str, int] = field(default_factory=dict)
+
+
+# -- SQL builders ----------------------------------------------------------
+
+
+def _ident(name: str) -> sql.Identifier:
+    return sql.Identifier(name)
+
+
+def _cast(expr: sql.Composable, t: MirrorTable, col) -> sql.Composable:
+    # Binary staging already has the mirror's type; text staging is cast.
+    if t.binary and col.builtin:
+        return expr
+    return sql.SQL("{}::{}").format(expr, sql.SQL(col.mirror_type))
+
+
+def copy_sql(t: MirrorTable) -> sql.Composable:
+    cols = ([_ident("_r_seq"), _ident("_r_op")] + [_ident(c.name) for c in t.columns]
+            + [_ident(f"_r_ok{i}") for i in range(len(t.source.key))] + [_ident("_r_u")])
+    return sql.SQL("copy {} ({}) from stdin (format binary)").format(
+        t.stage, sql.SQL(", ").join(cols))
+
+
+def _merge_tail(t: MirrorTable, source: sql.Composable, toast: bool) -> sql.Composable:
+    key = set(t.source.key)
+    on = sql.SQL(" and ").join(
+        sql.SQL("t.{k} = s.{k}").format(k=_ident(k)) for k in t.source.key)
+    cols = [c for c in t.columns]
+    if toast:
+        # s already holds mirror-typed values and _r_keep{i} flags.
+        def value(i, c):
+            if c.name in key or not _toastable(c):
+                return sql.SQL("s.{}").format(_ident(c.name))
+            return sql.SQL("case when s.{keep} then t.{c} else s.{c} end").format(
+                keep=_ident(f"_r_keep{i}"), c=_ident(c.name))
+        ins_val = [sql.SQL("s.{}").format(_ident(c.name)) for c in cols]
+        upd_guard = sql.SQL(" and not s._r_bad")
+        ins_guard = sql.SQL(" and not s._r_bad and not s._r_anykeep")
+    else:
+        def value(i, c):
+            return _cast(sql.SQL("s.{}").format(_ident(c.name)), t, c)
+        ins_val = [value(i, c) for i, c in enumerate(cols)]
+        upd_guard = ins_guard = sql.SQL("")
+        on = sql.SQL(" and ").join(
+            sql.SQL("t.{k} = {v}").format(
+                k=_ident(c.name), v=_cast(sql.SQL("s.{}").format(_ident(c.name)), t, c))
+            for c in cols if c.name in key)
+    sets = [sql.SQL("{} = {}").format(_ident(c.name), value(i, c))
+            for i, c in enumerate(cols) if c.name not in key]
+    update = (sql.SQL("update set {}").format(sql.SQL(", ").join(sets)) if sets
+              else sql.SQL("do nothing"))
+    return sql.SQL(
+        "merge into {dest} t using {source} s on {on} "
+        "when matched and s._r_op = 'D' then delete "
+        "when matched{ug} then {update} "
+        "when not matched and s._r_op <> 'D'{ig} then insert ({cols}) values ({vals})"
+    ).format(dest=t.dest, source=source, on=on, ug=upd_guard, update=update, ig=ins_guard,
+             cols=sql.SQL(", ").join(_ident(c.name) for c in cols),
+             vals=sql.SQL(", ").join(ins_val))
+
+
+def _toastable(col) -> bool:
+    return col.typlen == -1
+
+
+def merge_sql(t: MirrorTable) -> sql.Composable:
+    """The common case: no unchanged-TOAST column in this table's batch."""
+    key = sql.SQL(", ").join(_ident(k) for k in t.source.key)
+    source = sql.SQL("(select distinct on ({k}) * from {stage} order by {k}, _r_seq desc)").format(
+        k=key, stage=t.stage)
+    return _merge_tail(t, source, toast=False)
+
+
+def _toast_ctes(t: MirrorTable) -> sql.Composable:
+    """CTEs resolving every unchanged-TOAST column of the last row per key.
+
+    A key's rows are cut into chains at each delete (_r_ep). Within a chain,
+    _r_g{i} counts rows that carried column i, so first_value over
+    (key, chain, _r_g{i}) is the latest value sent for it. A chain that starts
+    with a key change (_r_fok*) continues the old key's image; a chain at the
+    start of the batch continues the mirror's row.
+    """
+    key_names = list(t.source.key)
+    k = sql.SQL(", ").join(_ident(n) for n in key_names)
+    cols = list(t.columns)
+    tcols = [(i, c) for i, c in enumerate(cols) if _toastable(c) and c.name not in key_names]
+    nk = len(key_names)
+
+    def known(alias, i):
+        return sql.SQL("({a}._r_u is null or get_bit({a}._r_u, {i}) = 0)").format(
+            a=sql.SQL(alias), i=sql.Literal(i))
+
+    g_parts = [sql.SQL(
+        "count(*) filter (where _r_op <> 'D' and {kn}) over (partition by {k}, _r_ep order by _r_seq) as {g}"
+    ).format(kn=known("e", i), k=k, g=_ident(f"_r_g{i}")) for i, c in tcols]
+    g_parts += [sql.SQL("first_value({ok}) over (partition by {k}, _r_ep order by _r_seq) as {f}").format(
+        ok=_ident(f"_r_ok{j}"), k=k, f=_ident(f"_r_fok{j}")) for j in range(nk)]
+    g_parts.append(sql.SQL("first_value(_r_seq) over (partition by {k}, _r_ep order by _r_seq) as _r_fseq").format(k=k))
+    v_parts = [sql.SQL("first_value({c}) over (partition by {k}, _r_ep, {g} order by _r_seq) as {v}").format(
+        c=_ident(c.name), k=k, g=_ident(f"_r_g{i}"), v=_ident(f"_r_v{i}")) for i, c in tcols]
+
+    lo_cols = [sql.SQL("v2.{g}, v2.{v}").format(g=_ident(f"_r_g{i}"), v=_ident(f"_r_v{i}")) for i, c in tcols]
+    lo_cols += [sql.SQL("v2._r_seq, v2._r_ep, v2._r_fok0")]
+    lo_match = sql.SQL(" and ").join(
+        sql.SQL("v2.{c} = l.{f}").format(c=_ident(n), f=_ident(f"_r_fok{j}")) for j, n in enumerate(key_names))
+    by_name = {c.name: c for c in cols}
+    tgo_match = sql.SQL(" and ").join(
+        sql.SQL("tgo.{c} = {f}").format(
+            c=_ident(n), f=_cast(sql.SQL("l.{}").format(_ident(f"_r_fok{j}")), t, by_name[n]))
+        for j, n in enumerate(key_names))
+    first_key = _ident(key_names[0])
+
+    out = [sql.SQL("l._r_op, l._r_seq")]
+    keeps, bads = [], []
+    tset = {i for i, _ in tcols}
+    for i, c in enumerate(cols):
+        own = _cast(sql.SQL("l.{}").format(_ident(c.name)), t, c)
+        if i not in tset:
+            out.append(sql.SQL("{} as {}").format(own, _ident(c.name)))
+            continue
+        g, v = _ident(f"_r_g{i}"), _ident(f"_r_v{i}")
+        out.append(sql.SQL(
+            "case when {kn} then {own} when l.{g} > 0 then {lv} "
+            "when l._r_fok0 is not null then case when lo.{g} > 0 then {lov} else tgo.{c} end end as {c}"
+        ).format(kn=known("l", i), own=own, g=g,
+                 lv=_cast(sql.SQL("l.{}").format(v), t, c),
+                 lov=_cast(sql.SQL("lo.{}").format(v), t, c), c=_ident(c.name)))
+        keep = sql.SQL("(not {kn} and l.{g} = 0 and l._r_fok0 is null and l._r_ep = 0)").format(
+            kn=known("l", i), g=g)
+        out.append(sql.SQL("{} as {}").format(keep, _ident(f"_r_keep{i}")))
+        keeps.append(keep)
+        bads.append(sql.SQL(
+            "(not {kn} and l.{g} = 0 and case when l._r_fok0 is not null then not ("
+            "coalesce(lo.{g}, 0) > 0 or ((lo._r_seq is null or (lo._r_ep = 0 and lo._r_fok0 is null)) "
+            "and tgo.{fk} is not null)) else l._r_ep > 0 end)"
+        ).format(kn=known("l", i), g=g, fk=first_key))
+    out.append(sql.SQL("{} as _r_anykeep").format(
+        sql.SQL(" or ").join(keeps) if keeps else sql.SQL("false")))
+    out.append(sql.SQL("{} as _r_bad").format(
+        sql.SQL(" or ").join(bads) if bads else sql.SQL("false")))
+
+    return sql.SQL(
+        "with e as (select s.*, coalesce(count(*) filter (where _r_op = 'D') over ("
+        "partition by {k} order by _r_seq rows between unbounded preceding and 1 preceding), 0) as _r_ep "
+        "from {stage} s), "
+        "g as (select e.*, {g_parts} from e), "
+        "v as (select g.*{v_parts} from g), "
+        "l as (select distinct on ({k}) * from v order by {k}, _r_seq desc), "
+        "r as (select {out} from l "
+        "left join lateral (select {lo_cols} from v v2 where {lo_match} and v2._r_seq < l._r_fseq "
+        "and v2._r_op <> 'D' order by v2._r_seq desc limit 1) lo on l._r_fok0 is not null "
+        "left join {dest} tgo on l._r_fok0 is not null and {tgo_match}) "
+    ).format(k=k, stage=t.stage, g_parts=sql.SQL(", ").join(g_parts),
+             v_parts=sql.SQL("").join(sql.SQL(", ") + p for p in v_parts),
+             out=sql.SQL(", ").join(out), lo_cols=sql.SQL(", ").join(lo_cols),
+             lo_match=lo_match, dest=t.dest, tgo_match=tgo_match)
+
+
+def merge_toast_sql(t: MirrorTable) -> sql.Composable:
+    return _toast_ctes(t) + _merge_tail(t, sql.SQL("r"), toast=True)
+
+
+def dead_letter_sql(t: MirrorTable) -> sql.Composable:
+    key = t.source.key
+    on = sql.SQL(" and ").join(sql.SQL("t.{k} = s.{k}").format(k=_ident(k)) for k in key)
+    obj = sql.SQL(", ").join(sql.SQL("{}, s.{}").format(sql.Literal(k), _ident(k)) for k in key)
+    return _toast_ctes(t) + sql.SQL(
+        "insert into {dl} (slot, mirror_table, lsn, reason, row_data) "
+        "select %s, %s, %s::pg_lsn, 'unchanged TOAST value with no earlier image in the batch "
+        "and no mirror row to keep it from', jsonb_build_object({obj}) from r s "
+        "where s._r_op <> 'D' and (s._r_bad or (s._r_anykeep and not exists "
+        "(select 1 from {dest} t where {on})))"
+    ).format(dl=sql.Identifier(t.state_schema, "dead_letters"), obj=obj, dest=t.dest, on=on)
+
+
+# -- the applier -----------------------------------------------------------
+
+
+class Applier:
+    """Owns the destination connection; applies batches one transaction each."""
+
+    def __init__(self, conninfo: str, state_schema: str, slot: str):
+        self._conninfo = conninfo
+        self.state_schema = state_schema
+        self.slot = slot
+        self.conn: psycopg.Connection | None = None
+        self._statements: dict[tuple[str, str], sql.Composable] = {}
+
+    def connect(self) -> psycopg.Connection:
+        try:
+            # prepare_threshold=None: a transaction-mode pooler hands every
+            # transaction to any server connection, prepared statements break.
+            self.conn = psycopg.connect(self._conninfo, autocommit=True, prepare_threshold=None)
+        except psycopg.OperationalError as exc:
+            raise ReplicatorError(
+                ErrorKind.DESTINATION_CONNECT, f"cannot connect to the destination: {exc}",
+                "check [destination] host/port/user/password and that the database exists",
+            ) from exc
+        return self.conn
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    def prepare_tables(self, tables: list[MirrorTable]) -> None:
+        """Create or bring up to date the mirror and staging tables."""
+        with self.conn.transaction():
+            for t in tables:
+                self._ensure_table(t)
+
+    def _ensure_table(self, t: MirrorTable) -> None:
+        if mirror_exists(self.conn, t):
+            for stmt in alter_mirror_sql(t, mirror_columns(self.conn, t)):
+                log.info("altering mirror table", extra={"table": t.qualname,
+                                                         "sql": stmt.as_string(self.conn)})
+                self.conn.execute(stmt)
+        else:
+            for stmt in create_mirror_sql(t):
+                self.conn.execute(stmt)
+            log.info("created mirror table", extra={"table": t.qualname})
+        self.conn.execute(create_staging_sql(t))
+
+    def _stmt(self, kind: str, t: MirrorTable) -> sql.Composable:
+        key = (kind, t.staging)
+        stmt = self._statements.get(key)
+        if stmt is None:
+            build = {"copy": copy_sql, "merge": merge_sql, "merge_toast": merge_toast_sql,
+                     "dead": dead_letter_sql}[kind]
+            stmt = self._statements[key] = sql.SQL(build(t).as_string(self.conn))
+        return stmt
+
+    def apply(self, batch: Batch, record_lsn: bool = True, system_id: str | None = None) -> ApplyResult:
+        res = ApplyResult()
+        started = time.monotonic()
+        try:
+            with self.conn.transaction(), self.conn.cursor() as cur:
+                # The source may forget a transaction once it is confirmed, so
+                # the commit must be durable before we confirm it.
+                cur.execute("set local synchronous_commit = on")
+                for op in batch.ops:
+                    if isinstance(op, Rows):
+                        for tr in op.tables:
+                            self._apply_rows(cur, tr, batch.end_lsn, res)
+                    elif isinstance(op, Truncate):
+                        cur.execute(sql.SQL("truncate {}").format(
+                            sql.SQL(", ").join(t.dest for t in op.tables)))
+                    elif isinstance(op, AlterTable):
+                        self._ensure_table(op.table)
+                if record_lsn:
+                    state.record_applied(cur, self.state_schema, self.slot, batch.end_lsn, system_id)
+        except psycopg.OperationalError as exc:
+            raise ReplicatorError(
+                ErrorKind.DESTINATION_CONNECT, f"destination connection lost while applying "
+                f"up to {format_lsn(batch.end_lsn)}: {exc}",
+                "the batch was rolled back; the replicator retries it after reconnecting",
+            ) from exc
+        except psycopg.Error as exc:
+            raise ReplicatorError(
+                ErrorKind.DESTINATION_APPLY,
+                f"the destination rejected the batch ending at {format_lsn(batch.end_lsn)}: {exc}",
+                "nothing of this batch was applied; fix the mirror table named above "
+                "(or drop it so it is recreated) and restart",
+            ) from exc
+        res.seconds = time.monotonic() - started
+        return res
+
+    def _apply_rows(self, cur: psycopg.Cursor, tr: TableRows, end_lsn: int, res: ApplyResult) -> None:
+        t = tr.table
+        cur.execute(sql.SQL("truncate {}").format(t.stage))
+        with cur.copy(self._stmt("copy", t)) as copy:
+            copy.write(tr.data)
+        if tr.unchanged:
+            cur.execute(self._stmt("dead", t), [self.slot, t.qualname, format_lsn(end_lsn)])
+            if cur.rowcount > 0:
+                res.dead_letters += cur.rowcount
+                log.warning("rows sent with unchanged TOAST values that the mirror cannot "
+                            "supply were written to the dead letter table",
+                            extra={"table": t.qualname, "rows": cur.rowcount})
+            cur.execute(self._stmt("merge_toast", t))
+        else:
+            cur.execute(self._stmt("merge", t))
+        res.rows += tr.rows
+        res.inserts += tr.inserts
+        res.updates += tr.updates
+        res.deletes += tr.deletes
+        res.per_table[t.qualname] = res.per_table.get(t.qualname, 0) + tr.rows

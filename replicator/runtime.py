@@ -1,0 +1,480 @@
+"""The pipeline: a receiver that never goes silent, an applier, and the hand-off between them.
+
+The receiver (the calling thread) reads and decodes the stream, answers
+keepalives and reports the durably applied position. The applier thread
+applies closed batches. At most one closed batch waits between them; when the
+applier is idle, the receiver closes the batch at the next transaction
+boundary, so batches stay small when there is no backlog and grow up to
+`batch_size` rows when there is one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import threading
+import time
+
+import psycopg
+
+from . import state
+from ._decode import (EV_COMMIT, EV_COPY_DONE, EV_ERROR, EV_KEEPALIVE, EV_LIMIT, EV_RELATION,
+                      EV_STREAM_ABORT, EV_STREAM_COMMIT, EV_STREAM_START, EV_STREAM_STOP,
+                      EV_TRUNCATE, EV_WOULD_BLOCK, Decoder)
+from .apply import Applier
+from .batch import AlterTable, Batch, Truncate
+from .config import Config
+from .errors import ErrorKind, ReplicatorError
+from .lsn import format_lsn, pg_now
+from .schema import (Column, MirrorTable, SourceTable, check_replicable, column_type,
+                     publication_exists, publication_tables, read_table)
+from .source import TEXT_MODE_OPTIONS, ReplicationConnection, protocol_for
+
+log = logging.getLogger("replicator")
+
+STATUS_INTERVAL = 5.0      # seconds between standby status updates when nothing changes
+IDLE_PROBE_INTERVAL = 1.0  # how often an idle receiver asks the source where WAL ends
+
+
+class Handoff:
+    """One closed batch waiting for the applier, and whether the applier is busy."""
+
+    def __init__(self):
+        self._cv = threading.Condition()
+        self._next: Batch | None = None
+        self._busy = False
+        self._closed = False
+        self.error: BaseException | None = None
+
+    def idle(self) -> bool:
+        with self._cv:
+            return self._next is None and not self._busy
+
+    def offer(self, batch: Batch, timeout: float) -> bool:
+        with self._cv:
+            if not self._cv.wait_for(lambda: self._next is None or self.error, timeout):
+                return False
+            if self.error:
+                return False
+            self._next = batch
+            self._cv.notify_all()
+            return True
+
+    def take(self) -> Batch | None:
+        with self._cv:
+            self._busy = False
+            self._cv.notify_all()
+            self._cv.wait_for(lambda: self._next is not None or self._closed)
+            batch, self._next = self._next, None
+            self._busy = batch is not None
+            return batch
+
+    def fail(self, exc: BaseException) -> None:
+        with self._cv:
+            self.error = exc
+            self._busy = False
+            self._cv.notify_all()
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._cv:
+            return self._cv.wait_for(
+                lambda: (self._next is None and not self._busy) or self.error, timeout)
+
+
+@dataclasses.dataclass
+class Progress:
+    applied_lsn: int = 0
+    last_commit_ts: int = 0
+
+
+class Pipeline:
+    def __init__(self, config: Config, until_caught_up: bool = False):
+        self.config = config
+        self.until_caught_up = until_caught_up
+        self.stop_requested = threading.Event()
+        self.progress = Progress()
+        self.metrics = None
+
+    # -- lifecycle -------------------------------------------------------
+
+    def run(self) -> int:
+        backoff = 1.0
+        while True:
+            try:
+                self._session()
+                return 0
+            except ReplicatorError as exc:
+                if not exc.retryable or self.stop_requested.is_set():
+                    raise
+                log.warning("connection problem, retrying", extra={
+                    "error": exc.message, "hint": exc.hint, "retry_in_s": backoff})
+                if self.stop_requested.wait(backoff):
+                    return 0
+                backoff = min(backoff * 2, 60.0)
+
+    def request_stop(self, *_args) -> None:
+        if self.stop_requested.is_set():
+            # A second signal: leave now; nothing unapplied was confirmed.
+            log.warning("second stop signal: exiting without finishing the batch")
+            raise SystemExit(1)
+        log.info("stop requested: finishing the transaction and batch in flight")
+        self.stop_requested.set()
+
+    # -- one connected session -------------------------------------------
+
+    def _session(self) -> None:
+        cfg = self.config
+        src, dst = cfg.source, cfg.destination
+        slot = src.slot
+        try:
+            catalog = psycopg.connect(src.conninfo(), autocommit=True)
+        except psycopg.OperationalError as exc:
+            raise ReplicatorError(ErrorKind.SOURCE_CONNECT,
+                                  f"cannot connect to the source: {exc}",
+                                  "check [source] host/port/user/password") from exc
+        applier = Applier(dst.conninfo(), dst.state_schema, slot)
+        repl: ReplicationConnection | None = None
+        applier_thread = None
+        handoff = Handoff()
+        try:
+            tables = self._discover(catalog)
+            binary = all(c.builtin for t in tables for c in t.columns)
+            mirrors = {(t.schema, t.name): MirrorTable(
+                t, *self._mapping(t), state_schema=dst.state_schema, binary=binary)
+                for t in tables}
+
+            applier.connect()
+            state.setup(applier.conn, dst.state_schema)
+            applier.prepare_tables(list(mirrors.values()))
+            applied = state.applied_lsn(applier.conn, dst.state_schema, slot)
+
+            repl = ReplicationConnection(src.conninfo(
+                replication="database",
+                **({} if binary else {"options": TEXT_MODE_OPTIONS})))
+            repl.connect()
+            sysinfo = repl.identify_system()
+            self._check_slot(catalog, repl, slot, applied, sysinfo)
+            start = applied or 0
+            protocol = protocol_for(repl.server_version)
+
+            decoder = Decoder()
+            decoder.skip_before = start
+            repl.attach(decoder)
+            repl.start(slot, start, src.publication, protocol, binary)
+            self.progress.applied_lsn = start
+            log.info("streaming", extra={
+                "slot": slot, "publication": src.publication, "from_lsn": format_lsn(start),
+                "protocol": protocol, "mode": "binary" if binary else "text",
+                "tables": len(mirrors), "target_lsn": format_lsn(sysinfo.xlogpos)
+                if self.until_caught_up else None})
+
+            applier_thread = threading.Thread(
+                target=self._apply_loop, args=(applier, handoff, sysinfo.system_id),
+                name="applier", daemon=True)
+            applier_thread.start()
+            _Receiver(self, repl, decoder, handoff, catalog, mirrors,
+                      sysinfo.xlogpos if self.until_caught_up else None).loop()
+        finally:
+            handoff.close()
+            if applier_thread is not None:
+                applier_thread.join(timeout=30)
+            if repl is not None:
+                repl.close()
+            applier.close()
+            catalog.close()
+
+    def _discover(self, catalog: psycopg.Connection) -> list[SourceTable]:
+        src = self.config.source
+        wal_level = catalog.execute("show wal_level").fetchone()[0]
+        if wal_level != "logical":
+            raise ReplicatorError(
+                ErrorKind.SOURCE_SETUP, f"the source has wal_level={wal_level}",
+                "set wal_level = logical in the source's postgresql.conf and restart it")
+        if not publication_exists(catalog, src.publication):
+            raise ReplicatorError(
+                ErrorKind.SOURCE_SETUP,
+                f"publication {src.publication!r} does not exist in the source database",
+                f"create it: CREATE PUBLICATION {src.publication} FOR TABLE account_move, "
+                "account_move_line, res_partner, project_task, hr_expense, hr_expense_sheet")
+        published = publication_tables(catalog, src.publication)
+        names = {f"{s}.{t}" for s, t in published}
+        for source_name in self.config.mappings:
+            if source_name not in names:
+                schema, _, table = source_name.partition(".")
+                raise ReplicatorError(
+                    ErrorKind.SOURCE_SETUP,
+                    f"[mappings] {source_name} is not in publication {src.publication!r}",
+                    f"add it on the source: ALTER PUBLICATION {src.publication} "
+                    f"ADD TABLE {source_name}; or remove the mapping")
+        tables = [read_table(catalog, s, t) for s, t in published]
+        for t in tables:
+            check_replicable(t)
+        return tables
+
+    def _mapping(self, t: SourceTable) -> tuple[str, str]:
+        target = self.config.mappings.get(t.qualname)
+        if target is None:
+            return self.config.destination.schema, t.name
+        schema, _, name = target.partition(".")
+        return schema, name
+
+    def _check_slot(self, catalog, repl, slot, applied, sysinfo) -> None:
+        row = catalog.execute(
+            "select plugin, database, confirmed_flush_lsn::text from pg_replication_slots "
+            "where slot_name = %s", [slot]).fetchone()
+        state_schema = self.config.destination.state_schema
+        lost_hint = (f"the mirror misses changes: empty the mirror tables, then run "
+                     f"DELETE FROM {state_schema}.pipelines WHERE slot = '{slot}' in the "
+                     "destination and restart to copy again")
+        if row is None:
+            if applied is not None:
+                raise ReplicatorError(
+                    ErrorKind.RESYNC_REQUIRED,
+                    f"slot {slot!r} no longer exists on the source but the mirror was synced "
+                    f"up to {format_lsn(applied)}: changes made since may be lost",
+                    lost_hint)
+            point = repl.create_slot(slot)
+            log.info("created replication slot", extra={"slot": slot,
+                                                        "consistent_point": format_lsn(point)})
+            return
+        plugin, database, confirmed = row
+        if plugin != "pgoutput" or database != catalog.info.dbname:
+            raise ReplicatorError(
+                ErrorKind.SOURCE_SETUP,
+                f"slot {slot!r} exists but uses plugin {plugin!r} on database {database!r}",
+                "set [source] slot to another name, or drop that slot if it is unused")
+        from .lsn import parse_lsn
+        if applied is not None and parse_lsn(confirmed) > applied:
+            raise ReplicatorError(
+                ErrorKind.RESYNC_REQUIRED,
+                f"slot {slot!r} has confirmed {confirmed} but the mirror only applied "
+                f"{format_lsn(applied)} (restored or failed-over destination?)",
+                lost_hint)
+
+    # -- the applier thread ----------------------------------------------
+
+    def _apply_loop(self, applier: Applier, handoff: Handoff, system_id: str) -> None:
+        while True:
+            batch = handoff.take()
+            if batch is None:
+                return
+            try:
+                result = applier.apply(batch, system_id=system_id)
+            except BaseException as exc:  # handed to the receiver, which raises it
+                handoff.fail(exc)
+                return
+            self.progress.applied_lsn = batch.end_lsn
+            if batch.last_commit_ts:
+                self.progress.last_commit_ts = batch.last_commit_ts
+            if batch.txns:
+                lag = max(0.0, (pg_now() - batch.last_commit_ts) / 1e6)
+                log.info("batch applied", extra={
+                    "txns": batch.txns, "rows": result.rows, "inserts": result.inserts,
+                    "updates": result.updates, "deletes": result.deletes,
+                    "dead_letters": result.dead_letters, "seconds": round(result.seconds, 4),
+                    "lag_s": round(lag, 3), "lsn": format_lsn(batch.end_lsn)})
+            if self.metrics is not None:
+                self.metrics.batch_applied(batch, result)
+
+
+class _Receiver:
+    def __init__(self, pipeline: Pipeline, repl: ReplicationConnection, decoder: Decoder,
+                 handoff: Handoff, catalog: psycopg.Connection,
+                 mirrors: dict[tuple[str, str], MirrorTable], target: int | None):
+        self.p = pipeline
+        self.cfg = pipeline.config
+        self.repl = repl
+        self.dec = decoder
+        self.handoff = handoff
+        self.catalog = catalog
+        self.mirrors = mirrors
+        self.by_relid: dict[int, MirrorTable] = {}
+        self.layouts: dict[int, tuple] = {}
+        self.target = target
+        self.batch = Batch()
+        self.sent_flush = -1
+        self.last_status = 0.0
+        self.last_probe = 0.0
+        self.received = 0
+
+    # -- main loop -------------------------------------------------------
+
+    def loop(self) -> None:
+        dec, stop = self.dec, self.p.stop_requested
+        while True:
+            self._check_applier()
+            if (stop.is_set() or self._caught_up()) and not dec.in_txn:
+                self._finish()
+                return
+            ev = dec.pump(200000)
+            self.received = max(self.received, dec.wal_start)
+            if ev == EV_WOULD_BLOCK:
+                self._maybe_close(idle=True)
+                self._maybe_status()
+                self.repl.wait_readable(0.2)
+            elif ev == EV_COMMIT:
+                if not dec.skipping:
+                    self.batch.commit(dec.end_lsn, dec.commit_ts)
+                self._maybe_close()
+                self._maybe_status()
+            elif ev == EV_KEEPALIVE:
+                self._on_keepalive()
+            elif ev == EV_RELATION:
+                self._on_relation(dec.event)
+            elif ev == EV_TRUNCATE:
+                self._on_truncate(dec.event)
+            elif ev == EV_LIMIT:
+                self._maybe_status()
+            elif ev in (EV_COPY_DONE, EV_ERROR):
+                reason = self.repl.end_result()
+                raise ReplicatorError(
+                    ErrorKind.SOURCE_CONNECT, f"the source ended the replication stream: "
+                    f"{reason or self.repl.pgconn.error_message.decode('utf-8', 'replace').strip()}",
+                    "the replicator reconnects and resumes from the last applied position")
+            elif ev in (EV_STREAM_START, EV_STREAM_STOP, EV_STREAM_COMMIT, EV_STREAM_ABORT):
+                raise ReplicatorError(ErrorKind.PROTOCOL,
+                                      "the source streams an in-progress transaction, which "
+                                      "this replicator did not ask for", "report this as a bug")
+            # Begin, Origin, Type and logical decoding Messages need nothing here.
+
+    def _caught_up(self) -> bool:
+        return self.target is not None and self.p.progress.applied_lsn >= self.target \
+            and self.batch.empty and self.dec.batch_rows == 0 and self.handoff.idle()
+
+    def _check_applier(self) -> None:
+        if self.handoff.error is not None:
+            raise self.handoff.error
+
+    # -- batches ---------------------------------------------------------
+
+    def _pending_rows(self) -> int:
+        return self.batch.rows + self.dec.batch_rows
+
+    def _maybe_close(self, idle: bool = False) -> None:
+        """Hand the batch over at a transaction boundary when it is time."""
+        if self.dec.in_txn or self.batch.empty:
+            return
+        full = self._pending_rows() >= self.cfg.destination.batch_size
+        old = time.monotonic() - self.batch.opened >= self.cfg.destination.flush_interval
+        if self.handoff.idle() or full or (old and idle):
+            self._close(block=full)
+
+    def _close(self, block: bool) -> None:
+        batch = self.batch
+        batch.add_rows(self.dec.take(), self.by_relid)
+        while not self.handoff.offer(batch, timeout=1.0 if block else 0.0):
+            self._check_applier()
+            if not block:
+                # The applier is busy and the batch is not full: keep filling it.
+                return
+            # Backpressure: stop reading, but keep the source from timing us out.
+            self._send_status()
+        self.batch = Batch()
+
+    def _finish(self) -> None:
+        if not self.batch.empty:
+            self._close(block=True)
+        while not self.handoff.wait_idle(1.0):
+            self._check_applier()
+            self._send_status()
+        self._check_applier()
+        self._send_status()
+        log.info("stopped" if self.p.stop_requested.is_set() else "caught up",
+                 extra={"applied_lsn": format_lsn(self.p.progress.applied_lsn)})
+
+    # -- status ----------------------------------------------------------
+
+    def _send_status(self, reply: bool = False) -> None:
+        flush = self.p.progress.applied_lsn
+        self.repl.send_status(max(self.received, flush), flush, flush, reply)
+        self.sent_flush = flush
+        self.last_status = time.monotonic()
+
+    def _maybe_status(self) -> None:
+        now = time.monotonic()
+        if self.p.progress.applied_lsn != self.sent_flush or now - self.last_status >= STATUS_INTERVAL:
+            self._send_status()
+        if self.target is not None and self._nothing_pending() \
+                and now - self.last_probe >= IDLE_PROBE_INTERVAL:
+            # Ask for a keepalive: it tells where the source's WAL ends, which
+            # is how we learn that only unpublished tables changed since.
+            self.last_probe = now
+            self._send_status(reply=True)
+
+    def _nothing_pending(self) -> bool:
+        return (not self.dec.in_txn and self.batch.empty and self.dec.batch_rows == 0
+                and self.handoff.idle())
+
+    def _on_keepalive(self) -> None:
+        wal_end = self.dec.wal_end
+        if self._nothing_pending() and wal_end > self.p.progress.applied_lsn:
+            # Everything up to wal_end was sent and nothing of it is ours:
+            # record that in the destination before confirming it, so the
+            # slot stops holding WAL for tables we do not replicate.
+            marker = Batch(end_lsn=wal_end)
+            self.handoff.offer(marker, timeout=0.0)
+        if self.dec.reply_requested:
+            self._send_status()
+
+    # -- relations and truncates ------------------------------------------
+
+    def _on_relation(self, event) -> None:
+        relid, nspname, relname, replident, cols, _xid = event
+        t = self.mirrors.get((nspname, relname))
+        if t is None:
+            if relid not in self.layouts:
+                self.dec.define(relid, len(cols), [], False)
+                self.layouts[relid] = None
+            return
+        columns = tuple(self._column(t, name, typoid, typmod) for _f, name, typoid, typmod in cols)
+        if replident in ("d", "i"):
+            key = tuple(name for flags, name, _o, _m in cols if flags & 1)
+        else:
+            key = t.source.key
+        layout = (tuple((c.name, c.typoid) for c in columns), key)
+        if self.layouts.get(relid) == layout:
+            return
+        changed = relid in self.layouts or t.columns != columns or t.source.key != key
+        if changed:
+            # Rows already buffered belong to the old layout: apply them first.
+            self.batch.add_rows(self.dec.take(), self.by_relid)
+            source = dataclasses.replace(t.source, columns=columns, key=key)
+            t = MirrorTable(source, t.dest_schema, t.dest_name, t.state_schema, t.binary,
+                            columns=columns)
+            self.mirrors[(nspname, relname)] = t
+            self.batch.ops.append(AlterTable(t))
+            log.info("table columns changed at the source", extra={
+                "table": t.source.qualname, "columns": [c.name for c in columns]})
+        t.relid = relid
+        self.by_relid[relid] = t
+        self.dec.define(relid, len(columns), t.key_idx, True)
+        self.layouts[relid] = layout
+
+    def _column(self, t: MirrorTable, name: str, typoid: int, typmod: int) -> Column:
+        for c in t.columns:
+            if c.name == name and c.typoid == typoid:
+                return c
+        type_sql, typlen = column_type(self.catalog, typoid, typmod)
+        return Column(name, type_sql, typoid, typlen)
+
+    def _on_truncate(self, event) -> None:
+        options, relids, _xid = event
+        tables = [self.by_relid[r] for r in relids if r in self.by_relid]
+        if not tables:
+            return
+        self.batch.add_rows(self.dec.take(), self.by_relid)
+        self.batch.ops.append(Truncate(tables, bool(options & 1), bool(options & 2)))
+
+
+def run(config: Config, until_caught_up: bool = False) -> int:
+    pipeline = Pipeline(config, until_caught_up)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, pipeline.request_stop)
+        signal.signal(signal.SIGINT, pipeline.request_stop)
+    return pipeline.run()

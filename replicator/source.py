@@ -1,0 +1,203 @@
+"""The replication connection: IDENTIFY_SYSTEM, slot, START_REPLICATION, status.
+
+psycopg 3 has no replication API, so this drives its `pq` layer directly.
+The walsender only speaks the simple query protocol, hence `exec_`. The
+CopyData stream itself is read by the Cython decoder straight from libpq
+(Decoder.attach/pump); this module only hands it the pointers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import select
+import struct
+from dataclasses import dataclass
+
+from psycopg import pq, sql
+
+from .errors import ErrorKind, ReplicatorError
+from .lsn import format_lsn, pg_now
+
+log = logging.getLogger(__name__)
+
+# Settings that make pgoutput's text mode unambiguous for the destination's
+# input functions (dates, floats, intervals, bytes).
+TEXT_MODE_OPTIONS = (
+    "-c datestyle=ISO -c intervalstyle=postgres -c extra_float_digits=3 "
+    "-c bytea_output=hex"
+)
+
+
+def protocol_for(server_version: int) -> int:
+    """The highest pgoutput protocol the server accepts.
+
+    Chosen from the version, never by trial: PostgreSQL 15 rejects newer
+    option values before it looks at the version.
+    """
+    if server_version >= 160000:
+        return 4
+    if server_version >= 150000:
+        return 3
+    if server_version >= 140000:
+        return 2
+    return 1
+
+
+@dataclass(frozen=True)
+class SystemInfo:
+    system_id: str
+    timeline: int
+    xlogpos: int
+    dbname: str | None
+
+
+def _libpq_functions() -> tuple[int, int, int]:
+    """Addresses of the libpq functions the Cython receive loop calls.
+
+    They come from the very libpq psycopg loaded, so the PGconn pointer we
+    pass along is understood by the code that reads it.
+    """
+    if pq.__impl__ != "python":
+        raise ReplicatorError(
+            ErrorKind.INTERNAL,
+            f"psycopg is using its {pq.__impl__!r} implementation",
+            "install psycopg without the [binary]/[c] extras (the replicator shares "
+            "psycopg's system libpq)",
+        )
+    from psycopg.pq import _pq_ctypes
+
+    lib = _pq_ctypes.pq
+    addr = [ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+            for name in ("PQgetCopyData", "PQconsumeInput", "PQfreemem")]
+    return addr[0], addr[1], addr[2]
+
+
+class ReplicationConnection:
+    """One `replication=database` connection to the source."""
+
+    def __init__(self, conninfo: str):
+        self._conninfo = conninfo
+        self.pgconn: pq.PGconn | None = None
+
+    def connect(self) -> None:
+        conn = pq.PGconn.connect(self._conninfo.encode())
+        if conn.status != pq.ConnStatus.OK:
+            msg = conn.error_message.decode("utf-8", "replace").strip()
+            conn.finish()
+            raise ReplicatorError(
+                ErrorKind.SOURCE_CONNECT,
+                f"cannot open a replication connection to the source: {msg}",
+                "check [source] host/port/user/password and that pg_hba.conf allows "
+                "replication connections for this user",
+            )
+        self.pgconn = conn
+
+    @property
+    def server_version(self) -> int:
+        return self.pgconn.server_version
+
+    def fileno(self) -> int:
+        return self.pgconn.socket
+
+    def close(self) -> None:
+        if self.pgconn is not None:
+            self.pgconn.finish()
+            self.pgconn = None
+
+    def command(self, query: str) -> list[tuple[str | None, ...]]:
+        """Run one walsender command; its rows as text."""
+        res = self.pgconn.exec_(query.encode())
+        if res.status not in (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK):
+            msg = res.error_message.decode("utf-8", "replace").strip()
+            raise ReplicatorError(
+                ErrorKind.SOURCE_SETUP, f"source refused {query.split()[0]}: {msg}",
+                "check that wal_level=logical, max_replication_slots/max_wal_senders "
+                "are large enough and that the user has the REPLICATION attribute",
+            )
+        return [
+            tuple(None if (v := res.get_value(r, c)) is None else v.decode()
+                  for c in range(res.nfields))
+            for r in range(res.ntuples)
+        ]
+
+    def identify_system(self) -> SystemInfo:
+        from .lsn import parse_lsn
+
+        (sysid, tli, xlogpos, dbname), = self.command("IDENTIFY_SYSTEM")
+        return SystemInfo(sysid, int(tli), parse_lsn(xlogpos), dbname)
+
+    def create_slot(self, slot: str) -> int:
+        """Create the logical slot; its consistent point."""
+        from .lsn import parse_lsn
+
+        rows = self.command(
+            f"CREATE_REPLICATION_SLOT {quote_ident(slot)} LOGICAL pgoutput (SNAPSHOT 'nothing')"
+        )
+        return parse_lsn(rows[0][1])
+
+    def start(self, slot: str, lsn: int, publication: str, protocol: int,
+              binary: bool) -> None:
+        options = [
+            ("proto_version", str(protocol)),
+            ("publication_names", quote_ident(publication)),
+            ("binary", "true" if binary else "false"),
+            ("messages", "true"),
+        ]
+        opts = ", ".join(f"{k} {quote_literal(v)}" for k, v in options)
+        query = (f"START_REPLICATION SLOT {quote_ident(slot)} LOGICAL "
+                 f"{format_lsn(lsn)} ({opts})")
+        res = self.pgconn.exec_(query.encode())
+        if res.status != pq.ExecStatus.COPY_BOTH:
+            msg = res.error_message.decode("utf-8", "replace").strip()
+            raise ReplicatorError(
+                ErrorKind.SOURCE_SETUP,
+                f"source refused START_REPLICATION on slot {slot!r}: {msg}",
+                "if the slot is active, another replicator is running on it; "
+                "if the publication does not exist, create it on the source",
+            )
+        self.pgconn.nonblocking = 1
+        log.info("replication started", extra={"slot": slot, "lsn": format_lsn(lsn),
+                                                 "protocol": protocol, "binary": binary})
+
+    def attach(self, decoder) -> None:
+        getcopydata, consumeinput, freemem = _libpq_functions()
+        decoder.attach(self.pgconn.pgconn_ptr, getcopydata, consumeinput, freemem)
+
+    def wait_readable(self, timeout: float) -> bool:
+        r, _, _ = select.select([self.pgconn.socket], [], [], timeout)
+        return bool(r)
+
+    def send_status(self, write: int, flush: int, apply: int, reply: bool = False) -> None:
+        msg = b"r" + struct.pack("!QQQqB", write, flush, apply, pg_now(), 1 if reply else 0)
+        if self.pgconn.put_copy_data(msg) != 1:
+            raise self.stream_error("sending a standby status update")
+        while self.pgconn.flush() == 1:
+            select.select([], [self.pgconn.socket], [], 1.0)
+
+    def stream_error(self, doing: str) -> ReplicatorError:
+        msg = self.pgconn.error_message.decode("utf-8", "replace").strip() if self.pgconn else ""
+        return ReplicatorError(
+            ErrorKind.SOURCE_CONNECT, f"replication stream broke while {doing}: {msg}",
+            "the replicator reconnects and resumes from the last applied position",
+        )
+
+    def end_result(self) -> str:
+        """After the COPY ended: the server's reason, if any."""
+        res = self.pgconn.get_result()
+        msg = ""
+        while res is not None:
+            if res.status == pq.ExecStatus.FATAL_ERROR:
+                msg = res.error_message.decode("utf-8", "replace").strip()
+            res = self.pgconn.get_result()
+        return msg
+
+
+def quote_ident(name: str) -> str:
+    # Walsender commands go through the simple query protocol: no parameters,
+    # so names and values are quoted client side.
+    return sql.Identifier(name).as_string()
+
+
+def quote_literal(value: str) -> str:
+    return sql.Literal(value).as_string()
