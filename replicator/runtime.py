@@ -146,7 +146,7 @@ class Pipeline:
             tables = self._discover(catalog)
             binary = all(c.builtin for t in tables for c in t.columns)
             mirrors = {(t.schema, t.name): MirrorTable(
-                t, *self._mapping(t), state_schema=dst.state_schema, binary=binary)
+                t, *cfg.target(t.schema, t.name), state_schema=dst.state_schema, binary=binary)
                 for t in tables}
 
             applier.connect()
@@ -212,17 +212,11 @@ class Pipeline:
                     f"[mappings] {source_name} is not in publication {src.publication!r}",
                     f"add it on the source: ALTER PUBLICATION {src.publication} "
                     f"ADD TABLE {source_name}; or remove the mapping")
-        tables = [read_table(catalog, s, t) for s, t in published]
+        tables = [read_table(catalog, s, t) for s, t in published
+                  if self.config.target(s, t) is not None]
         for t in tables:
             check_replicable(t)
         return tables
-
-    def _mapping(self, t: SourceTable) -> tuple[str, str]:
-        target = self.config.mappings.get(t.qualname)
-        if target is None:
-            return self.config.destination.schema, t.name
-        schema, _, name = target.partition(".")
-        return schema, name
 
     def _check_slot(self, catalog, repl, slot, applied, sysinfo) -> None:
         row = catalog.execute(

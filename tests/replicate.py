@@ -1,0 +1,45 @@
+"""Running the replicator in-process from a test, and comparing tables."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from replicator.config import Config
+from replicator.runtime import Pipeline
+
+PUBLICATION = "odoo_pub"
+
+
+def make_config(source_db, dest_db, **overrides) -> Config:
+    overrides.setdefault("flush_interval", 0.2)
+    return Config.from_dsns(source_db.dsn, dest_db.dsn, PUBLICATION, **overrides)
+
+
+def catch_up(source_db, dest_db, timeout: float = 120, **overrides) -> Pipeline:
+    """Run the replicator in-process until everything committed so far is applied."""
+    pipeline = Pipeline(make_config(source_db, dest_db, **overrides), until_caught_up=True)
+    result: list = []
+
+    def target():
+        try:
+            result.append(pipeline.run())
+        except BaseException as exc:  # re-raised in the test's thread
+            result.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        pipeline.stop_requested.set()
+        thread.join(30)
+        pytest.fail(f"replicator did not catch up within {timeout} s")
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    assert result[0] == 0
+    return pipeline
+
+
+def table_rows(db, table: str, schema: str = "public", order: str = "id") -> list[tuple]:
+    return db.fetchall(f'select * from "{schema}"."{table}" order by {order}')
