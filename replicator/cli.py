@@ -1,0 +1,384 @@
+"""The ``replicator`` command: run, check, seed, demo.
+
+This is where errors become what an operator sees: a ReplicatorError is one line on stderr
+(``error: <what, where> — <what to do>``) and its kind's exit code; anything else is a bug and
+is logged with its traceback. The modules doing the work are imported only by the command
+that needs them, so ``--help`` and ``check`` work even where they cannot be loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import ModuleType
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
+from .config import Config, LoggingSettings, load_config
+from .errors import (
+    ConfigError,
+    ErrorKind,
+    ExitCode,
+    ReplicatorError,
+    classify,
+    redact,
+    register_secret,
+)
+from .logs import setup_logging
+
+__all__ = ["build_parser", "main"]
+
+log = logging.getLogger(__name__)
+
+CONFIG_ENV = "REPLICATOR_CONFIG"
+DEFAULT_CONFIG = "etl-config.toml"
+
+_DESCRIPTION = """\
+One-way change data capture from an Odoo PostgreSQL database (logical replication, pgoutput)
+into a Supabase PostgreSQL mirror (schema odoo_mirror by default). Configured by
+etl-config.toml, with secrets as $VARIABLES from the environment or a .env file beside it."""
+
+_EPILOG = """\
+examples:
+  replicator check -c etl-config.toml       validate the configuration (run this first)
+  replicator run -c etl-config.toml         replicate until stopped (Ctrl-C, SIGTERM)
+  replicator run --until-caught-up          replicate up to the source's current position, exit
+  replicator seed --dsn "dbname=odoo_core"  fill a database with Odoo-shaped test data
+  replicator demo                           try it all on throwaway local servers
+
+Each command has its own help: replicator COMMAND --help
+
+exit codes:
+  0    success
+  1    internal error (a bug: the log has the traceback)
+  2    something to fix: configuration, source database setup, or a resync is required
+  3    a database stayed unreachable
+  4    applying or decoding kept failing on the same data
+  130  interrupted"""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the hand-wrapped descriptions and examples as written."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="replicator",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=_Formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+
+    run = commands.add_parser(
+        "run",
+        help="replicate changes from the source into the mirror",
+        description=(
+            "Replicate: create the mirror tables, copy the existing rows of tables not yet\n"
+            "synchronised, then stream every committed change (insert, update, delete,\n"
+            "truncate) from the publication into the mirror. Resumes where it stopped, with\n"
+            "each source transaction applied exactly once. Stop with Ctrl-C or SIGTERM."
+        ),
+        epilog=(
+            "examples:\n"
+            "  replicator run --config /app/config.toml\n"
+            "  replicator run --until-caught-up        # e.g. from cron, or before a report\n"
+            "  REPLICATOR_CONFIG=/app/config.toml replicator run --log-level debug"
+        ),
+        formatter_class=_Formatter,
+    )
+    _add_config_option(run)
+    run.add_argument(
+        "--until-caught-up",
+        action="store_true",
+        help="stop (exit 0) once everything committed on the source before the start is "
+        "applied, instead of running until stopped",
+    )
+    run.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        help="override [logging] level for this run",
+    )
+    run.set_defaults(handler=_cmd_run)
+
+    check = commands.add_parser(
+        "check",
+        help="validate the configuration and the databases' setup, change nothing",
+        description=(
+            "Load the configuration, resolve its $VARIABLES (environment, then .env beside\n"
+            "the file), validate every setting, and print a summary without secrets.\n"
+            "Where available, it also checks the source and destination setup (wal_level,\n"
+            "publication, replica identities, privileges). Nothing is changed."
+        ),
+        epilog="example:\n  replicator check --config etl-config.toml",
+        formatter_class=_Formatter,
+    )
+    _add_config_option(check)
+    check.set_defaults(handler=_cmd_check)
+
+    seed = commands.add_parser(
+        "seed",
+        help="fill a database with Odoo-shaped test data",
+        description=(
+            "Create Odoo-shaped tables (account_move, account_move_line, res_partner,\n"
+            "project_task, hr_expense, hr_expense_sheet) in a database and fill them with\n"
+            "generated data; the same --seed gives the same data. For tests, benchmarks and\n"
+            "demos: never point it at a production database."
+        ),
+        epilog=(
+            "examples:\n"
+            '  replicator seed --dsn "host=127.0.0.1 dbname=odoo_core user=odoo"\n'
+            '  replicator seed --dsn "postgresql://odoo@127.0.0.1/odoo_core" --scale 10'
+        ),
+        formatter_class=_Formatter,
+    )
+    seed.add_argument(
+        "--dsn",
+        required=True,
+        help="libpq connection string or URI of the database to fill (a password in it is "
+        "never printed)",
+    )
+    seed.add_argument(
+        "--scale",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="data volume multiplier (default: %(default)s)",
+    )
+    seed.add_argument(
+        "--seed",
+        type=int,
+        default=42,
+        metavar="S",
+        help="random seed: the same seed gives the same data (default: %(default)s)",
+    )
+    seed.set_defaults(handler=_cmd_seed)
+
+    demo = commands.add_parser(
+        "demo",
+        help="see it work: throwaway servers, seeded data, live replication",
+        description=(
+            "Start a throwaway source and destination PostgreSQL, seed Odoo-shaped data,\n"
+            "replicate it, make changes on the source and show them arriving in the mirror.\n"
+            "Needs no configuration and touches no existing database."
+        ),
+        epilog="example:\n  replicator demo --workdir /tmp/replicator-demo --scale 2",
+        formatter_class=_Formatter,
+    )
+    demo.add_argument(
+        "--workdir",
+        type=Path,
+        metavar="DIR",
+        help="directory for the servers' data and logs (default: a new temporary directory)",
+    )
+    demo.add_argument(
+        "--scale",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="data volume multiplier (default: %(default)s)",
+    )
+    demo.set_defaults(handler=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the process exit code (see ``replicator --help``)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version and usage errors; main() returns, not exits
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return ExitCode.FATAL
+
+    try:
+        return int(args.handler(args))
+    except KeyboardInterrupt:
+        return ExitCode.INTERRUPTED
+    except ReplicatorError as err:
+        return _report(err)
+    except psycopg.Error as exc:
+        # A database error nobody classified (seed and demo talk to databases directly):
+        # still an operator problem unless classify() says it is ours.
+        err = classify(exc)
+        if err.kind is ErrorKind.INTERNAL:
+            _log_bug(exc)
+            return ExitCode.INTERNAL
+        return _report(err)
+    except Exception as exc:
+        _log_bug(exc)
+        return ExitCode.INTERNAL
+
+
+def _report(err: ReplicatorError) -> int:
+    # Not a traceback: the operator needs what is wrong and what to do, nothing else.
+    print(f"error: {redact(err.one_line())}", file=sys.stderr)
+    return int(err.exit_code)
+
+
+# --- commands -------------------------------------------------------------------------------
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    settings = config.logging
+    if args.log_level:
+        settings = dataclasses.replace(settings, level=args.log_level)
+    setup_logging(settings)
+    runtime = _import("replicator.runtime")
+    log.info(
+        "config loaded",
+        extra={
+            "config": str(config.path),
+            "source": config.source.describe(),
+            "destination": config.destination.describe(),
+            "until_caught_up": args.until_caught_up,
+        },
+    )
+    return int(runtime.run(config, until_caught_up=args.until_caught_up))
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    _setup_console_logging()
+    print(_summary(config))
+    sys.stdout.flush()  # the summary first, then whatever the deeper checks report
+    runtime = _import_optional("replicator.runtime")
+    if runtime is not None and hasattr(runtime, "check"):
+        result = runtime.check(config)
+        return ExitCode.OK if result is None else int(result)
+    return ExitCode.OK
+
+
+def _cmd_seed(args: argparse.Namespace) -> int:
+    try:
+        params = conninfo_to_dict(args.dsn)
+    except psycopg.ProgrammingError as exc:
+        raise ConfigError(
+            f"--dsn: {exc}", 'pass a connection string like "host=... dbname=..."'
+        ) from None
+    register_secret(params.get("password"))
+    _setup_console_logging()
+    seed_module = _import("replicator.seed")
+    rows = seed_module.seed(args.dsn, scale=args.scale, seed=args.seed)
+    if isinstance(rows, Mapping):  # rows per table
+        print("seeded: " + ", ".join(f"{table} {count}" for table, count in rows.items()))
+    return ExitCode.OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    _setup_console_logging()
+    demo_module = _import("replicator.demo")
+    result = demo_module.main(args.workdir, args.scale)
+    return ExitCode.OK if result is None else int(result)
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def _add_config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        default=Path(os.environ.get(CONFIG_ENV, DEFAULT_CONFIG)),
+        metavar="PATH",
+        help=f"the etl-config.toml to use (default: ${CONFIG_ENV}, else ./{DEFAULT_CONFIG}); "
+        "$VARIABLES in it are read from the environment, then from .env beside it",
+    )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _import_optional(name: str) -> ModuleType | None:
+    """The module, or None if it does not exist (a later feature); its own errors propagate."""
+    try:
+        return _import(name)
+    except ModuleNotFoundError as exc:
+        if exc.name == name:
+            return None
+        raise
+
+
+def _import(name: str) -> ModuleType:
+    """Import a command's implementation; a missing build is an operator problem, not a bug."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name == "replicator._decode":
+            raise ReplicatorError(
+                ErrorKind.INTERNAL,
+                "the compiled pgoutput decoder (replicator._decode) is not built",
+                "install the package with its extension: pip install -e . "
+                "(needs Cython and a C compiler)",
+            ) from exc
+        raise
+
+
+def _setup_console_logging() -> None:
+    # Commands run by a person: readable lines on stderr, leaving stdout to the command.
+    setup_logging(LoggingSettings(level="info", format="text", output="stderr"))
+
+
+def _log_bug(exc: BaseException) -> None:
+    root = logging.getLogger()
+    if not any(getattr(h, "_replicator_handler", False) for h in root.handlers):
+        _setup_console_logging()
+    log.error(
+        "internal error (a bug, please report it): %s: %s",
+        type(exc).__name__,
+        exc,
+        exc_info=exc,
+    )
+
+
+def _summary(config: Config) -> str:
+    src, dst = config.source, config.destination
+    lines = [f"config OK: {config.path}" if config.path else "config OK"]
+    lines.append(
+        f"  source:      {src.describe()}  publication {src.publication}, slot {src.slot}"
+        + (f"; password from {src.password_source}" if src.password_source else "")
+    )
+    lines.append(
+        f"  destination: {dst.describe()}  schema {dst.schema}, state in {dst.state_schema}; "
+        f"batches up to {dst.batch_size} rows, flushed within {dst.flush_interval:g} s"
+        + (f"; password from {dst.password_source}" if dst.password_source else "")
+    )
+    if config.mappings:
+        pairs = ", ".join(f"{s} -> {d}" for s, d in config.mappings.items())
+        lines.append(f"  mappings:    {len(config.mappings)} tables: {pairs}")
+    else:
+        lines.append(f"  mappings:    every table of the publication -> {dst.schema}.<same name>")
+    lg = config.logging
+    lines.append(f"  logging:     {lg.level}, {lg.format} -> {lg.output}")
+    m = config.metrics
+    metrics = f"port {m.port}, path {m.path}" if m.enabled else "off"
+    lines.append(f"  metrics:     {metrics}")
+    return redact("\n".join(lines))
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("odoo-replicator")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
