@@ -21,6 +21,7 @@ cdef struct Field:
 cdef struct Rel:
     uint32_t relid
     int active         # 0: not replicated, its changes are dropped
+    uint64_t skip_before  # drop changes of transactions committed before (a table's sync LSN)
     int ncols
     int nkey
     int *key_idx       # positions of the key columns among ncols

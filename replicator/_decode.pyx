@@ -12,9 +12,10 @@ that the MERGE casts.
 Every other message (Commit, Relation, Truncate, Type, Origin, Message, the
 Stream* family, keepalives) is rare and is handed to Python as an event.
 
-A staging row is: _seq int8, _op "char", the table's columns, the old key
-(set only when an UPDATE changed the key), _u bytea (bit i set when column i
-was sent as unchanged TOAST; NULL when none was).
+A staging row is: _seq int8, _lsn int8 (its transaction's commit LSN), _op
+"char", the table's columns, the old key (set only when an UPDATE changed the
+key), _u bytea (bit i set when column i was sent as unchanged TOAST; NULL when
+none was).
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
@@ -173,7 +174,7 @@ cdef inline int has_value(Field *f) noexcept nogil:
     return f.kind == b't' or f.kind == b'b'
 
 
-cdef int write_row(Rel *r, int64_t seq, char op, Field *src, int key_only,
+cdef int write_row(Rel *r, int64_t seq, uint64_t lsn, char op, Field *src, int key_only,
                    Field *okey, Field *fill) noexcept nogil:
     """Append one staging row to the relation's COPY buffer.
 
@@ -190,7 +191,7 @@ cdef int write_row(Rel *r, int64_t seq, char op, Field *src, int key_only,
     cdef int ulen = (ncols + 7) >> 3
     cdef uint8_t ubits[UBITS_MAX]
 
-    size = 2 + 12 + 5 + 4 + ulen
+    size = 2 + 12 + 12 + 5 + 4 + ulen
     for i in range(ncols):
         size += 4
         if key_only and not r.is_key[i]:
@@ -209,10 +210,13 @@ cdef int write_row(Rel *r, int64_t seq, char op, Field *src, int key_only,
 
     memset(ubits, 0, ulen)
     w = r.buf.data + r.buf.len
-    wr16(w, <int16_t>(2 + ncols + r.nkey + 1))
+    wr16(w, <int16_t>(3 + ncols + r.nkey + 1))
     w += 2
     wr32(w, 8)
     wr64(w + 4, seq)
+    w += 12
+    wr32(w, 8)
+    wr64(w + 4, <int64_t>lsn)
     w += 12
     wr32(w, 1)
     w[4] = op
@@ -318,7 +322,14 @@ cdef class Decoder:
                 return &self.rels[i]
         return NULL
 
-    def define(self, uint32_t relid, int ncols, key_idx, bint active):
+    def set_skip(self, uint32_t relid, uint64_t skip_before):
+        """Drop the relation's changes from transactions committed before skip_before."""
+        cdef Rel *r = self._find(relid)
+        if r == NULL:
+            raise DecodeError(f"relation {relid} was never defined")
+        r.skip_before = skip_before
+
+    def define(self, uint32_t relid, int ncols, key_idx, bint active, uint64_t skip_before=0):
         """(Re)declare a relation's layout; its buffered rows must be taken first."""
         cdef Rel *r = self._find(relid)
         cdef Rel *grown
@@ -341,6 +352,7 @@ cdef class Decoder:
             memset(r, 0, sizeof(Rel))
         r.relid = relid
         r.active = active
+        r.skip_before = skip_before
         r.ncols = ncols
         r.nkey = len(key_idx)
         r.key_idx = <int *>malloc(max(1, r.nkey) * sizeof(int))
@@ -411,7 +423,7 @@ cdef class Decoder:
         r = self._find(relid)
         if r == NULL:
             return self._fail(b"change for a relation that was never described")
-        if not r.active or self.skipping:
+        if not r.active or self.skipping or self.final_lsn < r.skip_before:
             return 0
         c = q[0]
         q += 1
@@ -420,7 +432,7 @@ cdef class Decoder:
                 return self._fail(b"insert without a new tuple")
             if parse_tuple(q, end, r.ncols, r.new_fields) == NULL:
                 return self._fail(b"malformed tuple in insert")
-            if write_row(r, self.seq, b'I', r.new_fields, 0, NULL, NULL) < 0:
+            if write_row(r, self.seq, self.final_lsn, b'I', r.new_fields, 0, NULL, NULL) < 0:
                 return self._fail(b"out of memory")
             self.seq += 1
             r.n_insert += 1
@@ -439,11 +451,11 @@ cdef class Decoder:
             if moved:
                 # The old key goes away; the new row remembers it so that its
                 # unchanged-TOAST columns can be taken from the old image.
-                if write_row(r, self.seq, b'D', r.old_fields, 1, NULL, NULL) < 0:
+                if write_row(r, self.seq, self.final_lsn, b'D', r.old_fields, 1, NULL, NULL) < 0:
                     return self._fail(b"out of memory")
                 self.seq += 1
                 r.n_moves += 1
-            if write_row(r, self.seq, b'U', r.new_fields, 0,
+            if write_row(r, self.seq, self.final_lsn, b'U', r.new_fields, 0,
                          r.old_fields if moved else NULL,
                          r.old_fields if full_old else NULL) < 0:
                 return self._fail(b"out of memory")
@@ -454,7 +466,7 @@ cdef class Decoder:
                 return self._fail(b"delete without an old tuple")
             if parse_tuple(q, end, r.ncols, r.old_fields) == NULL:
                 return self._fail(b"malformed old tuple in delete")
-            if write_row(r, self.seq, b'D', r.old_fields, 1, NULL, NULL) < 0:
+            if write_row(r, self.seq, self.final_lsn, b'D', r.old_fields, 1, NULL, NULL) < 0:
                 return self._fail(b"out of memory")
             self.seq += 1
             r.n_delete += 1

@@ -21,11 +21,11 @@ import psycopg
 from psycopg import sql
 
 from . import state
-from .batch import AlterTable, Batch, Rows, TableRows, Truncate
+from .batch import AlterTable, Batch, Rows, SyncDone, SyncStart, TableRows, Truncate
 from .errors import ErrorKind, ReplicatorError
 from .lsn import format_lsn
-from .schema import (MirrorTable, alter_mirror_sql, create_mirror_sql, create_staging_sql,
-                     mirror_columns, mirror_exists)
+from .schema import (MirrorTable, alter_mirror_sql, create_held_sql, create_mirror_sql,
+                     create_staging_sql, mirror_columns, mirror_exists)
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +55,43 @@ def _cast(expr: sql.Composable, t: MirrorTable, col) -> sql.Composable:
     return sql.SQL("{}::{}").format(expr, sql.SQL(col.mirror_type))
 
 
-def copy_sql(t: MirrorTable) -> sql.Composable:
-    cols = ([_ident("_r_seq"), _ident("_r_op")] + [_ident(c.name) for c in t.columns]
+def _staging_columns(t: MirrorTable) -> list[sql.Identifier]:
+    return ([_ident("_r_seq"), _ident("_r_lsn"), _ident("_r_op")] + [_ident(c.name) for c in t.columns]
             + [_ident(f"_r_ok{i}") for i in range(len(t.source.key))] + [_ident("_r_u")])
+
+
+def copy_sql(t: MirrorTable) -> sql.Composable:
     return sql.SQL("copy {} ({}) from stdin (format binary)").format(
-        t.stage, sql.SQL(", ").join(cols))
+        t.stage, sql.SQL(", ").join(_staging_columns(t)))
+
+
+def copy_held_sql(t: MirrorTable) -> sql.Composable:
+    return sql.SQL("copy {} ({}) from stdin (format binary)").format(
+        t.held, sql.SQL(", ").join(_staging_columns(t)))
+
+
+def unhold_sql(t: MirrorTable) -> list[sql.Composable]:
+    """Statements moving a table's held changes (from its copy's sync LSN on) into staging.
+
+    Changes committed before the sync LSN are in the copy already. A held
+    truncate empties the mirror and drops what was held before it. Held rows
+    span several batches (and restarts), so staging gets them renumbered in
+    stream order: commit LSN, then place in the transaction.
+    """
+    rest = [c for c in _staging_columns(t) if c != _ident("_r_seq")]
+    cols = sql.SQL(", ").join(rest)
+    last_truncate = sql.SQL(
+        "(select _r_lsn, _r_seq from {held} where _r_op = 'T' order by _r_lsn desc, _r_seq desc limit 1)"
+    ).format(held=t.held)
+    return [
+        sql.SQL("delete from {} where _r_lsn < %(sync)s").format(t.held),
+        sql.SQL("truncate {}").format(t.stage),
+        sql.SQL(
+            "insert into {stage} (_r_seq, {cols}) select row_number() over (order by _r_lsn, _r_seq), "
+            "{cols} from {held} h where _r_op <> 'T' and not exists (select 1 from {lt} m "
+            "where (h._r_lsn, h._r_seq) < (m._r_lsn, m._r_seq))"
+        ).format(stage=t.stage, cols=cols, held=t.held, lt=last_truncate),
+    ], sql.SQL("select exists {}").format(last_truncate)
 
 
 def _merge_tail(t: MirrorTable, source: sql.Composable, toast: bool) -> sql.Composable:
@@ -226,6 +258,9 @@ class Applier:
         self.slot = slot
         self.conn: psycopg.Connection | None = None
         self._statements: dict[tuple[str, str], sql.Composable] = {}
+        # Mirror tables being copied while the stream runs: their changes are
+        # held, not merged, until the copy is in (SyncStart ... SyncDone).
+        self.holding: set[str] = set()
 
     def connect(self) -> psycopg.Connection:
         try:
@@ -266,14 +301,15 @@ class Applier:
         key = (kind, t.staging)
         stmt = self._statements.get(key)
         if stmt is None:
-            build = {"copy": copy_sql, "merge": merge_sql, "merge_toast": merge_toast_sql,
-                     "dead": dead_letter_sql}[kind]
+            build = {"copy": copy_sql, "copy_held": copy_held_sql, "merge": merge_sql,
+                     "merge_toast": merge_toast_sql, "dead": dead_letter_sql}[kind]
             stmt = self._statements[key] = sql.SQL(build(t).as_string(self.conn))
         return stmt
 
     def apply(self, batch: Batch, record_lsn: bool = True, system_id: str | None = None) -> ApplyResult:
         res = ApplyResult()
         started = time.monotonic()
+        holding_before = set(self.holding)
         try:
             with self.conn.transaction(), self.conn.cursor() as cur:
                 # The source may forget a transaction once it is confirmed, so
@@ -284,19 +320,24 @@ class Applier:
                         for tr in op.tables:
                             self._apply_rows(cur, tr, batch.end_lsn, res)
                     elif isinstance(op, Truncate):
-                        cur.execute(sql.SQL("truncate {}").format(
-                            sql.SQL(", ").join(t.dest for t in op.tables)))
+                        self._truncate(cur, op)
                     elif isinstance(op, AlterTable):
                         self._ensure_table(op.table)
-                if record_lsn:
+                    elif isinstance(op, SyncStart):
+                        self._hold(cur, op.table)
+                    elif isinstance(op, SyncDone):
+                        self._unhold(cur, op, batch.end_lsn, res)
+                if record_lsn and batch.end_lsn:
                     state.record_applied(cur, self.state_schema, self.slot, batch.end_lsn, system_id)
         except psycopg.OperationalError as exc:
+            self.holding = holding_before
             raise ReplicatorError(
                 ErrorKind.DESTINATION_CONNECT, f"destination connection lost while applying "
                 f"up to {format_lsn(batch.end_lsn)}: {exc}",
                 "the batch was rolled back; the replicator retries it after reconnecting",
             ) from exc
         except psycopg.Error as exc:
+            self.holding = holding_before
             raise ReplicatorError(
                 ErrorKind.DESTINATION_APPLY,
                 f"the destination rejected the batch ending at {format_lsn(batch.end_lsn)}: {exc}",
@@ -304,10 +345,59 @@ class Applier:
                 "(or drop it so it is recreated) and restart",
             ) from exc
         res.seconds = time.monotonic() - started
+        for op in batch.ops:
+            if isinstance(op, SyncStart):
+                op.applied.set()
         return res
+
+    # -- tables being copied while the stream runs ---------------------------
+
+    def _hold(self, cur: psycopg.Cursor, t: MirrorTable) -> None:
+        cur.execute(create_staging_sql(t))
+        cur.execute(create_held_sql(t))
+        cur.execute(sql.SQL("truncate {}").format(t.held))
+        state.set_table(cur, self.state_schema, self.slot, t, state.PENDING)
+        self.holding.add(t.qualname)
+
+    def _unhold(self, cur: psycopg.Cursor, op: SyncDone, end_lsn: int, res: ApplyResult) -> None:
+        t = op.table
+        statements, truncated = unhold_sql(t)
+        cur.execute(statements[0], {"sync": op.sync_lsn})
+        cur.execute(truncated)
+        if cur.fetchone()[0]:
+            cur.execute(sql.SQL("truncate {}").format(t.dest))
+        for stmt in statements[1:]:
+            cur.execute(stmt)
+        cur.execute(sql.SQL("select count(*), count(_r_u) from {}").format(t.stage))
+        rows, unchanged = cur.fetchone()
+        if unchanged:
+            cur.execute(self._stmt("dead", t), [self.slot, t.qualname, format_lsn(end_lsn)])
+            res.dead_letters += max(0, cur.rowcount)
+            cur.execute(self._stmt("merge_toast", t))
+        elif rows:
+            cur.execute(self._stmt("merge", t))
+        cur.execute(sql.SQL("truncate {}").format(t.held))
+        state.set_table(cur, self.state_schema, self.slot, t, state.STREAMING, op.sync_lsn)
+        self.holding.discard(t.qualname)
+        res.rows += rows
+        log.info("table sync state", extra={"table": t.qualname, "state": "streaming",
+                                            "held_changes": rows})
+
+    def _truncate(self, cur: psycopg.Cursor, op: Truncate) -> None:
+        direct = [t for t in op.tables if t.qualname not in self.holding]
+        if direct:
+            cur.execute(sql.SQL("truncate {}").format(sql.SQL(", ").join(t.dest for t in direct)))
+        for t in op.tables:
+            if t.qualname in self.holding:
+                cur.execute(sql.SQL("insert into {} (_r_seq, _r_lsn, _r_op) values (%s, %s, 'T')").format(
+                    t.held), [op.seq, op.lsn])
 
     def _apply_rows(self, cur: psycopg.Cursor, tr: TableRows, end_lsn: int, res: ApplyResult) -> None:
         t = tr.table
+        if t.qualname in self.holding:
+            with cur.copy(self._stmt("copy_held", t)) as copy:
+                copy.write(tr.data)
+            return
         cur.execute(sql.SQL("truncate {}").format(t.stage))
         with cur.copy(self._stmt("copy", t)) as copy:
             copy.write(tr.data)

@@ -8,6 +8,7 @@ destination transaction.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -36,6 +37,8 @@ class Truncate:
     tables: list[MirrorTable]
     cascade: bool
     restart_identity: bool
+    lsn: int = 0          # its transaction's commit LSN and its place in the stream,
+    seq: int = 0          # for a table whose changes are held during a copy
 
 
 @dataclass
@@ -43,7 +46,21 @@ class AlterTable:
     table: MirrorTable    # the new layout; the mirror is brought up to it
 
 
-Op = Rows | Truncate | AlterTable
+@dataclass
+class SyncStart:
+    """From here on, hold the table's changes: its copy is about to start."""
+    table: MirrorTable
+    applied: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class SyncDone:
+    """The table's copy (as of sync_lsn) is in: merge what was held since, then stream."""
+    table: MirrorTable
+    sync_lsn: int
+
+
+Op = Rows | Truncate | AlterTable | SyncStart | SyncDone
 
 
 @dataclass
@@ -58,7 +75,7 @@ class Batch:
 
     @property
     def empty(self) -> bool:
-        return self.txns == 0
+        return self.txns == 0 and not self.ops
 
     def add_rows(self, taken: list[tuple[int, bytes, tuple]], tables: dict[int, MirrorTable]) -> None:
         """Append what Decoder.take() returned as one Rows operation."""

@@ -50,6 +50,7 @@ examples:
   replicator check -c etl-config.toml       validate the configuration (run this first)
   replicator run -c etl-config.toml         replicate until stopped (Ctrl-C, SIGTERM)
   replicator run --until-caught-up          replicate up to the source's current position, exit
+  replicator resync --table account_move    copy one table again while the rest streams
   replicator seed --dsn "dbname=odoo_core"  fill a database with Odoo-shaped test data
   replicator demo                           try it all on throwaway local servers
 
@@ -123,6 +124,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_option(check)
     check.set_defaults(handler=_cmd_check)
+
+    resync = commands.add_parser(
+        "resync",
+        help="copy one table (or all) again from the source, while the rest keeps streaming",
+        description=(
+            "Mark tables for a new initial copy. A running replicator picks the request up\n"
+            "within seconds: it holds the table's changes, truncates and re-copies it from a\n"
+            "fresh snapshot, applies the held changes and streams it again; other tables keep\n"
+            "streaming meanwhile. With no replicator running, the next `run` does the copy.\n"
+            "Analysts see the table empty or partly filled while it is being copied."
+        ),
+        epilog=(
+            "examples:\n"
+            "  replicator resync --config etl-config.toml --table account_move_line\n"
+            "  replicator resync --config etl-config.toml --all   # after a lost slot"
+        ),
+        formatter_class=_Formatter,
+    )
+    _add_config_option(resync)
+    which = resync.add_mutually_exclusive_group(required=True)
+    which.add_argument("--table", action="append", metavar="NAME",
+                       help="source table (schema.table, or table for schema public); repeatable")
+    which.add_argument("--all", action="store_true",
+                       help="every table, and forget the applied position: for a mirror that "
+                       "lost changes (a dropped slot, a restored destination)")
+    resync.set_defaults(handler=_cmd_resync)
 
     seed = commands.add_parser(
         "seed",
@@ -257,6 +284,37 @@ def _cmd_check(args: argparse.Namespace) -> int:
     if runtime is not None and hasattr(runtime, "check"):
         result = runtime.check(config)
         return ExitCode.OK if result is None else int(result)
+    return ExitCode.OK
+
+
+def _cmd_resync(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    _setup_console_logging()
+    state = _import("replicator.state")
+    dst = config.destination
+    slot = config.source.slot
+    try:
+        conn = psycopg.connect(dst.conninfo(), autocommit=True)
+    except psycopg.Error as exc:
+        raise classify(exc, settings=dst) from None
+    with conn:
+        state.setup(conn, dst.state_schema)
+        known = state.table_states(conn, dst.state_schema, slot)
+        if args.all:
+            with conn.transaction():
+                state.forget_pipeline(conn, dst.state_schema, slot)
+                count = state.request_resync(conn, dst.state_schema, slot, list(known))
+            print(f"resync requested for every table ({count}); the next run copies them")
+            return ExitCode.OK
+        names = [t if "." in t else f"public.{t}" for t in args.table]
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ConfigError(
+                f"--table: {', '.join(unknown)} is not replicated by slot {slot!r}",
+                "known tables: " + (", ".join(sorted(known)) or "none yet (run first)"))
+        state.request_resync(conn, dst.state_schema, slot, names)
+    print(f"resync requested for {', '.join(names)}: a running replicator starts it within "
+          "seconds, otherwise the next run does")
     return ExitCode.OK
 
 

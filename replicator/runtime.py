@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import queue
 import signal
 import threading
 import time
@@ -23,7 +24,8 @@ from ._decode import (EV_COMMIT, EV_COPY_DONE, EV_ERROR, EV_KEEPALIVE, EV_LIMIT,
                       EV_STREAM_ABORT, EV_STREAM_COMMIT, EV_STREAM_START, EV_STREAM_STOP,
                       EV_TRUNCATE, EV_WOULD_BLOCK, Decoder)
 from .apply import Applier
-from .batch import AlterTable, Batch, Truncate
+from .backfill import Backfill
+from .batch import AlterTable, Batch, SyncDone, SyncStart, Truncate
 from .config import Config
 from .errors import ErrorKind, ReplicatorError
 from .lsn import format_lsn, pg_now
@@ -35,6 +37,7 @@ log = logging.getLogger("replicator")
 
 STATUS_INTERVAL = 5.0      # seconds between standby status updates when nothing changes
 IDLE_PROBE_INTERVAL = 1.0  # how often an idle receiver asks the source where WAL ends
+POLL_INTERVAL = 2.0        # how often to look for tables added to the publication or resyncs
 
 
 class Handoff:
@@ -151,15 +154,38 @@ class Pipeline:
 
             applier.connect()
             state.setup(applier.conn, dst.state_schema)
-            applier.prepare_tables(list(mirrors.values()))
             applied = state.applied_lsn(applier.conn, dst.state_schema, slot)
+
+            repl = ReplicationConnection(src.conninfo(replication="database"))
+            repl.connect()
+            sysinfo = repl.identify_system()
+            self._check_slot(catalog, repl, slot, applied, sysinfo)
+            repl.close()
+            repl = None
+
+            # Tables never copied, or whose copy did not finish, are copied
+            # before streaming starts (a crash mid-copy lands here again).
+            states = state.table_states(applier.conn, dst.state_schema, slot)
+            to_copy = [t for t in mirrors.values()
+                       if states.get(t.source.qualname, (state.PENDING, 0))[0]
+                       not in (state.COPIED, state.STREAMING)]
+            if to_copy:
+                sync_lsn = Backfill(cfg, to_copy, slot, self.stop_requested).run()
+                for t in to_copy:
+                    states[t.source.qualname] = (state.COPIED, sync_lsn)
+            applier.prepare_tables(list(mirrors.values()))
+            with applier.conn.transaction():
+                for t in mirrors.values():
+                    st, lsn = states[t.source.qualname]
+                    if st != state.STREAMING:
+                        state.set_table(applier.conn, dst.state_schema, slot, t,
+                                        state.STREAMING, lsn)
+            sync_lsns = {key: states[t.source.qualname][1] for key, t in mirrors.items()}
 
             repl = ReplicationConnection(src.conninfo(
                 replication="database",
                 **({} if binary else {"options": TEXT_MODE_OPTIONS})))
             repl.connect()
-            sysinfo = repl.identify_system()
-            self._check_slot(catalog, repl, slot, applied, sysinfo)
             start = applied or 0
             protocol = protocol_for(repl.server_version)
 
@@ -178,7 +204,7 @@ class Pipeline:
                 target=self._apply_loop, args=(applier, handoff, sysinfo.system_id),
                 name="applier", daemon=True)
             applier_thread.start()
-            _Receiver(self, repl, decoder, handoff, catalog, mirrors,
+            _Receiver(self, repl, decoder, handoff, catalog, mirrors, sync_lsns, binary,
                       sysinfo.xlogpos if self.until_caught_up else None).loop()
         finally:
             handoff.close()
@@ -223,9 +249,8 @@ class Pipeline:
             "select plugin, database, confirmed_flush_lsn::text from pg_replication_slots "
             "where slot_name = %s", [slot]).fetchone()
         state_schema = self.config.destination.state_schema
-        lost_hint = (f"the mirror misses changes: empty the mirror tables, then run "
-                     f"DELETE FROM {state_schema}.pipelines WHERE slot = '{slot}' in the "
-                     "destination and restart to copy again")
+        lost_hint = ("the mirror misses changes: run `replicator resync --config PATH --all`, "
+                     "then `replicator run` copies every table again")
         if row is None:
             if applied is not None:
                 raise ReplicatorError(
@@ -263,7 +288,7 @@ class Pipeline:
             except BaseException as exc:  # handed to the receiver, which raises it
                 handoff.fail(exc)
                 return
-            self.progress.applied_lsn = batch.end_lsn
+            self.progress.applied_lsn = max(self.progress.applied_lsn, batch.end_lsn)
             if batch.last_commit_ts:
                 self.progress.last_commit_ts = batch.last_commit_ts
             if batch.txns:
@@ -280,7 +305,8 @@ class Pipeline:
 class _Receiver:
     def __init__(self, pipeline: Pipeline, repl: ReplicationConnection, decoder: Decoder,
                  handoff: Handoff, catalog: psycopg.Connection,
-                 mirrors: dict[tuple[str, str], MirrorTable], target: int | None):
+                 mirrors: dict[tuple[str, str], MirrorTable], sync_lsns: dict[tuple[str, str], int],
+                 binary: bool, target: int | None):
         self.p = pipeline
         self.cfg = pipeline.config
         self.repl = repl
@@ -288,6 +314,10 @@ class _Receiver:
         self.handoff = handoff
         self.catalog = catalog
         self.mirrors = mirrors
+        # A table's changes from transactions committed before its copy's
+        # snapshot are in the copy already: the decoder drops them.
+        self.sync_lsns = sync_lsns
+        self.binary = binary
         self.by_relid: dict[int, MirrorTable] = {}
         self.layouts: dict[int, tuple] = {}
         self.target = target
@@ -296,16 +326,35 @@ class _Receiver:
         self.last_status = 0.0
         self.last_probe = 0.0
         self.received = 0
+        # Copies running while the stream goes on (added tables, resyncs).
+        self.syncing: dict[tuple[str, str], threading.Thread] = {}
+        self.sync_results: queue.Queue = queue.Queue()
+        self.sync_stop = threading.Event()
+        self.refused: set[tuple[str, str]] = set()
+        self.last_poll = time.monotonic()
+        self.poll_conn: psycopg.Connection | None = None
 
     # -- main loop -------------------------------------------------------
 
     def loop(self) -> None:
+        try:
+            self._loop()
+        finally:
+            self.sync_stop.set()
+            for th in self.syncing.values():
+                th.join(timeout=30)
+            if self.poll_conn is not None:
+                self.poll_conn.close()
+
+    def _loop(self) -> None:
         dec, stop = self.dec, self.p.stop_requested
         while True:
             self._check_applier()
             if (stop.is_set() or self._caught_up()) and not dec.in_txn:
                 self._finish()
                 return
+            if not dec.in_txn:
+                self._sync_progress()
             ev = dec.pump(200000)
             self.received = max(self.received, dec.wal_start)
             if ev == EV_WOULD_BLOCK:
@@ -339,7 +388,7 @@ class _Receiver:
 
     def _caught_up(self) -> bool:
         return self.target is not None and self.p.progress.applied_lsn >= self.target \
-            and self.batch.empty and self.dec.batch_rows == 0 and self.handoff.idle()
+            and not self.syncing and self._nothing_pending()
 
     def _check_applier(self) -> None:
         if self.handoff.error is not None:
@@ -362,6 +411,9 @@ class _Receiver:
     def _close(self, block: bool) -> None:
         batch = self.batch
         batch.add_rows(self.dec.take(), self.by_relid)
+        if not batch.end_lsn:
+            # Only table-sync operations, no transaction: the position stays.
+            batch.end_lsn = self.p.progress.applied_lsn
         while not self.handoff.offer(batch, timeout=1.0 if block else 0.0):
             self._check_applier()
             if not block:
@@ -420,7 +472,12 @@ class _Receiver:
 
     def _on_relation(self, event) -> None:
         relid, nspname, relname, replident, cols, _xid = event
-        t = self.mirrors.get((nspname, relname))
+        key = (nspname, relname)
+        t = self.mirrors.get(key)
+        if t is None and key not in self.refused and self.cfg.target(nspname, relname) is not None:
+            # Added to the publication while we run: copy it, hold its changes meanwhile.
+            self._start_sync(key)
+            t = self.mirrors.get(key)
         if t is None:
             if relid not in self.layouts:
                 self.dec.define(relid, len(cols), [], False)
@@ -428,26 +485,30 @@ class _Receiver:
             return
         columns = tuple(self._column(t, name, typoid, typmod) for _f, name, typoid, typmod in cols)
         if replident in ("d", "i"):
-            key = tuple(name for flags, name, _o, _m in cols if flags & 1)
+            key_cols = tuple(name for flags, name, _o, _m in cols if flags & 1)
         else:
-            key = t.source.key
-        layout = (tuple((c.name, c.typoid) for c in columns), key)
+            key_cols = t.source.key
+        layout = (tuple((c.name, c.typoid) for c in columns), key_cols)
         if self.layouts.get(relid) == layout:
             return
-        changed = relid in self.layouts or t.columns != columns or t.source.key != key
+        changed = relid in self.layouts or t.columns != columns or t.source.key != key_cols
         if changed:
+            if key in self.syncing:
+                raise ReplicatorError(
+                    ErrorKind.PROTOCOL, f"the columns of {t.source.qualname} changed while it "
+                    "was being copied", "the replicator restarts and copies it again")
             # Rows already buffered belong to the old layout: apply them first.
             self.batch.add_rows(self.dec.take(), self.by_relid)
-            source = dataclasses.replace(t.source, columns=columns, key=key)
+            source = dataclasses.replace(t.source, columns=columns, key=key_cols)
             t = MirrorTable(source, t.dest_schema, t.dest_name, t.state_schema, t.binary,
                             columns=columns)
-            self.mirrors[(nspname, relname)] = t
+            self.mirrors[key] = t
             self.batch.ops.append(AlterTable(t))
             log.info("table columns changed at the source", extra={
                 "table": t.source.qualname, "columns": [c.name for c in columns]})
         t.relid = relid
         self.by_relid[relid] = t
-        self.dec.define(relid, len(columns), t.key_idx, True)
+        self.dec.define(relid, len(columns), t.key_idx, True, self.sync_lsns.get(key, 0))
         self.layouts[relid] = layout
 
     def _column(self, t: MirrorTable, name: str, typoid: int, typmod: int) -> Column:
@@ -463,7 +524,89 @@ class _Receiver:
         if not tables:
             return
         self.batch.add_rows(self.dec.take(), self.by_relid)
-        self.batch.ops.append(Truncate(tables, bool(options & 1), bool(options & 2)))
+        self.batch.ops.append(Truncate(tables, bool(options & 1), bool(options & 2),
+                                       lsn=self.dec.final_lsn, seq=self.dec.seq))
+
+    # -- tables copied while the stream runs --------------------------------
+
+    def _sync_progress(self) -> None:
+        """Between transactions: look for new work, and hand finished copies over."""
+        now = time.monotonic()
+        if now - self.last_poll >= POLL_INTERVAL:
+            self.last_poll = now
+            self._poll()
+        while True:
+            try:
+                key, t, result = self.sync_results.get_nowait()
+            except queue.Empty:
+                return
+            self.syncing.pop(key).join()
+            if isinstance(result, BaseException):
+                raise result
+            # Rows decoded so far were held; from here on the decoder drops
+            # what the copy already has.
+            self.batch.add_rows(self.dec.take(), self.by_relid)
+            self.batch.ops.append(SyncDone(t, result))
+            self.sync_lsns[key] = result
+            if t.relid and t.relid in self.by_relid:
+                self.dec.set_skip(t.relid, result)
+
+    def _poll(self) -> None:
+        src, dst = self.cfg.source, self.cfg.destination
+        for schema, name in publication_tables(self.catalog, src.publication):
+            key = (schema, name)
+            if key not in self.mirrors and key not in self.refused \
+                    and self.cfg.target(schema, name) is not None:
+                self._start_sync(key)
+        if self.poll_conn is None:
+            self.poll_conn = psycopg.connect(dst.conninfo(), autocommit=True)
+        states = state.table_states(self.poll_conn, dst.state_schema, src.slot)
+        for key, t in list(self.mirrors.items()):
+            if states.get(t.source.qualname, ("",))[0] == state.PENDING and key not in self.syncing:
+                log.info("resync requested", extra={"table": t.source.qualname})
+                self._start_sync(key)
+
+    def _start_sync(self, key: tuple[str, str]) -> None:
+        t = self.mirrors.get(key)
+        if t is None:
+            source = read_table(self.catalog, *key)
+            try:
+                check_replicable(source)
+            except ReplicatorError as exc:
+                self.refused.add(key)
+                log.error("table added to the publication cannot be replicated",
+                          extra={"table": source.qualname, "error": exc.message, "hint": exc.hint})
+                return
+            if self.binary and not all(c.builtin for c in source.columns):
+                raise ReplicatorError(
+                    ErrorKind.PROTOCOL, f"table {source.qualname} added to the publication has "
+                    "user-defined column types", "the replicator restarts in text mode to copy it")
+            t = MirrorTable(source, *self.cfg.target(*key), state_schema=self.cfg.destination.state_schema,
+                            binary=self.binary)
+            self.mirrors[key] = t
+            log.info("table added to the publication", extra={"table": source.qualname})
+        self.batch.add_rows(self.dec.take(), self.by_relid)
+        op = SyncStart(t)
+        self.batch.ops.append(op)
+        self.sync_lsns[key] = 0
+        if t.relid and t.relid in self.by_relid:
+            self.dec.set_skip(t.relid, 0)
+        th = threading.Thread(target=self._copy_table, args=(key, t, op), daemon=True,
+                              name=f"sync-{t.dest_name}")
+        self.syncing[key] = th
+        th.start()
+
+    def _copy_table(self, key, t: MirrorTable, op: SyncStart) -> None:
+        try:
+            # Copy only once the applier holds the table's changes, so nothing
+            # it applies afterwards lands on top of the copy.
+            while not op.applied.wait(0.5):
+                if self.sync_stop.is_set():
+                    return
+            lsn = Backfill(self.cfg, [t], self.cfg.source.slot, self.sync_stop).run()
+            self.sync_results.put((key, t, lsn))
+        except BaseException as exc:
+            self.sync_results.put((key, t, exc))
 
 
 def run(config: Config, until_caught_up: bool = False) -> int:

@@ -94,13 +94,18 @@ class MirrorTable:
     def qualname(self) -> str:
         return f"{self.dest_schema}.{self.dest_name}"
 
+    @property
+    def held(self) -> sql.Composable:
+        """Where the table's changes wait while it is being copied (logged: they must survive)."""
+        return sql.Identifier(self.state_schema, "held" + self.staging[5:])
+
     def staging_type(self, col: Column) -> str:
         return col.type_sql if self.binary else "text"
 
 
 def staging_name(t: MirrorTable) -> str:
     shape = "|".join(f"{c.name}:{t.staging_type(c)}" for c in t.columns)
-    shape += "|key=" + ",".join(t.source.key)
+    shape += "|key=" + ",".join(t.source.key) + "|v2"
     digest = hashlib.sha1(f"{t.dest_schema}.{t.dest_name}|{shape}".encode()).hexdigest()[:10]
     return f"stage_{t.dest_name[:40]}_{digest}"
 
@@ -184,21 +189,22 @@ def column_type(conn: psycopg.Connection, typoid: int, typmod: int) -> tuple[str
 # -- destination DDL -------------------------------------------------------
 
 
-def create_mirror_sql(t: MirrorTable) -> list[sql.Composable]:
-    cols = sql.SQL(", ").join(
-        sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(c.mirror_type))
-        for c in t.columns
-    )
-    key = sql.SQL(", ").join(map(sql.Identifier, t.source.key))
+def create_mirror_sql(t: MirrorTable, with_key: bool = True) -> list[sql.Composable]:
+    """The mirror table; without its key when an initial copy adds it after the data."""
+    cols = [sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(c.mirror_type))
+            for c in t.columns]
+    if with_key:
+        cols.append(sql.SQL("primary key ({})").format(
+            sql.SQL(", ").join(map(sql.Identifier, t.source.key))))
     return [
         sql.SQL("create schema if not exists {}").format(sql.Identifier(t.dest_schema)),
-        sql.SQL("create table if not exists {} ({}, primary key ({}))").format(t.dest, cols, key),
+        sql.SQL("create table if not exists {} ({})").format(t.dest, sql.SQL(", ").join(cols)),
     ]
 
 
 def create_staging_sql(t: MirrorTable) -> sql.Composable:
     by_name = {c.name: c for c in t.columns}
-    parts = [sql.SQL("_r_seq int8"), sql.SQL('_r_op "char"')]
+    parts = [sql.SQL("_r_seq int8"), sql.SQL("_r_lsn int8"), sql.SQL('_r_op "char"')]
     parts += [sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(t.staging_type(c)))
               for c in t.columns]
     parts += [sql.SQL("{} {}").format(sql.Identifier(f"_r_ok{i}"),
@@ -207,6 +213,10 @@ def create_staging_sql(t: MirrorTable) -> sql.Composable:
     parts.append(sql.SQL("_r_u bytea"))
     return sql.SQL("create unlogged table if not exists {} ({})").format(
         t.stage, sql.SQL(", ").join(parts))
+
+
+def create_held_sql(t: MirrorTable) -> sql.Composable:
+    return sql.SQL("create table if not exists {} (like {})").format(t.held, t.stage)
 
 
 def mirror_columns(conn: psycopg.Connection, t: MirrorTable) -> dict[str, str]:

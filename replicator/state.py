@@ -74,3 +74,53 @@ def system_id(conn: psycopg.Connection, state_schema: str, slot: str) -> str | N
         sql.SQL("select source_system_id from {}.pipelines where slot = %s").format(
             sql.Identifier(state_schema)), [slot]).fetchone()
     return row[0] if row else None
+
+
+# -- per-table sync state ---------------------------------------------------
+#
+# pending:   known, to be copied (a new table, or a resync was asked for)
+# copying:   the initial copy runs; sync_lsn is its snapshot's LSN
+# copied:    rows and indexes are in; the stream takes over from sync_lsn
+# streaming: the stream applies its changes
+
+PENDING, COPYING, COPIED, STREAMING = "pending", "copying", "copied", "streaming"
+
+
+def set_table(conn, state_schema: str, slot: str, table, table_state: str,
+              sync_lsn: int | None = None, rows: int | None = None) -> None:
+    """Record a table's sync state (conn: a connection or a cursor)."""
+    conn.execute(
+        sql.SQL(
+            "insert into {}.tables as t (slot, source_table, mirror_table, state, sync_lsn, "
+            "rows_copied) values (%s, %s, %s, %s, %s::pg_lsn, coalesce(%s, 0)) "
+            "on conflict (slot, source_table) do update set state = excluded.state, "
+            "mirror_table = excluded.mirror_table, "
+            "sync_lsn = coalesce(excluded.sync_lsn, t.sync_lsn), "
+            "rows_copied = coalesce(%s, t.rows_copied), updated_at = now()"
+        ).format(sql.Identifier(state_schema)),
+        [slot, table.source.qualname, table.qualname, table_state,
+         None if sync_lsn is None else format_lsn(sync_lsn), rows, rows],
+    )
+
+
+def table_states(conn, state_schema: str, slot: str) -> dict[str, tuple[str, int]]:
+    """source table -> (state, sync_lsn)."""
+    rows = conn.execute(
+        sql.SQL("select source_table, state, sync_lsn::text from {}.tables where slot = %s").format(
+            sql.Identifier(state_schema)), [slot]).fetchall()
+    return {name: (st, parse_lsn(lsn)) for name, st, lsn in rows}
+
+
+def request_resync(conn, state_schema: str, slot: str, source_tables: list[str]) -> int:
+    """Mark tables for a new copy; a running replicator picks them up."""
+    cur = conn.execute(
+        sql.SQL("update {}.tables set state = 'pending', updated_at = now() "
+                "where slot = %s and source_table = any(%s)").format(sql.Identifier(state_schema)),
+        [slot, source_tables])
+    return cur.rowcount
+
+
+def forget_pipeline(conn, state_schema: str, slot: str) -> None:
+    """Drop the applied position: the next run starts a new slot and copies everything."""
+    conn.execute(sql.SQL("delete from {}.pipelines where slot = %s").format(
+        sql.Identifier(state_schema)), [slot])

@@ -1,0 +1,66 @@
+# cython: language_level=3
+"""COPY TO STDOUT on one connection piped into COPY FROM STDIN on another.
+
+The bytes are never decoded, and the loop runs in C without the GIL, so
+several table ranges copy in parallel threads at the speed of the servers.
+Both connections must be from the libpq psycopg loaded (their PGconn
+pointers and the function addresses come from it).
+"""
+
+from libc.stdint cimport int64_t
+
+ctypedef int (*getcopydata_fn)(void *conn, char **buf, int async_) nogil
+ctypedef int (*putcopydata_fn)(void *conn, const char *buf, int nbytes) nogil
+ctypedef void (*freemem_fn)(void *ptr) nogil
+
+
+cdef class Pipe:
+    """Counts what went through; read `rows` and `bytes` from any thread."""
+
+    cdef getcopydata_fn _get
+    cdef putcopydata_fn _put
+    cdef freemem_fn _free
+    cdef public int64_t rows
+    cdef public int64_t bytes
+    cdef public bint cancelled
+
+    def __init__(self, size_t getcopydata, size_t putcopydata, size_t freemem):
+        self._get = <getcopydata_fn>getcopydata
+        self._put = <putcopydata_fn>putcopydata
+        self._free = <freemem_fn>freemem
+        self.rows = 0
+        self.bytes = 0
+        self.cancelled = False
+
+    def run(self, size_t src, size_t dst):
+        """Move CopyData until the source's COPY ends.
+
+        Returns 0 when the source finished (read its result next), -2 when
+        the source failed, -3 when the destination refused data, -4 when
+        cancelled. The caller ends the destination's COPY either way.
+        """
+        cdef void *s = <void *>src
+        cdef void *d = <void *>dst
+        cdef char *buf = NULL
+        cdef int n = 0
+        cdef int rc = 0
+        with nogil:
+            while True:
+                if self.cancelled:
+                    rc = -4
+                    break
+                n = self._get(s, &buf, 0)
+                if n == -1:
+                    rc = 0
+                    break
+                if n < 0:
+                    rc = -2
+                    break
+                if self._put(d, buf, n) != 1:
+                    self._free(buf)
+                    rc = -3
+                    break
+                self._free(buf)
+                self.rows += 1
+                self.bytes += n
+        return rc

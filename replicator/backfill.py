@@ -1,0 +1,436 @@
+"""The initial copy of existing rows, consistent with the stream that follows.
+
+One backfill copies a set of tables from one snapshot: a temporary logical
+slot created with SNAPSHOT 'export' gives the snapshot and its LSN (the
+tables' sync LSN); the stream applies a table's changes only from
+transactions that commit at or after it. The exporting connection stays idle
+until every worker has imported the snapshot, then goes (and its temporary
+slot with it).
+
+Rows move as COPY (FORMAT BINARY) from the source straight into COPY FROM
+STDIN on the destination, through a C loop (replicator._pipe) that never
+decodes them. Tables copy in parallel, and a large table is cut into ctid
+ranges so it alone can keep every worker busy. Mirror tables that the copy
+creates get their primary key and the source's secondary indexes after the
+data, built in parallel.
+
+A crash at any point leaves the table 'copying': the next start truncates it
+and copies it again; a table marked 'copied' is never copied again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import psycopg
+from psycopg import pq, sql
+
+from . import state
+from ._pipe import Pipe
+from .errors import ErrorKind, ReplicatorError
+from .lsn import format_lsn
+from .schema import MirrorTable, create_mirror_sql, create_staging_sql, mirror_exists
+from .source import ReplicationConnection, quote_ident
+
+log = logging.getLogger(__name__)
+
+PAGES_PER_RANGE = 8192          # 64 MB of heap per ctid range
+PROGRESS_INTERVAL = 5.0         # seconds between progress log lines
+
+
+@dataclass
+class TableCopy:
+    table: MirrorTable
+    pages: int
+    est_rows: int
+    ranges: list[tuple[int | None, int | None]] = field(default_factory=list)
+    ranges_left: int = 0
+    rows: int = 0
+    bytes: int = 0
+    pipes: list[Pipe] = field(default_factory=list)
+    started: float = 0.0
+    finished: float = 0.0
+    created: bool = False        # the copy created the mirror: build its indexes after
+    indexes: list[str] = field(default_factory=list)
+
+    def live(self) -> tuple[int, int]:
+        return (self.rows + sum(p.rows for p in self.pipes),
+                self.bytes + sum(p.bytes for p in self.pipes))
+
+
+def _libpq() -> tuple[int, int, int]:
+    import ctypes
+
+    from psycopg.pq import _pq_ctypes
+
+    lib = _pq_ctypes.pq
+    return tuple(ctypes.cast(getattr(lib, n), ctypes.c_void_p).value
+                 for n in ("PQgetCopyData", "PQputCopyData", "PQfreemem"))
+
+
+def _exec(conn: pq.PGconn, query: str | bytes, what: str, kind: ErrorKind) -> pq.abc.PGresult:
+    res = conn.exec_(query if isinstance(query, bytes) else query.encode())
+    if res.status not in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK,
+                          pq.ExecStatus.COPY_OUT, pq.ExecStatus.COPY_IN):
+        msg = res.error_message.decode("utf-8", "replace").strip()
+        raise ReplicatorError(kind, f"{what}: {msg}")
+    return res
+
+
+def _connect(conninfo: str, kind: ErrorKind) -> pq.PGconn:
+    conn = pq.PGconn.connect(conninfo.encode())
+    if conn.status != pq.ConnStatus.OK:
+        msg = conn.error_message.decode("utf-8", "replace").strip()
+        conn.finish()
+        raise ReplicatorError(kind, f"cannot connect for the initial copy: {msg}")
+    return conn
+
+
+class Backfill:
+    """Copies a set of mirror tables from one snapshot; returns their sync LSN."""
+
+    def __init__(self, config, tables: list[MirrorTable], slot: str,
+                 stop: threading.Event | None = None):
+        self.config = config
+        self.tables = tables
+        self.slot = slot
+        self.stop = stop or threading.Event()
+        src = config.source
+        # The replication and catalog connections count against max_connections too.
+        self.workers = max(1, min(src.max_connections - 2, 2 * (os.cpu_count() or 2)))
+        self.copies: list[TableCopy] = []
+        self._errors: list[BaseException] = []
+        self._lock = threading.Lock()
+
+    # -- the whole job ---------------------------------------------------
+
+    def run(self) -> int:
+        cfg = self.config
+        dst = cfg.destination
+        with psycopg.connect(cfg.source.conninfo(), autocommit=True) as catalog, \
+                psycopg.connect(dst.conninfo(), autocommit=True) as dest:
+            exporter = ReplicationConnection(cfg.source.conninfo(replication="database"))
+            exporter.connect()
+            try:
+                name = f"{self.slot[:40]}_sync_{uuid.uuid4().hex[:8]}"
+                rows = exporter.command(
+                    f"CREATE_REPLICATION_SLOT {quote_ident(name)} TEMPORARY LOGICAL pgoutput "
+                    "(SNAPSHOT 'export')")
+                from .lsn import parse_lsn
+                sync_lsn, snapshot = parse_lsn(rows[0][1]), rows[0][2]
+                self._plan(catalog, dest, sync_lsn)
+                log.info("initial copy started", extra={
+                    "tables": [c.table.qualname for c in self.copies], "workers": self.workers,
+                    "sync_lsn": format_lsn(sync_lsn)})
+                self._copy(snapshot, exporter)
+            finally:
+                exporter.close()
+            self._finish(dest, sync_lsn)
+        return sync_lsn
+
+    def _plan(self, catalog: psycopg.Connection, dest: psycopg.Connection, sync_lsn: int) -> None:
+        dst = self.config.destination
+        for t in self.tables:
+            pages, est = catalog.execute(
+                "select relpages, greatest(reltuples, 0)::bigint from pg_class where oid = %s",
+                [t.source.oid]).fetchone()
+            copy = TableCopy(t, pages, est)
+            with dest.transaction():
+                if mirror_exists(dest, t):
+                    dest.execute(sql.SQL("truncate {}").format(t.dest))
+                else:
+                    # No key while loading: the primary key is built after the data.
+                    for stmt in create_mirror_sql(t, with_key=False):
+                        dest.execute(stmt)
+                    copy.created = True
+                dest.execute(create_staging_sql(t))
+                state.set_table(dest, dst.state_schema, self.slot, t, "copying", sync_lsn)
+            if copy.created and dst.copy_indexes:
+                copy.indexes = source_indexes(catalog, t)
+            if pages >= 2 * PAGES_PER_RANGE:
+                bounds = list(range(0, pages, PAGES_PER_RANGE))
+                copy.ranges = [(lo, bounds[i + 1] if i + 1 < len(bounds) else None)
+                               for i, lo in enumerate(bounds)]
+            else:
+                copy.ranges = [(None, None)]
+            copy.ranges_left = len(copy.ranges)
+            self.copies.append(copy)
+            log.info("table sync state", extra={"table": t.qualname, "state": "copying",
+                                                "est_rows": est, "ranges": len(copy.ranges)})
+
+    # -- copying ---------------------------------------------------------
+
+    def _copy(self, snapshot: str, exporter: ReplicationConnection) -> None:
+        tasks: queue.Queue = queue.Queue()
+        # Largest ranges first, so a big table does not finish last on one worker.
+        for copy in sorted(self.copies, key=lambda c: -c.pages):
+            for rng in copy.ranges:
+                tasks.put((copy, rng))
+        n = min(self.workers, tasks.qsize()) or 1
+        imported = threading.Barrier(n + 1)
+        threads = [threading.Thread(target=self._worker, args=(snapshot, tasks, imported),
+                                    name=f"copy-{i}", daemon=True) for i in range(n)]
+        for th in threads:
+            th.start()
+        progress = _ProgressReporter(self.copies)
+        try:
+            # Every worker has imported the snapshot once the barrier opens: only
+            # then may the exporting connection do anything else.
+            imported.wait()
+            exporter.close()
+            while any(th.is_alive() for th in threads):
+                progress.tick()
+                for th in threads:
+                    th.join(0.2)
+        except threading.BrokenBarrierError:
+            pass
+        finally:
+            progress.done()
+            for th in threads:
+                th.join()
+        if self._errors:
+            raise self._errors[0]
+        if self.stop.is_set():
+            raise ReplicatorError(ErrorKind.SOURCE_CONNECT, "initial copy interrupted",
+                                  "it restarts where it stopped on the next run")
+
+    def _worker(self, snapshot: str, tasks: queue.Queue, imported: threading.Barrier) -> None:
+        cfg = self.config
+        src = dst = None
+        try:
+            src = _connect(cfg.source.conninfo(), ErrorKind.SOURCE_CONNECT)
+            _exec(src, "begin isolation level repeatable read read only", "begin", ErrorKind.SOURCE_CONNECT)
+            _exec(src, f"set transaction snapshot {sql.Literal(snapshot).as_string()}",
+                  "importing the copy snapshot", ErrorKind.SOURCE_SETUP)
+            imported.wait()
+            dst = _connect(cfg.destination.conninfo(), ErrorKind.DESTINATION_CONNECT)
+            while not self.stop.is_set() and not self._errors:
+                try:
+                    copy, rng = tasks.get_nowait()
+                except queue.Empty:
+                    return
+                self._copy_range(src, dst, copy, rng)
+        except BaseException as exc:
+            with self._lock:
+                self._errors.append(exc)
+            imported.abort()
+        finally:
+            for conn in (src, dst):
+                if conn is not None:
+                    conn.finish()
+
+    def _copy_range(self, src: pq.PGconn, dst: pq.PGconn, copy: TableCopy,
+                    rng: tuple[int | None, int | None]) -> None:
+        t = copy.table
+        cols = sql.SQL(", ").join(
+            sql.Identifier(c.name) if c.builtin else
+            sql.SQL("{}::text").format(sql.Identifier(c.name)) for c in t.columns)
+        where = []
+        if rng[0] is not None:
+            where.append(sql.SQL("ctid >= {}::tid").format(sql.Literal(f"({rng[0]},0)")))
+        if rng[1] is not None:
+            where.append(sql.SQL("ctid < {}::tid").format(sql.Literal(f"({rng[1]},0)")))
+        select = sql.SQL("select {} from {}").format(
+            cols, sql.Identifier(t.source.schema, t.source.name))
+        if where:
+            select += sql.SQL(" where ") + sql.SQL(" and ").join(where)
+        out = sql.SQL("copy ({}) to stdout (format binary)").format(select).as_string()
+        into = sql.SQL("copy {} ({}) from stdin (format binary)").format(
+            t.dest, sql.SQL(", ").join(sql.Identifier(c.name) for c in t.columns)).as_string()
+
+        if not copy.started:
+            copy.started = time.monotonic()
+        _exec(dst, "begin", "begin", ErrorKind.DESTINATION_CONNECT)
+        # The table is marked copied later by a synchronous commit, which
+        # flushes these commits too.
+        _exec(dst, "set local synchronous_commit = off", "set", ErrorKind.DESTINATION_APPLY)
+        _exec(dst, into, f"copy into {t.qualname}", ErrorKind.DESTINATION_APPLY)
+        _exec(src, out, f"copy from {t.source.qualname}", ErrorKind.SOURCE_CONNECT)
+        pipe = Pipe(*_libpq())
+        with self._lock:
+            copy.pipes.append(pipe)
+        rc = pipe.run(src.pgconn_ptr, dst.pgconn_ptr)
+        src_err = _drain(src)
+        if rc == 0 and not src_err:
+            dst.put_copy_end()
+        else:
+            dst.put_copy_end(b"source copy failed")
+        dst_err = _drain(dst)
+        if src_err or dst_err or rc != 0:
+            _exec(dst, "rollback", "rollback", ErrorKind.DESTINATION_APPLY)
+            raise ReplicatorError(
+                ErrorKind.DESTINATION_APPLY if dst_err else ErrorKind.SOURCE_CONNECT,
+                f"copying {t.source.qualname} into {t.qualname} failed: {src_err or dst_err}",
+                "the table is copied again from the start on the next run")
+        _exec(dst, "commit", "commit", ErrorKind.DESTINATION_CONNECT)
+        with self._lock:
+            copy.pipes.remove(pipe)
+            copy.rows += max(0, pipe.rows - 1)   # the trailer is a CopyData of its own
+            copy.bytes += pipe.bytes
+            copy.ranges_left -= 1
+            if not copy.ranges_left:
+                copy.finished = time.monotonic()
+
+    # -- after the data --------------------------------------------------
+
+    def _finish(self, dest: psycopg.Connection, sync_lsn: int) -> None:
+        dst = self.config.destination
+        jobs = []
+        for copy in self.copies:
+            t = copy.table
+            if copy.created:
+                jobs.append((t, primary_key_sql(t)))
+                jobs += [(t, sql.SQL(d)) for d in copy.indexes]
+        if jobs:
+            self._build_indexes(jobs)
+        with dest.transaction():
+            dest.execute("set local synchronous_commit = on")
+            for copy in self.copies:
+                state.set_table(dest, dst.state_schema, self.slot, copy.table, "copied",
+                                sync_lsn, rows=copy.rows)
+        for copy in self.copies:
+            secs = max(1e-6, (copy.finished or time.monotonic()) - (copy.started or time.monotonic()))
+            log.info("table sync state", extra={
+                "table": copy.table.qualname, "state": "copied", "rows": copy.rows,
+                "mb": round(copy.bytes / 1e6, 1), "seconds": round(secs, 2),
+                "rows_per_s": int(copy.rows / secs)})
+
+    def _build_indexes(self, jobs: list[tuple[MirrorTable, sql.Composable]]) -> None:
+        tasks: queue.Queue = queue.Queue()
+        # Primary keys first: the stream needs them, the rest only speeds up queries.
+        for job in jobs:
+            tasks.put(job)
+
+        def worker():
+            with psycopg.connect(self.config.destination.conninfo(), autocommit=True) as conn:
+                while True:
+                    try:
+                        t, stmt = tasks.get_nowait()
+                    except queue.Empty:
+                        return
+                    try:
+                        with conn.transaction():
+                            conn.execute("set local maintenance_work_mem = '256MB'")
+                            conn.execute(stmt)
+                    except psycopg.Error as exc:
+                        # A secondary index the destination cannot build (an
+                        # operator class from a missing extension) is not worth
+                        # stopping replication for.
+                        log.warning("index not created on the mirror", extra={
+                            "table": t.qualname, "sql": stmt.as_string(conn), "error": str(exc)})
+
+        threads = [threading.Thread(target=worker, daemon=True)
+                   for _ in range(min(self.workers, len(jobs)))]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+
+
+def _drain(conn: pq.PGconn) -> str:
+    """Read a connection's pending results; the error message if one failed."""
+    err = ""
+    while True:
+        res = conn.get_result()
+        if res is None:
+            return err
+        if res.status == pq.ExecStatus.FATAL_ERROR:
+            err = res.error_message.decode("utf-8", "replace").strip()
+        elif res.status == pq.ExecStatus.COPY_OUT:
+            # The source is still sending (we stopped early): let it finish.
+            while conn.get_copy_data(0)[0] > 0:
+                pass
+
+
+def primary_key_sql(t: MirrorTable) -> sql.Composable:
+    name = f"{t.dest_name[:58]}_pkey"
+    return sql.SQL(
+        "do $$ begin if not exists (select 1 from pg_constraint where conrelid = {reg}::regclass "
+        "and contype = 'p') then alter table {dest} add constraint {name} primary key ({cols}); "
+        "end if; end $$").format(
+        reg=sql.Literal(t.dest.as_string()), dest=t.dest, name=sql.Identifier(name),
+        cols=sql.SQL(", ").join(map(sql.Identifier, t.source.key)))
+
+
+_INDEXES_SQL = """
+select pg_get_indexdef(i.indexrelid)
+from pg_index i
+where i.indrelid = %s and not i.indisprimary
+  and not exists (select 1 from pg_constraint c where c.conindid = i.indexrelid)
+order by i.indexrelid
+"""
+
+
+def source_indexes(catalog: psycopg.Connection, t: MirrorTable) -> list[str]:
+    """The source's secondary indexes, rewritten for the mirror table.
+
+    Unique indexes become plain ones: a batch applies many changes in one
+    statement, and an intermediate state (two rows swapping a value) would
+    trip a uniqueness check the source never saw fail.
+    """
+    out = []
+    for (indexdef,) in catalog.execute(_INDEXES_SQL, [t.source.oid]):
+        head, sep, tail = indexdef.partition(" USING ")
+        if not sep:
+            continue
+        name = head.split(" INDEX ", 1)[1].split(" ON ", 1)[0].strip()
+        out.append(sql.SQL("create index if not exists {} on {} using {}").format(
+            sql.Identifier(name.strip('"')), t.dest, sql.SQL(tail)).as_string())
+    return out
+
+
+class _ProgressReporter:
+    """Progress a person can watch: bars on a terminal, a log line every few seconds."""
+
+    def __init__(self, copies: list[TableCopy]):
+        self.copies = copies
+        self.tty = sys.stderr.isatty()
+        self.last_log = time.monotonic()
+        self.drawn = 0
+        self.started = time.monotonic()
+
+    def _stats(self, c: TableCopy) -> dict:
+        rows, nbytes = c.live()
+        end = c.finished or time.monotonic()
+        secs = max(1e-3, end - (c.started or end))
+        rate = rows / secs if c.started else 0.0
+        total = max(c.est_rows, rows)
+        eta = (total - rows) / rate if rate > 0 and not c.finished else 0.0
+        return {"table": c.table.qualname, "rows": rows, "est_rows": total,
+                "mb_per_s": round(nbytes / 1e6 / secs, 1) if c.started else 0.0,
+                "eta_s": round(eta, 1), "done": bool(c.finished)}
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if self.tty:
+            self._draw()
+        if now - self.last_log >= PROGRESS_INTERVAL:
+            self.last_log = now
+            for c in self.copies:
+                log.log(logging.DEBUG if self.tty else logging.INFO, "copy progress",
+                        extra=self._stats(c))
+
+    def _draw(self) -> None:
+        lines = []
+        for c in self.copies:
+            s = self._stats(c)
+            frac = min(1.0, s["rows"] / s["est_rows"]) if s["est_rows"] else (1.0 if s["done"] else 0.0)
+            bar = "#" * int(frac * 30)
+            lines.append(f"{s['table'][:32]:32} [{bar:30}] {s['rows']:>11,} rows "
+                         f"{s['mb_per_s']:>7.1f} MB/s  ETA {s['eta_s']:>6.0f}s"
+                         + ("  done" if s["done"] else ""))
+        out = ("\x1b[F" * self.drawn) + "".join(f"\x1b[2K{line}\n" for line in lines)
+        sys.stderr.write(out)
+        sys.stderr.flush()
+        self.drawn = len(lines)
+
+    def done(self) -> None:
+        if self.tty:
+            self._draw()

@@ -1,0 +1,274 @@
+"""The `replicator` command as an operator runs it: a subprocess, a TOML file, a password in
+an environment variable, real source and destination servers.
+
+What an operator must get: help that names the options; exit 0 and an equal mirror from
+`run --until-caught-up`; for their own mistakes a non-zero exit and exactly one line on
+stderr that names what to fix (no traceback); and never a password in any output.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from replicator.odoo import TABLES, create_table_statement
+
+PUBLICATION = "odoo_pub"
+PASSWORD_VAR = "REPLICATOR_CLI_DB_PASSWORD"
+# Distinctive, so that finding it anywhere in an output is never a coincidence. Trust auth:
+# the servers accept any password, so this only exercises the $VAR path and the redaction.
+PASSWORD = "Cli-Pw-5e1f9a7c-never-print-me"
+MISSING_VAR = "REPLICATOR_CLI_UNSET_PASSWORD"
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.pop(MISSING_VAR, None)
+    env[PASSWORD_VAR] = PASSWORD
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+def assert_no_password(*outputs: str) -> None:
+    for text in outputs:
+        assert PASSWORD not in text, f"the password appears in the output:\n{text[-3000:]}"
+
+
+def cli(*args: str, cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    """`python -m replicator ARGS`; every output is checked for the password."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "replicator", *args],
+        cwd=cwd or REPO,
+        env=cli_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert_no_password(proc.stdout, proc.stderr)
+    return proc
+
+
+def write_config(
+    directory: Path,
+    source_db=None,
+    dest_db=None,
+    *,
+    publication: str = PUBLICATION,
+    source_database: str | None = None,
+    source_password: str = f"${PASSWORD_VAR}",
+    dest_password: str = f"${PASSWORD_VAR}",
+    log_level: str = "info",
+) -> Path:
+    """etl-config.toml for the two test databases (placeholders where a test needs none)."""
+    src_host, src_port, src_name = "127.0.0.1", 5432, "odoo_core"
+    dst_host, dst_port, dst_name = "127.0.0.1", 5433, "postgres"
+    if source_db is not None:
+        src_host, src_port, src_name = source_db.cluster.host, source_db.cluster.port, source_db.name
+    if dest_db is not None:
+        dst_host, dst_port, dst_name = dest_db.cluster.host, dest_db.cluster.port, dest_db.name
+    path = directory / "etl-config.toml"
+    path.write_text(f"""\
+[source]
+type = "postgres"
+host = "{src_host}"
+port = {src_port}
+database = "{source_database or src_name}"
+user = "postgres"
+password = "{source_password}"
+publication = "{publication}"
+
+[destination]
+type = "postgres"
+host = "{dst_host}"
+port = {dst_port}
+database = "{dst_name}"
+user = "postgres"
+password = "{dest_password}"
+schema = "odoo_mirror"
+batch_size = 1000
+flush_interval = 0.2
+
+[logging]
+level = "{log_level}"
+format = "json"
+output = "stdout"
+
+[metrics]
+enabled = false
+""")
+    return path
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    """The one stderr line of a failed command (fails if there are more or none)."""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, (
+        f"expected exactly one line on stderr, got {len(lines)} (exit {proc.returncode}):\n"
+        f"{proc.stderr[-3000:]}\n--- stdout ---\n{proc.stdout[-2000:]}"
+    )
+    assert "Traceback" not in proc.stdout and '"exc"' not in proc.stdout, proc.stdout[-3000:]
+    return lines[0]
+
+
+def create_odoo_tables(source_db) -> None:
+    with source_db.connect() as conn:
+        for table in TABLES:
+            conn.execute(create_table_statement(table))
+        conn.execute(f"create publication {PUBLICATION} for table {', '.join(TABLES)}")
+
+
+def mirror_problems(source_db, dest_db) -> tuple[list[str], dict[str, int]]:
+    problems, counts = [], {}
+    with source_db.connect() as src, dest_db.connect() as dst:
+        for table in TABLES:
+            cur = src.execute(f'select * from public."{table}" order by id')
+            src_cols, src_rows = [d.name for d in cur.description], cur.fetchall()
+            try:
+                cur = dst.execute(f'select * from odoo_mirror."{table}" order by id')
+            except psycopg.errors.UndefinedTable:
+                problems.append(f"{table}: no mirror table")
+                continue
+            dst_cols, dst_rows = [d.name for d in cur.description], cur.fetchall()
+            counts[table] = len(src_rows)
+            if src_cols != dst_cols:
+                problems.append(f"{table}: columns {src_cols} != mirror {dst_cols}")
+            elif src_rows != dst_rows:
+                ids = {r[0] for r in src_rows} ^ {r[0] for r in dst_rows}
+                problems.append(
+                    f"{table}: {len(src_rows)} source rows, {len(dst_rows)} mirror rows, "
+                    f"ids on one side only: {sorted(ids)[:10]}"
+                )
+    return problems, counts
+
+
+# -- help ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [["--help"], ["run", "--help"]], ids=["replicator", "run"])
+def test_help_names_config_and_until_caught_up(args):
+    proc = cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    for option in ("--config", "--until-caught-up"):
+        assert option in proc.stdout, f"`replicator {' '.join(args)}` does not mention {option}:\n{proc.stdout}"
+
+
+# -- a seeded source, replicated by the command --------------------------------------------
+
+
+def test_run_until_caught_up_mirrors_seeded_source(source_db, dest_db, tmp_path):
+    from replicator.seed import seed, workload
+
+    create_odoo_tables(source_db)
+    config = write_config(tmp_path, source_db, dest_db)
+    # First run on the empty tables: creates the slot and the mirror tables.
+    first = cli("run", "--config", str(config), "--until-caught-up", cwd=tmp_path)
+    assert first.returncode == 0, f"{first.stderr}\n{first.stdout[-3000:]}"
+    seed(source_db.dsn, scale=0.3, publication=PUBLICATION)
+    workload(source_db.dsn, transactions=150, seed=7)
+
+    proc = cli("run", "--config", str(config), "--until-caught-up", "--log-level", "debug", cwd=tmp_path)
+    assert proc.returncode == 0, f"{proc.stderr}\n{proc.stdout[-3000:]}"
+    assert proc.stderr == "", proc.stderr
+    problems, counts = mirror_problems(source_db, dest_db)
+    assert not problems, f"rows per table: {counts}\n" + "\n".join(problems)
+    assert counts["account_move_line"] > 1000
+    assert dest_db.scalar("select count(*) from replicator.dead_letters") == 0
+    # The applied position is the slot's confirmed one: nothing confirmed that is not applied.
+    applied = dest_db.scalar("select applied_lsn::text from replicator.pipelines")
+    confirmed = source_db.scalar(
+        "select confirmed_flush_lsn::text from pg_replication_slots where slot_name = %s",
+        (PUBLICATION,),
+    )
+    assert source_db.scalar("select %s::pg_lsn <= %s::pg_lsn", (confirmed, applied)), (confirmed, applied)
+
+
+# -- operator mistakes: a non-zero exit and one line naming the fix ----------------------------
+
+
+def test_missing_password_variable(tmp_path):
+    config = write_config(tmp_path, dest_password=f"${MISSING_VAR}")
+    proc = cli("run", "--config", str(config), "--until-caught-up", cwd=tmp_path)
+    line = error_line(proc)
+    assert proc.returncode == 2, f"exit {proc.returncode}: {line}"
+    assert "[destination] password" in line and MISSING_VAR in line, line
+    assert proc.stdout == ""
+
+
+def test_missing_publication(source_db, dest_db, tmp_path):
+    source_db.execute("create table res_partner (id integer primary key, name text)")
+    config = write_config(tmp_path, source_db, dest_db, publication="no_such_pub")
+    proc = cli("run", "--config", str(config), "--until-caught-up", cwd=tmp_path, timeout=30)
+    line = error_line(proc)
+    assert proc.returncode != 0, line
+    assert "no_such_pub" in line and "publication" in line, line
+    assert "Traceback" not in proc.stderr
+
+
+def test_table_without_primary_key_is_refused(source_db, dest_db, tmp_path):
+    source_db.execute("create table res_partner (id integer primary key, name text)")
+    source_db.execute("create table mail_tracking_note (res_id integer, note text)")
+    source_db.execute(f"create publication {PUBLICATION} for table res_partner, mail_tracking_note")
+    config = write_config(tmp_path, source_db, dest_db)
+    proc = cli("run", "--config", str(config), "--until-caught-up", cwd=tmp_path, timeout=30)
+    line = error_line(proc)
+    assert proc.returncode == 2, f"exit {proc.returncode}: {line}"
+    assert "ALTER TABLE" in line and "mail_tracking_note" in line, line
+    # Refused before anything was created in the destination.
+    assert dest_db.scalar("select count(*) from pg_tables where schemaname = 'odoo_mirror'") == 0
+
+
+# -- the password is never printed -------------------------------------------------------------
+
+
+def test_password_never_printed(source_db, dest_db, tmp_path):
+    """`check`, a debug-level run, and connection errors that carry connection details."""
+    create_odoo_tables(source_db)
+    good = write_config(tmp_path, source_db, dest_db, log_level="debug")
+    outputs = []
+    for args in (["check", "--config", str(good)],
+                 ["run", "--config", str(good), "--until-caught-up"]):
+        proc = cli(*args, cwd=tmp_path)
+        assert proc.returncode == 0, f"{args}: {proc.stderr}\n{proc.stdout[-2000:]}"
+        outputs.append(proc.stdout + proc.stderr)
+
+    # A source database that does not exist: the replicator retries (connection errors are
+    # retried) and logs libpq's message; stop it after a few attempts.
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    bad = write_config(bad_dir, source_db, dest_db, source_database="no_such_db", log_level="debug")
+    with (bad_dir / "out").open("w+") as out, (bad_dir / "err").open("w+") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "replicator", "run", "--config", str(bad)],
+            cwd=bad_dir, env=cli_env(), stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+        )
+        try:
+            proc.wait(3)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+                pytest.fail("the replicator did not stop on SIGTERM while retrying a connection")
+        out.seek(0)
+        err.seek(0)
+        text = out.read() + err.read()
+    assert "no_such_db" in text, f"the connection error was not reported:\n{text[-2000:]}"
+    outputs.append(text)
+
+    # A password written literally in a DSN: the seed command must not echo it either.
+    proc = cli("seed", "--dsn", f"host=127.0.0.1 port=1 dbname=x password={PASSWORD}",
+               cwd=tmp_path, timeout=30)
+    assert proc.returncode != 0
+    outputs.append(proc.stdout + proc.stderr)
+    assert_no_password(*outputs)
