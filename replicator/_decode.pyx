@@ -330,14 +330,29 @@ cdef class Decoder:
         r.skip_before = skip_before
 
     def define(self, uint32_t relid, int ncols, key_idx, bint active, uint64_t skip_before=0):
-        """(Re)declare a relation's layout; its buffered rows must be taken first."""
-        cdef Rel *r = self._find(relid)
+        """(Re)declare a relation's layout.
+
+        The same layout again (the server resends Relation messages after any
+        cache invalidation) keeps the rows already buffered; a different one
+        needs them taken first.
+        """
+        cdef Rel *r
         cdef Rel *grown
         cdef int i
-        if ncols > MAX_COLS:
-            raise DecodeError(f"relation {relid} has {ncols} columns, more than {MAX_COLS}")
+        keys = [int(k) for k in key_idx]
+        if ncols < 0 or ncols > MAX_COLS:
+            raise DecodeError(f"relation {relid} has {ncols} columns, at most {MAX_COLS} are supported")
+        if len(set(keys)) != len(keys) or any(not 0 <= k < ncols for k in keys):
+            raise DecodeError(f"relation {relid}: key columns {keys} out of range or repeated")
+        r = self._find(relid)
         if r != NULL:
-            if r.rows and (r.ncols != ncols or r.active != active):
+            same = r.ncols == ncols and r.nkey == len(keys) and all(
+                r.key_idx[i] == k for i, k in enumerate(keys))
+            if same and (r.active == active or not r.rows):
+                r.active = active
+                r.skip_before = skip_before
+                return
+            if r.rows:
                 raise DecodeError(f"relation {relid} redefined with rows still buffered")
             rel_free(r)
         else:
@@ -351,24 +366,24 @@ cdef class Decoder:
             self.nrels += 1
             memset(r, 0, sizeof(Rel))
         r.relid = relid
-        r.active = active
-        r.skip_before = skip_before
         r.ncols = ncols
-        r.nkey = len(key_idx)
+        r.nkey = len(keys)
         r.key_idx = <int *>malloc(max(1, r.nkey) * sizeof(int))
         r.is_key = <uint8_t *>malloc(max(1, ncols))
         r.old_fields = <Field *>malloc(max(1, ncols) * sizeof(Field))
         r.new_fields = <Field *>malloc(max(1, ncols) * sizeof(Field))
-        if r.key_idx == NULL or r.is_key == NULL or r.old_fields == NULL or r.new_fields == NULL:
+        if r.key_idx == NULL or r.is_key == NULL or r.old_fields == NULL or r.new_fields == NULL \
+                or buf_reset(&r.buf) < 0:
+            rel_free(r)
+            r.relid = relid   # an inactive husk: its changes are dropped, not misread
             raise MemoryError()
         memset(r.is_key, 0, max(1, ncols))
-        for i, k in enumerate(key_idx):
-            if not 0 <= k < ncols:
-                raise DecodeError(f"relation {relid}: key column {k} out of range")
+        for i, k in enumerate(keys):
             r.key_idx[i] = k
             r.is_key[k] = 1
-        if buf_reset(&r.buf) < 0:
-            raise MemoryError()
+        # Only a fully built relation becomes active.
+        r.active = active
+        r.skip_before = skip_before
         self.last_rel = -1
 
     def take(self):
@@ -423,7 +438,9 @@ cdef class Decoder:
         r = self._find(relid)
         if r == NULL:
             return self._fail(b"change for a relation that was never described")
-        if not r.active or self.skipping or self.final_lsn < r.skip_before:
+        if not r.active or self.skipping:
+            return 0
+        if not self.in_stream and self.final_lsn < r.skip_before:
             return 0
         c = q[0]
         q += 1
@@ -454,6 +471,7 @@ cdef class Decoder:
                 if write_row(r, self.seq, self.final_lsn, b'D', r.old_fields, 1, NULL, NULL) < 0:
                     return self._fail(b"out of memory")
                 self.seq += 1
+                self.batch_rows += 1
                 r.n_moves += 1
             if write_row(r, self.seq, self.final_lsn, b'U', r.new_fields, 0,
                          r.old_fields if moved else NULL,
@@ -532,7 +550,8 @@ cdef class Decoder:
             self.send_time = <int64_t>rd64(p + 9)
             self.reply_requested = p[17] != 0
             return C_KEEPALIVE
-        raise DecodeError(f"unexpected CopyData message {bytes(p[:1])!r}")
+        raise DecodeError(f"unexpected CopyData message type 0x{<unsigned char>p[0]:02x}" if n else
+                          "empty CopyData message")
 
     cdef int _message(self, const char *p, Py_ssize_t n) except -1:
         """One pgoutput message: an event code."""
@@ -625,7 +644,7 @@ cdef class Decoder:
             abort_ts = reader.i64() if abort_lsn is not None else None
             self.event = (xid, subxid, abort_lsn, abort_ts)
             return C_STREAM_ABORT
-        raise DecodeError(f"unsupported pgoutput message type {chr(tag)!r}")
+        raise DecodeError(f"unsupported pgoutput message type 0x{<unsigned char>tag:02x}")
 
     def feed(self, data):
         """Decode one pgoutput message (no XLogData header): an event code."""
@@ -755,7 +774,10 @@ cdef class _Reader:
         end = self.data.find(b"\x00", self.pos)
         if end < 0:
             raise DecodeError("unterminated string in pgoutput message")
-        s = self.data[self.pos:end].decode("utf-8")
+        try:
+            s = self.data[self.pos:end].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DecodeError(f"invalid UTF-8 in a name of a pgoutput message: {exc}") from None
         self.pos = end + 1
         return s
 

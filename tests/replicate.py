@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import pytest
@@ -43,3 +44,37 @@ def catch_up(source_db, dest_db, timeout: float = 120, **overrides) -> Pipeline:
 
 def table_rows(db, table: str, schema: str = "public", order: str = "id") -> list[tuple]:
     return db.fetchall(f'select * from "{schema}"."{table}" order by {order}')
+
+
+@contextlib.contextmanager
+def running(source_db, dest_db, **overrides):
+    """The replicator running in a thread for the block; stopped (like SIGTERM) after it."""
+    pipeline = Pipeline(make_config(source_db, dest_db, **overrides))
+    errors: list = []
+
+    def target():
+        try:
+            pipeline.run()
+        except BaseException as exc:  # re-raised in the test's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    try:
+        yield pipeline
+    finally:
+        pipeline.stop_requested.set()
+        thread.join(60)
+    if thread.is_alive():
+        pytest.fail("replicator did not stop within 60 s")
+    if errors:
+        raise errors[0]
+
+
+def assert_same(source_db, dest_db, table: str, order: str = "id") -> list[tuple]:
+    """The mirror table equals the source table, row for row."""
+    src = table_rows(source_db, table, order=order)
+    dst = table_rows(dest_db, table, "odoo_mirror", order=order)
+    assert len(src) == len(dst), f"{table}: {len(src)} rows at the source, {len(dst)} in the mirror"
+    assert src == dst
+    return src

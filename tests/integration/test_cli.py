@@ -165,21 +165,23 @@ def test_help_names_config_and_until_caught_up(args):
 
 
 def test_run_until_caught_up_mirrors_seeded_source(source_db, dest_db, tmp_path):
+    """The first run copies the seeded rows; a second one streams what the workload changed."""
     from replicator.seed import seed, workload
 
-    create_odoo_tables(source_db)
+    seed(source_db.dsn, scale=0.3, publication=PUBLICATION)
     config = write_config(tmp_path, source_db, dest_db)
-    # First run on the empty tables: creates the slot and the mirror tables.
     first = cli("run", "--config", str(config), "--until-caught-up", cwd=tmp_path)
     assert first.returncode == 0, f"{first.stderr}\n{first.stdout[-3000:]}"
-    seed(source_db.dsn, scale=0.3, publication=PUBLICATION)
-    workload(source_db.dsn, transactions=150, seed=7)
+    assert first.stderr == "", first.stderr
+    problems, counts = mirror_problems(source_db, dest_db)
+    assert not problems, f"after the initial copy: rows per table: {counts}\n" + "\n".join(problems)
 
+    workload(source_db.dsn, transactions=150, seed=7)
     proc = cli("run", "--config", str(config), "--until-caught-up", "--log-level", "debug", cwd=tmp_path)
     assert proc.returncode == 0, f"{proc.stderr}\n{proc.stdout[-3000:]}"
     assert proc.stderr == "", proc.stderr
     problems, counts = mirror_problems(source_db, dest_db)
-    assert not problems, f"rows per table: {counts}\n" + "\n".join(problems)
+    assert not problems, f"after the workload: rows per table: {counts}\n" + "\n".join(problems)
     assert counts["account_move_line"] > 1000
     assert dest_db.scalar("select count(*) from replicator.dead_letters") == 0
     # The applied position is the slot's confirmed one: nothing confirmed that is not applied.

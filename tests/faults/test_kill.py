@@ -1,0 +1,717 @@
+"""Exactly once under crashes: the replicator is killed, and the mirror must still end equal
+to the source, with no lost change, no duplicate and no half-applied source transaction.
+
+The replicator runs as a real process (`python -m replicator run --config PATH`), because a
+crash is a process dying: SIGKILL leaves an open destination transaction, a walsender whose
+client vanished, a slot that has confirmed whatever the last status update said. Each test
+ends with the replicator's own `run --until-caught-up` and a row-for-row comparison of the
+six tables (identical column order, `order by id`).
+
+Source rows are streamed, not backfilled: the tests create the tables, the publication and
+the slot before `seed()` fills the tables, so the seed's COPY transactions are part of the
+stream the kills hit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from replicator.lsn import parse_lsn
+from replicator.odoo import TABLES, create_table_statement
+
+PUBLICATION = "odoo_pub"
+ODOO_TABLES = (
+    "account_move",
+    "account_move_line",
+    "res_partner",
+    "project_task",
+    "hr_expense",
+    "hr_expense_sheet",
+)
+MIRROR_SCHEMA = "odoo_mirror"
+STATE_SCHEMA = "replicator"
+PASSWORD_VAR = "REPLICATOR_FAULTS_DB_PASSWORD"
+PASSWORD = "faults-pw-7Qz"  # trust auth: any password works, this exercises the $VAR path
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write_config(
+    directory: Path,
+    source_db,
+    dest_db,
+    *,
+    publication: str = PUBLICATION,
+    batch_size: int = 1000,
+    flush_interval: float = 0.2,
+    log_level: str = "info",
+    name: str = "etl-config.toml",
+) -> Path:
+    """An etl-config.toml for these two test databases; passwords come from $PASSWORD_VAR."""
+    src, dst = source_db.cluster, dest_db.cluster
+    text = f"""\
+[source]
+type = "postgres"
+host = "{src.host}"
+port = {src.port}
+database = "{source_db.name}"
+user = "postgres"
+password = "${PASSWORD_VAR}"
+publication = "{publication}"
+
+[destination]
+type = "postgres"
+host = "{dst.host}"
+port = {dst.port}
+database = "{dest_db.name}"
+user = "postgres"
+password = "${PASSWORD_VAR}"
+schema = "{MIRROR_SCHEMA}"
+state_schema = "{STATE_SCHEMA}"
+batch_size = {batch_size}
+flush_interval = {flush_interval}
+
+[logging]
+level = "{log_level}"
+format = "json"
+output = "stdout"
+
+[metrics]
+enabled = false
+"""
+    path = directory / name
+    path.write_text(text)
+    return path
+
+
+def replicator_env(password: str = PASSWORD) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env[PASSWORD_VAR] = password
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class Replicator:
+    """Starts, kills and restarts `python -m replicator run` processes for one config."""
+
+    def __init__(self, config: Path, workdir: Path) -> None:
+        self.config = config
+        self.workdir = workdir
+        self.proc: subprocess.Popen | None = None
+        self.runs = 0
+        self.kills = 0
+        self.exits: list[tuple[int, int | None]] = []  # (run number, exit code) per run
+
+    # -- processes ---------------------------------------------------------
+
+    def _paths(self, run: int) -> tuple[Path, Path]:
+        return self.workdir / f"run{run}.out", self.workdir / f"run{run}.err"
+
+    def start(self, *extra: str) -> subprocess.Popen:
+        assert not self.alive, "a replicator is already running"
+        self.runs += 1
+        out, err = self._paths(self.runs)
+        with out.open("wb") as fout, err.open("wb") as ferr:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "replicator", "run", "--config", str(self.config), *extra],
+                cwd=self.workdir,
+                env=replicator_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=fout,
+                stderr=ferr,
+            )
+        return self.proc
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def _reap(self, timeout: float | None) -> int | None:
+        assert self.proc is not None
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        self.exits.append((self.runs, code))
+        return code
+
+    def kill(self) -> bool:
+        """SIGKILL the running process; False if it had already exited on its own."""
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            self.exits.append((self.runs, self.proc.returncode))
+            return False
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self.exits.append((self.runs, self.proc.returncode))
+        self.kills += 1
+        return True
+
+    def terminate(self, timeout: float) -> int | None:
+        """SIGTERM and wait up to `timeout`; the exit code, or None if it is still running."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self._reap(timeout)
+
+    def wait(self, timeout: float) -> int | None:
+        return self._reap(timeout)
+
+    def run_until_caught_up(self, timeout: float = 60) -> int:
+        """One `run --until-caught-up` to completion; its exit code (fails on timeout)."""
+        self.start("--until-caught-up")
+        code = self._reap(timeout)
+        if code is None:
+            self.proc.kill()
+            self.proc.wait(10)
+            pytest.fail(f"run --until-caught-up did not finish within {timeout} s\n{self.logs()}")
+        return code
+
+    def stop(self) -> None:
+        """Teardown: leave no process behind."""
+        if self.alive:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    # -- what they said ----------------------------------------------------
+
+    def output(self, run: int | None = None) -> tuple[str, str]:
+        out, err = self._paths(run or self.runs)
+        read = lambda p: p.read_text(errors="replace") if p.exists() else ""  # noqa: E731
+        return read(out), read(err)
+
+    def logs(self, lines: int = 15) -> str:
+        """The tail of every run's stdout and stderr, for assertion messages."""
+        parts = []
+        for run in range(1, self.runs + 1):
+            out, err = self.output(run)
+            code = dict(self.exits).get(run, "running")
+            parts.append(f"--- run {run} (exit {code}) stdout ---")
+            parts.extend(out.splitlines()[-lines:])
+            if err.strip():
+                parts.append(f"--- run {run} stderr ---")
+                parts.extend(err.splitlines()[-lines:])
+        return "\n".join(parts)
+
+    def streaming(self) -> bool:
+        """The current run has logged that it streams from the slot."""
+        return '"msg":"streaming"' in self.output()[0]
+
+    def batches(self, run: int) -> list[dict]:
+        """The "batch applied" log records of one run."""
+        records = []
+        for line in self.output(run)[0].splitlines():
+            if '"batch applied"' in line:
+                try:
+                    records.append(json.loads(line))
+                except ValueError:  # the last line of a killed run may be cut short
+                    pass
+        return records
+
+
+@pytest.fixture
+def replicator(tmp_path: Path, source_db, dest_db) -> Iterator[Any]:
+    """A factory: `replicator(**config_overrides)` -> Replicator; every process is killed
+    at teardown, before the databases are dropped."""
+    made: list[Replicator] = []
+
+    def make(**overrides: Any) -> Replicator:
+        workdir = tmp_path / f"replicator{len(made)}"
+        workdir.mkdir()
+        r = Replicator(write_config(workdir, source_db, dest_db, **overrides), workdir)
+        made.append(r)
+        return r
+
+    yield make
+    for r in made:
+        r.stop()
+
+
+# -- the source's workload in a thread ------------------------------------------------------
+
+
+class Workload(threading.Thread):
+    """replicator.seed.workload until stopped; its counts, or its error, are kept."""
+
+    def __init__(self, dsn: str, seed: int) -> None:
+        super().__init__(name="workload", daemon=True)
+        self.dsn = dsn
+        self.seed = seed
+        self.stop_event = threading.Event()
+        self.counts: dict[str, int] = {}
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        from replicator.seed import workload
+
+        try:
+            self.counts = workload(self.dsn, seed=self.seed, stop=self.stop_event)
+        except BaseException as exc:  # noqa: BLE001 - reported by stop()
+            self.error = exc
+
+    @property
+    def transactions(self) -> int:
+        return self.counts.get("transactions", 0)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(60)
+        assert not self.is_alive(), "the workload did not stop"
+        if self.error is not None:
+            raise AssertionError(f"the workload failed: {self.error!r}") from self.error
+
+
+# -- comparing the mirror with the source ---------------------------------------------------
+
+
+def _snapshot(conn: psycopg.Connection, schema: str, table: str) -> tuple[list[str], list[tuple]]:
+    cur = conn.execute(f'select * from "{schema}"."{table}" order by id')
+    return [d.name for d in cur.description], cur.fetchall()
+
+
+def mirror_diff(source_db, dest_db, tables=ODOO_TABLES) -> tuple[list[str], dict[str, int]]:
+    """Differences between each source table and its mirror (empty if equal), and row counts."""
+    problems: list[str] = []
+    counts: dict[str, int] = {}
+    with source_db.connect() as src, dest_db.connect() as dst:
+        for table in tables:
+            src_cols, src_rows = _snapshot(src, "public", table)
+            try:
+                dst_cols, dst_rows = _snapshot(dst, MIRROR_SCHEMA, table)
+            except psycopg.errors.UndefinedTable:
+                problems.append(f"{table}: mirror table missing")
+                continue
+            counts[table] = len(src_rows)
+            if src_cols != dst_cols:
+                problems.append(f"{table}: columns differ: source {src_cols} mirror {dst_cols}")
+                continue
+            dups = dst.execute(
+                f'select id, count(*) from "{MIRROR_SCHEMA}"."{table}" '
+                "group by id having count(*) > 1 order by id limit 5"
+            ).fetchall()
+            if dups:
+                problems.append(f"{table}: duplicate ids in the mirror (id, count): {dups}")
+            if src_rows == dst_rows:
+                continue
+            src_by_id = {r[0]: r for r in src_rows}
+            dst_by_id = {r[0]: r for r in dst_rows}
+            missing = sorted(src_by_id.keys() - dst_by_id.keys())
+            extra = sorted(dst_by_id.keys() - src_by_id.keys())
+            differ = sorted(k for k in src_by_id.keys() & dst_by_id.keys() if src_by_id[k] != dst_by_id[k])
+            detail = ""
+            if differ:
+                k = differ[0]
+                cols = [c for c, a, b in zip(src_cols, src_by_id[k], dst_by_id[k]) if a != b]
+                detail = f"; id {k} differs in {cols}"
+            problems.append(
+                f"{table}: source {len(src_rows)} rows, mirror {len(dst_rows)}; "
+                f"missing ids {missing[:10]}{'...' if len(missing) > 10 else ''} ({len(missing)}), "
+                f"extra ids {extra[:10]} ({len(extra)}), differing ids {differ[:10]} "
+                f"({len(differ)}){detail}"
+            )
+    return problems, counts
+
+
+def dead_letters(dest_db) -> list[tuple]:
+    try:
+        return dest_db.fetchall(
+            f"select mirror_table, lsn::text, reason from {STATE_SCHEMA}.dead_letters order by id limit 10"
+        )
+    except psycopg.errors.UndefinedTable:
+        return []
+
+
+def applied_lsn(dest_db) -> str | None:
+    try:
+        return dest_db.scalar(f"select applied_lsn::text from {STATE_SCHEMA}.pipelines")
+    except psycopg.errors.UndefinedTable:
+        return None
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def slot_state(source_db, slot: str = PUBLICATION) -> tuple | None:
+    """(active, active_pid, confirmed_flush_lsn text) of the slot, or None."""
+    return source_db.fetchone(
+        "select active, active_pid, confirmed_flush_lsn::text from pg_replication_slots "
+        "where slot_name = %s",
+        (slot,),
+    )
+
+
+def seed_source(source_db, scale: float, seed: int = 42) -> dict[str, int]:
+    """Tables, publication and slot first, then the rows: every seeded row is in the stream."""
+    from replicator.seed import seed as seed_rows
+
+    with source_db.connect() as conn:
+        for table in TABLES:
+            conn.execute(create_table_statement(table))
+        conn.execute(f"create publication {PUBLICATION} for table {', '.join(ODOO_TABLES)}")
+        conn.execute("select pg_create_logical_replication_slot(%s, 'pgoutput')", (PUBLICATION,))
+    return seed_rows(source_db.dsn, scale=scale, seed=seed, publication=PUBLICATION)
+
+
+def confirmed_not_beyond_applied(source_db, dest_db) -> str | None:
+    """The slot must never confirm what the destination has not durably applied.
+
+    Returns a problem description, or None. Call it while no replicator runs.
+    """
+    state = slot_state(source_db)
+    applied = applied_lsn(dest_db)
+    if state is None or applied is None:
+        return None
+    confirmed = state[2]
+    if parse_lsn(confirmed) > parse_lsn(applied):
+        return f"slot confirmed {confirmed} but the destination applied only {applied}"
+    return None
+
+
+def assert_mirror_equal(source_db, dest_db, rep, summary: str) -> dict[str, int]:
+    problems, counts = mirror_diff(source_db, dest_db)
+    letters = dead_letters(dest_db)
+    message = (
+        f"{summary}\nrows per table: {counts}\n"
+        + ("\n".join(problems) if problems else "tables equal")
+        + (f"\ndead letters: {letters}" if letters else "")
+        + f"\n{rep.logs()}"
+    )
+    print(f"{summary}; rows per table: {counts}")
+    assert not problems and not letters, message
+    return counts
+
+
+# -- a: SIGKILL at random moments during an OLTP workload ------------------------------------
+
+
+KILLS = 7
+
+
+def test_sigkill_during_workload(source_db, dest_db, replicator):
+    version = source_db.cluster.version
+    seed_source(source_db, scale=0.3)
+    rep = replicator()
+    rng = random.Random(f"sigkill-during-workload/{version}")
+    workload = Workload(source_db.dsn, seed=version)
+    invariant_violations: list[str] = []
+    died_by_itself: list[str] = []
+    not_streaming: list[str] = []
+
+    started = time.monotonic()
+    rep.start()
+    workload.start()
+    try:
+        for _ in range(KILLS):
+            run = rep.runs
+            # Mostly counted from the moment the run streams, so that the kill lands while it
+            # receives and applies; sometimes from its start, to hit the startup (mirror DDL,
+            # slot checks, START_REPLICATION) too.
+            if rng.random() < 0.75:
+                try:
+                    wait_for(lambda: rep.streaming() or not rep.alive, 30, 0.02,
+                             what=f"run {run} to start streaming")
+                except AssertionError as exc:
+                    not_streaming.append(f"run {run}: {exc}")
+            time.sleep(rng.uniform(0.3, 2.0))
+            if not rep.kill():
+                out, err = rep.output(run)
+                died_by_itself.append(f"run {run} exited with {rep.proc.returncode}: {err.strip()[-500:]}")
+            problem = confirmed_not_beyond_applied(source_db, dest_db)
+            if problem:
+                invariant_violations.append(f"after kill {rep.kills}: {problem}")
+            rep.start()
+        # The last incarnation streams and applies for a moment too, then dies like the rest.
+        wait_for(lambda: rep.streaming() or not rep.alive, 30, 0.02, what="the last run to stream")
+        time.sleep(1.0)
+    finally:
+        workload.stop()
+    rep.kill()
+    kill_phase = time.monotonic() - started
+
+    code = rep.run_until_caught_up(timeout=60)
+    applied_per_run = [len(rep.batches(r)) for r in range(1, rep.runs)]
+    summary = (
+        f"pg{version}: {rep.kills} SIGKILLs in {kill_phase:.1f} s, {workload.transactions} workload "
+        f"transactions, {rep.runs} runs, final --until-caught-up exit {code}; batches "
+        f"applied per killed run: {applied_per_run}"
+    )
+    assert code == 0, f"{summary}\n{rep.logs()}"
+    assert not died_by_itself, f"{summary}: runs ended by themselves:\n" + "\n".join(died_by_itself)
+    assert not not_streaming, f"{summary}:\n" + "\n".join(not_streaming) + f"\n{rep.logs()}"
+    assert not invariant_violations, f"{summary}:\n" + "\n".join(invariant_violations)
+    counts = assert_mirror_equal(source_db, dest_db, rep, summary)
+    assert counts["account_move_line"] > 1000  # the comparison compared something
+    # The kills hit runs that were applying, not only runs still starting up.
+    assert sum(1 for n in applied_per_run if n > 0) >= 3, summary
+    assert rep.kills >= 6
+
+
+# -- b: SIGKILL while one big source transaction is being applied ----------------------------
+
+
+BIG_ROWS = 100_000
+BIG_TABLE = "big_doc"
+
+
+def _mirror_count(conn: psycopg.Connection) -> int | None:
+    try:
+        return conn.execute(f"select count(*) from {MIRROR_SCHEMA}.{BIG_TABLE}").fetchone()[0]
+    except psycopg.errors.UndefinedTable:
+        return None
+
+
+class CountWatcher(threading.Thread):
+    """Counts the mirror's rows in a loop: a count other than 0 or all is a half-applied
+    source transaction, visible to readers."""
+
+    def __init__(self, dsn: str) -> None:
+        super().__init__(name="count-watcher", daemon=True)
+        self.dsn = dsn
+        self.seen: set[int | None] = set()
+        self.polls = 0
+        self.stop_event = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with psycopg.connect(self.dsn, autocommit=True) as conn:
+                while not self.stop_event.is_set():
+                    self.seen.add(_mirror_count(conn))
+                    self.polls += 1
+                    time.sleep(0.02)
+        except BaseException as exc:  # noqa: BLE001
+            self.error = exc
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(10)
+
+
+def _applying(dest_db) -> bool:
+    """The replicator is inside a destination transaction copying or merging the big table's
+    rows (not a keepalive's position-only transaction, which writes just the state row)."""
+    return bool(dest_db.scalar(
+        "select count(*) from pg_stat_activity where application_name = 'odoo-replicator' "
+        "and datname = current_database() and backend_xid is not null "
+        f"and query ~* '^\\s*(copy|merge)' and query like '%{BIG_TABLE}%'"
+    ))
+
+
+def _write_transaction_open(dest_db) -> bool:
+    """The replicator holds a destination transaction that has written something."""
+    return bool(dest_db.scalar(
+        "select count(*) from pg_stat_activity where application_name = 'odoo-replicator' "
+        "and datname = current_database() and backend_xid is not null"
+    ))
+
+
+def test_sigkill_during_large_transaction(source_db, dest_db, replicator):
+    version = source_db.cluster.version
+    source_db.execute(
+        f"create table {BIG_TABLE} (id integer primary key, n integer not null, body text not null)"
+    )
+    source_db.execute(f"create publication {PUBLICATION} for table {BIG_TABLE}")
+    rep = replicator()
+    rep.start()
+    # The replicator creates the slot and starts streaming before the transaction commits.
+    wait_for(lambda: (slot_state(source_db) or (False,))[0], 20, what="the slot to be active")
+    wait_for(lambda: applied_lsn(dest_db) is not None or _mirror_count_once(dest_db) is not None,
+             20, what="the mirror table")
+
+    watcher = CountWatcher(dest_db.dsn)
+    watcher.start()
+    t0 = time.monotonic()
+    source_db.execute(
+        f"insert into {BIG_TABLE} select g, g % 977, repeat(md5(g::text), 16) "
+        f"from generate_series(1, {BIG_ROWS}) g"
+    )
+    insert_s = time.monotonic() - t0
+    killed_while_applying = 0
+    timeline: list[str] = []
+    try:
+        # Kill at a few points of the apply: at once, a little later, later still.
+        for delay in (0.0, 0.4, 1.2):
+            try:
+                wait_for(lambda: _applying(dest_db) or watcher.seen - {0, None}, 40, 0.01,
+                         what="the replicator to apply the big transaction")
+            except AssertionError:
+                timeline.append(f"no apply seen before the kill after {delay} s")
+            if watcher.seen - {0, None}:
+                timeline.append(f"already applied before the kill planned at +{delay} s")
+                break
+            time.sleep(delay)
+            applying = _write_transaction_open(dest_db)
+            rep.kill()
+            after = _mirror_count_once(dest_db)
+            killed_while_applying += applying and after == 0
+            timeline.append(
+                f"kill {rep.kills} at +{delay} s into the apply "
+                f"({'destination transaction open' if applying else 'no open write transaction'}, "
+                f"mirror count after the kill {after})"
+            )
+            rep.start()
+        rep.kill()
+        code = rep.run_until_caught_up(timeout=90)
+    finally:
+        watcher.stop()
+    total_s = time.monotonic() - t0
+
+    big = [b for r in range(1, rep.runs + 1) for b in rep.batches(r) if b.get("rows", 0) >= BIG_ROWS]
+    apply_s = big[0].get("seconds") if big else None
+    final = dest_db.scalar(f"select count(*) from {MIRROR_SCHEMA}.{BIG_TABLE}")
+    summary = (
+        f"pg{version}: {BIG_ROWS} rows inserted in one transaction in {insert_s:.1f} s; "
+        f"{rep.kills} kills, {killed_while_applying} while a destination transaction was open; "
+        f"{'; '.join(timeline)}; the apply that succeeded took {apply_s} s; counts seen by {watcher.polls} polls: "
+        f"{sorted(c for c in watcher.seen if c is not None)}; final count {final}; "
+        f"total {total_s:.1f} s"
+    )
+    print(summary)
+    assert watcher.error is None, f"{summary}: watcher failed: {watcher.error!r}"
+    partial = {c for c in watcher.seen if c not in (None, 0, BIG_ROWS)}
+    assert not partial, f"half-applied source transaction visible: {summary}\n{rep.logs()}"
+    assert code == 0, f"{summary}\n{rep.logs()}"
+    assert final == BIG_ROWS, f"{summary}\n{rep.logs()}"
+    mismatches = _compare_big(source_db, dest_db)
+    assert mismatches == [], f"{summary}: rows differ: {mismatches[:5]}"
+    assert not dead_letters(dest_db)
+    assert rep.kills >= 1 and killed_while_applying >= 1, (
+        f"no kill landed during the apply, the test proved nothing: {summary}\n{rep.logs()}"
+    )
+
+
+def _mirror_count_once(dest_db) -> int | None:
+    with dest_db.connect() as conn:
+        return _mirror_count(conn)
+
+
+def _compare_big(source_db, dest_db) -> list:
+    """Row-for-row via a digest per 1000-id block (100k rows of 512 bytes stay on the servers)."""
+    q = (
+        "select id / 1000, count(*), md5(string_agg(id::text || ':' || n::text || ':' || body, "
+        "',' order by id)) from {} group by 1 order by 1"
+    )
+    src = source_db.fetchall(q.format(f"public.{BIG_TABLE}"))
+    dst = dest_db.fetchall(q.format(f"{MIRROR_SCHEMA}.{BIG_TABLE}"))
+    if src == dst:
+        return []
+    return [(a, b) for a, b in zip(src, dst) if a != b] or [("blocks", len(src), len(dst))]
+
+
+# -- c: SIGTERM finishes the batch in flight and confirms exactly what it applied -----------
+
+
+def test_sigterm_finishes_batch(source_db, dest_db, replicator):
+    version = source_db.cluster.version
+    seed_source(source_db, scale=0.2)
+    rep = replicator()
+    workload = Workload(source_db.dsn, seed=100 + version)
+    rep.start()
+    workload.start()
+    try:
+        wait_for(lambda: applied_lsn(dest_db) is not None, 20, what="a first applied batch")
+        time.sleep(1.5)  # changes keep arriving while the signal lands
+        t0 = time.monotonic()
+        code = rep.terminate(timeout=10)
+        exit_s = time.monotonic() - t0
+        # What the source has confirmed, right after the exit, while the workload still runs.
+        observed: list[tuple[str, str]] = []
+
+        def settled() -> bool:
+            confirmed, applied = slot_state(source_db)[2], applied_lsn(dest_db)
+            observed.append((confirmed, applied))
+            return confirmed == applied
+
+        try:
+            wait_for(settled, 5, 0.05, what="confirmed_flush_lsn to reach the applied LSN")
+            settle_error = None
+        except AssertionError as exc:
+            settle_error = str(exc)
+    finally:
+        workload.stop()
+    summary = (
+        f"pg{version}: SIGTERM -> exit {code} in {exit_s:.2f} s; (confirmed, applied) "
+        f"observed: {observed[:3]}...{observed[-1:]}"
+    )
+    print(summary)
+    assert code == 0, f"{summary}\n{rep.logs()}"
+    assert exit_s < 5, summary
+    beyond = [(c, a) for c, a in observed if parse_lsn(c) > parse_lsn(a)]
+    assert not beyond, f"the slot confirmed beyond what was applied: {beyond}; {summary}"
+    assert settle_error is None, f"{settle_error}; {summary}\n{rep.logs()}"
+    assert "stopped" in rep.output()[0], rep.logs()
+
+    code = rep.run_until_caught_up(timeout=60)
+    assert code == 0, rep.logs()
+    assert_mirror_equal(source_db, dest_db, rep, summary)
+
+
+# -- d: the destination server crashes and comes back -------------------------------------------
+
+
+def test_destination_restart(source_db, dest_db, replicator):
+    version = source_db.cluster.version
+    cluster = dest_db.cluster
+    seed_source(source_db, scale=0.2)
+    rep = replicator()
+    workload = Workload(source_db.dsn, seed=200 + version)
+    rep.start()
+    workload.start()
+    down_s = 0.0
+    try:
+        wait_for(lambda: applied_lsn(dest_db) is not None, 20, what="a first applied batch")
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        cluster.kill()  # immediate shutdown: open transactions are lost, as in a crash
+        time.sleep(2.5)  # the workload goes on, the replicator cannot apply
+        assert rep.alive, f"the replicator died while the destination was down\n{rep.logs()}"
+        cluster.start()
+        down_s = time.monotonic() - t0
+        time.sleep(1.5)
+    finally:
+        workload.stop()
+        if not cluster.is_running:  # the cluster is shared by the whole session
+            cluster.start()
+
+    problems: list[str] = []
+
+    def equal() -> bool:
+        nonlocal problems
+        assert rep.alive, f"the replicator exited after the destination came back\n{rep.logs()}"
+        problems, _ = mirror_diff(source_db, dest_db)
+        return not problems
+
+    try:
+        wait_for(equal, 30, 0.5, what="the mirror to catch up after the destination restart")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {problems}\n{rep.logs()}") from None
+    out = rep.output()[0]
+    retried = out.count("retrying")
+    code = rep.terminate(timeout=10)
+    summary = (
+        f"pg{version}: destination down for {down_s:.1f} s, {retried} retry log lines, "
+        f"replicator exit on SIGTERM {code}"
+    )
+    assert code == 0, f"{summary}\n{rep.logs()}"
+    assert retried >= 1, f"no retry logged, did the destination outage hit? {summary}\n{rep.logs()}"
+    assert_mirror_equal(source_db, dest_db, rep, summary)

@@ -1,0 +1,211 @@
+"""The initial copy and table sync on real servers: existing rows, then the stream."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psycopg
+import pytest
+from replicate import PUBLICATION, assert_same, catch_up, running
+from zoo import setup_zoo, zoo_rows
+
+from replicator import odoo, seed
+from replicator.cli import main as cli_main
+
+ODOO_TABLES = ("account_move", "account_move_line", "res_partner", "project_task",
+               "hr_expense", "hr_expense_sheet")
+
+
+def wait_for(predicate, timeout: float = 60, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except psycopg.Error:
+            pass  # e.g. the mirror table does not exist yet
+        time.sleep(0.2)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def sync_state(dest_db, table: str) -> str | None:
+    return dest_db.scalar("select state from replicator.tables where source_table = %s",
+                          [f"public.{table}"])
+
+
+def test_existing_rows_of_every_type_are_copied(source_db, dest_db):
+    setup_zoo(source_db)
+    source_db.execute(zoo_rows(3000))
+    source_db.execute("insert into zoo (id) values (100000)")      # all nulls
+    catch_up(source_db, dest_db)
+    assert_same(source_db, dest_db, "zoo")
+    assert sync_state(dest_db, "zoo") == "streaming"
+    # and the stream takes over from the copy
+    source_db.execute("update zoo set code = 'after copy' where id <= 10")
+    source_db.execute("delete from zoo where id between 11 and 20")
+    catch_up(source_db, dest_db)
+    assert_same(source_db, dest_db, "zoo")
+
+
+def test_odoo_tables_with_indexes(source_db, dest_db):
+    seed.seed(source_db.dsn, scale=0.5, seed=3, publication=PUBLICATION)
+    catch_up(source_db, dest_db)
+    for table in ODOO_TABLES:
+        assert_same(source_db, dest_db, table)
+    # the source's secondary indexes exist on the mirror, none unique, plus the key
+    src_idx = source_db.fetchall(
+        "select indexname from pg_indexes where schemaname = 'public' and tablename = "
+        "'account_move_line' and indexname <> 'account_move_line_pkey' order by 1")
+    dst_idx = dest_db.fetchall(
+        "select indexname from pg_indexes where schemaname = 'odoo_mirror' and tablename = "
+        "'account_move_line' and indexname <> 'account_move_line_pkey' order by 1")
+    assert src_idx and set(src_idx) <= set(dst_idx) | set(
+        (n,) for (n,) in src_idx if "trgm" in n)
+    assert dest_db.scalar(
+        "select count(*) from pg_index where indrelid = 'odoo_mirror.account_move_line'::regclass "
+        "and indisunique and not indisprimary") == 0
+    assert dest_db.scalar(
+        "select count(*) from pg_constraint where conrelid = 'odoo_mirror.account_move'::regclass "
+        "and contype = 'p'") == 1
+
+
+def test_without_copy_indexes(source_db, dest_db):
+    seed.seed(source_db.dsn, scale=0.1, seed=3, publication=PUBLICATION)
+    catch_up(source_db, dest_db, copy_indexes=False)
+    assert dest_db.scalar(
+        "select count(*) from pg_indexes where schemaname = 'odoo_mirror' "
+        "and indexname not like '%%_pkey'") == 0
+    assert_same(source_db, dest_db, "account_move")
+
+
+def test_changes_during_the_copy_end_up_right(source_db, dest_db):
+    seed.seed(source_db.dsn, scale=3, seed=5, publication=PUBLICATION)
+    stop = threading.Event()
+    done: list = []
+    worker = threading.Thread(target=lambda: done.append(
+        seed.workload(source_db.dsn, seconds=8, seed=9, stop=stop)), daemon=True)
+    worker.start()
+    try:
+        time.sleep(0.3)
+        catch_up(source_db, dest_db)       # the copy runs while the workload writes
+    finally:
+        stop.set()
+        worker.join()
+    catch_up(source_db, dest_db)
+    assert done and done[0]["transactions"] > 0
+    for table in ODOO_TABLES:
+        assert_same(source_db, dest_db, table)
+    assert dest_db.scalar("select count(*) from replicator.dead_letters") == 0
+
+
+def test_large_table_is_split_into_ctid_ranges(source_db, dest_db, monkeypatch):
+    from replicator import backfill
+
+    monkeypatch.setattr(backfill, "PAGES_PER_RANGE", 16)
+    source_db.execute("create table big (id int primary key, pad text)")
+    source_db.execute("insert into big select g, repeat('x', 200) from generate_series(1, 20000) g")
+    source_db.execute("analyze big")
+    source_db.execute(f"create publication {PUBLICATION} for table big")
+    pages = source_db.scalar("select relpages from pg_class where relname = 'big'")
+    assert pages > 64
+    catch_up(source_db, dest_db)
+    assert_same(source_db, dest_db, "big")
+
+
+def test_table_added_while_running_is_copied_then_streamed(source_db, dest_db):
+    source_db.execute("create table a (id int primary key, v text)")
+    source_db.execute("create table b (id int primary key, v text)")
+    source_db.execute("insert into b select g, 'old ' || g from generate_series(1, 5000) g")
+    source_db.execute(f"create publication {PUBLICATION} for table a")
+    with running(source_db, dest_db):
+        source_db.execute("insert into a values (1, 'streamed')")
+        wait_for(lambda: dest_db.scalar("select count(*) from odoo_mirror.a") == 1,
+                 what="a streams")
+        source_db.execute(f"alter publication {PUBLICATION} add table b")
+        source_db.execute("update b set v = 'changed after add' where id <= 100")
+        source_db.execute("insert into a values (2, 'a keeps streaming')")
+        wait_for(lambda: sync_state(dest_db, "b") == "streaming", what="b to be copied")
+        source_db.execute("delete from b where id > 4900")
+        source_db.execute("insert into b values (9999, 'new')")
+    catch_up(source_db, dest_db)
+    assert_same(source_db, dest_db, "a")
+    rows = assert_same(source_db, dest_db, "b")
+    assert len(rows) == 4901
+
+
+def test_resync_one_table_while_others_stream(source_db, dest_db, tmp_path, monkeypatch):
+    source_db.execute("create table a (id int primary key, v text)")
+    source_db.execute("create table b (id int primary key, v text)")
+    source_db.execute("insert into b select g, 'v' || g from generate_series(1, 20000) g")
+    source_db.execute(f"create publication {PUBLICATION} for table a, b")
+    catch_up(source_db, dest_db)
+    # The mirror drifts (someone wrote into it): a resync repairs it.
+    dest_db.execute("delete from odoo_mirror.b where id <= 1000")
+    dest_db.execute("update odoo_mirror.b set v = 'drift' where id between 2000 and 2100")
+    config = tmp_path / "etl-config.toml"
+    write_config(config, source_db, dest_db)
+    with running(source_db, dest_db):
+        stop = threading.Event()
+        writer = threading.Thread(target=_write_loop, args=(source_db, stop), daemon=True)
+        writer.start()
+        try:
+            assert cli_main(["resync", "--config", str(config), "--table", "b"]) == 0
+            wait_for(lambda: sync_state(dest_db, "b") == "pending", 10, "the request")
+            wait_for(lambda: sync_state(dest_db, "b") == "streaming", 60, "the resync")
+        finally:
+            stop.set()
+            writer.join()
+    catch_up(source_db, dest_db)
+    assert_same(source_db, dest_db, "a")
+    assert_same(source_db, dest_db, "b")
+
+
+def _write_loop(source_db, stop: threading.Event) -> None:
+    i = 0
+    with source_db.connect() as conn:
+        while not stop.is_set():
+            i += 1
+            conn.execute("insert into a values (%s, 'during resync') on conflict (id) do update "
+                         "set v = excluded.v", [i])
+            conn.execute("update b set v = %s where id = %s", [f"w{i}", i % 20000 + 1])
+            time.sleep(0.01)
+
+
+def test_resync_of_unknown_table_is_one_clear_line(source_db, dest_db, tmp_path, capsys):
+    source_db.execute("create table a (id int primary key)")
+    source_db.execute(f"create publication {PUBLICATION} for table a")
+    catch_up(source_db, dest_db)
+    config = tmp_path / "etl-config.toml"
+    write_config(config, source_db, dest_db)
+    capsys.readouterr()
+    assert cli_main(["resync", "--config", str(config), "--table", "nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "public.nope" in err[0] and "public.a" in err[0]
+
+
+def write_config(path, source_db, dest_db) -> None:
+    from psycopg.conninfo import conninfo_to_dict
+
+    s, d = conninfo_to_dict(source_db.dsn), conninfo_to_dict(dest_db.dsn)
+    path.write_text(f"""
+[source]
+type = "postgres"
+host = "{s['host']}"
+port = {s['port']}
+database = "{s['dbname']}"
+user = "{s['user']}"
+password = "unused"
+publication = "{PUBLICATION}"
+
+[destination]
+type = "postgres"
+host = "{d['host']}"
+port = {d['port']}
+database = "{d['dbname']}"
+user = "{d['user']}"
+password = "unused"
+
+[metrics]
+enabled = false
+""")
