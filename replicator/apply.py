@@ -38,7 +38,22 @@ class ApplyResult:
     deletes: int = 0
     dead_letters: int = 0
     seconds: float = 0.0
-    per_table: dict[str, int] = field(default_factory=dict)
+    per_op: dict[str, dict[str, int]] = field(default_factory=dict)
+    dead_per_table: dict[str, int] = field(default_factory=dict)
+
+    def count(self, table: str, inserts: int = 0, updates: int = 0, deletes: int = 0) -> None:
+        ops = self.per_op.setdefault(table, {"insert": 0, "update": 0, "delete": 0})
+        ops["insert"] += inserts
+        ops["update"] += updates
+        ops["delete"] += deletes
+        self.inserts += inserts
+        self.updates += updates
+        self.deletes += deletes
+
+    def dead(self, table: str, n: int) -> None:
+        if n > 0:
+            self.dead_letters += n
+            self.dead_per_table[table] = self.dead_per_table.get(table, 0) + n
 
 
 # -- SQL builders ----------------------------------------------------------
@@ -368,11 +383,15 @@ class Applier:
             cur.execute(sql.SQL("truncate {}").format(t.dest))
         for stmt in statements[1:]:
             cur.execute(stmt)
-        cur.execute(sql.SQL("select count(*), count(_r_u) from {}").format(t.stage))
-        rows, unchanged = cur.fetchone()
+        cur.execute(sql.SQL(
+            "select count(*) filter (where _r_op = 'I'), count(*) filter (where _r_op = 'U'), "
+            "count(*) filter (where _r_op = 'D'), count(_r_u) from {}").format(t.stage))
+        ins, upd, dele, unchanged = cur.fetchone()
+        rows = ins + upd + dele
+        res.count(t.qualname, ins, upd, dele)
         if unchanged:
             cur.execute(self._stmt("dead", t), [self.slot, t.qualname, format_lsn(end_lsn)])
-            res.dead_letters += max(0, cur.rowcount)
+            res.dead(t.qualname, cur.rowcount)
             cur.execute(self._stmt("merge_toast", t))
         elif rows:
             cur.execute(self._stmt("merge", t))
@@ -404,7 +423,7 @@ class Applier:
         if tr.unchanged:
             cur.execute(self._stmt("dead", t), [self.slot, t.qualname, format_lsn(end_lsn)])
             if cur.rowcount > 0:
-                res.dead_letters += cur.rowcount
+                res.dead(t.qualname, cur.rowcount)
                 log.warning("rows sent with unchanged TOAST values that the mirror cannot "
                             "supply were written to the dead letter table",
                             extra={"table": t.qualname, "rows": cur.rowcount})
@@ -412,7 +431,4 @@ class Applier:
         else:
             cur.execute(self._stmt("merge", t))
         res.rows += tr.rows
-        res.inserts += tr.inserts
-        res.updates += tr.updates
-        res.deletes += tr.deletes
-        res.per_table[t.qualname] = res.per_table.get(t.qualname, 0) + tr.rows
+        res.count(t.qualname, tr.inserts, tr.updates, tr.deletes)

@@ -97,7 +97,7 @@ class Backfill:
     """Copies a set of mirror tables from one snapshot; returns their sync LSN."""
 
     def __init__(self, config, tables: list[MirrorTable], slot: str,
-                 stop: threading.Event | None = None):
+                 stop: threading.Event | None = None, metrics=None):
         self.config = config
         self.tables = tables
         self.slot = slot
@@ -105,6 +105,7 @@ class Backfill:
         src = config.source
         # The replication and catalog connections count against max_connections too.
         self.workers = max(1, min(src.max_connections - 2, 2 * (os.cpu_count() or 2)))
+        self.metrics = metrics
         self.copies: list[TableCopy] = []
         self._errors: list[BaseException] = []
         self._lock = threading.Lock()
@@ -162,6 +163,8 @@ class Backfill:
                 copy.ranges = [(None, None)]
             copy.ranges_left = len(copy.ranges)
             self.copies.append(copy)
+            if self.metrics is not None:
+                self.metrics.table_sync(t.qualname, state.COPYING)
             log.info("table sync state", extra={"table": t.qualname, "state": "copying",
                                                 "est_rows": est, "ranges": len(copy.ranges)})
 
@@ -187,6 +190,8 @@ class Backfill:
             exporter.close()
             while any(th.is_alive() for th in threads):
                 progress.tick()
+                if self.metrics is not None:
+                    self.metrics.alive()
                 for th in threads:
                     th.join(0.2)
         except threading.BrokenBarrierError:
@@ -296,6 +301,9 @@ class Backfill:
                 state.set_table(dest, dst.state_schema, self.slot, copy.table, "copied",
                                 sync_lsn, rows=copy.rows)
         for copy in self.copies:
+            if self.metrics is not None:
+                self.metrics.copy_rows.labels(copy.table.qualname).inc(copy.rows)
+                self.metrics.table_sync(copy.table.qualname, state.COPIED)
             secs = max(1e-6, (copy.finished or time.monotonic()) - (copy.started or time.monotonic()))
             log.info("table sync state", extra={
                 "table": copy.table.qualname, "state": "copied", "rows": copy.rows,

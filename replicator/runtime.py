@@ -27,8 +27,9 @@ from .apply import Applier
 from .backfill import Backfill
 from .batch import AlterTable, Batch, SyncDone, SyncStart, Truncate
 from .config import Config
-from .errors import ErrorKind, ReplicatorError
+from .errors import ErrorKind, ReplicatorError, classify
 from .lsn import format_lsn, pg_now
+from .metrics import Metrics, MetricsServer
 from .schema import (Column, MirrorTable, SourceTable, check_replicable, column_type,
                      publication_exists, publication_tables, read_table)
 from .source import TEXT_MODE_OPTIONS, ReplicationConnection, protocol_for
@@ -102,24 +103,42 @@ class Pipeline:
         self.until_caught_up = until_caught_up
         self.stop_requested = threading.Event()
         self.progress = Progress()
-        self.metrics = None
+        self.metrics = Metrics()
 
     # -- lifecycle -------------------------------------------------------
 
     def run(self) -> int:
-        backoff = 1.0
+        server = None
+        if self.config.metrics.enabled:
+            server = MetricsServer(self.metrics, self.config.metrics.port,
+                                   self.config.metrics.path).start()
+        try:
+            return self._run()
+        finally:
+            if server is not None:
+                server.stop()
+
+    def _run(self) -> int:
+        failures = 0
         while True:
             try:
                 self._session()
                 return 0
-            except ReplicatorError as exc:
-                if not exc.retryable or self.stop_requested.is_set():
-                    raise
-                log.warning("connection problem, retrying", extra={
-                    "error": exc.message, "hint": exc.hint, "retry_in_s": backoff})
-                if self.stop_requested.wait(backoff):
+            except (ReplicatorError, psycopg.Error) as exc:
+                err = exc if isinstance(exc, ReplicatorError) else classify(exc)
+                failures += 1
+                if self.stop_requested.is_set() or not err.policy.should_retry(failures):
+                    if err is exc:
+                        raise
+                    raise err from exc
+                delay = err.policy.delay(failures)
+                self.metrics.status, self.metrics.error = "reconnecting", err.message
+                self.metrics.restarts.inc()
+                log.warning("retrying after an error", extra={
+                    "kind": err.kind.name.lower(), "error": err.message, "hint": err.hint,
+                    "attempt": failures, "retry_in_s": round(delay, 1)})
+                if self.stop_requested.wait(delay):
                     return 0
-                backoff = min(backoff * 2, 60.0)
 
     def request_stop(self, *_args) -> None:
         if self.stop_requested.is_set():
@@ -170,7 +189,8 @@ class Pipeline:
                        if states.get(t.source.qualname, (state.PENDING, 0))[0]
                        not in (state.COPIED, state.STREAMING)]
             if to_copy:
-                sync_lsn = Backfill(cfg, to_copy, slot, self.stop_requested).run()
+                self.metrics.alive("copying")
+                sync_lsn = Backfill(cfg, to_copy, slot, self.stop_requested, self.metrics).run()
                 for t in to_copy:
                     states[t.source.qualname] = (state.COPIED, sync_lsn)
             applier.prepare_tables(list(mirrors.values()))
@@ -194,6 +214,9 @@ class Pipeline:
             repl.attach(decoder)
             repl.start(slot, start, src.publication, protocol, binary)
             self.progress.applied_lsn = start
+            self.metrics.alive("streaming")
+            for t in mirrors.values():
+                self.metrics.table_sync(t.qualname, state.STREAMING)
             log.info("streaming", extra={
                 "slot": slot, "publication": src.publication, "from_lsn": format_lsn(start),
                 "protocol": protocol, "mode": "binary" if binary else "text",
@@ -293,13 +316,16 @@ class Pipeline:
                 self.progress.last_commit_ts = batch.last_commit_ts
             if batch.txns:
                 lag = max(0.0, (pg_now() - batch.last_commit_ts) / 1e6)
+                self.metrics.lag.set(lag)
                 log.info("batch applied", extra={
                     "txns": batch.txns, "rows": result.rows, "inserts": result.inserts,
                     "updates": result.updates, "deletes": result.deletes,
                     "dead_letters": result.dead_letters, "seconds": round(result.seconds, 4),
                     "lag_s": round(lag, 3), "lsn": format_lsn(batch.end_lsn)})
-            if self.metrics is not None:
-                self.metrics.batch_applied(batch, result)
+            self.metrics.batch_applied(batch, result)
+            for op in batch.ops:
+                if isinstance(op, SyncDone):
+                    self.metrics.table_sync(op.table.qualname, state.STREAMING)
 
 
 class _Receiver:
@@ -358,8 +384,11 @@ class _Receiver:
             ev = dec.pump(200000)
             self.received = max(self.received, dec.wal_start)
             if ev == EV_WOULD_BLOCK:
+                self.p.metrics.alive()
                 self._maybe_close(idle=True)
                 self._maybe_status()
+                if self._nothing_pending():
+                    self.p.metrics.lag.set(0)
                 self.repl.wait_readable(0.2)
             elif ev == EV_COMMIT:
                 if not dec.skipping:
@@ -373,6 +402,7 @@ class _Receiver:
             elif ev == EV_TRUNCATE:
                 self._on_truncate(dec.event)
             elif ev == EV_LIMIT:
+                self.p.metrics.alive()
                 self._maybe_status()
             elif ev in (EV_COPY_DONE, EV_ERROR):
                 reason = self.repl.end_result()
@@ -603,7 +633,8 @@ class _Receiver:
             while not op.applied.wait(0.5):
                 if self.sync_stop.is_set():
                     return
-            lsn = Backfill(self.cfg, [t], self.cfg.source.slot, self.sync_stop).run()
+            self.p.metrics.table_sync(t.qualname, state.COPYING)
+            lsn = Backfill(self.cfg, [t], self.cfg.source.slot, self.sync_stop, self.p.metrics).run()
             self.sync_results.put((key, t, lsn))
         except BaseException as exc:
             self.sync_results.put((key, t, exc))
