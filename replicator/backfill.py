@@ -145,6 +145,9 @@ class Backfill:
             copy = TableCopy(t, pages, est)
             with dest.transaction():
                 if mirror_exists(dest, t):
+                    # User triggers (the invoice-to-memory one) must not fire
+                    # for every historical row; they are enabled again after.
+                    dest.execute(sql.SQL("alter table {} disable trigger user").format(t.dest))
                     dest.execute(sql.SQL("truncate {}").format(t.dest))
                 else:
                     # No key while loading: the primary key is built after the data.
@@ -298,6 +301,7 @@ class Backfill:
         with dest.transaction():
             dest.execute("set local synchronous_commit = on")
             for copy in self.copies:
+                dest.execute(sql.SQL("alter table {} enable trigger user").format(copy.table.dest))
                 state.set_table(dest, dst.state_schema, self.slot, copy.table, "copied",
                                 sync_lsn, rows=copy.rows)
         for copy in self.copies:

@@ -1,0 +1,25 @@
+# odoo-replicator: build the Cython extensions in one stage, run in a slim one.
+FROM python:3.11-slim-bookworm AS build
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev libpq-dev \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY pyproject.toml setup.py README.md ./
+COPY replicator ./replicator
+RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+
+FROM python:3.11-slim-bookworm
+# libpq5: psycopg (pure Python) and the extensions share the system libpq.
+# curl: the deployment doc's health check.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libpq5 curl \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --home /app --shell /usr/sbin/nologin replicator
+COPY --from=build /wheels /wheels
+RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
+WORKDIR /app
+USER replicator
+EXPOSE 9090
+HEALTHCHECK --interval=30s --timeout=10s --retries=3 CMD curl -fsS http://localhost:9090/health || exit 1
+ENTRYPOINT ["replicator"]
+CMD ["run", "--config", "/app/config.toml"]
