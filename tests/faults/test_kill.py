@@ -7,9 +7,9 @@ client vanished, a slot that has confirmed whatever the last status update said.
 ends with the replicator's own `run --until-caught-up` and a row-for-row comparison of the
 six tables (identical column order, `order by id`).
 
-Source rows are streamed, not backfilled: the tests create the tables, the publication and
-the slot before `seed()` fills the tables, so the seed's COPY transactions are part of the
-stream the kills hit.
+The seeded tests create the tables, the publication and the slot before `seed()` fills the
+tables: the seeded rows then reach the replicator twice, through its initial copy and through
+the stream (which must drop what the copy already has), and the kills hit both.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -340,6 +341,14 @@ def applied_lsn(dest_db) -> str | None:
         return None
 
 
+def table_states(dest_db) -> dict[str, int]:
+    """How many tables are in each sync state ('copying', 'copied', ...)."""
+    try:
+        return dict(dest_db.fetchall(f"select state, count(*) from {STATE_SCHEMA}.tables group by 1"))
+    except psycopg.errors.UndefinedTable:
+        return {}
+
+
 def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout
     while True:
@@ -421,6 +430,13 @@ def test_sigkill_during_workload(source_db, dest_db, replicator):
     rep.start()
     workload.start()
     try:
+        # The first kill lands in the initial copy (the tables were seeded before the start):
+        # the next run must copy again the tables left 'copying', and nothing twice.
+        wait_for(lambda: '"initial copy started"' in rep.output()[0] or not rep.alive, 30, 0.005,
+                 what="the initial copy to start")
+        rep.kill()
+        copy_states = table_states(dest_db)
+        rep.start()
         for _ in range(KILLS):
             run = rep.runs
             # Mostly counted from the moment the run streams, so that the kill lands while it
@@ -453,7 +469,8 @@ def test_sigkill_during_workload(source_db, dest_db, replicator):
     summary = (
         f"pg{version}: {rep.kills} SIGKILLs in {kill_phase:.1f} s, {workload.transactions} workload "
         f"transactions, {rep.runs} runs, final --until-caught-up exit {code}; batches "
-        f"applied per killed run: {applied_per_run}"
+        f"applied per killed run: {applied_per_run}; table sync states after the kill in "
+        f"the initial copy: {copy_states}"
     )
     assert code == 0, f"{summary}\n{rep.logs()}"
     assert not died_by_itself, f"{summary}: runs ended by themselves:\n" + "\n".join(died_by_itself)
@@ -507,22 +524,29 @@ class CountWatcher(threading.Thread):
         self.join(10)
 
 
-def _applying(dest_db) -> bool:
-    """The replicator is inside a destination transaction copying or merging the big table's
-    rows (not a keepalive's position-only transaction, which writes just the state row)."""
-    return bool(dest_db.scalar(
-        "select count(*) from pg_stat_activity where application_name = 'odoo-replicator' "
-        "and datname = current_database() and backend_xid is not null "
-        f"and query ~* '^\\s*(copy|merge)' and query like '%{BIG_TABLE}%'"
-    ))
+def _backends(dest_db) -> list[tuple[int, bool, str]]:
+    """(pid, has written in its open transaction, last query) of the replicator's sessions."""
+    return dest_db.fetchall(
+        "select pid, backend_xid is not null, coalesce(query, '') from pg_stat_activity "
+        "where application_name = 'odoo-replicator' and datname = current_database()"
+    )
 
 
-def _write_transaction_open(dest_db) -> bool:
-    """The replicator holds a destination transaction that has written something."""
-    return bool(dest_db.scalar(
-        "select count(*) from pg_stat_activity where application_name = 'odoo-replicator' "
-        "and datname = current_database() and backend_xid is not null"
-    ))
+def _applying(dest_db, orphans: set[int]) -> bool:
+    """The running replicator copies or merges the big table's rows.
+
+    `orphans` are the sessions of killed processes: the server notices that their client is
+    gone only when it next talks to it, so a killed run's COPY or MERGE can still be running.
+    """
+    return any(
+        xid and pid not in orphans and re.match(r"\s*(copy|merge)", query, re.I) and BIG_TABLE in query
+        for pid, xid, query in _backends(dest_db)
+    )
+
+
+def _write_transaction_open(dest_db, orphans: set[int]) -> bool:
+    """The running replicator holds a destination transaction that has written something."""
+    return any(xid and pid not in orphans for pid, xid, _ in _backends(dest_db))
 
 
 def test_sigkill_during_large_transaction(source_db, dest_db, replicator):
@@ -548,11 +572,12 @@ def test_sigkill_during_large_transaction(source_db, dest_db, replicator):
     insert_s = time.monotonic() - t0
     killed_while_applying = 0
     timeline: list[str] = []
+    orphans: set[int] = set()
     try:
         # Kill at a few points of the apply: at once, a little later, later still.
         for delay in (0.0, 0.4, 1.2):
             try:
-                wait_for(lambda: _applying(dest_db) or watcher.seen - {0, None}, 40, 0.01,
+                wait_for(lambda: _applying(dest_db, orphans) or watcher.seen - {0, None}, 40, 0.01,
                          what="the replicator to apply the big transaction")
             except AssertionError:
                 timeline.append(f"no apply seen before the kill after {delay} s")
@@ -560,14 +585,17 @@ def test_sigkill_during_large_transaction(source_db, dest_db, replicator):
                 timeline.append(f"already applied before the kill planned at +{delay} s")
                 break
             time.sleep(delay)
-            applying = _write_transaction_open(dest_db)
+            applying = _write_transaction_open(dest_db, orphans)
             rep.kill()
             after = _mirror_count_once(dest_db)
+            left = _backends(dest_db)
+            orphans |= {pid for pid, _, _ in left}
             killed_while_applying += applying and after == 0
             timeline.append(
                 f"kill {rep.kills} at +{delay} s into the apply "
                 f"({'destination transaction open' if applying else 'no open write transaction'}, "
-                f"mirror count after the kill {after})"
+                f"mirror count after the kill {after}, "
+                f"{sum(1 for _, xid, _ in left if xid)} orphaned sessions still writing)"
             )
             rep.start()
         rep.kill()
