@@ -58,7 +58,9 @@ class TableCopy:
     started: float = 0.0
     finished: float = 0.0
     created: bool = False        # the copy created the mirror: build its indexes after
-    indexes: list[str] = field(default_factory=list)
+    indexes: list[sql.Composable] = field(default_factory=list)   # primary key first
+    index_left: int = 0
+    state: str = "copying"
 
     def live(self) -> tuple[int, int]:
         return (self.rows + sum(p.rows for p in self.pipes),
@@ -130,10 +132,9 @@ class Backfill:
                 log.info("initial copy started", extra={
                     "tables": [c.table.qualname for c in self.copies], "workers": self.workers,
                     "sync_lsn": format_lsn(sync_lsn)})
-                self._copy(snapshot, exporter)
+                self._copy(snapshot, exporter, sync_lsn)
             finally:
                 exporter.close()
-            self._finish(dest, sync_lsn)
         return sync_lsn
 
     def _plan(self, catalog: psycopg.Connection, dest: psycopg.Connection, sync_lsn: int) -> None:
@@ -149,6 +150,11 @@ class Backfill:
                     # for every historical row; they are enabled again after.
                     dest.execute(sql.SQL("alter table {} disable trigger user").format(t.dest))
                     dest.execute(sql.SQL("truncate {}").format(t.dest))
+                    # A mirror left without its key by an interrupted first copy
+                    # gets its indexes like a new one.
+                    copy.created = not dest.execute(
+                        "select exists (select 1 from pg_constraint where conrelid = "
+                        "%s::regclass and contype = 'p')", [t.dest.as_string(dest)]).fetchone()[0]
                 else:
                     # No key while loading: the primary key is built after the data.
                     for stmt in create_mirror_sql(t, with_key=False):
@@ -156,8 +162,10 @@ class Backfill:
                     copy.created = True
                 dest.execute(create_staging_sql(t))
                 state.set_table(dest, dst.state_schema, self.slot, t, "copying", sync_lsn)
-            if copy.created and dst.copy_indexes:
-                copy.indexes = source_indexes(catalog, t)
+            if copy.created:
+                copy.indexes = [primary_key_sql(t)]
+                if dst.copy_indexes:
+                    copy.indexes += [sql.SQL(d) for d in source_indexes(catalog, t)]
             if pages >= 2 * PAGES_PER_RANGE:
                 bounds = list(range(0, pages, PAGES_PER_RANGE))
                 copy.ranges = [(lo, bounds[i + 1] if i + 1 < len(bounds) else None)
@@ -173,15 +181,20 @@ class Backfill:
 
     # -- copying ---------------------------------------------------------
 
-    def _copy(self, snapshot: str, exporter: ReplicationConnection) -> None:
-        tasks: queue.Queue = queue.Queue()
+    def _copy(self, snapshot: str, exporter: ReplicationConnection, sync_lsn: int) -> None:
+        # One queue for copies and index builds: a table's indexes are queued
+        # when its last range is in, so workers build them in parallel while
+        # other tables still copy. `_outstanding` counts queued and running work.
+        self._tasks: queue.Queue = queue.Queue()
+        self._sync_lsn = sync_lsn
         # Largest ranges first, so a big table does not finish last on one worker.
         for copy in sorted(self.copies, key=lambda c: -c.pages):
             for rng in copy.ranges:
-                tasks.put((copy, rng))
-        n = min(self.workers, tasks.qsize()) or 1
+                self._tasks.put(("copy", copy, rng))
+        self._outstanding = self._tasks.qsize()
+        n = min(self.workers, self._outstanding) or 1
         imported = threading.Barrier(n + 1)
-        threads = [threading.Thread(target=self._worker, args=(snapshot, tasks, imported),
+        threads = [threading.Thread(target=self._worker, args=(snapshot, imported),
                                     name=f"copy-{i}", daemon=True) for i in range(n)]
         for th in threads:
             th.start()
@@ -205,34 +218,99 @@ class Backfill:
                 th.join()
         if self._errors:
             raise self._errors[0]
-        if self.stop.is_set():
+        if self.stop.is_set() or any(c.state != "copied" for c in self.copies):
             raise ReplicatorError(ErrorKind.SOURCE_CONNECT, "initial copy interrupted",
                                   "it restarts where it stopped on the next run")
 
-    def _worker(self, snapshot: str, tasks: queue.Queue, imported: threading.Barrier) -> None:
+    def _worker(self, snapshot: str, imported: threading.Barrier) -> None:
         cfg = self.config
-        src = dst = None
+        src = dest = None
         try:
             src = _connect(cfg.source.conninfo(), ErrorKind.SOURCE_CONNECT)
             _exec(src, "begin isolation level repeatable read read only", "begin", ErrorKind.SOURCE_CONNECT)
             _exec(src, f"set transaction snapshot {sql.Literal(snapshot).as_string()}",
                   "importing the copy snapshot", ErrorKind.SOURCE_SETUP)
             imported.wait()
-            dst = _connect(cfg.destination.conninfo(), ErrorKind.DESTINATION_CONNECT)
+            dest = psycopg.connect(cfg.destination.conninfo(), autocommit=True,
+                                   prepare_threshold=None)
             while not self.stop.is_set() and not self._errors:
                 try:
-                    copy, rng = tasks.get_nowait()
+                    task = self._tasks.get(timeout=0.2)
                 except queue.Empty:
-                    return
-                self._copy_range(src, dst, copy, rng)
+                    with self._lock:
+                        if self._outstanding == 0:
+                            return
+                    continue
+                if task[0] == "copy":
+                    self._copy_range(src, dest.pgconn, task[1], task[2])
+                    self._range_done(dest, task[1])
+                else:
+                    self._build_index(dest, task[1], task[2])
         except BaseException as exc:
             with self._lock:
                 self._errors.append(exc)
             imported.abort()
         finally:
-            for conn in (src, dst):
-                if conn is not None:
-                    conn.finish()
+            if src is not None:
+                src.finish()
+            if dest is not None:
+                dest.close()
+
+    def _range_done(self, dest: psycopg.Connection, copy: TableCopy) -> None:
+        with self._lock:
+            self._outstanding -= 1
+            copy.ranges_left -= 1
+            if copy.ranges_left:
+                return
+            copy.finished = time.monotonic()
+            copy.state = "indexing" if copy.indexes else copy.state
+            copy.index_left = len(copy.indexes)
+            self._outstanding += len(copy.indexes)
+            for stmt in copy.indexes:
+                self._tasks.put(("index", copy, stmt))
+        if not copy.indexes:
+            self._mark_copied(dest, copy)
+
+    def _build_index(self, dest: psycopg.Connection, copy: TableCopy, stmt: sql.Composable) -> None:
+        t = copy.table
+        try:
+            with dest.transaction():
+                dest.execute("set local maintenance_work_mem = '256MB'")
+                dest.execute(stmt)
+        except psycopg.Error as exc:
+            if stmt is copy.indexes[0]:
+                raise ReplicatorError(
+                    ErrorKind.DESTINATION_APPLY,
+                    f"cannot add the primary key to {t.qualname}: {exc}",
+                    "the table is copied again on the next run") from exc
+            # A secondary index the destination cannot build (an operator class
+            # from a missing extension) is not worth stopping replication for.
+            log.warning("index not created on the mirror", extra={
+                "table": t.qualname, "sql": stmt.as_string(dest), "error": str(exc)})
+        with self._lock:
+            self._outstanding -= 1
+            copy.index_left -= 1
+            last = copy.index_left == 0
+        if last:
+            self._mark_copied(dest, copy)
+
+    def _mark_copied(self, dest: psycopg.Connection, copy: TableCopy) -> None:
+        """The table is complete: never copied again, even if the rest of the job fails."""
+        t = copy.table
+        with dest.transaction():
+            dest.execute("set local synchronous_commit = on")
+            dest.execute(sql.SQL("alter table {} enable trigger user").format(t.dest))
+            state.set_table(dest, self.config.destination.state_schema, self.slot, t,
+                            state.COPIED, self._sync_lsn, rows=copy.rows)
+        copy.state = "copied"
+        if self.metrics is not None:
+            self.metrics.copy_rows.labels(t.qualname).inc(copy.rows)
+            self.metrics.table_sync(t.qualname, state.COPIED)
+        secs = max(1e-6, (copy.finished or time.monotonic()) - (copy.started or time.monotonic()))
+        log.info("table sync state", extra={
+            "table": t.qualname, "state": "copied", "rows": copy.rows,
+            "mb": round(copy.bytes / 1e6, 1), "copy_seconds": round(secs, 2),
+            "rows_per_s": int(copy.rows / secs), "indexes": len(copy.indexes)})
 
     def _copy_range(self, src: pq.PGconn, dst: pq.PGconn, copy: TableCopy,
                     rng: tuple[int | None, int | None]) -> None:
@@ -282,68 +360,6 @@ class Backfill:
             copy.pipes.remove(pipe)
             copy.rows += max(0, pipe.rows - 1)   # the trailer is a CopyData of its own
             copy.bytes += pipe.bytes
-            copy.ranges_left -= 1
-            if not copy.ranges_left:
-                copy.finished = time.monotonic()
-
-    # -- after the data --------------------------------------------------
-
-    def _finish(self, dest: psycopg.Connection, sync_lsn: int) -> None:
-        dst = self.config.destination
-        jobs = []
-        for copy in self.copies:
-            t = copy.table
-            if copy.created:
-                jobs.append((t, primary_key_sql(t)))
-                jobs += [(t, sql.SQL(d)) for d in copy.indexes]
-        if jobs:
-            self._build_indexes(jobs)
-        with dest.transaction():
-            dest.execute("set local synchronous_commit = on")
-            for copy in self.copies:
-                dest.execute(sql.SQL("alter table {} enable trigger user").format(copy.table.dest))
-                state.set_table(dest, dst.state_schema, self.slot, copy.table, "copied",
-                                sync_lsn, rows=copy.rows)
-        for copy in self.copies:
-            if self.metrics is not None:
-                self.metrics.copy_rows.labels(copy.table.qualname).inc(copy.rows)
-                self.metrics.table_sync(copy.table.qualname, state.COPIED)
-            secs = max(1e-6, (copy.finished or time.monotonic()) - (copy.started or time.monotonic()))
-            log.info("table sync state", extra={
-                "table": copy.table.qualname, "state": "copied", "rows": copy.rows,
-                "mb": round(copy.bytes / 1e6, 1), "seconds": round(secs, 2),
-                "rows_per_s": int(copy.rows / secs)})
-
-    def _build_indexes(self, jobs: list[tuple[MirrorTable, sql.Composable]]) -> None:
-        tasks: queue.Queue = queue.Queue()
-        # Primary keys first: the stream needs them, the rest only speeds up queries.
-        for job in jobs:
-            tasks.put(job)
-
-        def worker():
-            with psycopg.connect(self.config.destination.conninfo(), autocommit=True) as conn:
-                while True:
-                    try:
-                        t, stmt = tasks.get_nowait()
-                    except queue.Empty:
-                        return
-                    try:
-                        with conn.transaction():
-                            conn.execute("set local maintenance_work_mem = '256MB'")
-                            conn.execute(stmt)
-                    except psycopg.Error as exc:
-                        # A secondary index the destination cannot build (an
-                        # operator class from a missing extension) is not worth
-                        # stopping replication for.
-                        log.warning("index not created on the mirror", extra={
-                            "table": t.qualname, "sql": stmt.as_string(conn), "error": str(exc)})
-
-        threads = [threading.Thread(target=worker, daemon=True)
-                   for _ in range(min(self.workers, len(jobs)))]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
 
 
 def _drain(conn: pq.PGconn) -> str:

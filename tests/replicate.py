@@ -78,3 +78,40 @@ def assert_same(source_db, dest_db, table: str, order: str = "id") -> list[tuple
     assert len(src) == len(dst), f"{table}: {len(src)} rows at the source, {len(dst)} in the mirror"
     assert src == dst
     return src
+
+
+def write_config(path, source_db, dest_db, **extra) -> None:
+    """An etl-config.toml for the test databases.
+
+    Extra keywords are [destination] keys, or [source] keys with a source_ prefix.
+    """
+    import json
+
+    from psycopg.conninfo import conninfo_to_dict
+
+    def keys(prefix: bool) -> str:
+        return "".join(f"{k.removeprefix('source_')} = {json.dumps(v)}\n" for k, v in extra.items()
+                       if k.startswith("source_") == prefix)
+
+    s, d = conninfo_to_dict(source_db.dsn), conninfo_to_dict(dest_db.dsn)
+    path.write_text(f"""
+[source]
+type = "postgres"
+host = "{s['host']}"
+port = {s['port']}
+database = "{s['dbname']}"
+user = "{s['user']}"
+password = "unused"
+publication = "{PUBLICATION}"
+{keys(True)}
+[destination]
+type = "postgres"
+host = "{d['host']}"
+port = {d['port']}
+database = "{d['dbname']}"
+user = "{d['user']}"
+password = "unused"
+{keys(False)}
+[metrics]
+enabled = false
+""")

@@ -7,7 +7,7 @@ import time
 
 import psycopg
 import pytest
-from replicate import PUBLICATION, assert_same, catch_up, running
+from replicate import PUBLICATION, assert_same, catch_up, running, write_config
 from zoo import setup_zoo, zoo_rows
 
 from replicator import odoo, seed
@@ -182,30 +182,3 @@ def test_resync_of_unknown_table_is_one_clear_line(source_db, dest_db, tmp_path,
     assert cli_main(["resync", "--config", str(config), "--table", "nope"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "public.nope" in err[0] and "public.a" in err[0]
-
-
-def write_config(path, source_db, dest_db) -> None:
-    from psycopg.conninfo import conninfo_to_dict
-
-    s, d = conninfo_to_dict(source_db.dsn), conninfo_to_dict(dest_db.dsn)
-    path.write_text(f"""
-[source]
-type = "postgres"
-host = "{s['host']}"
-port = {s['port']}
-database = "{s['dbname']}"
-user = "{s['user']}"
-password = "unused"
-publication = "{PUBLICATION}"
-
-[destination]
-type = "postgres"
-host = "{d['host']}"
-port = {d['port']}
-database = "{d['dbname']}"
-user = "{d['user']}"
-password = "unused"
-
-[metrics]
-enabled = false
-""")
