@@ -646,3 +646,53 @@ def run(config: Config, until_caught_up: bool = False) -> int:
         signal.signal(signal.SIGTERM, pipeline.request_stop)
         signal.signal(signal.SIGINT, pipeline.request_stop)
     return pipeline.run()
+
+
+def check(config: Config) -> int:
+    """`replicator check`: can this configuration replicate? Changes nothing.
+
+    Prints one line per finding; raises the first blocking problem as the
+    usual one-line error, so the exit code says what kind it is.
+    """
+    src, dst = config.source, config.destination
+    try:
+        catalog = psycopg.connect(src.conninfo(), autocommit=True)
+    except psycopg.Error as exc:
+        raise classify(exc, settings=src) from None
+    with catalog:
+        tables = Pipeline(config)._discover(catalog)
+        is_repl = catalog.execute("select rolreplication or rolsuper from pg_roles "
+                                  "where rolname = current_user").fetchone()[0]
+        if not is_repl:
+            raise ReplicatorError(
+                ErrorKind.SOURCE_SETUP, f"source user {src.user!r} may not replicate",
+                f"run on the source: ALTER ROLE {src.user} WITH REPLICATION")
+        slot = catalog.execute("select plugin, active from pg_replication_slots "
+                               "where slot_name = %s", [src.slot]).fetchone()
+        binary = all(c.builtin for t in tables for c in t.columns)
+        print(f"source OK: wal_level=logical, publication {src.publication} with "
+              f"{len(tables)} replicated table(s), {'binary' if binary else 'text'} mode; slot "
+              + (f"{src.slot} exists ({'active' if slot[1] else 'inactive'})" if slot
+                 else f"{src.slot} will be created"))
+        for t in tables:
+            print(f"  {t.qualname:40} key ({', '.join(t.key)}) -> "
+                  f"{'.'.join(config.target(t.schema, t.name))}")
+    try:
+        dest = psycopg.connect(dst.conninfo(), autocommit=True)
+    except psycopg.Error as exc:
+        raise classify(exc, settings=dst) from None
+    with dest:
+        can_create = dest.execute("select has_database_privilege(current_user, "
+                                  "current_database(), 'create')").fetchone()[0]
+        if not can_create:
+            raise ReplicatorError(
+                ErrorKind.SOURCE_SETUP,
+                f"destination user {dst.user!r} cannot create schemas in {dst.database!r}",
+                f"run on the destination: GRANT CREATE ON DATABASE {dst.database} TO {dst.user}")
+        has_state = dest.execute("select to_regclass(%s) is not null",
+                                 [f"{dst.state_schema}.pipelines"]).fetchone()[0]
+        applied = state.applied_lsn(dest, dst.state_schema, src.slot) if has_state else None
+        print(f"destination OK: mirror schema {dst.schema}, state schema {dst.state_schema}; "
+              + (f"applied up to {format_lsn(applied)}" if applied is not None
+                 else "nothing replicated yet (the first run copies the existing rows)"))
+    return 0
