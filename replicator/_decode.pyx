@@ -429,6 +429,7 @@ cdef class Decoder:
         cdef uint32_t relid
         cdef char c
         cdef int has_old = 0, full_old = 0, moved
+        cdef Py_ssize_t before
         if self.in_stream:
             q += 4  # the (sub)transaction's xid
         if q + 5 > end:
@@ -442,6 +443,7 @@ cdef class Decoder:
             return 0
         if not self.in_stream and self.final_lsn < r.skip_before:
             return 0
+        before = r.buf.len
         c = q[0]
         q += 1
         if tag == b'I':
@@ -490,7 +492,7 @@ cdef class Decoder:
             r.n_delete += 1
         self.txn_rows += 1
         self.batch_rows += 1
-        self.buffered_bytes = r.buf.len  # rough: the largest table dominates
+        self.buffered_bytes += r.buf.len - before
         return 0
 
     cdef str _error(self):

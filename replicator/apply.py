@@ -21,7 +21,7 @@ import psycopg
 from psycopg import sql
 
 from . import state
-from .batch import AlterTable, Batch, Rows, SyncDone, SyncStart, TableRows, Truncate
+from .batch import AlterTable, Batch, Rows, SpilledRows, SyncDone, SyncStart, TableRows, Truncate
 from .errors import ErrorKind, ReplicatorError
 from .lsn import format_lsn
 from .schema import (MirrorTable, alter_mirror_sql, create_held_sql, create_mirror_sql,
@@ -264,6 +264,15 @@ def dead_letter_sql(t: MirrorTable) -> sql.Composable:
 # -- the applier -----------------------------------------------------------
 
 
+def _write(copy: psycopg.Copy, data: bytes | SpilledRows) -> None:
+    if isinstance(data, SpilledRows):
+        for chunk in data.chunks():
+            copy.write(chunk)
+    else:
+        copy.write(data)
+
+
+
 class Applier:
     """Owns the destination connection; applies batches one transaction each."""
 
@@ -415,11 +424,11 @@ class Applier:
         t = tr.table
         if t.qualname in self.holding:
             with cur.copy(self._stmt("copy_held", t)) as copy:
-                copy.write(tr.data)
+                _write(copy, tr.data)
             return
         cur.execute(sql.SQL("truncate {}").format(t.stage))
         with cur.copy(self._stmt("copy", t)) as copy:
-            copy.write(tr.data)
+            _write(copy, tr.data)
         if tr.unchanged:
             cur.execute(self._stmt("dead", t), [self.slot, t.qualname, format_lsn(end_lsn)])
             if cur.rowcount > 0:

@@ -8,6 +8,7 @@ destination transaction.
 
 from __future__ import annotations
 
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -15,10 +16,39 @@ from dataclasses import dataclass, field
 from .schema import MirrorTable
 
 
+COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
+COPY_TRAILER = b"\xff\xff"
+
+
+class SpilledRows:
+    """Staging rows that did not fit in memory: a temporary file of COPY BINARY
+    tuples (no header, no trailer), deleted when closed or collected."""
+
+    def __init__(self) -> None:
+        self.file = tempfile.TemporaryFile(prefix="replicator-spill-")
+        self.size = 0
+
+    def append(self, copy_stream: bytes) -> None:
+        rows = memoryview(copy_stream)[len(COPY_HEADER):-len(COPY_TRAILER)]
+        self.file.write(rows)
+        self.size += len(rows)
+
+    def chunks(self, size: int = 1 << 20):
+        """The whole COPY BINARY stream, a chunk at a time."""
+        yield COPY_HEADER
+        self.file.seek(0)
+        while chunk := self.file.read(size):
+            yield chunk
+        yield COPY_TRAILER
+
+    def close(self) -> None:
+        self.file.close()
+
+
 @dataclass
 class TableRows:
     table: MirrorTable
-    data: bytes           # a complete COPY BINARY stream of staging rows
+    data: bytes | SpilledRows   # a complete COPY BINARY stream of staging rows, or a spill
     rows: int
     inserts: int
     updates: int
@@ -72,20 +102,54 @@ class Batch:
     last_commit_ts: int = 0       # source commit time of that transaction
     first_commit_ts: int = 0
     opened: float = field(default_factory=time.monotonic)
+    _spilled: dict[int, list] = field(default_factory=dict, repr=False)
 
     @property
     def empty(self) -> bool:
-        return self.txns == 0 and not self.ops
+        return self.txns == 0 and not self.ops and not self._spilled
 
     def add_rows(self, taken: list[tuple[int, bytes, tuple]], tables: dict[int, MirrorTable]) -> None:
-        """Append what Decoder.take() returned as one Rows operation."""
-        if not taken:
-            return
+        """Append what Decoder.take() returned (and what was spilled before) as one Rows operation."""
+        spilled, self._spilled = self._spilled, {}
         out = []
-        for relid, data, (rows, ins, upd, dele, unch, moves) in taken:
-            out.append(TableRows(tables[relid], data, rows, ins, upd, dele, unch, moves))
-            self.rows += rows
-        self.ops.append(Rows(out))
+        for relid, data, counts in taken:
+            if relid in spilled:
+                spilled[relid][0].append(data)
+                spilled[relid][1] = [a + b for a, b in zip(spilled[relid][1], counts)]
+            else:
+                out.append(TableRows(tables[relid], data, *counts))
+                self.rows += counts[0]
+        for relid, (rows, counts) in spilled.items():
+            out.append(TableRows(tables[relid], rows, *counts))
+            self.rows += counts[0]
+        if out:
+            self.ops.append(Rows(out))
+
+    def spill(self, taken: list[tuple[int, bytes, tuple]]) -> int:
+        """Move what Decoder.take() returned to temporary files (memory is short).
+
+        The rows stay in their place in the stream: the next add_rows() puts
+        them, followed by the rows taken then, into the same Rows operation.
+        """
+        moved = 0
+        for relid, data, counts in taken:
+            entry = self._spilled.setdefault(relid, [SpilledRows(), [0] * len(counts)])
+            entry[0].append(data)
+            entry[1] = [a + b for a, b in zip(entry[1], counts)]
+            moved += len(data)
+        return moved
+
+    @property
+    def spilled_rows(self) -> int:
+        return sum(counts[0] for _, counts in self._spilled.values())
+
+    def close(self) -> None:
+        """Delete the batch's spill files."""
+        for tr in self.table_rows():
+            if isinstance(tr.data, SpilledRows):
+                tr.data.close()
+        for rows, _ in self._spilled.values():
+            rows.close()
 
     def commit(self, end_lsn: int, commit_ts: int) -> None:
         self.txns += 1

@@ -38,6 +38,7 @@ log = logging.getLogger("replicator")
 
 STATUS_INTERVAL = 5.0      # seconds between standby status updates when nothing changes
 IDLE_PROBE_INTERVAL = 1.0  # how often an idle receiver asks the source where WAL ends
+PUMP_MESSAGES = 20000      # messages decoded between looks at memory, status and signals
 POLL_INTERVAL = 2.0        # how often to look for tables added to the publication or resyncs
 
 
@@ -311,6 +312,8 @@ class Pipeline:
             except BaseException as exc:  # handed to the receiver, which raises it
                 handoff.fail(exc)
                 return
+            finally:
+                batch.close()
             self.progress.applied_lsn = max(self.progress.applied_lsn, batch.end_lsn)
             if batch.last_commit_ts:
                 self.progress.last_commit_ts = batch.last_commit_ts
@@ -359,6 +362,10 @@ class _Receiver:
         self.refused: set[tuple[str, str]] = set()
         self.last_poll = time.monotonic()
         self.poll_conn: psycopg.Connection | None = None
+        # Decoded rows kept in memory before spilling: a quarter of the budget,
+        # since a batch also exists as bytes handed to the applier, and one
+        # more batch can wait for it.
+        self.memory_limit = self.cfg.destination.max_memory_mb * (1 << 20) // 4
 
     # -- main loop -------------------------------------------------------
 
@@ -381,7 +388,7 @@ class _Receiver:
                 return
             if not dec.in_txn:
                 self._sync_progress()
-            ev = dec.pump(200000)
+            ev = dec.pump(PUMP_MESSAGES)
             self.received = max(self.received, dec.wal_start)
             if ev == EV_WOULD_BLOCK:
                 self.p.metrics.alive()
@@ -404,6 +411,12 @@ class _Receiver:
             elif ev == EV_LIMIT:
                 self.p.metrics.alive()
                 self._maybe_status()
+            if dec.buffered_bytes > self.memory_limit:
+                # A transaction larger than memory: its rows go to temporary
+                # files and are streamed into staging when the batch applies.
+                moved = self.batch.spill(dec.take())
+                log.info("batch spilled to disk", extra={"bytes": moved,
+                                                         "limit_bytes": self.memory_limit})
             elif ev in (EV_COPY_DONE, EV_ERROR):
                 reason = self.repl.end_result()
                 raise ReplicatorError(
@@ -427,7 +440,7 @@ class _Receiver:
     # -- batches ---------------------------------------------------------
 
     def _pending_rows(self) -> int:
-        return self.batch.rows + self.dec.batch_rows
+        return self.batch.rows + self.dec.batch_rows + self.batch.spilled_rows
 
     def _maybe_close(self, idle: bool = False) -> None:
         """Hand the batch over at a transaction boundary when it is time."""

@@ -246,3 +246,19 @@ def test_odoo_tables(source_db, dest_db):
                   "hr_expense", "hr_expense_sheet"):
         assert_same(source_db, dest_db, table)
     assert dest_db.scalar("select count(*) from replicator.dead_letters") == 0
+
+
+def test_transaction_larger_than_memory_spills_to_disk(source_db, dest_db, caplog):
+    setup_zoo(source_db)
+    catch_up(source_db, dest_db)
+    with source_db.connect(autocommit=False) as conn:
+        conn.execute(zoo_rows(30_000))
+        conn.execute("update zoo set code = 'updated' where id % 10 = 0")   # body unchanged
+        conn.execute("truncate zoo")                                        # a split mid-spill
+        conn.execute(zoo_rows(20_000))
+        conn.execute("update zoo set id = id + 100000 where id % 100 = 0")
+        conn.commit()
+    with caplog.at_level("INFO", logger="replicator"):
+        catch_up(source_db, dest_db, max_memory_mb=1, batch_size=100_000)
+    assert any(r.getMessage() == "batch spilled to disk" for r in caplog.records)
+    assert_same(source_db, dest_db, "zoo")
