@@ -694,6 +694,34 @@ def test_sigterm_finishes_batch(source_db, dest_db, replicator):
     assert_mirror_equal(source_db, dest_db, rep, summary)
 
 
+def test_sigterm_during_initial_copy(source_db, dest_db, replicator):
+    """A stop requested while the existing rows are being copied is a stop, not an error: exit 0
+    (the copy restarts on the next run), and the next run makes the mirror equal."""
+    from replicator.seed import seed
+
+    version = source_db.cluster.version
+    seed(source_db.dsn, scale=1, publication=PUBLICATION)
+    rep = replicator()
+    rep.start()
+    wait_for(lambda: '"initial copy started"' in rep.output()[0] or not rep.alive, 30, 0.005,
+             what="the initial copy to start")
+    states_at_signal = table_states(dest_db)
+    t0 = time.monotonic()
+    code = rep.terminate(timeout=15)
+    exit_s = time.monotonic() - t0
+    out, err = rep.output()
+    summary = (
+        f"pg{version}: SIGTERM during the initial copy (table states at the signal: "
+        f"{states_at_signal}, after the exit: {table_states(dest_db)}) -> exit {code} in "
+        f"{exit_s:.2f} s, stderr: {err.strip()!r}"
+    )
+    print(summary)
+    code_after = rep.run_until_caught_up(timeout=60)
+    assert code_after == 0, f"{summary}\n{rep.logs()}"
+    assert_mirror_equal(source_db, dest_db, rep, summary)
+    assert code == 0, f"{summary}\n{rep.logs()}"
+
+
 # -- d: the destination server crashes and comes back -------------------------------------------
 
 
