@@ -95,6 +95,10 @@ def _connect(conninfo: str, kind: ErrorKind) -> pq.PGconn:
     return conn
 
 
+class CopyStopped(Exception):
+    """A stop was requested: the copy ended early, unfinished tables stay 'copying'."""
+
+
 class Backfill:
     """Copies a set of mirror tables from one snapshot; returns their sync LSN."""
 
@@ -218,9 +222,11 @@ class Backfill:
                 th.join()
         if self._errors:
             raise self._errors[0]
-        if self.stop.is_set() or any(c.state != "copied" for c in self.copies):
-            raise ReplicatorError(ErrorKind.SOURCE_CONNECT, "initial copy interrupted",
-                                  "it restarts where it stopped on the next run")
+        if self.stop.is_set():
+            raise CopyStopped()
+        if any(c.state != "copied" for c in self.copies):
+            raise ReplicatorError(ErrorKind.INTERNAL, "initial copy ended with tables not copied",
+                                  "report this as a bug; the next run copies them again")
 
     def _worker(self, snapshot: str, imported: threading.Barrier) -> None:
         cfg = self.config

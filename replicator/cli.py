@@ -47,12 +47,12 @@ etl-config.toml, with secrets as $VARIABLES from the environment or a .env file 
 
 _EPILOG = """\
 examples:
-  replicator check -c etl-config.toml       validate the configuration (run this first)
-  replicator run -c etl-config.toml         replicate until stopped (Ctrl-C, SIGTERM)
-  replicator run --until-caught-up          replicate up to the source's current position, exit
-  replicator resync --table account_move    copy one table again while the rest streams
-  replicator seed --dsn "dbname=odoo_core"  fill a database with Odoo-shaped test data
-  replicator demo                           try it all on throwaway local servers
+  replicator check --config etl-config.toml   validate the configuration (run this first)
+  replicator run --config etl-config.toml     replicate until stopped (Ctrl-C, SIGTERM)
+  replicator run --until-caught-up            replicate up to the source's current position, exit
+  replicator resync --table account_move      copy one table again while the rest streams
+  replicator seed --dsn "dbname=odoo_core"    fill a database with Odoo-shaped test data
+  replicator demo                             try it all on throwaway local servers
 
 Each command has its own help: replicator COMMAND --help
 

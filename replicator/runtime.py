@@ -24,7 +24,7 @@ from ._decode import (EV_COMMIT, EV_COPY_DONE, EV_ERROR, EV_KEEPALIVE, EV_LIMIT,
                       EV_STREAM_ABORT, EV_STREAM_COMMIT, EV_STREAM_START, EV_STREAM_STOP,
                       EV_TRUNCATE, EV_WOULD_BLOCK, Decoder)
 from .apply import Applier
-from .backfill import Backfill
+from .backfill import Backfill, CopyStopped
 from .batch import AlterTable, Batch, SyncDone, SyncStart, Truncate
 from .config import Config
 from .errors import ErrorKind, ReplicatorError, classify
@@ -191,7 +191,12 @@ class Pipeline:
                        not in (state.COPIED, state.STREAMING)]
             if to_copy:
                 self.metrics.alive("copying")
-                sync_lsn = Backfill(cfg, to_copy, slot, self.stop_requested, self.metrics).run()
+                try:
+                    sync_lsn = Backfill(cfg, to_copy, slot, self.stop_requested, self.metrics).run()
+                except CopyStopped:
+                    log.info("stopped during the initial copy: unfinished tables are copied "
+                             "again on the next run")
+                    return
                 for t in to_copy:
                     states[t.source.qualname] = (state.COPIED, sync_lsn)
             applier.prepare_tables(list(mirrors.values()))
@@ -649,6 +654,8 @@ class _Receiver:
             self.p.metrics.table_sync(t.qualname, state.COPYING)
             lsn = Backfill(self.cfg, [t], self.cfg.source.slot, self.sync_stop, self.p.metrics).run()
             self.sync_results.put((key, t, lsn))
+        except CopyStopped:
+            pass  # the receiver is stopping; the table stays pending for the next run
         except BaseException as exc:
             self.sync_results.put((key, t, exc))
 
