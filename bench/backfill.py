@@ -112,6 +112,65 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+class CpuMeter:
+    """CPU time used on the machine by processes that are not this benchmark's.
+
+    Ours: this process and its reaped children (psql), and both postmasters with
+    their backends (live ones directly, ended ones through the postmaster's
+    cutime). Everything else /proc/stat counts as busy is someone else's: other
+    test suites running meanwhile would show up here.
+    """
+
+    TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def __init__(self, postmasters: list[int | None]) -> None:
+        self.postmasters = [p for p in postmasters if p]
+
+    @staticmethod
+    def _stat(pid: int | str) -> list[str] | None:
+        try:
+            text = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return None
+        return text[text.rindex(")") + 2:].split()
+
+    def _ours(self) -> float:
+        ticks = 0
+        pids = {os.getpid(), *self.postmasters}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            f = self._stat(entry.name)
+            if f is None:
+                continue
+            pid, ppid = int(entry.name), int(f[1])
+            if pid in pids:        # utime stime cutime cstime
+                ticks += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
+            elif ppid in self.postmasters:
+                ticks += int(f[11]) + int(f[12])
+        return ticks / self.TICK
+
+    @classmethod
+    def _busy(cls) -> float:
+        try:
+            f = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        except OSError:
+            return 0.0
+        v = [int(x) for x in f]
+        # user nice system idle iowait irq softirq steal
+        return (v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)) / cls.TICK
+
+    def snapshot(self) -> tuple[float, float, float]:
+        return time.monotonic(), self._busy(), self._ours()
+
+    def foreign_share(self, start: tuple[float, float, float]) -> float:
+        """Share of all CPUs used by others since `start` (0.0 to 1.0)."""
+        t1, busy1, ours1 = self.snapshot()
+        t0, busy0, ours0 = start
+        wall = max(1e-6, t1 - t0) * (os.cpu_count() or 1)
+        return max(0.0, ((busy1 - busy0) - (ours1 - ours0)) / wall)
+
+
 # -- timing the replicator's phases from outside ----------------------------
 
 
@@ -480,7 +539,8 @@ def summarize(bench: Bench, samples: dict[str, list[dict]]) -> dict[str, Any]:
             continue
         secs = median([r["seconds"] for r in runs])
         entry: dict[str, Any] = {"seconds": secs, "rows_per_s": rows / secs,
-                                 "samples_s": [round(r["seconds"], 3) for r in runs]}
+                                 "samples_s": [round(r["seconds"], 3) for r in runs],
+                                 "foreign_cpu_max": max(r.get("foreign_cpu", 0.0) for r in runs)}
         if "phases" in runs[0]:
             names = list(runs[0]["phases"])
             entry["phases_s"] = {n: round(median([r["phases"].get(n, 0.0) for r in runs]), 3)
@@ -515,7 +575,9 @@ def print_table(report: dict[str, Any], out=sys.stdout) -> None:
     p(f"PostgreSQL: source {report['postgres']['source']}, destination "
       f"{report['postgres']['destination']} (LocalCluster: fsync=off, shared_buffers=128MB, loopback TCP)",
       file=out)
-    p(f"load average: {m['load_avg']} at start, {report['load_avg_end']} at end", file=out)
+    p(f"load average: {m['load_avg']} at start, {report['load_avg_end']} at end; other "
+      f"processes used at most {report['foreign_cpu_max']:.0%} of the CPUs during a timed run",
+      file=out)
     t = report["table"]
     p(f"table: {t['name']}, {t['rows']:,} rows ({t['mb']:.0f} MB, {t['pages']:,} pages), "
       f"median of {report['repeat']} run(s) per way", file=out)
@@ -617,6 +679,7 @@ def main(argv: list[str] | None = None) -> int:
         bench.start()
         versions = bench.versions()
         bench.seed()
+        meter = CpuMeter([bench.src.pid, bench.dst.pid])
         runners = {
             WAY_RAW: bench.run_raw,
             WAY_NATIVE: bench.run_native,
@@ -630,9 +693,12 @@ def main(argv: list[str] | None = None) -> int:
             rot = order[i % len(order):] + order[:i % len(order)]
             for way in rot:
                 say(f"round {i + 1}/{args.repeat}: {way}")
+                snap = meter.snapshot()
                 res = runners[way]()
+                res["foreign_cpu"] = meter.foreign_share(snap)
                 samples[way].append(res)
-                say(f"  {res['seconds']:.2f} s, {bench.rows / res['seconds']:,.0f} rows/s")
+                say(f"  {res['seconds']:.2f} s, {bench.rows / res['seconds']:,.0f} rows/s "
+                    f"(other processes used {res['foreign_cpu']:.0%} of the CPUs)")
         ways = summarize(bench, samples)
 
         tuning = []
@@ -642,14 +708,17 @@ def main(argv: list[str] | None = None) -> int:
                 for pages in args.tune_pages:
                     runs = []
                     for _ in range(reps):
+                        snap = meter.snapshot()
                         res = bench.run_copy_only(workers, pages)
+                        res["foreign_cpu"] = meter.foreign_share(snap)
                         runs.append(res)
                     secs = median([r["seconds"] for r in runs])
                     label = str(pages) if pages > 0 else "no split"
                     tuning.append({"workers": workers, "pages_per_range": pages,
                                    "pages_per_range_label": label, "ranges": runs[0]["ranges"],
                                    "seconds": secs, "rows_per_s": bench.rows / secs,
-                                   "samples_s": [round(r["seconds"], 3) for r in runs]})
+                                   "samples_s": [round(r["seconds"], 3) for r in runs],
+                                   "foreign_cpu_max": max(r["foreign_cpu"] for r in runs)})
                     say(f"tune: {workers} worker(s), PAGES_PER_RANGE={label} "
                         f"({runs[0]['ranges']} ranges): {secs:.2f} s, {bench.rows / secs:,.0f} rows/s")
 
@@ -657,6 +726,8 @@ def main(argv: list[str] | None = None) -> int:
             "machine": machine,
             "postgres": versions,
             "load_avg_end": [round(x, 2) for x in os.getloadavg()],
+            "foreign_cpu_max": max([e.get("foreign_cpu_max", 0.0) for e in ways.values()]
+                                   + [r["foreign_cpu_max"] for r in tuning]),
             "rows_requested": args.rows,
             "repeat": args.repeat,
             "table": {"name": f"public.{TABLE}", "rows": bench.rows, "mb": round(bench.table_mb, 1),

@@ -399,7 +399,8 @@ def _rules() -> list[tuple[re.Pattern[str], Any]]:
     def slot_lost(w: _Where, text: str) -> tuple[ErrorKind, str]:
         return ErrorKind.RESYNC_REQUIRED, (
             "the replication slot is gone or invalidated, so changes since the last applied "
-            "position are lost: resync the mirror (drop the mirror's state and run again)"
+            "position are lost: run `replicator resync --config PATH --all`, then run again "
+            "to copy every table"
         )
 
     def slots_full(w: _Where, text: str) -> tuple[ErrorKind, str]:
