@@ -134,9 +134,9 @@ class CpuMeter:
             return None
         return text[text.rindex(")") + 2:].split()
 
-    def _ours(self) -> float:
-        ticks = 0
-        pids = {os.getpid(), *self.postmasters}
+    def _ours(self) -> dict[str, float]:
+        """CPU seconds so far: this process, and each postmaster with its backends."""
+        ticks = {"bench": 0, **{pm: 0 for pm in self.postmasters}}
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
@@ -144,11 +144,13 @@ class CpuMeter:
             if f is None:
                 continue
             pid, ppid = int(entry.name), int(f[1])
-            if pid in pids:        # utime stime cutime cstime
-                ticks += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
-            elif ppid in self.postmasters:
-                ticks += int(f[11]) + int(f[12])
-        return ticks / self.TICK
+            if pid == os.getpid():      # utime stime cutime cstime
+                ticks["bench"] += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
+            elif pid in ticks:
+                ticks[pid] += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
+            elif ppid in ticks:
+                ticks[ppid] += int(f[11]) + int(f[12])
+        return {k: v / self.TICK for k, v in ticks.items()}
 
     @classmethod
     def _busy(cls) -> float:
@@ -160,15 +162,21 @@ class CpuMeter:
         # user nice system idle iowait irq softirq steal
         return (v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)) / cls.TICK
 
-    def snapshot(self) -> tuple[float, float, float]:
+    def snapshot(self) -> tuple[float, float, dict[str, float]]:
         return time.monotonic(), self._busy(), self._ours()
 
-    def foreign_share(self, start: tuple[float, float, float]) -> float:
-        """Share of all CPUs used by others since `start` (0.0 to 1.0)."""
+    def since(self, start: tuple[float, float, dict[str, float]]) -> dict[str, Any]:
+        """CPU seconds since `start` by side, and the share of all CPUs others used."""
         t1, busy1, ours1 = self.snapshot()
         t0, busy0, ours0 = start
+        used = {k: ours1.get(k, 0.0) - ours0.get(k, 0.0) for k in ours1}
         wall = max(1e-6, t1 - t0) * (os.cpu_count() or 1)
-        return max(0.0, ((busy1 - busy0) - (ours1 - ours0)) / wall)
+        names = ["source", "destination"]
+        out = {"bench": round(used.pop("bench", 0.0), 2)}
+        for name, pm in zip(names, self.postmasters):
+            out[name] = round(used.get(pm, 0.0), 2)
+        foreign = max(0.0, ((busy1 - busy0) - sum(out.values())) / wall)
+        return {"cpu_s": out, "foreign_cpu": foreign}
 
 
 # -- timing the replicator's phases from outside ----------------------------
@@ -305,6 +313,7 @@ class Bench:
         self.table_mb = 0.0
         self.pages = 0
         self.psql = self._find_psql()
+        self.meter: CpuMeter | None = None
 
     @property
     def src_dsn(self) -> str:
@@ -329,6 +338,7 @@ class Bench:
         say(f"starting PostgreSQL {PG_VERSION} source and destination under {self.base}")
         self.src.start()
         self.dst.start()
+        self.meter = CpuMeter([self.src.pid, self.dst.pid])
 
     def close(self) -> None:
         if self.keep:
@@ -398,6 +408,7 @@ class Bench:
         base = [self.psql, "-X", "-q", "-v", "ON_ERROR_STOP=1"]
         out_cmd = base + ["-d", self.src_dsn, "-c", f"COPY public.{TABLE} TO STDOUT (FORMAT BINARY)"]
         in_cmd = base + ["-d", self.dst_dsn, "-c", f"COPY public.{TABLE} FROM STDIN (FORMAT BINARY)"]
+        snap = self.meter.snapshot()
         t0 = time.monotonic()
         p_out = subprocess.Popen(out_cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         p_in = subprocess.Popen(in_cmd, stdin=p_out.stdout, stdout=subprocess.PIPE,
@@ -407,11 +418,12 @@ class Bench:
         out_err = p_out.stderr.read()
         p_out.wait()
         secs = time.monotonic() - t0
+        cpu = self.meter.since(snap)
         p_out.stderr.close()
         if p_out.returncode or p_in.returncode:
             raise RuntimeError(f"raw pipe failed: {out_err.decode()} {in_err.decode()}")
         self.check_rows(f"public.{TABLE}", WAY_RAW)
-        return {"seconds": secs}
+        return {"seconds": secs, **cpu}
 
     # -- way 3: native table sync
 
@@ -420,6 +432,7 @@ class Bench:
         conninfo = self.src.dsn(SRC_DB)
         seen: dict[str, float] = {}
         with self.dst.connect(DST_DB) as conn:
+            snap = self.meter.snapshot()
             t0 = time.monotonic()
             conn.execute(sql.SQL(
                 "create subscription {} connection {} publication {} "
@@ -439,6 +452,7 @@ class Bench:
                     raise RuntimeError("native table sync did not reach 'r' within an hour")
                 time.sleep(0.02)
             secs = time.monotonic() - t0
+            cpu = self.meter.since(snap)
             substream, subbinary = conn.execute(
                 "select substream::text, subbinary from pg_subscription where subname = %s",
                 [SUBSCRIPTION]).fetchone()
@@ -446,7 +460,7 @@ class Bench:
         self.check_rows(f"public.{TABLE}", WAY_NATIVE)
         streaming = {"f": "off", "false": "off", "t": "on", "true": "on", "p": "parallel"}.get(
             str(substream), str(substream))
-        return {"seconds": secs, "streaming": streaming, "binary": bool(subbinary),
+        return {"seconds": secs, **cpu, "streaming": streaming, "binary": bool(subbinary),
                 "create_subscription_s": created - t0,
                 "states_first_seen_s": {k: round(v, 3) for k, v in seen.items()}}
 
@@ -469,9 +483,11 @@ class Bench:
         self.drop_source_slots()
         cfg = self.config(copy_indexes=copy_indexes)
         with PhaseTimer() as timer:
+            snap = self.meter.snapshot()
             t0 = time.monotonic()
             rc = Pipeline(cfg, until_caught_up=True).run()
             t1 = time.monotonic()
+            cpu = self.meter.since(snap)
         if rc != 0:
             raise RuntimeError(f"replicator run returned {rc}")
         self.drop_source_slots()
@@ -480,7 +496,7 @@ class Bench:
             n_idx = conn.execute(
                 "select count(*) from pg_indexes where schemaname = 'odoo_mirror' and tablename = %s",
                 [TABLE]).fetchone()[0]
-        return {"seconds": t1 - t0, "copy_seconds": timer.copy_seconds(),
+        return {"seconds": t1 - t0, **cpu, "copy_seconds": timer.copy_seconds(),
                 "phases": pipeline_phases(timer, t0, t1),
                 "workers": timer.workers[0] if timer.workers else None,
                 "ranges": timer.ranges[0] if timer.ranges else None,
@@ -511,15 +527,26 @@ class Bench:
             if workers is not None:
                 bf.workers = workers
             with PhaseTimer() as timer:
+                snap = self.meter.snapshot()
                 t0 = time.monotonic()
                 bf.run()
                 t1 = time.monotonic()
+                cpu = self.meter.since(snap)
         finally:
             backfill_mod.PAGES_PER_RANGE = saved_pages
             backfill_mod.primary_key_sql = saved_pk
         self.drop_source_slots()
         self.check_rows(f"odoo_mirror.{TABLE}", "copy only")
-        return {"seconds": timer.copy_seconds(), "backfill_seconds": t1 - t0,
+        # What the skipped primary key costs on its own, as Backfill builds it.
+        with self.dst.connect(DST_DB) as conn:
+            with conn.transaction():
+                conn.execute("set local maintenance_work_mem = '256MB'")
+                t_pk = time.monotonic()
+                conn.execute(sql.SQL("alter table {} add primary key ({})").format(
+                    mirror.dest, sql.SQL(", ").join(map(sql.Identifier, src_table.key))))
+                pk_secs = time.monotonic() - t_pk
+        return {"seconds": timer.copy_seconds(), "backfill_seconds": t1 - t0, **cpu,
+                "pk_build_s": pk_secs,
                 "workers": timer.workers[0] if timer.workers else workers,
                 "ranges": timer.ranges[0] if timer.ranges else None}
 
@@ -531,6 +558,11 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+def median_cpu(runs: list[dict]) -> dict[str, float]:
+    sides = runs[0].get("cpu_s", {})
+    return {k: round(median([r["cpu_s"][k] for r in runs]), 2) for k in sides}
+
+
 def summarize(bench: Bench, samples: dict[str, list[dict]]) -> dict[str, Any]:
     rows = bench.rows
     ways: dict[str, dict[str, Any]] = {}
@@ -540,7 +572,8 @@ def summarize(bench: Bench, samples: dict[str, list[dict]]) -> dict[str, Any]:
         secs = median([r["seconds"] for r in runs])
         entry: dict[str, Any] = {"seconds": secs, "rows_per_s": rows / secs,
                                  "samples_s": [round(r["seconds"], 3) for r in runs],
-                                 "foreign_cpu_max": max(r.get("foreign_cpu", 0.0) for r in runs)}
+                                 "foreign_cpu_max": max(r.get("foreign_cpu", 0.0) for r in runs),
+                                 "cpu_s": median_cpu(runs)}
         if "phases" in runs[0]:
             names = list(runs[0]["phases"])
             entry["phases_s"] = {n: round(median([r["phases"].get(n, 0.0) for r in runs]), 3)
@@ -578,6 +611,7 @@ def print_table(report: dict[str, Any], out=sys.stdout) -> None:
     p(f"load average: {m['load_avg']} at start, {report['load_avg_end']} at end; other "
       f"processes used at most {report['foreign_cpu_max']:.0%} of the CPUs during a timed run",
       file=out)
+    p(f"replicator commit: {report.get('replicator_commit')}", file=out)
     t = report["table"]
     p(f"table: {t['name']}, {t['rows']:,} rows ({t['mb']:.0f} MB, {t['pages']:,} pages), "
       f"median of {report['repeat']} run(s) per way", file=out)
@@ -595,14 +629,18 @@ def print_table(report: dict[str, Any], out=sys.stdout) -> None:
     def fmt_ratio(x):
         return f"{x:.2f}x" if x else "-"
 
-    p(f"{'way':36} {'seconds':>9} {'rows/s':>10} {'vs raw pipe':>12} {'vs native':>10}", file=out)
+    p(f"{'way':36} {'seconds':>9} {'rows/s':>10} {'vs raw pipe':>12} {'vs native':>10}   "
+      f"CPU s: source/destination/bench", file=out)
     order = [WAY_REPL, WAY_REPL_COPY, WAY_REPL_IDX, WAY_RAW, WAY_NATIVE]
     for way in order:
         if way not in ways:
             continue
         e = ways[way]
+        cpu = e.get("cpu_s")
+        cpu_text = (f"{cpu.get('source', 0):.1f} / {cpu.get('destination', 0):.1f} / "
+                    f"{cpu.get('bench', 0):.1f}") if cpu else ""
         p(f"{way:36} {e['seconds']:9.2f} {e['rows_per_s']:10,.0f} {fmt_ratio(e['vs_raw_pipe']):>12} "
-          f"{fmt_ratio(e['vs_native']):>10}", file=out)
+          f"{fmt_ratio(e['vs_native']):>10}   {cpu_text}", file=out)
     for way in (WAY_REPL, WAY_REPL_IDX):
         if way in ways and ways[way].get("phases_s"):
             p(f"\n{way}: where the time goes (medians, s)", file=out)
@@ -617,10 +655,15 @@ def print_table(report: dict[str, Any], out=sys.stdout) -> None:
             p(line, file=out)
     if report.get("tuning"):
         p("\ntuning: the replicator's copy phase alone (median s, rows/s)", file=out)
-        p(f"  {'workers':>7} {'pages/range':>11} {'ranges':>6} {'seconds':>8} {'rows/s':>9}", file=out)
+        p(f"  {'workers':>7} {'pages/range':>11} {'ranges':>6} {'streams':>7} {'seconds':>8} {'rows/s':>9} "
+          f"{'samples':>20}  CPU s src/dst/bench  PK build s", file=out)
         for r in report["tuning"]:
+            cpu = r["cpu_s"]
             p(f"  {r['workers']:>7} {r['pages_per_range_label']:>11} {str(r['ranges']):>6} "
-              f"{r['seconds']:8.2f} {r['rows_per_s']:9,.0f}", file=out)
+              f"{r['streams']:>7} {r['seconds']:8.2f} {r['rows_per_s']:9,.0f} "
+              f"{' '.join(f'{x:.2f}' for x in r['samples_s']):>20}  "
+              f"{cpu.get('source', 0):5.1f} /{cpu.get('destination', 0):5.1f} /{cpu.get('bench', 0):4.1f}"
+              f"  {r['pk_build_s']:9.2f}", file=out)
         best = min(report["tuning"], key=lambda r: r["seconds"])
         p(f"  fastest: {best['workers']} worker(s), PAGES_PER_RANGE={best['pages_per_range_label']}",
           file=out)
@@ -640,6 +683,18 @@ def targets(ways: dict[str, Any]) -> list[str]:
     return out
 
 
+def replicator_commit() -> str:
+    """The commit the replicator code was run from ("+dirty" if replicator/ has edits)."""
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "replicator"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head or "unknown") + ("+dirty" if dirty else "")
+
+
 def parse_int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
@@ -652,7 +707,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="print the report as JSON on stdout (and the table on stderr)")
     ap.add_argument("--keep", action="store_true", help="keep the clusters running at the end")
     ap.add_argument("--ways", default="raw,native,replicator,replicator-indexes",
-                    help="comma-separated subset of raw,native,replicator,replicator-indexes")
+                    help="comma-separated subset of raw,native,replicator,replicator-indexes "
+                         "(none: only the --tune experiment)")
     ap.add_argument("--tune", action="store_true",
                     help="also time the copy phase for each --tune-workers x --tune-pages")
     ap.add_argument("--tune-workers", type=parse_int_list, default=[1, 2, 3, 4])
@@ -663,7 +719,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.rows < 100 or args.repeat < 1:
         ap.error("--rows must be >= 100 and --repeat >= 1")
-    wanted = [w.strip() for w in args.ways.split(",") if w.strip()]
+    wanted = [w.strip() for w in args.ways.split(",") if w.strip() and w.strip() != "none"]
     way_names = {"raw": WAY_RAW, "native": WAY_NATIVE, "replicator": WAY_REPL,
                  "replicator-indexes": WAY_REPL_IDX}
     unknown = [w for w in wanted if w not in way_names]
@@ -679,7 +735,6 @@ def main(argv: list[str] | None = None) -> int:
         bench.start()
         versions = bench.versions()
         bench.seed()
-        meter = CpuMeter([bench.src.pid, bench.dst.pid])
         runners = {
             WAY_RAW: bench.run_raw,
             WAY_NATIVE: bench.run_native,
@@ -690,12 +745,10 @@ def main(argv: list[str] | None = None) -> int:
         samples: dict[str, list[dict]] = {w: [] for w in order}
         for i in range(args.repeat):
             # Rotate the order so no way always runs first (or right after another).
-            rot = order[i % len(order):] + order[:i % len(order)]
+            rot = order[i % len(order):] + order[:i % len(order)] if order else []
             for way in rot:
                 say(f"round {i + 1}/{args.repeat}: {way}")
-                snap = meter.snapshot()
                 res = runners[way]()
-                res["foreign_cpu"] = meter.foreign_share(snap)
                 samples[way].append(res)
                 say(f"  {res['seconds']:.2f} s, {bench.rows / res['seconds']:,.0f} rows/s "
                     f"(other processes used {res['foreign_cpu']:.0%} of the CPUs)")
@@ -704,25 +757,32 @@ def main(argv: list[str] | None = None) -> int:
         tuning = []
         if args.tune:
             reps = args.tune_repeat or args.repeat
-            for workers in args.tune_workers:
-                for pages in args.tune_pages:
-                    runs = []
-                    for _ in range(reps):
-                        snap = meter.snapshot()
-                        res = bench.run_copy_only(workers, pages)
-                        res["foreign_cpu"] = meter.foreign_share(snap)
-                        runs.append(res)
-                    secs = median([r["seconds"] for r in runs])
+            combos = [(w, p) for w in args.tune_workers for p in args.tune_pages]
+            tune_runs: dict[tuple[int, int], list[dict]] = {c: [] for c in combos}
+            # Interleaved (every combination once per round), so a slow spell of
+            # the machine does not land on one combination only.
+            for i in range(reps):
+                for workers, pages in combos[i % len(combos):] + combos[:i % len(combos)]:
+                    res = bench.run_copy_only(workers, pages)
+                    tune_runs[(workers, pages)].append(res)
                     label = str(pages) if pages > 0 else "no split"
-                    tuning.append({"workers": workers, "pages_per_range": pages,
-                                   "pages_per_range_label": label, "ranges": runs[0]["ranges"],
-                                   "seconds": secs, "rows_per_s": bench.rows / secs,
-                                   "samples_s": [round(r["seconds"], 3) for r in runs],
-                                   "foreign_cpu_max": max(r["foreign_cpu"] for r in runs)})
-                    say(f"tune: {workers} worker(s), PAGES_PER_RANGE={label} "
-                        f"({runs[0]['ranges']} ranges): {secs:.2f} s, {bench.rows / secs:,.0f} rows/s")
+                    say(f"tune {i + 1}/{reps}: {workers} worker(s), PAGES_PER_RANGE={label} "
+                        f"({res['ranges']} ranges): copy {res['seconds']:.2f} s, "
+                        f"{bench.rows / res['seconds']:,.0f} rows/s")
+            for (workers, pages), runs in tune_runs.items():
+                secs = median([r["seconds"] for r in runs])
+                tuning.append({"workers": workers, "pages_per_range": pages,
+                               "pages_per_range_label": str(pages) if pages > 0 else "no split",
+                               "ranges": runs[0]["ranges"],
+                               "streams": min(workers, runs[0]["ranges"] or 1),
+                               "seconds": secs, "rows_per_s": bench.rows / secs,
+                               "samples_s": [round(r["seconds"], 3) for r in runs],
+                               "foreign_cpu_max": max(r["foreign_cpu"] for r in runs),
+                               "cpu_s": median_cpu(runs),
+                               "pk_build_s": median([r["pk_build_s"] for r in runs])})
 
         report = {
+            "replicator_commit": replicator_commit(),
             "machine": machine,
             "postgres": versions,
             "load_avg_end": [round(x, 2) for x in os.getloadavg()],
