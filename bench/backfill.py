@@ -684,7 +684,12 @@ def targets(ways: dict[str, Any]) -> list[str]:
 
 
 def replicator_commit() -> str:
-    """The commit the replicator code was run from ("+dirty" if replicator/ has edits)."""
+    """The commit the replicator code was run from ("+dirty" if replicator/ has edits).
+
+    Outside a git work tree (a `git archive` export), $REPLICATOR_COMMIT says it.
+    """
+    if not (ROOT / ".git").exists():
+        return os.environ.get("REPLICATOR_COMMIT", "unknown (not a git work tree)")
     try:
         head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                               capture_output=True, text=True, timeout=10).stdout.strip()
