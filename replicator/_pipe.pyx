@@ -8,6 +8,14 @@ pointers and the function addresses come from it).
 """
 
 from libc.stdint cimport int64_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy
+
+# Rows are gathered into CopyData messages of about this size: one libpq call
+# and one protocol message per 256 kB instead of per row, for us and for the
+# destination backend alike.
+cdef enum:
+    CHUNK = 262144
 
 ctypedef int (*getcopydata_fn)(void *conn, char **buf, int async_) nogil
 ctypedef int (*putcopydata_fn)(void *conn, const char *buf, int nbytes) nogil
@@ -42,8 +50,12 @@ cdef class Pipe:
         cdef void *s = <void *>src
         cdef void *d = <void *>dst
         cdef char *buf = NULL
+        cdef char *chunk = <char *>malloc(CHUNK)
+        cdef int used = 0
         cdef int n = 0
         cdef int rc = 0
+        if chunk == NULL:
+            raise MemoryError()
         with nogil:
             while True:
                 if self.cancelled:
@@ -56,11 +68,24 @@ cdef class Pipe:
                 if n < 0:
                     rc = -2
                     break
-                if self._put(d, buf, n) != 1:
-                    self._free(buf)
-                    rc = -3
-                    break
+                if used + n > CHUNK and used:
+                    if self._put(d, chunk, used) != 1:
+                        rc = -3
+                    used = 0
+                if rc == 0:
+                    if n >= CHUNK:
+                        if self._put(d, buf, n) != 1:
+                            rc = -3
+                    else:
+                        memcpy(chunk + used, buf, n)
+                        used += n
                 self._free(buf)
+                if rc:
+                    break
                 self.rows += 1
                 self.bytes += n
+            if rc == 0 and used:
+                if self._put(d, chunk, used) != 1:
+                    rc = -3
+        free(chunk)
         return rc
