@@ -179,6 +179,14 @@ class Pipeline:
             repl = ReplicationConnection(src.conninfo(replication="database"))
             repl.connect()
             sysinfo = repl.identify_system()
+            synced_from = state.system_id(applier.conn, dst.state_schema, slot)
+            if synced_from and synced_from != sysinfo.system_id:
+                raise ReplicatorError(
+                    ErrorKind.RESYNC_REQUIRED,
+                    f"the source is another PostgreSQL cluster (system id {sysinfo.system_id}) "
+                    f"than the one the mirror was synced from ({synced_from})",
+                    "check [source] host/port; if the source was really replaced, run "
+                    "`replicator resync --config PATH --all`")
             self._check_slot(catalog, repl, slot, applied, sysinfo)
             repl.close()
             repl = None

@@ -262,3 +262,12 @@ def test_transaction_larger_than_memory_spills_to_disk(source_db, dest_db, caplo
         catch_up(source_db, dest_db, max_memory_mb=1, batch_size=100_000)
     assert any(r.getMessage() == "batch spilled to disk" for r in caplog.records)
     assert_same(source_db, dest_db, "zoo")
+
+
+def test_another_source_cluster_is_refused(source_db, dest_db):
+    setup_zoo(source_db)
+    catch_up(source_db, dest_db)
+    dest_db.execute("update replicator.pipelines set source_system_id = '1234'")
+    with pytest.raises(ReplicatorError) as err:
+        catch_up(source_db, dest_db)
+    assert err.value.kind is ErrorKind.RESYNC_REQUIRED and "1234" in err.value.message
