@@ -111,24 +111,18 @@ def staging_name(t: MirrorTable) -> str:
 
 
 _TABLES_SQL = """
-select c.oid, n.nspname, c.relname, c.relreplident,
-       coalesce(pk.cols, ri.cols) as key_cols
+select c.oid, n.nspname, c.relname, c.relreplident, key.cols
 from pg_class c
 join pg_namespace n on n.oid = c.relnamespace
 left join lateral (
+    -- the primary key, else the replica identity index
     select array_agg(a.attname order by k.ord) as cols
-    from pg_index i
+    from (select i.indrelid, i.indkey from pg_index i
+          where i.indrelid = c.oid and (i.indisprimary or i.indisreplident)
+          order by i.indisprimary desc limit 1) i
     cross join lateral unnest(i.indkey) with ordinality as k(attnum, ord)
     join pg_attribute a on a.attrelid = i.indrelid and a.attnum = k.attnum
-    where i.indrelid = c.oid and i.indisprimary
-) pk on true
-left join lateral (
-    select array_agg(a.attname order by k.ord) as cols
-    from pg_index i
-    cross join lateral unnest(i.indkey) with ordinality as k(attnum, ord)
-    join pg_attribute a on a.attrelid = i.indrelid and a.attnum = k.attnum
-    where i.indrelid = c.oid and i.indisreplident
-) ri on true
+) key on true
 where c.oid = %s::regclass
 """
 
