@@ -162,7 +162,14 @@ class CpuMeter:
         # user nice system idle iowait irq softirq steal
         return (v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)) / cls.TICK
 
-    def snapshot(self) -> tuple[float, float, dict[str, float]]:
+    # A backend that exits while /proc is scanned (after its postmaster's line was
+    # read, before its own) is missed: its time is in neither. Backends exit right
+    # after a timed run (psql disconnects), so wait for them to be reaped first.
+    SETTLE_S = 0.3
+
+    def snapshot(self, settle: bool = True) -> tuple[float, float, dict[str, float]]:
+        if settle:
+            time.sleep(self.SETTLE_S)
         return time.monotonic(), self._busy(), self._ours()
 
     def since(self, start: tuple[float, float, dict[str, float]]) -> dict[str, Any]:
@@ -170,7 +177,7 @@ class CpuMeter:
         t1, busy1, ours1 = self.snapshot()
         t0, busy0, ours0 = start
         used = {k: ours1.get(k, 0.0) - ours0.get(k, 0.0) for k in ours1}
-        wall = max(1e-6, t1 - t0) * (os.cpu_count() or 1)
+        wall = max(1e-6, t1 - t0 - self.SETTLE_S) * (os.cpu_count() or 1)
         names = ["source", "destination"]
         out = {"bench": round(used.pop("bench", 0.0), 2)}
         for name, pm in zip(names, self.postmasters):
