@@ -23,8 +23,15 @@ CHECKPOINTed and VACUUM ANALYZEd, so all runs read the same warm table. Only
 account_move_line is published.
 
 `--tune` adds an experiment: the replicator's copy phase alone (Backfill.run with
-the index build skipped) for each worker count in `--tune-workers` and each
-`replicator.backfill.PAGES_PER_RANGE` in `--tune-pages` (0: never split).
+its primary key replaced by a no-op, then built and timed on its own) for each
+worker count in `--tune-workers` (set on the Backfill after construction) and each
+`replicator.backfill.PAGES_PER_RANGE` in `--tune-pages` (0: never split),
+interleaved over `--tune-repeat` rounds.
+
+Each timed run also reports the CPU seconds of the source cluster, the
+destination cluster and this process (with its psql children), and the share of
+the CPUs other processes used meanwhile: a sample taken while someone else was
+busy shows it.
 
     python bench/backfill.py [--rows 1000000] [--repeat 3] [--json] [--keep] [--tune]
 
@@ -352,8 +359,10 @@ class Bench:
             say(f"--keep: clusters left running under {self.base}")
             say(f"  source:      {self.src_dsn}")
             say(f"  destination: {self.dst_dsn}")
-            say(f"  stop them with: {self.src.bin_dir}/pg_ctl stop -D <data dir> (as the "
-                f"cluster's OS user), or delete {self.base} after stopping")
+            prefix = f"runuser -u {self.src.os_user} -- " if self.src.os_user else ""
+            for c in (self.src, self.dst):
+                say(f"  stop: {prefix}{c.bin_dir}/pg_ctl stop -D {c.data_dir}")
+            say(f"  then: rm -rf {self.base}")
             return
         self.src.remove()
         self.dst.remove()
