@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import pickle
 import subprocess
@@ -52,18 +51,6 @@ SOURCE_PW = "src-Secret-1"
 DEST_PW = "dst-Secret-2"
 
 
-@pytest.fixture(autouse=True)
-def _clean_state(monkeypatch):
-    errors.clear_secrets()
-    monkeypatch.delenv("REPLICATOR_CONFIG", raising=False)
-    root = logging.getLogger()
-    level = root.level
-    yield
-    for handler in [h for h in root.handlers if getattr(h, "_replicator_handler", False)]:
-        root.removeHandler(handler)
-        handler.close()
-    root.setLevel(level)
-    errors.clear_secrets()
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from datetime import datetime
 import orjson
 import pytest
 
-from replicator import errors
 from replicator.config import DestinationSettings, LoggingSettings
 from replicator.errors import ConfigError, redact, register_secret
 from replicator.logs import setup_logging
@@ -17,17 +16,6 @@ from replicator.logs import setup_logging
 log = logging.getLogger("replicator.test")
 
 
-@pytest.fixture(autouse=True)
-def _clean_state():
-    errors.clear_secrets()
-    root = logging.getLogger()
-    level = root.level
-    yield
-    for handler in [h for h in root.handlers if getattr(h, "_replicator_handler", False)]:
-        root.removeHandler(handler)
-        handler.close()
-    root.setLevel(level)
-    errors.clear_secrets()
 
 
 def json_lines(text: str) -> list[dict]:
