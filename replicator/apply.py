@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
-from . import state
+from . import failpoints, state
 from .batch import AlterTable, Batch, Rows, SpilledRows, SyncDone, SyncStart, TableRows, Truncate
 from .errors import ErrorKind, ReplicatorError
 from .lsn import format_lsn
@@ -37,6 +37,7 @@ class ApplyResult:
     updates: int = 0
     deletes: int = 0
     dead_letters: int = 0
+    copies: int = 0       # COPYs into staging: one per table with rows, unless a truncate splits
     seconds: float = 0.0
     per_op: dict[str, dict[str, int]] = field(default_factory=dict)
     dead_per_table: dict[str, int] = field(default_factory=dict)
@@ -303,6 +304,16 @@ class Applier:
             self.conn.close()
             self.conn = None
 
+    def cancel(self) -> None:
+        """Ask the destination to cancel the statement in flight (from another thread)."""
+        conn = self.conn
+        if conn is None:
+            return
+        try:
+            conn.cancel_safe(timeout=5)
+        except (psycopg.Error, OSError) as exc:
+            log.warning("cannot cancel the batch in flight", extra={"error": str(exc)})
+
     def prepare_tables(self, tables: list[MirrorTable]) -> None:
         """Create or bring up to date the mirror and staging tables."""
         with self.conn.transaction():
@@ -334,6 +345,7 @@ class Applier:
         res = ApplyResult()
         started = time.monotonic()
         holding_before = set(self.holding)
+        syncs_done = any(isinstance(op, SyncDone) for op in batch.ops)
         try:
             with self.conn.transaction(), self.conn.cursor() as cur:
                 # The source may forget a transaction once it is confirmed, so
@@ -353,6 +365,8 @@ class Applier:
                         self._unhold(cur, op, batch.end_lsn, res)
                 if record_lsn and batch.end_lsn:
                     state.record_applied(cur, self.state_schema, self.slot, batch.end_lsn, system_id)
+                if syncs_done:
+                    failpoints.hit(failpoints.SYNC_DONE_BEFORE_COMMIT)
         except psycopg.OperationalError as exc:
             self.holding = holding_before
             raise ReplicatorError(
@@ -369,8 +383,11 @@ class Applier:
                 "(or drop it so it is recreated) and restart",
             ) from exc
         res.seconds = time.monotonic() - started
+        if syncs_done:
+            failpoints.hit(failpoints.SYNC_DONE_COMMITTED)
         for op in batch.ops:
             if isinstance(op, SyncStart):
+                failpoints.hit(failpoints.SYNC_START_COMMITTED)
                 op.applied.set()
         return res
 
@@ -429,6 +446,7 @@ class Applier:
         cur.execute(sql.SQL("truncate {}").format(t.stage))
         with cur.copy(self._stmt("copy", t)) as copy:
             _write(copy, tr.data)
+        res.copies += 1
         if tr.unchanged:
             cur.execute(self._stmt("dead", t), [self.slot, t.qualname, format_lsn(end_lsn)])
             if cur.rowcount > 0:

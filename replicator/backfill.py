@@ -15,7 +15,12 @@ creates get their primary key and the source's secondary indexes after the
 data, built in parallel.
 
 A crash at any point leaves the table 'copying': the next start truncates it
-and copies it again; a table marked 'copied' is never copied again.
+and copies it again. A copy made before streaming starts marks each table
+'copied' as soon as its rows and indexes are in, and such a table is never
+copied again. A copy made while the stream runs (`live`: an added table, a
+resync) leaves the table 'copying': the stream holds its changes meanwhile,
+and the batch that merges them also marks it 'streaming', in one destination
+transaction, so the held changes and the state can never be apart.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import pq, sql
 
-from . import state
+from . import failpoints, state
 from ._pipe import Pipe
 from .errors import ErrorKind, ReplicatorError
 from .lsn import format_lsn
@@ -103,8 +108,9 @@ class Backfill:
     """Copies a set of mirror tables from one snapshot; returns their sync LSN."""
 
     def __init__(self, config, tables: list[MirrorTable], slot: str,
-                 stop: threading.Event | None = None, metrics=None):
+                 stop: threading.Event | None = None, metrics=None, live: bool = False):
         self.config = config
+        self.live = live
         self.tables = tables
         self.slot = slot
         self.stop = stop or threading.Event()
@@ -165,7 +171,11 @@ class Backfill:
                         dest.execute(stmt)
                     copy.created = True
                 dest.execute(create_staging_sql(t))
-                state.set_table(dest, dst.state_schema, self.slot, t, "copying", sync_lsn)
+                if not self.live:
+                    # Changes held by an earlier live copy that never finished
+                    # are older than this copy's snapshot; no stream runs now.
+                    dest.execute(sql.SQL("drop table if exists {}").format(t.held))
+                state.set_table(dest, dst.state_schema, self.slot, t, state.COPYING, sync_lsn)
             if copy.created:
                 copy.indexes = [primary_key_sql(t)]
                 if dst.copy_indexes:
@@ -301,13 +311,22 @@ class Backfill:
             self._mark_copied(dest, copy)
 
     def _mark_copied(self, dest: psycopg.Connection, copy: TableCopy) -> None:
-        """The table is complete: never copied again, even if the rest of the job fails."""
+        """The table's rows and indexes are in.
+
+        Before streaming: marked copied, never copied again even if the rest of
+        the job fails. Live: stays copying until the batch that merges the
+        changes held during the copy marks it streaming (see the module doc).
+        """
         t = copy.table
+        failpoints.hit(failpoints.COPY_DONE_BEFORE_MARK)
         with dest.transaction():
             dest.execute("set local synchronous_commit = on")
             dest.execute(sql.SQL("alter table {} enable trigger user").format(t.dest))
             state.set_table(dest, self.config.destination.state_schema, self.slot, t,
-                            state.COPIED, self._sync_lsn, rows=copy.rows)
+                            state.COPYING if self.live else state.COPIED, self._sync_lsn,
+                            rows=copy.rows)
+        if not self.live:
+            failpoints.hit(failpoints.COPY_MARKED)
         copy.state = "copied"
         if self.metrics is not None:
             self.metrics.copy_rows.labels(t.qualname).inc(copy.rows)

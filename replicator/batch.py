@@ -158,6 +158,11 @@ class Batch:
         if not self.first_commit_ts:
             self.first_commit_ts = commit_ts
 
+    @property
+    def memory_bytes(self) -> int:
+        """Staging rows held in memory (what was spilled is on disk)."""
+        return sum(len(tr.data) for tr in self.table_rows() if isinstance(tr.data, bytes))
+
     def table_rows(self):
         for op in self.ops:
             if isinstance(op, Rows):

@@ -19,7 +19,7 @@ import time
 
 import psycopg
 
-from . import state
+from . import failpoints, state
 from ._decode import (EV_COMMIT, EV_COPY_DONE, EV_ERROR, EV_KEEPALIVE, EV_LIMIT, EV_RELATION,
                       EV_STREAM_ABORT, EV_STREAM_COMMIT, EV_STREAM_START, EV_STREAM_STOP,
                       EV_TRUNCATE, EV_WOULD_BLOCK, Decoder)
@@ -55,6 +55,11 @@ class Handoff:
     def idle(self) -> bool:
         with self._cv:
             return self._next is None and not self._busy
+
+    def has_room(self, timeout: float) -> bool:
+        with self._cv:
+            return bool(self._cv.wait_for(lambda: self._next is None or self.error, timeout)) \
+                and not self.error
 
     def offer(self, batch: Batch, timeout: float) -> bool:
         with self._cv:
@@ -191,12 +196,18 @@ class Pipeline:
             repl.close()
             repl = None
 
-            # Tables never copied, or whose copy did not finish, are copied
-            # before streaming starts (a crash mid-copy lands here again).
-            states = state.table_states(applier.conn, dst.state_schema, slot)
-            to_copy = [t for t in mirrors.values()
-                       if states.get(t.source.qualname, (state.PENDING, 0))[0]
-                       not in (state.COPIED, state.STREAMING)]
+            # Tables never copied, whose copy did not finish (a crash or stop
+            # mid-copy lands here again), that left the publication and came
+            # back, or that are now mapped to another mirror table, are copied
+            # before streaming starts.
+            synced = state.table_sync(applier.conn, dst.state_schema, slot)
+            gone = [name for name in synced
+                    if name not in {t.source.qualname for t in mirrors.values()}]
+            for name in state.mark_removed(applier.conn, dst.state_schema, slot, gone):
+                log.info("table no longer replicated: its mirror keeps its rows; if it comes "
+                         "back it is copied again", extra={"table": name})
+            states = {name: (st, lsn) for name, (st, lsn, _m) in synced.items()}
+            to_copy = [t for t in mirrors.values() if not _synced(synced, t)]
             if to_copy:
                 self.metrics.alive("copying")
                 try:
@@ -207,6 +218,7 @@ class Pipeline:
                     return
                 for t in to_copy:
                     states[t.source.qualname] = (state.COPIED, sync_lsn)
+                failpoints.hit(failpoints.STARTUP_COPIED)
             applier.prepare_tables(list(mirrors.values()))
             with applier.conn.transaction():
                 for t in mirrors.values():
@@ -246,7 +258,10 @@ class Pipeline:
         finally:
             handoff.close()
             if applier_thread is not None:
-                applier_thread.join(timeout=30)
+                # Its connection is closed only once it is done: a batch still
+                # running could otherwise commit after the next session has
+                # read the applied position.
+                _stop_applier(applier_thread, applier)
             if repl is not None:
                 repl.close()
             applier.close()
@@ -336,12 +351,27 @@ class Pipeline:
                 log.info("batch applied", extra={
                     "txns": batch.txns, "rows": result.rows, "inserts": result.inserts,
                     "updates": result.updates, "deletes": result.deletes,
-                    "dead_letters": result.dead_letters, "seconds": round(result.seconds, 4),
+                    "dead_letters": result.dead_letters, "copies": result.copies,
+                    "memory_bytes": batch.memory_bytes, "seconds": round(result.seconds, 4),
                     "lag_s": round(lag, 3), "lsn": format_lsn(batch.end_lsn)})
             self.metrics.batch_applied(batch, result)
             for op in batch.ops:
                 if isinstance(op, SyncDone):
                     self.metrics.table_sync(op.table.qualname, state.STREAMING)
+
+
+def _synced(synced: dict[str, tuple[str, int, str]], t: MirrorTable) -> bool:
+    """Whether the table's mirror holds its rows and the stream only has to go on."""
+    st, _lsn, mirror = synced.get(t.source.qualname, (state.PENDING, 0, ""))
+    return st in (state.COPIED, state.STREAMING) and mirror == t.qualname
+
+
+def _stop_applier(thread: threading.Thread, applier: Applier) -> None:
+    thread.join(timeout=5)
+    while thread.is_alive():
+        log.warning("waiting for the batch in flight to end before closing its connection")
+        applier.cancel()
+        thread.join(timeout=5)
 
 
 class _Receiver:
@@ -465,21 +495,33 @@ class _Receiver:
             self._close(block=full)
 
     def _close(self, block: bool) -> None:
+        # The decoder's rows are taken only once the hand-off has room: taken
+        # early, they would leave the decoder's memory accounting (and its
+        # spilling) while the batch keeps growing, and each take would become
+        # one more COPY and MERGE per table. Only this thread offers, so the
+        # room cannot go away before the offer below.
+        while not self.handoff.has_room(timeout=1.0 if block else 0.0):
+            self._check_applier()
+            if not block:
+                return      # the applier is busy and the batch is not full: keep filling it
+            # Backpressure: stop reading, but keep the source from timing us out.
+            self._send_status()
         batch = self.batch
         batch.add_rows(self.dec.take(), self.by_relid)
         if not batch.end_lsn:
-            # Only table-sync operations, no transaction: the position stays.
+            # Only table-sync operations, no transaction: the position stays
+            # (the state never stores a lower one than it has).
             batch.end_lsn = self.p.progress.applied_lsn
-        while not self.handoff.offer(batch, timeout=1.0 if block else 0.0):
+        if not self.handoff.offer(batch, timeout=0.0):
             self._check_applier()
-            if not block:
-                # The applier is busy and the batch is not full: keep filling it.
-                return
-            # Backpressure: stop reading, but keep the source from timing us out.
-            self._send_status()
+            raise ReplicatorError(ErrorKind.INTERNAL, "the hand-off refused a batch it had room for",
+                                  "report this as a bug; the batch is replayed after the restart")
         self.batch = Batch()
 
     def _finish(self) -> None:
+        # A copy that finished in the meantime is handed over with this last
+        # batch, so it is not copied again at the next start.
+        self._collect_syncs()
         if not self.batch.empty:
             self._close(block=True)
         while not self.handoff.wait_idle(1.0):
@@ -530,8 +572,12 @@ class _Receiver:
         relid, nspname, relname, replident, cols, _xid = event
         key = (nspname, relname)
         t = self.mirrors.get(key)
-        if t is None and key not in self.refused and self.cfg.target(nspname, relname) is not None:
-            # Added to the publication while we run: copy it, hold its changes meanwhile.
+        if t is None and key not in self.refused and self.cfg.target(nspname, relname) is not None \
+                and key in publication_tables(self.catalog, self.cfg.source.publication):
+            # Added to the publication while we run: copy it, hold its changes
+            # meanwhile. (A table that already left it again may still be
+            # described by changes made before it left: those are not a reason
+            # to copy it.)
             self._start_sync(key)
             t = self.mirrors.get(key)
         if t is None:
@@ -547,7 +593,10 @@ class _Receiver:
         layout = (tuple((c.name, c.typoid) for c in columns), key_cols)
         if self.layouts.get(relid) == layout:
             return
-        changed = relid in self.layouts or t.columns != columns or t.source.key != key_cols
+        # None: the relation was known but not replicated (not yet, or no
+        # longer): compare with what the mirror table is known to have.
+        changed = self.layouts.get(relid) is not None or t.columns != columns \
+            or t.source.key != key_cols
         if changed:
             if key in self.syncing:
                 raise ReplicatorError(
@@ -576,7 +625,11 @@ class _Receiver:
 
     def _on_truncate(self, event) -> None:
         options, relids, _xid = event
-        tables = [self.by_relid[r] for r in relids if r in self.by_relid]
+        # Like rows: a truncate committed before a table's copy snapshot is in
+        # the copy already (replaying it would empty the copied mirror).
+        lsn = self.dec.final_lsn
+        tables = [t for t in (self.by_relid[r] for r in relids if r in self.by_relid)
+                  if lsn >= self.sync_lsns.get((t.source.schema, t.source.name), 0)]
         if not tables:
             return
         self.batch.add_rows(self.dec.take(), self.by_relid)
@@ -591,6 +644,9 @@ class _Receiver:
         if now - self.last_poll >= POLL_INTERVAL:
             self.last_poll = now
             self._poll()
+        self._collect_syncs()
+
+    def _collect_syncs(self) -> None:
         while True:
             try:
                 key, t, result = self.sync_results.get_nowait()
@@ -609,18 +665,42 @@ class _Receiver:
 
     def _poll(self) -> None:
         src, dst = self.cfg.source, self.cfg.destination
-        for schema, name in publication_tables(self.catalog, src.publication):
-            key = (schema, name)
+        published = set(publication_tables(self.catalog, src.publication))
+        for key in sorted(published):
             if key not in self.mirrors and key not in self.refused \
-                    and self.cfg.target(schema, name) is not None:
+                    and self.cfg.target(*key) is not None:
                 self._start_sync(key)
         if self.poll_conn is None:
             self.poll_conn = psycopg.connect(dst.conninfo(), autocommit=True)
+        gone = [key for key in self.mirrors if key not in published and key not in self.syncing]
+        if gone:
+            self._remove(gone)
         states = state.table_states(self.poll_conn, dst.state_schema, src.slot)
         for key, t in list(self.mirrors.items()):
             if states.get(t.source.qualname, ("",))[0] == state.PENDING and key not in self.syncing:
                 log.info("resync requested", extra={"table": t.source.qualname})
                 self._start_sync(key)
+
+    def _remove(self, keys: list[tuple[str, str]]) -> None:
+        """Tables that left the publication: their mirrors stop changing.
+
+        Changes the stream still sends for them (from before they left) are
+        dropped; if a table comes back it is copied again, so nothing made
+        in between is missed.
+        """
+        self.batch.add_rows(self.dec.take(), self.by_relid)
+        for key in keys:
+            t = self.mirrors.pop(key)
+            if t.relid in self.by_relid:
+                del self.by_relid[t.relid]
+                self.layouts.pop(t.relid, None)
+                self.dec.define(t.relid, len(t.columns), [], False)
+            self.sync_lsns.pop(key, None)
+        names = state.mark_removed(self.poll_conn, self.cfg.destination.state_schema,
+                                   self.cfg.source.slot, [f"{s}.{n}" for s, n in keys])
+        for name in names:
+            log.info("table left the publication: its mirror keeps its rows; if it comes back "
+                     "it is copied again", extra={"table": name})
 
     def _start_sync(self, key: tuple[str, str]) -> None:
         t = self.mirrors.get(key)
@@ -660,7 +740,8 @@ class _Receiver:
                 if self.sync_stop.is_set():
                     return
             self.p.metrics.table_sync(t.qualname, state.COPYING)
-            lsn = Backfill(self.cfg, [t], self.cfg.source.slot, self.sync_stop, self.p.metrics).run()
+            lsn = Backfill(self.cfg, [t], self.cfg.source.slot, self.sync_stop, self.p.metrics,
+                           live=True).run()
             self.sync_results.put((key, t, lsn))
         except CopyStopped:
             pass  # the receiver is stopping; the table stays pending for the next run

@@ -61,7 +61,11 @@ def record_applied(cur: psycopg.Cursor, state_schema: str, slot: str, lsn: int,
         sql.SQL(
             "insert into {}.pipelines as p (slot, applied_lsn, source_system_id) "
             "values (%s, %s::pg_lsn, %s) on conflict (slot) do update set "
-            "applied_lsn = excluded.applied_lsn, "
+            # Never backwards: a batch holding only table-sync steps carries the
+            # position the receiver last heard of, which may trail what another
+            # batch already stored; a lower value would make the slot look ahead
+            # of the mirror at the next start.
+            "applied_lsn = greatest(p.applied_lsn, excluded.applied_lsn), "
             "source_system_id = coalesce(excluded.source_system_id, p.source_system_id), "
             "updated_at = now()"
         ).format(sql.Identifier(state_schema)),
@@ -81,9 +85,17 @@ def system_id(conn: psycopg.Connection, state_schema: str, slot: str) -> str | N
 # pending:   known, to be copied (a new table, or a resync was asked for)
 # copying:   the initial copy runs; sync_lsn is its snapshot's LSN
 # copied:    rows and indexes are in; the stream takes over from sync_lsn
+#            (only a copy made before streaming starts stops here: a copy made
+#            while the stream runs goes from copying to streaming in the one
+#            transaction that merges the changes held during it)
 # streaming: the stream applies its changes
+# removed:   no longer replicated (left the publication or the mappings); the
+#            mirror keeps its rows, and a table that comes back is copied again
+#
+# A table is copied again unless its state is copied or streaming for the
+# mirror table it is mapped to now.
 
-PENDING, COPYING, COPIED, STREAMING = "pending", "copying", "copied", "streaming"
+PENDING, COPYING, COPIED, STREAMING, REMOVED = "pending", "copying", "copied", "streaming", "removed"
 
 
 def set_table(conn, state_schema: str, slot: str, table, table_state: str,
@@ -105,10 +117,25 @@ def set_table(conn, state_schema: str, slot: str, table, table_state: str,
 
 def table_states(conn, state_schema: str, slot: str) -> dict[str, tuple[str, int]]:
     """source table -> (state, sync_lsn)."""
+    return {name: (st, lsn) for name, (st, lsn, _m) in table_sync(conn, state_schema, slot).items()}
+
+
+def table_sync(conn, state_schema: str, slot: str) -> dict[str, tuple[str, int, str]]:
+    """source table -> (state, sync_lsn, mirror table it was synced into)."""
     rows = conn.execute(
-        sql.SQL("select source_table, state, sync_lsn::text from {}.tables where slot = %s").format(
-            sql.Identifier(state_schema)), [slot]).fetchall()
-    return {name: (st, parse_lsn(lsn)) for name, st, lsn in rows}
+        sql.SQL("select source_table, state, sync_lsn::text, mirror_table from {}.tables "
+                "where slot = %s").format(sql.Identifier(state_schema)), [slot]).fetchall()
+    return {name: (st, parse_lsn(lsn), mirror) for name, st, lsn, mirror in rows}
+
+
+def mark_removed(conn, state_schema: str, slot: str, source_tables: list[str]) -> list[str]:
+    """Tables no longer replicated: a later return to the publication copies them again."""
+    cur = conn.execute(
+        sql.SQL("update {}.tables set state = 'removed', updated_at = now() "
+                "where slot = %s and source_table = any(%s) and state <> 'removed' "
+                "returning source_table").format(sql.Identifier(state_schema)),
+        [slot, source_tables])
+    return [r[0] for r in cur.fetchall()]
 
 
 def request_resync(conn, state_schema: str, slot: str, source_tables: list[str]) -> int:

@@ -1,0 +1,74 @@
+"""Named points in the crash windows, where a test can make the process die or fail.
+
+Each point sits right before or after a commit whose order matters for
+exactly-once (a table marked copied, a batch that ends a table sync). Tests
+set ``REPLICATOR_FAILPOINTS`` to a comma-separated list of ``name=action``:
+
+- ``kill``: the process sends itself SIGKILL (a crash at exactly that point);
+- ``error``: raise a connection error once, as if the destination went away
+  (the pipeline's own retry path takes over);
+- ``sleep:SECONDS``: wait there, so a test can act inside the window (write
+  to the source, send a signal).
+
+Unset (production), a point costs one dictionary lookup on an empty dict.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+import psycopg
+
+log = logging.getLogger(__name__)
+
+ENV = "REPLICATOR_FAILPOINTS"
+
+# Points used by the code (kept here so tests and readers find them in one place).
+COPY_DONE_BEFORE_MARK = "backfill.copy_done_before_mark"   # rows in, state not yet written
+COPY_MARKED = "backfill.copy_marked"                       # a startup copy marked 'copied'
+STARTUP_COPIED = "startup.copied"                          # startup copy done, not yet streaming
+SYNC_DONE_BEFORE_COMMIT = "apply.sync_done_before_commit"  # merge of held rows not committed
+SYNC_DONE_COMMITTED = "apply.sync_done_committed"          # held rows merged, table streaming
+SYNC_START_COMMITTED = "apply.sync_start_committed"        # the table's changes are held
+
+
+def _parse(text: str) -> dict[str, str]:
+    points = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        name, _, action = item.partition("=")
+        points[name.strip()] = action.strip() or "kill"
+    return points
+
+
+_armed: dict[str, str] = _parse(os.environ.get(ENV, ""))
+
+
+def hit(name: str) -> None:
+    """Fire the point if a test armed it."""
+    action = _armed.get(name)
+    if action is None:
+        return
+    log.warning("failpoint", extra={"failpoint": name, "action": action})
+    if action == "kill":
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif action.startswith("sleep:"):
+        time.sleep(float(action.split(":", 1)[1]))
+    elif action == "error":
+        del _armed[name]      # once: the retry after it must get through
+        raise psycopg.OperationalError(f"failpoint {name}: injected connection loss")
+    else:
+        raise ValueError(f"{ENV}: unknown action {action!r} for {name!r} (kill or error)")
+
+
+def arm(name: str, action: str = "kill") -> None:
+    """For in-process tests."""
+    _armed[name] = action
+
+
+def disarm_all() -> None:
+    _armed.clear()
