@@ -210,7 +210,7 @@ def test_busy_applier_does_not_fragment_batches_or_escape_the_memory_limit(
     caplog.set_level(logging.INFO, logger="replicator")
     limit = (1 << 20) // 4      # max_memory_mb = 1: a quarter of it for decoded rows
     with running(source_db, dest_db, max_memory_mb=1, batch_size=1_000_000,
-                 flush_interval=60) as pipeline:
+                 flush_interval=0.1) as pipeline:
         source_db.execute("insert into a values (0, 'first')")
         wait_for(lambda: dest_db.scalar("select count(*) from odoo_mirror.a") == 1,
                  what="streaming")
@@ -223,7 +223,9 @@ def test_busy_applier_does_not_fragment_batches_or_escape_the_memory_limit(
         with source_db.connect() as conn:
             for i in range(2, 302):
                 conn.execute("insert into a values (%s, repeat('x', 3000))", [i])
-        time.sleep(1.0)
+                if i % 10 == 0:
+                    time.sleep(0.05)   # several flush intervals pass while the applier waits
+        time.sleep(0.5)
         blocker.rollback()
         blocker.close()
         wait_for(lambda: dest_db.scalar("select count(*) from odoo_mirror.a") == 302,

@@ -1,0 +1,225 @@
+"""A table's sync lifecycle with the process killed before and after each of its commits.
+
+The replicator runs as a real process; a failpoint (replicator/failpoints.py) makes it
+SIGKILL itself at an exact point: after the batch that starts holding a table's changes,
+after the copy's rows are in but before its state is written, before and after the batch
+that merges the held changes and marks the table streaming, and, for a copy made before
+streaming, after the table is marked copied and before streaming starts. A writer keeps
+changing both tables all along, so every window holds changes that must not be lost or
+applied twice. Each test ends with `run --until-caught-up` and a row-for-row comparison.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+from replicate import PUBLICATION, assert_same, write_config
+
+from replicator import failpoints
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Proc:
+    """`python -m replicator run` processes for one config, their output in one log."""
+
+    def __init__(self, tmp_path: Path, source_db, dest_db) -> None:
+        self.config = tmp_path / "etl-config.toml"
+        write_config(self.config, source_db, dest_db)
+        self.log_path = tmp_path / "replicator.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, points: str = "", *extra: str) -> subprocess.Popen:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        env[failpoints.ENV] = points
+        self.log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "replicator", "run", "--config", str(self.config), *extra],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        return self.proc
+
+    def log(self, tail: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-tail:]
+
+    def current(self) -> str:
+        """What the process started last has logged."""
+        with self.log_path.open("rb") as f:
+            f.seek(self.log_start)
+            return f.read().decode(errors="replace")
+
+    def until_caught_up(self, timeout: float = 120) -> None:
+        proc = self.start("", "--until-caught-up")
+        try:
+            code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"run --until-caught-up did not finish in {timeout} s\n{self.log()}")
+        assert code == 0, self.log()
+
+    def wait_exit(self, timeout: float = 60) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            pytest.fail(f"the replicator did not exit within {timeout} s\n{self.log()}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def proc(tmp_path, source_db, dest_db):
+    p = Proc(tmp_path, source_db, dest_db)
+    yield p
+    p.stop()
+
+
+class Writer(threading.Thread):
+    """Updates and inserts into both tables until stopped, one small transaction each."""
+
+    def __init__(self, source_db) -> None:
+        super().__init__(daemon=True, name="writer")
+        self.source_db = source_db
+        self.stop_event = threading.Event()
+        self.count = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._write()
+        except BaseException as exc:  # noqa: BLE001 - reported by stop()
+            self.error = exc
+
+    def _write(self) -> None:
+        with self.source_db.connect() as conn:
+            while not self.stop_event.is_set():
+                self.count += 1
+                i = self.count
+                conn.execute("update b set v = %s where id = %s", [f"w{i}", i % 3000 + 1])
+                conn.execute("insert into a values (%s, 'w') on conflict (id) do update "
+                             "set v = excluded.v || a.v", [1000 + i % 500])
+                if i % 7 == 0:
+                    conn.execute("delete from b where id = %s", [3000 + i])
+                    conn.execute("insert into b values (%s, 'new')", [1_000_000 + i])
+                time.sleep(0.003)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(30)
+        assert self.error is None, f"the writer failed: {self.error!r}"
+        assert self.count > 50, "the writer hardly wrote"
+
+
+def setup_tables(source_db, rows: int = 30000) -> None:
+    source_db.execute("create table a (id int primary key, v text)")
+    source_db.execute("create table b (id int primary key, v text)")
+    source_db.execute(f"insert into b select g, 'b' || g from generate_series(1, {rows}) g")
+    source_db.execute(f"create publication {PUBLICATION} for table a, b")
+
+
+def state_of(dest_db, table: str) -> str | None:
+    try:
+        return dest_db.scalar("select state from replicator.tables where source_table = %s",
+                              [f"public.{table}"])
+    except psycopg.Error:
+        return None
+
+
+def wait_for(predicate, timeout: float, what: str, proc: Proc) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    pytest.fail(f"timed out waiting for {what}\n{proc.log()}")
+
+
+def finish_and_compare(proc: Proc, writer: Writer, source_db, dest_db) -> None:
+    proc.until_caught_up()           # recover while the writer still writes
+    writer.stop()
+    proc.until_caught_up()
+    assert_same(source_db, dest_db, "a")
+    assert_same(source_db, dest_db, "b")
+    assert state_of(dest_db, "b") == "streaming"
+
+
+LIVE_POINTS = [
+    failpoints.SYNC_START_COMMITTED,
+    failpoints.COPY_DONE_BEFORE_MARK,
+    failpoints.SYNC_DONE_BEFORE_COMMIT,
+    failpoints.SYNC_DONE_COMMITTED,
+]
+
+
+@pytest.mark.parametrize("point", LIVE_POINTS)
+def test_kill_in_a_live_resync(point, proc, source_db, dest_db):
+    setup_tables(source_db)
+    proc.until_caught_up()
+    writer = Writer(source_db)
+    writer.start()
+    try:
+        proc.start(f"{point}=kill")
+        wait_for(lambda: '"msg":"streaming"' in proc.current(), 60, "streaming", proc)
+        dest_db.execute("update replicator.tables set state = 'pending' "
+                        "where source_table = 'public.b'")
+        code = proc.wait_exit(90)
+        assert code == -signal.SIGKILL, f"exit {code}, not killed at {point}\n{proc.log()}"
+        assert f'"failpoint":"{point}"' in proc.current()
+        finish_and_compare(proc, writer, source_db, dest_db)
+    finally:
+        writer.stop()
+
+
+STARTUP_POINTS = [
+    failpoints.COPY_DONE_BEFORE_MARK,
+    failpoints.COPY_MARKED,
+    failpoints.STARTUP_COPIED,
+]
+
+
+@pytest.mark.parametrize("point", STARTUP_POINTS)
+def test_kill_in_a_copy_before_streaming(point, proc, source_db, dest_db):
+    setup_tables(source_db)
+    writer = Writer(source_db)
+    writer.start()
+    try:
+        proc.start(f"{point}=kill")
+        code = proc.wait_exit(90)
+        assert code == -signal.SIGKILL, f"exit {code}, not killed at {point}\n{proc.log()}"
+        finish_and_compare(proc, writer, source_db, dest_db)
+    finally:
+        writer.stop()
+
+
+def test_sigterm_during_a_live_resync_keeps_the_changes_made_during_the_copy(
+        proc, source_db, dest_db):
+    # Issue 10.1 as reported: the stopping worker finished its range and marked the table
+    # copied; the restart streamed on and never merged the changes held during the copy.
+    setup_tables(source_db)
+    proc.until_caught_up()
+    proc.start(f"{failpoints.COPY_DONE_BEFORE_MARK}=sleep:4")
+    wait_for(lambda: '"msg":"streaming"' in proc.current(), 60, "streaming", proc)
+    dest_db.execute("update replicator.tables set state = 'pending' where source_table = 'public.b'")
+    wait_for(lambda: '"failpoint"' in proc.current(), 60, "the copy's rows to be in", proc)
+    source_db.execute("update b set v = 'changed during the copy' where id in (1, 2)")
+    time.sleep(1.0)                  # held by a batch of the running process
+    proc.proc.send_signal(signal.SIGTERM)
+    assert proc.wait_exit(60) == 0, proc.log()
+    proc.until_caught_up()
+    rows = assert_same(source_db, dest_db, "b")
+    assert rows[:2] == [(1, "changed during the copy"), (2, "changed during the copy")]
+    assert state_of(dest_db, "b") == "streaming"
