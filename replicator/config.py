@@ -80,6 +80,9 @@ class ConnectionSettings:
     sslrootcert: str | None = None
     max_connections: int = 10
     idle_timeout: int = 300  # seconds
+    # How long `run --until-caught-up` (a one-shot job) keeps retrying while this server is
+    # unreachable before it exits 3; a long-running `run` retries for ever.
+    retry_timeout: float = 30.0  # seconds
     type: str = "postgres"
     # Where the password came from ("$ODOO_DB_PASSWORD in /app/.env"), for error hints.
     password_source: str = field(default="", repr=False, compare=False, metadata=_NOT_A_KEY)
@@ -97,6 +100,7 @@ class ConnectionSettings:
         _check_range(s, "port", self.port, 1, 65535)
         _check_range(s, "max_connections", self.max_connections, 1)
         _check_range(s, "idle_timeout", self.idle_timeout, 0)
+        _check_range(s, "retry_timeout", self.retry_timeout, 0, exclusive_min=True)
         _check_choice(s, "sslmode", self.sslmode, SSLMODES, optional=True)
         register_secret(self.password)
 

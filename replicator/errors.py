@@ -25,8 +25,12 @@ __all__ = [
     "ErrorKind",
     "ExitCode",
     "ReplicatorError",
+    "Retries",
     "RetryPolicy",
     "classify",
+    "classify_connect",
+    "connect_sqlstate",
+    "is_connect_failure",
     "clear_secrets",
     "redact",
     "register_secret",
@@ -103,49 +107,89 @@ class ErrorKind(enum.Enum):
 
 
 _FATAL = RetryPolicy(retryable=False, exit_code=ExitCode.FATAL)
+# Databases restart, poolers fail over, VPNs drop: a daemon waits for them indefinitely
+# (`run --until-caught-up` gives up after [source]/[destination] retry_timeout instead).
+_WAIT = RetryPolicy(True, ExitCode.UNAVAILABLE, 1.0, 60.0, None)
 
-_POLICIES: dict[ErrorKind, RetryPolicy] = {
-    ErrorKind.CONFIG: _FATAL,
-    ErrorKind.SOURCE_SETUP: _FATAL,
-    ErrorKind.RESYNC_REQUIRED: _FATAL,
-    # Databases restart, poolers fail over, VPNs drop: wait for them indefinitely.
-    ErrorKind.SOURCE_CONNECT: RetryPolicy(True, ExitCode.UNAVAILABLE, 1.0, 60.0, None),
-    ErrorKind.DESTINATION_CONNECT: RetryPolicy(True, ExitCode.UNAVAILABLE, 1.0, 60.0, None),
-    # A batch is replayed from the last applied LSN; if the same data keeps failing, looping
-    # for ever only hides it, so give up after a few tries and say so.
-    ErrorKind.DESTINATION_APPLY: RetryPolicy(True, ExitCode.FAILED, 1.0, 60.0, 5),
-    ErrorKind.PROTOCOL: RetryPolicy(True, ExitCode.FAILED, 1.0, 60.0, 3),
-    ErrorKind.INTERNAL: RetryPolicy(retryable=False, exit_code=ExitCode.INTERNAL),
-}
-
-_DEFAULT_HINTS: dict[ErrorKind, str] = {
-    ErrorKind.CONFIG: "fix etl-config.toml or .env, then run `replicator check --config PATH`",
-    ErrorKind.SOURCE_CONNECT: (
-        "check that the Odoo database is running and reachable from this host "
-        "([source] host and port)"
+# kind -> (retry policy, what the operator should do). Attempts count failures of one kind in
+# a row: they start again from 1 (a retry within about a second) after progress.
+_TABLE: dict[ErrorKind, tuple[RetryPolicy, str]] = {
+    ErrorKind.CONFIG: (
+        _FATAL,
+        "fix etl-config.toml or .env, then run `replicator check --config PATH`",
     ),
     ErrorKind.SOURCE_SETUP: (
+        _FATAL,
         "fix the source database setup (wal_level = logical, the publication, replication "
-        "privileges); `replicator check` lists what is missing"
-    ),
-    ErrorKind.DESTINATION_CONNECT: (
-        "check that the Supabase database is reachable from this host ([destination] host and "
-        "port)"
-    ),
-    ErrorKind.DESTINATION_APPLY: (
-        "the batch is retried from the last applied position; if it keeps failing, compare the "
-        "mirror table with the source table and look at the dead letters in the state schema"
-    ),
-    ErrorKind.PROTOCOL: (
-        "the replication stream could not be decoded; it is re-read from the last applied "
-        "position. If this persists, report it with the log"
+        "privileges); `replicator check` lists what is missing",
     ),
     ErrorKind.RESYNC_REQUIRED: (
+        _FATAL,
         "the mirror cannot continue from its stored position: drop the replication slot and the "
-        "mirror's state, then run again to copy the tables afresh"
+        "mirror's state, then run again to copy the tables afresh",
     ),
-    ErrorKind.INTERNAL: "this is a bug in odoo-replicator: please report it with the log",
+    ErrorKind.SOURCE_CONNECT: (
+        _WAIT,
+        "check that the Odoo database is running and reachable from this host "
+        "([source] host and port)",
+    ),
+    ErrorKind.DESTINATION_CONNECT: (
+        _WAIT,
+        "check that the Supabase database is reachable from this host ([destination] host and "
+        "port)",
+    ),
+    # A batch is replayed from the last applied LSN; if the same data keeps failing, looping
+    # for ever only hides it, so give up after a few tries in a row and say so.
+    ErrorKind.DESTINATION_APPLY: (
+        RetryPolicy(True, ExitCode.FAILED, 1.0, 60.0, 5),
+        "the batch is retried from the last applied position; if it keeps failing, compare the "
+        "mirror table with the source table and look at the dead letters in the state schema",
+    ),
+    ErrorKind.PROTOCOL: (
+        RetryPolicy(True, ExitCode.FAILED, 1.0, 60.0, 3),
+        "the replication stream could not be decoded; it is re-read from the last applied "
+        "position. If this persists, report it with the log",
+    ),
+    ErrorKind.INTERNAL: (
+        RetryPolicy(retryable=False, exit_code=ExitCode.INTERNAL),
+        "this is a bug in odoo-replicator: please report it with the log",
+    ),
 }
+_POLICIES = {kind: policy for kind, (policy, _hint) in _TABLE.items()}
+_DEFAULT_HINTS = {kind: hint for kind, (_policy, hint) in _TABLE.items()}
+
+
+class Retries:
+    """Failures in a row, per error kind, since the last progress.
+
+    Each kind counts on its own, so weeks of occasional reconnects do not use up the few
+    attempts an apply error gets, and a reconnect after progress waits about a second, not
+    the backoff cap. ``progress(connected=True)`` (a session reached streaming) resets only
+    the connection kinds: it proves the servers are reachable, but not that the batch or
+    message that failed last time gets through; ``progress()`` (the applied position moved)
+    resets every kind.
+    """
+
+    _CONNECT = (ErrorKind.SOURCE_CONNECT, ErrorKind.DESTINATION_CONNECT)
+
+    def __init__(self) -> None:
+        self._failures: dict[ErrorKind, int] = {}
+        self._since: dict[ErrorKind, float] = {}
+
+    def failed(self, kind: ErrorKind, now: float) -> int:
+        """Record a failure; returns how many of this kind came in a row (1 after progress)."""
+        self._failures[kind] = self._failures.get(kind, 0) + 1
+        self._since.setdefault(kind, now)
+        return self._failures[kind]
+
+    def failing_for(self, kind: ErrorKind, now: float) -> float:
+        """Seconds since the first of this kind's failures in a row."""
+        return now - self._since.get(kind, now)
+
+    def progress(self, *, connected: bool = False) -> None:
+        for kind in self._CONNECT if connected else list(self._failures):
+            self._failures.pop(kind, None)
+            self._since.pop(kind, None)
 
 
 class ReplicatorError(Exception):
@@ -465,7 +509,26 @@ def _rules() -> list[tuple[re.Pattern[str], Any]]:
             f"grant read access on the published tables: GRANT SELECT ON ... TO {user};"
         )
 
-    return [
+    def bad_user(w: _Where, text: str) -> tuple[ErrorKind, str]:
+        return ErrorKind.CONFIG, (
+            f"check {w.section} user, and that the server's pg_hba.conf admits it to that "
+            "database from this host"
+        )
+
+    by_sqlstate = {
+        "3D000": no_database,  # invalid_catalog_name
+        "28000": bad_user,  # invalid_authorization_specification: no such role, pg_hba.conf
+        "28P01": auth,  # invalid_password
+        "25006": read_only,  # read_only_sql_transaction
+        "42501": permission,  # insufficient_privilege
+        "53300": too_many,  # too_many_connections (also: no free WAL sender)
+        "53400": slots_full,  # configuration_limit_exceeded (max_replication_slots)
+        "55006": slot_busy,  # object_in_use: the slot is active for another process
+        "57P01": server_not_ready,  # admin_shutdown (also pg_terminate_backend)
+        "57P02": server_not_ready,  # crash_shutdown
+        "57P03": server_not_ready,  # cannot_connect_now
+    }
+    rules = [
         (r(r"password authentication failed|authentication failed for user"), auth),
         (r(r"no password supplied"), no_password),
         (r(r"tenant or user not found"), pooler_tenant),
@@ -499,9 +562,14 @@ def _rules() -> list[tuple[re.Pattern[str], Any]]:
         (r(r"read-only transaction"), read_only),
         (r(r"permission denied|must be owner of"), permission),
     ]
+    return rules, by_sqlstate
 
 
-_RULES = _rules()
+# Message rules are English; the kind comes from the SQLSTATE whenever there is one (servers
+# translate messages per lc_messages, never codes), and the rules then only pick a more
+# specific hint. Without a SQLSTATE (client-side failures: connection refused, host not found,
+# timeouts, TLS) the rules decide.
+_RULES, _BY_SQLSTATE = _rules()
 
 # SQLSTATE classes that mean "the source is not set up the way we need" (syntax/access rules,
 # insufficient resources, object not in prerequisite state) rather than a replicator bug.
@@ -509,14 +577,20 @@ _SOURCE_SETUP_CLASSES = ("42", "53", "55")
 
 
 def classify(
-    exc: BaseException, *, side: str | None = None, settings: Any = None
+    exc: BaseException,
+    *,
+    side: str | None = None,
+    settings: Any = None,
+    sqlstate: str | None = None,
 ) -> ReplicatorError:
     """Turn any exception into a ReplicatorError with a kind and an operator hint.
 
     ``side`` is "source" or "destination" (defaults to ``settings.section`` when ``settings``,
     a ``config.ConnectionSettings``, is given); it picks SOURCE_* or DESTINATION_* kinds and
     names the config section in hints. ``settings`` adds the user, publication and where the
-    password came from. A ReplicatorError is returned unchanged; the original exception
+    password came from. ``sqlstate`` stands in for an exception that carries none (a failed
+    connect: see ``classify_connect``). The SQLSTATE decides the kind; message text only
+    where there is none. A ReplicatorError is returned unchanged; the original exception
     becomes ``__cause__`` of a new one, so tracebacks still show it.
     """
     if isinstance(exc, ReplicatorError):
@@ -526,36 +600,144 @@ def classify(
     if side not in (None, *_SIDES):
         raise ValueError(f"side must be 'source', 'destination' or None, not {side!r}")
     where = _Where(side, settings)
-    err = _classify(exc, where)
+    if sqlstate is None and isinstance(exc, psycopg.Error):
+        sqlstate = exc.sqlstate
+    err = _classify(exc, where, sqlstate)
     err.__cause__ = exc
     return err
 
 
-def _classify(exc: BaseException, where: _Where) -> ReplicatorError:
-    prefix = f"[{where.side}] " if where.side else ""
-    if isinstance(exc, psycopg.Error | OSError):
-        text = str(exc)
-        lowered = text.lower()
-        for pattern, handler in _RULES:
-            if pattern.search(lowered):
-                kind, hint = handler(where, text)
-                message = prefix + _first_line(exc)
-                if kind is ErrorKind.CONFIG:
-                    return ConfigError(message, hint)
-                return ReplicatorError(kind, message, hint)
+def classify_connect(
+    exc: BaseException, conninfo: str, *, side: str | None = None, settings: Any = None
+) -> ReplicatorError:
+    """``classify`` for an exception from connecting with ``conninfo``.
 
-    if isinstance(exc, psycopg.OperationalError | ConnectionError | TimeoutError):
-        return ReplicatorError(_connect_kind(where), prefix + _first_line(exc), None)
+    psycopg raises a refused connection without its SQLSTATE (libpq keeps the server's
+    error fields to itself during startup), so when the server answered with an error, this
+    connects once more asking libpq for verbose errors, which carry the code. A missing
+    database, an unknown role or a wrong password are then setup errors to fix, not
+    connection errors to wait out, whatever language the server speaks.
+    """
     sqlstate = getattr(exc, "sqlstate", None) if isinstance(exc, psycopg.Error) else None
-    if sqlstate and where.side == "destination":
-        # The server rejected a statement: the batch is retried, then reported.
-        return ReplicatorError(ErrorKind.DESTINATION_APPLY, prefix + _first_line(exc), None)
-    if sqlstate and where.side == "source":
-        if sqlstate[:2] in _SOURCE_SETUP_CLASSES:
-            return ReplicatorError(ErrorKind.SOURCE_SETUP, prefix + _first_line(exc), None)
-        # Any other walsender error ends the stream; reconnecting resumes it.
-        return ReplicatorError(ErrorKind.SOURCE_CONNECT, prefix + _first_line(exc), None)
+    if sqlstate is None and isinstance(exc, psycopg.OperationalError) \
+            and _SERVER_ERROR.search(str(exc)):
+        sqlstate = connect_sqlstate(conninfo)
+    return classify(exc, side=side, settings=settings, sqlstate=sqlstate)
 
+
+def is_connect_failure(exc: BaseException | None) -> bool:
+    """True for psycopg's exception from connect() (not from a connection that later broke)."""
+    return isinstance(exc, psycopg.OperationalError) and str(exc).startswith(
+        ("connection failed:", "connection is bad:", "failed to resolve host"))
+
+
+# libpq prints a server's error as "SEVERITY:  message" (two spaces, whatever the language);
+# its own messages ("Connection refused", "fe_sendauth: no password supplied") never do.
+_SERVER_ERROR = re.compile(r"\S:  \S")
+# With verbose errors: "FATAL:  3D000: database "x" does not exist".
+_VERBOSE_SQLSTATE = re.compile(r"\S:  ([0-9A-Z]{5}): ")
+_PQERRORS_VERBOSE = 2
+
+
+def connect_sqlstate(conninfo: str, timeout: float = 10.0) -> str | None:
+    """The SQLSTATE with which the server refuses a connection, or None if it does not say.
+
+    Only with psycopg's pure-Python libpq binding (what this project installs): the
+    verbosity must be set on the connection before the server's answer arrives, which
+    psycopg offers no call for, so it goes through the same libpq via ctypes.
+    """
+    from psycopg import pq
+
+    if pq.__impl__ != "python":
+        return None  # a bundled libpq that ctypes cannot reach safely
+    import ctypes
+    import select
+    import time
+
+    from psycopg.pq import _pq_ctypes
+
+    set_verbosity = _pq_ctypes.pq.PQsetErrorVerbosity
+    set_verbosity.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    set_verbosity.restype = ctypes.c_int
+    pgconn = pq.PGconn.connect_start(conninfo.encode())
+    try:
+        if pgconn.status == pq.ConnStatus.BAD:
+            return None
+        set_verbosity(pgconn.pgconn_ptr, _PQERRORS_VERBOSE)
+        # PQconnectPoll does not apply connect_timeout: bound the wait here.
+        deadline = time.monotonic() + timeout
+        status = pq.PollingStatus.WRITING
+        while status in (pq.PollingStatus.READING, pq.PollingStatus.WRITING):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            fd = pgconn.socket  # may change between polls (several hosts, TLS retry)
+            if status == pq.PollingStatus.READING:
+                select.select([fd], [], [], remaining)
+            else:
+                select.select([], [fd], [], remaining)
+            status = pgconn.connect_poll()
+        if status == pq.PollingStatus.OK:
+            return None
+        found = _VERBOSE_SQLSTATE.search(pgconn.error_message.decode("utf-8", "replace"))
+        return found.group(1) if found else None
+    except (OSError, psycopg.Error):
+        return None
+    finally:
+        pgconn.finish()
+
+
+def _match_rule(exc: BaseException, where: _Where) -> tuple[ErrorKind, str] | None:
+    text = str(exc)
+    lowered = text.lower()
+    for pattern, handler in _RULES:
+        if pattern.search(lowered):
+            return handler(where, text)
+    return None
+
+
+def _kind_by_class(sqlstate: str, where: _Where, exc: BaseException) -> ErrorKind:
+    if sqlstate.startswith("08"):  # connection_exception
+        return _connect_kind(where)
+    if where.side == "destination":
+        # The server rejected a statement: the batch is retried, then reported.
+        return ErrorKind.DESTINATION_APPLY
+    if where.side == "source":
+        if sqlstate[:2] in _SOURCE_SETUP_CLASSES:
+            return ErrorKind.SOURCE_SETUP
+        # Any other walsender error ends the stream; reconnecting resumes it.
+        return ErrorKind.SOURCE_CONNECT
+    if isinstance(exc, psycopg.OperationalError):
+        return _connect_kind(where)
+    return ErrorKind.INTERNAL
+
+
+def _error(kind: ErrorKind, message: str, hint: str | None) -> ReplicatorError:
+    if kind is ErrorKind.CONFIG:
+        return ConfigError(message, hint)
+    return ReplicatorError(kind, message, hint)
+
+
+def _classify(exc: BaseException, where: _Where, sqlstate: str | None) -> ReplicatorError:
+    prefix = f"[{where.side}] " if where.side else ""
+    message = prefix + _first_line(exc)
+    matched = _match_rule(exc, where) if isinstance(exc, psycopg.Error | OSError) else None
+    if sqlstate:
+        handler = _BY_SQLSTATE.get(sqlstate)
+        if handler is not None:
+            kind, hint = handler(where, str(exc))
+        else:
+            kind, hint = _kind_by_class(sqlstate, where, exc), None
+        if matched is not None and matched[0].retryable == kind.retryable:
+            # Same policy, and an English message names the cause more exactly.
+            kind, hint = matched
+        if kind is ErrorKind.INTERNAL:
+            message = f"{prefix}unexpected {type(exc).__name__}: {_first_line(exc)}"
+        return _error(kind, message, hint)
+    if matched is not None:
+        return _error(matched[0], message, matched[1])
+    if isinstance(exc, psycopg.OperationalError | ConnectionError | TimeoutError):
+        return ReplicatorError(_connect_kind(where), message, None)
     # psycopg errors without a SQLSTATE are client-side misuse; everything else is a bug too.
     return ReplicatorError(
         ErrorKind.INTERNAL, f"{prefix}unexpected {type(exc).__name__}: {_first_line(exc)}", None

@@ -27,7 +27,8 @@ from .apply import Applier
 from .backfill import Backfill, CopyStopped
 from .batch import AlterTable, Batch, SyncDone, SyncStart, Truncate
 from .config import Config
-from .errors import ErrorKind, ReplicatorError, classify
+from .errors import (ErrorKind, ExitCode, ReplicatorError, Retries, classify,
+                     classify_connect, is_connect_failure)
 from .lsn import format_lsn, pg_now
 from .metrics import Metrics, MetricsServer
 from .schema import (Column, MirrorTable, SourceTable, check_replicable, column_type,
@@ -125,19 +126,40 @@ class Pipeline:
                 server.stop()
 
     def _run(self) -> int:
-        failures = 0
+        """Sessions until one ends normally; retry failures by their kind's policy.
+
+        Attempts count failures of one kind in a row (errors.Retries): a batch applied resets
+        them all, a session that reached streaming resets the connection kinds, so the
+        first retry after progress comes within about a second. With ``until_caught_up`` (a
+        one-shot job) an unreachable server is retried for at most its ``retry_timeout``.
+        """
+        retries = Retries()
         while True:
+            applied_before = self.progress.applied_lsn
             try:
                 self._session()
                 return 0
             except (ReplicatorError, psycopg.Error) as exc:
-                err = exc if isinstance(exc, ReplicatorError) else classify(exc)
-                failures += 1
+                err = self._classified(exc)
+                now = time.monotonic()
+                if self.progress.applied_lsn != applied_before:
+                    retries.progress()
+                elif self.metrics.status == "streaming":
+                    retries.progress(connected=True)
+                failures = retries.failed(err.kind, now)
                 if self.stop_requested.is_set() or not err.policy.should_retry(failures):
-                    if err is exc:
-                        raise
-                    raise err from exc
+                    self._raise(err, exc)
                 delay = err.policy.delay(failures)
+                if self.until_caught_up and err.exit_code is ExitCode.UNAVAILABLE:
+                    bound = self._side(err.kind).retry_timeout
+                    left = bound - retries.failing_for(err.kind, now)
+                    if left <= 0:
+                        side = self._side(err.kind).section
+                        self._raise(ReplicatorError(
+                            err.kind, f"{err.message} (still failing after {bound:g} s of "
+                            f"retries: --until-caught-up gives up after [{side}] retry_timeout)",
+                            err.hint), exc)
+                    delay = min(delay, left)
                 self.metrics.status, self.metrics.error = "reconnecting", err.message
                 self.metrics.restarts.inc()
                 log.warning("retrying after an error", extra={
@@ -145,6 +167,28 @@ class Pipeline:
                     "attempt": failures, "retry_in_s": round(delay, 1)})
                 if self.stop_requested.wait(delay):
                     return 0
+
+    def _classified(self, exc: BaseException) -> ReplicatorError:
+        if not isinstance(exc, ReplicatorError):
+            return classify(exc)
+        cause = exc.__cause__
+        if exc.kind is ErrorKind.DESTINATION_CONNECT and is_connect_failure(cause):
+            # The applier wraps every failed connect alike; what the server said decides
+            # whether waiting can help (a missing database or role, a wrong password: no).
+            dst = self.config.destination
+            return classify_connect(cause, dst.conninfo(), settings=dst)
+        return exc
+
+    def _side(self, kind: ErrorKind):
+        if kind is ErrorKind.DESTINATION_CONNECT:
+            return self.config.destination
+        return self.config.source
+
+    @staticmethod
+    def _raise(err: ReplicatorError, exc: BaseException):
+        if err is exc:
+            raise err
+        raise err from exc
 
     def request_stop(self, *_args) -> None:
         if self.stop_requested.is_set():
@@ -163,9 +207,7 @@ class Pipeline:
         try:
             catalog = psycopg.connect(src.conninfo(), autocommit=True)
         except psycopg.OperationalError as exc:
-            raise ReplicatorError(ErrorKind.SOURCE_CONNECT,
-                                  f"cannot connect to the source: {exc}",
-                                  "check [source] host/port/user/password") from exc
+            raise classify_connect(exc, src.conninfo(), settings=src) from exc
         applier = Applier(dst.conninfo(), dst.state_schema, slot)
         repl: ReplicationConnection | None = None
         applier_thread = None

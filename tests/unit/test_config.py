@@ -258,6 +258,9 @@ def test_missing_file(tmp_path):
         (MINIMAL + '[logging]\nlevel = "verbose"\n', "[logging] level: 'verbose' is not one of debug, info, warning, error"),
         (MINIMAL + '[metrics]\npath = "metrics"\n', "[metrics] path: must start with '/', got 'metrics'"),
         (with_destination('state_schema = "odoo_mirror"'), '[destination] state_schema: must differ from schema ("odoo_mirror")'),
+        (with_source("retry_timeout = 0"), "[source] retry_timeout: must be > 0, got 0.0"),
+        (with_destination("retry_timeout = -5"), "[destination] retry_timeout: must be > 0, got -5.0"),
+        (with_source('retry_timeout = "30"'), '[source] retry_timeout: expected a number, got string "30"'),
     ],
 )
 def test_value_checks(tmp_path, text, message):
@@ -277,6 +280,8 @@ def test_defaults(tmp_path):
     assert (src.type, src.sslmode, src.sslrootcert, src.max_connections, src.idle_timeout) == (
         "postgres", None, None, 10, 300,
     )
+    assert (src.retry_timeout, dst.retry_timeout) == (30.0, 30.0)
+    assert load_config(write(tmp_path, with_source("retry_timeout = 2.5")), environ=ENV).source.retry_timeout == 2.5
     assert src.slot == "odoo_pub_scout"
     assert (dst.schema, dst.state_schema, dst.batch_size, dst.flush_interval) == (
         "odoo_mirror", "replicator", 1000, 5.0,

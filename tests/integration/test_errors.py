@@ -1,0 +1,255 @@
+"""Retries and setup errors against real servers.
+
+A replicator that runs for weeks reconnects now and then; each reconnect after progress must be
+a first attempt again (about a second), not a step towards a lifetime limit. And a database,
+role or password that is wrong is a setup error (exit 2, one line), not a connection problem
+to wait out; a one-shot `run --until-caught-up` gives up on an unreachable server after
+`retry_timeout` (exit 3).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from psycopg import sql
+
+from replicate import PUBLICATION, running
+from replicator.localpg import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+PASSWORD_VAR = "REPLICATOR_ERRORS_DB_PASSWORD"
+PASSWORD = "Err-Pw-7c2d0b1e-never-print-me"
+
+
+# -- retries reset after progress ---------------------------------------------------------------
+
+
+class _Retries(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage() == "retrying after an error":
+            self.records.append(record)
+
+
+def _wait_for_row(dest_db, row_id: int, timeout: float) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        try:
+            if dest_db.scalar("select count(*) from odoo_mirror.t where id = %s", (row_id,)):
+                return time.monotonic() - started
+        except Exception:  # the mirror table may not exist yet
+            pass
+        time.sleep(0.05)
+    pytest.fail(f"row {row_id} did not reach the mirror within {timeout} s")
+
+
+def test_retries_reset_after_progress(source_db, dest_db):
+    """Source connections killed and an apply failing once, round after round, with progress in
+    between: more failures than any lifetime limit (apply: 5), each retried as a first attempt."""
+    source_db.execute("create table t (id integer primary key, v text)")
+    source_db.execute(f"create publication {PUBLICATION} for table t")
+    source_db.execute("insert into t values (0, 'before')")
+    handler = _Retries()
+    logger = logging.getLogger("replicator")
+    logger.addHandler(handler)
+    rounds = 7
+    try:
+        with running(source_db, dest_db) as pipeline:
+            _wait_for_row(dest_db, 0, 60)
+            # Every other apply of a row fails (a sequence is not rolled back with the batch):
+            # each row's batch fails once, then applies on the retry.
+            dest_db.execute("create sequence boom")
+            dest_db.execute("""
+                create function boom() returns trigger language plpgsql as $$
+                begin
+                    if nextval('boom') % 2 = 1 then
+                        raise exception 'boom on row %', new.id;
+                    end if;
+                    return new;
+                end $$""")
+            dest_db.execute("create trigger boom before insert on odoo_mirror.t "
+                            "for each row execute function boom()")
+            for i in range(1, rounds + 1):
+                source_db.execute("insert into t values (%s, 'x')", (i,))
+                # < 10 s: generous, but far below the backoff an unreset counter reaches.
+                _wait_for_row(dest_db, i, 10)
+                killed = source_db.scalar(
+                    "select count(pg_terminate_backend(pid)) from pg_stat_activity "
+                    "where application_name = 'odoo-replicator' and datname = current_database()")
+                assert killed >= 1
+            source_db.execute("insert into t values (%s, 'last')", (rounds + 1,))
+            _wait_for_row(dest_db, rounds + 1, 10)
+            assert not pipeline.stop_requested.is_set()
+    finally:
+        logger.removeHandler(handler)
+
+    kinds = [r.kind for r in handler.records]
+    assert kinds.count("destination_apply") >= rounds, kinds
+    assert kinds.count("source_connect") >= rounds, kinds
+    # Each failure came after progress: a first attempt, retried within about a second.
+    assert {r.attempt for r in handler.records} == {1}, [(r.kind, r.attempt) for r in handler.records]
+    assert all(r.retry_in_s <= 1.0 for r in handler.records), [r.retry_in_s for r in handler.records]
+
+
+# -- setup errors and unreachable servers, through the command -------------------------------
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env[PASSWORD_VAR] = PASSWORD
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _config(directory: Path, source: dict, destination: dict) -> Path:
+    def section(values: dict) -> str:
+        lines = []
+        for key, value in values.items():
+            lines.append(f"{key} = {value}" if isinstance(value, int | float) else f'{key} = "{value}"')
+        return "\n".join(lines)
+
+    path = directory / "etl-config.toml"
+    path.write_text(f"""\
+[source]
+type = "postgres"
+password = "${PASSWORD_VAR}"
+publication = "{PUBLICATION}"
+{section(source)}
+
+[destination]
+type = "postgres"
+password = "${PASSWORD_VAR}"
+flush_interval = 0.2
+{section(destination)}
+
+[logging]
+level = "info"
+format = "json"
+output = "stdout"
+
+[metrics]
+enabled = false
+""")
+    return path
+
+
+def _side(db, **overrides) -> dict:
+    return {"host": db.cluster.host, "port": db.cluster.port, "database": db.name,
+            "user": "postgres", **overrides}
+
+
+def _run(config: Path, *args: str, timeout: float = 30) -> tuple[subprocess.CompletedProcess, float]:
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "replicator", "run", "--config", str(config), *args],
+        cwd=config.parent, env=_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+        timeout=timeout,
+    )
+    return proc, time.monotonic() - started
+
+
+def _one_line(proc: subprocess.CompletedProcess) -> str:
+    output = proc.stdout + proc.stderr
+    assert PASSWORD not in output, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, f"exit {proc.returncode}, stderr:\n{proc.stderr[-3000:]}"
+    return lines[0]
+
+
+@pytest.fixture
+def published(source_db):
+    source_db.execute("create table res_partner (id integer primary key, name text)")
+    source_db.execute(f"create publication {PUBLICATION} for table res_partner")
+    return source_db
+
+
+@pytest.mark.parametrize("side", ["source", "destination"])
+def test_missing_database_is_a_setup_error(published, dest_db, tmp_path, side):
+    source, destination = _side(published), _side(dest_db)
+    (source if side == "source" else destination)["database"] = "no_such_db_3d000"
+    proc, _ = _run(_config(tmp_path, source, destination), timeout=20)
+    line = _one_line(proc)
+    assert proc.returncode == 2, line
+    assert f"[{side}]" in line and "no_such_db_3d000" in line and "database" in line, line
+
+
+@pytest.mark.parametrize("side", ["source", "destination"])
+def test_missing_role_is_a_setup_error(published, dest_db, tmp_path, side):
+    source, destination = _side(published), _side(dest_db)
+    (source if side == "source" else destination)["user"] = "no_such_role_28000"
+    proc, _ = _run(_config(tmp_path, source, destination), timeout=20)
+    line = _one_line(proc)
+    assert proc.returncode == 2, line
+    assert f"[{side}] user" in line and "no_such_role_28000" in line, line
+
+
+@pytest.fixture
+def password_role(dest_db):
+    """A role on the destination cluster that must log in with a scram password."""
+    role = f"pw_{dest_db.name[-8:]}"
+    hba = dest_db.cluster.data_dir / "pg_hba.conf"
+    original = hba.read_text()
+    dest_db.execute(sql.SQL("create role {} login password 'the-right-one'").format(sql.Identifier(role)))
+    hba.write_text(f"host all {role} 127.0.0.1/32 scram-sha-256\n" + original)
+    dest_db.execute("select pg_reload_conf()")
+    time.sleep(0.5)  # the postmaster reloads asynchronously
+    try:
+        yield role
+    finally:
+        hba.write_text(original)
+        dest_db.execute("select pg_reload_conf()")
+        dest_db.execute(sql.SQL("drop role {}").format(sql.Identifier(role)))
+
+
+def test_wrong_password_is_a_setup_error(published, dest_db, tmp_path, password_role):
+    config = _config(tmp_path, _side(published), _side(dest_db, user=password_role))
+    proc, _ = _run(config, timeout=20)
+    line = _one_line(proc)
+    assert proc.returncode == 2, line
+    assert "[destination]" in line and "password" in line and password_role in line, line
+    assert PASSWORD_VAR in line, line  # where the password came from, not what it is
+
+
+def test_until_caught_up_gives_up_on_unreachable_server(dest_db, tmp_path):
+    source = {"host": "127.0.0.1", "port": free_port(), "database": "odoo", "user": "postgres",
+              "retry_timeout": 3}
+    proc, seconds = _run(_config(tmp_path, source, _side(dest_db)), "--until-caught-up", timeout=60)
+    line = _one_line(proc)
+    assert proc.returncode == 3, line
+    assert "[source]" in line and "retry_timeout" in line, line
+    assert 2.5 <= seconds < 20, seconds
+    retried = [x for x in proc.stdout.splitlines() if "retrying after an error" in x]
+    assert len(retried) >= 2, proc.stdout[-2000:]
+
+
+def test_run_keeps_retrying_an_unreachable_server(dest_db, tmp_path):
+    source = {"host": "127.0.0.1", "port": free_port(), "database": "odoo", "user": "postgres",
+              "retry_timeout": 1}
+    config = _config(tmp_path, source, _side(dest_db))
+    with (tmp_path / "out").open("w+") as out, (tmp_path / "err").open("w+") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "replicator", "run", "--config", str(config)],
+            cwd=tmp_path, env=_env(), stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+        try:
+            # Past retry_timeout: that bound is for --until-caught-up only.
+            time.sleep(5)
+            assert proc.poll() is None, "run exited while the server was unreachable"
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(15)
+        out.seek(0)
+        lines = [x for x in out.read().splitlines() if "retrying after an error" in x]
+    assert len(lines) >= 3, lines
+    for line in lines:
+        assert '"attempt"' in line and '"retry_in_s"' in line and '"hint"' in line, line
