@@ -85,13 +85,28 @@ def copy_held_sql(t: MirrorTable) -> sql.Composable:
         t.held, sql.SQL(", ").join(_staging_columns(t)))
 
 
+def clear_staging_sql(t: MirrorTable) -> sql.Composable:
+    """Empty a staging table by delete, inside the batch's transaction.
+
+    Not TRUNCATE: that gives the table a new relfilenode in every batch
+    (pg_class updates, a file unlinked and created); autovacuum keeps the
+    deleted rows' space in check. Staging is emptied after each MERGE in the
+    same transaction, so a commit leaves it empty and a rollback restores it
+    empty; it is emptied before each COPY too, for rows a replicator that
+    truncated before COPY left behind.
+    """
+    return sql.SQL("delete from {}").format(t.stage)
+
+
 def unhold_sql(t: MirrorTable) -> list[sql.Composable]:
     """Statements moving a table's held changes (from its copy's sync LSN on) into staging.
 
     Changes committed before the sync LSN are in the copy already. A held
     truncate empties the mirror and drops what was held before it. Held rows
     span several batches (and restarts), so staging gets them renumbered in
-    stream order: commit LSN, then place in the transaction.
+    stream order: commit LSN, then place in the transaction. Staging is
+    emptied by delete, not truncate (see clear_staging_sql), and again after
+    the MERGE.
     """
     rest = [c for c in _staging_columns(t) if c != _ident("_r_seq")]
     cols = sql.SQL(", ").join(rest)
@@ -100,7 +115,7 @@ def unhold_sql(t: MirrorTable) -> list[sql.Composable]:
     ).format(held=t.held)
     return [
         sql.SQL("delete from {} where _r_lsn < %(sync)s").format(t.held),
-        sql.SQL("truncate {}").format(t.stage),
+        clear_staging_sql(t),
         sql.SQL(
             "insert into {stage} (_r_seq, {cols}) select row_number() over (order by _r_lsn, _r_seq), "
             "{cols} from {held} h where _r_op <> 'T' and not exists (select 1 from {lt} m "
@@ -482,6 +497,7 @@ class Applier:
             cur.execute(self._stmt("merge_toast", t))
         elif rows:
             cur.execute(self._stmt("merge", t))
+        cur.execute(clear_staging_sql(t))
         cur.execute(sql.SQL("truncate {}").format(t.held))
         state.set_table(cur, self.state_schema, self.slot, t, state.STREAMING, op.sync_lsn)
         self.holding.discard(t.qualname)
@@ -504,7 +520,7 @@ class Applier:
             with cur.copy(self._stmt("copy_held", t)) as copy:
                 _write(copy, tr.data)
             return
-        cur.execute(sql.SQL("truncate {}").format(t.stage))
+        cur.execute(clear_staging_sql(t))
         with cur.copy(self._stmt("copy", t)) as copy:
             _write(copy, tr.data)
         if tr.unchanged:
@@ -517,5 +533,6 @@ class Applier:
             cur.execute(self._stmt("merge_toast", t))
         else:
             cur.execute(self._stmt("merge", t))
+        cur.execute(clear_staging_sql(t))
         res.rows += tr.rows
         res.count(t.qualname, tr.inserts, tr.updates, tr.deletes)

@@ -16,6 +16,7 @@ from pgwire import begin, commit, delete, insert, int4, relation, truncate, upda
 
 from replicator._decode import Decoder
 from replicator.apply import Applier
+from replicator.errors import ReplicatorError
 from replicator.batch import Batch, Truncate
 from replicator.schema import Column, MirrorTable, SourceTable
 from replicator import state
@@ -261,3 +262,48 @@ def test_random_changes_on_a_small_key_space(mirror, dest_db, data):
         mirror(*msgs)
     assert mirror.rows() == [(k, *model[k]) for k in sorted(model)]
     assert mirror.dead() == []
+
+
+def _staging(dest_db):
+    return dest_db.scalar("select c.oid::regclass::text from pg_class c where c.relnamespace = "
+                          "'replicator'::regnamespace and c.relname like 'stage\\_t\\_%'")
+
+
+def test_staging_is_empty_after_each_batch(mirror, dest_db):
+    stage = _staging(dest_db)
+    mirror(insert(RELID, row(1, "a", "A")), insert(RELID, row(2, "b", "B")))
+    assert dest_db.scalar(f"select count(*) from {stage}") == 0
+    mirror(update(RELID, [int4(1), B("a2"), U]), delete(RELID, key(2)), truncate([RELID]),
+           insert(RELID, row(3, "c", "C")))
+    assert dest_db.scalar(f"select count(*) from {stage}") == 0
+    assert mirror.rows() == [(3, "c", "C")]
+
+
+def test_staging_keeps_its_relfilenode_across_batches(mirror, dest_db):
+    stage = _staging(dest_db)
+    before = dest_db.scalar("select pg_relation_filenode(%s)", [stage])
+    for i in range(3):
+        mirror(insert(RELID, row(i, "a", "A")), update(RELID, [int4(i), B("b"), U]))
+    mirror(update(RELID, row(0, "c", "C")))
+    assert dest_db.scalar("select pg_relation_filenode(%s)", [stage]) == before
+    assert mirror.rows() == [(0, "c", "C"), (1, "b", "A"), (2, "b", "A")]
+
+
+def test_a_failed_batch_leaves_nothing_in_staging(mirror, dest_db):
+    mirror(insert(RELID, row(1, "a", "A")))
+    dest_db.execute("alter table odoo_mirror.t add constraint no_boom check (name <> 'boom')")
+    with pytest.raises(ReplicatorError):
+        mirror(insert(RELID, row(2, "x", "X")), update(RELID, row(1, "boom", "A")))
+    dest_db.execute("alter table odoo_mirror.t drop constraint no_boom")
+    mirror(insert(RELID, row(3, "c", "C")))
+    assert mirror.rows() == [(1, "a", "A"), (3, "c", "C")]
+    assert dest_db.scalar(f"select count(*) from {_staging(dest_db)}") == 0
+
+
+def test_rows_left_in_staging_by_an_older_version_are_not_merged(mirror, dest_db):
+    # A replicator that truncated staging before its COPY committed with rows in it.
+    stage = _staging(dest_db)
+    dest_db.execute(f"insert into {stage} (_r_seq, _r_lsn, _r_op, id, name, big) "
+                    "values (1000000, 1, 'I', 9, 'stale', 'STALE')")
+    mirror(insert(RELID, row(1, "a", "A")))
+    assert mirror.rows() == [(1, "a", "A")]
