@@ -3,9 +3,10 @@
 The MERGE keeps the last change per key (staging rows carry a sequence
 number), deletes what was deleted, and never writes an unchanged-TOAST column
 (`u`) as NULL: such a column keeps the mirror's value, or takes the latest
-earlier image of the same row in the batch, or, after a primary-key change,
-the old key's image. A `u` that none of those can supply goes to the dead
-letter table instead of the mirror.
+earlier image of the same row in the batch, whichever key it had then
+(primary-key changes are followed back, however many), or the mirror's row
+of the first key of that chain. A `u` that none of those can supply goes to
+the dead letter table instead of the mirror.
 
 Pooler safe (Supabase port 6543, transaction mode): no prepared statements,
 settings by SET LOCAL only, nothing that outlives the transaction.
