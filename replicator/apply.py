@@ -3,9 +3,10 @@
 The MERGE keeps the last change per key (staging rows carry a sequence
 number), deletes what was deleted, and never writes an unchanged-TOAST column
 (`u`) as NULL: such a column keeps the mirror's value, or takes the latest
-earlier image of the same row in the batch, or, after a primary-key change,
-the old key's image. A `u` that none of those can supply goes to the dead
-letter table instead of the mirror.
+earlier image of the same row in the batch, whichever key it had then
+(primary-key changes are followed back, however many), or the mirror's row
+of the first key of that chain. A `u` that none of those can supply goes to
+the dead letter table instead of the mirror.
 
 Pooler safe (Supabase port 6543, transaction mode): no prepared statements,
 settings by SET LOCAL only, nothing that outlives the transaction.
@@ -86,13 +87,28 @@ def copy_held_sql(t: MirrorTable) -> sql.Composable:
         t.held, sql.SQL(", ").join(_staging_columns(t)))
 
 
+def clear_staging_sql(t: MirrorTable) -> sql.Composable:
+    """Empty a staging table by delete, inside the batch's transaction.
+
+    Not TRUNCATE: that gives the table a new relfilenode in every batch
+    (pg_class updates, a file unlinked and created); autovacuum keeps the
+    deleted rows' space in check. Staging is emptied after each MERGE in the
+    same transaction, so a commit leaves it empty and a rollback restores it
+    empty; it is emptied before each COPY too, for rows a replicator that
+    truncated before COPY left behind.
+    """
+    return sql.SQL("delete from {}").format(t.stage)
+
+
 def unhold_sql(t: MirrorTable) -> list[sql.Composable]:
     """Statements moving a table's held changes (from its copy's sync LSN on) into staging.
 
     Changes committed before the sync LSN are in the copy already. A held
     truncate empties the mirror and drops what was held before it. Held rows
     span several batches (and restarts), so staging gets them renumbered in
-    stream order: commit LSN, then place in the transaction.
+    stream order: commit LSN, then place in the transaction. Staging is
+    emptied by delete, not truncate (see clear_staging_sql), and again after
+    the MERGE.
     """
     rest = [c for c in _staging_columns(t) if c != _ident("_r_seq")]
     cols = sql.SQL(", ").join(rest)
@@ -101,7 +117,7 @@ def unhold_sql(t: MirrorTable) -> list[sql.Composable]:
     ).format(held=t.held)
     return [
         sql.SQL("delete from {} where _r_lsn < %(sync)s").format(t.held),
-        sql.SQL("truncate {}").format(t.stage),
+        clear_staging_sql(t),
         sql.SQL(
             "insert into {stage} (_r_seq, {cols}) select row_number() over (order by _r_lsn, _r_seq), "
             "{cols} from {held} h where _r_op <> 'T' and not exists (select 1 from {lt} m "
@@ -163,90 +179,168 @@ def merge_sql(t: MirrorTable) -> sql.Composable:
 def _toast_ctes(t: MirrorTable) -> sql.Composable:
     """CTEs resolving every unchanged-TOAST column of the last row per key.
 
-    A key's rows are cut into chains at each delete (_r_ep). Within a chain,
-    _r_g{i} counts rows that carried column i, so first_value over
-    (key, chain, _r_g{i}) is the latest value sent for it. A chain that starts
-    with a key change (_r_fok*) continues the old key's image; a chain at the
-    start of the batch continues the mirror's row.
+    A key's rows are cut into epochs at each delete (_r_ep; a delete belongs
+    to the epoch it closes). An epoch is one logical row under one key:
+    within it, _r_g{i} counts rows that carried column i, so first_value
+    over (key, epoch, _r_g{i}) is the latest value sent for it, and the
+    epoch's last row (_r_elast) holds its latest image. A key change writes a
+    delete for the old key and a row for the new key carrying the old key
+    (_r_ok*): the new key's epoch then continues the old key's epoch that
+    this delete closed (p). Several key changes of one row (2 -> 12 -> 22, a
+    swap through a third key) form a chain of epochs, walked back by the
+    recursive c, one step per key change, until every column is known: the
+    latest earlier image of the row, whichever key it had then. A chain
+    that ends in a key's first epoch (without a key change into it)
+    continues the mirror's row of that key as it was before this statement
+    (_r_keep for the key itself, tgo for a chain's first key); one that ends
+    in a later epoch began with an insert, and a `u` there has no image.
     """
     key_names = list(t.source.key)
     k = sql.SQL(", ").join(_ident(n) for n in key_names)
     cols = list(t.columns)
     tcols = [(i, c) for i, c in enumerate(cols) if _toastable(c) and c.name not in key_names]
     nk = len(key_names)
+    by_name = {c.name: c for c in cols}
 
     def known(alias, i):
         return sql.SQL("({a}._r_u is null or get_bit({a}._r_u, {i}) = 0)").format(
             a=sql.SQL(alias), i=sql.Literal(i))
 
+    def all_of(parts):
+        return sql.SQL(" and ").join(parts) if parts else sql.SQL("true")
+
+    def eq(a, names_a, b, names_b):
+        return sql.SQL(" and ").join(
+            sql.SQL("{}.{} = {}.{}").format(sql.SQL(a), _ident(x), sql.SQL(b), _ident(y))
+            for x, y in zip(names_a, names_b))
+
+    fok = [f"_r_fok{j}" for j in range(nk)]
+    rk = [f"_r_rk{j}" for j in range(nk)]      # the chain's root: the batch's last row's key
+    ck = [f"_r_ck{j}" for j in range(nk)]      # the epoch the chain has reached
+    nfok = [f"_r_nfok{j}" for j in range(nk)]  # where that epoch's row came from, if moved
+    g = {i: _ident(f"_r_g{i}") for i, _ in tcols}
+    v = {i: _ident(f"_r_v{i}") for i, _ in tcols}
+    rr = {i: _ident(f"_r_r{i}") for i, _ in tcols}
+    w = {i: _ident(f"_r_w{i}") for i, _ in tcols}
+
     g_parts = [sql.SQL(
         "count(*) filter (where _r_op <> 'D' and {kn}) over (partition by {k}, _r_ep order by _r_seq) as {g}"
-    ).format(kn=known("e", i), k=k, g=_ident(f"_r_g{i}")) for i, c in tcols]
+    ).format(kn=known("e", i), k=k, g=g[i]) for i, c in tcols]
     g_parts += [sql.SQL("first_value({ok}) over (partition by {k}, _r_ep order by _r_seq) as {f}").format(
-        ok=_ident(f"_r_ok{j}"), k=k, f=_ident(f"_r_fok{j}")) for j in range(nk)]
+        ok=_ident(f"_r_ok{j}"), k=k, f=_ident(fok[j])) for j in range(nk)]
     g_parts.append(sql.SQL("first_value(_r_seq) over (partition by {k}, _r_ep order by _r_seq) as _r_fseq").format(k=k))
     v_parts = [sql.SQL("first_value({c}) over (partition by {k}, _r_ep, {g} order by _r_seq) as {v}").format(
-        c=_ident(c.name), k=k, g=_ident(f"_r_g{i}"), v=_ident(f"_r_v{i}")) for i, c in tcols]
+        c=_ident(c.name), k=k, g=g[i], v=v[i]) for i, c in tcols]
 
-    lo_cols = [sql.SQL("v2.{g}, v2.{v}").format(g=_ident(f"_r_g{i}"), v=_ident(f"_r_v{i}")) for i, c in tcols]
-    lo_cols += [sql.SQL("v2._r_seq, v2._r_ep, v2._r_fok0")]
-    lo_match = sql.SQL(" and ").join(
-        sql.SQL("v2.{c} = l.{f}").format(c=_ident(n), f=_ident(f"_r_fok{j}")) for j, n in enumerate(key_names))
-    by_name = {c.name: c for c in cols}
+    # p: for each epoch that began with a key change, the old key's epoch
+    # that the key change's delete closed (-1: none in the batch, so the
+    # old key's mirror row).
+    p = sql.SQL(
+        "p as (select distinct on ({xk}, x._r_ep) {xk}, x._r_ep, coalesce(d._r_ep, -1) as _r_pep "
+        "from x left join x d on {dmatch} and d._r_op = 'D' and d._r_seq < x._r_fseq "
+        "where x._r_fok0 is not null order by {xk}, x._r_ep, d._r_seq desc nulls last)"
+    ).format(xk=sql.SQL(", ").join(sql.SQL("x.{}").format(_ident(n)) for n in key_names),
+             dmatch=eq("d", key_names, "x", fok))
+
+    resolved = {i: sql.SQL("c.{}").format(rr[i]) for i, _ in tcols}
+
+    def st(expr, col):
+        # A recursive CTE's columns must have one type and typmod in both
+        # terms; window results and CASE lose the typmod (varchar(64)).
+        return sql.SQL("({})::{}").format(expr, sql.SQL(t.staging_type(col)))
+    base = [sql.SQL("l.{} as {}").format(_ident(n), _ident(rk[j])) for j, n in enumerate(key_names)]
+    base += [sql.SQL("{} as {}").format(st(sql.SQL("l.{}").format(_ident(n)), by_name[n]), _ident(ck[j]))
+             for j, n in enumerate(key_names)]
+    base.append(sql.SQL("l._r_ep as _r_cep"))
+    for i, col in tcols:
+        base.append(sql.SQL("l.{g} > 0 as {r}, {v} as {w}").format(
+            g=g[i], r=rr[i], v=st(sql.SQL("l.{}").format(v[i]), col), w=w[i]))
+    base += [sql.SQL("l.{} as {}").format(_ident(fok[j]), _ident(nfok[j])) for j in range(nk)]
+    base.append(sql.SQL("lp._r_pep as _r_npep"))
+    step = [sql.SQL("c.{} as {}").format(_ident(rk[j]), _ident(rk[j])) for j in range(nk)]
+    step += [sql.SQL("{} as {}").format(st(sql.SQL("c.{}").format(_ident(nfok[j])), by_name[n]),
+                                        _ident(ck[j])) for j, n in enumerate(key_names)]
+    step.append(sql.SQL("c._r_npep as _r_cep"))
+    for i, col in tcols:
+        step.append(sql.SQL("c.{r} or coalesce(x.{g} > 0, false) as {r}, {val} as {w}").format(
+            r=rr[i], g=g[i], w=w[i], val=st(sql.SQL(
+                "case when c.{r} then c.{w} when x.{g} > 0 then x.{v} end").format(
+                    r=rr[i], w=w[i], g=g[i], v=v[i]), col)))
+    step += [sql.SQL("x.{} as {}").format(_ident(fok[j]), _ident(nfok[j])) for j in range(nk)]
+    step.append(sql.SQL("xp._r_pep as _r_npep"))
+    all_resolved = all_of([resolved[i] for i, _ in tcols])
+    c = sql.SQL(
+        "c as (select {base} from l left join p lp on {lpm} and lp._r_ep = l._r_ep "
+        "where l._r_op <> 'D' and l._r_fok0 is not null and not ({lres}) "
+        "union all "
+        "select {step} from c left join x on {xm} and x._r_ep = c._r_npep "
+        "left join p xp on {xpm} and xp._r_ep = x._r_ep "
+        "where c._r_nfok0 is not null and not ({res}))"
+    ).format(base=sql.SQL(", ").join(base), lpm=eq("lp", key_names, "l", key_names),
+             lres=all_of([sql.SQL("l.{} > 0").format(g[i]) for i, _ in tcols]),
+             step=sql.SQL(", ").join(step), xm=eq("x", key_names, "c", nfok),
+             xpm=eq("xp", key_names, "x", key_names), res=all_resolved)
+    # lo: where each chain stopped: every column found, or no earlier key.
+    lo = sql.SQL("lo as (select * from c where c._r_nfok0 is null or ({res}))").format(res=all_resolved)
+
     tgo_match = sql.SQL(" and ").join(
         sql.SQL("tgo.{c} = {f}").format(
-            c=_ident(n), f=_cast(sql.SQL("l.{}").format(_ident(f"_r_fok{j}")), t, by_name[n]))
+            c=_ident(n), f=_cast(sql.SQL("lo.{}").format(_ident(ck[j])), t, by_name[n]))
         for j, n in enumerate(key_names))
     first_key = _ident(key_names[0])
 
     out = [sql.SQL("l._r_op, l._r_seq")]
     keeps, bads = [], []
     tset = {i for i, _ in tcols}
-    for i, c in enumerate(cols):
-        own = _cast(sql.SQL("l.{}").format(_ident(c.name)), t, c)
+    for i, col in enumerate(cols):
+        own = _cast(sql.SQL("l.{}").format(_ident(col.name)), t, col)
         if i not in tset:
-            out.append(sql.SQL("{} as {}").format(own, _ident(c.name)))
+            out.append(sql.SQL("{} as {}").format(own, _ident(col.name)))
             continue
-        g, v = _ident(f"_r_g{i}"), _ident(f"_r_v{i}")
         out.append(sql.SQL(
             "case when {kn} then {own} when l.{g} > 0 then {lv} "
-            "when l._r_fok0 is not null then case when lo.{g} > 0 then {lov} else tgo.{c} end end as {c}"
-        ).format(kn=known("l", i), own=own, g=g,
-                 lv=_cast(sql.SQL("l.{}").format(v), t, c),
-                 lov=_cast(sql.SQL("lo.{}").format(v), t, c), c=_ident(c.name)))
+            "when l._r_fok0 is not null then case when lo.{r} then {low} else tgo.{c} end end as {c}"
+        ).format(kn=known("l", i), own=own, g=g[i],
+                 lv=_cast(sql.SQL("l.{}").format(v[i]), t, col), r=rr[i],
+                 low=_cast(sql.SQL("lo.{}").format(w[i]), t, col), c=_ident(col.name)))
         keep = sql.SQL("(not {kn} and l.{g} = 0 and l._r_fok0 is null and l._r_ep = 0)").format(
-            kn=known("l", i), g=g)
+            kn=known("l", i), g=g[i])
         out.append(sql.SQL("{} as {}").format(keep, _ident(f"_r_keep{i}")))
         keeps.append(keep)
         bads.append(sql.SQL(
             "(not {kn} and l.{g} = 0 and case when l._r_fok0 is not null then not ("
-            "coalesce(lo.{g}, 0) > 0 or ((lo._r_seq is null or (lo._r_ep = 0 and lo._r_fok0 is null)) "
-            "and tgo.{fk} is not null)) else l._r_ep > 0 end)"
-        ).format(kn=known("l", i), g=g, fk=first_key))
+            "coalesce(lo.{r}, false) or (lo._r_cep <= 0 and tgo.{fk} is not null)) "
+            "else l._r_ep > 0 end)"
+        ).format(kn=known("l", i), g=g[i], r=rr[i], fk=first_key))
     out.append(sql.SQL("{} as _r_anykeep").format(
         sql.SQL(" or ").join(keeps) if keeps else sql.SQL("false")))
     out.append(sql.SQL("{} as _r_bad").format(
         sql.SQL(" or ").join(bads) if bads else sql.SQL("false")))
 
     return sql.SQL(
-        "with e as (select s.*, coalesce(count(*) filter (where _r_op = 'D') over ("
-        "partition by {k} order by _r_seq rows between unbounded preceding and 1 preceding), 0) as _r_ep "
+        "with recursive e as (select s.*, coalesce(count(*) filter (where _r_op = 'D') over ("
+        "partition by {k} order by _r_seq rows between unbounded preceding and 1 preceding), 0) as _r_ep, "
+        "lead(_r_seq) over (partition by {k} order by _r_seq) is null as _r_klast, "
+        "_r_op = 'D' or lead(_r_seq) over (partition by {k} order by _r_seq) is null as _r_elast "
         "from {stage} s), "
         "g as (select e.*, {g_parts} from e), "
         "v as (select g.*{v_parts} from g), "
-        "l as (select distinct on ({k}) * from v order by {k}, _r_seq desc), "
+        "l as (select * from v where _r_klast), "
+        "x as (select * from v where _r_elast), "
+        "{p}, {c}, {lo}, "
         "r as (select {out} from l "
-        "left join lateral (select {lo_cols} from v v2 where {lo_match} and v2._r_seq < l._r_fseq "
-        "and v2._r_op <> 'D' order by v2._r_seq desc limit 1) lo on l._r_fok0 is not null "
-        "left join {dest} tgo on l._r_fok0 is not null and {tgo_match}) "
+        "left join lo on l._r_fok0 is not null and {lom} "
+        "left join {dest} tgo on lo._r_cep <= 0 and {tgo_match}) "
     ).format(k=k, stage=t.stage, g_parts=sql.SQL(", ").join(g_parts),
-             v_parts=sql.SQL("").join(sql.SQL(", ") + p for p in v_parts),
-             out=sql.SQL(", ").join(out), lo_cols=sql.SQL(", ").join(lo_cols),
-             lo_match=lo_match, dest=t.dest, tgo_match=tgo_match)
+             v_parts=sql.SQL("").join(sql.SQL(", ") + p_ for p_ in v_parts),
+             p=p, c=c, lo=lo, out=sql.SQL(", ").join(out),
+             lom=eq("lo", rk, "l", key_names), dest=t.dest, tgo_match=tgo_match)
 
 
 def merge_toast_sql(t: MirrorTable) -> sql.Composable:
-    return _toast_ctes(t) + _merge_tail(t, sql.SQL("r"), toast=True)
+    # MERGE takes no WITH RECURSIVE of its own (PostgreSQL 15): the CTEs go
+    # inside its source.
+    return _merge_tail(t, sql.SQL("(") + _toast_ctes(t) + sql.SQL("select * from r)"), toast=True)
 
 
 def dead_letter_sql(t: MirrorTable) -> sql.Composable:
@@ -421,6 +515,7 @@ class Applier:
             cur.execute(self._stmt("merge_toast", t))
         elif rows:
             cur.execute(self._stmt("merge", t))
+        cur.execute(clear_staging_sql(t))
         cur.execute(sql.SQL("truncate {}").format(t.held))
         state.set_table(cur, self.state_schema, self.slot, t, state.STREAMING, op.sync_lsn)
         self.holding.discard(t.qualname)
@@ -443,7 +538,7 @@ class Applier:
             with cur.copy(self._stmt("copy_held", t)) as copy:
                 _write(copy, tr.data)
             return
-        cur.execute(sql.SQL("truncate {}").format(t.stage))
+        cur.execute(clear_staging_sql(t))
         with cur.copy(self._stmt("copy", t)) as copy:
             _write(copy, tr.data)
         res.copies += 1
@@ -457,5 +552,6 @@ class Applier:
             cur.execute(self._stmt("merge_toast", t))
         else:
             cur.execute(self._stmt("merge", t))
+        cur.execute(clear_staging_sql(t))
         res.rows += tr.rows
         res.count(t.qualname, tr.inserts, tr.updates, tr.deletes)

@@ -9,11 +9,14 @@ when nothing can supply them the row goes to the dead letter table.
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pgwire import UNCHANGED as U
 from pgwire import begin, commit, delete, insert, int4, relation, truncate, update
 
 from replicator._decode import Decoder
 from replicator.apply import Applier
+from replicator.errors import ReplicatorError
 from replicator.batch import Batch, Truncate
 from replicator.schema import Column, MirrorTable, SourceTable
 from replicator import state
@@ -162,3 +165,145 @@ def test_null_values_are_written_as_null(mirror):
     mirror(insert(RELID, row(1, None, None)))
     mirror(insert(RELID, row(2, "x", "y")), update(RELID, row(2, None, None)))
     assert mirror.rows() == [(1, None, None), (2, None, None)]
+
+
+def test_two_key_changes_of_one_row_in_one_batch(mirror):
+    mirror(insert(RELID, row(2, "a", "BIG2")))
+    mirror(update(RELID, [int4(12), B("b"), U], old=key(2)),
+           update(RELID, [int4(22), B("c"), U], old=key(12)))
+    assert mirror.rows() == [(22, "c", "BIG2")]
+    assert mirror.dead() == []
+
+
+def test_swap_of_two_keys_in_one_batch(mirror):
+    mirror(insert(RELID, row(3, "three", "BIG3")), insert(RELID, row(4, "four", "BIG4")))
+    mirror(update(RELID, [int4(-3), B("three"), U], old=key(3)),
+           update(RELID, [int4(3), B("four"), U], old=key(4)),
+           update(RELID, [int4(4), B("three"), U], old=key(-3)))
+    assert mirror.rows() == [(3, "four", "BIG4"), (4, "three", "BIG3")]
+    assert mirror.dead() == []
+
+
+def test_chain_takes_the_latest_image_on_any_key(mirror):
+    mirror(insert(RELID, row(1, "a", "OLD")))
+    mirror(update(RELID, [int4(2), B("b"), U], old=key(1)),
+           update(RELID, row(2, "c", "NEW")),
+           update(RELID, [int4(3), B("d"), U], old=key(2)),
+           update(RELID, [int4(4), B("e"), U], old=key(3)),
+           insert(RELID, row(1, "again", "OTHER")))
+    assert mirror.rows() == [(1, "again", "OTHER"), (4, "e", "NEW")]
+
+
+def test_chain_back_to_a_reinserted_key(mirror):
+    mirror(insert(RELID, row(1, "a", "FIRST")))
+    # 1 is deleted and inserted anew before it moves: the move takes the new image.
+    mirror(delete(RELID, key(1)), insert(RELID, row(1, "b", "SECOND")),
+           update(RELID, [int4(2), B("c"), U], old=key(1)),
+           update(RELID, [int4(3), B("d"), U], old=key(2)))
+    assert mirror.rows() == [(3, "d", "SECOND")]
+
+
+def test_chain_from_a_key_the_mirror_lacks_is_a_dead_letter(mirror):
+    mirror(insert(RELID, row(1, "a", "A")))
+    mirror(update(RELID, [int4(6), B("x"), U], old=key(5)),
+           update(RELID, [int4(7), B("y"), U], old=key(6)))
+    assert mirror.rows() == [(1, "a", "A")]
+    assert mirror.dead() == [({"id": 7},)]
+
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_changes_on_a_small_key_space(mirror, dest_db, data):
+    """Inserts, updates (some with the big column unchanged), key changes and deletes on keys
+    1..5, cut into batches at random: the mirror ends as a model of the source does."""
+    dest_db.execute("truncate odoo_mirror.t, replicator.dead_letters")
+    model: dict[int, tuple[str, str]] = {}
+    counter = iter(range(10**6))
+
+    def fresh(prefix):
+        return f"{prefix}{next(counter)}"
+
+    initial = data.draw(st.sets(st.integers(1, 5)), label="initial keys")
+    msgs = []
+    for k in sorted(initial):
+        model[k] = (fresh("n"), fresh("BIG"))
+        msgs.append(insert(RELID, row(k, *model[k])))
+    if msgs:
+        mirror(*msgs)
+    for _ in range(data.draw(st.integers(1, 4), label="batches")):
+        msgs = []
+        for _ in range(data.draw(st.integers(1, 8), label="changes")):
+            present = sorted(model)
+            absent = [k for k in range(-1, 6) if k not in model]
+            kinds = ["insert"] * bool(absent) + ["update", "delete"] * bool(present) \
+                + ["move"] * 3 * bool(present and absent)
+            kind = data.draw(st.sampled_from(kinds))
+            if kind == "insert":
+                k = data.draw(st.sampled_from(absent))
+                model[k] = (fresh("n"), fresh("BIG"))
+                msgs.append(insert(RELID, row(k, *model[k])))
+                continue
+            if kind == "delete":
+                k = data.draw(st.sampled_from(present))
+                del model[k]
+                msgs.append(delete(RELID, key(k)))
+                continue
+            a = data.draw(st.sampled_from(present))
+            b = data.draw(st.sampled_from(absent)) if kind == "move" else a
+            name, big = model.pop(a)
+            name = fresh("n")
+            unchanged = data.draw(st.booleans())
+            if not unchanged:
+                big = fresh("BIG")
+            model[b] = (name, big)
+            new = [int4(b), B(name), U if unchanged else B(big)]
+            msgs.append(update(RELID, new, old=key(a)) if a != b else update(RELID, new))
+        mirror(*msgs)
+    assert mirror.rows() == [(k, *model[k]) for k in sorted(model)]
+    assert mirror.dead() == []
+
+
+def _staging(dest_db):
+    return dest_db.scalar("select c.oid::regclass::text from pg_class c where c.relnamespace = "
+                          "'replicator'::regnamespace and c.relname like 'stage\\_t\\_%'")
+
+
+def test_staging_is_empty_after_each_batch(mirror, dest_db):
+    stage = _staging(dest_db)
+    mirror(insert(RELID, row(1, "a", "A")), insert(RELID, row(2, "b", "B")))
+    assert dest_db.scalar(f"select count(*) from {stage}") == 0
+    mirror(update(RELID, [int4(1), B("a2"), U]), delete(RELID, key(2)), truncate([RELID]),
+           insert(RELID, row(3, "c", "C")))
+    assert dest_db.scalar(f"select count(*) from {stage}") == 0
+    assert mirror.rows() == [(3, "c", "C")]
+
+
+def test_staging_keeps_its_relfilenode_across_batches(mirror, dest_db):
+    stage = _staging(dest_db)
+    before = dest_db.scalar("select pg_relation_filenode(%s)", [stage])
+    for i in range(3):
+        mirror(insert(RELID, row(i, "a", "A")), update(RELID, [int4(i), B("b"), U]))
+    mirror(update(RELID, row(0, "c", "C")))
+    assert dest_db.scalar("select pg_relation_filenode(%s)", [stage]) == before
+    assert mirror.rows() == [(0, "c", "C"), (1, "b", "A"), (2, "b", "A")]
+
+
+def test_a_failed_batch_leaves_nothing_in_staging(mirror, dest_db):
+    mirror(insert(RELID, row(1, "a", "A")))
+    dest_db.execute("alter table odoo_mirror.t add constraint no_boom check (name <> 'boom')")
+    with pytest.raises(ReplicatorError):
+        mirror(insert(RELID, row(2, "x", "X")), update(RELID, row(1, "boom", "A")))
+    dest_db.execute("alter table odoo_mirror.t drop constraint no_boom")
+    mirror(insert(RELID, row(3, "c", "C")))
+    assert mirror.rows() == [(1, "a", "A"), (3, "c", "C")]
+    assert dest_db.scalar(f"select count(*) from {_staging(dest_db)}") == 0
+
+
+def test_rows_left_in_staging_by_an_older_version_are_not_merged(mirror, dest_db):
+    # A replicator that truncated staging before its COPY committed with rows in it.
+    stage = _staging(dest_db)
+    dest_db.execute(f"insert into {stage} (_r_seq, _r_lsn, _r_op, id, name, big) "
+                    "values (1000000, 1, 'I', 9, 'stale', 'STALE')")
+    mirror(insert(RELID, row(1, "a", "A")))
+    assert mirror.rows() == [(1, "a", "A")]
