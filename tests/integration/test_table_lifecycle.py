@@ -241,3 +241,32 @@ def test_busy_applier_does_not_fragment_batches_or_escape_the_memory_limit(
     assert any(r.getMessage() == "batch spilled to disk" for r in caplog.records)
     catch_up(source_db, dest_db)
     assert_same(source_db, dest_db, "a")
+
+
+def test_a_session_ends_only_after_the_batch_in_flight(dest_db):
+    # The session used to close the applier's connection after a 30 s join, while a batch
+    # could still be running on it (and commit after the next session read the position).
+    import threading
+
+    from replicator.runtime import _stop_applier
+
+    applier = Applier(dest_db.dsn, "replicator", PUBLICATION)
+    applier.connect()
+    errors: list = []
+
+    def long_batch():
+        try:
+            applier.conn.execute("select pg_sleep(600)")
+        except psycopg.Error as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=long_batch, daemon=True)
+    thread.start()
+    wait_for(lambda: dest_db.scalar("select count(*) from pg_stat_activity "
+                                    "where query = 'select pg_sleep(600)'") == 1, 10, "the batch")
+    started = time.monotonic()
+    _stop_applier(thread, applier)
+    assert not thread.is_alive()
+    assert time.monotonic() - started < 30
+    assert errors and isinstance(errors[0], psycopg.errors.QueryCanceled)
+    applier.close()
