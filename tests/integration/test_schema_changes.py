@@ -184,7 +184,9 @@ def test_odoo_type_change_moves_the_old_values(source_db, dest_db, restart):
     source_db.execute("insert into t select g, 'old ' || g from generate_series(1, 20) g")
     catch_up(source_db, dest_db)
     if restart:
-        # The replicator was stopped through the change: state must say which is which.
+        # The replicator was stopped through the change: state must say which is
+        # which. The first transaction replayed describes the table before it.
+        source_db.execute("insert into t values (99, 'before the change')")
         odoo_type_change(source_db)
         source_db.execute("insert into t values (100, 'new row', 100)")
         catch_up(source_db, dest_db)
