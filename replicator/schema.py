@@ -276,7 +276,8 @@ def plan_mirror(t: MirrorTable, existing: dict[str, str], remembered: dict[int, 
     (rename `c` to `c_moved0`, add a new `c`) moves the old values with the old
     column. Without an attnum a column is matched by name. A changed type is
     converted; a column the source dropped stays (nullable), so history the
-    analysts query is not lost. A new column with a fast default at the source
+    analysts query is not lost, and steps aside (renamed `<name>_dropped`) when
+    a new source column takes its name. A new column with a fast default at the source
     gets it on the rows the mirror has (the ALTER runs in stream order, before
     any row that carries the column); one whose default was volatile (the
     source rewrote the table, which is not replicated) is listed in `recopy`.
@@ -291,9 +292,10 @@ def plan_mirror(t: MirrorTable, existing: dict[str, str], remembered: dict[int, 
         old = remembered.get(o.attnum) if o.attnum is not None else None
         if old is None and c.name in existing:
             other = owner.get(c.name)
-            # The mirror column of that name belongs to another source column
-            # the stream still has (it is being renamed away): this one is new.
-            if other is None or other == o.attnum or other not in wanted:
+            # Unless the mirror column of that name came from another source
+            # column (one being renamed away, or one the source dropped before
+            # adding this one), it is this column.
+            if other is None or other == o.attnum or (other not in wanted and o.attnum is None):
                 old = c.name
         if old in claimed:
             old = None
@@ -312,8 +314,9 @@ def plan_mirror(t: MirrorTable, existing: dict[str, str], remembered: dict[int, 
 
     renames = [(old, c.name) for c, old in zip(t.columns, olds) if old is not None and old != c.name]
     moving = {a for a, _ in renames}
-    for _a, b in renames:
-        if b in names and b not in moving:
+    for c, old in zip(t.columns, olds):
+        b = c.name
+        if old != b and b in names and b not in moving:
             # A column the source dropped is in the way: it steps aside.
             n = 0
             while f"{b[:50]}_dropped{n or ''}" in names:
