@@ -226,12 +226,12 @@ def mirror_columns(conn: psycopg.Connection, t: MirrorTable) -> dict[str, str]:
 class Origin:
     """Where a stream column comes from in the source catalog, when that is known."""
     attnum: int | None = None      # the column's identity: survives renames and type changes
-    has_default: bool = False
+    has_default: bool = False      # a default expression, or an identity
     missing: str | None = None     # text of a fast default (atthasmissing), for rows older than it
 
 
 _ORIGINS_SQL = """
-select a.attnum, a.attname, format_type(a.atttypid, a.atttypmod), a.atthasdef,
+select a.attnum, a.attname, format_type(a.atttypid, a.atttypmod), a.atthasdef or a.attidentity <> '',
        case when a.atthasmissing then (a.attmissingval::text::text[])[1] end
 from pg_attribute a
 where a.attrelid = %s and a.attnum > 0 and not a.attisdropped and a.attgenerated = ''
