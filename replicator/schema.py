@@ -231,7 +231,8 @@ class Origin:
 
 
 _ORIGINS_SQL = """
-select a.attnum, a.attname, format_type(a.atttypid, a.atttypmod), a.atthasdef or a.attidentity <> '',
+select a.attnum, a.attname, format_type(a.atttypid, a.atttypmod),
+       a.atthasdef or a.attidentity <> '',
        case when a.atthasmissing then (a.attmissingval::text::text[])[1] end
 from pg_attribute a
 where a.attrelid = %s and a.attnum > 0 and not a.attisdropped and a.attgenerated = ''
@@ -312,7 +313,8 @@ def plan_mirror(t: MirrorTable, existing: dict[str, str], remembered: dict[int, 
         names.discard(a)
         names.add(b)
 
-    renames = [(old, c.name) for c, old in zip(t.columns, olds) if old is not None and old != c.name]
+    renames = [(old, c.name) for c, old in zip(t.columns, olds)
+               if old is not None and old != c.name]
     moving = {a for a, _ in renames}
     for c, old in zip(t.columns, olds):
         b = c.name

@@ -1,4 +1,5 @@
-"""The state schema in the destination: applied LSN, table sync state, dead letters.
+"""The state schema in the destination: applied LSN, table sync state, column identities,
+dead letters.
 
 It sits outside the mirror schema (analysts never see it) and is written in
 the same transaction as the data it describes.
