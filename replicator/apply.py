@@ -25,8 +25,8 @@ from . import failpoints, state
 from .batch import AlterTable, Batch, Rows, SpilledRows, SyncDone, SyncStart, TableRows, Truncate
 from .errors import ErrorKind, ReplicatorError
 from .lsn import format_lsn
-from .schema import (MirrorTable, alter_mirror_sql, create_held_sql, create_mirror_sql,
-                     create_staging_sql, mirror_columns, mirror_exists)
+from .schema import (MirrorTable, Origin, create_held_sql, create_mirror_sql, create_staging_sql,
+                     mirror_columns, mirror_exists, plan_mirror)
 
 log = logging.getLogger(__name__)
 
@@ -359,6 +359,41 @@ def dead_letter_sql(t: MirrorTable) -> sql.Composable:
 # -- the applier -----------------------------------------------------------
 
 
+def ensure_mirror_columns(conn: psycopg.Connection, t: MirrorTable, state_schema: str, slot: str,
+                          origins: tuple[Origin, ...] | None, fast_defaults: bool = True) -> None:
+    """Alter an existing mirror to t's columns and remember their attnums (in conn's transaction).
+
+    A column added with a volatile default marks the table for a new copy
+    (pending: the running replicator copies it while the stream goes on).
+    """
+    plan = plan_mirror(t, mirror_columns(conn, t),
+                       state.column_attnums(conn, state_schema, slot, t.source.qualname),
+                       origins, fast_defaults)
+    for stmt, cast in plan.statements:
+        log.info("altering mirror table", extra={"table": t.qualname,
+                                                 "sql": stmt.as_string(conn)})
+        if cast is None:
+            conn.execute(stmt)
+            continue
+        try:
+            with conn.transaction():
+                conn.execute(stmt)
+        except psycopg.Error as exc:
+            col, have, want = cast
+            raise ReplicatorError(
+                ErrorKind.DESTINATION_APPLY,
+                f"cannot convert mirror column {t.qualname}.{col} from {have} to {want} "
+                f"as the source did: {exc.diag.message_primary or exc}",
+                "convert or empty that column in the mirror by hand, or resync the table "
+                "(`replicator resync --table`), then restart") from None
+    state.record_column_attnums(conn, state_schema, slot, t.source.qualname, plan.attnums)
+    if plan.recopy:
+        log.warning("column added at the source with a volatile default: the table is "
+                    "copied again", extra={"table": t.qualname, "columns": plan.recopy})
+        state.set_table(conn, state_schema, slot, t, state.PENDING)
+
+
+
 def _write(copy: psycopg.Copy, data: bytes | SpilledRows) -> None:
     if isinstance(data, SpilledRows):
         for chunk in data.chunks():
@@ -408,22 +443,30 @@ class Applier:
         except (psycopg.Error, OSError) as exc:
             log.warning("cannot cancel the batch in flight", extra={"error": str(exc)})
 
-    def prepare_tables(self, tables: list[MirrorTable]) -> None:
-        """Create or bring up to date the mirror and staging tables."""
+    def prepare_tables(self, tables: list[MirrorTable], alter: bool = True) -> None:
+        """Create missing mirror and staging tables; alter existing mirrors unless told not to.
+
+        At startup the pipeline passes alter=False: the stream may replay
+        transactions older than the catalog, and the mirror's columns follow
+        the Relation messages of transactions it applies, in stream order.
+        """
         with self.conn.transaction():
             for t in tables:
-                self._ensure_table(t)
+                self._ensure_table(t, alter=alter)
 
-    def _ensure_table(self, t: MirrorTable) -> None:
+    def _ensure_table(self, t: MirrorTable, origins: tuple[Origin, ...] | None = None,
+                      alter: bool = True) -> None:
         if mirror_exists(self.conn, t):
-            for stmt in alter_mirror_sql(t, mirror_columns(self.conn, t)):
-                log.info("altering mirror table", extra={"table": t.qualname,
-                                                         "sql": stmt.as_string(self.conn)})
-                self.conn.execute(stmt)
+            if alter:
+                ensure_mirror_columns(self.conn, t, self.state_schema, self.slot, origins)
         else:
             for stmt in create_mirror_sql(t):
                 self.conn.execute(stmt)
             log.info("created mirror table", extra={"table": t.qualname})
+            if origins:
+                state.record_column_attnums(
+                    self.conn, self.state_schema, self.slot, t.source.qualname,
+                    {o.attnum: c.name for c, o in zip(t.columns, origins) if o.attnum is not None})
         self.conn.execute(create_staging_sql(t))
 
     def _stmt(self, kind: str, t: MirrorTable) -> sql.Composable:
@@ -451,8 +494,10 @@ class Applier:
                             self._apply_rows(cur, tr, batch.end_lsn, res)
                     elif isinstance(op, Truncate):
                         self._truncate(cur, op)
+                    elif isinstance(op, AlterTable) and not op.alter:
+                        cur.execute(create_staging_sql(op.table))
                     elif isinstance(op, AlterTable):
-                        self._ensure_table(op.table)
+                        self._ensure_table(op.table, op.origins)
                     elif isinstance(op, SyncStart):
                         self._hold(cur, op.table)
                     elif isinstance(op, SyncDone):

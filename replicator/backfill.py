@@ -39,9 +39,11 @@ from psycopg import pq, sql
 
 from . import failpoints, state
 from ._pipe import Pipe
+from .apply import ensure_mirror_columns
 from .errors import ErrorKind, ReplicatorError
 from .lsn import format_lsn
-from .schema import MirrorTable, create_mirror_sql, create_staging_sql, mirror_exists
+from .schema import (MirrorTable, column_origins, create_mirror_sql, create_staging_sql,
+                     mirror_exists)
 from .source import ReplicationConnection, quote_ident
 
 log = logging.getLogger(__name__)
@@ -154,12 +156,18 @@ class Backfill:
                 "select relpages, greatest(reltuples, 0)::bigint from pg_class where oid = %s",
                 [t.source.oid]).fetchone()
             copy = TableCopy(t, pages, est)
+            origins = column_origins(catalog, t.source.oid, t.columns)
             with dest.transaction():
                 if mirror_exists(dest, t):
                     # User triggers (the invoice-to-memory one) must not fire
                     # for every historical row; they are enabled again after.
                     dest.execute(sql.SQL("alter table {} disable trigger user").format(t.dest))
                     dest.execute(sql.SQL("truncate {}").format(t.dest))
+                    # The copy writes the source's columns as they are now: the
+                    # mirror gets them first, in this transaction, so a failure
+                    # leaves the old rows; an empty table always converts.
+                    ensure_mirror_columns(dest, t, dst.state_schema, self.slot, origins,
+                                          fast_defaults=False)
                     # A mirror left without its key by an interrupted first copy
                     # gets its indexes like a new one.
                     copy.created = not dest.execute(
@@ -170,6 +178,10 @@ class Backfill:
                     for stmt in create_mirror_sql(t, with_key=False):
                         dest.execute(stmt)
                     copy.created = True
+                    state.record_column_attnums(
+                        dest, dst.state_schema, self.slot, t.source.qualname,
+                        {o.attnum: c.name for c, o in zip(t.columns, origins)
+                         if o.attnum is not None})
                 dest.execute(create_staging_sql(t))
                 if not self.live:
                     # Changes held by an earlier live copy that never finished

@@ -74,6 +74,8 @@ class Truncate:
 @dataclass
 class AlterTable:
     table: MirrorTable    # the new layout; the mirror is brought up to it
+    origins: tuple = ()   # schema.Origin per column: attnums and fast defaults at the source
+    alter: bool = True    # False: only its staging table (a skipped transaction's layout)
 
 
 @dataclass

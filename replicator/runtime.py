@@ -31,8 +31,8 @@ from .errors import (ErrorKind, ExitCode, ReplicatorError, Retries, classify,
                      classify_connect, is_connect_failure)
 from .lsn import format_lsn, pg_now
 from .metrics import Metrics, MetricsServer
-from .schema import (Column, MirrorTable, SourceTable, check_replicable, column_type,
-                     publication_exists, publication_tables, read_table)
+from .schema import (Column, MirrorTable, SourceTable, check_replicable, column_origins,
+                     column_type, publication_exists, publication_tables, read_table)
 from .source import TEXT_MODE_OPTIONS, ReplicationConnection, protocol_for
 
 log = logging.getLogger("replicator")
@@ -261,7 +261,9 @@ class Pipeline:
                 for t in to_copy:
                     states[t.source.qualname] = (state.COPIED, sync_lsn)
                 failpoints.hit(failpoints.STARTUP_COPIED)
-            applier.prepare_tables(list(mirrors.values()))
+            # Streaming mirrors keep their columns: the stream alters them in
+            # order (a replayed older transaction must not see the newest catalog).
+            applier.prepare_tables(list(mirrors.values()), alter=False)
             with applier.conn.transaction():
                 for t in mirrors.values():
                     st, lsn = states[t.source.qualname]
@@ -434,6 +436,9 @@ class _Receiver:
         self.binary = binary
         self.by_relid: dict[int, MirrorTable] = {}
         self.layouts: dict[int, tuple] = {}
+        # The layout each mirror was last altered to in this session.
+        self.altered: dict[tuple[str, str], tuple] = {}
+        self.types: dict[tuple[int, int], tuple[str, int]] = {}
         self.target = target
         self.batch = Batch()
         self.sent_flush = -1
@@ -627,42 +632,56 @@ class _Receiver:
                 self.dec.define(relid, len(cols), [], False)
                 self.layouts[relid] = None
             return
-        columns = tuple(self._column(t, name, typoid, typmod) for _f, name, typoid, typmod in cols)
+        columns = tuple(self._column(name, typoid, typmod) for _f, name, typoid, typmod in cols)
         if replident in ("d", "i"):
             key_cols = tuple(name for flags, name, _o, _m in cols if flags & 1)
         else:
             key_cols = t.source.key
-        layout = (tuple((c.name, c.typoid) for c in columns), key_cols)
-        if self.layouts.get(relid) == layout:
-            return
-        # None: the relation was known but not replicated (not yet, or no
-        # longer): compare with what the mirror table is known to have.
-        changed = self.layouts.get(relid) is not None or t.columns != columns \
-            or t.source.key != key_cols
-        if changed:
-            if key in self.syncing:
+        # The full type (typmod included): numeric(10,2) -> (12,4) is a change.
+        layout = (tuple((c.name, c.type_sql) for c in columns), key_cols)
+        differs = t.columns != columns or t.source.key != key_cols
+        if key in self.syncing:
+            if differs:
                 raise ReplicatorError(
                     ErrorKind.PROTOCOL, f"the columns of {t.source.qualname} changed while it "
                     "was being copied", "the replicator restarts and copies it again")
-            # Rows already buffered belong to the old layout: apply them first.
-            self.batch.add_rows(self.dec.take(), self.by_relid)
+            # The copy brings the mirror to these columns.
+            self.altered[key] = layout
+        # The mirror follows only Relation messages of transactions that are
+        # applied, in stream order: one replayed from before the applied
+        # position or the table's copy describes an older table. A later DDL
+        # always brings a fresh Relation message before the next change.
+        applies = not self.dec.skipping and self.dec.final_lsn >= self.sync_lsns.get(key, 0)
+        alter = applies and self.altered.get(key) != layout
+        if self.layouts.get(relid) == layout and not alter:
+            return
+        # Rows already buffered belong to the old layout: apply them first.
+        self.batch.add_rows(self.dec.take(), self.by_relid)
+        if differs:
             source = dataclasses.replace(t.source, columns=columns, key=key_cols)
             t = MirrorTable(source, t.dest_schema, t.dest_name, t.state_schema, t.binary,
                             columns=columns)
             self.mirrors[key] = t
-            self.batch.ops.append(AlterTable(t))
-            log.info("table columns changed at the source", extra={
-                "table": t.source.qualname, "columns": [c.name for c in columns]})
+        if alter:
+            self.altered[key] = layout
+            self.batch.ops.append(AlterTable(t, column_origins(self.catalog, t.source.oid, columns)))
+            if differs:
+                log.info("table columns changed at the source", extra={
+                    "table": t.source.qualname, "columns": [c.name for c in columns]})
+        elif key not in self.syncing:
+            # Rows of skipped transactions are parsed (to be dropped) with
+            # this layout, and the next applied ones may use it too.
+            self.batch.ops.append(AlterTable(t, alter=False))
         t.relid = relid
         self.by_relid[relid] = t
         self.dec.define(relid, len(columns), t.key_idx, True, self.sync_lsns.get(key, 0))
         self.layouts[relid] = layout
 
-    def _column(self, t: MirrorTable, name: str, typoid: int, typmod: int) -> Column:
-        for c in t.columns:
-            if c.name == name and c.typoid == typoid:
-                return c
-        type_sql, typlen = column_type(self.catalog, typoid, typmod)
+    def _column(self, name: str, typoid: int, typmod: int) -> Column:
+        known = self.types.get((typoid, typmod))
+        if known is None:
+            known = self.types[(typoid, typmod)] = column_type(self.catalog, typoid, typmod)
+        type_sql, typlen = known
         return Column(name, type_sql, typoid, typlen)
 
     def _on_truncate(self, event) -> None:
@@ -738,6 +757,7 @@ class _Receiver:
                 self.layouts.pop(t.relid, None)
                 self.dec.define(t.relid, len(t.columns), [], False)
             self.sync_lsns.pop(key, None)
+            self.altered.pop(key, None)
         names = state.mark_removed(self.poll_conn, self.cfg.destination.state_schema,
                                    self.cfg.source.slot, [f"{s}.{n}" for s, n in keys])
         for name in names:

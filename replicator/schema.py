@@ -222,23 +222,155 @@ def mirror_columns(conn: psycopg.Connection, t: MirrorTable) -> dict[str, str]:
     return dict(rows.fetchall())
 
 
-def alter_mirror_sql(t: MirrorTable, existing: dict[str, str]) -> list[sql.Composable]:
-    """Bring an existing mirror table up to the stream's columns.
+@dataclass(frozen=True)
+class Origin:
+    """Where a stream column comes from in the source catalog, when that is known."""
+    attnum: int | None = None      # the column's identity: survives renames and type changes
+    has_default: bool = False      # a default expression, or an identity
+    missing: str | None = None     # text of a fast default (atthasmissing), for rows older than it
 
-    New columns are added; a changed type is converted; a column the source
-    dropped stays (nullable), so history the analysts query is not lost.
+
+_ORIGINS_SQL = """
+select a.attnum, a.attname, format_type(a.atttypid, a.atttypmod),
+       a.atthasdef or a.attidentity <> '',
+       case when a.atthasmissing then (a.attmissingval::text::text[])[1] end
+from pg_attribute a
+where a.attrelid = %s and a.attnum > 0 and not a.attisdropped and a.attgenerated = ''
+order by a.attnum
+"""
+
+
+def column_origins(conn: psycopg.Connection, oid: int,
+                   columns: tuple[Column, ...]) -> tuple[Origin, ...]:
+    """Each column's attnum (and fast default) in the source catalog as it is now.
+
+    A Relation message describes the table as of the transaction being
+    decoded, the catalog as of now. When both list the same columns, position
+    gives the attnum. When the catalog has moved on, only a column whose name
+    and type are unchanged is trusted; the others stay unknown and are matched
+    to the mirror by name.
     """
+    rows = conn.execute(_ORIGINS_SQL, [oid]).fetchall()
+    if [(r[1], r[2]) for r in rows] == [(c.name, c.type_sql) for c in columns]:
+        return tuple(Origin(r[0], r[3], r[4]) for r in rows)
+    by_name = {r[1]: r for r in rows}
     out = []
-    for c in t.columns:
-        have = existing.get(c.name)
-        if have is None:
-            out.append(sql.SQL("alter table {} add column {} {}").format(
-                t.dest, sql.Identifier(c.name), sql.SQL(c.mirror_type)))
-        elif have != c.mirror_type:
-            out.append(sql.SQL("alter table {} alter column {} type {} using {}::{}").format(
-                t.dest, sql.Identifier(c.name), sql.SQL(c.mirror_type),
-                sql.Identifier(c.name), sql.SQL(c.mirror_type)))
-    return out
+    for c in columns:
+        r = by_name.get(c.name)
+        out.append(Origin(r[0], r[3], r[4]) if r is not None and r[2] == c.type_sql else Origin())
+    return tuple(out)
+
+
+@dataclass
+class MirrorPlan:
+    statements: list[tuple[sql.Composable, tuple | None]]  # (stmt, (column, from, to) of a cast)
+    attnums: dict[int, str]       # source attnum -> mirror column, after the plan
+    recopy: list[str]             # columns added whose existing rows the stream cannot fill
+
+
+def plan_mirror(t: MirrorTable, existing: dict[str, str], remembered: dict[int, str],
+                origins: tuple[Origin, ...] | None = None, fast_defaults: bool = True) -> MirrorPlan:
+    """The ALTERs that bring an existing mirror table to the stream's columns.
+
+    A column is known by its source attnum (remembered: attnum -> mirror
+    column, from earlier plans), so a rename is a rename and Odoo's type change
+    (rename `c` to `c_moved0`, add a new `c`) moves the old values with the old
+    column. Without an attnum a column is matched by name. A changed type is
+    converted; a column the source dropped stays (nullable), so history the
+    analysts query is not lost, and steps aside (renamed `<name>_dropped`) when
+    a new source column takes its name. A new column with a fast default at the source
+    gets it on the rows the mirror has (the ALTER runs in stream order, before
+    any row that carries the column); one whose default was volatile (the
+    source rewrote the table, which is not replicated) is listed in `recopy`.
+    """
+    origins = origins or tuple(Origin() for _ in t.columns)
+    remembered = {a: n for a, n in remembered.items() if n in existing}
+    owner = {n: a for a, n in remembered.items()}
+    wanted = {o.attnum for o in origins if o.attnum is not None}
+    olds: list[str | None] = []
+    claimed: set[str] = set()
+    for c, o in zip(t.columns, origins):
+        old = remembered.get(o.attnum) if o.attnum is not None else None
+        if old is None and c.name in existing:
+            other = owner.get(c.name)
+            # Unless the mirror column of that name came from another source
+            # column (one being renamed away, or one the source dropped before
+            # adding this one), it is this column.
+            if other is None or other == o.attnum or (other not in wanted and o.attnum is None):
+                old = c.name
+        if old in claimed:
+            old = None
+        if old is not None:
+            claimed.add(old)
+        olds.append(old)
+
+    out: list[tuple[sql.Composable, tuple | None]] = []
+    names = set(existing)
+
+    def rename(a: str, b: str) -> None:
+        out.append((sql.SQL("alter table {} rename column {} to {}").format(
+            t.dest, sql.Identifier(a), sql.Identifier(b)), None))
+        names.discard(a)
+        names.add(b)
+
+    renames = [(old, c.name) for c, old in zip(t.columns, olds)
+               if old is not None and old != c.name]
+    moving = {a for a, _ in renames}
+    for c, old in zip(t.columns, olds):
+        b = c.name
+        if old != b and b in names and b not in moving:
+            # A column the source dropped is in the way: it steps aside.
+            n = 0
+            while f"{b[:50]}_dropped{n or ''}" in names:
+                n += 1
+            rename(b, f"{b[:50]}_dropped{n or ''}")
+    if any(b in names for _a, b in renames):
+        # Names swap or chain: go through temporary names.
+        tmp = [(a, f"_r_tmp{i}", b) for i, (a, b) in enumerate(renames)]
+        for a, m, _b in tmp:
+            rename(a, m)
+        for _a, m, b in tmp:
+            rename(m, b)
+    else:
+        for a, b in renames:
+            rename(a, b)
+
+    recopy = []
+    for c, o, old in zip(t.columns, origins, olds):
+        if old is not None:
+            have = existing[old]
+            if have != c.mirror_type:
+                out.append((sql.SQL("alter table {} alter column {} type {} using {}::{}").format(
+                    t.dest, sql.Identifier(c.name), sql.SQL(c.mirror_type),
+                    sql.Identifier(c.name), sql.SQL(c.mirror_type)), (c.name, have, c.mirror_type)))
+            continue
+        add = sql.SQL("alter table {} add column {} {}").format(
+            t.dest, sql.Identifier(c.name), sql.SQL(c.mirror_type))
+        if fast_defaults and o.missing is not None:
+            out.append((add + sql.SQL(" default {}::{}").format(
+                sql.Literal(o.missing), sql.SQL(c.mirror_type)), None))
+            # Only the rows already there take it: later rows carry their own value.
+            out.append((sql.SQL("alter table {} alter column {} drop default").format(
+                t.dest, sql.Identifier(c.name)), None))
+        else:
+            out.append((add, None))
+            if fast_defaults and o.has_default:
+                recopy.append(c.name)
+    attnums = dict(remembered)
+    for c, o in zip(t.columns, origins):
+        if o.attnum is not None:
+            attnums[o.attnum] = c.name
+    # A name now belongs to one attnum only (the others were dropped at the source).
+    latest = {n: a for a, n in attnums.items() if a in wanted}
+    attnums = {a: n for a, n in attnums.items() if latest.get(n, a) == a}
+    return MirrorPlan(out, attnums, recopy)
+
+
+def alter_mirror_sql(t: MirrorTable, existing: dict[str, str],
+                     remembered: dict[int, str] | None = None,
+                     origins: tuple[Origin, ...] | None = None) -> list[sql.Composable]:
+    """Bring an existing mirror table up to the stream's columns (see plan_mirror)."""
+    return [s for s, _ in plan_mirror(t, existing, remembered or {}, origins).statements]
 
 
 def mirror_exists(conn: psycopg.Connection, t: MirrorTable) -> bool:

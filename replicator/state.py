@@ -1,4 +1,5 @@
-"""The state schema in the destination: applied LSN, table sync state, dead letters.
+"""The state schema in the destination: applied LSN, table sync state, column identities,
+dead letters.
 
 It sits outside the mirror schema (analysts never see it) and is written in
 the same transaction as the data it describes.
@@ -28,6 +29,17 @@ _SETUP = [
         rows_copied bigint not null default 0,
         updated_at timestamptz not null default now(),
         primary key (slot, source_table)
+    )""",
+    # Which source column (attnum) each mirror column came from: a Relation
+    # message names columns but carries no attnum, and a rename or Odoo's
+    # type change (rename to x_moved0, add x) must move the mirror's values
+    # with the right column, across restarts too.
+    """create table if not exists {state}.columns (
+        slot text not null,
+        source_table text not null,
+        attnum int not null,
+        mirror_column text not null,
+        primary key (slot, source_table, attnum)
     )""",
     """create table if not exists {state}.dead_letters (
         id bigserial primary key,
@@ -145,6 +157,26 @@ def request_resync(conn, state_schema: str, slot: str, source_tables: list[str])
                 "where slot = %s and source_table = any(%s)").format(sql.Identifier(state_schema)),
         [slot, source_tables])
     return cur.rowcount
+
+
+def column_attnums(conn, state_schema: str, slot: str, source_table: str) -> dict[int, str]:
+    """source attnum -> mirror column, as last written with the mirror's DDL."""
+    rows = conn.execute(
+        sql.SQL("select attnum, mirror_column from {}.columns where slot = %s "
+                "and source_table = %s").format(sql.Identifier(state_schema)),
+        [slot, source_table]).fetchall()
+    return dict(rows)
+
+
+def record_column_attnums(conn, state_schema: str, slot: str, source_table: str,
+                          attnums: dict[int, str]) -> None:
+    """In the transaction that changes the mirror's columns (conn: a connection or a cursor)."""
+    conn.execute(sql.SQL("delete from {}.columns where slot = %s and source_table = %s").format(
+        sql.Identifier(state_schema)), [slot, source_table])
+    for attnum, name in sorted(attnums.items()):
+        conn.execute(sql.SQL("insert into {}.columns (slot, source_table, attnum, mirror_column) "
+                             "values (%s, %s, %s, %s)").format(sql.Identifier(state_schema)),
+                     [slot, source_table, attnum, name])
 
 
 def forget_pipeline(conn, state_schema: str, slot: str) -> None:
