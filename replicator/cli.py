@@ -22,15 +22,9 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from .config import Config, LoggingSettings, load_config
-from .errors import (
-    ConfigError,
-    ErrorKind,
-    ExitCode,
-    ReplicatorError,
-    classify,
-    redact,
-    register_secret,
-)
+from .classify import classify
+from .errors import ConfigError, ErrorKind, ExitCode, ReplicatorError
+from .redact import redact, register_secret
 from .logs import setup_logging
 
 __all__ = ["build_parser", "main"]

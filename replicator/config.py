@@ -3,7 +3,7 @@
 The file format is the deployment runbook's (``[source]``, ``[destination]``, ``[mappings]``,
 ``[logging]``, ``[metrics]``), so existing configs keep working. Every problem is reported as a
 ConfigError naming ``[section] key``, so an operator never has to guess which line is wrong.
-Every password resolved here is registered with ``errors.register_secret`` before anything
+Every password resolved here is registered with ``redact.register_secret`` before anything
 else can print it.
 """
 
@@ -24,7 +24,8 @@ from typing import Any, ClassVar
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from .errors import ConfigError, register_secret
+from .errors import ConfigError
+from .redact import register_secret
 
 __all__ = [
     "APPLICATION_NAME",

@@ -19,7 +19,8 @@ from typing import Any
 import orjson
 
 from .config import LoggingSettings
-from .errors import ConfigError, redact
+from .errors import ConfigError
+from .redact import redact
 
 __all__ = ["JsonFormatter", "TextFormatter", "setup_logging"]
 

@@ -16,13 +16,8 @@ import pytest
 from replicator import errors
 from replicator.cli import main
 from replicator.config import Config, load_config
-from replicator.errors import (
-    ConfigError,
-    ErrorKind,
-    ExitCode,
-    ReplicatorError,
-    classify,
-)
+from replicator.classify import classify
+from replicator.errors import ConfigError, ErrorKind, ExitCode, ReplicatorError
 
 CONFIG = """\
 [source]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from replicator import errors
+from replicator import redact
 from replicator.config import (
     Config,
     DestinationSettings,
@@ -44,9 +44,9 @@ ENV = {"ODOO_DB_PASSWORD": "odoo-secret-1", "SUPABASE_DB_PASSWORD": "supa-secret
 
 @pytest.fixture(autouse=True)
 def _fresh_secrets():
-    errors.clear_secrets()
+    redact.clear_secrets()
     yield
-    errors.clear_secrets()
+    redact.clear_secrets()
 
 
 def write(tmp_path: Path, text: str, dotenv: str | None = None) -> Path:
@@ -437,7 +437,7 @@ def test_passwords_never_in_repr_and_registered_for_redaction(tmp_path):
     assert "odoo-secret-1" not in text and "supa-secret-2" not in text
     # Registered: anything that later prints them gets them masked, even the unused API key.
     line = "odoo-secret-1 / supa-secret-2 / eyJhbGciOiJIUzI1NiJ9.service"
-    assert errors.redact(line) == "*** / *** / ***"
+    assert redact.redact(line) == "*** / *** / ***"
 
 
 def test_passwords_registered_before_other_errors_can_echo_them(tmp_path):

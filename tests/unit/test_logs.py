@@ -10,7 +10,8 @@ import orjson
 import pytest
 
 from replicator.config import DestinationSettings, LoggingSettings
-from replicator.errors import ConfigError, redact, register_secret
+from replicator.errors import ConfigError
+from replicator.redact import redact, register_secret
 from replicator.logs import setup_logging
 
 log = logging.getLogger("replicator.test")
