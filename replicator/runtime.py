@@ -27,12 +27,12 @@ from .apply import Applier
 from .backfill import Backfill, CopyStopped
 from .batch import AlterTable, Batch, SyncDone, SyncStart, Truncate
 from .classify import classify, classify_connect, is_connect_failure
-from .config import Config
 from .errors import ErrorKind, ExitCode, ReplicatorError, Retries
 from .lsn import format_lsn, pg_now
 from .metrics import Metrics, MetricsServer
 from .schema import (Column, MirrorTable, SourceTable, check_replicable, column_origins,
                      column_type, publication_exists, publication_tables, read_table)
+from .settings import Config
 from .source import TEXT_MODE_OPTIONS, ReplicationConnection, protocol_for
 
 log = logging.getLogger("replicator")
