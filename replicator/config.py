@@ -10,6 +10,7 @@ anything else can print it. The settings types and their own checks are in ``set
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import re
 import tomllib
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from dotenv.parser import parse_stream
 from psycopg.conninfo import conninfo_to_dict
 
 from .errors import ConfigError
@@ -146,7 +148,13 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 
 def _read_dotenv(path: Path) -> dict[str, str]:
-    """KEY=VALUE lines as docker compose's env_file reads them (plus an optional `export `)."""
+    """KEY=VALUE lines, parsed by python-dotenv: comments, quotes, ``export``, empty values.
+
+    Nothing is expanded (``$NAME`` is etl-config.toml's syntax, and a password may contain
+    ``$``) and nothing is written into os.environ. A line python-dotenv cannot parse, a name
+    without ``=``, or a name ``$NAME`` could not refer to is an error naming the line, never
+    quoting it (it may hold a secret).
+    """
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -157,51 +165,33 @@ def _read_dotenv(path: Path) -> dict[str, str]:
         ) from None
 
     values: dict[str, str] = {}
-    for lineno, line in enumerate(text.splitlines(), 1):
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        if stripped.startswith("export "):
-            stripped = stripped[len("export ") :].lstrip()
-        key, sep, value = stripped.partition("=")
-        key = key.strip()
-        # Never quote the line back: it may hold a secret.
-        if not sep or not _VAR_NAME_RE.fullmatch(key):
+    # parse_stream rather than dotenv_values: the latter skips a bad line with a warning,
+    # and a password silently missing is worse than an error naming its line.
+    for binding in parse_stream(io.StringIO(text)):
+        key, value, line = binding.key, binding.value, binding.original.line
+        if key is None and not binding.error:
+            continue  # blank line or comment
+        if binding.error:
+            quoted = _QUOTED_START.match(binding.original.string)
+            if quoted:
+                key = quoted["key"]
+                raise ConfigError(
+                    f"{path} line {line}: {key}: unterminated or misplaced quote",
+                    f"write {key}=\"value\" with the closing quote at the end of the line",
+                )
+        if binding.error or value is None or not _VAR_NAME_RE.fullmatch(key or ""):
             raise ConfigError(
-                f"{path} line {lineno}: expected KEY=VALUE",
+                f"{path} line {line}: expected KEY=VALUE",
                 "names are letters, digits and underscores; comment lines start with #",
             )
-        values[key] = _dotenv_value(value.strip(), path, lineno, key)
-        if _SECRET_NAME_RE.search(key) and len(values[key]) >= _MIN_GUESSED_SECRET:
-            register_secret(values[key])
+        values[key] = value
+        if _SECRET_NAME_RE.search(key) and len(value) >= _MIN_GUESSED_SECRET:
+            register_secret(value)
     return values
 
 
-_DQ_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\", "$": "$"}
-
-
-def _dotenv_value(raw: str, path: Path, lineno: int, key: str) -> str:
-    if not raw or raw[0] not in "'\"":
-        # An inline comment needs whitespace before '#', so "pa#ss" stays a password.
-        return re.split(r"\s+#", raw, maxsplit=1)[0].rstrip()
-    quote, out, i = raw[0], [], 1
-    while i < len(raw):
-        ch = raw[i]
-        if ch == quote:
-            rest = raw[i + 1 :].strip()
-            if rest and not rest.startswith("#"):
-                break
-            return "".join(out)
-        if ch == "\\" and quote == '"' and i + 1 < len(raw):
-            out.append(_DQ_ESCAPES.get(raw[i + 1], "\\" + raw[i + 1]))
-            i += 2
-            continue
-        out.append(ch)
-        i += 1
-    raise ConfigError(
-        f"{path} line {lineno}: {key}: unterminated or misplaced quote",
-        f"write {key}=\"value\" with the closing quote at the end of the line",
-    )
+# The start of a binding python-dotenv rejected that opens a quote: the quote is the problem.
+_QUOTED_START = re.compile(r"\s*(?:export\s+)?(?P<key>[A-Za-z_][A-Za-z0-9_]*)\s*=\s*['\"]")
 
 
 class _Resolver:

@@ -189,6 +189,18 @@ def test_dotenv_syntax_error_names_line_without_quoting_it(tmp_path):
     assert "hunter2" not in str(err)
 
 
+def test_dotenv_empty_values_and_unterminated_quotes(tmp_path):
+    path = write(tmp_path, MINIMAL, dotenv="ODOO_DB_PASSWORD=\nSUPABASE_DB_PASSWORD=''\nEMPTY=\n")
+    config = load_config(path, environ={})
+    assert not config.source.password and not config.destination.password
+    assert "password" not in config.source.conninfo()
+
+    path = write(tmp_path, MINIMAL, dotenv='OK=1\nODOO_DB_PASSWORD="hunter2 # no closing quote\n')
+    err = load_error(path, environ={})
+    assert err.message == f"{tmp_path / '.env'} line 2: ODOO_DB_PASSWORD: unterminated or misplaced quote"
+    assert "hunter2" not in str(err)
+
+
 # --- validation messages --------------------------------------------------------------------
 
 
