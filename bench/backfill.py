@@ -67,7 +67,7 @@ from psycopg import sql  # noqa: E402
 
 from replicator import backfill as backfill_mod  # noqa: E402
 from replicator import odoo, seed, state  # noqa: E402
-from replicator.config import Config  # noqa: E402
+from replicator.settings import Config  # noqa: E402
 from replicator.localpg import LocalCluster  # noqa: E402
 from replicator.runtime import Pipeline  # noqa: E402
 from replicator.schema import MirrorTable, read_table  # noqa: E402

@@ -21,16 +21,11 @@ from types import ModuleType
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from .config import Config, LoggingSettings, load_config
-from .errors import (
-    ConfigError,
-    ErrorKind,
-    ExitCode,
-    ReplicatorError,
-    classify,
-    redact,
-    register_secret,
-)
+from .config import load_config
+from .classify import classify
+from .errors import ConfigError, ErrorKind, ExitCode, ReplicatorError
+from .redact import redact, register_secret
+from .settings import Config, LoggingSettings
 from .logs import setup_logging
 
 __all__ = ["build_parser", "main"]

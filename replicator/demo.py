@@ -19,7 +19,8 @@ import psycopg
 from psycopg import sql
 
 from . import seed as seeding
-from .config import LoggingSettings, MetricsSettings, load_config
+from .config import load_config
+from .settings import LoggingSettings, MetricsSettings
 from .localpg import LocalCluster, available_versions, free_port
 from .logs import setup_logging
 from .runtime import Pipeline

@@ -18,8 +18,9 @@ from typing import Any
 
 import orjson
 
-from .config import LoggingSettings
-from .errors import ConfigError, redact
+from .errors import ConfigError
+from .redact import redact
+from .settings import LoggingSettings
 
 __all__ = ["JsonFormatter", "TextFormatter", "setup_logging"]
 
@@ -50,7 +51,7 @@ def _scrub(value: Any) -> Any:
     """A JSON-ready copy of ``value`` with every string redacted.
 
     Objects become their str(): orjson would otherwise serialise a dataclass field by field,
-    password included, where str() goes through the class's repr (which hides it).
+    password included, where str() goes through the class's repr (a Secret shows ***).
     """
     if isinstance(value, str):
         return redact(value)

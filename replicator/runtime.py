@@ -26,13 +26,13 @@ from ._decode import (EV_COMMIT, EV_COPY_DONE, EV_ERROR, EV_KEEPALIVE, EV_LIMIT,
 from .apply import Applier
 from .backfill import Backfill, CopyStopped
 from .batch import AlterTable, Batch, SyncDone, SyncStart, Truncate
-from .config import Config
-from .errors import (ErrorKind, ExitCode, ReplicatorError, Retries, classify,
-                     classify_connect, is_connect_failure)
+from .classify import classify, classify_connect, is_connect_failure
+from .errors import ErrorKind, ExitCode, ReplicatorError, Retries
 from .lsn import format_lsn, pg_now
 from .metrics import Metrics, MetricsServer
 from .schema import (Column, MirrorTable, SourceTable, check_replicable, column_origins,
                      column_type, publication_exists, publication_tables, read_table)
+from .settings import Config
 from .source import TEXT_MODE_OPTIONS, ReplicationConnection, protocol_for
 
 log = logging.getLogger("replicator")

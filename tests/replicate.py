@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from replicator.config import Config
+from replicator.settings import Config
 from replicator.runtime import Pipeline
 
 PUBLICATION = "odoo_pub"

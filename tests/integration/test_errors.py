@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 from psycopg import sql
 
@@ -253,3 +254,23 @@ def test_run_keeps_retrying_an_unreachable_server(dest_db, tmp_path):
     assert len(lines) >= 3, lines
     for line in lines:
         assert '"attempt"' in line and '"retry_in_s"' in line and '"hint"' in line, line
+
+
+# -- the SQLSTATE decides, not words in the data --------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["connection refused", "timed out", "server closed the connection"])
+def test_a_rejected_row_is_an_apply_error_whatever_its_values_say(dest_db, value):
+    """A server error carries its SQLSTATE; row values quoted in its DETAIL must not make a
+    unique violation look like a dropped connection (retried for ever instead of 5 times)."""
+    from replicator.classify import classify
+    from replicator.errors import ErrorKind, ExitCode
+
+    dest_db.execute("create table t (name text primary key)")
+    dest_db.execute("insert into t values (%s)", (value,))
+    with dest_db.connect() as conn, pytest.raises(psycopg.errors.UniqueViolation) as info:
+        conn.execute("insert into t values (%s)", (value,))
+    assert value in str(info.value)  # the server quotes the key in the error's DETAIL
+    err = classify(info.value, side="destination")
+    assert err.kind is ErrorKind.DESTINATION_APPLY and err.exit_code == ExitCode.FAILED
+    assert err.policy.max_attempts == 5

@@ -8,7 +8,7 @@ import urllib.request
 import orjson
 from replicate import PUBLICATION, running
 
-from replicator.config import MetricsSettings
+from replicator.settings import MetricsSettings
 from replicator.localpg import free_port
 
 

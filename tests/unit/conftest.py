@@ -5,12 +5,12 @@ import logging
 
 import pytest
 
-from replicator import errors
+from replicator import redact
 
 
 @pytest.fixture(autouse=True)
 def _clean_state(monkeypatch):
-    errors.clear_secrets()
+    redact.clear_secrets()
     monkeypatch.delenv("REPLICATOR_CONFIG", raising=False)
     root = logging.getLogger()
     level = root.level
@@ -19,4 +19,4 @@ def _clean_state(monkeypatch):
         root.removeHandler(handler)
         handler.close()
     root.setLevel(level)
-    errors.clear_secrets()
+    redact.clear_secrets()

@@ -15,14 +15,10 @@ import pytest
 
 from replicator import errors
 from replicator.cli import main
-from replicator.config import Config, load_config
-from replicator.errors import (
-    ConfigError,
-    ErrorKind,
-    ExitCode,
-    ReplicatorError,
-    classify,
-)
+from replicator.config import load_config
+from replicator.classify import classify
+from replicator.errors import ConfigError, ErrorKind, ExitCode, ReplicatorError
+from replicator.settings import Config
 
 CONFIG = """\
 [source]

@@ -9,16 +9,17 @@ from pathlib import Path
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from replicator import errors
-from replicator.config import (
+from replicator import redact
+from replicator.config import load_config
+from replicator.errors import ConfigError, ErrorKind, ExitCode
+from replicator.settings import (
     Config,
     DestinationSettings,
     LoggingSettings,
     MetricsSettings,
+    Secret,
     SourceSettings,
-    load_config,
 )
-from replicator.errors import ConfigError, ErrorKind, ExitCode
 
 REPO_CONFIG = Path(__file__).resolve().parents[2] / "etl-config.toml"
 
@@ -44,9 +45,9 @@ ENV = {"ODOO_DB_PASSWORD": "odoo-secret-1", "SUPABASE_DB_PASSWORD": "supa-secret
 
 @pytest.fixture(autouse=True)
 def _fresh_secrets():
-    errors.clear_secrets()
+    redact.clear_secrets()
     yield
-    errors.clear_secrets()
+    redact.clear_secrets()
 
 
 def write(tmp_path: Path, text: str, dotenv: str | None = None) -> Path:
@@ -83,10 +84,10 @@ def test_repo_config_loads_with_the_two_variables(monkeypatch):
     assert config.path == REPO_CONFIG
     src, dst = config.source, config.destination
     assert (src.host, src.port, src.database, src.user) == ("127.0.0.1", 5432, "odoo_core", "odoo")
-    assert src.password == "from-env-odoo"
+    assert src.password.reveal() == "from-env-odoo"
     assert (src.publication, src.slot) == ("odoo_pub_scout", "odoo_pub_scout")
     assert (dst.host, dst.port, dst.database, dst.user) == ("127.0.0.1", 5433, "postgres", "postgres")
-    assert dst.password == "from-env-supa"
+    assert dst.password.reveal() == "from-env-supa"
     assert (dst.schema, dst.batch_size, dst.flush_interval) == ("odoo_mirror", 1000, 5.0)
     assert config.mappings == {
         f"public.{t}": f"odoo_mirror.{t}"
@@ -125,30 +126,30 @@ def test_dotenv_beside_the_config_supplies_variables(tmp_path):
         """,
     )
     config = load_config(path, environ={})
-    assert config.source.password == "plain"
-    assert config.destination.password == "quoted # not a comment"
+    assert config.source.password.reveal() == "plain"
+    assert config.destination.password.reveal() == "quoted # not a comment"
     assert "in " + str(tmp_path / ".env") in config.source.password_source
 
 
 def test_environment_overrides_dotenv(tmp_path):
     path = write(tmp_path, MINIMAL, dotenv="ODOO_DB_PASSWORD=from-file\nSUPABASE_DB_PASSWORD=x\n")
     config = load_config(path, environ={"ODOO_DB_PASSWORD": "from-env"})
-    assert config.source.password == "from-env"
+    assert config.source.password.reveal() == "from-env"
     assert config.source.password_source == "$ODOO_DB_PASSWORD in the environment"
-    assert config.destination.password == "x"
+    assert config.destination.password.reveal() == "x"
 
 
 def test_braced_and_embedded_variables(tmp_path):
     path = write(tmp_path, MINIMAL.replace('host = "127.0.0.1"\nport = 5432', 'host = "db-${ENV_NAME}.internal"\nport = 5432'))
     config = load_config(path, environ={**ENV, "ENV_NAME": "prod"})
     assert config.source.host == "db-prod.internal"
-    assert config.destination.password == "supa-secret-2"  # ${SUPABASE_DB_PASSWORD}
+    assert config.destination.password.reveal() == "supa-secret-2"  # ${SUPABASE_DB_PASSWORD}
 
 
 def test_substituted_values_are_not_expanded_again_and_dollar_dollar_is_literal(tmp_path):
     path = write(tmp_path, MINIMAL.replace('database = "odoo_core"', 'database = "odoo$$core"'))
     config = load_config(path, environ={**ENV, "ODOO_DB_PASSWORD": "pa$HOME$$word"})
-    assert config.source.password == "pa$HOME$$word"
+    assert config.source.password.reveal() == "pa$HOME$$word"
     assert config.source.database == "odoo$core"
 
 
@@ -185,6 +186,18 @@ def test_dotenv_syntax_error_names_line_without_quoting_it(tmp_path):
     path = write(tmp_path, MINIMAL, dotenv="OK=1\nthis line has no equals sign hunter2\n")
     err = load_error(path, environ={})
     assert err.message == f"{tmp_path / '.env'} line 2: expected KEY=VALUE"
+    assert "hunter2" not in str(err)
+
+
+def test_dotenv_empty_values_and_unterminated_quotes(tmp_path):
+    path = write(tmp_path, MINIMAL, dotenv="ODOO_DB_PASSWORD=\nSUPABASE_DB_PASSWORD=''\nEMPTY=\n")
+    config = load_config(path, environ={})
+    assert not config.source.password and not config.destination.password
+    assert "password" not in config.source.conninfo()
+
+    path = write(tmp_path, MINIMAL, dotenv='OK=1\nODOO_DB_PASSWORD="hunter2 # no closing quote\n')
+    err = load_error(path, environ={})
+    assert err.message == f"{tmp_path / '.env'} line 2: ODOO_DB_PASSWORD: unterminated or misplaced quote"
     assert "hunter2" not in str(err)
 
 
@@ -397,9 +410,9 @@ def test_from_dsns():
         mappings={"account_move": "account_move"},
         logging={"format": "text"},
     )
-    assert (config.source.host, config.source.port, config.source.password) == ("/tmp/pg", 5499, "s3 cret")
+    assert (config.source.host, config.source.port, config.source.password.reveal()) == ("/tmp/pg", 5499, "s3 cret")
     assert (config.source.publication, config.source.slot) == ("pub", "slot_a")
-    assert config.destination.password == "p@ss"
+    assert config.destination.password.reveal() == "p@ss"
     assert config.destination.sslmode == "disable"
     assert (config.destination.batch_size, config.destination.flush_interval) == (10, 0.1)
     assert config.destination.max_connections == 2
@@ -437,7 +450,28 @@ def test_passwords_never_in_repr_and_registered_for_redaction(tmp_path):
     assert "odoo-secret-1" not in text and "supa-secret-2" not in text
     # Registered: anything that later prints them gets them masked, even the unused API key.
     line = "odoo-secret-1 / supa-secret-2 / eyJhbGciOiJIUzI1NiJ9.service"
-    assert errors.redact(line) == "*** / *** / ***"
+    assert redact.redact(line) == "*** / *** / ***"
+
+
+def test_password_is_a_secret_whose_printed_forms_are_masked(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL), environ=ENV)
+    src, dst = config.source, config.destination
+    assert isinstance(src.password, Secret) and isinstance(dst.password, Secret)
+    printed = [
+        repr(config), str(config), repr(src), str(dst),
+        str(src.password), repr(dst.password), f"{src.password}", "%s %r" % (dst.password, src.password),
+        repr(dataclasses.asdict(config)), str(vars(src)),
+    ]
+    for text in printed:
+        assert "odoo-secret-1" not in text and "supa-secret-2" not in text, text
+    assert "password=Secret('***')" in repr(src)
+    # Only a conninfo carries the text, for libpq.
+    assert conninfo_to_dict(src.conninfo())["password"] == "odoo-secret-1"
+    assert conninfo_to_dict(dst.conninfo())["password"] == "supa-secret-2"
+    assert src.password.reveal() == "odoo-secret-1"
+    # A settings object built in code takes a plain str and wraps it; empty stays "no password".
+    built = dataclasses.replace(dst, password="")
+    assert built.password == Secret("") and not built.password and "password" not in built.conninfo()
 
 
 def test_passwords_registered_before_other_errors_can_echo_them(tmp_path):

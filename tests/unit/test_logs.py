@@ -9,8 +9,9 @@ from datetime import datetime
 import orjson
 import pytest
 
-from replicator.config import DestinationSettings, LoggingSettings
-from replicator.errors import ConfigError, redact, register_secret
+from replicator.errors import ConfigError
+from replicator.redact import redact, register_secret
+from replicator.settings import DestinationSettings, LoggingSettings
 from replicator.logs import setup_logging
 
 log = logging.getLogger("replicator.test")

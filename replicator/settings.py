@@ -1,0 +1,391 @@
+"""Settings types: what etl-config.toml describes, as frozen dataclasses that check themselves.
+
+Each class validates its values on construction and raises a ConfigError naming
+``[section] key``, what is wrong and how to fix it. Reading the file, ``$VAR`` substitution,
+``.env`` and type coercion are ``config``'s job (``config.load_config``); these types know
+nothing about where their values came from except ``password_source``, for hints.
+Passwords are ``Secret``s, registered with ``redact.register_secret`` when a settings
+object is built.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from psycopg.conninfo import make_conninfo
+
+from .errors import ConfigError
+from .redact import MASK, register_secret
+
+__all__ = [
+    "APPLICATION_NAME",
+    "Config",
+    "ConnectionSettings",
+    "DestinationSettings",
+    "LoggingSettings",
+    "MetricsSettings",
+    "Secret",
+    "SourceSettings",
+]
+
+APPLICATION_NAME = "odoo-replicator"  # shows in pg_stat_activity / pg_stat_replication
+DEFAULT_CONNECT_TIMEOUT = 10
+SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("json", "text")
+
+# PostgreSQL's own rule for slot names (ReplicationSlotValidateName).
+_SLOT_RE = re.compile(r"[a-z0-9_]{1,63}")
+# Unquoted-identifier shape: it keeps "schema.table" unambiguous and needs no quoting rules.
+_IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,62}")
+
+# Field metadata: the loader sets it, it is not a key of the file / never echo its value.
+_NOT_A_KEY = {"key": False}
+_SECRET = {"secret": True}
+
+
+class Secret:
+    """A password: ``repr()`` and ``str()`` show ``***``, ``reveal()`` gives the text.
+
+    Call ``reveal()`` only where a connection string is built, so that printing or logging a
+    settings object (or ``dataclasses.asdict`` of one) never shows the password. An empty
+    Secret means "no password here" and is false.
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str = "") -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash((Secret, self._value))
+
+    def __str__(self) -> str:
+        return MASK if self._value else ""
+
+    def __repr__(self) -> str:
+        return f"Secret({str(self)!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Secret, (self._value,))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConnectionSettings:
+    """One PostgreSQL server. ``password`` is a Secret (a plain str given here is wrapped)."""
+
+    section: ClassVar[str] = "connection"
+
+    host: str
+    port: int
+    database: str
+    user: str
+    # Empty means "no password here": libpq then falls back to PGPASSWORD or ~/.pgpass.
+    password: Secret = field(metadata=_SECRET)
+    sslmode: str | None = None
+    sslrootcert: str | None = None
+    max_connections: int = 10
+    idle_timeout: int = 300  # seconds
+    # How long `run --until-caught-up` (a one-shot job) keeps retrying while this server is
+    # unreachable before it exits 3; a long-running `run` retries for ever.
+    retry_timeout: float = 30.0  # seconds
+    type: str = "postgres"
+    # Where the password came from ("$ODOO_DB_PASSWORD in /app/.env"), for error hints.
+    password_source: str = field(default="", repr=False, compare=False, metadata=_NOT_A_KEY)
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    def _validate(self) -> None:
+        if isinstance(self.password, str):
+            object.__setattr__(self, "password", Secret(self.password))
+        s = self.section
+        if self.type != "postgres":
+            raise ConfigError(
+                f'[{s}] type: "{self.type}" is not supported',
+                'the only supported type is "postgres"',
+            )
+        _check_range(s, "port", self.port, 1, 65535)
+        _check_range(s, "max_connections", self.max_connections, 1)
+        _check_range(s, "idle_timeout", self.idle_timeout, 0)
+        _check_range(s, "retry_timeout", self.retry_timeout, 0, exclusive_min=True)
+        _check_choice(s, "sslmode", self.sslmode, SSLMODES, optional=True)
+        register_secret(self.password.reveal())
+
+    def conninfo(self, **extra: Any) -> str:
+        """A libpq connection string; ``extra`` adds or overrides parameters (None drops one).
+
+        For example ``conninfo(replication="database")`` for the walsender connection.
+        """
+        params: dict[str, Any] = {
+            # Empty values are left out so libpq applies its defaults (socket, PG* variables).
+            "host": self.host or None,
+            "port": self.port,
+            "dbname": self.database or None,
+            "user": self.user or None,
+            "password": self.password.reveal() or None,
+            "sslmode": self.sslmode,
+            "sslrootcert": self.sslrootcert,
+            "application_name": APPLICATION_NAME,
+            "connect_timeout": DEFAULT_CONNECT_TIMEOUT,
+        }
+        params.update(extra)
+        return make_conninfo("", **params)
+
+    def describe(self) -> str:
+        """``user@host:port/database``: for logs and messages, never with the password."""
+        return f"{self.user}@{self.host or 'localhost'}:{self.port}/{self.database}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceSettings(ConnectionSettings):
+    """The Odoo database: a publication to read and the replication slot to read it through."""
+
+    section: ClassVar[str] = "source"
+
+    publication: str
+    slot: str = ""  # "" means: the publication's name (what the runbook's SQL assumes)
+
+    def _validate(self) -> None:
+        super()._validate()
+        if not self.publication:
+            raise ConfigError(
+                "[source] publication: must not be empty",
+                'name the publication created on the Odoo database, e.g. "odoo_pub_scout"',
+            )
+        defaulted = not self.slot
+        if defaulted:
+            object.__setattr__(self, "slot", self.publication)
+        if not _SLOT_RE.fullmatch(self.slot):
+            suggestion = re.sub(r"[^a-z0-9_]", "_", self.slot.lower())[:63] or "odoo_replicator"
+            origin = f" (taken from publication {self.publication!r})" if defaulted else ""
+            raise ConfigError(
+                f"[source] slot: {self.slot!r}{origin} is not a valid replication slot name",
+                "slot names use only lower-case letters, digits and underscores, at most 63 "
+                f'characters: set slot = "{suggestion}" in [source]',
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class DestinationSettings(ConnectionSettings):
+    """The Supabase database: where the mirror and the replicator's own state live."""
+
+    section: ClassVar[str] = "destination"
+
+    schema: str = "odoo_mirror"
+    # Applied LSN, staging and dead-letter tables: kept apart from the mirror that Superset,
+    # n8n and the RLS policies see.
+    state_schema: str = "replicator"
+    batch_size: int = 1000  # rows
+    flush_interval: float = 5.0  # seconds: the longest a committed change waits
+    max_memory_mb: int = 256
+    copy_indexes: bool = True  # create the source's indexes on the mirror tables
+
+    def _validate(self) -> None:
+        super()._validate()
+        _check_identifier("destination", "schema", self.schema)
+        _check_identifier("destination", "state_schema", self.state_schema)
+        if self.state_schema == self.schema:
+            raise ConfigError(
+                f'[destination] state_schema: must differ from schema ("{self.schema}")',
+                "the replicator's state tables must not appear in the mirror schema",
+            )
+        _check_range("destination", "batch_size", self.batch_size, 1)
+        _check_range("destination", "flush_interval", self.flush_interval, 0, exclusive_min=True)
+        _check_range("destination", "max_memory_mb", self.max_memory_mb, 1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoggingSettings:
+    section: ClassVar[str] = "logging"
+
+    level: str = "info"  # debug | info | warning | error
+    format: str = "json"  # json | text
+    output: str = "stdout"  # stdout | stderr | a file path
+
+    def __post_init__(self) -> None:
+        # Accept what ETL_LOG_LEVEL-style variables usually hold ("INFO", "warn").
+        level = self.level.lower() if isinstance(self.level, str) else self.level
+        object.__setattr__(self, "level", "warning" if level == "warn" else level)
+        _check_choice("logging", "level", self.level, LOG_LEVELS)
+        _check_choice("logging", "format", self.format, LOG_FORMATS)
+        if not self.output:
+            raise ConfigError(
+                "[logging] output: must not be empty", 'use "stdout", "stderr" or a file path'
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class MetricsSettings:
+    section: ClassVar[str] = "metrics"
+
+    enabled: bool = True
+    port: int = 9090
+    path: str = "/metrics"
+
+    def __post_init__(self) -> None:
+        _check_range("metrics", "port", self.port, 1, 65535)
+        if not self.path.startswith("/"):
+            raise ConfigError(
+                f"[metrics] path: must start with '/', got {self.path!r}",
+                f'write path = "/{self.path}"',
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """Everything the replicator needs; build it with ``load_config`` or ``from_dsns``.
+
+    ``mappings`` maps "schema.table" on the source to "schema.table" on the destination, both
+    always qualified. Empty means: every table of the publication, same name, in
+    ``destination.schema``. Use ``target()`` rather than reading it directly.
+    """
+
+    source: SourceSettings
+    destination: DestinationSettings
+    mappings: dict[str, str] = field(default_factory=dict)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    path: Path | None = None  # the config file; None when built from DSNs
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mappings", _normalise_mappings(self.mappings, self.destination))
+
+    def target(self, schema: str, table: str) -> tuple[str, str] | None:
+        """Destination (schema, table) for a source table, or None if it is not mapped."""
+        if not self.mappings:
+            return (self.destination.schema, table)
+        dest = self.mappings.get(f"{schema}.{table}")
+        if dest is None:
+            return None
+        dest_schema, dest_table = dest.split(".", 1)
+        return (dest_schema, dest_table)
+
+    @classmethod
+    def from_dsns(
+        cls, source_dsn: str, dest_dsn: str, publication: str, **overrides: Any
+    ) -> Config:
+        """A Config from two connection strings (tests, the demo): see ``config.from_dsns``."""
+        # Building from text is the loader's job; imported here because config imports this.
+        from .config import from_dsns
+
+        return from_dsns(source_dsn, dest_dsn, publication, **overrides)
+
+
+def _normalise_mappings(raw: Mapping[str, Any], dest: DestinationSettings) -> dict[str, str]:
+    """Qualify both sides: a bare source is in "public", a bare destination in dest.schema."""
+    result: dict[str, str] = {}
+    owner: dict[str, str] = {}
+    for key, value in raw.items():
+        where = f"[mappings] {key}"
+        if not isinstance(value, str):
+            raise ConfigError(
+                f"{where}: expected a string, got {describe_value(value)}",
+                'write table = "schema.table" or table = "table"',
+            )
+        source = _qualify(where, "source table", key, "public")
+        target = _qualify(where, "destination table", value, dest.schema)
+        if source in result:
+            raise ConfigError(f"{where}: {source} is mapped twice", "keep one of the two lines")
+        if target in owner:
+            raise ConfigError(
+                f"{where}: {owner[target]} and {source} both map to {target}",
+                "each mirror table has exactly one source table",
+            )
+        if target.split(".", 1)[0] == dest.state_schema:
+            raise ConfigError(
+                f"{where}: {target} is in the state schema ({dest.state_schema})",
+                "map tables into the mirror schema; the state schema is the replicator's own",
+            )
+        result[source] = target
+        owner[target] = source
+    return result
+
+
+def _qualify(where: str, what: str, name: str, default_schema: str) -> str:
+    parts = name.split(".")
+    if len(parts) == 1:
+        parts = [default_schema, parts[0]]
+    if len(parts) != 2 or not all(_IDENT_RE.fullmatch(p) for p in parts):
+        raise ConfigError(
+            f"{where}: {name!r} is not a valid {what} name",
+            'use "table" or "schema.table" with letters, digits and underscores',
+        )
+    return ".".join(parts)
+
+
+def describe_value(value: Any, *, secret: bool = False) -> str:
+    kind = {
+        str: "string", bool: "boolean", int: "integer", float: "float", list: "array",
+        dict: "table",
+    }.get(type(value), type(value).__name__)
+    if secret:
+        return f"a{'n' if kind[0] in 'aeiou' else ''} {kind}"
+    shown = repr(value) if not isinstance(value, str) else '"' + value + '"'
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return f"{kind} {shown}"
+
+
+# --- validation helpers ---------------------------------------------------------------------
+
+
+def _check_range(
+    section: str,
+    key: str,
+    value: float,
+    minimum: float,
+    maximum: float | None = None,
+    *,
+    exclusive_min: bool = False,
+) -> None:
+    too_low = value <= minimum if exclusive_min else value < minimum
+    if too_low or (maximum is not None and value > maximum):
+        low = f"> {minimum:g}" if exclusive_min else f">= {minimum:g}"
+        bound = f"between {minimum:g} and {maximum:g}" if maximum is not None else low
+        raise ConfigError(
+            f"[{section}] {key}: must be {bound}, got {value!r}", f"fix {key} in [{section}]"
+        )
+
+
+def _check_choice(
+    section: str, key: str, value: str | None, choices: tuple[str, ...], optional: bool = False
+) -> None:
+    if (value is None and optional) or value in choices:
+        return
+    raise ConfigError(
+        f"[{section}] {key}: {value!r} is not one of {', '.join(choices)}",
+        did_you_mean([str(value)], list(choices)) if isinstance(value, str) else f"fix {key}",
+    )
+
+
+def _check_identifier(section: str, key: str, value: str) -> None:
+    if not _IDENT_RE.fullmatch(value):
+        raise ConfigError(
+            f"[{section}] {key}: {value!r} is not a valid schema name",
+            "use letters, digits and underscores, starting with a letter, at most 63 characters",
+        )
+
+
+def did_you_mean(unknown: list[str], known: list[str]) -> str:
+    guesses = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        if close:
+            guesses.append(f"did you mean {close[0]!r} instead of {name!r}?")
+    # A guess is enough; the full list only helps when there is none.
+    return " ".join(guesses) if guesses else f"known: {', '.join(known)}"
