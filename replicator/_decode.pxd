@@ -1,5 +1,30 @@
 from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
 
+from replicator._libpq cimport consumeinput_fn, freemem_fn, getcopydata_fn
+
+
+# What Decoder.pump(), feed() and feed_frame() return. This list is the only
+# place the codes are written: C uses these names, and the module exports each
+# one as a plain int of the same name (EV_COMMIT, ...), plus the Event IntEnum.
+cpdef enum Event:
+    EV_NONE = 0
+    EV_WOULD_BLOCK = 1
+    EV_COPY_DONE = 2
+    EV_ERROR = 3
+    EV_KEEPALIVE = 4
+    EV_COMMIT = 5
+    EV_RELATION = 6
+    EV_TRUNCATE = 7
+    EV_MESSAGE = 8
+    EV_ORIGIN = 9
+    EV_TYPE = 10
+    EV_STREAM_START = 11
+    EV_STREAM_STOP = 12
+    EV_STREAM_COMMIT = 13
+    EV_STREAM_ABORT = 14
+    EV_LIMIT = 15
+    EV_BEGIN = 16
+
 
 # A growable byte buffer owned by C: rows are appended here without touching
 # a Python object, then handed to COPY as one bytes object per table.
@@ -35,11 +60,6 @@ cdef struct Rel:
     int64_t n_delete
     int64_t n_unchanged   # rows that carry at least one unchanged-TOAST column
     int64_t n_moves       # primary-key changes
-
-
-ctypedef int (*getcopydata_fn)(void *conn, char **buf, int async_) nogil
-ctypedef int (*consumeinput_fn)(void *conn) nogil
-ctypedef void (*freemem_fn)(void *ptr) nogil
 
 
 cdef class Decoder:

@@ -23,90 +23,29 @@ from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcmp, memcpy, memset
 
-# Events returned by Decoder.pump() and Decoder.feed().
-EV_NONE = 0
-EV_WOULD_BLOCK = 1
-EV_COPY_DONE = 2
-EV_ERROR = 3
-EV_KEEPALIVE = 4
-EV_COMMIT = 5
-EV_RELATION = 6
-EV_TRUNCATE = 7
-EV_MESSAGE = 8
-EV_ORIGIN = 9
-EV_TYPE = 10
-EV_STREAM_START = 11
-EV_STREAM_STOP = 12
-EV_STREAM_COMMIT = 13
-EV_STREAM_ABORT = 14
-EV_LIMIT = 15
-EV_BEGIN = 16
+from replicator._wire cimport rd16, rd32, rd64, wr16, wr32, wr64
 
-cdef enum:
-    C_NONE = 0
-    C_WOULD_BLOCK = 1
-    C_COPY_DONE = 2
-    C_ERROR = 3
-    C_KEEPALIVE = 4
-    C_COMMIT = 5
-    C_RELATION = 6
-    C_TRUNCATE = 7
-    C_MESSAGE = 8
-    C_ORIGIN = 9
-    C_TYPE = 10
-    C_STREAM_START = 11
-    C_STREAM_STOP = 12
-    C_STREAM_COMMIT = 13
-    C_STREAM_ABORT = 14
-    C_LIMIT = 15
-    C_BEGIN = 16
+# The Python names of the event codes, from the one enum in _decode.pxd: plain
+# ints, so the receive loop's comparisons cost what they did.
+globals().update({_name: int(_code) for _name, _code in Event.__members__.items()})
 
-# The 11-byte signature, flags and header extension length of COPY BINARY.
-COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + b"\x00\x00\x00\x00" + b"\x00\x00\x00\x00"
 cdef enum:
     HEADER_LEN = 19
+    TRAILER_LEN = 2
     MAX_COLS = 1664
     UBITS_MAX = 208  # (MAX_COLS + 7) / 8
+
+# The 11-byte signature, flags and header extension length of COPY BINARY, and
+# the field count -1 that ends the rows. Written here only: every buffer starts
+# with the header, and batch.py takes both from this module.
+cdef const char *HEADER = b"PGCOPY\n\xff\r\n\x00\x00\x00\x00\x00\x00\x00\x00\x00"
+cdef const char *TRAILER = b"\xff\xff"
+COPY_HEADER = HEADER[:HEADER_LEN]
+COPY_TRAILER = TRAILER[:TRAILER_LEN]
 
 
 class DecodeError(Exception):
     """The stream does not look like pgoutput as we understand it."""
-
-
-cdef inline uint32_t rd32(const char *p) noexcept nogil:
-    cdef const uint8_t *u = <const uint8_t *>p
-    return (<uint32_t>u[0] << 24) | (<uint32_t>u[1] << 16) | (<uint32_t>u[2] << 8) | u[3]
-
-
-ctypedef unsigned short uint16_t_
-
-
-cdef inline uint16_t_ rd16(const char *p) noexcept nogil:
-    cdef const uint8_t *u = <const uint8_t *>p
-    return <uint16_t_>((u[0] << 8) | u[1])
-
-
-cdef inline uint64_t rd64(const char *p) noexcept nogil:
-    return (<uint64_t>rd32(p) << 32) | rd32(p + 4)
-
-
-cdef inline void wr16(char *p, int16_t v) noexcept nogil:
-    cdef uint16_t_ u = <uint16_t_>v
-    p[0] = <char>(u >> 8)
-    p[1] = <char>(u & 0xff)
-
-
-cdef inline void wr32(char *p, int32_t v) noexcept nogil:
-    cdef uint32_t u = <uint32_t>v
-    p[0] = <char>(u >> 24)
-    p[1] = <char>((u >> 16) & 0xff)
-    p[2] = <char>((u >> 8) & 0xff)
-    p[3] = <char>(u & 0xff)
-
-
-cdef inline void wr64(char *p, int64_t v) noexcept nogil:
-    wr32(p, <int32_t>(<uint64_t>v >> 32))
-    wr32(p + 4, <int32_t>(<uint32_t>(<uint64_t>v)))
 
 
 cdef int buf_reserve(Buf *b, Py_ssize_t extra) noexcept nogil:
@@ -132,7 +71,7 @@ cdef int buf_reset(Buf *b) noexcept nogil:
     b.len = 0
     if buf_reserve(b, HEADER_LEN) < 0:
         return -1
-    memcpy(b.data, b"PGCOPY\n\xff\r\n\x00\x00\x00\x00\x00\x00\x00\x00\x00", HEADER_LEN)
+    memcpy(b.data, HEADER, HEADER_LEN)
     b.len = HEADER_LEN
     return 0
 
@@ -399,10 +338,10 @@ cdef class Decoder:
             r = &self.rels[i]
             if not r.rows:
                 continue
-            if buf_reserve(&r.buf, 2) < 0:
+            if buf_reserve(&r.buf, TRAILER_LEN) < 0:
                 raise MemoryError()
-            wr16(r.buf.data + r.buf.len, -1)
-            data = PyBytes_FromStringAndSize(r.buf.data, r.buf.len + 2)
+            memcpy(r.buf.data + r.buf.len, TRAILER, TRAILER_LEN)
+            data = PyBytes_FromStringAndSize(r.buf.data, r.buf.len + TRAILER_LEN)
             out.append((r.relid, data, (r.rows, r.n_insert, r.n_update, r.n_delete,
                                         r.n_unchanged, r.n_moves)))
             r.rows = r.n_insert = r.n_update = r.n_delete = r.n_unchanged = r.n_moves = 0
@@ -551,7 +490,7 @@ cdef class Decoder:
             self.wal_end = rd64(p + 1)
             self.send_time = <int64_t>rd64(p + 9)
             self.reply_requested = p[17] != 0
-            return C_KEEPALIVE
+            return EV_KEEPALIVE
         raise DecodeError(f"unexpected CopyData message type 0x{<unsigned char>p[0]:02x}" if n else
                           "empty CopyData message")
 
@@ -567,11 +506,11 @@ cdef class Decoder:
         if tag == b'I' or tag == b'U' or tag == b'D':
             if self._row(p, n, tag) < 0:
                 raise DecodeError(self._error())
-            return C_NONE
+            return EV_NONE
         if tag == b'B':
             if self._begin(p, n) < 0:
                 raise DecodeError(self._error())
-            return C_BEGIN
+            return EV_BEGIN
         reader = _Reader(p[1:n])
         if tag == b'C':
             reader.u8()
@@ -580,7 +519,7 @@ cdef class Decoder:
             self.commit_ts = reader.i64()
             self.in_txn = 0
             self.event = None
-            return C_COMMIT
+            return EV_COMMIT
         if tag == b'R':
             xid = reader.u32() if self.in_stream else None
             relid = reader.u32()
@@ -595,20 +534,20 @@ cdef class Decoder:
                 typmod = reader.i32()
                 cols.append((flags, name, typoid, typmod))
             self.event = (relid, nspname, relname, replident, cols, xid)
-            return C_RELATION
+            return EV_RELATION
         if tag == b'Y':
             xid = reader.u32() if self.in_stream else None
             self.event = (reader.u32(), reader.cstr(), reader.cstr(), xid)
-            return C_TYPE
+            return EV_TYPE
         if tag == b'T':
             xid = reader.u32() if self.in_stream else None
             nrels = reader.u32()
             options = reader.u8()
             relids = [reader.u32() for _ in range(nrels)]
             if self.skipping:
-                return C_NONE
+                return EV_NONE
             self.event = (options, relids, xid)
-            return C_TRUNCATE
+            return EV_TRUNCATE
         if tag == b'M':
             xid = reader.u32() if self.in_stream else None
             flags = reader.u8()
@@ -616,20 +555,20 @@ cdef class Decoder:
             prefix = reader.cstr()
             content = reader.take(reader.u32())
             self.event = (bool(flags & 1), lsn, prefix, content, xid)
-            return C_MESSAGE
+            return EV_MESSAGE
         if tag == b'O':
             self.event = (reader.u64(), reader.cstr())
-            return C_ORIGIN
+            return EV_ORIGIN
         if tag == b'S':
             self.stream_xid = reader.u32()
             first = reader.u8()
             self.in_stream = 1
             self.event = (self.stream_xid, bool(first))
-            return C_STREAM_START
+            return EV_STREAM_START
         if tag == b'E':
             self.in_stream = 0
             self.event = None
-            return C_STREAM_STOP
+            return EV_STREAM_STOP
         if tag == b'c':
             xid = reader.u32()
             flags = reader.u8()
@@ -637,7 +576,7 @@ cdef class Decoder:
             self.end_lsn = reader.u64()
             self.commit_ts = reader.i64()
             self.event = (xid, flags, self.commit_lsn, self.end_lsn, self.commit_ts)
-            return C_STREAM_COMMIT
+            return EV_STREAM_COMMIT
         if tag == b'A':
             xid = reader.u32()
             subxid = reader.u32()
@@ -645,7 +584,7 @@ cdef class Decoder:
             abort_lsn = reader.u64() if reader.left() >= 16 else None
             abort_ts = reader.i64() if abort_lsn is not None else None
             self.event = (xid, subxid, abort_lsn, abort_ts)
-            return C_STREAM_ABORT
+            return EV_STREAM_ABORT
         raise DecodeError(f"unsupported pgoutput message type 0x{<unsigned char>tag:02x}")
 
     def feed(self, data):
@@ -663,7 +602,7 @@ cdef class Decoder:
             raise DecodeError("empty CopyData frame")
         rc = self._hot(<const char *>&view[0], view.shape[0])
         if rc == 0:
-            return C_NONE
+            return EV_NONE
         if rc < 0:
             raise DecodeError(self._error())
         return self._cold(<const char *>&view[0], view.shape[0])
@@ -692,27 +631,27 @@ cdef class Decoder:
         cdef char *buf = NULL
         cdef int n = 0
         cdef int rc = 0
-        cdef int ev = C_NONE
+        cdef int ev = EV_NONE
         cdef Py_ssize_t count = 0
         if self._conn == NULL:
             raise RuntimeError("pump() before attach()")
         with nogil:
             if self._consumeinput(self._conn) == 0:
-                ev = C_ERROR
+                ev = EV_ERROR
             else:
                 while True:
                     if count >= max_messages:
-                        ev = C_LIMIT
+                        ev = EV_LIMIT
                         break
                     n = self._getcopydata(self._conn, &buf, 1)
                     if n == 0:
-                        ev = C_WOULD_BLOCK
+                        ev = EV_WOULD_BLOCK
                         break
                     if n == -1:
-                        ev = C_COPY_DONE
+                        ev = EV_COPY_DONE
                         break
                     if n < 0:
-                        ev = C_ERROR
+                        ev = EV_ERROR
                         break
                     count += 1
                     rc = self._hot(buf, n)

@@ -11,15 +11,14 @@ from libc.stdint cimport int64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
+from replicator._libpq cimport freemem_fn, getcopydata_fn, putcopydata_fn
+
 # Rows are gathered into CopyData messages of about this size: one libpq call
 # and one protocol message per 256 kB instead of per row, for us and for the
 # destination backend alike.
 cdef enum:
     CHUNK = 262144
 
-ctypedef int (*getcopydata_fn)(void *conn, char **buf, int async_) nogil
-ctypedef int (*putcopydata_fn)(void *conn, const char *buf, int nbytes) nogil
-ctypedef void (*freemem_fn)(void *ptr) nogil
 
 
 cdef class Pipe:

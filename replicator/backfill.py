@@ -41,6 +41,7 @@ from . import failpoints, state
 from ._pipe import Pipe
 from .apply import ensure_mirror_columns
 from .errors import ErrorKind, ReplicatorError
+from .libpq import function_addresses
 from .lsn import format_lsn
 from .schema import (MirrorTable, column_origins, create_mirror_sql, create_staging_sql,
                      mirror_exists)
@@ -74,14 +75,8 @@ class TableCopy:
                 self.bytes + sum(p.bytes for p in self.pipes))
 
 
-def _libpq() -> tuple[int, int, int]:
-    import ctypes
-
-    from psycopg.pq import _pq_ctypes
-
-    lib = _pq_ctypes.pq
-    return tuple(ctypes.cast(getattr(lib, n), ctypes.c_void_p).value
-                 for n in ("PQgetCopyData", "PQputCopyData", "PQfreemem"))
+def _libpq() -> tuple[int, ...]:
+    return function_addresses("PQgetCopyData", "PQputCopyData", "PQfreemem")
 
 
 def _exec(conn: pq.PGconn, query: str | bytes, what: str, kind: ErrorKind) -> pq.abc.PGresult:

@@ -13,11 +13,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from ._decode import COPY_HEADER, COPY_TRAILER
 from .schema import MirrorTable
-
-
-COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
-COPY_TRAILER = b"\xff\xff"
 
 
 class SpilledRows:

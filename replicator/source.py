@@ -8,7 +8,6 @@ CopyData stream itself is read by the Cython decoder straight from libpq
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import select
 import struct
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from psycopg import pq, sql
 
 from .errors import ErrorKind, ReplicatorError
+from .libpq import function_addresses
 from .lsn import format_lsn, pg_now
 
 log = logging.getLogger(__name__)
@@ -50,27 +50,6 @@ class SystemInfo:
     timeline: int
     xlogpos: int
     dbname: str | None
-
-
-def _libpq_functions() -> tuple[int, int, int]:
-    """Addresses of the libpq functions the Cython receive loop calls.
-
-    They come from the very libpq psycopg loaded, so the PGconn pointer we
-    pass along is understood by the code that reads it.
-    """
-    if pq.__impl__ != "python":
-        raise ReplicatorError(
-            ErrorKind.INTERNAL,
-            f"psycopg is using its {pq.__impl__!r} implementation",
-            "install psycopg without the [binary]/[c] extras (the replicator shares "
-            "psycopg's system libpq)",
-        )
-    from psycopg.pq import _pq_ctypes
-
-    lib = _pq_ctypes.pq
-    addr = [ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
-            for name in ("PQgetCopyData", "PQconsumeInput", "PQfreemem")]
-    return addr[0], addr[1], addr[2]
 
 
 class ReplicationConnection:
@@ -161,7 +140,8 @@ class ReplicationConnection:
                                                  "protocol": protocol, "binary": binary})
 
     def attach(self, decoder) -> None:
-        getcopydata, consumeinput, freemem = _libpq_functions()
+        getcopydata, consumeinput, freemem = function_addresses(
+            "PQgetCopyData", "PQconsumeInput", "PQfreemem")
         decoder.attach(self.pgconn.pgconn_ptr, getcopydata, consumeinput, freemem)
 
     def wait_readable(self, timeout: float) -> bool:

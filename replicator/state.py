@@ -2,61 +2,92 @@
 dead letters.
 
 It sits outside the mirror schema (analysts never see it) and is written in
-the same transaction as the data it describes.
+the same transaction as the data it describes. Its tables are defined by the
+versioned files in replicator/sql/state/, applied by setup().
 """
 
 from __future__ import annotations
+
+import importlib.resources
+import re
+from dataclasses import dataclass
 
 import psycopg
 from psycopg import sql
 
 from .lsn import format_lsn, parse_lsn
 
-_SETUP = [
-    "create schema if not exists {state}",
-    """create table if not exists {state}.pipelines (
-        slot text primary key,
-        applied_lsn pg_lsn not null,
-        source_system_id text,
-        updated_at timestamptz not null default now()
-    )""",
-    """create table if not exists {state}.tables (
-        slot text not null,
-        source_table text not null,
-        mirror_table text not null,
-        state text not null,
-        sync_lsn pg_lsn,
-        rows_copied bigint not null default 0,
-        updated_at timestamptz not null default now(),
-        primary key (slot, source_table)
-    )""",
-    # Which source column (attnum) each mirror column came from: a Relation
-    # message names columns but carries no attnum, and a rename or Odoo's
-    # type change (rename to x_moved0, add x) must move the mirror's values
-    # with the right column, across restarts too.
-    """create table if not exists {state}.columns (
-        slot text not null,
-        source_table text not null,
-        attnum int not null,
-        mirror_column text not null,
-        primary key (slot, source_table, attnum)
-    )""",
-    """create table if not exists {state}.dead_letters (
-        id bigserial primary key,
-        slot text not null,
-        mirror_table text not null,
-        lsn pg_lsn not null,
-        reason text not null,
-        row_data jsonb,
-        created_at timestamptz not null default now()
-    )""",
-]
+# The state schema's versions: replicator/sql/state/NNN_name.sql, run in NNN order,
+# each once per state schema. A file is never edited once released (deployments
+# recorded it as run): a change to the state tables is a new file.
+MIGRATIONS = ("sql", "state")
+_MIGRATION_NAME = re.compile(r"(\d+)_(\w+)\.sql")
 
 
-def setup(conn: psycopg.Connection, state_schema: str) -> None:
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    text: str    # SQL with {state} for the schema's name (literal braces doubled)
+
+
+def migrations() -> list[Migration]:
+    """The packaged migration files, in version order."""
+    folder = importlib.resources.files("replicator").joinpath(*MIGRATIONS)
+    found = []
+    for entry in folder.iterdir():
+        m = _MIGRATION_NAME.fullmatch(entry.name)
+        if m:
+            found.append(Migration(int(m[1]), m[2], entry.read_text(encoding="utf-8")))
+    found.sort(key=lambda mg: mg.version)
+    versions = [mg.version for mg in found]
+    if len(set(versions)) != len(versions):
+        raise RuntimeError(f"two state migrations share a version in {folder}: {versions}")
+    return found
+
+
+def setup(conn: psycopg.Connection, state_schema: str,
+          files: list[Migration] | None = None) -> list[int]:
+    """Bring the state schema up to date; returns the versions it ran now.
+
+    Every migration not yet recorded in <state>.schema_migrations runs, in
+    version order, in a transaction of its own that also records it: a file
+    that fails leaves the ones before it applied and itself not at all, and
+    the next start retries it. A second call runs nothing. A schema created
+    before the versions existed (its tables there, no schema_migrations) gets
+    001 recorded without change, as 001 is all "if not exists". Replicators
+    starting together take turns on an advisory lock per state schema.
+    files: the migrations (tests); by default the packaged ones.
+    """
+    schema = sql.Identifier(state_schema)
+    ran = []
     with conn.transaction():
-        for stmt in _SETUP:
-            conn.execute(sql.SQL(stmt).format(state=sql.Identifier(state_schema)))
+        _lock(conn, state_schema)
+        conn.execute(sql.SQL("create schema if not exists {}").format(schema))
+        conn.execute(sql.SQL(
+            "create table if not exists {}.schema_migrations (version int primary key, "
+            "name text not null, applied_at timestamptz not null default now())").format(schema))
+    for mg in migrations() if files is None else files:
+        with conn.transaction():
+            _lock(conn, state_schema)
+            done = conn.execute(sql.SQL("select 1 from {}.schema_migrations where version = %s")
+                                .format(schema), [mg.version]).fetchone()
+            if done:
+                continue
+            # One execute for the whole file (several statements): no parameters,
+            # so psycopg sends it as a simple query; never prepared.
+            conn.execute(sql.SQL(mg.text).format(state=schema), prepare=False)
+            conn.execute(sql.SQL("insert into {}.schema_migrations (version, name) values (%s, %s)")
+                         .format(schema), [mg.version, mg.name])
+        ran.append(mg.version)
+    return ran
+
+
+def _lock(conn: psycopg.Connection, state_schema: str) -> None:
+    # Until the transaction ends: two starts must not both create the schema
+    # or both run a file.
+    conn.execute("select pg_advisory_xact_lock(hashtextextended(%s, 0))",
+                 [f"replicator state schema {state_schema}"])
 
 
 def applied_lsn(conn: psycopg.Connection, state_schema: str, slot: str) -> int | None:

@@ -1,0 +1,162 @@
+"""state.setup on a real destination: the versioned state schema.
+
+It runs at every start, so it must be idempotent; it must take a deployment
+made before the versions existed (its tables, no schema_migrations) as is; and
+a later file must run once, after the earlier ones, in its own transaction.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import psycopg
+import pytest
+
+from replicator import state
+
+STATE_TABLES = {"pipelines", "tables", "columns", "dead_letters", "schema_migrations"}
+
+# What state.setup ran before the state schema was versioned (its _SETUP list).
+UNVERSIONED_SETUP = [
+    "create schema if not exists {state}",
+    """create table if not exists {state}.pipelines (
+        slot text primary key,
+        applied_lsn pg_lsn not null,
+        source_system_id text,
+        updated_at timestamptz not null default now()
+    )""",
+    """create table if not exists {state}.tables (
+        slot text not null,
+        source_table text not null,
+        mirror_table text not null,
+        state text not null,
+        sync_lsn pg_lsn,
+        rows_copied bigint not null default 0,
+        updated_at timestamptz not null default now(),
+        primary key (slot, source_table)
+    )""",
+    """create table if not exists {state}.columns (
+        slot text not null,
+        source_table text not null,
+        attnum int not null,
+        mirror_column text not null,
+        primary key (slot, source_table, attnum)
+    )""",
+    """create table if not exists {state}.dead_letters (
+        id bigserial primary key,
+        slot text not null,
+        mirror_table text not null,
+        lsn pg_lsn not null,
+        reason text not null,
+        row_data jsonb,
+        created_at timestamptz not null default now()
+    )""",
+]
+
+
+def _tables(conn, schema: str) -> set[str]:
+    return {r[0] for r in conn.execute(
+        "select table_name from information_schema.tables where table_schema = %s",
+        [schema]).fetchall()}
+
+
+def _columns(conn, schema: str) -> list[tuple]:
+    return conn.execute(
+        "select table_name, column_name, data_type, is_nullable, column_default "
+        "from information_schema.columns where table_schema = %s "
+        "order by table_name, ordinal_position", [schema]).fetchall()
+
+
+def _recorded(conn, schema: str) -> list[tuple]:
+    return conn.execute(psycopg.sql.SQL(
+        "select version, name, applied_at from {}.schema_migrations order by version").format(
+        psycopg.sql.Identifier(schema))).fetchall()
+
+
+def test_setup_twice_records_its_versions_once(dest_db):
+    with dest_db.connect() as conn:
+        assert state.setup(conn, "st") == [1]
+        first = _recorded(conn, "st")
+        assert [(v, n) for v, n, _t in first] == [(1, "initial")]
+        assert _tables(conn, "st") == STATE_TABLES
+        state.record_applied(conn.cursor(), "st", "slot_a", 0x16B3748)
+        layout = _columns(conn, "st")
+
+        assert state.setup(conn, "st") == []
+        assert _recorded(conn, "st") == first        # not run again: same applied_at
+        assert _columns(conn, "st") == layout
+        assert state.applied_lsn(conn, "st", "slot_a") == 0x16B3748
+
+
+def test_setup_upgrades_an_unversioned_deployment(dest_db):
+    schema = psycopg.sql.Identifier("Old State")   # quoting carried through the files
+    with dest_db.connect() as conn:
+        with conn.transaction():
+            for stmt in UNVERSIONED_SETUP:
+                conn.execute(psycopg.sql.SQL(stmt).format(state=schema))
+        state.record_applied(conn.cursor(), "Old State", "slot_a", 42)
+        conn.execute(psycopg.sql.SQL("insert into {}.dead_letters (slot, mirror_table, lsn, reason) "
+                                     "values ('slot_a', 'm.t', '0/2A', 'x')").format(schema))
+        before = _columns(conn, "Old State")
+
+        assert state.setup(conn, "Old State") == [1]
+        assert [(v, n) for v, n, _t in _recorded(conn, "Old State")] == [(1, "initial")]
+        after = _columns(conn, "Old State")
+        assert [c for c in after if c[0] != "schema_migrations"] == before
+        assert [c for c in after if c[0] == "schema_migrations"] == [
+            ("schema_migrations", "version", "integer", "NO", None),
+            ("schema_migrations", "name", "text", "NO", None),
+            ("schema_migrations", "applied_at", "timestamp with time zone", "NO", "now()")]
+        assert state.applied_lsn(conn, "Old State", "slot_a") == 42
+        assert conn.execute(psycopg.sql.SQL("select count(*) from {}.dead_letters")
+                            .format(schema)).fetchone()[0] == 1
+        assert state.setup(conn, "Old State") == []
+
+
+def test_later_files_run_once_in_order_one_transaction_each(dest_db):
+    packaged = state.migrations()
+    # 003 needs 002's table; 004 fails halfway: its first statement must not stay.
+    later = packaged + [
+        state.Migration(3, "fill", "insert into {state}.extra (id) values (1);"
+                                   "alter table {state}.extra add column note text"),
+        state.Migration(2, "extra", "create table {state}.extra (id int primary key)"),
+    ]
+    later.sort(key=lambda m: m.version)
+    broken = state.Migration(4, "broken", "create table {state}.half (id int);"
+                                          "select no_such_function()")
+    with dest_db.connect() as conn:
+        assert state.setup(conn, "st", packaged) == [1]
+        assert state.setup(conn, "st", later) == [2, 3]
+        assert conn.execute("select id, note from st.extra").fetchall() == [(1, None)]
+        assert state.setup(conn, "st", later) == []      # 003's insert would fail if rerun
+
+        with pytest.raises(psycopg.errors.UndefinedFunction):
+            state.setup(conn, "st", later + [broken])
+        assert "half" not in _tables(conn, "st")
+        assert [v for v, _n, _t in _recorded(conn, "st")] == [1, 2, 3]
+
+
+def test_concurrent_first_setups(dest_db):
+    # Replicators started together on an empty destination: each must succeed,
+    # and 001 must be recorded once.
+    errors: list[BaseException] = []
+    ran: list[list[int]] = []
+    barrier = threading.Barrier(4)
+
+    def start() -> None:
+        try:
+            with dest_db.connect() as conn:
+                barrier.wait()
+                ran.append(state.setup(conn, "st"))
+        except BaseException as exc:   # reported below, with the others
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sorted(ran) == [[], [], [], [1]]
+    with dest_db.connect() as conn:
+        assert [v for v, _n, _t in _recorded(conn, "st")] == [1]
