@@ -254,7 +254,7 @@ def test_unexpected_exception_before_logging_is_set_up(monkeypatch, capsys):
     def seed(dsn, *, scale, seed):
         raise RuntimeError("seed bug")
 
-    fake_module(monkeypatch, "replicator.seed", seed=seed)
+    fake_module(monkeypatch, "replicator.devtools.seed", seed=seed)
     assert main(["seed", "--dsn", "dbname=x"]) == 1
     err = capsys.readouterr().err
     assert "internal error" in err and "Traceback" in err and "RuntimeError: seed bug" in err
@@ -281,7 +281,7 @@ def test_seed_passes_arguments(monkeypatch, capsys):
         calls.append((dsn, scale, seed))
         return {"res_partner": 10 * scale, "account_move": 20 * scale}
 
-    fake_module(monkeypatch, "replicator.seed", seed=seed)
+    fake_module(monkeypatch, "replicator.devtools.seed", seed=seed)
     assert main(["seed", "--dsn", "dbname=odoo_core", "--scale", "3", "--seed", "7"]) == 0
     assert capsys.readouterr().out == "seeded: res_partner 30, account_move 60\n"
     assert main(["seed", "--dsn", "dbname=odoo_core"]) == 0
@@ -292,7 +292,7 @@ def test_seed_never_prints_the_dsn_password(monkeypatch, capsys):
     def seed(dsn, *, scale, seed):
         raise psycopg.OperationalError("connection failed: FATAL:  password authentication failed for user \"odoo\"")
 
-    fake_module(monkeypatch, "replicator.seed", seed=seed)
+    fake_module(monkeypatch, "replicator.devtools.seed", seed=seed)
     # An unclassified database error from a command is still a one-line operator error.
     assert main(["seed", "--dsn", "dbname=odoo_core password=Dsn-Secret-3"]) == 2
     line = assert_one_error_line(capsys.readouterr().err)
@@ -306,7 +306,7 @@ def test_seed_never_prints_the_dsn_password(monkeypatch, capsys):
 
 def test_demo_passes_arguments(monkeypatch, tmp_path, capsys):
     calls = []
-    fake_module(monkeypatch, "replicator.demo", main=lambda workdir, scale: calls.append((workdir, scale)))
+    fake_module(monkeypatch, "replicator.devtools.demo", main=lambda workdir, scale: calls.append((workdir, scale)))
     assert main(["demo", "--workdir", str(tmp_path), "--scale", "2"]) == 0
     assert main(["demo"]) == 0
     assert calls == [(tmp_path, 2), (None, 1)]
