@@ -116,6 +116,24 @@ def test_python_dash_m_works():
     assert result.stdout.startswith("usage: replicator check")
 
 
+def test_the_data_path_does_not_import_the_dev_tooling():
+    # `replicator run` must not pay for (or depend on) the generator and the test servers:
+    # cli.py imports replicator.devtools only inside `seed` and `demo`.
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    code = (
+        "import sys\n"
+        "from replicator import apply, backfill, batch, cli, config, runtime, schema, source, state\n"
+        "try:\n"
+        "    cli.main(['run', '--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('loaded:', sorted(m for m in sys.modules if m.startswith('replicator.devtools')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.endswith("loaded: []\n"), result.stdout[-500:]
+
+
 # --- check ----------------------------------------------------------------------------------
 
 
