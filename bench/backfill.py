@@ -18,7 +18,7 @@ a destination), in one run, this copies the same seeded `account_move_line` tabl
    `pg_subscription_rel.srsubstate` is 'r' (ready).
 
 Every run starts from a freshly created destination database. The source is seeded
-once (replicator.seed, scale N/5000, about five lines per journal entry), then
+once (replicator.devtools.seed, scale N/5000, about five lines per journal entry), then
 CHECKPOINTed and VACUUM ANALYZEd, so all runs read the same warm table. Only
 account_move_line is published.
 
@@ -66,9 +66,10 @@ import psycopg  # noqa: E402
 from psycopg import sql  # noqa: E402
 
 from replicator import backfill as backfill_mod  # noqa: E402
-from replicator import odoo, seed, state  # noqa: E402
+from replicator import state  # noqa: E402
 from replicator.settings import Config  # noqa: E402
-from replicator.localpg import LocalCluster  # noqa: E402
+from replicator.devtools import odoo, seed  # noqa: E402
+from replicator.devtools.localpg import LocalCluster  # noqa: E402
 from replicator.runtime import Pipeline  # noqa: E402
 from replicator.schema import MirrorTable, read_table  # noqa: E402
 
@@ -377,7 +378,7 @@ class Bench:
 
     def seed(self) -> None:
         scale = self.requested_rows / LINES_PER_SCALE
-        say(f"seeding the source: replicator.seed scale {scale:g} (about "
+        say(f"seeding the source: replicator.devtools.seed scale {scale:g} (about "
             f"{self.requested_rows:,} account_move_line rows)")
         t0 = time.monotonic()
         self.src.create_database(SRC_DB)

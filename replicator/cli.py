@@ -322,7 +322,7 @@ def _cmd_seed(args: argparse.Namespace) -> int:
         ) from None
     register_secret(params.get("password"))
     _setup_console_logging()
-    seed_module = _import("replicator.seed")
+    seed_module = _import("replicator.devtools.seed")
     rows = seed_module.seed(args.dsn, scale=args.scale, seed=args.seed)
     if isinstance(rows, Mapping):  # rows per table
         print("seeded: " + ", ".join(f"{table} {count}" for table, count in rows.items()))
@@ -331,7 +331,7 @@ def _cmd_seed(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     _setup_console_logging()
-    demo_module = _import("replicator.demo")
+    demo_module = _import("replicator.devtools.demo")
     result = demo_module.main(args.workdir, args.scale)
     return ExitCode.OK if result is None else int(result)
 

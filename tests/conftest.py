@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from replicator.localpg import LocalCluster, LocalClusterError, available_versions
+from replicator.devtools.localpg import LocalCluster, LocalClusterError, available_versions
 
 SOURCE_VERSIONS = (15, 18)
 DEST_VERSION = 15

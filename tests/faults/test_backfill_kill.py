@@ -12,10 +12,8 @@ import time
 
 from replicate import PUBLICATION, assert_same, write_config
 
-from replicator import seed
-
-ODOO_TABLES = ("account_move", "account_move_line", "res_partner", "project_task",
-               "hr_expense", "hr_expense_sheet")
+from replicator.devtools.odoo import TABLE_NAMES
+from replicator.devtools.seed import seed
 
 
 def start(config, log):
@@ -31,7 +29,7 @@ def states(dest_db) -> dict[str, str]:
 
 
 def test_kill_during_initial_copy(source_db, dest_db, tmp_path):
-    seed.seed(source_db.dsn, scale=4, seed=11, publication=PUBLICATION)
+    seed(source_db.dsn, scale=4, seed=11, publication=PUBLICATION)
     config = tmp_path / "etl-config.toml"
     # One worker: tables copy one after another, so a kill finds some done, some not.
     write_config(config, source_db, dest_db, source_max_connections=3)
@@ -49,7 +47,7 @@ def test_kill_during_initial_copy(source_db, dest_db, tmp_path):
     proc.wait()
     st = states(dest_db)
     done = [t for t, s in st.items() if s == "copied"]
-    assert done and len(done) < len(ODOO_TABLES), st
+    assert done and len(done) < len(TABLE_NAMES), st
     table = done[0].split(".")[1]
     before = dest_db.fetchall(f"select id, xmin::text from odoo_mirror.{table} order by id")
 
@@ -66,7 +64,7 @@ def test_kill_during_initial_copy(source_db, dest_db, tmp_path):
                            "--until-caught-up"], stdout=log, stderr=subprocess.STDOUT, timeout=180)
     assert done.returncode == 0, (tmp_path / "replicator.log").read_text()[-3000:]
 
-    for t in ODOO_TABLES:
+    for t in TABLE_NAMES:
         assert_same(source_db, dest_db, t)
     assert set(states(dest_db).values()) == {"streaming"}
     # The table copied before the first kill kept its rows: same tuples, not re-copied.

@@ -31,17 +31,9 @@ import psycopg
 import pytest
 
 from replicator.lsn import parse_lsn
-from replicator.odoo import TABLES, create_table_statement
+from replicator.devtools.odoo import TABLE_NAMES, TABLES, create_table_statement
 
 PUBLICATION = "odoo_pub"
-ODOO_TABLES = (
-    "account_move",
-    "account_move_line",
-    "res_partner",
-    "project_task",
-    "hr_expense",
-    "hr_expense_sheet",
-)
 MIRROR_SCHEMA = "odoo_mirror"
 STATE_SCHEMA = "replicator"
 PASSWORD_VAR = "REPLICATOR_FAULTS_DB_PASSWORD"
@@ -244,7 +236,7 @@ def replicator(tmp_path: Path, source_db, dest_db) -> Iterator[Any]:
 
 
 class Workload(threading.Thread):
-    """replicator.seed.workload until stopped; its counts, or its error, are kept."""
+    """replicator.devtools.workload.workload until stopped; its counts, or its error, are kept."""
 
     def __init__(self, dsn: str, seed: int) -> None:
         super().__init__(name="workload", daemon=True)
@@ -255,7 +247,7 @@ class Workload(threading.Thread):
         self.error: BaseException | None = None
 
     def run(self) -> None:
-        from replicator.seed import workload
+        from replicator.devtools.workload import workload
 
         try:
             self.counts = workload(self.dsn, seed=self.seed, stop=self.stop_event)
@@ -282,7 +274,7 @@ def _snapshot(conn: psycopg.Connection, schema: str, table: str) -> tuple[list[s
     return [d.name for d in cur.description], cur.fetchall()
 
 
-def mirror_diff(source_db, dest_db, tables=ODOO_TABLES) -> tuple[list[str], dict[str, int]]:
+def mirror_diff(source_db, dest_db, tables=TABLE_NAMES) -> tuple[list[str], dict[str, int]]:
     """Differences between each source table and its mirror (empty if equal), and row counts."""
     problems: list[str] = []
     counts: dict[str, int] = {}
@@ -371,12 +363,12 @@ def slot_state(source_db, slot: str = PUBLICATION) -> tuple | None:
 
 def seed_source(source_db, scale: float, seed: int = 42) -> dict[str, int]:
     """Tables, publication and slot first, then the rows: every seeded row is in the stream."""
-    from replicator.seed import seed as seed_rows
+    from replicator.devtools.seed import seed as seed_rows
 
     with source_db.connect() as conn:
         for table in TABLES:
             conn.execute(create_table_statement(table))
-        conn.execute(f"create publication {PUBLICATION} for table {', '.join(ODOO_TABLES)}")
+        conn.execute(f"create publication {PUBLICATION} for table {', '.join(TABLE_NAMES)}")
         conn.execute("select pg_create_logical_replication_slot(%s, 'pgoutput')", (PUBLICATION,))
     return seed_rows(source_db.dsn, scale=scale, seed=seed, publication=PUBLICATION)
 
@@ -697,7 +689,7 @@ def test_sigterm_finishes_batch(source_db, dest_db, replicator):
 def test_sigterm_during_initial_copy(source_db, dest_db, replicator):
     """A stop requested while the existing rows are being copied is a stop, not an error: exit 0
     (the copy restarts on the next run), and the next run makes the mirror equal."""
-    from replicator.seed import seed
+    from replicator.devtools.seed import seed
 
     version = source_db.cluster.version
     seed(source_db.dsn, scale=1, publication=PUBLICATION)

@@ -10,11 +10,10 @@ import pytest
 from replicate import PUBLICATION, assert_same, catch_up, running, write_config
 from zoo import setup_zoo, zoo_rows
 
-from replicator import odoo, seed
 from replicator.cli import main as cli_main
-
-ODOO_TABLES = ("account_move", "account_move_line", "res_partner", "project_task",
-               "hr_expense", "hr_expense_sheet")
+from replicator.devtools.odoo import TABLE_NAMES
+from replicator.devtools.seed import seed
+from replicator.devtools.workload import workload
 
 
 def wait_for(predicate, timeout: float = 60, what: str = "condition") -> None:
@@ -49,9 +48,9 @@ def test_existing_rows_of_every_type_are_copied(source_db, dest_db):
 
 
 def test_odoo_tables_with_indexes(source_db, dest_db):
-    seed.seed(source_db.dsn, scale=0.5, seed=3, publication=PUBLICATION)
+    seed(source_db.dsn, scale=0.5, seed=3, publication=PUBLICATION)
     catch_up(source_db, dest_db)
-    for table in ODOO_TABLES:
+    for table in TABLE_NAMES:
         assert_same(source_db, dest_db, table)
     # the source's secondary indexes exist on the mirror, none unique, plus the key
     src_idx = source_db.fetchall(
@@ -71,7 +70,7 @@ def test_odoo_tables_with_indexes(source_db, dest_db):
 
 
 def test_without_copy_indexes(source_db, dest_db):
-    seed.seed(source_db.dsn, scale=0.1, seed=3, publication=PUBLICATION)
+    seed(source_db.dsn, scale=0.1, seed=3, publication=PUBLICATION)
     catch_up(source_db, dest_db, copy_indexes=False)
     assert dest_db.scalar(
         "select count(*) from pg_indexes where schemaname = 'odoo_mirror' "
@@ -80,11 +79,11 @@ def test_without_copy_indexes(source_db, dest_db):
 
 
 def test_changes_during_the_copy_end_up_right(source_db, dest_db):
-    seed.seed(source_db.dsn, scale=3, seed=5, publication=PUBLICATION)
+    seed(source_db.dsn, scale=3, seed=5, publication=PUBLICATION)
     stop = threading.Event()
     done: list = []
     worker = threading.Thread(target=lambda: done.append(
-        seed.workload(source_db.dsn, seconds=8, seed=9, stop=stop)), daemon=True)
+        workload(source_db.dsn, seconds=8, seed=9, stop=stop)), daemon=True)
     worker.start()
     try:
         time.sleep(0.3)
@@ -94,7 +93,7 @@ def test_changes_during_the_copy_end_up_right(source_db, dest_db):
         worker.join()
     catch_up(source_db, dest_db)
     assert done and done[0]["transactions"] > 0
-    for table in ODOO_TABLES:
+    for table in TABLE_NAMES:
         assert_same(source_db, dest_db, table)
     assert dest_db.scalar("select count(*) from replicator.dead_letters") == 0
 

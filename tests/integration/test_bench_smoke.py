@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from replicator.localpg import available_versions
+from replicator.devtools.localpg import available_versions
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "bench" / "backfill.py"

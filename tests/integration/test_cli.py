@@ -17,7 +17,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from replicator.odoo import TABLES, create_table_statement
+from replicator.devtools.odoo import TABLES, create_table_statement
 
 PUBLICATION = "odoo_pub"
 PASSWORD_VAR = "REPLICATOR_CLI_DB_PASSWORD"
@@ -166,7 +166,8 @@ def test_help_names_config_and_until_caught_up(args):
 
 def test_run_until_caught_up_mirrors_seeded_source(source_db, dest_db, tmp_path):
     """The first run copies the seeded rows; a second one streams what the workload changed."""
-    from replicator.seed import seed, workload
+    from replicator.devtools.seed import seed
+    from replicator.devtools.workload import workload
 
     seed(source_db.dsn, scale=0.3, publication=PUBLICATION)
     config = write_config(tmp_path, source_db, dest_db)

@@ -22,7 +22,7 @@ import pytest
 from psycopg import sql
 
 from replicate import PUBLICATION, running
-from replicator.localpg import free_port
+from replicator.devtools.localpg import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 PASSWORD_VAR = "REPLICATOR_ERRORS_DB_PASSWORD"

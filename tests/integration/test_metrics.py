@@ -9,7 +9,7 @@ import orjson
 from replicate import PUBLICATION, running
 
 from replicator.settings import MetricsSettings
-from replicator.localpg import free_port
+from replicator.devtools.localpg import free_port
 
 
 def get(port: int, path: str) -> tuple[int, bytes]:

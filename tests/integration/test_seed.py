@@ -5,8 +5,9 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from replicator import odoo
-from replicator.seed import seed, workload
+from replicator.devtools import odoo
+from replicator.devtools.seed import seed
+from replicator.devtools.workload import workload
 
 SIX = sorted(odoo.TABLES)
 

@@ -112,6 +112,24 @@ def test_python_dash_m_works():
     assert result.stdout.startswith("usage: replicator check")
 
 
+def test_the_data_path_does_not_import_the_dev_tooling():
+    # `replicator run` must not pay for (or depend on) the generator and the test servers:
+    # cli.py imports replicator.devtools only inside `seed` and `demo`.
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    code = (
+        "import sys\n"
+        "from replicator import apply, backfill, batch, cli, config, runtime, schema, source, state\n"
+        "try:\n"
+        "    cli.main(['run', '--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('loaded:', sorted(m for m in sys.modules if m.startswith('replicator.devtools')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.endswith("loaded: []\n"), result.stdout[-500:]
+
+
 # --- check ----------------------------------------------------------------------------------
 
 
@@ -250,7 +268,7 @@ def test_unexpected_exception_before_logging_is_set_up(monkeypatch, capsys):
     def seed(dsn, *, scale, seed):
         raise RuntimeError("seed bug")
 
-    fake_module(monkeypatch, "replicator.seed", seed=seed)
+    fake_module(monkeypatch, "replicator.devtools.seed", seed=seed)
     assert main(["seed", "--dsn", "dbname=x"]) == 1
     err = capsys.readouterr().err
     assert "internal error" in err and "Traceback" in err and "RuntimeError: seed bug" in err
@@ -277,7 +295,7 @@ def test_seed_passes_arguments(monkeypatch, capsys):
         calls.append((dsn, scale, seed))
         return {"res_partner": 10 * scale, "account_move": 20 * scale}
 
-    fake_module(monkeypatch, "replicator.seed", seed=seed)
+    fake_module(monkeypatch, "replicator.devtools.seed", seed=seed)
     assert main(["seed", "--dsn", "dbname=odoo_core", "--scale", "3", "--seed", "7"]) == 0
     assert capsys.readouterr().out == "seeded: res_partner 30, account_move 60\n"
     assert main(["seed", "--dsn", "dbname=odoo_core"]) == 0
@@ -288,7 +306,7 @@ def test_seed_never_prints_the_dsn_password(monkeypatch, capsys):
     def seed(dsn, *, scale, seed):
         raise psycopg.OperationalError("connection failed: FATAL:  password authentication failed for user \"odoo\"")
 
-    fake_module(monkeypatch, "replicator.seed", seed=seed)
+    fake_module(monkeypatch, "replicator.devtools.seed", seed=seed)
     # An unclassified database error from a command is still a one-line operator error.
     assert main(["seed", "--dsn", "dbname=odoo_core password=Dsn-Secret-3"]) == 2
     line = assert_one_error_line(capsys.readouterr().err)
@@ -302,7 +320,7 @@ def test_seed_never_prints_the_dsn_password(monkeypatch, capsys):
 
 def test_demo_passes_arguments(monkeypatch, tmp_path, capsys):
     calls = []
-    fake_module(monkeypatch, "replicator.demo", main=lambda workdir, scale: calls.append((workdir, scale)))
+    fake_module(monkeypatch, "replicator.devtools.demo", main=lambda workdir, scale: calls.append((workdir, scale)))
     assert main(["demo", "--workdir", str(tmp_path), "--scale", "2"]) == 0
     assert main(["demo"]) == 0
     assert calls == [(tmp_path, 2), (None, 1)]

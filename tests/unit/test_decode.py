@@ -1,6 +1,6 @@
 """Decoder tests on pgoutput bytes captured from real PostgreSQL 15 and 18 servers.
 
-Every capture in tests/unit/data (see capture_pgoutput.py for the workload and
+Every capture in tests/unit/data (see tools/capture_pgoutput.py for the workload and
 the slot options) is replayed message by message through Decoder.feed(), with
 each relation defined when its Relation message arrives, exactly as the
 runtime does. What the decoder says is checked against an independent
@@ -44,7 +44,7 @@ EVENT_OF_TAG = {
     "E": EV_STREAM_STOP, "c": EV_STREAM_COMMIT, "A": EV_STREAM_ABORT,
 }
 
-# The captured tables (capture_pgoutput.SCHEMA): (column, type OID, typmod).
+# The captured tables (tools/capture_pgoutput.py, SCHEMA): (column, type OID, typmod).
 # The enum column's OID is whatever the server gave move_state (None here).
 NUMERIC_16_2 = ((16 << 16) | 2) + 4
 TABLE_COLUMNS = {

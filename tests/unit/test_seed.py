@@ -12,8 +12,10 @@ from importlib import resources
 
 import pytest
 
-from replicator import odoo
-from replicator.seed import LOAD_ORDER, DataGenerator, copy_line
+from replicator.devtools import odoo
+from replicator.devtools.generator import DataGenerator
+from replicator.devtools.loader import copy_line
+from replicator.devtools.seed import LOAD_ORDER
 
 PY_TYPES = {
     "integer": int,
@@ -56,12 +58,12 @@ def _lines_by_move(tables: dict[str, list[dict]]) -> dict[int, list[dict]]:
 
 
 # ---------------------------------------------------------------------------------------
-# replicator.odoo: the table definitions and their DDL
+# replicator.devtools.odoo: the table definitions and their DDL
 # ---------------------------------------------------------------------------------------
 
 
 def test_tables_hold_only_columns_primary_key_and_indexes() -> None:
-    raw = json.loads(resources.files("replicator").joinpath("data/odoo17_tables.json").read_text("utf-8"))
+    raw = json.loads(resources.files("replicator.devtools").joinpath("data/odoo17_tables.json").read_text("utf-8"))
     assert list(raw) == [
         "account_move",
         "account_move_line",
@@ -70,6 +72,7 @@ def test_tables_hold_only_columns_primary_key_and_indexes() -> None:
         "hr_expense",
         "hr_expense_sheet",
     ]
+    assert odoo.TABLE_NAMES == tuple(raw)
     for name, spec in raw.items():
         assert set(spec) == {"columns", "primary_key", "indexes"}, name
         assert spec["primary_key"] == ["id"]

@@ -29,6 +29,7 @@ from psycopg import sql
 __all__ = [
     "SQL_TYPES",
     "TABLES",
+    "TABLE_NAMES",
     "column_names",
     "create_index_statements",
     "create_table_statement",
@@ -37,7 +38,7 @@ __all__ = [
 
 
 def _load_tables() -> dict[str, dict[str, Any]]:
-    text = resources.files("replicator").joinpath("data/odoo17_tables.json").read_text("utf-8")
+    text = resources.files("replicator.devtools").joinpath("data/odoo17_tables.json").read_text("utf-8")
     return json.loads(text)
 
 
@@ -47,6 +48,9 @@ TABLES: dict[str, dict[str, Any]] = _load_tables()
 Tables in the order of the shared schema: account_move, account_move_line,
 res_partner, project_task, hr_expense, hr_expense_sheet.
 """
+
+TABLE_NAMES: tuple[str, ...] = tuple(TABLES)
+"""The six table names, in `TABLES` order: the one list tests, demo and bench use."""
 
 # The only type spellings the data file may use: they are SQL keywords, not
 # identifiers, so they are checked against this list before reaching SQL text.

@@ -18,16 +18,16 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from . import seed as seeding
-from .config import load_config
-from .settings import LoggingSettings, MetricsSettings
+from ..config import load_config
+from ..logs import setup_logging
+from ..runtime import Pipeline
+from ..settings import LoggingSettings, MetricsSettings
 from .localpg import LocalCluster, available_versions, free_port
-from .logs import setup_logging
-from .runtime import Pipeline
+from .odoo import TABLE_NAMES
+from .seed import seed
+from .workload import workload
 
 PUBLICATION = "odoo_pub_scout"
-TABLES = ("account_move", "account_move_line", "res_partner", "project_task",
-          "hr_expense", "hr_expense_sheet")
 WORKLOAD_SECONDS = 10
 
 CONFIG = """\
@@ -87,7 +87,7 @@ def main(workdir: Path | None = None, scale: int = 1) -> int:
         say(f"   destination 127.0.0.1:{dest.port}/postgres")
 
         say(f"== seeding Odoo-shaped data (scale {scale})")
-        counts = seeding.seed(source.dsn("odoo_core"), scale=scale, seed=42, publication=PUBLICATION)
+        counts = seed(source.dsn("odoo_core"), scale=scale, seed=42, publication=PUBLICATION)
         say("   " + ", ".join(f"{t} {n}" for t, n in counts.items()))
 
         config_path = base / "etl-config.toml"
@@ -114,7 +114,7 @@ def main(workdir: Path | None = None, scale: int = 1) -> int:
         pipeline = Pipeline(load_config(config_path))
         runner = threading.Thread(target=pipeline.run, daemon=True)
         runner.start()
-        done = seeding.workload(source.dsn("odoo_core"), seconds=WORKLOAD_SECONDS, seed=7)
+        done = workload(source.dsn("odoo_core"), seconds=WORKLOAD_SECONDS, seed=7)
         say(f"   {done.get('transactions', 0)} source transactions committed")
         pipeline.stop_requested.set()
         runner.join()
@@ -130,7 +130,7 @@ def main(workdir: Path | None = None, scale: int = 1) -> int:
 def compare(source_dsn: str, dest_dsn: str) -> bool:
     ok = True
     with psycopg.connect(source_dsn) as src, psycopg.connect(dest_dsn) as dst:
-        for table in TABLES:
+        for table in TABLE_NAMES:
             q = sql.SQL("select count(*), coalesce(md5(string_agg(t::text, '|' order by id)), '') "
                         "from {} t")
             n_src, h_src = src.execute(q.format(sql.Identifier("public", table))).fetchone()

@@ -4,7 +4,7 @@
 Not a test: run it by hand when the workload or the server versions change,
 then commit the regenerated files:
 
-    .venv/bin/python tests/unit/capture_pgoutput.py
+    .venv/bin/python tools/capture_pgoutput.py
 
 Each capture has its own logical slot, created before the workload, so all of
 them decode the same transactions with different options. Files:
@@ -27,12 +27,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a script, also without `pip install -e .`
 
-from replicator.localpg import LocalCluster  # noqa: E402
+from replicator.devtools.localpg import LocalCluster  # noqa: E402
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+DATA_DIR = REPO_ROOT / "tests" / "unit" / "data"
 PUBLICATION = "pub"
 
 # Rows per bulk transaction. On 15, enough to pass logical_decoding_work_mem =
