@@ -800,9 +800,9 @@ class _Receiver:
     def _start_sync(self, key: tuple[str, str]) -> None:
         t = self.mirrors.get(key)
         if t is None:
-            source = dataclasses.replace(
-                read_table(self.catalog, *key),
-                membership=publication_members(self.catalog, self.cfg.source.publication).get(key, ""))
+            members = publication_members(self.catalog, self.cfg.source.publication)
+            source = dataclasses.replace(read_table(self.catalog, *key),
+                                         membership=members.get(key, ""))
             try:
                 check_replicable(source)
             except ReplicatorError as exc:

@@ -141,7 +141,7 @@ def set_table(conn, state_schema: str, slot: str, table, table_state: str,
 
 
 def source_identities(conn, state_schema: str, slot: str) -> dict[str, str | None]:
-    """source table -> the identity its mirror rows came from (None: recorded before it was kept)."""
+    """source table -> the identity its mirror rows came from (None: not recorded yet)."""
     rows = conn.execute(
         sql.SQL("select source_table, source_identity from {}.tables where slot = %s").format(
             sql.Identifier(state_schema)), [slot]).fetchall()
