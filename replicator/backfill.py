@@ -154,6 +154,13 @@ class Backfill:
             origins = column_origins(catalog, t.source.oid, t.columns)
             with dest.transaction():
                 if mirror_exists(dest, t):
+                    known = state.source_identities(dest, dst.state_schema, self.slot).get(
+                        t.source.qualname)
+                    if known and known.split(":")[0] != str(t.source.oid):
+                        # Another table of that name (dropped and created again):
+                        # the attnums remembered are the old table's.
+                        state.record_column_attnums(dest, dst.state_schema, self.slot,
+                                                    t.source.qualname, {})
                     # User triggers (the invoice-to-memory one) must not fire
                     # for every historical row; they are enabled again after.
                     dest.execute(sql.SQL("alter table {} disable trigger user").format(t.dest))

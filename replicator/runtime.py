@@ -31,7 +31,8 @@ from .errors import ErrorKind, ExitCode, ReplicatorError, Retries
 from .lsn import format_lsn, pg_now
 from .metrics import Metrics, MetricsServer
 from .schema import (Column, MirrorTable, SourceTable, check_replicable, column_origins,
-                     column_type, publication_exists, publication_tables, read_table)
+                     column_type, publication_exists, publication_members, publication_tables,
+                     read_table)
 from .settings import Config
 from .source import TEXT_MODE_OPTIONS, ReplicationConnection, protocol_for
 
@@ -41,6 +42,10 @@ STATUS_INTERVAL = 5.0      # seconds between standby status updates when nothing
 IDLE_PROBE_INTERVAL = 1.0  # how often an idle receiver asks the source where WAL ends
 PUMP_MESSAGES = 20000      # messages decoded between looks at memory, status and signals
 POLL_INTERVAL = 2.0        # how often to look for tables added to the publication or resyncs
+
+
+class SessionRestart(Exception):
+    """The session starts over from the applied position; not a failure (no retry counted)."""
 
 
 class Handoff:
@@ -139,6 +144,11 @@ class Pipeline:
             try:
                 self._session()
                 return 0
+            except SessionRestart as exc:
+                log.info("session restarts", extra={"reason": str(exc)})
+                if self.stop_requested.is_set():
+                    return 0
+                continue
             except (ReplicatorError, psycopg.Error) as exc:
                 err = self._classified(exc)
                 now = time.monotonic()
@@ -243,13 +253,14 @@ class Pipeline:
             # back, or that are now mapped to another mirror table, are copied
             # before streaming starts.
             synced = state.table_sync(applier.conn, dst.state_schema, slot)
+            identities = state.source_identities(applier.conn, dst.state_schema, slot)
             gone = [name for name in synced
                     if name not in {t.source.qualname for t in mirrors.values()}]
             for name in state.mark_removed(applier.conn, dst.state_schema, slot, gone):
                 log.info("table no longer replicated: its mirror keeps its rows; if it comes "
                          "back it is copied again", extra={"table": name})
             states = {name: (st, lsn) for name, (st, lsn, _m) in synced.items()}
-            to_copy = [t for t in mirrors.values() if not _synced(synced, t)]
+            to_copy = [t for t in mirrors.values() if not _synced(synced, t, identities)]
             if to_copy:
                 self.metrics.alive("copying")
                 try:
@@ -267,7 +278,8 @@ class Pipeline:
             with applier.conn.transaction():
                 for t in mirrors.values():
                     st, lsn = states[t.source.qualname]
-                    if st != state.STREAMING:
+                    if st != state.STREAMING or \
+                            identities.get(t.source.qualname) != t.source.membership:
                         state.set_table(applier.conn, dst.state_schema, slot, t,
                                         state.STREAMING, lsn)
             sync_lsns = {key: states[t.source.qualname][1] for key, t in mirrors.items()}
@@ -334,8 +346,9 @@ class Pipeline:
                     f"[mappings] {source_name} is not in publication {src.publication!r}",
                     f"add it on the source: ALTER PUBLICATION {src.publication} "
                     f"ADD TABLE {source_name}; or remove the mapping")
-        tables = [read_table(catalog, s, t) for s, t in published
-                  if self.config.target(s, t) is not None]
+        members = publication_members(catalog, src.publication)
+        tables = [dataclasses.replace(read_table(catalog, s, t), membership=members.get((s, t), ""))
+                  for s, t in published if self.config.target(s, t) is not None]
         for t in tables:
             check_replicable(t)
         return tables
@@ -404,10 +417,19 @@ class Pipeline:
                     self.metrics.table_sync(op.table.qualname, state.STREAMING)
 
 
-def _synced(synced: dict[str, tuple[str, int, str]], t: MirrorTable) -> bool:
-    """Whether the table's mirror holds its rows and the stream only has to go on."""
+def _synced(synced: dict[str, tuple[str, int, str]], t: MirrorTable,
+            identities: dict[str, str | None]) -> bool:
+    """Whether the table's mirror holds its rows and the stream only has to go on.
+
+    Not if the source table or its publication membership is another one than
+    the rows came from (dropped and created again, or dropped from the
+    publication and added back, while stopped): the stream has a gap there.
+    An identity not recorded yet (state from an older version) is trusted.
+    """
     st, _lsn, mirror = synced.get(t.source.qualname, (state.PENDING, 0, ""))
-    return st in (state.COPIED, state.STREAMING) and mirror == t.qualname
+    identity = identities.get(t.source.qualname)
+    return st in (state.COPIED, state.STREAMING) and mirror == t.qualname \
+        and (identity is None or identity == t.source.membership)
 
 
 def _stop_applier(thread: threading.Thread, applier: Applier) -> None:
@@ -726,7 +748,18 @@ class _Receiver:
 
     def _poll(self) -> None:
         src, dst = self.cfg.source, self.cfg.destination
-        published = set(publication_tables(self.catalog, src.publication))
+        members = publication_members(self.catalog, src.publication)
+        published = set(members)
+        for key, t in self.mirrors.items():
+            if key in published and key not in self.syncing and t.source.membership \
+                    and members[key] != t.source.membership:
+                # Dropped and created again, or dropped from the publication and
+                # added back, since the last poll: the stream may have missed
+                # changes. The next session's start copies it again (its sync
+                # state still holds the old identity).
+                log.info("table was recreated or rejoined the publication: copied again",
+                         extra={"table": t.source.qualname})
+                raise SessionRestart(f"{t.source.qualname} changed identity at the source")
         for key in sorted(published):
             if key not in self.mirrors and key not in self.refused \
                     and self.cfg.target(*key) is not None:
@@ -767,7 +800,9 @@ class _Receiver:
     def _start_sync(self, key: tuple[str, str]) -> None:
         t = self.mirrors.get(key)
         if t is None:
-            source = read_table(self.catalog, *key)
+            members = publication_members(self.catalog, self.cfg.source.publication)
+            source = dataclasses.replace(read_table(self.catalog, *key),
+                                         membership=members.get(key, ""))
             try:
                 check_replicable(source)
             except ReplicatorError as exc:

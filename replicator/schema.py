@@ -53,6 +53,9 @@ class SourceTable:
     columns: tuple[Column, ...]
     key: tuple[str, ...]          # primary key, or the replica identity index
     replident: str                # d, f, i, n
+    # Which table and which publication membership the stream follows (see
+    # publication_members); "" when not read.
+    membership: str = ""
 
     @property
     def qualname(self) -> str:
@@ -147,6 +150,40 @@ def publication_exists(conn: psycopg.Connection, publication: str) -> bool:
 
 def publication_tables(conn: psycopg.Connection, publication: str) -> list[tuple[str, str]]:
     return [tuple(r) for r in conn.execute(_PUBLICATION_SQL, [publication])]
+
+
+# The row that puts a table in the publication is created anew by every
+# ALTER PUBLICATION ... ADD TABLE, and a dropped and created table has a new
+# oid: either means the stream may have skipped changes of that name (made
+# while it was not published, or to the other table), which names alone never show.
+_MEMBERS_SQL = """
+select pt.schemaname, pt.tablename, c.oid::text || ':' || coalesce(
+    (select min(pr.oid)::text from pg_publication_rel pr
+     where pr.prpubid = p.oid and (pr.prrelid = c.oid
+            -- empty for a table that is no partition
+            or pr.prrelid in (select relid from pg_partition_ancestors(c.oid)))),
+    {by_schema}
+    'all')
+from pg_publication p
+join pg_publication_tables pt on pt.pubname = p.pubname
+join pg_namespace n on n.nspname = pt.schemaname
+join pg_class c on c.relnamespace = n.oid and c.relname = pt.tablename
+where p.pubname = %s
+"""
+_BY_SCHEMA_SQL = """(select min(pn.oid)::text from pg_publication_namespace pn
+     where pn.pnpubid = p.oid and pn.pnnspid = c.relnamespace),"""
+
+
+def publication_members(conn: psycopg.Connection, publication: str) -> dict[tuple[str, str], str]:
+    """(schema, table) -> "<table oid>:<membership>": changes when the stream may have a gap.
+
+    The membership is the pg_publication_rel row (of the table or a partition
+    ancestor), else the pg_publication_namespace row (FOR TABLES IN SCHEMA,
+    15+), else "all" (FOR ALL TABLES).
+    """
+    by_schema = _BY_SCHEMA_SQL if conn.info.server_version >= 150000 else ""
+    return {(s, t): m for s, t, m in conn.execute(
+        sql.SQL(_MEMBERS_SQL.format(by_schema=by_schema)), [publication])}
 
 
 def read_table(conn: psycopg.Connection, schema: str, name: str) -> SourceTable:

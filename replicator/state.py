@@ -136,26 +136,44 @@ def system_id(conn: psycopg.Connection, state_schema: str, slot: str) -> str | N
 #            mirror keeps its rows, and a table that comes back is copied again
 #
 # A table is copied again unless its state is copied or streaming for the
-# mirror table it is mapped to now.
+# mirror table it is mapped to now, from the same source table and publication
+# membership (source_identity): a table dropped and created again, or dropped
+# from the publication and added back, while the replicator was stopped or
+# between two of its polls, may have changes the stream never sent.
 
 PENDING, COPYING, COPIED, STREAMING, REMOVED = "pending", "copying", "copied", "streaming", "removed"
 
 
 def set_table(conn, state_schema: str, slot: str, table, table_state: str,
               sync_lsn: int | None = None, rows: int | None = None) -> None:
-    """Record a table's sync state (conn: a connection or a cursor)."""
+    """Record a table's sync state (conn: a connection or a cursor).
+
+    Also the source identity of the table as this session knows it (its
+    membership), which a start and the running poll compare with the source's.
+    """
     conn.execute(
         sql.SQL(
             "insert into {}.tables as t (slot, source_table, mirror_table, state, sync_lsn, "
-            "rows_copied) values (%s, %s, %s, %s, %s::pg_lsn, coalesce(%s, 0)) "
-            "on conflict (slot, source_table) do update set state = excluded.state, "
+            "rows_copied, source_identity) values (%s, %s, %s, %s, %s::pg_lsn, coalesce(%s, 0), "
+            "%s) on conflict (slot, source_table) do update set state = excluded.state, "
             "mirror_table = excluded.mirror_table, "
             "sync_lsn = coalesce(excluded.sync_lsn, t.sync_lsn), "
-            "rows_copied = coalesce(%s, t.rows_copied), updated_at = now()"
+            "rows_copied = coalesce(%s, t.rows_copied), "
+            "source_identity = coalesce(excluded.source_identity, t.source_identity), "
+            "updated_at = now()"
         ).format(sql.Identifier(state_schema)),
         [slot, table.source.qualname, table.qualname, table_state,
-         None if sync_lsn is None else format_lsn(sync_lsn), rows, rows],
+         None if sync_lsn is None else format_lsn(sync_lsn), rows,
+         table.source.membership or None, rows],
     )
+
+
+def source_identities(conn, state_schema: str, slot: str) -> dict[str, str | None]:
+    """source table -> the identity its mirror rows came from (None: not recorded yet)."""
+    rows = conn.execute(
+        sql.SQL("select source_table, source_identity from {}.tables where slot = %s").format(
+            sql.Identifier(state_schema)), [slot]).fetchall()
+    return dict(rows)
 
 
 def table_states(conn, state_schema: str, slot: str) -> dict[str, tuple[str, int]]:

@@ -73,11 +73,19 @@ def _recorded(conn, schema: str) -> list[tuple]:
         psycopg.sql.Identifier(schema))).fetchall()
 
 
+PACKAGED = [(m.version, m.name) for m in state.migrations()]
+
+
+def test_packaged_versions_start_at_1_without_gaps():
+    assert [v for v, _n in PACKAGED] == list(range(1, len(PACKAGED) + 1))
+    assert PACKAGED[:2] == [(1, "initial"), (2, "source_identity")]
+
+
 def test_setup_twice_records_its_versions_once(dest_db):
     with dest_db.connect() as conn:
-        assert state.setup(conn, "st") == [1]
+        assert state.setup(conn, "st") == [v for v, _n in PACKAGED]
         first = _recorded(conn, "st")
-        assert [(v, n) for v, n, _t in first] == [(1, "initial")]
+        assert [(v, n) for v, n, _t in first] == PACKAGED
         assert _tables(conn, "st") == STATE_TABLES
         state.record_applied(conn.cursor(), "st", "slot_a", 0x16B3748)
         layout = _columns(conn, "st")
@@ -99,10 +107,13 @@ def test_setup_upgrades_an_unversioned_deployment(dest_db):
                                      "values ('slot_a', 'm.t', '0/2A', 'x')").format(schema))
         before = _columns(conn, "Old State")
 
-        assert state.setup(conn, "Old State") == [1]
-        assert [(v, n) for v, n, _t in _recorded(conn, "Old State")] == [(1, "initial")]
+        assert state.setup(conn, "Old State") == [v for v, _n in PACKAGED]
+        assert [(v, n) for v, n, _t in _recorded(conn, "Old State")] == PACKAGED
         after = _columns(conn, "Old State")
-        assert [c for c in after if c[0] != "schema_migrations"] == before
+        # Every old column is kept as it was; later versions only add.
+        kept = [c for c in after if c[0] != "schema_migrations"]
+        assert [c for c in kept if c in before] == before
+        assert [c[:2] for c in kept if c not in before] == [("tables", "source_identity")]
         assert [c for c in after if c[0] == "schema_migrations"] == [
             ("schema_migrations", "version", "integer", "NO", None),
             ("schema_migrations", "name", "text", "NO", None),
@@ -117,23 +128,23 @@ def test_later_files_run_once_in_order_one_transaction_each(dest_db):
     packaged = state.migrations()
     # 003 needs 002's table; 004 fails halfway: its first statement must not stay.
     later = packaged + [
-        state.Migration(3, "fill", "insert into {state}.extra (id) values (1);"
-                                   "alter table {state}.extra add column note text"),
-        state.Migration(2, "extra", "create table {state}.extra (id int primary key)"),
+        state.Migration(1003, "fill", "insert into {state}.extra (id) values (1);"
+                                      "alter table {state}.extra add column note text"),
+        state.Migration(1002, "extra", "create table {state}.extra (id int primary key)"),
     ]
     later.sort(key=lambda m: m.version)
-    broken = state.Migration(4, "broken", "create table {state}.half (id int);"
+    broken = state.Migration(1004, "broken", "create table {state}.half (id int);"
                                           "select no_such_function()")
     with dest_db.connect() as conn:
-        assert state.setup(conn, "st", packaged) == [1]
-        assert state.setup(conn, "st", later) == [2, 3]
+        assert state.setup(conn, "st", packaged) == [v for v, _n in PACKAGED]
+        assert state.setup(conn, "st", later) == [1002, 1003]
         assert conn.execute("select id, note from st.extra").fetchall() == [(1, None)]
         assert state.setup(conn, "st", later) == []      # 003's insert would fail if rerun
 
         with pytest.raises(psycopg.errors.UndefinedFunction):
             state.setup(conn, "st", later + [broken])
         assert "half" not in _tables(conn, "st")
-        assert [v for v, _n, _t in _recorded(conn, "st")] == [1, 2, 3]
+        assert [v for v, _n, _t in _recorded(conn, "st")] == [v for v, _n in PACKAGED] + [1002, 1003]
 
 
 def test_concurrent_first_setups(dest_db):
@@ -157,6 +168,6 @@ def test_concurrent_first_setups(dest_db):
     for t in threads:
         t.join()
     assert errors == []
-    assert sorted(ran) == [[], [], [], [1]]
+    assert sorted(ran) == [[], [], [], [v for v, _n in PACKAGED]]
     with dest_db.connect() as conn:
-        assert [v for v, _n, _t in _recorded(conn, "st")] == [1]
+        assert [v for v, _n, _t in _recorded(conn, "st")] == [v for v, _n in PACKAGED]
