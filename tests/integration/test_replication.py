@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import psycopg
 import pytest
-from replicate import PUBLICATION, assert_same, catch_up, make_config
+from plugins.replicator import PUBLICATION, assert_same, catch_up, make_config
 from zoo import setup_zoo, zoo_rows
 
 from replicator.errors import ErrorKind, ReplicatorError

@@ -12,7 +12,7 @@ import time
 
 import psycopg
 import pytest
-from replicate import PUBLICATION, assert_same, catch_up, running
+from plugins.replicator import PUBLICATION, assert_same, catch_up, running
 
 from replicator import state
 from replicator.errors import ReplicatorError, RetryPolicy
