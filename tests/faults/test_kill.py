@@ -24,8 +24,8 @@ from typing import Any
 import psycopg
 from plugins.replicator import MIRROR_SCHEMA, PUBLICATION, STATE_SCHEMA
 
-from replicator.lsn import parse_lsn
 from replicator.devtools.odoo import TABLE_NAMES, TABLES, create_table_statement
+from replicator.lsn import parse_lsn
 
 # Frequent batches: many destination commits for the kills and signals to land between.
 BATCHES = {"batch_size": 1000, "flush_interval": 0.2}
@@ -367,7 +367,8 @@ def test_sigkill_during_large_transaction(source_db, dest_db, replicator):
         # Kill at a few points of the apply: at once, a little later, later still.
         for delay in (0.0, 0.4, 1.2):
             try:
-                wait_for(lambda: _applying(dest_db, orphans) or watcher.seen - {0, None}, 40, 0.01,
+                # wait_for calls the lambda before the loop moves on: it sees this `orphans`.
+                wait_for(lambda: _applying(dest_db, orphans) or watcher.seen - {0, None}, 40, 0.01,  # noqa: B023
                          what="the replicator to apply the big transaction")
             except AssertionError:
                 timeline.append(f"no apply seen before the kill after {delay} s")

@@ -32,7 +32,6 @@ from psycopg import sql
 
 from replicator.devtools.localpg import free_port
 
-
 # -- retries reset after progress ---------------------------------------------------------------
 
 

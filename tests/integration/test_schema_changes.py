@@ -17,6 +17,7 @@ from plugins.replicator import PUBLICATION, assert_same, catch_up, running
 from replicator import state
 from replicator.errors import ReplicatorError, RetryPolicy
 
+
 def wait_for(predicate, timeout: float = 60, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
