@@ -67,11 +67,11 @@ from psycopg import sql  # noqa: E402
 
 from replicator import backfill as backfill_mod  # noqa: E402
 from replicator import state  # noqa: E402
-from replicator.settings import Config  # noqa: E402
 from replicator.devtools import odoo, seed  # noqa: E402
 from replicator.devtools.localpg import LocalCluster  # noqa: E402
 from replicator.runtime import Pipeline  # noqa: E402
 from replicator.schema import MirrorTable, read_table  # noqa: E402
+from replicator.settings import Config  # noqa: E402
 
 TABLE = "account_move_line"
 PUBLICATION = "bench_pub"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ._decode import COPY_HEADER, COPY_TRAILER
@@ -30,7 +31,7 @@ class SpilledRows:
         self.file.write(rows)
         self.size += len(rows)
 
-    def chunks(self, size: int = 1 << 20):
+    def chunks(self, size: int = 1 << 20) -> Iterator[bytes]:
         """The whole COPY BINARY stream, a chunk at a time."""
         yield COPY_HEADER
         self.file.seek(0)
@@ -107,8 +108,11 @@ class Batch:
     def empty(self) -> bool:
         return self.txns == 0 and not self.ops and not self._spilled
 
-    def add_rows(self, taken: list[tuple[int, bytes, tuple]], tables: dict[int, MirrorTable]) -> None:
-        """Append what Decoder.take() returned (and what was spilled before) as one Rows operation."""
+    def add_rows(
+        self, taken: list[tuple[int, bytes, tuple]], tables: dict[int, MirrorTable]
+    ) -> None:
+        """Append what Decoder.take() returned (and what was spilled before) as one Rows
+        operation."""
         spilled, self._spilled = self._spilled, {}
         out = []
         for relid, data, counts in taken:
@@ -162,7 +166,7 @@ class Batch:
         """Staging rows held in memory (what was spilled is on disk)."""
         return sum(len(tr.data) for tr in self.table_rows() if isinstance(tr.data, bytes))
 
-    def table_rows(self):
+    def table_rows(self) -> Iterator[TableRows]:
         for op in self.ops:
             if isinstance(op, Rows):
                 yield from op.tables

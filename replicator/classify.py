@@ -402,14 +402,17 @@ def connect_sqlstate(conninfo: str, timeout: float = 10.0) -> str | None:
     verbosity must be set on the connection before the server's answer arrives, which
     psycopg offers no call for, so it goes through the same libpq via ctypes.
     """
+    # Lazy: only the diagnosis of a failed connection needs libpq through ctypes.
     from psycopg import pq
 
     if pq.__impl__ != "python":
         return None  # a bundled libpq that ctypes cannot reach safely
+    # Lazy: reached only with the pure-Python binding checked just above.
     import ctypes
     import select
     import time
 
+    # Private to psycopg, and importing it loads libpq through ctypes: only on this path.
     from psycopg.pq import _pq_ctypes
 
     set_verbosity = _pq_ctypes.pq.PQsetErrorVerbosity

@@ -21,12 +21,12 @@ from types import ModuleType
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from .config import load_config
 from .classify import classify
+from .config import load_config
 from .errors import ConfigError, ErrorKind, ExitCode, ReplicatorError
+from .logs import setup_logging
 from .redact import redact, register_secret
 from .settings import Config, LoggingSettings
-from .logs import setup_logging
 
 __all__ = ["build_parser", "main"]
 
@@ -232,11 +232,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except psycopg.Error as exc:
         # A database error nobody classified (seed and demo talk to databases directly):
         # still an operator problem unless classify() says it is ours.
-        err = classify(exc)
-        if err.kind is ErrorKind.INTERNAL:
+        classified = classify(exc)
+        if classified.kind is ErrorKind.INTERNAL:
             _log_bug(exc)
             return ExitCode.INTERNAL
-        return _report(err)
+        return _report(classified)
     except Exception as exc:
         _log_bug(exc)
         return ExitCode.INTERNAL
@@ -429,6 +429,7 @@ def _summary(config: Config) -> str:
 
 
 def _version() -> str:
+    # Lazy: only --version reads the installed metadata; `run` does not pay for it.
     from importlib.metadata import PackageNotFoundError, version
 
     try:

@@ -179,7 +179,7 @@ def _read_dotenv(path: Path) -> dict[str, str]:
                     f"{path} line {line}: {key}: unterminated or misplaced quote",
                     f"write {key}=\"value\" with the closing quote at the end of the line",
                 )
-        if binding.error or value is None or not _VAR_NAME_RE.fullmatch(key or ""):
+        if binding.error or value is None or key is None or not _VAR_NAME_RE.fullmatch(key):
             raise ConfigError(
                 f"{path} line {line}: expected KEY=VALUE",
                 "names are letters, digits and underscores; comment lines start with #",

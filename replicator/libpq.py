@@ -27,6 +27,7 @@ def function_addresses(*names: str) -> tuple[int, ...]:
             "install psycopg without the [binary]/[c] extras (the replicator shares "
             "psycopg's system libpq)",
         )
+    # Private to psycopg, and importing it loads libpq through ctypes: only once checked above.
     from psycopg.pq import _pq_ctypes
 
     lib = _pq_ctypes.pq

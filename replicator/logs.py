@@ -113,7 +113,7 @@ def _text_value(value: Any) -> str:
     return text
 
 
-class _StdStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class _StdStreamHandler(logging.StreamHandler):
     """Writes to sys.stdout / sys.stderr as they are at each write, not at setup.
 
     So redirections made later (pytest's capture, a test harness, contextlib.redirect_stdout)
@@ -124,7 +124,7 @@ class _StdStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self._stream_name = stream_name  # not `_name`: logging.Handler uses that for .name
         super().__init__()
 
-    @property  # type: ignore[override]
+    @property
     def stream(self) -> Any:
         return getattr(sys, self._stream_name)
 

@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -54,7 +55,8 @@ class Metrics:
                                     buckets=(1, 10, 100, 1000, 10_000, 100_000, 1_000_000))
         self.transactions = Counter(TRANSACTIONS.removesuffix("_total"),
                                     "Source transactions applied", registry=r)
-        self.applied_lsn = Gauge(APPLIED_LSN, "Source WAL position applied in the mirror", registry=r)
+        self.applied_lsn = Gauge(APPLIED_LSN, "Source WAL position applied in the mirror",
+                                 registry=r)
         self.last_apply = Gauge(LAST_APPLY, "Unix time of the last applied batch", registry=r)
         self.copy_rows = Counter(COPY_ROWS.removesuffix("_total"),
                                  "Rows copied by initial copies and resyncs", ["table"], registry=r)
@@ -72,7 +74,7 @@ class Metrics:
             self.status = status
             self.error = None
 
-    def batch_applied(self, batch, result) -> None:
+    def batch_applied(self, batch: Any, result: Any) -> None:
         for table, counts in result.per_op.items():
             for op, n in counts.items():
                 if n:
@@ -132,9 +134,9 @@ class MetricsServer:
         self.httpd.server_close()
 
 
-def _handler(metrics: Metrics, path: str):
+def _handler(metrics: Metrics, path: str) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 (http.server's name)
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
             route = self.path.split("?", 1)[0]
             if route == path:
                 self._send(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
@@ -153,7 +155,7 @@ def _handler(metrics: Metrics, path: str):
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, *args):  # scrapes every 15 s are not log lines
+        def log_message(self, *args: Any) -> None:  # scrapes every 15 s are not log lines
             pass
 
     return Handler

@@ -36,7 +36,7 @@ from .schema import (Column, MirrorTable, SourceTable, check_replicable, column_
 from .settings import Config
 from .source import TEXT_MODE_OPTIONS, ReplicationConnection, protocol_for
 
-log = logging.getLogger("replicator")
+log = logging.getLogger(__name__)
 
 STATUS_INTERVAL = 5.0      # seconds between standby status updates when nothing changes
 IDLE_PROBE_INTERVAL = 1.0  # how often an idle receiver asks the source where WAL ends

@@ -12,12 +12,13 @@ import logging
 import select
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 from psycopg import pq, sql
 
 from .errors import ErrorKind, ReplicatorError
 from .libpq import function_addresses
-from .lsn import format_lsn, pg_now
+from .lsn import format_lsn, parse_lsn, pg_now
 
 log = logging.getLogger(__name__)
 
@@ -101,15 +102,11 @@ class ReplicationConnection:
         ]
 
     def identify_system(self) -> SystemInfo:
-        from .lsn import parse_lsn
-
         (sysid, tli, xlogpos, dbname), = self.command("IDENTIFY_SYSTEM")
         return SystemInfo(sysid, int(tli), parse_lsn(xlogpos), dbname)
 
     def create_slot(self, slot: str) -> int:
         """Create the logical slot; its consistent point."""
-        from .lsn import parse_lsn
-
         rows = self.command(
             f"CREATE_REPLICATION_SLOT {quote_ident(slot)} LOGICAL pgoutput (SNAPSHOT 'nothing')"
         )
@@ -139,7 +136,7 @@ class ReplicationConnection:
         log.info("replication started", extra={"slot": slot, "lsn": format_lsn(lsn),
                                                  "protocol": protocol, "binary": binary})
 
-    def attach(self, decoder) -> None:
+    def attach(self, decoder: Any) -> None:
         getcopydata, consumeinput, freemem = function_addresses(
             "PQgetCopyData", "PQconsumeInput", "PQfreemem")
         decoder.attach(self.pgconn.pgconn_ptr, getcopydata, consumeinput, freemem)

@@ -1,6 +1,6 @@
 """A table with a column of every type the mirror must carry, and rows for it."""
 
-from replicate import PUBLICATION
+from plugins.replicator import PUBLICATION
 
 ZOO = """
 create table zoo (

@@ -21,7 +21,7 @@ from psycopg import sql
 from ..config import load_config
 from ..logs import setup_logging
 from ..runtime import Pipeline
-from ..settings import LoggingSettings, MetricsSettings
+from ..settings import LoggingSettings
 from .localpg import LocalCluster, available_versions, free_port
 from .odoo import TABLE_NAMES
 from .seed import seed

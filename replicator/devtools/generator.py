@@ -70,6 +70,7 @@ from .values import (
     words,
 )
 
+
 class DataGenerator:
     """Deterministic row streams for the six tables.
 

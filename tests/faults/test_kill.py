@@ -1,7 +1,8 @@
 """Exactly once under crashes: the replicator is killed, and the mirror must still end equal
 to the source, with no lost change, no duplicate and no half-applied source transaction.
 
-The replicator runs as a real process (`python -m replicator run --config PATH`), because a
+The replicator runs as a real process (`python -m replicator run --config PATH`, through the
+`replicator` fixture of tests/plugins/replicator.py: passwords through a $VAR), because a
 crash is a process dying: SIGKILL leaves an open destination transaction, a walsender whose
 client vanished, a slot that has confirmed whatever the last status update said. Each test
 ends with the replicator's own `run --until-caught-up` and a row-for-row comparison of the
@@ -14,223 +15,20 @@ the stream (which must drop what the copy already has), and the kills hit both.
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import re
-import signal
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import psycopg
-import pytest
+from plugins.replicator import MIRROR_SCHEMA, PUBLICATION, STATE_SCHEMA
 
-from replicator.lsn import parse_lsn
 from replicator.devtools.odoo import TABLE_NAMES, TABLES, create_table_statement
+from replicator.lsn import parse_lsn
 
-PUBLICATION = "odoo_pub"
-MIRROR_SCHEMA = "odoo_mirror"
-STATE_SCHEMA = "replicator"
-PASSWORD_VAR = "REPLICATOR_FAULTS_DB_PASSWORD"
-PASSWORD = "faults-pw-7Qz"  # trust auth: any password works, this exercises the $VAR path
-REPO = Path(__file__).resolve().parents[2]
-
-
-def write_config(
-    directory: Path,
-    source_db,
-    dest_db,
-    *,
-    publication: str = PUBLICATION,
-    batch_size: int = 1000,
-    flush_interval: float = 0.2,
-    log_level: str = "info",
-    name: str = "etl-config.toml",
-) -> Path:
-    """An etl-config.toml for these two test databases; passwords come from $PASSWORD_VAR."""
-    src, dst = source_db.cluster, dest_db.cluster
-    text = f"""\
-[source]
-type = "postgres"
-host = "{src.host}"
-port = {src.port}
-database = "{source_db.name}"
-user = "postgres"
-password = "${PASSWORD_VAR}"
-publication = "{publication}"
-
-[destination]
-type = "postgres"
-host = "{dst.host}"
-port = {dst.port}
-database = "{dest_db.name}"
-user = "postgres"
-password = "${PASSWORD_VAR}"
-schema = "{MIRROR_SCHEMA}"
-state_schema = "{STATE_SCHEMA}"
-batch_size = {batch_size}
-flush_interval = {flush_interval}
-
-[logging]
-level = "{log_level}"
-format = "json"
-output = "stdout"
-
-[metrics]
-enabled = false
-"""
-    path = directory / name
-    path.write_text(text)
-    return path
-
-
-def replicator_env(password: str = PASSWORD) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env[PASSWORD_VAR] = password
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-class Replicator:
-    """Starts, kills and restarts `python -m replicator run` processes for one config."""
-
-    def __init__(self, config: Path, workdir: Path) -> None:
-        self.config = config
-        self.workdir = workdir
-        self.proc: subprocess.Popen | None = None
-        self.runs = 0
-        self.kills = 0
-        self.exits: list[tuple[int, int | None]] = []  # (run number, exit code) per run
-
-    # -- processes ---------------------------------------------------------
-
-    def _paths(self, run: int) -> tuple[Path, Path]:
-        return self.workdir / f"run{run}.out", self.workdir / f"run{run}.err"
-
-    def start(self, *extra: str) -> subprocess.Popen:
-        assert not self.alive, "a replicator is already running"
-        self.runs += 1
-        out, err = self._paths(self.runs)
-        with out.open("wb") as fout, err.open("wb") as ferr:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "replicator", "run", "--config", str(self.config), *extra],
-                cwd=self.workdir,
-                env=replicator_env(),
-                stdin=subprocess.DEVNULL,
-                stdout=fout,
-                stderr=ferr,
-            )
-        return self.proc
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def _reap(self, timeout: float | None) -> int | None:
-        assert self.proc is not None
-        try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
-        self.exits.append((self.runs, code))
-        return code
-
-    def kill(self) -> bool:
-        """SIGKILL the running process; False if it had already exited on its own."""
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            self.exits.append((self.runs, self.proc.returncode))
-            return False
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-        self.exits.append((self.runs, self.proc.returncode))
-        self.kills += 1
-        return True
-
-    def terminate(self, timeout: float) -> int | None:
-        """SIGTERM and wait up to `timeout`; the exit code, or None if it is still running."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self._reap(timeout)
-
-    def wait(self, timeout: float) -> int | None:
-        return self._reap(timeout)
-
-    def run_until_caught_up(self, timeout: float = 60) -> int:
-        """One `run --until-caught-up` to completion; its exit code (fails on timeout)."""
-        self.start("--until-caught-up")
-        code = self._reap(timeout)
-        if code is None:
-            self.proc.kill()
-            self.proc.wait(10)
-            pytest.fail(f"run --until-caught-up did not finish within {timeout} s\n{self.logs()}")
-        return code
-
-    def stop(self) -> None:
-        """Teardown: leave no process behind."""
-        if self.alive:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    # -- what they said ----------------------------------------------------
-
-    def output(self, run: int | None = None) -> tuple[str, str]:
-        out, err = self._paths(run or self.runs)
-        read = lambda p: p.read_text(errors="replace") if p.exists() else ""  # noqa: E731
-        return read(out), read(err)
-
-    def logs(self, lines: int = 15) -> str:
-        """The tail of every run's stdout and stderr, for assertion messages."""
-        parts = []
-        for run in range(1, self.runs + 1):
-            out, err = self.output(run)
-            code = dict(self.exits).get(run, "running")
-            parts.append(f"--- run {run} (exit {code}) stdout ---")
-            parts.extend(out.splitlines()[-lines:])
-            if err.strip():
-                parts.append(f"--- run {run} stderr ---")
-                parts.extend(err.splitlines()[-lines:])
-        return "\n".join(parts)
-
-    def streaming(self) -> bool:
-        """The current run has logged that it streams from the slot."""
-        return '"msg":"streaming"' in self.output()[0]
-
-    def batches(self, run: int) -> list[dict]:
-        """The "batch applied" log records of one run."""
-        records = []
-        for line in self.output(run)[0].splitlines():
-            if '"batch applied"' in line:
-                try:
-                    records.append(json.loads(line))
-                except ValueError:  # the last line of a killed run may be cut short
-                    pass
-        return records
-
-
-@pytest.fixture
-def replicator(tmp_path: Path, source_db, dest_db) -> Iterator[Any]:
-    """A factory: `replicator(**config_overrides)` -> Replicator; every process is killed
-    at teardown, before the databases are dropped."""
-    made: list[Replicator] = []
-
-    def make(**overrides: Any) -> Replicator:
-        workdir = tmp_path / f"replicator{len(made)}"
-        workdir.mkdir()
-        r = Replicator(write_config(workdir, source_db, dest_db, **overrides), workdir)
-        made.append(r)
-        return r
-
-    yield make
-    for r in made:
-        r.stop()
-
+# Frequent batches: many destination commits for the kills and signals to land between.
+BATCHES = {"batch_size": 1000, "flush_interval": 0.2}
 
 # -- the source's workload in a thread ------------------------------------------------------
 
@@ -411,7 +209,7 @@ KILLS = 7
 def test_sigkill_during_workload(source_db, dest_db, replicator):
     version = source_db.cluster.version
     seed_source(source_db, scale=0.3)
-    rep = replicator()
+    rep = replicator(**BATCHES)
     rng = random.Random(f"sigkill-during-workload/{version}")
     workload = Workload(source_db.dsn, seed=version)
     invariant_violations: list[str] = []
@@ -547,7 +345,7 @@ def test_sigkill_during_large_transaction(source_db, dest_db, replicator):
         f"create table {BIG_TABLE} (id integer primary key, n integer not null, body text not null)"
     )
     source_db.execute(f"create publication {PUBLICATION} for table {BIG_TABLE}")
-    rep = replicator()
+    rep = replicator(**BATCHES)
     rep.start()
     # The replicator creates the slot and starts streaming before the transaction commits.
     wait_for(lambda: (slot_state(source_db) or (False,))[0], 20, what="the slot to be active")
@@ -569,7 +367,8 @@ def test_sigkill_during_large_transaction(source_db, dest_db, replicator):
         # Kill at a few points of the apply: at once, a little later, later still.
         for delay in (0.0, 0.4, 1.2):
             try:
-                wait_for(lambda: _applying(dest_db, orphans) or watcher.seen - {0, None}, 40, 0.01,
+                # wait_for calls the lambda before the loop moves on: it sees this `orphans`.
+                wait_for(lambda: _applying(dest_db, orphans) or watcher.seen - {0, None}, 40, 0.01,  # noqa: B023
                          what="the replicator to apply the big transaction")
             except AssertionError:
                 timeline.append(f"no apply seen before the kill after {delay} s")
@@ -644,7 +443,7 @@ def _compare_big(source_db, dest_db) -> list:
 def test_sigterm_finishes_batch(source_db, dest_db, replicator):
     version = source_db.cluster.version
     seed_source(source_db, scale=0.2)
-    rep = replicator()
+    rep = replicator(**BATCHES)
     workload = Workload(source_db.dsn, seed=100 + version)
     rep.start()
     workload.start()
@@ -693,7 +492,7 @@ def test_sigterm_during_initial_copy(source_db, dest_db, replicator):
 
     version = source_db.cluster.version
     seed(source_db.dsn, scale=1, publication=PUBLICATION)
-    rep = replicator()
+    rep = replicator(**BATCHES)
     rep.start()
     wait_for(lambda: '"initial copy started"' in rep.output()[0] or not rep.alive, 30, 0.005,
              what="the initial copy to start")
@@ -721,7 +520,7 @@ def test_destination_restart(source_db, dest_db, replicator):
     version = source_db.cluster.version
     cluster = dest_db.cluster
     seed_source(source_db, scale=0.2)
-    rep = replicator()
+    rep = replicator(**BATCHES)
     workload = Workload(source_db.dsn, seed=200 + version)
     rep.start()
     workload.start()

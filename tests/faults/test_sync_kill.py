@@ -11,81 +11,25 @@ applied twice. Each test ends with `run --until-caught-up` and a row-for-row com
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import psycopg
 import pytest
-from replicate import PUBLICATION, assert_same, write_config
+from plugins.replicator import PUBLICATION, ReplicatorProcess, assert_same
 
 from replicator import failpoints
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-class Proc:
-    """`python -m replicator run` processes for one config, their output in one log."""
-
-    def __init__(self, tmp_path: Path, source_db, dest_db) -> None:
-        self.config = tmp_path / "etl-config.toml"
-        write_config(self.config, source_db, dest_db)
-        self.log_path = tmp_path / "replicator.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, points: str = "", *extra: str) -> subprocess.Popen:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-        env[failpoints.ENV] = points
-        self.log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "replicator", "run", "--config", str(self.config), *extra],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-        return self.proc
-
-    def log(self, tail: int = 4000) -> str:
-        return self.log_path.read_text(errors="replace")[-tail:]
-
-    def current(self) -> str:
-        """What the process started last has logged."""
-        with self.log_path.open("rb") as f:
-            f.seek(self.log_start)
-            return f.read().decode(errors="replace")
-
-    def until_caught_up(self, timeout: float = 120) -> None:
-        proc = self.start("", "--until-caught-up")
-        try:
-            code = proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            pytest.fail(f"run --until-caught-up did not finish in {timeout} s\n{self.log()}")
-        assert code == 0, self.log()
-
-    def wait_exit(self, timeout: float = 60) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            pytest.fail(f"the replicator did not exit within {timeout} s\n{self.log()}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
 
 @pytest.fixture
-def proc(tmp_path, source_db, dest_db):
-    p = Proc(tmp_path, source_db, dest_db)
-    yield p
-    p.stop()
+def proc(replicator) -> ReplicatorProcess:
+    return replicator()
+
+
+def until_caught_up(proc: ReplicatorProcess, timeout: float = 120) -> None:
+    code = proc.run_until_caught_up(timeout)
+    assert code == 0, proc.logs()
 
 
 class Writer(threading.Thread):
@@ -139,19 +83,19 @@ def state_of(dest_db, table: str) -> str | None:
         return None
 
 
-def wait_for(predicate, timeout: float, what: str, proc: Proc) -> None:
+def wait_for(predicate, timeout: float, what: str, proc: ReplicatorProcess) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
         time.sleep(0.05)
-    pytest.fail(f"timed out waiting for {what}\n{proc.log()}")
+    pytest.fail(f"timed out waiting for {what}\n{proc.logs()}")
 
 
-def finish_and_compare(proc: Proc, writer: Writer, source_db, dest_db) -> None:
-    proc.until_caught_up()           # recover while the writer still writes
+def finish_and_compare(proc: ReplicatorProcess, writer: Writer, source_db, dest_db) -> None:
+    until_caught_up(proc)            # recover while the writer still writes
     writer.stop()
-    proc.until_caught_up()
+    until_caught_up(proc)
     assert_same(source_db, dest_db, "a")
     assert_same(source_db, dest_db, "b")
     assert state_of(dest_db, "b") == "streaming"
@@ -168,16 +112,16 @@ LIVE_POINTS = [
 @pytest.mark.parametrize("point", LIVE_POINTS)
 def test_kill_in_a_live_resync(point, proc, source_db, dest_db):
     setup_tables(source_db)
-    proc.until_caught_up()
+    until_caught_up(proc)
     writer = Writer(source_db)
     writer.start()
     try:
-        proc.start(f"{point}=kill")
+        proc.start(env={failpoints.ENV: f"{point}=kill"})
         wait_for(lambda: '"msg":"streaming"' in proc.current(), 60, "streaming", proc)
         dest_db.execute("update replicator.tables set state = 'pending' "
                         "where source_table = 'public.b'")
         code = proc.wait_exit(90)
-        assert code == -signal.SIGKILL, f"exit {code}, not killed at {point}\n{proc.log()}"
+        assert code == -signal.SIGKILL, f"exit {code}, not killed at {point}\n{proc.logs()}"
         assert f'"failpoint":"{point}"' in proc.current()
         finish_and_compare(proc, writer, source_db, dest_db)
     finally:
@@ -197,9 +141,9 @@ def test_kill_in_a_copy_before_streaming(point, proc, source_db, dest_db):
     writer = Writer(source_db)
     writer.start()
     try:
-        proc.start(f"{point}=kill")
+        proc.start(env={failpoints.ENV: f"{point}=kill"})
         code = proc.wait_exit(90)
-        assert code == -signal.SIGKILL, f"exit {code}, not killed at {point}\n{proc.log()}"
+        assert code == -signal.SIGKILL, f"exit {code}, not killed at {point}\n{proc.logs()}"
         finish_and_compare(proc, writer, source_db, dest_db)
     finally:
         writer.stop()
@@ -210,16 +154,15 @@ def test_sigterm_during_a_live_resync_keeps_the_changes_made_during_the_copy(
     # Issue 10.1 as reported: the stopping worker finished its range and marked the table
     # copied; the restart streamed on and never merged the changes held during the copy.
     setup_tables(source_db)
-    proc.until_caught_up()
-    proc.start(f"{failpoints.COPY_DONE_BEFORE_MARK}=sleep:4")
+    until_caught_up(proc)
+    proc.start(env={failpoints.ENV: f"{failpoints.COPY_DONE_BEFORE_MARK}=sleep:4"})
     wait_for(lambda: '"msg":"streaming"' in proc.current(), 60, "streaming", proc)
     dest_db.execute("update replicator.tables set state = 'pending' where source_table = 'public.b'")
     wait_for(lambda: '"failpoint"' in proc.current(), 60, "the copy's rows to be in", proc)
     source_db.execute("update b set v = 'changed during the copy' where id in (1, 2)")
     time.sleep(1.0)                  # held by a batch of the running process
-    proc.proc.send_signal(signal.SIGTERM)
-    assert proc.wait_exit(60) == 0, proc.log()
-    proc.until_caught_up()
+    assert proc.terminate(60) == 0, proc.logs()
+    until_caught_up(proc)
     rows = assert_same(source_db, dest_db, "b")
     assert rows[:2] == [(1, "changed during the copy"), (2, "changed during the copy")]
     assert state_of(dest_db, "b") == "streaming"

@@ -7,7 +7,7 @@ import time
 
 import psycopg
 import pytest
-from replicate import PUBLICATION, assert_same, catch_up, running, write_config
+from plugins.replicator import PUBLICATION, assert_same, catch_up, running, write_config
 from zoo import setup_zoo, zoo_rows
 
 from replicator.cli import main as cli_main
@@ -142,8 +142,7 @@ def test_resync_one_table_while_others_stream(source_db, dest_db, tmp_path, monk
     # The mirror drifts (someone wrote into it): a resync repairs it.
     dest_db.execute("delete from odoo_mirror.b where id <= 1000")
     dest_db.execute("update odoo_mirror.b set v = 'drift' where id between 2000 and 2100")
-    config = tmp_path / "etl-config.toml"
-    write_config(config, source_db, dest_db)
+    config = write_config(tmp_path, source_db, dest_db)
     with running(source_db, dest_db):
         stop = threading.Event()
         writer = threading.Thread(target=_write_loop, args=(source_db, stop), daemon=True)
@@ -175,8 +174,7 @@ def test_resync_of_unknown_table_is_one_clear_line(source_db, dest_db, tmp_path,
     source_db.execute("create table a (id int primary key)")
     source_db.execute(f"create publication {PUBLICATION} for table a")
     catch_up(source_db, dest_db)
-    config = tmp_path / "etl-config.toml"
-    write_config(config, source_db, dest_db)
+    config = write_config(tmp_path, source_db, dest_db)
     capsys.readouterr()
     assert cli_main(["resync", "--config", str(config), "--table", "nope"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from replicate import PUBLICATION, write_config
+from plugins.replicator import PUBLICATION, write_config
 
 from replicator.cli import main
 
@@ -10,8 +10,7 @@ from replicator.cli import main
 def test_check_reports_tables_and_changes_nothing(source_db, dest_db, tmp_path, capsys):
     source_db.execute("create table t (id int primary key, v text)")
     source_db.execute(f"create publication {PUBLICATION} for table t")
-    config = tmp_path / "etl-config.toml"
-    write_config(config, source_db, dest_db)
+    config = write_config(tmp_path, source_db, dest_db)
     assert main(["check", "--config", str(config)]) == 0
     out = capsys.readouterr().out
     assert "source OK" in out and "public.t" in out and "odoo_mirror.t" in out
@@ -24,8 +23,7 @@ def test_check_reports_tables_and_changes_nothing(source_db, dest_db, tmp_path, 
 def test_check_refuses_a_table_without_key(source_db, dest_db, tmp_path, capsys):
     source_db.execute("create table nokey (v text)")
     source_db.execute(f"create publication {PUBLICATION} for table nokey")
-    config = tmp_path / "etl-config.toml"
-    write_config(config, source_db, dest_db)
+    config = write_config(tmp_path, source_db, dest_db)
     assert main(["check", "--config", str(config)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "ALTER TABLE" in err[0] and "nokey" in err[0]

@@ -8,32 +8,32 @@ stderr that names what to fix (no traceback); and never a password in any output
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
+from plugins.replicator import (
+    PASSWORD,
+    PASSWORD_VAR,
+    PUBLICATION,
+    REPO,
+    ReplicatorProcess,
+    json_logging,
+    replicator_env,
+    write_config,
+)
 
 from replicator.devtools.odoo import TABLES, create_table_statement
 
-PUBLICATION = "odoo_pub"
-PASSWORD_VAR = "REPLICATOR_CLI_DB_PASSWORD"
-# Distinctive, so that finding it anywhere in an output is never a coincidence. Trust auth:
-# the servers accept any password, so this only exercises the $VAR path and the redaction.
-PASSWORD = "Cli-Pw-5e1f9a7c-never-print-me"
 MISSING_VAR = "REPLICATOR_CLI_UNSET_PASSWORD"
-REPO = Path(__file__).resolve().parents[2]
 
 
-def cli_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+def cli_env() -> dict[str, str]:
+    env = replicator_env()
     env.pop(MISSING_VAR, None)
-    env[PASSWORD_VAR] = PASSWORD
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(extra)
     return env
 
 
@@ -57,55 +57,13 @@ def cli(*args: str, cwd: Path | None = None, timeout: float = 60) -> subprocess.
     return proc
 
 
-def write_config(
-    directory: Path,
-    source_db=None,
-    dest_db=None,
-    *,
-    publication: str = PUBLICATION,
-    source_database: str | None = None,
-    source_password: str = f"${PASSWORD_VAR}",
-    dest_password: str = f"${PASSWORD_VAR}",
-    log_level: str = "info",
-) -> Path:
-    """etl-config.toml for the two test databases (placeholders where a test needs none)."""
-    src_host, src_port, src_name = "127.0.0.1", 5432, "odoo_core"
-    dst_host, dst_port, dst_name = "127.0.0.1", 5433, "postgres"
-    if source_db is not None:
-        src_host, src_port, src_name = source_db.cluster.host, source_db.cluster.port, source_db.name
-    if dest_db is not None:
-        dst_host, dst_port, dst_name = dest_db.cluster.host, dest_db.cluster.port, dest_db.name
-    path = directory / "etl-config.toml"
-    path.write_text(f"""\
-[source]
-type = "postgres"
-host = "{src_host}"
-port = {src_port}
-database = "{source_database or src_name}"
-user = "postgres"
-password = "{source_password}"
-publication = "{publication}"
-
-[destination]
-type = "postgres"
-host = "{dst_host}"
-port = {dst_port}
-database = "{dst_name}"
-user = "postgres"
-password = "{dest_password}"
-schema = "odoo_mirror"
-batch_size = 1000
-flush_interval = 0.2
-
-[logging]
-level = "{log_level}"
-format = "json"
-output = "stdout"
-
-[metrics]
-enabled = false
-""")
-    return path
+def cli_config(directory: Path, source_db: Any = None, dest_db: Any = None, *,
+               log_level: str = "info", **keywords: Any) -> Path:
+    """etl-config.toml as an operator writes it: passwords through $PASSWORD_VAR, JSON logs
+    on stdout (placeholder servers where a test needs none)."""
+    return write_config(directory, source_db, dest_db, password=f"${PASSWORD_VAR}",
+                        batch_size=1000, flush_interval=0.2, logging=json_logging(log_level),
+                        **keywords)
 
 
 def error_line(proc: subprocess.CompletedProcess) -> str:
@@ -170,7 +128,7 @@ def test_run_until_caught_up_mirrors_seeded_source(source_db, dest_db, tmp_path)
     from replicator.devtools.workload import workload
 
     seed(source_db.dsn, scale=0.3, publication=PUBLICATION)
-    config = write_config(tmp_path, source_db, dest_db)
+    config = cli_config(tmp_path, source_db, dest_db)
     first = cli("run", "--config", str(config), "--until-caught-up", cwd=tmp_path)
     assert first.returncode == 0, f"{first.stderr}\n{first.stdout[-3000:]}"
     assert first.stderr == "", first.stderr
@@ -198,7 +156,7 @@ def test_run_until_caught_up_mirrors_seeded_source(source_db, dest_db, tmp_path)
 
 
 def test_missing_password_variable(tmp_path):
-    config = write_config(tmp_path, dest_password=f"${MISSING_VAR}")
+    config = cli_config(tmp_path, destination={"password": f"${MISSING_VAR}"})
     proc = cli("run", "--config", str(config), "--until-caught-up", cwd=tmp_path)
     line = error_line(proc)
     assert proc.returncode == 2, f"exit {proc.returncode}: {line}"
@@ -208,7 +166,7 @@ def test_missing_password_variable(tmp_path):
 
 def test_missing_publication(source_db, dest_db, tmp_path):
     source_db.execute("create table res_partner (id integer primary key, name text)")
-    config = write_config(tmp_path, source_db, dest_db, publication="no_such_pub")
+    config = cli_config(tmp_path, source_db, dest_db, publication="no_such_pub")
     proc = cli("run", "--config", str(config), "--until-caught-up", cwd=tmp_path, timeout=30)
     line = error_line(proc)
     assert proc.returncode != 0, line
@@ -220,7 +178,7 @@ def test_table_without_primary_key_is_refused(source_db, dest_db, tmp_path):
     source_db.execute("create table res_partner (id integer primary key, name text)")
     source_db.execute("create table mail_tracking_note (res_id integer, note text)")
     source_db.execute(f"create publication {PUBLICATION} for table res_partner, mail_tracking_note")
-    config = write_config(tmp_path, source_db, dest_db)
+    config = cli_config(tmp_path, source_db, dest_db)
     proc = cli("run", "--config", str(config), "--until-caught-up", cwd=tmp_path, timeout=30)
     line = error_line(proc)
     assert proc.returncode == 2, f"exit {proc.returncode}: {line}"
@@ -235,7 +193,7 @@ def test_table_without_primary_key_is_refused(source_db, dest_db, tmp_path):
 def test_password_never_printed(source_db, dest_db, tmp_path):
     """`check`, a debug-level run, and connection errors that carry connection details."""
     create_odoo_tables(source_db)
-    good = write_config(tmp_path, source_db, dest_db, log_level="debug")
+    good = cli_config(tmp_path, source_db, dest_db, log_level="debug")
     outputs = []
     for args in (["check", "--config", str(good)],
                  ["run", "--config", str(good), "--until-caught-up"]):
@@ -247,25 +205,15 @@ def test_password_never_printed(source_db, dest_db, tmp_path):
     # retried) and logs libpq's message; stop it after a few attempts.
     bad_dir = tmp_path / "bad"
     bad_dir.mkdir()
-    bad = write_config(bad_dir, source_db, dest_db, source_database="no_such_db", log_level="debug")
-    with (bad_dir / "out").open("w+") as out, (bad_dir / "err").open("w+") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "replicator", "run", "--config", str(bad)],
-            cwd=bad_dir, env=cli_env(), stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-        )
-        try:
-            proc.wait(3)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-                pytest.fail("the replicator did not stop on SIGTERM while retrying a connection")
-        out.seek(0)
-        err.seek(0)
-        text = out.read() + err.read()
+    bad = cli_config(bad_dir, source_db, dest_db, source={"database": "no_such_db"}, log_level="debug")
+    bad_run = ReplicatorProcess(bad, bad_dir)
+    try:
+        bad_run.start()
+        if bad_run.wait(3) is None and bad_run.terminate(10) is None:
+            pytest.fail("the replicator did not stop on SIGTERM while retrying a connection")
+    finally:
+        bad_run.stop()
+    text = "".join(bad_run.output())
     assert "no_such_db" in text, f"the connection error was not reported:\n{text[-2000:]}"
     outputs.append(text)
 

@@ -10,24 +10,27 @@ to wait out; a one-shot `run --until-caught-up` gives up on an unreachable serve
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
+from plugins.replicator import (
+    PASSWORD,
+    PASSWORD_VAR,
+    PUBLICATION,
+    ReplicatorProcess,
+    json_logging,
+    replicator_env,
+    running,
+    write_config,
+)
 from psycopg import sql
 
-from replicate import PUBLICATION, running
 from replicator.devtools.localpg import free_port
-
-REPO = Path(__file__).resolve().parents[2]
-PASSWORD_VAR = "REPLICATOR_ERRORS_DB_PASSWORD"
-PASSWORD = "Err-Pw-7c2d0b1e-never-print-me"
-
 
 # -- retries reset after progress ---------------------------------------------------------------
 
@@ -105,55 +108,19 @@ def test_retries_reset_after_progress(source_db, dest_db):
 # -- setup errors and unreachable servers, through the command -------------------------------
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env[PASSWORD_VAR] = PASSWORD
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-def _config(directory: Path, source: dict, destination: dict) -> Path:
-    def section(values: dict) -> str:
-        lines = []
-        for key, value in values.items():
-            lines.append(f"{key} = {value}" if isinstance(value, int | float) else f'{key} = "{value}"')
-        return "\n".join(lines)
-
-    path = directory / "etl-config.toml"
-    path.write_text(f"""\
-[source]
-type = "postgres"
-password = "${PASSWORD_VAR}"
-publication = "{PUBLICATION}"
-{section(source)}
-
-[destination]
-type = "postgres"
-password = "${PASSWORD_VAR}"
-flush_interval = 0.2
-{section(destination)}
-
-[logging]
-level = "info"
-format = "json"
-output = "stdout"
-
-[metrics]
-enabled = false
-""")
-    return path
-
-
-def _side(db, **overrides) -> dict:
-    return {"host": db.cluster.host, "port": db.cluster.port, "database": db.name,
-            "user": "postgres", **overrides}
+def _config(directory: Path, source_db: Any = None, dest_db: Any = None, *,
+            source: dict | None = None, destination: dict | None = None) -> Path:
+    """Passwords through $PASSWORD_VAR; `source` and `destination` override keys."""
+    return write_config(directory, source_db, dest_db, password=f"${PASSWORD_VAR}",
+                        flush_interval=0.2, logging=json_logging(), source=source,
+                        destination=destination)
 
 
 def _run(config: Path, *args: str, timeout: float = 30) -> tuple[subprocess.CompletedProcess, float]:
     started = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "replicator", "run", "--config", str(config), *args],
-        cwd=config.parent, env=_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+        cwd=config.parent, env=replicator_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True,
         timeout=timeout,
     )
     return proc, time.monotonic() - started
@@ -177,9 +144,8 @@ def published(source_db):
 
 @pytest.mark.parametrize("side", ["source", "destination"])
 def test_missing_database_is_a_setup_error(published, dest_db, tmp_path, side):
-    source, destination = _side(published), _side(dest_db)
-    (source if side == "source" else destination)["database"] = "no_such_db_3d000"
-    proc, _ = _run(_config(tmp_path, source, destination), timeout=20)
+    config = _config(tmp_path, published, dest_db, **{side: {"database": "no_such_db_3d000"}})
+    proc, _ = _run(config, timeout=20)
     line = _one_line(proc)
     assert proc.returncode == 2, line
     assert f"[{side}]" in line and "no_such_db_3d000" in line and "database" in line, line
@@ -187,9 +153,8 @@ def test_missing_database_is_a_setup_error(published, dest_db, tmp_path, side):
 
 @pytest.mark.parametrize("side", ["source", "destination"])
 def test_missing_role_is_a_setup_error(published, dest_db, tmp_path, side):
-    source, destination = _side(published), _side(dest_db)
-    (source if side == "source" else destination)["user"] = "no_such_role_28000"
-    proc, _ = _run(_config(tmp_path, source, destination), timeout=20)
+    config = _config(tmp_path, published, dest_db, **{side: {"user": "no_such_role_28000"}})
+    proc, _ = _run(config, timeout=20)
     line = _one_line(proc)
     assert proc.returncode == 2, line
     assert f"[{side}] user" in line and "no_such_role_28000" in line, line
@@ -214,7 +179,7 @@ def password_role(dest_db):
 
 
 def test_wrong_password_is_a_setup_error(published, dest_db, tmp_path, password_role):
-    config = _config(tmp_path, _side(published), _side(dest_db, user=password_role))
+    config = _config(tmp_path, published, dest_db, destination={"user": password_role})
     proc, _ = _run(config, timeout=20)
     line = _one_line(proc)
     assert proc.returncode == 2, line
@@ -223,9 +188,9 @@ def test_wrong_password_is_a_setup_error(published, dest_db, tmp_path, password_
 
 
 def test_until_caught_up_gives_up_on_unreachable_server(dest_db, tmp_path):
-    source = {"host": "127.0.0.1", "port": free_port(), "database": "odoo", "user": "postgres",
-              "retry_timeout": 3}
-    proc, seconds = _run(_config(tmp_path, source, _side(dest_db)), "--until-caught-up", timeout=60)
+    source = {"host": "127.0.0.1", "port": free_port(), "database": "odoo", "retry_timeout": 3}
+    config = _config(tmp_path, None, dest_db, source=source)
+    proc, seconds = _run(config, "--until-caught-up", timeout=60)
     line = _one_line(proc)
     assert proc.returncode == 3, line
     assert "[source]" in line and "retry_timeout" in line, line
@@ -235,22 +200,17 @@ def test_until_caught_up_gives_up_on_unreachable_server(dest_db, tmp_path):
 
 
 def test_run_keeps_retrying_an_unreachable_server(dest_db, tmp_path):
-    source = {"host": "127.0.0.1", "port": free_port(), "database": "odoo", "user": "postgres",
-              "retry_timeout": 1}
-    config = _config(tmp_path, source, _side(dest_db))
-    with (tmp_path / "out").open("w+") as out, (tmp_path / "err").open("w+") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "replicator", "run", "--config", str(config)],
-            cwd=tmp_path, env=_env(), stdin=subprocess.DEVNULL, stdout=out, stderr=err)
-        try:
-            # Past retry_timeout: that bound is for --until-caught-up only.
-            time.sleep(5)
-            assert proc.poll() is None, "run exited while the server was unreachable"
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(15)
-        out.seek(0)
-        lines = [x for x in out.read().splitlines() if "retrying after an error" in x]
+    source = {"host": "127.0.0.1", "port": free_port(), "database": "odoo", "retry_timeout": 1}
+    run = ReplicatorProcess(_config(tmp_path, None, dest_db, source=source), tmp_path)
+    try:
+        run.start()
+        # Past retry_timeout: that bound is for --until-caught-up only.
+        time.sleep(5)
+        assert run.alive, "run exited while the server was unreachable"
+    finally:
+        run.terminate(15)
+        run.stop()
+    lines = [x for x in run.output()[0].splitlines() if "retrying after an error" in x]
     assert len(lines) >= 3, lines
     for line in lines:
         assert '"attempt"' in line and '"retry_in_s"' in line and '"hint"' in line, line

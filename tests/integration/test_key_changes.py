@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from replicate import PUBLICATION, assert_same, catch_up
+from plugins.replicator import PUBLICATION, assert_same, catch_up
 
 BODY = "(select string_agg(md5(random()::text), '') from generate_series(1, 100))"
 

@@ -12,14 +12,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pgwire import UNCHANGED as U
-from pgwire import begin, commit, delete, insert, int4, relation, truncate, update
+from pgwire import begin, commit, delete, insert, int4, truncate, update
 
+from replicator import state
 from replicator._decode import Decoder
 from replicator.apply import Applier
-from replicator.errors import ReplicatorError
 from replicator.batch import Batch, Truncate
+from replicator.errors import ReplicatorError
 from replicator.schema import Column, MirrorTable, SourceTable
-from replicator import state
 
 RELID = 16500
 COLS = (Column("id", "integer", 23, 4), Column("name", "text", 25, -1),

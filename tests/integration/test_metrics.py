@@ -6,10 +6,10 @@ import time
 import urllib.request
 
 import orjson
-from replicate import PUBLICATION, running
+from plugins.replicator import PUBLICATION, running
 
-from replicator.settings import MetricsSettings
 from replicator.devtools.localpg import free_port
+from replicator.settings import MetricsSettings
 
 
 def get(port: int, path: str) -> tuple[int, bytes]:

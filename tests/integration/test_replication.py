@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import psycopg
 import pytest
-from replicate import PUBLICATION, assert_same, catch_up, make_config
+from plugins.replicator import PUBLICATION, assert_same, catch_up, make_config
 from zoo import setup_zoo, zoo_rows
 
 from replicator.errors import ErrorKind, ReplicatorError
 from replicator.runtime import Pipeline
+
 
 def test_every_type_round_trips(source_db, dest_db):
     setup_zoo(source_db)

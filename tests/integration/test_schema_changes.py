@@ -12,10 +12,11 @@ import time
 
 import psycopg
 import pytest
-from replicate import PUBLICATION, assert_same, catch_up, running
+from plugins.replicator import PUBLICATION, assert_same, catch_up, running
 
 from replicator import state
 from replicator.errors import ReplicatorError, RetryPolicy
+
 
 def wait_for(predicate, timeout: float = 60, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout

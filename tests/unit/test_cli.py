@@ -13,10 +13,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from replicator import errors
+from replicator.classify import classify
 from replicator.cli import main
 from replicator.config import load_config
-from replicator.classify import classify
 from replicator.errors import ConfigError, ErrorKind, ExitCode, ReplicatorError
 from replicator.settings import Config
 

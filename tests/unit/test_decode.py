@@ -26,12 +26,38 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from pgwire import UNCHANGED, begin, commit, delete, insert, int4, keepalive, relation, truncate, update, xlogdata
+from pgwire import (
+    UNCHANGED,
+    begin,
+    commit,
+    delete,
+    insert,
+    int4,
+    keepalive,
+    relation,
+    truncate,
+    update,
+    xlogdata,
+)
 
-from replicator._decode import (EV_BEGIN, EV_COMMIT, EV_KEEPALIVE, EV_MESSAGE, EV_NONE, EV_ORIGIN,
-                                EV_RELATION, EV_STREAM_ABORT, EV_STREAM_COMMIT, EV_STREAM_START,
-                                EV_STREAM_STOP, EV_TRUNCATE, EV_TYPE, DecodeError, Decoder,
-                                iter_copy_binary)
+from replicator._decode import (
+    EV_BEGIN,
+    EV_COMMIT,
+    EV_KEEPALIVE,
+    EV_MESSAGE,
+    EV_NONE,
+    EV_ORIGIN,
+    EV_RELATION,
+    EV_STREAM_ABORT,
+    EV_STREAM_COMMIT,
+    EV_STREAM_START,
+    EV_STREAM_STOP,
+    EV_TRUNCATE,
+    EV_TYPE,
+    DecodeError,
+    Decoder,
+    iter_copy_binary,
+)
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 CAPTURES = sorted(p.name for p in DATA_DIR.glob("pgoutput_*.json"))
@@ -852,7 +878,7 @@ def readable(name: str, relname: str, rows: dict) -> dict:
     ints = {"id", "a", "company_id", "qty"}
     texts = {"code", "note", "payload", "b", "state"}
     out = {}
-    for key, row in rows.items():
+    for row in rows.values():
         vals = {}
         for c, v in zip(cols, row):
             if c in ints:

@@ -22,9 +22,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pgwire import UNCHANGED, begin, commit, delete, insert, keepalive, relation, update, xlogdata
 
-from replicator._decode import (EV_BEGIN, EV_COMMIT, EV_KEEPALIVE, EV_NONE, EV_RELATION,
-                                EV_STREAM_COMMIT, EV_STREAM_START, EV_STREAM_STOP, Decoder,
-                                iter_copy_binary)
+from replicator._decode import (
+    EV_BEGIN,
+    EV_COMMIT,
+    EV_KEEPALIVE,
+    EV_NONE,
+    EV_RELATION,
+    EV_STREAM_COMMIT,
+    EV_STREAM_START,
+    EV_STREAM_STOP,
+    Decoder,
+    iter_copy_binary,
+)
 
 SETTINGS = settings(max_examples=200, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

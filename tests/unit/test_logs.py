@@ -10,9 +10,9 @@ import orjson
 import pytest
 
 from replicator.errors import ConfigError
+from replicator.logs import setup_logging
 from replicator.redact import redact, register_secret
 from replicator.settings import DestinationSettings, LoggingSettings
-from replicator.logs import setup_logging
 
 log = logging.getLogger("replicator.test")
 

@@ -1,0 +1,367 @@
+"""pytest plugin: the replicator as tests run it, and comparing tables.
+
+- `write_config`: the one etl-config.toml builder; every test that needs a config file uses it.
+- `make_config`, `catch_up`, `running`: the replicator in-process (a thread of the test).
+- `ReplicatorProcess` and the `replicator` fixture: `python -m replicator run` as a real
+  process, started, signalled, killed and restarted by the fault and command-line tests.
+- `assert_same`, `table_rows`: a mirror table against its source table.
+
+Test files import what they use from this module (`from plugins.replicator import ...`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from replicator import failpoints
+from replicator.runtime import Pipeline
+from replicator.settings import Config
+
+PUBLICATION = "odoo_pub"
+MIRROR_SCHEMA = "odoo_mirror"
+STATE_SCHEMA = "replicator"
+REPO = Path(__file__).resolve().parents[2]
+PASSWORD_VAR = "REPLICATOR_TEST_DB_PASSWORD"
+# Distinctive, so that finding it anywhere in an output is never a coincidence. The test
+# servers use trust auth: any password works, so it only exercises the $VAR path and redaction.
+PASSWORD = "Test-Pw-5e1f9a7c-never-print-me"
+# What the config file says when a test passes no password: run in-process, where a $VAR
+# would have to be set in the test process's own environment.
+PLACEHOLDER_PASSWORD = "unused"
+
+
+# -- the config file -------------------------------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a TOML basic string
+    raise TypeError(f"no TOML spelling for {value!r} in a test config")
+
+
+def _section(name: str, keys: Mapping[str, Any]) -> str:
+    lines = [f"[{name}]"]
+    lines.extend(f"{key} = {_toml_value(value)}" for key, value in keys.items() if value is not None)
+    return "\n".join(lines) + "\n"
+
+
+def _side(db: Any, placeholder: tuple[str, int, str]) -> dict[str, Any]:
+    if db is None:
+        host, port, database = placeholder
+    else:
+        host, port, database = db.cluster.host, db.cluster.port, db.name
+    return {"host": host, "port": port, "database": database, "user": "postgres"}
+
+
+def write_config(
+    directory: Path,
+    source_db: Any = None,
+    dest_db: Any = None,
+    *,
+    password: str = PLACEHOLDER_PASSWORD,
+    publication: str = PUBLICATION,
+    batch_size: int | None = None,
+    flush_interval: float | None = None,
+    source: Mapping[str, Any] | None = None,
+    destination: Mapping[str, Any] | None = None,
+    logging: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    name: str = "etl-config.toml",
+) -> Path:
+    """Write `directory/name`, an etl-config.toml for the two test databases; returns its path.
+
+    `password` goes to both sides (`f"${PASSWORD_VAR}"` for the variable path, with the
+    environment of `replicator_env`). `source` and `destination` add or override keys of
+    their section (a value of None drops the key); a database not given gets a placeholder
+    server, for tests that never connect. `logging` writes a [logging] section (none by
+    default: the product's defaults); `metrics` replaces the default `enabled = false`.
+    """
+    src = {**_side(source_db, ("127.0.0.1", 5432, "odoo_core")), "password": password,
+           "publication": publication}
+    dst = {**_side(dest_db, ("127.0.0.1", 5433, "postgres")), "password": password,
+           "schema": MIRROR_SCHEMA, "state_schema": STATE_SCHEMA,
+           "batch_size": batch_size, "flush_interval": flush_interval}
+    src.update(source or {})
+    dst.update(destination or {})
+    parts = [
+        _section("source", {"type": "postgres", **src}),
+        _section("destination", {"type": "postgres", **dst}),
+    ]
+    if logging is not None:
+        parts.append(_section("logging", logging))
+    parts.append(_section("metrics", {"enabled": False} if metrics is None else metrics))
+    path = directory / name
+    path.write_text("\n".join(parts))
+    return path
+
+
+JSON_STDOUT = {"level": "info", "format": "json", "output": "stdout"}
+
+
+def json_logging(level: str = "info") -> dict[str, str]:
+    """A [logging] section: JSON lines on stdout, which the process tests read back."""
+    return {**JSON_STDOUT, "level": level}
+
+
+def replicator_env(**extra: str) -> dict[str, str]:
+    """The environment of a replicator process: no PG* variable and no failpoint of the
+    caller (the config decides every connection setting), $PASSWORD_VAR set, this checkout
+    importable; `extra` adds or overrides variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.pop(failpoints.ENV, None)  # a failpoint is set by the test that means it, per run
+    env[PASSWORD_VAR] = PASSWORD
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+# -- in-process ------------------------------------------------------------------------------
+
+
+def make_config(source_db: Any, dest_db: Any, **overrides: Any) -> Config:
+    overrides.setdefault("flush_interval", 0.2)
+    return Config.from_dsns(source_db.dsn, dest_db.dsn, PUBLICATION, **overrides)
+
+
+def catch_up(source_db: Any, dest_db: Any, timeout: float = 120, **overrides: Any) -> Pipeline:
+    """Run the replicator in-process until everything committed so far is applied."""
+    pipeline = Pipeline(make_config(source_db, dest_db, **overrides), until_caught_up=True)
+    result: list = []
+
+    def target() -> None:
+        try:
+            result.append(pipeline.run())
+        except BaseException as exc:  # re-raised in the test's thread
+            result.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        pipeline.stop_requested.set()
+        thread.join(30)
+        pytest.fail(f"replicator did not catch up within {timeout} s")
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    assert result[0] == 0
+    return pipeline
+
+
+@contextlib.contextmanager
+def running(source_db: Any, dest_db: Any, **overrides: Any) -> Iterator[Pipeline]:
+    """The replicator running in a thread for the block; stopped (like SIGTERM) after it."""
+    pipeline = Pipeline(make_config(source_db, dest_db, **overrides))
+    errors: list = []
+
+    def target() -> None:
+        try:
+            pipeline.run()
+        except BaseException as exc:  # re-raised in the test's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    try:
+        yield pipeline
+    finally:
+        pipeline.stop_requested.set()
+        thread.join(60)
+    if thread.is_alive():
+        pytest.fail("replicator did not stop within 60 s")
+    if errors:
+        raise errors[0]
+
+
+# -- comparing tables ------------------------------------------------------------------------
+
+
+def table_rows(db: Any, table: str, schema: str = "public", order: str = "id") -> list[tuple]:
+    return db.fetchall(f'select * from "{schema}"."{table}" order by {order}')
+
+
+def assert_same(source_db: Any, dest_db: Any, table: str, order: str = "id") -> list[tuple]:
+    """The mirror table equals the source table, row for row."""
+    src = table_rows(source_db, table, order=order)
+    dst = table_rows(dest_db, table, MIRROR_SCHEMA, order=order)
+    assert len(src) == len(dst), f"{table}: {len(src)} rows at the source, {len(dst)} in the mirror"
+    assert src == dst
+    return src
+
+
+# -- as a process ----------------------------------------------------------------------------
+
+
+class ReplicatorProcess:
+    """Starts, signals, kills and restarts `python -m replicator run` processes for one config.
+
+    Each run writes its stdout and stderr to its own files in `workdir`.
+    """
+
+    def __init__(self, config: Path, workdir: Path, env: Mapping[str, str] | None = None) -> None:
+        self.config = config
+        self.workdir = workdir
+        self.env = dict(env or {})
+        self.proc: subprocess.Popen | None = None
+        self.runs = 0
+        self.kills = 0
+        self.exits: list[tuple[int, int | None]] = []  # (run number, exit code) per run
+
+    # -- processes ---------------------------------------------------------
+
+    def _paths(self, run: int) -> tuple[Path, Path]:
+        return self.workdir / f"run{run}.out", self.workdir / f"run{run}.err"
+
+    def start(self, *extra: str, env: Mapping[str, str] | None = None) -> subprocess.Popen:
+        """`run --config CONFIG EXTRA...`; `env` adds variables for this run only."""
+        assert not self.alive, "a replicator is already running"
+        self.runs += 1
+        out, err = self._paths(self.runs)
+        with out.open("wb") as fout, err.open("wb") as ferr:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "replicator", "run", "--config", str(self.config), *extra],
+                cwd=self.workdir,
+                env=replicator_env(**self.env, **(env or {})),
+                stdin=subprocess.DEVNULL,
+                stdout=fout,
+                stderr=ferr,
+            )
+        return self.proc
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def _reap(self, timeout: float | None) -> int | None:
+        assert self.proc is not None
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        self.exits.append((self.runs, code))
+        return code
+
+    def kill(self) -> bool:
+        """SIGKILL the running process; False if it had already exited on its own."""
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            self.exits.append((self.runs, self.proc.returncode))
+            return False
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self.exits.append((self.runs, self.proc.returncode))
+        self.kills += 1
+        return True
+
+    def terminate(self, timeout: float) -> int | None:
+        """SIGTERM and wait up to `timeout`; the exit code, or None if it is still running."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self._reap(timeout)
+
+    def wait(self, timeout: float) -> int | None:
+        """The exit code, or None if it is still running after `timeout`."""
+        return self._reap(timeout)
+
+    def wait_exit(self, timeout: float = 60) -> int:
+        """The exit code; fails the test (and kills the process) if it runs past `timeout`."""
+        code = self._reap(timeout)
+        if code is None:
+            self.stop()
+            pytest.fail(f"the replicator did not exit within {timeout} s\n{self.logs()}")
+        return code
+
+    def run_until_caught_up(self, timeout: float = 60) -> int:
+        """One `run --until-caught-up` to completion; its exit code (fails on timeout)."""
+        self.start("--until-caught-up")
+        code = self._reap(timeout)
+        if code is None:
+            self.stop()
+            pytest.fail(f"run --until-caught-up did not finish within {timeout} s\n{self.logs()}")
+        return code
+
+    def stop(self) -> None:
+        """Teardown: leave no process behind."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    # -- what they said ----------------------------------------------------
+
+    def output(self, run: int | None = None) -> tuple[str, str]:
+        """(stdout, stderr) of one run, the current one by default."""
+        out, err = self._paths(run or self.runs)
+
+        def read(p: Path) -> str:
+            return p.read_text(errors="replace") if p.exists() else ""
+
+        return read(out), read(err)
+
+    def current(self) -> str:
+        """Everything the current run has written, stdout then stderr."""
+        return "".join(self.output())
+
+    def logs(self, lines: int = 15) -> str:
+        """The tail of every run's stdout and stderr, for assertion messages."""
+        parts = []
+        for run in range(1, self.runs + 1):
+            out, err = self.output(run)
+            code = dict(self.exits).get(run, "running")
+            parts.append(f"--- run {run} (exit {code}) stdout ---")
+            parts.extend(out.splitlines()[-lines:])
+            if err.strip():
+                parts.append(f"--- run {run} stderr ---")
+                parts.extend(err.splitlines()[-lines:])
+        return "\n".join(parts)
+
+    def streaming(self) -> bool:
+        """The current run has logged that it streams from the slot."""
+        return '"msg":"streaming"' in self.output()[0]
+
+    def batches(self, run: int) -> list[dict]:
+        """The "batch applied" log records of one run."""
+        records = []
+        for line in self.output(run)[0].splitlines():
+            if '"batch applied"' in line:
+                try:
+                    records.append(json.loads(line))
+                except ValueError:  # the last line of a killed run may be cut short
+                    pass
+        return records
+
+
+@pytest.fixture
+def replicator(tmp_path: Path, source_db: Any, dest_db: Any) -> Iterator[Any]:
+    """A factory: `replicator(**write_config_keywords)` -> ReplicatorProcess for the test's
+    databases, with the password through $PASSWORD_VAR and JSON logs on stdout unless the
+    keywords say otherwise. Every process is killed at teardown, before the databases are
+    dropped."""
+    made: list[ReplicatorProcess] = []
+
+    def make(**overrides: Any) -> ReplicatorProcess:
+        workdir = tmp_path / f"replicator{len(made)}"
+        workdir.mkdir()
+        overrides.setdefault("password", f"${PASSWORD_VAR}")
+        overrides.setdefault("logging", json_logging())
+        process = ReplicatorProcess(write_config(workdir, source_db, dest_db, **overrides), workdir)
+        made.append(process)
+        return process
+
+    yield make
+    for process in made:
+        process.stop()

@@ -1,0 +1,154 @@
+"""pytest plugin: local PostgreSQL clusters (one per version per session) and
+a fresh database per test.
+
+Clusters start lazily (a unit-test-only run starts none) and each takes about a
+second. Sources are PostgreSQL 15 and 18 with wal_level=logical; the destination
+is a separate PostgreSQL 15 cluster, so that source and destination never share
+a server by accident.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from replicator.devtools.localpg import LocalCluster, LocalClusterError, available_versions
+
+SOURCE_VERSIONS = (15, 18)
+DEST_VERSION = 15
+
+
+class TestDatabase:
+    """A database created for one test; dropped (with its slots) afterwards."""
+
+    __test__ = False  # not a test class, despite the name
+
+    def __init__(self, cluster: LocalCluster, name: str) -> None:
+        self.cluster = cluster
+        self.name = name
+        self.dsn = cluster.dsn(name)
+
+    def __repr__(self) -> str:
+        return f"<TestDatabase {self.name} on {self.cluster!r}>"
+
+    def connect(self, **kw: Any) -> psycopg.Connection:
+        """An autocommit connection to this database; the caller closes it."""
+        kw.setdefault("autocommit", True)
+        return psycopg.connect(self.dsn, **kw)
+
+    def execute(self, query: Any, params: Any = None) -> int:
+        """Run one statement on a short-lived autocommit connection; returns rowcount."""
+        with self.connect() as conn:
+            return conn.execute(query, params).rowcount
+
+    def fetchall(self, query: Any, params: Any = None) -> list[tuple]:
+        with self.connect() as conn:
+            return conn.execute(query, params).fetchall()
+
+    def fetchone(self, query: Any, params: Any = None) -> tuple | None:
+        with self.connect() as conn:
+            return conn.execute(query, params).fetchone()
+
+    def scalar(self, query: Any, params: Any = None) -> Any:
+        """First column of the first row (None when there is no row)."""
+        row = self.fetchone(query, params)
+        return None if row is None else row[0]
+
+
+def _database_name(prefix: str, node_name: str) -> str:
+    # Readable in pg_stat_activity and the server log, unique across reruns,
+    # within the 63-byte identifier limit.
+    stem = re.sub(r"[^a-z0-9]+", "_", node_name.lower()).strip("_")[:40]
+    return f"{prefix}_{stem}_{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def pg_base_dir() -> Iterator[Path]:
+    """A mode-755 directory under /tmp holding this session's clusters.
+
+    Not pytest's tmp_path: as root the servers run as an unprivileged user that
+    cannot traverse pytest's mode-700 temporary directories.
+    """
+    base = Path(f"/tmp/odoo-replicator-tests-{os.getpid()}")
+    base.mkdir(mode=0o755, exist_ok=True)
+    base.chmod(0o755)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def _start_cluster(version: int, base_dir: Path) -> Iterator[LocalCluster]:
+    if version not in available_versions():
+        message = f"PostgreSQL {version} is not available on this machine"
+        if os.environ.get("CI"):
+            pytest.fail(message + " (CI installs it: see .ci/run)")
+        pytest.skip(message)
+    cluster = LocalCluster(version, base_dir)
+    try:
+        cluster.start()
+    except LocalClusterError as exc:
+        cluster.remove()
+        pytest.fail(f"cannot start PostgreSQL {version}: {exc}")
+    try:
+        yield cluster
+    finally:
+        cluster.remove()
+
+
+@pytest.fixture(scope="session")
+def pg15(pg_base_dir: Path) -> Iterator[LocalCluster]:
+    """A PostgreSQL 15 source cluster (wal_level=logical)."""
+    yield from _start_cluster(15, pg_base_dir)
+
+
+@pytest.fixture(scope="session")
+def pg18(pg_base_dir: Path) -> Iterator[LocalCluster]:
+    """A PostgreSQL 18 source cluster (wal_level=logical)."""
+    yield from _start_cluster(18, pg_base_dir)
+
+
+@pytest.fixture(
+    scope="session",
+    params=[pytest.param(v, id=f"pg{v}", marks=getattr(pytest.mark, f"pg{v}")) for v in SOURCE_VERSIONS],
+)
+def source_cluster(request: pytest.FixtureRequest) -> LocalCluster:
+    """Each source version in turn: tests using it run once per version."""
+    return request.getfixturevalue(f"pg{request.param}")
+
+
+@pytest.fixture(scope="session")
+def dest_cluster(pg_base_dir: Path) -> Iterator[LocalCluster]:
+    """The destination cluster (PostgreSQL 15), separate from every source cluster."""
+    yield from _start_cluster(DEST_VERSION, pg_base_dir)
+
+
+def _fresh_database(cluster: LocalCluster, prefix: str, node_name: str) -> Iterator[TestDatabase]:
+    db = TestDatabase(cluster, _database_name(prefix, node_name))
+    cluster.create_database(db.name)
+    try:
+        yield db
+    finally:
+        # A test that stopped the server, or left a slot or a subscription behind,
+        # must not break the next one: restart it, drop those, then drop WITH (FORCE).
+        if not cluster.is_running:
+            cluster.start()
+        cluster.drop_database(db.name)
+
+
+@pytest.fixture
+def source_db(source_cluster: LocalCluster, request: pytest.FixtureRequest) -> Iterator[TestDatabase]:
+    """A fresh database on the source cluster (parametrized over pg15/pg18)."""
+    yield from _fresh_database(source_cluster, "src", request.node.name)
+
+
+@pytest.fixture
+def dest_db(dest_cluster: LocalCluster, request: pytest.FixtureRequest) -> Iterator[TestDatabase]:
+    """A fresh database on the destination cluster."""
+    yield from _fresh_database(dest_cluster, "dst", request.node.name)
