@@ -9,7 +9,7 @@ import time
 
 import psycopg
 import pytest
-from replicate import PUBLICATION, assert_same, catch_up, running
+from plugins.replicator import PUBLICATION, assert_same, catch_up, running
 
 from replicator import failpoints, state
 
