@@ -69,7 +69,7 @@ from replicator import backfill as backfill_mod  # noqa: E402
 from replicator import state  # noqa: E402
 from replicator.devtools import odoo, seed  # noqa: E402
 from replicator.devtools.localpg import LocalCluster  # noqa: E402
-from replicator.runtime import Pipeline  # noqa: E402
+from replicator.pipeline import Pipeline  # noqa: E402
 from replicator.schema import MirrorTable, read_table  # noqa: E402
 from replicator.settings import Config  # noqa: E402
 

@@ -25,8 +25,16 @@ from . import failpoints, state
 from .batch import AlterTable, Batch, Rows, SpilledRows, SyncDone, SyncStart, TableRows, Truncate
 from .errors import ErrorKind, ReplicatorError
 from .lsn import format_lsn
-from .schema import (MirrorTable, Origin, create_held_sql, create_mirror_sql, create_staging_sql,
-                     mirror_columns, mirror_exists, plan_mirror)
+from .schema import (
+    MirrorTable,
+    Origin,
+    create_held_sql,
+    create_mirror_sql,
+    create_staging_sql,
+    mirror_columns,
+    mirror_exists,
+    plan_mirror,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +81,8 @@ def _cast(expr: sql.Composable, t: MirrorTable, col) -> sql.Composable:
 
 
 def _staging_columns(t: MirrorTable) -> list[sql.Identifier]:
-    return ([_ident("_r_seq"), _ident("_r_lsn"), _ident("_r_op")] + [_ident(c.name) for c in t.columns]
+    return ([_ident("_r_seq"), _ident("_r_lsn"), _ident("_r_op")]
+            + [_ident(c.name) for c in t.columns]
             + [_ident(f"_r_ok{i}") for i in range(len(t.source.key))] + [_ident("_r_u")])
 
 
@@ -113,13 +122,15 @@ def unhold_sql(t: MirrorTable) -> list[sql.Composable]:
     rest = [c for c in _staging_columns(t) if c != _ident("_r_seq")]
     cols = sql.SQL(", ").join(rest)
     last_truncate = sql.SQL(
-        "(select _r_lsn, _r_seq from {held} where _r_op = 'T' order by _r_lsn desc, _r_seq desc limit 1)"
+        "(select _r_lsn, _r_seq from {held} where _r_op = 'T' "
+        "order by _r_lsn desc, _r_seq desc limit 1)"
     ).format(held=t.held)
     return [
         sql.SQL("delete from {} where _r_lsn < %(sync)s").format(t.held),
         clear_staging_sql(t),
         sql.SQL(
-            "insert into {stage} (_r_seq, {cols}) select row_number() over (order by _r_lsn, _r_seq), "
+            "insert into {stage} (_r_seq, {cols}) "
+            "select row_number() over (order by _r_lsn, _r_seq), "
             "{cols} from {held} h where _r_op <> 'T' and not exists (select 1 from {lt} m "
             "where (h._r_lsn, h._r_seq) < (m._r_lsn, m._r_seq))"
         ).format(stage=t.stage, cols=cols, held=t.held, lt=last_truncate),
@@ -224,12 +235,17 @@ def _toast_ctes(t: MirrorTable) -> sql.Composable:
     w = {i: _ident(f"_r_w{i}") for i, _ in tcols}
 
     g_parts = [sql.SQL(
-        "count(*) filter (where _r_op <> 'D' and {kn}) over (partition by {k}, _r_ep order by _r_seq) as {g}"
+        "count(*) filter (where _r_op <> 'D' and {kn}) "
+        "over (partition by {k}, _r_ep order by _r_seq) as {g}"
     ).format(kn=known("e", i), k=k, g=g[i]) for i, c in tcols]
-    g_parts += [sql.SQL("first_value({ok}) over (partition by {k}, _r_ep order by _r_seq) as {f}").format(
+    g_parts += [sql.SQL(
+        "first_value({ok}) over (partition by {k}, _r_ep order by _r_seq) as {f}").format(
         ok=_ident(f"_r_ok{j}"), k=k, f=_ident(fok[j])) for j in range(nk)]
-    g_parts.append(sql.SQL("first_value(_r_seq) over (partition by {k}, _r_ep order by _r_seq) as _r_fseq").format(k=k))
-    v_parts = [sql.SQL("first_value({c}) over (partition by {k}, _r_ep, {g} order by _r_seq) as {v}").format(
+    g_parts.append(sql.SQL(
+        "first_value(_r_seq) over (partition by {k}, _r_ep order by _r_seq) as _r_fseq"
+    ).format(k=k))
+    v_parts = [sql.SQL(
+        "first_value({c}) over (partition by {k}, _r_ep, {g} order by _r_seq) as {v}").format(
         c=_ident(c.name), k=k, g=g[i], v=v[i]) for i, c in tcols]
 
     # p: for each epoch that began with a key change, the old key's epoch
@@ -249,7 +265,8 @@ def _toast_ctes(t: MirrorTable) -> sql.Composable:
         # terms; window results and CASE lose the typmod (varchar(64)).
         return sql.SQL("({})::{}").format(expr, sql.SQL(t.staging_type(col)))
     base = [sql.SQL("l.{} as {}").format(_ident(n), _ident(rk[j])) for j, n in enumerate(key_names)]
-    base += [sql.SQL("{} as {}").format(st(sql.SQL("l.{}").format(_ident(n)), by_name[n]), _ident(ck[j]))
+    base += [sql.SQL("{} as {}").format(st(sql.SQL("l.{}").format(_ident(n)), by_name[n]),
+                                        _ident(ck[j]))
              for j, n in enumerate(key_names)]
     base.append(sql.SQL("l._r_ep as _r_cep"))
     for i, col in tcols:
@@ -281,7 +298,8 @@ def _toast_ctes(t: MirrorTable) -> sql.Composable:
              step=sql.SQL(", ").join(step), xm=eq("x", key_names, "c", nfok),
              xpm=eq("xp", key_names, "x", key_names), res=all_resolved)
     # lo: where each chain stopped: every column found, or no earlier key.
-    lo = sql.SQL("lo as (select * from c where c._r_nfok0 is null or ({res}))").format(res=all_resolved)
+    lo = sql.SQL("lo as (select * from c where c._r_nfok0 is null or ({res}))").format(
+        res=all_resolved)
 
     tgo_match = sql.SQL(" and ").join(
         sql.SQL("tgo.{c} = {f}").format(
@@ -299,7 +317,8 @@ def _toast_ctes(t: MirrorTable) -> sql.Composable:
             continue
         out.append(sql.SQL(
             "case when {kn} then {own} when l.{g} > 0 then {lv} "
-            "when l._r_fok0 is not null then case when lo.{r} then {low} else tgo.{c} end end as {c}"
+            "when l._r_fok0 is not null then case when lo.{r} then {low} else tgo.{c} end end "
+            "as {c}"
         ).format(kn=known("l", i), own=own, g=g[i],
                  lv=_cast(sql.SQL("l.{}").format(v[i]), t, col), r=rr[i],
                  low=_cast(sql.SQL("lo.{}").format(w[i]), t, col), c=_ident(col.name)))
@@ -319,7 +338,8 @@ def _toast_ctes(t: MirrorTable) -> sql.Composable:
 
     return sql.SQL(
         "with recursive e as (select s.*, coalesce(count(*) filter (where _r_op = 'D') over ("
-        "partition by {k} order by _r_seq rows between unbounded preceding and 1 preceding), 0) as _r_ep, "
+        "partition by {k} order by _r_seq rows between unbounded preceding and 1 preceding), 0) "
+        "as _r_ep, "
         "lead(_r_seq) over (partition by {k} order by _r_seq) is null as _r_klast, "
         "_r_op = 'D' or lead(_r_seq) over (partition by {k} order by _r_seq) is null as _r_elast "
         "from {stage} s), "
@@ -478,7 +498,8 @@ class Applier:
             stmt = self._statements[key] = sql.SQL(build(t).as_string(self.conn))
         return stmt
 
-    def apply(self, batch: Batch, record_lsn: bool = True, system_id: str | None = None) -> ApplyResult:
+    def apply(self, batch: Batch, record_lsn: bool = True,
+              system_id: str | None = None) -> ApplyResult:
         res = ApplyResult()
         started = time.monotonic()
         holding_before = set(self.holding)
@@ -503,7 +524,8 @@ class Applier:
                     elif isinstance(op, SyncDone):
                         self._unhold(cur, op, batch.end_lsn, res)
                 if record_lsn and batch.end_lsn:
-                    state.record_applied(cur, self.state_schema, self.slot, batch.end_lsn, system_id)
+                    state.record_applied(cur, self.state_schema, self.slot, batch.end_lsn,
+                                         system_id)
                 if syncs_done:
                     failpoints.hit(failpoints.SYNC_DONE_BEFORE_COMMIT)
         except psycopg.OperationalError as exc:
@@ -574,10 +596,12 @@ class Applier:
             cur.execute(sql.SQL("truncate {}").format(sql.SQL(", ").join(t.dest for t in direct)))
         for t in op.tables:
             if t.qualname in self.holding:
-                cur.execute(sql.SQL("insert into {} (_r_seq, _r_lsn, _r_op) values (%s, %s, 'T')").format(
+                cur.execute(sql.SQL(
+                    "insert into {} (_r_seq, _r_lsn, _r_op) values (%s, %s, 'T')").format(
                     t.held), [op.seq, op.lsn])
 
-    def _apply_rows(self, cur: psycopg.Cursor, tr: TableRows, end_lsn: int, res: ApplyResult) -> None:
+    def _apply_rows(self, cur: psycopg.Cursor, tr: TableRows, end_lsn: int,
+                    res: ApplyResult) -> None:
         t = tr.table
         if t.qualname in self.holding:
             with cur.copy(self._stmt("copy_held", t)) as copy:

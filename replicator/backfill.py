@@ -40,11 +40,17 @@ from psycopg import pq, sql
 from . import failpoints, state
 from ._pipe import Pipe
 from .apply import ensure_mirror_columns
+from .catalog import secondary_indexes, table_size
 from .errors import ErrorKind, ReplicatorError
 from .libpq import function_addresses
-from .lsn import format_lsn
-from .schema import (MirrorTable, column_origins, create_mirror_sql, create_staging_sql,
-                     mirror_exists)
+from .lsn import format_lsn, parse_lsn
+from .schema import (
+    MirrorTable,
+    column_origins,
+    create_mirror_sql,
+    create_staging_sql,
+    mirror_exists,
+)
 from .source import ReplicationConnection, quote_ident
 
 log = logging.getLogger(__name__)
@@ -133,7 +139,6 @@ class Backfill:
                 rows = exporter.command(
                     f"CREATE_REPLICATION_SLOT {quote_ident(name)} TEMPORARY LOGICAL pgoutput "
                     "(SNAPSHOT 'export')")
-                from .lsn import parse_lsn
                 sync_lsn, snapshot = parse_lsn(rows[0][1]), rows[0][2]
                 self._plan(catalog, dest, sync_lsn)
                 log.info("initial copy started", extra={
@@ -147,9 +152,7 @@ class Backfill:
     def _plan(self, catalog: psycopg.Connection, dest: psycopg.Connection, sync_lsn: int) -> None:
         dst = self.config.destination
         for t in self.tables:
-            pages, est = catalog.execute(
-                "select relpages, greatest(reltuples, 0)::bigint from pg_class where oid = %s",
-                [t.source.oid]).fetchone()
+            pages, est = table_size(catalog, t.source.oid)
             copy = TableCopy(t, pages, est)
             origins = column_origins(catalog, t.source.oid, t.columns)
             with dest.transaction():
@@ -257,7 +260,8 @@ class Backfill:
         src = dest = None
         try:
             src = _connect(cfg.source.conninfo(), ErrorKind.SOURCE_CONNECT)
-            _exec(src, "begin isolation level repeatable read read only", "begin", ErrorKind.SOURCE_CONNECT)
+            _exec(src, "begin isolation level repeatable read read only", "begin",
+                  ErrorKind.SOURCE_CONNECT)
             _exec(src, f"set transaction snapshot {sql.Literal(snapshot).as_string()}",
                   "importing the copy snapshot", ErrorKind.SOURCE_SETUP)
             imported.wait()
@@ -426,15 +430,6 @@ def primary_key_sql(t: MirrorTable) -> sql.Composable:
         cols=sql.SQL(", ").join(map(sql.Identifier, t.source.key)))
 
 
-_INDEXES_SQL = """
-select pg_get_indexdef(i.indexrelid)
-from pg_index i
-where i.indrelid = %s and not i.indisprimary
-  and not exists (select 1 from pg_constraint c where c.conindid = i.indexrelid)
-order by i.indexrelid
-"""
-
-
 def source_indexes(catalog: psycopg.Connection, t: MirrorTable) -> list[str]:
     """The source's secondary indexes, rewritten for the mirror table.
 
@@ -443,7 +438,7 @@ def source_indexes(catalog: psycopg.Connection, t: MirrorTable) -> list[str]:
     trip a uniqueness check the source never saw fail.
     """
     out = []
-    for (indexdef,) in catalog.execute(_INDEXES_SQL, [t.source.oid]):
+    for indexdef in secondary_indexes(catalog, t.source.oid):
         head, sep, tail = indexdef.partition(" USING ")
         if not sep:
             continue
@@ -488,7 +483,8 @@ class _ProgressReporter:
         lines = []
         for c in self.copies:
             s = self._stats(c)
-            frac = min(1.0, s["rows"] / s["est_rows"]) if s["est_rows"] else (1.0 if s["done"] else 0.0)
+            frac = (min(1.0, s["rows"] / s["est_rows"]) if s["est_rows"]
+                    else (1.0 if s["done"] else 0.0))
             bar = "#" * int(frac * 30)
             lines.append(f"{s['table'][:32]:32} [{bar:30}] {s['rows']:>11,} rows "
                          f"{s['mb_per_s']:>7.1f} MB/s  ETA {s['eta_s']:>6.0f}s"

@@ -257,7 +257,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.log_level:
         settings = dataclasses.replace(settings, level=args.log_level)
     setup_logging(settings)
-    runtime = _import("replicator.runtime")
+    pipeline = _import("replicator.pipeline")
     log.info(
         "config loaded",
         extra={
@@ -267,7 +267,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             "until_caught_up": args.until_caught_up,
         },
     )
-    return int(runtime.run(config, until_caught_up=args.until_caught_up))
+    return int(pipeline.run(config, until_caught_up=args.until_caught_up))
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -275,9 +275,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
     _setup_console_logging()
     print(_summary(config))
     sys.stdout.flush()  # the summary first, then whatever the deeper checks report
-    runtime = _import_optional("replicator.runtime")
-    if runtime is not None and hasattr(runtime, "check"):
-        result = runtime.check(config)
+    preflight = _import_optional("replicator.preflight")
+    if preflight is not None and hasattr(preflight, "check"):
+        result = preflight.check(config)
         return ExitCode.OK if result is None else int(result)
     return ExitCode.OK
 

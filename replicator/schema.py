@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
+from . import catalog
 from .errors import ErrorKind, ReplicatorError
 
 log = logging.getLogger(__name__)
@@ -113,87 +114,11 @@ def staging_name(t: MirrorTable) -> str:
     return f"stage_{t.dest_name[:40]}_{digest}"
 
 
-_TABLES_SQL = """
-select c.oid, n.nspname, c.relname, c.relreplident, key.cols
-from pg_class c
-join pg_namespace n on n.oid = c.relnamespace
-left join lateral (
-    -- the primary key, else the replica identity index
-    select array_agg(a.attname order by k.ord) as cols
-    from (select i.indrelid, i.indkey from pg_index i
-          where i.indrelid = c.oid and (i.indisprimary or i.indisreplident)
-          order by i.indisprimary desc limit 1) i
-    cross join lateral unnest(i.indkey) with ordinality as k(attnum, ord)
-    join pg_attribute a on a.attrelid = i.indrelid and a.attnum = k.attnum
-) key on true
-where c.oid = %s::regclass
-"""
-
-_COLUMNS_SQL = """
-select a.attname, format_type(a.atttypid, a.atttypmod), a.atttypid, t.typlen
-from pg_attribute a
-join pg_type t on t.oid = a.atttypid
-where a.attrelid = %s and a.attnum > 0 and not a.attisdropped and a.attgenerated = ''
-order by a.attnum
-"""
-
-_PUBLICATION_SQL = """
-select schemaname, tablename from pg_publication_tables where pubname = %s
-order by schemaname, tablename
-"""
-
-
-def publication_exists(conn: psycopg.Connection, publication: str) -> bool:
-    return conn.execute("select 1 from pg_publication where pubname = %s",
-                        [publication]).fetchone() is not None
-
-
-def publication_tables(conn: psycopg.Connection, publication: str) -> list[tuple[str, str]]:
-    return [tuple(r) for r in conn.execute(_PUBLICATION_SQL, [publication])]
-
-
-# The row that puts a table in the publication is created anew by every
-# ALTER PUBLICATION ... ADD TABLE, and a dropped and created table has a new
-# oid: either means the stream may have skipped changes of that name (made
-# while it was not published, or to the other table), which names alone never show.
-_MEMBERS_SQL = """
-select pt.schemaname, pt.tablename, c.oid::text || ':' || coalesce(
-    (select min(pr.oid)::text from pg_publication_rel pr
-     where pr.prpubid = p.oid and (pr.prrelid = c.oid
-            -- empty for a table that is no partition
-            or pr.prrelid in (select relid from pg_partition_ancestors(c.oid)))),
-    {by_schema}
-    'all')
-from pg_publication p
-join pg_publication_tables pt on pt.pubname = p.pubname
-join pg_namespace n on n.nspname = pt.schemaname
-join pg_class c on c.relnamespace = n.oid and c.relname = pt.tablename
-where p.pubname = %s
-"""
-_BY_SCHEMA_SQL = """(select min(pn.oid)::text from pg_publication_namespace pn
-     where pn.pnpubid = p.oid and pn.pnnspid = c.relnamespace),"""
-
-
-def publication_members(conn: psycopg.Connection, publication: str) -> dict[tuple[str, str], str]:
-    """(schema, table) -> "<table oid>:<membership>": changes when the stream may have a gap.
-
-    The membership is the pg_publication_rel row (of the table or a partition
-    ancestor), else the pg_publication_namespace row (FOR TABLES IN SCHEMA,
-    15+), else "all" (FOR ALL TABLES).
-    """
-    by_schema = _BY_SCHEMA_SQL if conn.info.server_version >= 150000 else ""
-    return {(s, t): m for s, t, m in conn.execute(
-        sql.SQL(_MEMBERS_SQL.format(by_schema=by_schema)), [publication])}
-
-
 def read_table(conn: psycopg.Connection, schema: str, name: str) -> SourceTable:
     qual = sql.Identifier(schema, name).as_string(conn)
-    row = conn.execute(_TABLES_SQL, [qual]).fetchone()
-    oid, nsp, rel, replident, key = row
-    cols = tuple(Column(n, t, o, ln) for n, t, o, ln in conn.execute(_COLUMNS_SQL, [oid]))
-    if isinstance(replident, bytes):
-        replident = replident.decode()
-    return SourceTable(oid, nsp, rel, cols, tuple(key or ()), replident)
+    oid, nsp, rel, replident, key = catalog.table_row(conn, qual)
+    cols = tuple(Column(n, t, o, ln) for n, t, o, ln in catalog.table_columns(conn, oid))
+    return SourceTable(oid, nsp, rel, cols, tuple(key), replident)
 
 
 def check_replicable(table: SourceTable) -> None:
@@ -209,12 +134,6 @@ def check_replicable(table: SourceTable) -> None:
         f"or, with a unique index on NOT NULL columns: ALTER TABLE {qual} "
         "REPLICA IDENTITY USING INDEX <index name>",
     )
-
-
-def column_type(conn: psycopg.Connection, typoid: int, typmod: int) -> tuple[str, int]:
-    """format_type and typlen of a column type seen in a Relation message."""
-    return conn.execute("select format_type(%s, %s), typlen from pg_type where oid = %s",
-                        [typoid, typmod, typoid]).fetchone()
 
 
 # -- destination DDL -------------------------------------------------------
@@ -267,16 +186,6 @@ class Origin:
     missing: str | None = None     # text of a fast default (atthasmissing), for rows older than it
 
 
-_ORIGINS_SQL = """
-select a.attnum, a.attname, format_type(a.atttypid, a.atttypmod),
-       a.atthasdef or a.attidentity <> '',
-       case when a.atthasmissing then (a.attmissingval::text::text[])[1] end
-from pg_attribute a
-where a.attrelid = %s and a.attnum > 0 and not a.attisdropped and a.attgenerated = ''
-order by a.attnum
-"""
-
-
 def column_origins(conn: psycopg.Connection, oid: int,
                    columns: tuple[Column, ...]) -> tuple[Origin, ...]:
     """Each column's attnum (and fast default) in the source catalog as it is now.
@@ -287,7 +196,7 @@ def column_origins(conn: psycopg.Connection, oid: int,
     and type are unchanged is trusted; the others stay unknown and are matched
     to the mirror by name.
     """
-    rows = conn.execute(_ORIGINS_SQL, [oid]).fetchall()
+    rows = catalog.column_origins(conn, oid)
     if [(r[1], r[2]) for r in rows] == [(c.name, c.type_sql) for c in columns]:
         return tuple(Origin(r[0], r[3], r[4]) for r in rows)
     by_name = {r[1]: r for r in rows}
@@ -306,7 +215,8 @@ class MirrorPlan:
 
 
 def plan_mirror(t: MirrorTable, existing: dict[str, str], remembered: dict[int, str],
-                origins: tuple[Origin, ...] | None = None, fast_defaults: bool = True) -> MirrorPlan:
+                origins: tuple[Origin, ...] | None = None,
+                fast_defaults: bool = True) -> MirrorPlan:
     """The ALTERs that bring an existing mirror table to the stream's columns.
 
     A column is known by its source attnum (remembered: attnum -> mirror

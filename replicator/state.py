@@ -141,7 +141,8 @@ def system_id(conn: psycopg.Connection, state_schema: str, slot: str) -> str | N
 # from the publication and added back, while the replicator was stopped or
 # between two of its polls, may have changes the stream never sent.
 
-PENDING, COPYING, COPIED, STREAMING, REMOVED = "pending", "copying", "copied", "streaming", "removed"
+PENDING, COPYING, COPIED, STREAMING, REMOVED = (
+    "pending", "copying", "copied", "streaming", "removed")
 
 
 def set_table(conn, state_schema: str, slot: str, table, table_state: str,

@@ -20,7 +20,7 @@ from psycopg import sql
 
 from ..config import load_config
 from ..logs import setup_logging
-from ..runtime import Pipeline
+from ..pipeline import Pipeline
 from ..settings import LoggingSettings
 from .localpg import LocalCluster, available_versions, free_port
 from .odoo import TABLE_NAMES

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from replicator import failpoints
-from replicator.runtime import Pipeline
+from replicator.pipeline import Pipeline
 from replicator.settings import Config
 
 PUBLICATION = "odoo_pub"

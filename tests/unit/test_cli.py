@@ -117,7 +117,8 @@ def test_the_data_path_does_not_import_the_dev_tooling():
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     code = (
         "import sys\n"
-        "from replicator import apply, backfill, batch, cli, config, runtime, schema, source, state\n"
+        "from replicator import (apply, backfill, batch, catalog, cli, config, handoff, pipeline,\n"
+        "    preflight, receiver, schema, source, state)\n"
         "try:\n"
         "    cli.main(['run', '--help'])\n"
         "except SystemExit:\n"
@@ -133,7 +134,7 @@ def test_the_data_path_does_not_import_the_dev_tooling():
 
 
 def test_check_prints_summary_without_secrets(config_path, monkeypatch, capsys):
-    fake_module(monkeypatch, "replicator.runtime")  # no check() yet
+    fake_module(monkeypatch, "replicator.preflight")  # no check() yet
     assert main(["check", "--config", str(config_path)]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"config OK: {config_path}\n")
@@ -150,18 +151,18 @@ def test_check_calls_runtime_check_when_it_exists(config_path, monkeypatch, caps
         seen.append(config)
         return 3
 
-    fake_module(monkeypatch, "replicator.runtime", check=check)
+    fake_module(monkeypatch, "replicator.preflight", check=check)
     assert main(["check", "-c", str(config_path)]) == 3
     assert seen[0].source.publication == "odoo_pub_scout"
 
 
 def test_check_works_before_runtime_exists(config_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "replicator.runtime", None)  # import fails: not written yet
+    monkeypatch.setitem(sys.modules, "replicator.preflight", None)  # import fails: not written yet
     assert main(["check", "-c", str(config_path)]) == 0
 
 
 def test_config_from_environment_variable(config_path, monkeypatch, capsys):
-    fake_module(monkeypatch, "replicator.runtime")
+    fake_module(monkeypatch, "replicator.preflight")
     monkeypatch.setenv("REPLICATOR_CONFIG", str(config_path))
     assert main(["check"]) == 0
 
@@ -176,7 +177,7 @@ def test_run_passes_config_and_flag_to_runtime(config_path, monkeypatch, capsys)
         calls.append((config, until_caught_up))
         return 0
 
-    fake_module(monkeypatch, "replicator.runtime", run=run)
+    fake_module(monkeypatch, "replicator.pipeline", run=run)
     assert main(["run", "--config", str(config_path), "--until-caught-up"]) == 0
     assert main(["run", "--config", str(config_path)]) == 0
     (first, flag1), (_, flag2) = calls
@@ -189,10 +190,10 @@ def test_run_passes_config_and_flag_to_runtime(config_path, monkeypatch, capsys)
 
 def test_run_log_level_override(config_path, monkeypatch, capsys):
     def run(config, *, until_caught_up):
-        logging.getLogger("replicator.runtime").debug("debug visible")
+        logging.getLogger("replicator.pipeline").debug("debug visible")
         return 0
 
-    fake_module(monkeypatch, "replicator.runtime", run=run)
+    fake_module(monkeypatch, "replicator.pipeline", run=run)
     assert main(["run", "-c", str(config_path), "--log-level", "debug"]) == 0
     assert "debug visible" in capsys.readouterr().out
 
@@ -225,7 +226,7 @@ def test_replicator_error_from_runtime_uses_its_exit_code_and_is_redacted(config
             f"the password {SOURCE_PW} was refused",
         )
 
-    fake_module(monkeypatch, "replicator.runtime", run=run)
+    fake_module(monkeypatch, "replicator.pipeline", run=run)
     assert main(["run", "-c", str(config_path)]) == ExitCode.UNAVAILABLE == 3
     line = assert_one_error_line(capsys.readouterr().err)
     assert SOURCE_PW not in line
@@ -247,7 +248,7 @@ def test_exit_code_per_kind(kind, code, config_path, monkeypatch, capsys):
     def run(config, *, until_caught_up):
         raise ReplicatorError(kind, "what went wrong")
 
-    fake_module(monkeypatch, "replicator.runtime", run=run)
+    fake_module(monkeypatch, "replicator.pipeline", run=run)
     assert main(["run", "-c", str(config_path)]) == code
     assert assert_one_error_line(capsys.readouterr().err) == f"error: what went wrong — {kind.default_hint}"
 
@@ -256,7 +257,7 @@ def test_unexpected_exception_is_logged_with_traceback_and_exit_1(config_path, m
     def run(config, *, until_caught_up):
         raise RuntimeError(f"bug near {SOURCE_PW}")
 
-    fake_module(monkeypatch, "replicator.runtime", run=run)
+    fake_module(monkeypatch, "replicator.pipeline", run=run)
     assert main(["run", "-c", str(config_path)]) == 1
     out = capsys.readouterr().out  # [logging] output = stdout
     assert "Traceback" in out and "RuntimeError: bug near ***" in out
@@ -277,7 +278,7 @@ def test_keyboard_interrupt_is_quiet_130(config_path, monkeypatch, capsys):
     def run(config, *, until_caught_up):
         raise KeyboardInterrupt
 
-    fake_module(monkeypatch, "replicator.runtime", run=run)
+    fake_module(monkeypatch, "replicator.pipeline", run=run)
     assert main(["run", "-c", str(config_path)]) == 130
     captured = capsys.readouterr()
     assert captured.err == ""
@@ -442,7 +443,7 @@ def test_errors_pickle_and_format():
 
 def test_repo_config_check(monkeypatch, capsys):
     """The shipped etl-config.toml passes `check` with the two documented variables."""
-    fake_module(monkeypatch, "replicator.runtime")
+    fake_module(monkeypatch, "replicator.preflight")
     monkeypatch.setenv("ODOO_DB_PASSWORD", "x" * 12)
     monkeypatch.setenv("SUPABASE_DB_PASSWORD", "y" * 12)
     repo_config = Path(__file__).resolve().parents[2] / "etl-config.toml"

@@ -18,9 +18,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "replicator"
 CORE = sorted(p for p in PACKAGE.glob("*.py"))
-# TODO(layout): remove once runtime split lands (these modules are being reviewed and split
-# on other branches; their late imports are fixed there).
-LATE_IMPORTS_PENDING = {"runtime.py", "backfill.py"}
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -68,7 +65,7 @@ def _late_imports(path: Path) -> list[tuple[int, str]]:
 
 @pytest.mark.parametrize("path", CORE, ids=lambda p: p.name)
 def test_core_imports_at_the_top(path):
-    late = [] if path.name in LATE_IMPORTS_PENDING else _late_imports(path)
+    late = _late_imports(path)
     assert not late, (
         f"{path.name}: function-level imports without a comment saying why (a cycle, a "
         f"deliberately lazy import): {late}"

@@ -1,0 +1,185 @@
+"""Every query this replicator sends to the source database's catalog.
+
+One place to see what the replicator reads from the source (and so which
+privileges and server versions it relies on). The functions return plain
+rows; schema.py builds table definitions from them, preflight.py judges them.
+Queries against the destination live with what they serve: mirror DDL in
+schema.py, the state schema in state.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+WAL_LEVEL_SQL = "show wal_level"
+
+PUBLICATION_EXISTS_SQL = "select 1 from pg_publication where pubname = %s"
+
+PUBLICATION_TABLES_SQL = """
+select schemaname, tablename from pg_publication_tables where pubname = %s
+order by schemaname, tablename
+"""
+
+# The row that puts a table in the publication is created anew by every
+# ALTER PUBLICATION ... ADD TABLE, and a dropped and created table has a new
+# oid: either means the stream may have skipped changes of that name (made
+# while it was not published, or to the other table), which names alone never show.
+PUBLICATION_MEMBERS_SQL = """
+select pt.schemaname, pt.tablename, c.oid::text || ':' || coalesce(
+    (select min(pr.oid)::text from pg_publication_rel pr
+     where pr.prpubid = p.oid and (pr.prrelid = c.oid
+            -- empty for a table that is no partition
+            or pr.prrelid in (select relid from pg_partition_ancestors(c.oid)))),
+    {by_schema}
+    'all')
+from pg_publication p
+join pg_publication_tables pt on pt.pubname = p.pubname
+join pg_namespace n on n.nspname = pt.schemaname
+join pg_class c on c.relnamespace = n.oid and c.relname = pt.tablename
+where p.pubname = %s
+"""
+# pg_publication_namespace (FOR TABLES IN SCHEMA) exists from PostgreSQL 15 on.
+PUBLICATION_MEMBERS_BY_SCHEMA_SQL = """(select min(pn.oid)::text from pg_publication_namespace pn
+     where pn.pnpubid = p.oid and pn.pnnspid = c.relnamespace),"""
+
+TABLE_SQL = """
+select c.oid, n.nspname, c.relname, c.relreplident, key.cols
+from pg_class c
+join pg_namespace n on n.oid = c.relnamespace
+left join lateral (
+    -- the primary key, else the replica identity index
+    select array_agg(a.attname order by k.ord) as cols
+    from (select i.indrelid, i.indkey from pg_index i
+          where i.indrelid = c.oid and (i.indisprimary or i.indisreplident)
+          order by i.indisprimary desc limit 1) i
+    cross join lateral unnest(i.indkey) with ordinality as k(attnum, ord)
+    join pg_attribute a on a.attrelid = i.indrelid and a.attnum = k.attnum
+) key on true
+where c.oid = %s::regclass
+"""
+
+COLUMNS_SQL = """
+select a.attname, format_type(a.atttypid, a.atttypmod), a.atttypid, t.typlen
+from pg_attribute a
+join pg_type t on t.oid = a.atttypid
+where a.attrelid = %s and a.attnum > 0 and not a.attisdropped and a.attgenerated = ''
+order by a.attnum
+"""
+
+COLUMN_TYPE_SQL = "select format_type(%s, %s), typlen from pg_type where oid = %s"
+
+COLUMN_ORIGINS_SQL = """
+select a.attnum, a.attname, format_type(a.atttypid, a.atttypmod),
+       a.atthasdef or a.attidentity <> '',
+       case when a.atthasmissing then (a.attmissingval::text::text[])[1] end
+from pg_attribute a
+where a.attrelid = %s and a.attnum > 0 and not a.attisdropped and a.attgenerated = ''
+order by a.attnum
+"""
+
+TABLE_SIZE_SQL = "select relpages, greatest(reltuples, 0)::bigint from pg_class where oid = %s"
+
+SECONDARY_INDEXES_SQL = """
+select pg_get_indexdef(i.indexrelid)
+from pg_index i
+where i.indrelid = %s and not i.indisprimary
+  and not exists (select 1 from pg_constraint c where c.conindid = i.indexrelid)
+order by i.indexrelid
+"""
+
+REPLICATION_SLOT_SQL = """
+select plugin, database, confirmed_flush_lsn::text, active from pg_replication_slots
+where slot_name = %s
+"""
+
+MAY_REPLICATE_SQL = """
+select rolreplication or rolsuper from pg_roles where rolname = current_user
+"""
+
+
+def _one(conn: psycopg.Connection, query: str, params: list[Any] | None = None) -> tuple:
+    row = conn.execute(query, params).fetchone()
+    assert row is not None, "a catalog query that always returns one row returned none"
+    return row
+
+
+def wal_level(conn: psycopg.Connection) -> str:
+    return str(_one(conn, WAL_LEVEL_SQL)[0])
+
+
+def publication_exists(conn: psycopg.Connection, publication: str) -> bool:
+    return conn.execute(PUBLICATION_EXISTS_SQL, [publication]).fetchone() is not None
+
+
+def publication_tables(conn: psycopg.Connection, publication: str) -> list[tuple[str, str]]:
+    return [(s, t) for s, t in conn.execute(PUBLICATION_TABLES_SQL, [publication])]
+
+
+def publication_members(conn: psycopg.Connection, publication: str) -> dict[tuple[str, str], str]:
+    """(schema, table) -> "<table oid>:<membership>": changes when the stream may have a gap.
+
+    The membership is the pg_publication_rel row (of the table or a partition
+    ancestor), else the pg_publication_namespace row (FOR TABLES IN SCHEMA,
+    15+), else "all" (FOR ALL TABLES).
+    """
+    by_schema = PUBLICATION_MEMBERS_BY_SCHEMA_SQL if conn.info.server_version >= 150000 else ""
+    query = sql.SQL(PUBLICATION_MEMBERS_SQL.format(by_schema=by_schema))  # type: ignore[arg-type]
+    return {(s, t): m for s, t, m in conn.execute(query, [publication])}
+
+
+def table_row(conn: psycopg.Connection, qualname: str) -> tuple[int, str, str, str, list[str]]:
+    """oid, schema, name, replica identity and key columns of a table (a quoted name)."""
+    oid, nsp, rel, replident, key = _one(conn, TABLE_SQL, [qualname])
+    if isinstance(replident, bytes):
+        replident = replident.decode()
+    return oid, nsp, rel, replident, list(key or ())
+
+
+def table_columns(conn: psycopg.Connection, oid: int) -> list[tuple[str, str, int, int]]:
+    """name, format_type, type oid and typlen of each column the stream sends, in order."""
+    return [(n, t, o, ln) for n, t, o, ln in conn.execute(COLUMNS_SQL, [oid])]
+
+
+def column_type(conn: psycopg.Connection, typoid: int, typmod: int) -> tuple[str, int]:
+    """format_type and typlen of a column type seen in a Relation message."""
+    type_sql, typlen = _one(conn, COLUMN_TYPE_SQL, [typoid, typmod, typoid])
+    return type_sql, typlen
+
+
+def column_origins(conn: psycopg.Connection,
+                   oid: int) -> list[tuple[int, str, str, bool, str | None]]:
+    """attnum, name, format_type, has a default, fast default text, of each column now."""
+    return [tuple(r) for r in conn.execute(COLUMN_ORIGINS_SQL, [oid])]  # type: ignore[misc]
+
+
+def table_size(conn: psycopg.Connection, oid: int) -> tuple[int, int]:
+    """Heap pages and estimated rows (the planner's statistics)."""
+    pages, est = _one(conn, TABLE_SIZE_SQL, [oid])
+    return pages, est
+
+
+def secondary_indexes(conn: psycopg.Connection, oid: int) -> list[str]:
+    """pg_get_indexdef of each index that is neither the primary key nor a constraint's."""
+    return [d for (d,) in conn.execute(SECONDARY_INDEXES_SQL, [oid])]
+
+
+@dataclass(frozen=True)
+class Slot:
+    plugin: str
+    database: str
+    confirmed: str | None   # confirmed_flush_lsn as text
+    active: bool
+
+
+def replication_slot(conn: psycopg.Connection, slot: str) -> Slot | None:
+    row = conn.execute(REPLICATION_SLOT_SQL, [slot]).fetchone()
+    return None if row is None else Slot(*row)
+
+
+def may_replicate(conn: psycopg.Connection) -> bool:
+    """Whether the connected role has REPLICATION (or is a superuser)."""
+    return bool(_one(conn, MAY_REPLICATE_SQL)[0])

@@ -1,0 +1,319 @@
+"""The pipeline: sessions, their retries, and the applier thread beside the receiver.
+
+A session connects, runs the preflight checks, copies tables that need it,
+then streams: the receiver (the calling thread, receiver.py) reads and
+decodes the stream, answers keepalives and reports the durably applied
+position; the applier thread applies the closed batches it hands over
+(handoff.py). A failed session is retried by its error kind's policy.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from typing import Any
+
+import psycopg
+
+from . import failpoints, state
+from ._decode import Decoder
+from .apply import Applier
+from .backfill import Backfill, CopyStopped
+from .batch import SyncDone
+from .classify import classify, classify_connect, is_connect_failure
+from .errors import ErrorKind, ExitCode, ReplicatorError, Retries
+from .handoff import Handoff, Progress
+from .lsn import format_lsn, pg_now
+from .metrics import Metrics, MetricsServer
+from .preflight import check_slot, discover_tables
+from .receiver import Receiver, SessionRestart
+from .schema import MirrorTable
+from .settings import Config, DestinationSettings, SourceSettings
+from .source import TEXT_MODE_OPTIONS, ReplicationConnection, protocol_for
+
+log = logging.getLogger(__name__)
+
+
+class Pipeline:
+    """Replicates until stopped (or, with ``until_caught_up``, until the mirror is current)."""
+
+    def __init__(self, config: Config, until_caught_up: bool = False) -> None:
+        self.config = config
+        self.until_caught_up = until_caught_up
+        self.stop_requested = threading.Event()
+        self.progress = Progress()
+        self.metrics = Metrics()
+
+    # -- lifecycle -------------------------------------------------------
+
+    def run(self) -> int:
+        server = None
+        if self.config.metrics.enabled:
+            server = MetricsServer(self.metrics, self.config.metrics.port,
+                                   self.config.metrics.path).start()
+        try:
+            return self._run()
+        finally:
+            if server is not None:
+                server.stop()
+
+    def _run(self) -> int:
+        """Sessions until one ends normally; retry failures by their kind's policy.
+
+        Attempts count failures of one kind in a row (errors.Retries): a batch applied resets
+        them all, a session that reached streaming resets the connection kinds, so the
+        first retry after progress comes within about a second. With ``until_caught_up`` (a
+        one-shot job) an unreachable server is retried for at most its ``retry_timeout``.
+        """
+        retries = Retries()
+        while True:
+            applied_before = self.progress.applied_lsn
+            try:
+                self._session()
+                return 0
+            except SessionRestart as exc:
+                log.info("session restarts", extra={"reason": str(exc)})
+                if self.stop_requested.is_set():
+                    return 0
+                continue
+            except (ReplicatorError, psycopg.Error) as exc:
+                err = self._classified(exc)
+                now = time.monotonic()
+                if self.progress.applied_lsn != applied_before:
+                    retries.progress()
+                elif self.metrics.status == "streaming":
+                    retries.progress(connected=True)
+                failures = retries.failed(err.kind, now)
+                if self.stop_requested.is_set() or not err.policy.should_retry(failures):
+                    self._raise(err, exc)
+                delay = err.policy.delay(failures)
+                if self.until_caught_up and err.exit_code is ExitCode.UNAVAILABLE:
+                    bound = self._side(err.kind).retry_timeout
+                    left = bound - retries.failing_for(err.kind, now)
+                    if left <= 0:
+                        side = self._side(err.kind).section
+                        self._raise(ReplicatorError(
+                            err.kind, f"{err.message} (still failing after {bound:g} s of "
+                            f"retries: --until-caught-up gives up after [{side}] retry_timeout)",
+                            err.hint), exc)
+                    delay = min(delay, left)
+                self.metrics.status, self.metrics.error = "reconnecting", err.message
+                self.metrics.restarts.inc()
+                log.warning("retrying after an error", extra={
+                    "kind": err.kind.name.lower(), "error": err.message, "hint": err.hint,
+                    "attempt": failures, "retry_in_s": round(delay, 1)})
+                if self.stop_requested.wait(delay):
+                    return 0
+
+    def _classified(self, exc: BaseException) -> ReplicatorError:
+        if not isinstance(exc, ReplicatorError):
+            return classify(exc)
+        cause = exc.__cause__
+        if exc.kind is ErrorKind.DESTINATION_CONNECT and is_connect_failure(cause):
+            # The applier wraps every failed connect alike; what the server said decides
+            # whether waiting can help (a missing database or role, a wrong password: no).
+            dst = self.config.destination
+            return classify_connect(cause, dst.conninfo(), settings=dst)
+        return exc
+
+    def _side(self, kind: ErrorKind) -> SourceSettings | DestinationSettings:
+        if kind is ErrorKind.DESTINATION_CONNECT:
+            return self.config.destination
+        return self.config.source
+
+    @staticmethod
+    def _raise(err: ReplicatorError, exc: BaseException) -> None:
+        if err is exc:
+            raise err
+        raise err from exc
+
+    def request_stop(self, *_args: Any) -> None:
+        if self.stop_requested.is_set():
+            # A second signal: leave now; nothing unapplied was confirmed.
+            log.warning("second stop signal: exiting without finishing the batch")
+            raise SystemExit(1)
+        log.info("stop requested: finishing the transaction and batch in flight")
+        self.stop_requested.set()
+
+    # -- one connected session -------------------------------------------
+
+    def _session(self) -> None:
+        cfg = self.config
+        src, dst = cfg.source, cfg.destination
+        slot = src.slot
+        try:
+            catalog = psycopg.connect(src.conninfo(), autocommit=True)
+        except psycopg.OperationalError as exc:
+            raise classify_connect(exc, src.conninfo(), settings=src) from exc
+        applier = Applier(dst.conninfo(), dst.state_schema, slot)
+        repl: ReplicationConnection | None = None
+        applier_thread = None
+        handoff = Handoff()
+        try:
+            tables = discover_tables(catalog, cfg)
+            binary = all(c.builtin for t in tables for c in t.columns)
+            mirrors = {(t.schema, t.name): MirrorTable(
+                t, *cfg.target(t.schema, t.name), state_schema=dst.state_schema, binary=binary)
+                for t in tables}
+
+            applier.connect()
+            state.setup(applier.conn, dst.state_schema)
+            applied = state.applied_lsn(applier.conn, dst.state_schema, slot)
+
+            repl = ReplicationConnection(src.conninfo(replication="database"))
+            repl.connect()
+            sysinfo = repl.identify_system()
+            synced_from = state.system_id(applier.conn, dst.state_schema, slot)
+            if synced_from and synced_from != sysinfo.system_id:
+                raise ReplicatorError(
+                    ErrorKind.RESYNC_REQUIRED,
+                    f"the source is another PostgreSQL cluster (system id {sysinfo.system_id}) "
+                    f"than the one the mirror was synced from ({synced_from})",
+                    "check [source] host/port; if the source was really replaced, run "
+                    "`replicator resync --config PATH --all`")
+            if check_slot(catalog, slot, applied) is None:
+                point = repl.create_slot(slot)
+                log.info("created replication slot", extra={
+                    "slot": slot, "consistent_point": format_lsn(point)})
+            repl.close()
+            repl = None
+
+            # Tables never copied, whose copy did not finish (a crash or stop
+            # mid-copy lands here again), that left the publication and came
+            # back, or that are now mapped to another mirror table, are copied
+            # before streaming starts.
+            synced = state.table_sync(applier.conn, dst.state_schema, slot)
+            identities = state.source_identities(applier.conn, dst.state_schema, slot)
+            gone = [name for name in synced
+                    if name not in {t.source.qualname for t in mirrors.values()}]
+            for name in state.mark_removed(applier.conn, dst.state_schema, slot, gone):
+                log.info("table no longer replicated: its mirror keeps its rows; if it comes "
+                         "back it is copied again", extra={"table": name})
+            states = {name: (st, lsn) for name, (st, lsn, _m) in synced.items()}
+            to_copy = [t for t in mirrors.values() if not _synced(synced, t, identities)]
+            if to_copy:
+                self.metrics.alive("copying")
+                try:
+                    sync_lsn = Backfill(cfg, to_copy, slot, self.stop_requested, self.metrics).run()
+                except CopyStopped:
+                    log.info("stopped during the initial copy: unfinished tables are copied "
+                             "again on the next run")
+                    return
+                for t in to_copy:
+                    states[t.source.qualname] = (state.COPIED, sync_lsn)
+                failpoints.hit(failpoints.STARTUP_COPIED)
+            # Streaming mirrors keep their columns: the stream alters them in
+            # order (a replayed older transaction must not see the newest catalog).
+            applier.prepare_tables(list(mirrors.values()), alter=False)
+            with applier.conn.transaction():
+                for t in mirrors.values():
+                    st, lsn = states[t.source.qualname]
+                    if st != state.STREAMING or \
+                            identities.get(t.source.qualname) != t.source.membership:
+                        state.set_table(applier.conn, dst.state_schema, slot, t,
+                                        state.STREAMING, lsn)
+            sync_lsns = {key: states[t.source.qualname][1] for key, t in mirrors.items()}
+
+            repl = ReplicationConnection(src.conninfo(
+                replication="database",
+                **({} if binary else {"options": TEXT_MODE_OPTIONS})))
+            repl.connect()
+            start = applied or 0
+            protocol = protocol_for(repl.server_version)
+
+            decoder = Decoder()
+            decoder.skip_before = start
+            repl.attach(decoder)
+            repl.start(slot, start, src.publication, protocol, binary)
+            self.progress.applied_lsn = start
+            self.metrics.alive("streaming")
+            for t in mirrors.values():
+                self.metrics.table_sync(t.qualname, state.STREAMING)
+            log.info("streaming", extra={
+                "slot": slot, "publication": src.publication, "from_lsn": format_lsn(start),
+                "protocol": protocol, "mode": "binary" if binary else "text",
+                "tables": len(mirrors), "target_lsn": format_lsn(sysinfo.xlogpos)
+                if self.until_caught_up else None})
+
+            applier_thread = threading.Thread(
+                target=self._apply_loop, args=(applier, handoff, sysinfo.system_id),
+                name="applier", daemon=True)
+            applier_thread.start()
+            Receiver(cfg, self.progress, self.metrics, self.stop_requested, repl, decoder,
+                     handoff, catalog, mirrors, sync_lsns, binary,
+                     sysinfo.xlogpos if self.until_caught_up else None).loop()
+        finally:
+            handoff.close()
+            if applier_thread is not None:
+                # Its connection is closed only once it is done: a batch still
+                # running could otherwise commit after the next session has
+                # read the applied position.
+                _stop_applier(applier_thread, applier)
+            if repl is not None:
+                repl.close()
+            applier.close()
+            catalog.close()
+
+    # -- the applier thread ----------------------------------------------
+
+    def _apply_loop(self, applier: Applier, handoff: Handoff, system_id: str) -> None:
+        while True:
+            batch = handoff.take()
+            if batch is None:
+                return
+            try:
+                result = applier.apply(batch, system_id=system_id)
+            except BaseException as exc:  # handed to the receiver, which raises it
+                handoff.fail(exc)
+                return
+            finally:
+                batch.close()
+            self.progress.applied_lsn = max(self.progress.applied_lsn, batch.end_lsn)
+            if batch.last_commit_ts:
+                self.progress.last_commit_ts = batch.last_commit_ts
+            if batch.txns:
+                lag = max(0.0, (pg_now() - batch.last_commit_ts) / 1e6)
+                self.metrics.lag.set(lag)
+                log.info("batch applied", extra={
+                    "txns": batch.txns, "rows": result.rows, "inserts": result.inserts,
+                    "updates": result.updates, "deletes": result.deletes,
+                    "dead_letters": result.dead_letters, "copies": result.copies,
+                    "memory_bytes": batch.memory_bytes, "seconds": round(result.seconds, 4),
+                    "lag_s": round(lag, 3), "lsn": format_lsn(batch.end_lsn)})
+            self.metrics.batch_applied(batch, result)
+            for op in batch.ops:
+                if isinstance(op, SyncDone):
+                    self.metrics.table_sync(op.table.qualname, state.STREAMING)
+
+
+def _synced(synced: dict[str, tuple[str, int, str]], t: MirrorTable,
+            identities: dict[str, str | None]) -> bool:
+    """Whether the table's mirror holds its rows and the stream only has to go on.
+
+    Not if the source table or its publication membership is another one than
+    the rows came from (dropped and created again, or dropped from the
+    publication and added back, while stopped): the stream has a gap there.
+    An identity not recorded yet (state from an older version) is trusted.
+    """
+    st, _lsn, mirror = synced.get(t.source.qualname, (state.PENDING, 0, ""))
+    identity = identities.get(t.source.qualname)
+    return st in (state.COPIED, state.STREAMING) and mirror == t.qualname \
+        and (identity is None or identity == t.source.membership)
+
+
+def _stop_applier(thread: threading.Thread, applier: Applier) -> None:
+    thread.join(timeout=5)
+    while thread.is_alive():
+        log.warning("waiting for the batch in flight to end before closing its connection")
+        applier.cancel()
+        thread.join(timeout=5)
+
+
+def run(config: Config, until_caught_up: bool = False) -> int:
+    pipeline = Pipeline(config, until_caught_up)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, pipeline.request_stop)
+        signal.signal(signal.SIGINT, pipeline.request_stop)
+    return pipeline.run()

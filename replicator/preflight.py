@@ -1,0 +1,161 @@
+"""Whether a configuration can replicate: the checks `replicator check` and each session run.
+
+Each check reads what it needs and returns what it found; a blocking problem
+is raised as the usual one-line ReplicatorError, with the fix as its hint.
+None of them changes anything (`run` creates a missing slot itself, after
+check_slot said it may).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import psycopg
+
+from . import state
+from .catalog import (
+    Slot,
+    may_replicate,
+    publication_exists,
+    publication_members,
+    publication_tables,
+    replication_slot,
+    wal_level,
+)
+from .classify import classify
+from .errors import ErrorKind, ReplicatorError
+from .lsn import format_lsn, parse_lsn
+from .schema import SourceTable, check_replicable, read_table
+from .settings import Config
+
+_LOST_HINT = ("the mirror misses changes: run `replicator resync --config PATH --all`, "
+              "then `replicator run` copies every table again")
+
+
+def discover_tables(catalog: psycopg.Connection, config: Config) -> list[SourceTable]:
+    """The published tables that are replicated, read from the source catalog.
+
+    Refuses a source without wal_level=logical, a missing publication, a
+    [mappings] entry the publication lacks, and a table without a key.
+    """
+    src = config.source
+    level = wal_level(catalog)
+    if level != "logical":
+        raise ReplicatorError(
+            ErrorKind.SOURCE_SETUP, f"the source has wal_level={level}",
+            "set wal_level = logical in the source's postgresql.conf and restart it")
+    if not publication_exists(catalog, src.publication):
+        raise ReplicatorError(
+            ErrorKind.SOURCE_SETUP,
+            f"publication {src.publication!r} does not exist in the source database",
+            f"create it: CREATE PUBLICATION {src.publication} FOR TABLE account_move, "
+            "account_move_line, res_partner, project_task, hr_expense, hr_expense_sheet")
+    published = publication_tables(catalog, src.publication)
+    names = {f"{s}.{t}" for s, t in published}
+    for source_name in config.mappings:
+        if source_name not in names:
+            raise ReplicatorError(
+                ErrorKind.SOURCE_SETUP,
+                f"[mappings] {source_name} is not in publication {src.publication!r}",
+                f"add it on the source: ALTER PUBLICATION {src.publication} "
+                f"ADD TABLE {source_name}; or remove the mapping")
+    members = publication_members(catalog, src.publication)
+    tables = [dataclasses.replace(read_table(catalog, s, t), membership=members.get((s, t), ""))
+              for s, t in published if config.target(s, t) is not None]
+    for t in tables:
+        check_replicable(t)
+    return tables
+
+
+def check_slot(catalog: psycopg.Connection, slot: str, applied: int | None) -> Slot | None:
+    """The replication slot, or None when it does not exist yet and may be created.
+
+    ``applied`` is the position the mirror has applied (None: nothing yet). A
+    slot gone, of another plugin or database, or ahead of the mirror is refused.
+    """
+    found = replication_slot(catalog, slot)
+    if found is None:
+        if applied is not None:
+            raise ReplicatorError(
+                ErrorKind.RESYNC_REQUIRED,
+                f"slot {slot!r} no longer exists on the source but the mirror was synced "
+                f"up to {format_lsn(applied)}: changes made since may be lost",
+                _LOST_HINT)
+        return None
+    if found.plugin != "pgoutput" or found.database != catalog.info.dbname:
+        raise ReplicatorError(
+            ErrorKind.SOURCE_SETUP,
+            f"slot {slot!r} exists but uses plugin {found.plugin!r} on database "
+            f"{found.database!r}",
+            "set [source] slot to another name, or drop that slot if it is unused")
+    if applied is not None and found.confirmed is not None \
+            and parse_lsn(found.confirmed) > applied:
+        raise ReplicatorError(
+            ErrorKind.RESYNC_REQUIRED,
+            f"slot {slot!r} has confirmed {found.confirmed} but the mirror only applied "
+            f"{format_lsn(applied)} (restored or failed-over destination?)",
+            _LOST_HINT)
+    return found
+
+
+def check_replication_role(catalog: psycopg.Connection, user: str) -> None:
+    """Refuse a source user without REPLICATION (and not a superuser)."""
+    if not may_replicate(catalog):
+        raise ReplicatorError(
+            ErrorKind.SOURCE_SETUP, f"source user {user!r} may not replicate",
+            f"run on the source: ALTER ROLE {user} WITH REPLICATION")
+
+
+def check_destination(dest: psycopg.Connection, config: Config) -> int | None:
+    """The position the mirror has applied (None: nothing yet); refuses a user who cannot
+    create the mirror's schemas."""
+    dst = config.destination
+    row = dest.execute("select has_database_privilege(current_user, "
+                       "current_database(), 'create')").fetchone()
+    if not (row and row[0]):
+        raise ReplicatorError(
+            ErrorKind.SOURCE_SETUP,
+            f"destination user {dst.user!r} cannot create schemas in {dst.database!r}",
+            f"run on the destination: GRANT CREATE ON DATABASE {dst.database} TO {dst.user}")
+    row = dest.execute("select to_regclass(%s) is not null",
+                       [f"{dst.state_schema}.pipelines"]).fetchone()
+    if not (row and row[0]):
+        return None
+    return state.applied_lsn(dest, dst.state_schema, config.source.slot)
+
+
+def check(config: Config) -> int:
+    """`replicator check`: can this configuration replicate? Changes nothing.
+
+    Prints one line per finding; raises the first blocking problem as the
+    usual one-line error, so the exit code says what kind it is.
+    """
+    src, dst = config.source, config.destination
+    try:
+        catalog = psycopg.connect(src.conninfo(), autocommit=True)
+    except psycopg.Error as exc:
+        raise classify(exc, settings=src) from None
+    with catalog:
+        tables = discover_tables(catalog, config)
+        check_replication_role(catalog, src.user)
+        # Only whether it exists: whether the mirror can resume from it is run's to judge,
+        # against the applied position.
+        slot = replication_slot(catalog, src.slot)
+        binary = all(c.builtin for t in tables for c in t.columns)
+        print(f"source OK: wal_level=logical, publication {src.publication} with "
+              f"{len(tables)} replicated table(s), {'binary' if binary else 'text'} mode; slot "
+              + (f"{src.slot} exists ({'active' if slot.active else 'inactive'})" if slot
+                 else f"{src.slot} will be created"))
+        for t in tables:
+            print(f"  {t.qualname:40} key ({', '.join(t.key)}) -> "
+                  f"{'.'.join(config.target(t.schema, t.name) or ())}")
+    try:
+        dest = psycopg.connect(dst.conninfo(), autocommit=True)
+    except psycopg.Error as exc:
+        raise classify(exc, settings=dst) from None
+    with dest:
+        applied = check_destination(dest, config)
+        print(f"destination OK: mirror schema {dst.schema}, state schema {dst.state_schema}; "
+              + (f"applied up to {format_lsn(applied)}" if applied is not None
+                 else "nothing replicated yet (the first run copies the existing rows)"))
+    return 0

@@ -1,0 +1,473 @@
+"""The receiver: reads and decodes the stream, closes batches, never goes silent.
+
+It runs on the session's calling thread: it answers keepalives, reports the
+durably applied position, follows Relation and Truncate messages, and runs
+the copies of tables added to the publication (or resynced) while the
+stream goes on. Closed batches go to the applier thread through a Handoff.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+import time
+
+import psycopg
+
+from . import state
+from ._decode import (
+    EV_COMMIT,
+    EV_COPY_DONE,
+    EV_ERROR,
+    EV_KEEPALIVE,
+    EV_LIMIT,
+    EV_RELATION,
+    EV_STREAM_ABORT,
+    EV_STREAM_COMMIT,
+    EV_STREAM_START,
+    EV_STREAM_STOP,
+    EV_TRUNCATE,
+    EV_WOULD_BLOCK,
+    Decoder,
+)
+from .backfill import Backfill, CopyStopped
+from .batch import AlterTable, Batch, SyncDone, SyncStart, Truncate
+from .catalog import column_type, publication_members, publication_tables
+from .errors import ErrorKind, ReplicatorError
+from .handoff import Handoff, Progress
+from .lsn import format_lsn
+from .metrics import Metrics
+from .schema import Column, MirrorTable, check_replicable, column_origins, read_table
+from .settings import Config
+from .source import ReplicationConnection
+
+log = logging.getLogger(__name__)
+
+STATUS_INTERVAL = 5.0      # seconds between standby status updates when nothing changes
+IDLE_PROBE_INTERVAL = 1.0  # how often an idle receiver asks the source where WAL ends
+PUMP_MESSAGES = 20000      # messages decoded between looks at memory, status and signals
+POLL_INTERVAL = 2.0        # how often to look for tables added to the publication or resyncs
+
+
+class SessionRestart(Exception):
+    """The session starts over from the applied position; not a failure (no retry counted)."""
+
+
+class Receiver:
+    """One session's stream, from START_REPLICATION until it stops, catches up or fails.
+
+    ``progress`` is the applier's (read here for status updates), ``stop`` the
+    pipeline's stop request, ``target`` the LSN to catch up to (or None: run on).
+    """
+
+    def __init__(self, config: Config, progress: Progress, metrics: Metrics,
+                 stop: threading.Event, repl: ReplicationConnection, decoder: Decoder,
+                 handoff: Handoff, catalog: psycopg.Connection,
+                 mirrors: dict[tuple[str, str], MirrorTable], sync_lsns: dict[tuple[str, str], int],
+                 binary: bool, target: int | None):
+        self.cfg = config
+        self.progress = progress
+        self.metrics = metrics
+        self.stop_requested = stop
+        self.repl = repl
+        self.dec = decoder
+        self.handoff = handoff
+        self.catalog = catalog
+        self.mirrors = mirrors
+        # A table's changes from transactions committed before its copy's
+        # snapshot are in the copy already: the decoder drops them.
+        self.sync_lsns = sync_lsns
+        self.binary = binary
+        self.by_relid: dict[int, MirrorTable] = {}
+        self.layouts: dict[int, tuple] = {}
+        # The layout each mirror was last altered to in this session.
+        self.altered: dict[tuple[str, str], tuple] = {}
+        self.types: dict[tuple[int, int], tuple[str, int]] = {}
+        self.target = target
+        self.batch = Batch()
+        self.sent_flush = -1
+        self.last_status = 0.0
+        self.last_probe = 0.0
+        self.received = 0
+        # Copies running while the stream goes on (added tables, resyncs).
+        self.syncing: dict[tuple[str, str], threading.Thread] = {}
+        self.sync_results: queue.Queue = queue.Queue()
+        self.sync_stop = threading.Event()
+        self.refused: set[tuple[str, str]] = set()
+        self.last_poll = time.monotonic()
+        self.poll_conn: psycopg.Connection | None = None
+        # Decoded rows kept in memory before spilling: a quarter of the budget,
+        # since a batch also exists as bytes handed to the applier, and one
+        # more batch can wait for it.
+        self.memory_limit = self.cfg.destination.max_memory_mb * (1 << 20) // 4
+
+    # -- main loop -------------------------------------------------------
+
+    def loop(self) -> None:
+        try:
+            self._loop()
+        finally:
+            self.sync_stop.set()
+            for th in self.syncing.values():
+                th.join(timeout=30)
+            if self.poll_conn is not None:
+                self.poll_conn.close()
+
+    def _loop(self) -> None:
+        dec, stop = self.dec, self.stop_requested
+        while True:
+            self._check_applier()
+            if (stop.is_set() or self._caught_up()) and not dec.in_txn:
+                self._finish()
+                return
+            if not dec.in_txn:
+                self._sync_progress()
+            ev = dec.pump(PUMP_MESSAGES)
+            self.received = max(self.received, dec.wal_start)
+            if ev == EV_WOULD_BLOCK:
+                self.metrics.alive()
+                self._maybe_close(idle=True)
+                self._maybe_status()
+                if self._nothing_pending():
+                    self.metrics.lag.set(0)
+                self.repl.wait_readable(0.2)
+            elif ev == EV_COMMIT:
+                if not dec.skipping:
+                    self.batch.commit(dec.end_lsn, dec.commit_ts)
+                self._maybe_close()
+                self._maybe_status()
+            elif ev == EV_KEEPALIVE:
+                self._on_keepalive()
+            elif ev == EV_RELATION:
+                self._on_relation(dec.event)
+            elif ev == EV_TRUNCATE:
+                self._on_truncate(dec.event)
+            elif ev == EV_LIMIT:
+                self.metrics.alive()
+                self._maybe_status()
+            if dec.buffered_bytes > self.memory_limit:
+                # A transaction larger than memory: its rows go to temporary
+                # files and are streamed into staging when the batch applies.
+                moved = self.batch.spill(dec.take())
+                log.info("batch spilled to disk", extra={"bytes": moved,
+                                                         "limit_bytes": self.memory_limit})
+            elif ev in (EV_COPY_DONE, EV_ERROR):
+                reason = self.repl.end_result() or \
+                    self.repl.pgconn.error_message.decode('utf-8', 'replace').strip()
+                raise ReplicatorError(
+                    ErrorKind.SOURCE_CONNECT, f"the source ended the replication stream: {reason}",
+                    "the replicator reconnects and resumes from the last applied position")
+            elif ev in (EV_STREAM_START, EV_STREAM_STOP, EV_STREAM_COMMIT, EV_STREAM_ABORT):
+                raise ReplicatorError(ErrorKind.PROTOCOL,
+                                      "the source streams an in-progress transaction, which "
+                                      "this replicator did not ask for", "report this as a bug")
+            # Begin, Origin, Type and logical decoding Messages need nothing here.
+
+    def _caught_up(self) -> bool:
+        return self.target is not None and self.progress.applied_lsn >= self.target \
+            and not self.syncing and self._nothing_pending()
+
+    def _check_applier(self) -> None:
+        if self.handoff.error is not None:
+            raise self.handoff.error
+
+    # -- batches ---------------------------------------------------------
+
+    def _pending_rows(self) -> int:
+        return self.batch.rows + self.dec.batch_rows + self.batch.spilled_rows
+
+    def _maybe_close(self, idle: bool = False) -> None:
+        """Hand the batch over at a transaction boundary when it is time."""
+        if self.dec.in_txn or self.batch.empty:
+            return
+        full = self._pending_rows() >= self.cfg.destination.batch_size
+        old = time.monotonic() - self.batch.opened >= self.cfg.destination.flush_interval
+        if self.handoff.idle() or full or (old and idle):
+            self._close(block=full)
+
+    def _close(self, block: bool) -> None:
+        # The decoder's rows are taken only once the hand-off has room: taken
+        # early, they would leave the decoder's memory accounting (and its
+        # spilling) while the batch keeps growing, and each take would become
+        # one more COPY and MERGE per table. Only this thread offers, so the
+        # room cannot go away before the offer below.
+        while not self.handoff.has_room(timeout=1.0 if block else 0.0):
+            self._check_applier()
+            if not block:
+                return      # the applier is busy and the batch is not full: keep filling it
+            # Backpressure: stop reading, but keep the source from timing us out.
+            self._send_status()
+        batch = self.batch
+        batch.add_rows(self.dec.take(), self.by_relid)
+        if not batch.end_lsn:
+            # Only table-sync operations, no transaction: the position stays
+            # (the state never stores a lower one than it has).
+            batch.end_lsn = self.progress.applied_lsn
+        if not self.handoff.offer(batch, timeout=0.0):
+            self._check_applier()
+            raise ReplicatorError(ErrorKind.INTERNAL,
+                                  "the hand-off refused a batch it had room for",
+                                  "report this as a bug; the batch is replayed after the restart")
+        self.batch = Batch()
+
+    def _finish(self) -> None:
+        # A copy that finished in the meantime is handed over with this last
+        # batch, so it is not copied again at the next start.
+        self._collect_syncs()
+        if not self.batch.empty:
+            self._close(block=True)
+        while not self.handoff.wait_idle(1.0):
+            self._check_applier()
+            self._send_status()
+        self._check_applier()
+        self._send_status()
+        log.info("stopped" if self.stop_requested.is_set() else "caught up",
+                 extra={"applied_lsn": format_lsn(self.progress.applied_lsn)})
+
+    # -- status ----------------------------------------------------------
+
+    def _send_status(self, reply: bool = False) -> None:
+        flush = self.progress.applied_lsn
+        self.repl.send_status(max(self.received, flush), flush, flush, reply)
+        self.sent_flush = flush
+        self.last_status = time.monotonic()
+
+    def _maybe_status(self) -> None:
+        now = time.monotonic()
+        if self.progress.applied_lsn != self.sent_flush \
+                or now - self.last_status >= STATUS_INTERVAL:
+            self._send_status()
+        if self.target is not None and self._nothing_pending() \
+                and now - self.last_probe >= IDLE_PROBE_INTERVAL:
+            # Ask for a keepalive: it tells where the source's WAL ends, which
+            # is how we learn that only unpublished tables changed since.
+            self.last_probe = now
+            self._send_status(reply=True)
+
+    def _nothing_pending(self) -> bool:
+        return (not self.dec.in_txn and self.batch.empty and self.dec.batch_rows == 0
+                and self.handoff.idle())
+
+    def _on_keepalive(self) -> None:
+        wal_end = self.dec.wal_end
+        if self._nothing_pending() and wal_end > self.progress.applied_lsn:
+            # Everything up to wal_end was sent and nothing of it is ours:
+            # record that in the destination before confirming it, so the
+            # slot stops holding WAL for tables we do not replicate.
+            marker = Batch(end_lsn=wal_end)
+            self.handoff.offer(marker, timeout=0.0)
+        if self.dec.reply_requested:
+            self._send_status()
+
+    # -- relations and truncates ------------------------------------------
+
+    def _on_relation(self, event) -> None:
+        relid, nspname, relname, replident, cols, _xid = event
+        key = (nspname, relname)
+        t = self.mirrors.get(key)
+        if t is None and key not in self.refused and self.cfg.target(nspname, relname) is not None \
+                and key in publication_tables(self.catalog, self.cfg.source.publication):
+            # Added to the publication while we run: copy it, hold its changes
+            # meanwhile. (A table that already left it again may still be
+            # described by changes made before it left: those are not a reason
+            # to copy it.)
+            self._start_sync(key)
+            t = self.mirrors.get(key)
+        if t is None:
+            if relid not in self.layouts:
+                self.dec.define(relid, len(cols), [], False)
+                self.layouts[relid] = None
+            return
+        columns = tuple(self._column(name, typoid, typmod) for _f, name, typoid, typmod in cols)
+        if replident in ("d", "i"):
+            key_cols = tuple(name for flags, name, _o, _m in cols if flags & 1)
+        else:
+            key_cols = t.source.key
+        # The full type (typmod included): numeric(10,2) -> (12,4) is a change.
+        layout = (tuple((c.name, c.type_sql) for c in columns), key_cols)
+        differs = t.columns != columns or t.source.key != key_cols
+        if key in self.syncing:
+            if differs:
+                raise ReplicatorError(
+                    ErrorKind.PROTOCOL, f"the columns of {t.source.qualname} changed while it "
+                    "was being copied", "the replicator restarts and copies it again")
+            # The copy brings the mirror to these columns.
+            self.altered[key] = layout
+        # The mirror follows only Relation messages of transactions that are
+        # applied, in stream order: one replayed from before the applied
+        # position or the table's copy describes an older table. A later DDL
+        # always brings a fresh Relation message before the next change.
+        applies = not self.dec.skipping and self.dec.final_lsn >= self.sync_lsns.get(key, 0)
+        alter = applies and self.altered.get(key) != layout
+        if self.layouts.get(relid) == layout and not alter:
+            return
+        # Rows already buffered belong to the old layout: apply them first.
+        self.batch.add_rows(self.dec.take(), self.by_relid)
+        if differs:
+            source = dataclasses.replace(t.source, columns=columns, key=key_cols)
+            t = MirrorTable(source, t.dest_schema, t.dest_name, t.state_schema, t.binary,
+                            columns=columns)
+            self.mirrors[key] = t
+        if alter:
+            self.altered[key] = layout
+            origins = column_origins(self.catalog, t.source.oid, columns)
+            self.batch.ops.append(AlterTable(t, origins))
+            if differs:
+                log.info("table columns changed at the source", extra={
+                    "table": t.source.qualname, "columns": [c.name for c in columns]})
+        elif key not in self.syncing:
+            # Rows of skipped transactions are parsed (to be dropped) with
+            # this layout, and the next applied ones may use it too.
+            self.batch.ops.append(AlterTable(t, alter=False))
+        t.relid = relid
+        self.by_relid[relid] = t
+        self.dec.define(relid, len(columns), t.key_idx, True, self.sync_lsns.get(key, 0))
+        self.layouts[relid] = layout
+
+    def _column(self, name: str, typoid: int, typmod: int) -> Column:
+        known = self.types.get((typoid, typmod))
+        if known is None:
+            known = self.types[(typoid, typmod)] = column_type(self.catalog, typoid, typmod)
+        type_sql, typlen = known
+        return Column(name, type_sql, typoid, typlen)
+
+    def _on_truncate(self, event) -> None:
+        options, relids, _xid = event
+        # Like rows: a truncate committed before a table's copy snapshot is in
+        # the copy already (replaying it would empty the copied mirror).
+        lsn = self.dec.final_lsn
+        tables = [t for t in (self.by_relid[r] for r in relids if r in self.by_relid)
+                  if lsn >= self.sync_lsns.get((t.source.schema, t.source.name), 0)]
+        if not tables:
+            return
+        self.batch.add_rows(self.dec.take(), self.by_relid)
+        self.batch.ops.append(Truncate(tables, bool(options & 1), bool(options & 2),
+                                       lsn=self.dec.final_lsn, seq=self.dec.seq))
+
+    # -- tables copied while the stream runs --------------------------------
+
+    def _sync_progress(self) -> None:
+        """Between transactions: look for new work, and hand finished copies over."""
+        now = time.monotonic()
+        if now - self.last_poll >= POLL_INTERVAL:
+            self.last_poll = now
+            self._poll()
+        self._collect_syncs()
+
+    def _collect_syncs(self) -> None:
+        while True:
+            try:
+                key, t, result = self.sync_results.get_nowait()
+            except queue.Empty:
+                return
+            self.syncing.pop(key).join()
+            if isinstance(result, BaseException):
+                raise result
+            # Rows decoded so far were held; from here on the decoder drops
+            # what the copy already has.
+            self.batch.add_rows(self.dec.take(), self.by_relid)
+            self.batch.ops.append(SyncDone(t, result))
+            self.sync_lsns[key] = result
+            if t.relid and t.relid in self.by_relid:
+                self.dec.set_skip(t.relid, result)
+
+    def _poll(self) -> None:
+        src, dst = self.cfg.source, self.cfg.destination
+        members = publication_members(self.catalog, src.publication)
+        published = set(members)
+        for key, t in self.mirrors.items():
+            if key in published and key not in self.syncing and t.source.membership \
+                    and members[key] != t.source.membership:
+                # Dropped and created again, or dropped from the publication and
+                # added back, since the last poll: the stream may have missed
+                # changes. The next session's start copies it again (its sync
+                # state still holds the old identity).
+                log.info("table was recreated or rejoined the publication: copied again",
+                         extra={"table": t.source.qualname})
+                raise SessionRestart(f"{t.source.qualname} changed identity at the source")
+        for key in sorted(published):
+            if key not in self.mirrors and key not in self.refused \
+                    and self.cfg.target(*key) is not None:
+                self._start_sync(key)
+        if self.poll_conn is None:
+            self.poll_conn = psycopg.connect(dst.conninfo(), autocommit=True)
+        gone = [key for key in self.mirrors if key not in published and key not in self.syncing]
+        if gone:
+            self._remove(gone)
+        states = state.table_states(self.poll_conn, dst.state_schema, src.slot)
+        for key, t in list(self.mirrors.items()):
+            if states.get(t.source.qualname, ("",))[0] == state.PENDING and key not in self.syncing:
+                log.info("resync requested", extra={"table": t.source.qualname})
+                self._start_sync(key)
+
+    def _remove(self, keys: list[tuple[str, str]]) -> None:
+        """Tables that left the publication: their mirrors stop changing.
+
+        Changes the stream still sends for them (from before they left) are
+        dropped; if a table comes back it is copied again, so nothing made
+        in between is missed.
+        """
+        self.batch.add_rows(self.dec.take(), self.by_relid)
+        for key in keys:
+            t = self.mirrors.pop(key)
+            if t.relid in self.by_relid:
+                del self.by_relid[t.relid]
+                self.layouts.pop(t.relid, None)
+                self.dec.define(t.relid, len(t.columns), [], False)
+            self.sync_lsns.pop(key, None)
+            self.altered.pop(key, None)
+        names = state.mark_removed(self.poll_conn, self.cfg.destination.state_schema,
+                                   self.cfg.source.slot, [f"{s}.{n}" for s, n in keys])
+        for name in names:
+            log.info("table left the publication: its mirror keeps its rows; if it comes back "
+                     "it is copied again", extra={"table": name})
+
+    def _start_sync(self, key: tuple[str, str]) -> None:
+        t = self.mirrors.get(key)
+        if t is None:
+            members = publication_members(self.catalog, self.cfg.source.publication)
+            source = dataclasses.replace(read_table(self.catalog, *key),
+                                         membership=members.get(key, ""))
+            try:
+                check_replicable(source)
+            except ReplicatorError as exc:
+                self.refused.add(key)
+                log.error("table added to the publication cannot be replicated",
+                          extra={"table": source.qualname, "error": exc.message, "hint": exc.hint})
+                return
+            if self.binary and not all(c.builtin for c in source.columns):
+                raise ReplicatorError(
+                    ErrorKind.PROTOCOL, f"table {source.qualname} added to the publication has "
+                    "user-defined column types", "the replicator restarts in text mode to copy it")
+            t = MirrorTable(source, *self.cfg.target(*key),
+                            state_schema=self.cfg.destination.state_schema, binary=self.binary)
+            self.mirrors[key] = t
+            log.info("table added to the publication", extra={"table": source.qualname})
+        self.batch.add_rows(self.dec.take(), self.by_relid)
+        op = SyncStart(t)
+        self.batch.ops.append(op)
+        self.sync_lsns[key] = 0
+        if t.relid and t.relid in self.by_relid:
+            self.dec.set_skip(t.relid, 0)
+        th = threading.Thread(target=self._copy_table, args=(key, t, op), daemon=True,
+                              name=f"sync-{t.dest_name}")
+        self.syncing[key] = th
+        th.start()
+
+    def _copy_table(self, key, t: MirrorTable, op: SyncStart) -> None:
+        try:
+            # Copy only once the applier holds the table's changes, so nothing
+            # it applies afterwards lands on top of the copy.
+            while not op.applied.wait(0.5):
+                if self.sync_stop.is_set():
+                    return
+            self.metrics.table_sync(t.qualname, state.COPYING)
+            lsn = Backfill(self.cfg, [t], self.cfg.source.slot, self.sync_stop, self.metrics,
+                           live=True).run()
+            self.sync_results.put((key, t, lsn))
+        except CopyStopped:
+            pass  # the receiver is stopping; the table stays pending for the next run
+        except BaseException as exc:
+            self.sync_results.put((key, t, exc))
