@@ -420,7 +420,7 @@ def _drain(conn: pq.PGconn) -> str:
                 pass
 
 
-def primary_key_sql(t: MirrorTable) -> sql.Composable:
+def primary_key_sql(t: MirrorTable) -> sql.Composed:
     name = f"{t.dest_name[:58]}_pkey"
     return sql.SQL(
         "do $$ begin if not exists (select 1 from pg_constraint where conrelid = {reg}::regclass "

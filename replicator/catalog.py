@@ -127,7 +127,7 @@ def publication_members(conn: psycopg.Connection, publication: str) -> dict[tupl
     15+), else "all" (FOR ALL TABLES).
     """
     by_schema = PUBLICATION_MEMBERS_BY_SCHEMA_SQL if conn.info.server_version >= 150000 else ""
-    query = sql.SQL(PUBLICATION_MEMBERS_SQL.format(by_schema=by_schema))  # type: ignore[arg-type]
+    query = sql.SQL(PUBLICATION_MEMBERS_SQL.format(by_schema=by_schema))
     return {(s, t): m for s, t, m in conn.execute(query, [publication])}
 
 
@@ -153,7 +153,7 @@ def column_type(conn: psycopg.Connection, typoid: int, typmod: int) -> tuple[str
 def column_origins(conn: psycopg.Connection,
                    oid: int) -> list[tuple[int, str, str, bool, str | None]]:
     """attnum, name, format_type, has a default, fast default text, of each column now."""
-    return [tuple(r) for r in conn.execute(COLUMN_ORIGINS_SQL, [oid])]  # type: ignore[misc]
+    return [tuple(r) for r in conn.execute(COLUMN_ORIGINS_SQL, [oid])]
 
 
 def table_size(conn: psycopg.Connection, oid: int) -> tuple[int, int]:

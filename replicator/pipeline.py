@@ -111,7 +111,8 @@ class Pipeline:
         if not isinstance(exc, ReplicatorError):
             return classify(exc)
         cause = exc.__cause__
-        if exc.kind is ErrorKind.DESTINATION_CONNECT and is_connect_failure(cause):
+        if exc.kind is ErrorKind.DESTINATION_CONNECT and cause is not None \
+                and is_connect_failure(cause):
             # The applier wraps every failed connect alike; what the server said decides
             # whether waiting can help (a missing database or role, a wrong password: no).
             dst = self.config.destination
@@ -155,17 +156,18 @@ class Pipeline:
             tables = discover_tables(catalog, cfg)
             binary = all(c.builtin for t in tables for c in t.columns)
             mirrors = {(t.schema, t.name): MirrorTable(
-                t, *cfg.target(t.schema, t.name), state_schema=dst.state_schema, binary=binary)
+                t, *_target(cfg, t.schema, t.name), state_schema=dst.state_schema,
+                binary=binary)
                 for t in tables}
 
-            applier.connect()
-            state.setup(applier.conn, dst.state_schema)
-            applied = state.applied_lsn(applier.conn, dst.state_schema, slot)
+            dest = applier.connect()
+            state.setup(dest, dst.state_schema)
+            applied = state.applied_lsn(dest, dst.state_schema, slot)
 
             repl = ReplicationConnection(src.conninfo(replication="database"))
             repl.connect()
             sysinfo = repl.identify_system()
-            synced_from = state.system_id(applier.conn, dst.state_schema, slot)
+            synced_from = state.system_id(dest, dst.state_schema, slot)
             if synced_from and synced_from != sysinfo.system_id:
                 raise ReplicatorError(
                     ErrorKind.RESYNC_REQUIRED,
@@ -184,11 +186,11 @@ class Pipeline:
             # mid-copy lands here again), that left the publication and came
             # back, or that are now mapped to another mirror table, are copied
             # before streaming starts.
-            synced = state.table_sync(applier.conn, dst.state_schema, slot)
-            identities = state.source_identities(applier.conn, dst.state_schema, slot)
+            synced = state.table_sync(dest, dst.state_schema, slot)
+            identities = state.source_identities(dest, dst.state_schema, slot)
             gone = [name for name in synced
                     if name not in {t.source.qualname for t in mirrors.values()}]
-            for name in state.mark_removed(applier.conn, dst.state_schema, slot, gone):
+            for name in state.mark_removed(dest, dst.state_schema, slot, gone):
                 log.info("table no longer replicated: its mirror keeps its rows; if it comes "
                          "back it is copied again", extra={"table": name})
             states = {name: (st, lsn) for name, (st, lsn, _m) in synced.items()}
@@ -207,12 +209,12 @@ class Pipeline:
             # Streaming mirrors keep their columns: the stream alters them in
             # order (a replayed older transaction must not see the newest catalog).
             applier.prepare_tables(list(mirrors.values()), alter=False)
-            with applier.conn.transaction():
+            with dest.transaction():
                 for t in mirrors.values():
                     st, lsn = states[t.source.qualname]
                     if st != state.STREAMING or \
                             identities.get(t.source.qualname) != t.source.membership:
-                        state.set_table(applier.conn, dst.state_schema, slot, t,
+                        state.set_table(dest, dst.state_schema, slot, t,
                                         state.STREAMING, lsn)
             sync_lsns = {key: states[t.source.qualname][1] for key, t in mirrors.items()}
 
@@ -301,6 +303,13 @@ def _synced(synced: dict[str, tuple[str, int, str]], t: MirrorTable,
     identity = identities.get(t.source.qualname)
     return st in (state.COPIED, state.STREAMING) and mirror == t.qualname \
         and (identity is None or identity == t.source.membership)
+
+
+def _target(config: Config, schema: str, table: str) -> tuple[str, str]:
+    """The mirror table of a source table discover_tables kept (so it is mapped)."""
+    target = config.target(schema, table)
+    assert target is not None, f"{schema}.{table} is not mapped"
+    return target
 
 
 def _stop_applier(thread: threading.Thread, applier: Applier) -> None:

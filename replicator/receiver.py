@@ -81,7 +81,7 @@ class Receiver:
         self.sync_lsns = sync_lsns
         self.binary = binary
         self.by_relid: dict[int, MirrorTable] = {}
-        self.layouts: dict[int, tuple] = {}
+        self.layouts: dict[int, tuple | None] = {}
         # The layout each mirror was last altered to in this session.
         self.altered: dict[tuple[str, str], tuple] = {}
         self.types: dict[tuple[int, int], tuple[str, int]] = {}
@@ -154,8 +154,9 @@ class Receiver:
                 log.info("batch spilled to disk", extra={"bytes": moved,
                                                          "limit_bytes": self.memory_limit})
             elif ev in (EV_COPY_DONE, EV_ERROR):
-                reason = self.repl.end_result() or \
-                    self.repl.pgconn.error_message.decode('utf-8', 'replace').strip()
+                pgconn = self.repl.pgconn
+                reason = self.repl.end_result() or (pgconn.error_message.decode(
+                    'utf-8', 'replace').strip() if pgconn is not None else "")
                 raise ReplicatorError(
                     ErrorKind.SOURCE_CONNECT, f"the source ended the replication stream: {reason}",
                     "the replicator reconnects and resumes from the last applied position")
@@ -263,7 +264,7 @@ class Receiver:
 
     # -- relations and truncates ------------------------------------------
 
-    def _on_relation(self, event) -> None:
+    def _on_relation(self, event: tuple) -> None:
         relid, nspname, relname, replident, cols, _xid = event
         key = (nspname, relname)
         t = self.mirrors.get(key)
@@ -333,7 +334,7 @@ class Receiver:
         type_sql, typlen = known
         return Column(name, type_sql, typoid, typlen)
 
-    def _on_truncate(self, event) -> None:
+    def _on_truncate(self, event: tuple) -> None:
         options, relids, _xid = event
         # Like rows: a truncate committed before a table's copy snapshot is in
         # the copy already (replaying it would empty the copied mirror).
@@ -418,6 +419,7 @@ class Receiver:
                 self.dec.define(t.relid, len(t.columns), [], False)
             self.sync_lsns.pop(key, None)
             self.altered.pop(key, None)
+        assert self.poll_conn is not None, "_poll connects before it removes"
         names = state.mark_removed(self.poll_conn, self.cfg.destination.state_schema,
                                    self.cfg.source.slot, [f"{s}.{n}" for s, n in keys])
         for name in names:
@@ -441,7 +443,9 @@ class Receiver:
                 raise ReplicatorError(
                     ErrorKind.PROTOCOL, f"table {source.qualname} added to the publication has "
                     "user-defined column types", "the replicator restarts in text mode to copy it")
-            t = MirrorTable(source, *self.cfg.target(*key),
+            target = self.cfg.target(*key)
+            assert target is not None, "only mapped tables are synced"
+            t = MirrorTable(source, *target,
                             state_schema=self.cfg.destination.state_schema, binary=self.binary)
             self.mirrors[key] = t
             log.info("table added to the publication", extra={"table": source.qualname})
@@ -456,7 +460,7 @@ class Receiver:
         self.syncing[key] = th
         th.start()
 
-    def _copy_table(self, key, t: MirrorTable, op: SyncStart) -> None:
+    def _copy_table(self, key: tuple[str, str], t: MirrorTable, op: SyncStart) -> None:
         try:
             # Copy only once the applier holds the table's changes, so nothing
             # it applies afterwards lands on top of the copy.

@@ -76,7 +76,7 @@ class MirrorTable:
     relid: int = 0
     staging: str = field(default="")
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not self.columns:
             self.columns = self.source.columns
         self.staging = staging_name(self)
@@ -139,7 +139,7 @@ def check_replicable(table: SourceTable) -> None:
 # -- destination DDL -------------------------------------------------------
 
 
-def create_mirror_sql(t: MirrorTable, with_key: bool = True) -> list[sql.Composable]:
+def create_mirror_sql(t: MirrorTable, with_key: bool = True) -> list[sql.Composed]:
     """The mirror table; without its key when an initial copy adds it after the data."""
     cols = [sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(c.mirror_type))
             for c in t.columns]
@@ -152,9 +152,10 @@ def create_mirror_sql(t: MirrorTable, with_key: bool = True) -> list[sql.Composa
     ]
 
 
-def create_staging_sql(t: MirrorTable) -> sql.Composable:
+def create_staging_sql(t: MirrorTable) -> sql.Composed:
     by_name = {c.name: c for c in t.columns}
-    parts = [sql.SQL("_r_seq int8"), sql.SQL("_r_lsn int8"), sql.SQL('_r_op "char"')]
+    parts: list[sql.Composable] = [
+        sql.SQL("_r_seq int8"), sql.SQL("_r_lsn int8"), sql.SQL('_r_op "char"')]
     parts += [sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(t.staging_type(c)))
               for c in t.columns]
     parts += [sql.SQL("{} {}").format(sql.Identifier(f"_r_ok{i}"),
@@ -165,7 +166,7 @@ def create_staging_sql(t: MirrorTable) -> sql.Composable:
         t.stage, sql.SQL(", ").join(parts))
 
 
-def create_held_sql(t: MirrorTable) -> sql.Composable:
+def create_held_sql(t: MirrorTable) -> sql.Composed:
     return sql.SQL("create table if not exists {} (like {})").format(t.held, t.stage)
 
 
@@ -209,7 +210,7 @@ def column_origins(conn: psycopg.Connection, oid: int,
 
 @dataclass
 class MirrorPlan:
-    statements: list[tuple[sql.Composable, tuple | None]]  # (stmt, (column, from, to) of a cast)
+    statements: list[tuple[sql.Composed, tuple | None]]  # (stmt, (column, from, to) of a cast)
     attnums: dict[int, str]       # source attnum -> mirror column, after the plan
     recopy: list[str]             # columns added whose existing rows the stream cannot fill
 
@@ -251,7 +252,7 @@ def plan_mirror(t: MirrorTable, existing: dict[str, str], remembered: dict[int, 
             claimed.add(old)
         olds.append(old)
 
-    out: list[tuple[sql.Composable, tuple | None]] = []
+    out: list[tuple[sql.Composed, tuple | None]] = []
     names = set(existing)
 
     def rename(a: str, b: str) -> None:
@@ -315,11 +316,12 @@ def plan_mirror(t: MirrorTable, existing: dict[str, str], remembered: dict[int, 
 
 def alter_mirror_sql(t: MirrorTable, existing: dict[str, str],
                      remembered: dict[int, str] | None = None,
-                     origins: tuple[Origin, ...] | None = None) -> list[sql.Composable]:
+                     origins: tuple[Origin, ...] | None = None) -> list[sql.Composed]:
     """Bring an existing mirror table up to the stream's columns (see plan_mirror)."""
     return [s for s, _ in plan_mirror(t, existing, remembered or {}, origins).statements]
 
 
 def mirror_exists(conn: psycopg.Connection, t: MirrorTable) -> bool:
-    return conn.execute("select to_regclass(%s) is not null",
-                        [t.dest.as_string(conn)]).fetchone()[0]
+    row = conn.execute("select to_regclass(%s) is not null",
+                       [t.dest.as_string(conn)]).fetchone()
+    return bool(row and row[0])

@@ -11,11 +11,15 @@ from __future__ import annotations
 import importlib.resources
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import psycopg
 from psycopg import sql
 
 from .lsn import format_lsn, parse_lsn
+
+if TYPE_CHECKING:  # schema.py does not import state.py, but the type is all this needs
+    from .schema import MirrorTable
 
 # The state schema's versions: replicator/sql/state/NNN_name.sql, run in NNN order,
 # each once per state schema. A file is never edited once released (deployments
@@ -145,7 +149,8 @@ PENDING, COPYING, COPIED, STREAMING, REMOVED = (
     "pending", "copying", "copied", "streaming", "removed")
 
 
-def set_table(conn, state_schema: str, slot: str, table, table_state: str,
+def set_table(conn: psycopg.Connection,
+              state_schema: str, slot: str, table: MirrorTable, table_state: str,
               sync_lsn: int | None = None, rows: int | None = None) -> None:
     """Record a table's sync state (conn: a connection or a cursor).
 
@@ -169,7 +174,8 @@ def set_table(conn, state_schema: str, slot: str, table, table_state: str,
     )
 
 
-def source_identities(conn, state_schema: str, slot: str) -> dict[str, str | None]:
+def source_identities(conn: psycopg.Connection,
+                      state_schema: str, slot: str) -> dict[str, str | None]:
     """source table -> the identity its mirror rows came from (None: not recorded yet)."""
     rows = conn.execute(
         sql.SQL("select source_table, source_identity from {}.tables where slot = %s").format(
@@ -177,12 +183,14 @@ def source_identities(conn, state_schema: str, slot: str) -> dict[str, str | Non
     return dict(rows)
 
 
-def table_states(conn, state_schema: str, slot: str) -> dict[str, tuple[str, int]]:
+def table_states(conn: psycopg.Connection,
+                 state_schema: str, slot: str) -> dict[str, tuple[str, int]]:
     """source table -> (state, sync_lsn)."""
     return {name: (st, lsn) for name, (st, lsn, _m) in table_sync(conn, state_schema, slot).items()}
 
 
-def table_sync(conn, state_schema: str, slot: str) -> dict[str, tuple[str, int, str]]:
+def table_sync(conn: psycopg.Connection,
+               state_schema: str, slot: str) -> dict[str, tuple[str, int, str]]:
     """source table -> (state, sync_lsn, mirror table it was synced into)."""
     rows = conn.execute(
         sql.SQL("select source_table, state, sync_lsn::text, mirror_table from {}.tables "
@@ -190,7 +198,8 @@ def table_sync(conn, state_schema: str, slot: str) -> dict[str, tuple[str, int, 
     return {name: (st, parse_lsn(lsn), mirror) for name, st, lsn, mirror in rows}
 
 
-def mark_removed(conn, state_schema: str, slot: str, source_tables: list[str]) -> list[str]:
+def mark_removed(conn: psycopg.Connection,
+                 state_schema: str, slot: str, source_tables: list[str]) -> list[str]:
     """Tables no longer replicated: a later return to the publication copies them again."""
     cur = conn.execute(
         sql.SQL("update {}.tables set state = 'removed', updated_at = now() "
@@ -200,7 +209,8 @@ def mark_removed(conn, state_schema: str, slot: str, source_tables: list[str]) -
     return [r[0] for r in cur.fetchall()]
 
 
-def request_resync(conn, state_schema: str, slot: str, source_tables: list[str]) -> int:
+def request_resync(conn: psycopg.Connection,
+                   state_schema: str, slot: str, source_tables: list[str]) -> int:
     """Mark tables for a new copy; a running replicator picks them up."""
     cur = conn.execute(
         sql.SQL("update {}.tables set state = 'pending', updated_at = now() "
@@ -209,7 +219,8 @@ def request_resync(conn, state_schema: str, slot: str, source_tables: list[str])
     return cur.rowcount
 
 
-def column_attnums(conn, state_schema: str, slot: str, source_table: str) -> dict[int, str]:
+def column_attnums(conn: psycopg.Connection,
+                   state_schema: str, slot: str, source_table: str) -> dict[int, str]:
     """source attnum -> mirror column, as last written with the mirror's DDL."""
     rows = conn.execute(
         sql.SQL("select attnum, mirror_column from {}.columns where slot = %s "
@@ -218,7 +229,7 @@ def column_attnums(conn, state_schema: str, slot: str, source_table: str) -> dic
     return dict(rows)
 
 
-def record_column_attnums(conn, state_schema: str, slot: str, source_table: str,
+def record_column_attnums(conn: psycopg.Connection, state_schema: str, slot: str, source_table: str,
                           attnums: dict[int, str]) -> None:
     """In the transaction that changes the mirror's columns (conn: a connection or a cursor)."""
     conn.execute(sql.SQL("delete from {}.columns where slot = %s and source_table = %s").format(
@@ -229,7 +240,7 @@ def record_column_attnums(conn, state_schema: str, slot: str, source_table: str,
                      [slot, source_table, attnum, name])
 
 
-def forget_pipeline(conn, state_schema: str, slot: str) -> None:
+def forget_pipeline(conn: psycopg.Connection, state_schema: str, slot: str) -> None:
     """Drop the applied position: the next run starts a new slot and copies everything."""
     conn.execute(sql.SQL("delete from {}.pipelines where slot = %s").format(
         sql.Identifier(state_schema)), [slot])
