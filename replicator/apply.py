@@ -26,6 +26,7 @@ from .batch import AlterTable, Batch, Rows, SpilledRows, SyncDone, SyncStart, Ta
 from .errors import ErrorKind, ReplicatorError
 from .lsn import format_lsn
 from .schema import (
+    Column,
     MirrorTable,
     Origin,
     create_held_sql,
@@ -73,7 +74,7 @@ def _ident(name: str) -> sql.Identifier:
     return sql.Identifier(name)
 
 
-def _cast(expr: sql.Composable, t: MirrorTable, col) -> sql.Composable:
+def _cast(expr: sql.Composable, t: MirrorTable, col: Column) -> sql.Composable:
     # Binary staging already has the mirror's type; text staging is cast.
     if t.binary and col.builtin:
         return expr
@@ -86,17 +87,17 @@ def _staging_columns(t: MirrorTable) -> list[sql.Identifier]:
             + [_ident(f"_r_ok{i}") for i in range(len(t.source.key))] + [_ident("_r_u")])
 
 
-def copy_sql(t: MirrorTable) -> sql.Composable:
+def copy_sql(t: MirrorTable) -> sql.Composed:
     return sql.SQL("copy {} ({}) from stdin (format binary)").format(
         t.stage, sql.SQL(", ").join(_staging_columns(t)))
 
 
-def copy_held_sql(t: MirrorTable) -> sql.Composable:
+def copy_held_sql(t: MirrorTable) -> sql.Composed:
     return sql.SQL("copy {} ({}) from stdin (format binary)").format(
         t.held, sql.SQL(", ").join(_staging_columns(t)))
 
 
-def clear_staging_sql(t: MirrorTable) -> sql.Composable:
+def clear_staging_sql(t: MirrorTable) -> sql.Composed:
     """Empty a staging table by delete, inside the batch's transaction.
 
     Not TRUNCATE: that gives the table a new relfilenode in every batch
@@ -109,7 +110,7 @@ def clear_staging_sql(t: MirrorTable) -> sql.Composable:
     return sql.SQL("delete from {}").format(t.stage)
 
 
-def unhold_sql(t: MirrorTable) -> list[sql.Composable]:
+def unhold_sql(t: MirrorTable) -> tuple[list[sql.Composed], sql.Composed]:
     """Statements moving a table's held changes (from its copy's sync LSN on) into staging.
 
     Changes committed before the sync LSN are in the copy already. A held
@@ -117,7 +118,8 @@ def unhold_sql(t: MirrorTable) -> list[sql.Composable]:
     span several batches (and restarts), so staging gets them renumbered in
     stream order: commit LSN, then place in the transaction. Staging is
     emptied by delete, not truncate (see clear_staging_sql), and again after
-    the MERGE.
+    the MERGE. Returned with them: the query telling whether a truncate is
+    held (run after the first statement; the mirror is emptied then).
     """
     rest = [c for c in _staging_columns(t) if c != _ident("_r_seq")]
     cols = sql.SQL(", ").join(rest)
@@ -137,23 +139,23 @@ def unhold_sql(t: MirrorTable) -> list[sql.Composable]:
     ], sql.SQL("select exists {}").format(last_truncate)
 
 
-def _merge_tail(t: MirrorTable, source: sql.Composable, toast: bool) -> sql.Composable:
+def _merge_tail(t: MirrorTable, source: sql.Composable, toast: bool) -> sql.Composed:
     key = set(t.source.key)
     on = sql.SQL(" and ").join(
         sql.SQL("t.{k} = s.{k}").format(k=_ident(k)) for k in t.source.key)
     cols = [c for c in t.columns]
     if toast:
         # s already holds mirror-typed values and _r_keep{i} flags.
-        def value(i, c):
+        def value(i: int, c: Column) -> sql.Composable:
             if c.name in key or not _toastable(c):
                 return sql.SQL("s.{}").format(_ident(c.name))
             return sql.SQL("case when s.{keep} then t.{c} else s.{c} end").format(
                 keep=_ident(f"_r_keep{i}"), c=_ident(c.name))
-        ins_val = [sql.SQL("s.{}").format(_ident(c.name)) for c in cols]
+        ins_val: list[sql.Composable] = [sql.SQL("s.{}").format(_ident(c.name)) for c in cols]
         upd_guard = sql.SQL(" and not s._r_bad")
         ins_guard = sql.SQL(" and not s._r_bad and not s._r_anykeep")
     else:
-        def value(i, c):
+        def value(i: int, c: Column) -> sql.Composable:
             return _cast(sql.SQL("s.{}").format(_ident(c.name)), t, c)
         ins_val = [value(i, c) for i, c in enumerate(cols)]
         upd_guard = ins_guard = sql.SQL("")
@@ -175,11 +177,11 @@ def _merge_tail(t: MirrorTable, source: sql.Composable, toast: bool) -> sql.Comp
              vals=sql.SQL(", ").join(ins_val))
 
 
-def _toastable(col) -> bool:
+def _toastable(col: Column) -> bool:
     return col.typlen == -1
 
 
-def merge_sql(t: MirrorTable) -> sql.Composable:
+def merge_sql(t: MirrorTable) -> sql.Composed:
     """The common case: no unchanged-TOAST column in this table's batch."""
     key = sql.SQL(", ").join(_ident(k) for k in t.source.key)
     source = sql.SQL("(select distinct on ({k}) * from {stage} order by {k}, _r_seq desc)").format(
@@ -187,7 +189,7 @@ def merge_sql(t: MirrorTable) -> sql.Composable:
     return _merge_tail(t, source, toast=False)
 
 
-def _toast_ctes(t: MirrorTable) -> sql.Composable:
+def _toast_ctes(t: MirrorTable) -> sql.Composed:
     """CTEs resolving every unchanged-TOAST column of the last row per key.
 
     A key's rows are cut into epochs at each delete (_r_ep; a delete belongs
@@ -213,14 +215,14 @@ def _toast_ctes(t: MirrorTable) -> sql.Composable:
     nk = len(key_names)
     by_name = {c.name: c for c in cols}
 
-    def known(alias, i):
+    def known(alias: str, i: int) -> sql.Composed:
         return sql.SQL("({a}._r_u is null or get_bit({a}._r_u, {i}) = 0)").format(
             a=sql.SQL(alias), i=sql.Literal(i))
 
-    def all_of(parts):
+    def all_of(parts: list[sql.Composable]) -> sql.Composable:
         return sql.SQL(" and ").join(parts) if parts else sql.SQL("true")
 
-    def eq(a, names_a, b, names_b):
+    def eq(a: str, names_a: list[str], b: str, names_b: list[str]) -> sql.Composed:
         return sql.SQL(" and ").join(
             sql.SQL("{}.{} = {}.{}").format(sql.SQL(a), _ident(x), sql.SQL(b), _ident(y))
             for x, y in zip(names_a, names_b))
@@ -260,11 +262,12 @@ def _toast_ctes(t: MirrorTable) -> sql.Composable:
 
     resolved = {i: sql.SQL("c.{}").format(rr[i]) for i, _ in tcols}
 
-    def st(expr, col):
+    def st(expr: sql.Composable, col: Column) -> sql.Composed:
         # A recursive CTE's columns must have one type and typmod in both
         # terms; window results and CASE lose the typmod (varchar(64)).
         return sql.SQL("({})::{}").format(expr, sql.SQL(t.staging_type(col)))
-    base = [sql.SQL("l.{} as {}").format(_ident(n), _ident(rk[j])) for j, n in enumerate(key_names)]
+    base: list[sql.Composable] = [sql.SQL("l.{} as {}").format(_ident(n), _ident(rk[j]))
+                                  for j, n in enumerate(key_names)]
     base += [sql.SQL("{} as {}").format(st(sql.SQL("l.{}").format(_ident(n)), by_name[n]),
                                         _ident(ck[j]))
              for j, n in enumerate(key_names)]
@@ -274,7 +277,8 @@ def _toast_ctes(t: MirrorTable) -> sql.Composable:
             g=g[i], r=rr[i], v=st(sql.SQL("l.{}").format(v[i]), col), w=w[i]))
     base += [sql.SQL("l.{} as {}").format(_ident(fok[j]), _ident(nfok[j])) for j in range(nk)]
     base.append(sql.SQL("lp._r_pep as _r_npep"))
-    step = [sql.SQL("c.{} as {}").format(_ident(rk[j]), _ident(rk[j])) for j in range(nk)]
+    step: list[sql.Composable] = [sql.SQL("c.{} as {}").format(_ident(rk[j]), _ident(rk[j]))
+                                  for j in range(nk)]
     step += [sql.SQL("{} as {}").format(st(sql.SQL("c.{}").format(_ident(nfok[j])), by_name[n]),
                                         _ident(ck[j])) for j, n in enumerate(key_names)]
     step.append(sql.SQL("c._r_npep as _r_cep"))
@@ -307,7 +311,7 @@ def _toast_ctes(t: MirrorTable) -> sql.Composable:
         for j, n in enumerate(key_names))
     first_key = _ident(key_names[0])
 
-    out = [sql.SQL("l._r_op, l._r_seq")]
+    out: list[sql.Composable] = [sql.SQL("l._r_op, l._r_seq")]
     keeps, bads = [], []
     tset = {i for i, _ in tcols}
     for i, col in enumerate(cols):
@@ -357,13 +361,13 @@ def _toast_ctes(t: MirrorTable) -> sql.Composable:
              lom=eq("lo", rk, "l", key_names), dest=t.dest, tgo_match=tgo_match)
 
 
-def merge_toast_sql(t: MirrorTable) -> sql.Composable:
+def merge_toast_sql(t: MirrorTable) -> sql.Composed:
     # MERGE takes no WITH RECURSIVE of its own (PostgreSQL 15): the CTEs go
     # inside its source.
     return _merge_tail(t, sql.SQL("(") + _toast_ctes(t) + sql.SQL("select * from r)"), toast=True)
 
 
-def dead_letter_sql(t: MirrorTable) -> sql.Composable:
+def dead_letter_sql(t: MirrorTable) -> sql.Composed:
     key = t.source.key
     on = sql.SQL(" and ").join(sql.SQL("t.{k} = s.{k}").format(k=_ident(k)) for k in key)
     obj = sql.SQL(", ").join(sql.SQL("{}, s.{}").format(sql.Literal(k), _ident(k)) for k in key)
@@ -431,7 +435,7 @@ class Applier:
         self.state_schema = state_schema
         self.slot = slot
         self.conn: psycopg.Connection | None = None
-        self._statements: dict[tuple[str, str], sql.Composable] = {}
+        self._statements: dict[tuple[str, str], sql.SQL] = {}
         # Mirror tables being copied while the stream runs: their changes are
         # held, not merged, until the copy is in (SyncStart ... SyncDone).
         self.holding: set[str] = set()
@@ -446,6 +450,12 @@ class Applier:
                 ErrorKind.DESTINATION_CONNECT, f"cannot connect to the destination: {exc}",
                 "check [destination] host/port/user/password and that the database exists",
             ) from exc
+        return self.conn
+
+    @property
+    def _dest(self) -> psycopg.Connection:
+        """The connection connect() opened; applying without one is a bug."""
+        assert self.conn is not None, "Applier.connect() was not called"
         return self.conn
 
     def close(self) -> None:
@@ -470,26 +480,27 @@ class Applier:
         transactions older than the catalog, and the mirror's columns follow
         the Relation messages of transactions it applies, in stream order.
         """
-        with self.conn.transaction():
+        with self._dest.transaction():
             for t in tables:
                 self._ensure_table(t, alter=alter)
 
     def _ensure_table(self, t: MirrorTable, origins: tuple[Origin, ...] | None = None,
                       alter: bool = True) -> None:
-        if mirror_exists(self.conn, t):
+        conn = self._dest
+        if mirror_exists(conn, t):
             if alter:
-                ensure_mirror_columns(self.conn, t, self.state_schema, self.slot, origins)
+                ensure_mirror_columns(conn, t, self.state_schema, self.slot, origins)
         else:
             for stmt in create_mirror_sql(t):
-                self.conn.execute(stmt)
+                conn.execute(stmt)
             log.info("created mirror table", extra={"table": t.qualname})
             if origins:
                 state.record_column_attnums(
-                    self.conn, self.state_schema, self.slot, t.source.qualname,
+                    conn, self.state_schema, self.slot, t.source.qualname,
                     {o.attnum: c.name for c, o in zip(t.columns, origins) if o.attnum is not None})
-        self.conn.execute(create_staging_sql(t))
+        conn.execute(create_staging_sql(t))
 
-    def _stmt(self, kind: str, t: MirrorTable) -> sql.Composable:
+    def _stmt(self, kind: str, t: MirrorTable) -> sql.SQL:
         key = (kind, t.staging)
         stmt = self._statements.get(key)
         if stmt is None:
@@ -505,7 +516,8 @@ class Applier:
         holding_before = set(self.holding)
         syncs_done = any(isinstance(op, SyncDone) for op in batch.ops)
         try:
-            with self.conn.transaction(), self.conn.cursor() as cur:
+            conn = self._dest
+            with conn.transaction(), conn.cursor() as cur:
                 # The source may forget a transaction once it is confirmed, so
                 # the commit must be durable before we confirm it.
                 cur.execute("set local synchronous_commit = on")
@@ -566,14 +578,18 @@ class Applier:
         statements, truncated = unhold_sql(t)
         cur.execute(statements[0], {"sync": op.sync_lsn})
         cur.execute(truncated)
-        if cur.fetchone()[0]:
+        held_truncate = cur.fetchone()
+        assert held_truncate is not None  # select exists (...): always one row
+        if held_truncate[0]:
             cur.execute(sql.SQL("truncate {}").format(t.dest))
         for stmt in statements[1:]:
             cur.execute(stmt)
         cur.execute(sql.SQL(
             "select count(*) filter (where _r_op = 'I'), count(*) filter (where _r_op = 'U'), "
             "count(*) filter (where _r_op = 'D'), count(_r_u) from {}").format(t.stage))
-        ins, upd, dele, unchanged = cur.fetchone()
+        counts = cur.fetchone()
+        assert counts is not None  # count(*) without group by: always one row
+        ins, upd, dele, unchanged = counts
         rows = ins + upd + dele
         res.count(t.qualname, ins, upd, dele)
         if unchanged:

@@ -44,6 +44,7 @@ from .catalog import secondary_indexes, table_size
 from .errors import ErrorKind, ReplicatorError
 from .libpq import function_addresses
 from .lsn import format_lsn, parse_lsn
+from .metrics import Metrics
 from .schema import (
     MirrorTable,
     column_origins,
@@ -51,6 +52,7 @@ from .schema import (
     create_staging_sql,
     mirror_exists,
 )
+from .settings import Config
 from .source import ReplicationConnection, quote_ident
 
 log = logging.getLogger(__name__)
@@ -72,7 +74,7 @@ class TableCopy:
     started: float = 0.0
     finished: float = 0.0
     created: bool = False        # the copy created the mirror: build its indexes after
-    indexes: list[sql.Composable] = field(default_factory=list)   # primary key first
+    indexes: list[sql.Composed | sql.SQL] = field(default_factory=list)   # primary key first
     index_left: int = 0
     state: str = "copying"
 
@@ -85,7 +87,7 @@ def _libpq() -> tuple[int, ...]:
     return function_addresses("PQgetCopyData", "PQputCopyData", "PQfreemem")
 
 
-def _exec(conn: pq.PGconn, query: str | bytes, what: str, kind: ErrorKind) -> pq.abc.PGresult:
+def _exec(conn: pq.abc.PGconn, query: str | bytes, what: str, kind: ErrorKind) -> pq.abc.PGresult:
     res = conn.exec_(query if isinstance(query, bytes) else query.encode())
     if res.status not in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK,
                           pq.ExecStatus.COPY_OUT, pq.ExecStatus.COPY_IN):
@@ -94,7 +96,7 @@ def _exec(conn: pq.PGconn, query: str | bytes, what: str, kind: ErrorKind) -> pq
     return res
 
 
-def _connect(conninfo: str, kind: ErrorKind) -> pq.PGconn:
+def _connect(conninfo: str, kind: ErrorKind) -> pq.abc.PGconn:
     conn = pq.PGconn.connect(conninfo.encode())
     if conn.status != pq.ConnStatus.OK:
         msg = conn.error_message.decode("utf-8", "replace").strip()
@@ -110,8 +112,9 @@ class CopyStopped(Exception):
 class Backfill:
     """Copies a set of mirror tables from one snapshot; returns their sync LSN."""
 
-    def __init__(self, config, tables: list[MirrorTable], slot: str,
-                 stop: threading.Event | None = None, metrics=None, live: bool = False):
+    def __init__(self, config: Config, tables: list[MirrorTable], slot: str,
+                 stop: threading.Event | None = None, metrics: Metrics | None = None,
+                 live: bool = False) -> None:
         self.config = config
         self.live = live
         self.tables = tables
@@ -144,6 +147,8 @@ class Backfill:
                 log.info("initial copy started", extra={
                     "tables": [c.table.qualname for c in self.copies], "workers": self.workers,
                     "sync_lsn": format_lsn(sync_lsn)})
+                # SNAPSHOT 'export' always names the snapshot (snapshot_name).
+                assert snapshot is not None, "CREATE_REPLICATION_SLOT returned no snapshot"
                 self._copy(snapshot, exporter, sync_lsn)
             finally:
                 exporter.close()
@@ -175,9 +180,11 @@ class Backfill:
                                           fast_defaults=False)
                     # A mirror left without its key by an interrupted first copy
                     # gets its indexes like a new one.
-                    copy.created = not dest.execute(
+                    has_key = dest.execute(
                         "select exists (select 1 from pg_constraint where conrelid = "
-                        "%s::regclass and contype = 'p')", [t.dest.as_string(dest)]).fetchone()[0]
+                        "%s::regclass and contype = 'p')", [t.dest.as_string(dest)]).fetchone()
+                    assert has_key is not None  # select exists (...): always one row
+                    copy.created = not has_key[0]
                 else:
                     # No key while loading: the primary key is built after the data.
                     for stmt in create_mirror_sql(t, with_key=False):
@@ -305,7 +312,8 @@ class Backfill:
         if not copy.indexes:
             self._mark_copied(dest, copy)
 
-    def _build_index(self, dest: psycopg.Connection, copy: TableCopy, stmt: sql.Composable) -> None:
+    def _build_index(self, dest: psycopg.Connection, copy: TableCopy,
+                     stmt: sql.Composed | sql.SQL) -> None:
         t = copy.table
         try:
             with dest.transaction():
@@ -355,7 +363,7 @@ class Backfill:
             "mb": round(copy.bytes / 1e6, 1), "copy_seconds": round(secs, 2),
             "rows_per_s": int(copy.rows / secs), "indexes": len(copy.indexes)})
 
-    def _copy_range(self, src: pq.PGconn, dst: pq.PGconn, copy: TableCopy,
+    def _copy_range(self, src: pq.abc.PGconn, dst: pq.abc.PGconn, copy: TableCopy,
                     rng: tuple[int | None, int | None]) -> None:
         t = copy.table
         cols = sql.SQL(", ").join(
@@ -385,7 +393,9 @@ class Backfill:
         pipe = Pipe(*_libpq())
         with self._lock:
             copy.pipes.append(pipe)
-        rc = pipe.run(src.pgconn_ptr, dst.pgconn_ptr)
+        # pgconn_ptr is documented on pq.PGconn (both implementations have it), but
+        # psycopg's pq.abc.PGconn protocol does not declare it.
+        rc = pipe.run(src.pgconn_ptr, dst.pgconn_ptr)  # type: ignore[attr-defined]
         src_err = _drain(src)
         if rc == 0 and not src_err:
             dst.put_copy_end()
@@ -405,7 +415,7 @@ class Backfill:
             copy.bytes += pipe.bytes
 
 
-def _drain(conn: pq.PGconn) -> str:
+def _drain(conn: pq.abc.PGconn) -> str:
     """Read a connection's pending results; the error message if one failed."""
     err = ""
     while True:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.resources
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import sql
@@ -149,7 +149,7 @@ PENDING, COPYING, COPIED, STREAMING, REMOVED = (
     "pending", "copying", "copied", "streaming", "removed")
 
 
-def set_table(conn: psycopg.Connection,
+def set_table(conn: psycopg.Connection[Any] | psycopg.Cursor[Any],
               state_schema: str, slot: str, table: MirrorTable, table_state: str,
               sync_lsn: int | None = None, rows: int | None = None) -> None:
     """Record a table's sync state (conn: a connection or a cursor).
@@ -229,8 +229,8 @@ def column_attnums(conn: psycopg.Connection,
     return dict(rows)
 
 
-def record_column_attnums(conn: psycopg.Connection, state_schema: str, slot: str, source_table: str,
-                          attnums: dict[int, str]) -> None:
+def record_column_attnums(conn: psycopg.Connection[Any] | psycopg.Cursor[Any], state_schema: str,
+                          slot: str, source_table: str, attnums: dict[int, str]) -> None:
     """In the transaction that changes the mirror's columns (conn: a connection or a cursor)."""
     conn.execute(sql.SQL("delete from {}.columns where slot = %s and source_table = %s").format(
         sql.Identifier(state_schema)), [slot, source_table])
