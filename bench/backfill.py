@@ -68,7 +68,7 @@ from psycopg import sql  # noqa: E402
 from replicator import backfill as backfill_mod  # noqa: E402
 from replicator import state  # noqa: E402
 from replicator.devtools import odoo, seed  # noqa: E402
-from replicator.devtools.localpg import LocalCluster  # noqa: E402
+from replicator.devtools.localpg import DURABLE_SETTINGS, LocalCluster  # noqa: E402
 from replicator.pipeline import Pipeline  # noqa: E402
 from replicator.schema import MirrorTable, read_table  # noqa: E402
 from replicator.settings import Config  # noqa: E402
@@ -322,8 +322,10 @@ class Bench:
         base.mkdir(mode=0o755, parents=True, exist_ok=True)
         base.chmod(0o755)
         self.base = base
-        self.src = LocalCluster(PG_VERSION, base)
-        self.dst = LocalCluster(PG_VERSION, base)
+        # Production durability on both sides (fsync, full_page_writes,
+        # synchronous_commit): what users run, and the commit path is timed.
+        self.src = LocalCluster(PG_VERSION, base, settings=DURABLE_SETTINGS)
+        self.dst = LocalCluster(PG_VERSION, base, settings=DURABLE_SETTINGS)
         self.rows = 0
         self.table_mb = 0.0
         self.pages = 0
@@ -623,7 +625,9 @@ def print_table(report: dict[str, Any], out=sys.stdout) -> None:
     p(f"machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['memory_gb']} GB RAM, "
       f"kernel {m['kernel']}, Python {m['python']}", file=out)
     p(f"PostgreSQL: source {report['postgres']['source']}, destination "
-      f"{report['postgres']['destination']} (LocalCluster: fsync=off, shared_buffers=128MB, loopback TCP)",
+      f"{report['postgres']['destination']} (LocalCluster: "
+      + ", ".join(f"{k}={v}" for k, v in DURABLE_SETTINGS.items())
+      + ", shared_buffers=128MB, loopback TCP)",
       file=out)
     p(f"load average: {m['load_avg']} at start, {report['load_avg_end']} at end; other "
       f"processes used at most {report['foreign_cpu_max']:.0%} of the CPUs during a timed run",
