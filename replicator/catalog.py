@@ -183,3 +183,50 @@ def replication_slot(conn: psycopg.Connection, slot: str) -> Slot | None:
 def may_replicate(conn: psycopg.Connection) -> bool:
     """Whether the connected role has REPLICATION (or is a superuser)."""
     return bool(_one(conn, MAY_REPLICATE_SQL)[0])
+
+
+# One round trip for the slot monitor and `replicator status`: the current WAL
+# position comes back even when the slot does not exist (a left join on a one-row
+# relation).
+SLOT_WAL_SQL = """
+select pg_current_wal_lsn()::text, s.slot_name is not null, coalesce(s.active, false),
+       s.confirmed_flush_lsn::text, s.restart_lsn::text, s.wal_status
+from (select 1) one
+left join pg_replication_slots s on s.slot_name = %s
+"""
+
+# reltuples is -1 for a table never vacuumed or analyzed (PostgreSQL 14+): unknown.
+TABLE_ESTIMATES_SQL = """
+select n.nspname || '.' || c.relname, case when c.reltuples < 0 then null
+                                           else c.reltuples::bigint end
+from pg_class c
+join pg_namespace n on n.oid = c.relnamespace
+where n.nspname || '.' || c.relname = any(%s) and c.relkind in ('r', 'p')
+"""
+
+HEARTBEAT_SQL = "select pg_logical_emit_message(false, 'replicator_heartbeat', '')"
+
+
+@dataclass(frozen=True)
+class SlotWal:
+    current_lsn: str          # pg_current_wal_lsn() as text
+    exists: bool
+    active: bool
+    confirmed: str | None     # confirmed_flush_lsn as text
+    restart: str | None       # restart_lsn as text
+    wal_status: str | None    # reserved | extended | unreserved | lost
+
+
+def slot_wal(conn: psycopg.Connection, slot: str) -> SlotWal:
+    """The source's current WAL position and the slot's (exists False when there is none)."""
+    return SlotWal(*_one(conn, SLOT_WAL_SQL, [slot]))
+
+
+def table_estimates(conn: psycopg.Connection, qualnames: list[str]) -> dict[str, int | None]:
+    """"schema.table" -> the planner's row estimate (None: never analyzed)."""
+    return {name: est for name, est in conn.execute(TABLE_ESTIMATES_SQL, [qualnames])}
+
+
+def emit_heartbeat(conn: psycopg.Connection) -> None:
+    """A WAL record that goes through the slot, so an idle source's slot can advance."""
+    conn.execute(HEARTBEAT_SQL)

@@ -6,17 +6,22 @@ as constants, nowhere else.
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import orjson
+import psycopg
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from . import catalog, state
 from .errors import ErrorKind, ReplicatorError
+from .lsn import parse_lsn, pg_now
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +36,13 @@ LAST_APPLY = "etl_last_apply_timestamp_seconds"
 COPY_ROWS = "etl_copy_rows_total"
 TABLE_STATE = "etl_table_sync_state"
 RESTARTS = "etl_restarts_total"
+LAG_BYTES = "etl_lag_bytes"
+SLOT_RETAINED_WAL = "etl_slot_retained_wal_bytes"
+SLOT_WAL_STATUS = "etl_slot_wal_status"
+UP = "etl_up"
+DEAD_LETTERS = "etl_dead_letters"
+
+WAL_STATUSES = ("reserved", "extended", "unreserved", "lost")
 
 # /health fails when the pipeline has shown no sign of life for this long:
 # the receiver loops at least every second, even when the source is idle.
@@ -46,8 +58,20 @@ class Metrics:
         self.failed = Counter(RECORDS_FAILED.removesuffix("_total"),
                               "Row changes that could not be applied (dead letters)", ["table"],
                               registry=r)
-        self.lag = Gauge(LAG_SECONDS, "Seconds from a source commit to its apply in the mirror "
-                         "(0 when nothing is pending)", registry=r)
+        # Computed at each scrape: a stuck pipeline shows a growing lag, not its last value.
+        self.lag = Gauge(LAG_SECONDS, "Age of the oldest committed source change not yet in "
+                         "the mirror (0 when nothing is pending)", registry=r)
+        self.lag.set_function(self.lag_seconds)
+        self.lag_bytes = Gauge(LAG_BYTES, "Source WAL end minus the applied position", registry=r)
+        self.lag_bytes.set_function(self.lag_bytes_now)
+        self.slot_retained = Gauge(SLOT_RETAINED_WAL, "Source WAL the replication slot holds "
+                                   "(current LSN minus restart_lsn)", registry=r)
+        self.slot_wal_status = Gauge(SLOT_WAL_STATUS, "1 for the slot's current wal_status",
+                                     ["wal_status"], registry=r)
+        self.up = Gauge(UP, "1 while copying or streaming normally, else 0", registry=r)
+        self.up.set_function(lambda: 1.0 if self.is_up() else 0.0)
+        self.dead_letters = Gauge(DEAD_LETTERS, "Rows waiting in the dead-letter table",
+                                  registry=r)
         self.batch_duration = Histogram(
             BATCH_DURATION, "Time to apply one batch (one destination transaction)", registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
@@ -67,6 +91,51 @@ class Metrics:
         self.heartbeat = time.monotonic()
         self.status = "starting"
         self.error: str | None = None
+        # Written by the receiver (wal_end, received commits), the applier (applied),
+        # the slot monitor (current_lsn); read by scrapes.
+        self.wal_end = 0
+        self.current_lsn = 0
+        self.applied = 0
+        self._pending: collections.deque[tuple[int, int]] = collections.deque()
+        self._lock = threading.Lock()
+
+    # -- lag ---------------------------------------------------------------
+
+    def received_commit(self, end_lsn: int, commit_ts: int) -> None:
+        """A commit that starts a batch (commit_ts: microseconds since 2000-01-01).
+
+        Only the first transaction of each batch is kept: batches apply whole,
+        so the oldest unapplied change is always the first of some batch.
+        """
+        with self._lock:
+            self._pending.append((end_lsn, commit_ts))
+
+    def applied_to(self, lsn: int) -> None:
+        with self._lock:
+            self.applied = max(self.applied, lsn)
+            while self._pending and self._pending[0][0] <= self.applied:
+                self._pending.popleft()
+
+    def lag_seconds(self) -> float:
+        with self._lock:
+            if not self._pending:
+                return 0.0
+            oldest = self._pending[0][1]
+        return max(0.0, (pg_now() - oldest) / 1e6)
+
+    def lag_bytes_now(self) -> float:
+        end = max(self.wal_end, self.current_lsn)
+        return float(max(0, end - self.applied)) if self.applied else 0.0
+
+    def slot_polled(self, retained: int | None, wal_status: str | None) -> None:
+        if retained is not None:
+            self.slot_retained.set(max(0, retained))
+        for st in WAL_STATUSES:
+            self.slot_wal_status.labels(st).set(1 if st == wal_status else 0)
+
+    def is_up(self) -> bool:
+        return self.status in ("streaming", "copying") \
+            and time.monotonic() - self.heartbeat < STALE_AFTER
 
     def alive(self, status: str | None = None) -> None:
         self.heartbeat = time.monotonic()
@@ -86,6 +155,9 @@ class Metrics:
             self.batch_duration.observe(result.seconds)
             self.batch_rows.observe(result.rows)
         self.applied_lsn.set(batch.end_lsn)
+        self.applied_to(batch.end_lsn)
+        if result.dead_letters:
+            self.dead_letters.inc(result.dead_letters)
         self.last_apply.set(time.time())
         self.alive()
 
@@ -102,6 +174,80 @@ class Metrics:
         if self.error:
             body["error"] = self.error
         return (200 if ok else 503), body
+
+
+class SlotMonitor:
+    """Every ``interval`` seconds: the source's WAL position and slot, and the dead letters.
+
+    Its own autocommit connections, on its own thread: a slow or failing query
+    never holds up replication. A failure is logged once per streak of them.
+    """
+
+    def __init__(self, metrics: Metrics, source_conninfo: str, dest_conninfo: str,
+                 state_schema: str, slot: str, interval: float) -> None:
+        self.metrics = metrics
+        self.conninfo = {"source": source_conninfo, "destination": dest_conninfo}
+        self.state_schema = state_schema
+        self.slot = slot
+        self.interval = interval
+        self.stop_event = threading.Event()
+        self.conns: dict[str, psycopg.Connection] = {}
+        self.failing: set[str] = set()
+        self.thread = threading.Thread(target=self._loop, name="slot-monitor", daemon=True)
+
+    def start(self) -> SlotMonitor:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                self.poll()
+                if self.stop_event.wait(self.interval):
+                    return
+        finally:
+            for conn in self.conns.values():
+                conn.close()
+
+    def poll(self) -> None:
+        self._side("source", self._poll_source)
+        self._side("destination", self._poll_dest)
+
+    def _poll_source(self, conn: psycopg.Connection) -> None:
+        w = catalog.slot_wal(conn, self.slot)
+        current = parse_lsn(w.current_lsn)
+        self.metrics.current_lsn = current
+        self.metrics.slot_polled(current - parse_lsn(w.restart) if w.restart else None,
+                                 w.wal_status)
+
+    def _poll_dest(self, conn: psycopg.Connection) -> None:
+        if state.exists(conn, self.state_schema):
+            self.metrics.dead_letters.set(state.dead_letter_count(conn, self.state_schema,
+                                                                  self.slot))
+
+    def _side(self, side: str, poll: Callable[[psycopg.Connection], None]) -> None:
+        try:
+            conn = self.conns.get(side)
+            if conn is None or conn.closed:
+                conn = self.conns[side] = psycopg.connect(
+                    self.conninfo[side], autocommit=True, connect_timeout=5)
+            poll(conn)
+        except psycopg.Error as exc:
+            if side not in self.failing:
+                self.failing.add(side)
+                log.warning("metrics monitor: query failed (replication goes on; retried "
+                            "every interval)", extra={"side": side, "error": str(exc).strip()})
+            bad = self.conns.pop(side, None)
+            if bad is not None:
+                bad.close()
+            return
+        if side in self.failing:
+            self.failing.discard(side)
+            log.info("metrics monitor: query works again", extra={"side": side})
 
 
 class MetricsServer:

@@ -26,7 +26,7 @@ from .classify import classify, classify_connect, is_connect_failure
 from .errors import ErrorKind, ExitCode, ReplicatorError, Retries
 from .handoff import Handoff, Progress
 from .lsn import format_lsn, pg_now
-from .metrics import Metrics, MetricsServer
+from .metrics import Metrics, MetricsServer, SlotMonitor
 from .preflight import check_slot, discover_tables
 from .receiver import Receiver, SessionRestart
 from .schema import MirrorTable
@@ -49,13 +49,19 @@ class Pipeline:
     # -- lifecycle -------------------------------------------------------
 
     def run(self) -> int:
-        server = None
-        if self.config.metrics.enabled:
-            server = MetricsServer(self.metrics, self.config.metrics.port,
-                                   self.config.metrics.path).start()
+        server = monitor = None
+        cfg = self.config
+        if cfg.metrics.enabled:
+            server = MetricsServer(self.metrics, cfg.metrics.port, cfg.metrics.path).start()
+            monitor = SlotMonitor(self.metrics, cfg.source.conninfo(),
+                                  cfg.destination.conninfo(), cfg.destination.state_schema,
+                                  cfg.source.slot, cfg.metrics.slot_poll_interval).start()
         try:
             return self._run()
         finally:
+            self.metrics.status = "stopped"
+            if monitor is not None:
+                monitor.stop()
             if server is not None:
                 server.stop()
 
@@ -230,6 +236,7 @@ class Pipeline:
             repl.attach(decoder)
             repl.start(slot, start, src.publication, protocol, binary)
             self.progress.applied_lsn = start
+            self.metrics.applied_to(start)
             self.metrics.alive("streaming")
             for t in mirrors.values():
                 self.metrics.table_sync(t.qualname, state.STREAMING)
@@ -277,7 +284,6 @@ class Pipeline:
                 self.progress.last_commit_ts = batch.last_commit_ts
             if batch.txns:
                 lag = max(0.0, (pg_now() - batch.last_commit_ts) / 1e6)
-                self.metrics.lag.set(lag)
                 log.info("batch applied", extra={
                     "txns": batch.txns, "rows": result.rows, "inserts": result.inserts,
                     "updates": result.updates, "deletes": result.deletes,

@@ -34,7 +34,7 @@ from ._decode import (
 )
 from .backfill import Backfill, CopyStopped
 from .batch import AlterTable, Batch, SyncDone, SyncStart, Truncate
-from .catalog import column_type, publication_members, publication_tables
+from .catalog import column_type, emit_heartbeat, publication_members, publication_tables
 from .errors import ErrorKind, ReplicatorError
 from .handoff import Handoff, Progress
 from .lsn import format_lsn
@@ -90,6 +90,7 @@ class Receiver:
         self.sent_flush = -1
         self.last_status = 0.0
         self.last_probe = 0.0
+        self.last_heartbeat = 0.0
         self.received = 0
         # Copies running while the stream goes on (added tables, resyncs).
         self.syncing: dict[tuple[str, str], threading.Thread] = {}
@@ -126,16 +127,19 @@ class Receiver:
                 self._sync_progress()
             ev = dec.pump(PUMP_MESSAGES)
             self.received = max(self.received, dec.wal_start)
+            if dec.wal_end > self.metrics.wal_end:
+                self.metrics.wal_end = dec.wal_end
             if ev == EV_WOULD_BLOCK:
                 self.metrics.alive()
                 self._maybe_close(idle=True)
                 self._maybe_status()
-                if self._nothing_pending():
-                    self.metrics.lag.set(0)
+                self._maybe_heartbeat()
                 self.repl.wait_readable(0.2)
             elif ev == EV_COMMIT:
                 if not dec.skipping:
                     self.batch.commit(dec.end_lsn, dec.commit_ts)
+                    if self.batch.txns == 1:
+                        self.metrics.received_commit(dec.end_lsn, dec.commit_ts)
                 self._maybe_close()
                 self._maybe_status()
             elif ev == EV_KEEPALIVE:
@@ -246,6 +250,21 @@ class Receiver:
             # is how we learn that only unpublished tables changed since.
             self.last_probe = now
             self._send_status(reply=True)
+
+    def _maybe_heartbeat(self) -> None:
+        interval = self.cfg.source.heartbeat_interval
+        now = time.monotonic()
+        if interval and now - self.last_heartbeat >= interval and self._nothing_pending():
+            # Through the slot it becomes a keepalive's wal_end, which the applier
+            # records and the next status confirms: the slot advances with no writes.
+            self.last_heartbeat = now
+            try:
+                emit_heartbeat(self.catalog)
+            except psycopg.errors.InsufficientPrivilege as exc:
+                # Not worth stopping replication for: the slot only advances with writes.
+                log.warning("heartbeat off for this session: the source role may not call "
+                            "pg_logical_emit_message", extra={"error": str(exc).strip()})
+                self.last_heartbeat = float("inf")
 
     def _nothing_pending(self) -> bool:
         return (not self.dec.in_txn and self.batch.empty and self.dec.batch_rows == 0

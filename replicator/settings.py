@@ -159,9 +159,13 @@ class SourceSettings(ConnectionSettings):
 
     publication: str
     slot: str = ""  # "" means: the publication's name (what the runbook's SQL assumes)
+    # Seconds between pg_logical_emit_message calls while idle (0: off), so that the slot
+    # and the lag stay current on a source with no writes.
+    heartbeat_interval: float = 0.0
 
     def _validate(self) -> None:
         super()._validate()
+        _check_range("source", "heartbeat_interval", self.heartbeat_interval, 0)
         if not self.publication:
             raise ConfigError(
                 "[source] publication: must not be empty",
@@ -236,9 +240,13 @@ class MetricsSettings:
     enabled: bool = True
     port: int = 9090
     path: str = "/metrics"
+    # Seconds between reads of the source's slot and WAL position (and the dead letters).
+    slot_poll_interval: float = 5.0
 
     def __post_init__(self) -> None:
         _check_range("metrics", "port", self.port, 1, 65535)
+        _check_range("metrics", "slot_poll_interval", self.slot_poll_interval, 0,
+                     exclusive_min=True)
         if not self.path.startswith("/"):
             raise ConfigError(
                 f"[metrics] path: must start with '/', got {self.path!r}",

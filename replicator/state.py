@@ -120,6 +120,31 @@ def record_applied(cur: psycopg.Cursor, state_schema: str, slot: str, lsn: int,
     )
 
 
+def pipeline_row(conn: psycopg.Connection, state_schema: str,
+                 slot: str) -> tuple[int, Any] | None:
+    """(applied LSN, updated_at) of the slot's pipeline, or None when never run."""
+    row = conn.execute(
+        sql.SQL("select applied_lsn::text, updated_at from {}.pipelines where slot = %s").format(
+            sql.Identifier(state_schema)), [slot]).fetchone()
+    return None if row is None else (parse_lsn(row[0]), row[1])
+
+
+def dead_letter_count(conn: psycopg.Connection, state_schema: str, slot: str) -> int:
+    row = conn.execute(
+        sql.SQL("select count(*) from {}.dead_letters where slot = %s").format(
+            sql.Identifier(state_schema)), [slot]).fetchone()
+    return int(row[0]) if row else 0
+
+
+def exists(conn: psycopg.Connection, state_schema: str) -> bool:
+    """Whether the state schema's tables are there (read-only callers must not create them)."""
+    names = [sql.Identifier(state_schema, t).as_string(conn)
+             for t in ("pipelines", "tables", "dead_letters")]
+    row = conn.execute("select bool_and(to_regclass(n) is not null) from unnest(%s::text[]) n",
+                       [names]).fetchone()
+    return bool(row and row[0])
+
+
 def system_id(conn: psycopg.Connection, state_schema: str, slot: str) -> str | None:
     row = conn.execute(
         sql.SQL("select source_system_id from {}.pipelines where slot = %s").format(
