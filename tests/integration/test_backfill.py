@@ -5,32 +5,21 @@ from __future__ import annotations
 import threading
 import time
 
-import psycopg
-import pytest
-from plugins.replicator import PUBLICATION, assert_same, catch_up, running, write_config
+from plugins.replicator import (
+    PUBLICATION,
+    assert_same,
+    catch_up,
+    running,
+    sync_state,
+    wait_for,
+    write_config,
+)
 from zoo import setup_zoo, zoo_rows
 
 from replicator.cli import main as cli_main
 from replicator.devtools.odoo import TABLE_NAMES
 from replicator.devtools.seed import seed
 from replicator.devtools.workload import workload
-
-
-def wait_for(predicate, timeout: float = 60, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except psycopg.Error:
-            pass  # e.g. the mirror table does not exist yet
-        time.sleep(0.2)
-    pytest.fail(f"timed out waiting for {what}")
-
-
-def sync_state(dest_db, table: str) -> str | None:
-    return dest_db.scalar("select state from replicator.tables where source_table = %s",
-                          [f"public.{table}"])
 
 
 def test_existing_rows_of_every_type_are_copied(source_db, dest_db):

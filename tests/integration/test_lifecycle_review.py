@@ -7,28 +7,10 @@ from __future__ import annotations
 
 import time
 
-import psycopg
 import pytest
-from plugins.replicator import PUBLICATION, assert_same, catch_up, running
+from plugins.replicator import PUBLICATION, assert_same, catch_up, running, sync_state, wait_for
 
 from replicator import failpoints, state
-
-
-def wait_for(predicate, timeout: float = 60, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except psycopg.Error:
-            pass
-        time.sleep(0.1)
-    pytest.fail(f"timed out waiting for {what}")
-
-
-def sync_state(dest_db, table: str = "t") -> str | None:
-    return dest_db.scalar("select state from replicator.tables where source_table = %s",
-                          [f"public.{table}"])
 
 
 def resync(dest_db, table: str = "t") -> None:

@@ -8,37 +8,17 @@ transaction that is not applied never alters the mirror.
 
 from __future__ import annotations
 
-import time
-
-import psycopg
 import pytest
-from plugins.replicator import PUBLICATION, assert_same, catch_up, running
+from plugins.replicator import PUBLICATION, assert_same, catch_up, running, sync_state, wait_for
 
 from replicator import state
 from replicator.errors import ReplicatorError, RetryPolicy
-
-
-def wait_for(predicate, timeout: float = 60, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except psycopg.Error:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def mirror_types(dest_db, table: str = "t") -> dict[str, str]:
     return dict(dest_db.fetchall(
         "select attname, format_type(atttypid, atttypmod) from pg_attribute where attrelid = "
         "%s::regclass and attnum > 0 and not attisdropped", [f"odoo_mirror.{table}"]))
-
-
-def sync_state(dest_db, table: str = "t") -> str | None:
-    return dest_db.scalar("select state from replicator.tables where source_table = %s",
-                          [f"public.{table}"])
 
 
 def slot_name(dest_db) -> str:

@@ -9,28 +9,11 @@ import time
 
 import psycopg
 import pytest
-from plugins.replicator import PUBLICATION, assert_same, catch_up, running
+from plugins.replicator import PUBLICATION, assert_same, catch_up, running, sync_state, wait_for
 
 from replicator import failpoints, state
 from replicator.apply import Applier
 from replicator.batch import Batch
-
-
-def wait_for(predicate, timeout: float = 60, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except psycopg.Error:
-            pass  # e.g. the table does not exist yet
-        time.sleep(0.1)
-    pytest.fail(f"timed out waiting for {what}")
-
-
-def sync_state(dest_db, table: str) -> str | None:
-    return dest_db.scalar("select state from replicator.tables where source_table = %s",
-                          [f"public.{table}"])
 
 
 def two_tables(source_db, rows: int = 2000) -> None:

@@ -18,10 +18,12 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from replicator import failpoints
@@ -365,3 +367,22 @@ def replicator(tmp_path: Path, source_db: Any, dest_db: Any) -> Iterator[Any]:
     yield make
     for process in made:
         process.stop()
+
+
+def wait_for(predicate: Any, timeout: float = 60, what: str = "condition") -> None:
+    """Poll until predicate() is true; a psycopg error counts as not yet (a table not there)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except psycopg.Error:
+            pass
+        time.sleep(0.1)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def sync_state(dest_db: Any, table: str = "t") -> str | None:
+    """The sync state of public.<table> in the state schema."""
+    return dest_db.scalar("select state from replicator.tables where source_table = %s",
+                          [f"public.{table}"])
