@@ -91,8 +91,13 @@ where i.indrelid = %s and not i.indisprimary
 order by i.indexrelid
 """
 
+# invalidation_reason exists from PostgreSQL 17 on (wal_removed, rows_removed,
+# wal_level_insufficient, idle_timeout in 18): read through to_jsonb so that one
+# query serves 15 and 16 too, where it is null and wal_status 'lost' is the only sign.
 REPLICATION_SLOT_SQL = """
-select plugin, database, confirmed_flush_lsn::text, active from pg_replication_slots
+select plugin, database, confirmed_flush_lsn::text, active, wal_status,
+       to_jsonb(s) ->> 'invalidation_reason'
+from pg_replication_slots s
 where slot_name = %s
 """
 
@@ -173,6 +178,22 @@ class Slot:
     database: str
     confirmed: str | None   # confirmed_flush_lsn as text
     active: bool
+    wal_status: str | None = None
+    invalidation_reason: str | None = None
+
+    @property
+    def invalidated(self) -> bool:
+        """The source threw away what this slot held: it can never stream again."""
+        return self.wal_status == "lost" or self.invalidation_reason is not None
+
+    def why_invalidated(self) -> str:
+        reason = self.invalidation_reason or "wal_removed"
+        return {
+            "wal_removed": "the source removed WAL it still needed (max_slot_wal_keep_size)",
+            "idle_timeout": "it stayed inactive past the source's idle_replication_slot_timeout",
+            "rows_removed": "catalog rows it needed were vacuumed away",
+            "wal_level_insufficient": "the source's wal_level was lowered below logical",
+        }.get(reason, f"invalidation reason {reason}")
 
 
 def replication_slot(conn: psycopg.Connection, slot: str) -> Slot | None:

@@ -223,6 +223,12 @@ def _read_only(w: _Where, text: str) -> tuple[ErrorKind, str]:
 
 def _permission(w: _Where, text: str) -> tuple[ErrorKind, str]:
     user = w.attr("user", "<user>")
+    if w.side == "destination" and "for database" in text:
+        database = w.attr("database", "<database>")
+        return ErrorKind.CONFIG, (
+            f"the replicator creates its schemas itself: run on the destination "
+            f"GRANT CREATE ON DATABASE {database} TO {user}"
+        )
     if w.side == "destination":
         return ErrorKind.CONFIG, (
             f"grant the destination user what it needs: GRANT USAGE, CREATE ON SCHEMA "

@@ -27,7 +27,7 @@ from .errors import ErrorKind, ExitCode, ReplicatorError, Retries
 from .handoff import Handoff, Progress
 from .lsn import format_lsn, pg_now
 from .metrics import Metrics, MetricsServer, SlotMonitor
-from .preflight import check_slot, discover_tables
+from .preflight import check_destination_server, check_slot, discover_tables
 from .receiver import Receiver, SessionRestart
 from .schema import MirrorTable
 from .settings import Config, DestinationSettings, SourceSettings
@@ -167,7 +167,12 @@ class Pipeline:
                 for t in tables}
 
             dest = applier.connect()
-            state.setup(dest, dst.state_schema)
+            try:
+                check_destination_server(dest)
+                state.setup(dest, dst.state_schema)
+            except psycopg.Error as exc:
+                # Named as the destination's, so the hint says whose grant is missing.
+                raise classify(exc, settings=dst) from exc
             applied = state.applied_lsn(dest, dst.state_schema, slot)
 
             repl = ReplicationConnection(src.conninfo(replication="database"))
@@ -181,19 +186,29 @@ class Pipeline:
                     f"than the one the mirror was synced from ({synced_from})",
                     "check [source] host/port; if the source was really replaced, run "
                     "`replicator resync --config PATH --all`")
-            if check_slot(catalog, slot, applied) is None:
+            # Tables never copied, whose copy did not finish (a crash or stop
+            # mid-copy lands here again), that left the publication and came
+            # back, or that are now mapped to another mirror table, are copied
+            # before streaming starts; the others continue from the slot.
+            synced = state.table_sync(dest, dst.state_schema, slot)
+            identities = state.source_identities(dest, dst.state_schema, slot)
+            continuing = [t.source.qualname for t in mirrors.values()
+                          if _synced(synced, t, identities)]
+            found = check_slot(catalog, slot, applied, continuing)
+            if found is not None and found.invalidated:
+                # Nothing relies on it (check_slot said so): every table is copied
+                # again, from a snapshot consistent with the new slot.
+                repl.drop_slot(slot)
+                log.warning("dropped the invalidated replication slot to create it again",
+                            extra={"slot": slot, "reason": found.why_invalidated()})
+                found = None
+            if found is None:
                 point = repl.create_slot(slot)
                 log.info("created replication slot", extra={
                     "slot": slot, "consistent_point": format_lsn(point)})
             repl.close()
             repl = None
 
-            # Tables never copied, whose copy did not finish (a crash or stop
-            # mid-copy lands here again), that left the publication and came
-            # back, or that are now mapped to another mirror table, are copied
-            # before streaming starts.
-            synced = state.table_sync(dest, dst.state_schema, slot)
-            identities = state.source_identities(dest, dst.state_schema, slot)
             gone = [name for name in synced
                     if name not in {t.source.qualname for t in mirrors.values()}]
             for name in state.mark_removed(dest, dst.state_schema, slot, gone):

@@ -32,13 +32,50 @@ _LOST_HINT = ("the mirror misses changes: run `replicator resync --config PATH -
               "then `replicator run` copies every table again")
 
 
+# pgoutput protocol 2 (streamed transactions) and the catalog queries need 14 on the
+# source; MERGE needs 15 on the destination.
+MIN_SOURCE_VERSION = 140000
+MIN_DEST_VERSION = 150000
+
+
+def _version_text(num: int) -> str:
+    return f"{num // 10000}.{num % 10000}" if num >= 100000 else \
+        f"{num // 10000}.{num // 100 % 100}"
+
+
+def check_server_version(side: str, version_num: int) -> None:
+    """Refuse a server older than the product supports, before anything fails obscurely."""
+    least = MIN_SOURCE_VERSION if side == "source" else MIN_DEST_VERSION
+    if version_num < least:
+        raise ReplicatorError(
+            ErrorKind.SOURCE_SETUP if side == "source" else ErrorKind.CONFIG,
+            f"the {side} runs PostgreSQL {_version_text(version_num)}; odoo-replicator needs "
+            f"{least // 10000} or newer there"
+            + (" (MERGE)" if side == "destination" else " (pgoutput protocol 2)"),
+            f"upgrade the {side} server, or point [{side}] at one running "
+            f"PostgreSQL {least // 10000}+")
+
+
+def check_destination_server(dest: psycopg.Connection) -> None:
+    """A destination the mirror can be written to: new enough, and not a standby."""
+    check_server_version("destination", dest.info.server_version)
+    row = dest.execute("select pg_is_in_recovery()").fetchone()
+    if row and row[0]:
+        raise ReplicatorError(
+            ErrorKind.CONFIG,
+            f"[destination] {dest.info.host}:{dest.info.port} is a read-only standby "
+            "(pg_is_in_recovery() is true)",
+            "point [destination] host/port at the primary")
+
+
 def discover_tables(catalog: psycopg.Connection, config: Config) -> list[SourceTable]:
     """The published tables that are replicated, read from the source catalog.
 
-    Refuses a source without wal_level=logical, a missing publication, a
-    [mappings] entry the publication lacks, and a table without a key.
+    Refuses a source older than 14, without wal_level=logical, a missing or empty
+    publication, a [mappings] entry the publication lacks, and a table without a key.
     """
     src = config.source
+    check_server_version("source", catalog.info.server_version)
     level = wal_level(catalog)
     if level != "logical":
         raise ReplicatorError(
@@ -51,6 +88,12 @@ def discover_tables(catalog: psycopg.Connection, config: Config) -> list[SourceT
             f"create it: CREATE PUBLICATION {src.publication} FOR TABLE account_move, "
             "account_move_line, res_partner, project_task, hr_expense, hr_expense_sheet")
     published = publication_tables(catalog, src.publication)
+    if not published:
+        raise ReplicatorError(
+            ErrorKind.SOURCE_SETUP,
+            f"publication {src.publication!r} has no tables: there is nothing to replicate",
+            f"add them on the source: ALTER PUBLICATION {src.publication} ADD TABLE "
+            "account_move, account_move_line, res_partner, ...")
     names = {f"{s}.{t}" for s, t in published}
     for source_name in config.mappings:
         if source_name not in names:
@@ -67,19 +110,29 @@ def discover_tables(catalog: psycopg.Connection, config: Config) -> list[SourceT
     return tables
 
 
-def check_slot(catalog: psycopg.Connection, slot: str, applied: int | None) -> Slot | None:
-    """The replication slot, or None when it does not exist yet and may be created.
+def check_slot(catalog: psycopg.Connection, slot: str, applied: int | None,
+               synced: list[str] | None = None) -> Slot | None:
+    """The replication slot, or None when it does not exist and may be created.
 
-    ``applied`` is the position the mirror has applied (None: nothing yet). A
-    slot gone, of another plugin or database, or ahead of the mirror is refused.
+    ``applied`` is the position the mirror has applied (None: nothing yet) and
+    ``synced`` the tables whose mirror holds rows the stream must continue from.
+    A slot gone or invalidated while either says the mirror relies on it is
+    refused: a new slot would start after a gap. An invalidated slot nothing
+    relies on (every table is about to be copied, as after `resync --all`) is
+    returned for the caller to drop and create again. A slot of another plugin
+    or database, or ahead of the mirror, is refused.
     """
     found = replication_slot(catalog, slot)
+    relied_on = applied is not None or bool(synced)
+    where = (f"synced up to {format_lsn(applied)}" if applied is not None
+             else f"holding copied tables ({', '.join(sorted(synced or [])[:3])}"
+                  f"{', ...' if len(synced or []) > 3 else ''})")
     if found is None:
-        if applied is not None:
+        if relied_on:
             raise ReplicatorError(
                 ErrorKind.RESYNC_REQUIRED,
-                f"slot {slot!r} no longer exists on the source but the mirror was synced "
-                f"up to {format_lsn(applied)}: changes made since may be lost",
+                f"slot {slot!r} no longer exists on the source but the mirror was {where}: "
+                "changes made since may be lost",
                 _LOST_HINT)
         return None
     if found.plugin != "pgoutput" or found.database != catalog.info.dbname:
@@ -88,6 +141,13 @@ def check_slot(catalog: psycopg.Connection, slot: str, applied: int | None) -> S
             f"slot {slot!r} exists but uses plugin {found.plugin!r} on database "
             f"{found.database!r}",
             "set [source] slot to another name, or drop that slot if it is unused")
+    if found.invalidated and relied_on:
+        raise ReplicatorError(
+            ErrorKind.RESYNC_REQUIRED,
+            f"slot {slot!r} was invalidated by the source ({found.why_invalidated()}) while "
+            f"the mirror was {where}: the changes since are gone from the source's WAL",
+            _LOST_HINT + "; to keep it from happening again raise max_slot_wal_keep_size "
+            "(or idle_replication_slot_timeout) and alert on etl_slot_wal_status")
     if applied is not None and found.confirmed is not None \
             and parse_lsn(found.confirmed) > applied:
         raise ReplicatorError(
@@ -110,6 +170,7 @@ def check_destination(dest: psycopg.Connection, config: Config) -> int | None:
     """The position the mirror has applied (None: nothing yet); refuses a user who cannot
     create the mirror's schemas."""
     dst = config.destination
+    check_destination_server(dest)
     row = dest.execute("select has_database_privilege(current_user, "
                        "current_database(), 'create')").fetchone()
     if not (row and row[0]):

@@ -314,6 +314,7 @@ def _normalise_mappings(raw: Mapping[str, Any], dest: DestinationSettings) -> di
                 f"{where}: {owner[target]} and {source} both map to {target}",
                 "each mirror table has exactly one source table",
             )
+        _check_not_reserved(where, target.split(".", 1)[0])
         if target.split(".", 1)[0] == dest.state_schema:
             raise ConfigError(
                 f"{where}: {target} is in the state schema ({dest.state_schema})",
@@ -387,6 +388,14 @@ def _check_identifier(section: str, key: str, value: str) -> None:
             f"[{section}] {key}: {value!r} is not a valid schema name",
             "use letters, digits and underscores, starting with a letter, at most 63 characters",
         )
+    _check_not_reserved(f"[{section}] {key}", value)
+
+
+def _check_not_reserved(where: str, schema: str) -> None:
+    # PostgreSQL refuses to create a schema named pg_* (they are the system's).
+    if schema.lower().startswith("pg_"):
+        raise ConfigError(f"{where}: schema name {schema!r} is reserved by PostgreSQL (pg_*)",
+                          "choose a schema name that does not start with pg_")
 
 
 def did_you_mean(unknown: list[str], known: list[str]) -> str:

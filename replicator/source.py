@@ -14,8 +14,10 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 from psycopg import pq, sql
 
+from .classify import classify
 from .errors import ErrorKind, ReplicatorError
 from .libpq import function_addresses
 from .lsn import format_lsn, parse_lsn, pg_now
@@ -112,6 +114,9 @@ class ReplicationConnection:
         )
         return parse_lsn(rows[0][1])
 
+    def drop_slot(self, slot: str) -> None:
+        self.command(f"DROP_REPLICATION_SLOT {quote_ident(slot)}")
+
     def start(self, slot: str, lsn: int, publication: str, protocol: int,
               binary: bool) -> None:
         options = [
@@ -126,12 +131,20 @@ class ReplicationConnection:
         res = self.pgconn.exec_(query.encode())
         if res.status != pq.ExecStatus.COPY_BOTH:
             msg = res.error_message.decode("utf-8", "replace").strip()
+            code = res.error_field(pq.DiagnosticField.SQLSTATE)
+            # The SQLSTATE decides: a slot busy elsewhere (55006) is waited out, a lost
+            # one (55000) or a missing publication (42704) needs the operator.
+            sqlstate = code.decode() if code else None
+            try:
+                exc: Exception = psycopg.errors.lookup(sqlstate or "")(msg)
+            except KeyError:
+                exc = psycopg.OperationalError(msg)
+            err = classify(exc, side="source", sqlstate=sqlstate)
+            kind, hint = err.kind, err.hint
+            if kind is ErrorKind.INTERNAL:
+                kind, hint = ErrorKind.SOURCE_SETUP, "check the slot and the publication"
             raise ReplicatorError(
-                ErrorKind.SOURCE_SETUP,
-                f"source refused START_REPLICATION on slot {slot!r}: {msg}",
-                "if the slot is active, another replicator is running on it; "
-                "if the publication does not exist, create it on the source",
-            )
+                kind, f"source refused START_REPLICATION on slot {slot!r}: {msg}", hint)
         self.pgconn.nonblocking = 1
         log.info("replication started", extra={"slot": slot, "lsn": format_lsn(lsn),
                                                  "protocol": protocol, "binary": binary})

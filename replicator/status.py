@@ -113,6 +113,11 @@ def collect(config: Config, max_lag_seconds: float) -> Status:
     elif st.synced and wal.wal_status == "lost":
         st.problems.append(f"replication slot {slot!r} lost WAL it needed (wal_status lost): "
                            "run `replicator resync --all`")
+    elif wal.wal_status == "unreserved":
+        st.problems.append(
+            f"replication slot {slot!r} is about to lose WAL it needs (wal_status "
+            "unreserved): the next checkpoint on the source may invalidate it; get "
+            "`replicator run` streaming now, or raise max_slot_wal_keep_size")
     if lag_seconds is not None and lag_seconds > max_lag_seconds:
         st.problems.append(f"not keeping up: {lag_seconds:g} s behind (more than "
                            f"--max-lag-seconds {max_lag_seconds:g})")

@@ -390,6 +390,17 @@ class LocalCluster:
 
     # -- internals ----------------------------------------------------------
 
+    def start_standby(self) -> LocalCluster:
+        """A hot standby of this (running) cluster, from pg_basebackup, on a port of its own."""
+        standby = LocalCluster(self.version, self.base_dir, settings=self.settings,
+                               os_user=self.os_user or DEFAULT_OS_USER,
+                               remove_on_exit=self.remove_on_exit)
+        standby._prepare_dirs()
+        standby._run([str(standby._server_bin() / "pg_basebackup"), "-h", self.host,
+                      "-p", str(self.port), "-U", "postgres", "-D", str(standby.data_dir),
+                      "-R", "-X", "stream"])
+        return standby.start()
+
     def _user(self) -> pwd.struct_passwd | None:
         return ensure_os_user(self.os_user) if self.os_user else None
 

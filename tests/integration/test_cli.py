@@ -8,73 +8,22 @@ stderr that names what to fix (no traceback); and never a password in any output
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-from typing import Any
-
 import psycopg
 import pytest
 from plugins.replicator import (
+    CLI_UNSET_VAR,
     PASSWORD,
-    PASSWORD_VAR,
     PUBLICATION,
-    REPO,
     ReplicatorProcess,
-    json_logging,
-    replicator_env,
-    write_config,
+    assert_no_password,
+    cli,
+    cli_config,
+    error_line,
 )
 
 from replicator.devtools.odoo import TABLES, create_table_statement
 
-MISSING_VAR = "REPLICATOR_CLI_UNSET_PASSWORD"
-
-
-def cli_env() -> dict[str, str]:
-    env = replicator_env()
-    env.pop(MISSING_VAR, None)
-    return env
-
-
-def assert_no_password(*outputs: str) -> None:
-    for text in outputs:
-        assert PASSWORD not in text, f"the password appears in the output:\n{text[-3000:]}"
-
-
-def cli(*args: str, cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    """`python -m replicator ARGS`; every output is checked for the password."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "replicator", *args],
-        cwd=cwd or REPO,
-        env=cli_env(),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert_no_password(proc.stdout, proc.stderr)
-    return proc
-
-
-def cli_config(directory: Path, source_db: Any = None, dest_db: Any = None, *,
-               log_level: str = "info", **keywords: Any) -> Path:
-    """etl-config.toml as an operator writes it: passwords through $PASSWORD_VAR, JSON logs
-    on stdout (placeholder servers where a test needs none)."""
-    return write_config(directory, source_db, dest_db, password=f"${PASSWORD_VAR}",
-                        batch_size=1000, flush_interval=0.2, logging=json_logging(log_level),
-                        **keywords)
-
-
-def error_line(proc: subprocess.CompletedProcess) -> str:
-    """The one stderr line of a failed command (fails if there are more or none)."""
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1, (
-        f"expected exactly one line on stderr, got {len(lines)} (exit {proc.returncode}):\n"
-        f"{proc.stderr[-3000:]}\n--- stdout ---\n{proc.stdout[-2000:]}"
-    )
-    assert "Traceback" not in proc.stdout and '"exc"' not in proc.stdout, proc.stdout[-3000:]
-    return lines[0]
+MISSING_VAR = CLI_UNSET_VAR
 
 
 def create_odoo_tables(source_db) -> None:

@@ -386,3 +386,55 @@ def sync_state(dest_db: Any, table: str = "t") -> str | None:
     """The sync state of public.<table> in the state schema."""
     return dest_db.scalar("select state from replicator.tables where source_table = %s",
                           [f"public.{table}"])
+
+
+# -- the CLI as an operator runs it ----------------------------------------------------------
+
+# A variable no test environment sets: a config referring to it is missing a secret.
+CLI_UNSET_VAR = "REPLICATOR_CLI_UNSET_PASSWORD"
+
+
+def cli_env() -> dict[str, str]:
+    env = replicator_env()
+    env.pop(CLI_UNSET_VAR, None)
+    return env
+
+
+def assert_no_password(*outputs: str) -> None:
+    for text in outputs:
+        assert PASSWORD not in text, f"the password appears in the output:\n{text[-3000:]}"
+
+
+def cli(*args: str, cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    """`python -m replicator ARGS`; every output is checked for the password."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "replicator", *args],
+        cwd=cwd or REPO,
+        env=cli_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert_no_password(proc.stdout, proc.stderr)
+    return proc
+
+
+def cli_config(directory: Path, source_db: Any = None, dest_db: Any = None, *,
+               log_level: str = "info", **keywords: Any) -> Path:
+    """etl-config.toml as an operator writes it: passwords through $PASSWORD_VAR, JSON logs
+    on stdout (placeholder servers where a test needs none)."""
+    return write_config(directory, source_db, dest_db, password=f"${PASSWORD_VAR}",
+                        batch_size=1000, flush_interval=0.2, logging=json_logging(log_level),
+                        **keywords)
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    """The one stderr line of a failed command (fails if there are more or none)."""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, (
+        f"expected exactly one line on stderr, got {len(lines)} (exit {proc.returncode}):\n"
+        f"{proc.stderr[-3000:]}\n--- stdout ---\n{proc.stdout[-2000:]}"
+    )
+    assert "Traceback" not in proc.stdout and '"exc"' not in proc.stdout, proc.stdout[-3000:]
+    return lines[0]

@@ -84,13 +84,14 @@ def pg_base_dir() -> Iterator[Path]:
     shutil.rmtree(base, ignore_errors=True)
 
 
-def _start_cluster(version: int, base_dir: Path) -> Iterator[LocalCluster]:
+def _start_cluster(version: int, base_dir: Path,
+                   settings: dict[str, Any] | None = None) -> Iterator[LocalCluster]:
     if version not in available_versions():
         message = f"PostgreSQL {version} is not available on this machine"
         if os.environ.get("CI"):
             pytest.fail(message + " (CI installs it: see .ci/run)")
         pytest.skip(message)
-    cluster = LocalCluster(version, base_dir)
+    cluster = LocalCluster(version, base_dir, settings=settings)
     try:
         cluster.start()
     except LocalClusterError as exc:

@@ -274,6 +274,8 @@ def test_missing_file(tmp_path):
         (with_source("retry_timeout = 0"), "[source] retry_timeout: must be > 0, got 0.0"),
         (with_destination("retry_timeout = -5"), "[destination] retry_timeout: must be > 0, got -5.0"),
         (with_source('retry_timeout = "30"'), '[source] retry_timeout: expected a number, got string "30"'),
+        (with_destination('state_schema = "pg_state"'), "[destination] state_schema: schema name 'pg_state' is reserved by PostgreSQL (pg_*)"),
+        (MINIMAL + '[mappings]\nres_partner = "PG_x.res_partner"\n', "[mappings] res_partner: schema name 'PG_x' is reserved by PostgreSQL (pg_*)"),
     ],
 )
 def test_value_checks(tmp_path, text, message):

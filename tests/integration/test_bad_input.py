@@ -1,0 +1,161 @@
+"""Operator mistakes on real servers: one clear line on stderr, a non-zero exit, no traceback,
+no password (`cli` checks every output for it), and nothing written where it must not be.
+
+The config-file mistakes (malformed, unknown key, missing $VAR, wrong type) are in
+tests/unit/test_config.py and tests/unit/test_cli.py; the connection ones (unreachable,
+wrong password, missing role or database) in test_errors.py; a missing publication and a
+table without a key in test_cli.py.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from plugins.replicator import PUBLICATION, ReplicatorProcess, cli, cli_config, error_line, wait_for
+from plugins.servers import _fresh_database, _start_cluster
+
+from replicator.devtools.localpg import LocalCluster
+from replicator.errors import ExitCode, ReplicatorError
+from replicator.preflight import check_server_version
+
+
+def _run(config: Path, cwd: Path, *extra: str) -> str:
+    proc = cli("run", "--config", str(config), "--until-caught-up", *extra, cwd=cwd, timeout=60)
+    line = error_line(proc)
+    assert proc.returncode != 0, line
+    return line
+
+
+def _published_table(db) -> None:
+    db.execute("create table res_partner (id integer primary key, name text)")
+    db.execute("insert into res_partner values (1, 'Azure Interior')")
+    db.execute(f"create publication {PUBLICATION} for table res_partner")
+
+
+@pytest.fixture(scope="module")
+def replica_level_cluster(pg_base_dir: Path) -> Iterator[LocalCluster]:
+    gen = _start_cluster(15, pg_base_dir, {"wal_level": "replica"})
+    yield next(gen)
+    gen.close()
+
+
+@pytest.fixture
+def replica_level_db(replica_level_cluster, request) -> Iterator:
+    yield from _fresh_database(replica_level_cluster, "src", request.node.name)
+
+
+def test_wal_level_not_logical(replica_level_db, dest_db, tmp_path):
+    _published_table(replica_level_db)
+    config = cli_config(tmp_path, replica_level_db, dest_db)
+    for command in ("run", "check"):
+        proc = cli(command, "--config", str(config), cwd=tmp_path, timeout=60)
+        line = error_line(proc)
+        assert proc.returncode == ExitCode.FATAL, line
+        assert "wal_level=replica" in line and "wal_level = logical" in line, line
+    assert dest_db.scalar("select count(*) from pg_namespace where nspname = 'odoo_mirror'") == 0
+
+
+def test_empty_publication(source_db, dest_db, tmp_path):
+    source_db.execute("create table res_partner (id integer primary key, name text)")
+    source_db.execute(f"create publication {PUBLICATION}")
+    line = _run(cli_config(tmp_path, source_db, dest_db), tmp_path)
+    assert f"publication {PUBLICATION!r} has no tables" in line, line
+    assert f"ALTER PUBLICATION {PUBLICATION} ADD TABLE" in line, line
+
+
+def test_slot_in_use_by_another_process(source_db, dest_db, tmp_path):
+    """A second replicator on the same slot: the first keeps streaming, the second says
+    who holds the slot and gives up after retry_timeout."""
+    _published_table(source_db)
+    first_dir = tmp_path / "first"
+    first_dir.mkdir()
+    first = ReplicatorProcess(cli_config(first_dir, source_db, dest_db), first_dir)
+    first.start()
+    try:
+        wait_for(first.streaming, 60, "the first replicator streaming")
+        config = cli_config(tmp_path, source_db, dest_db, source={"retry_timeout": 3})
+        line = _run(config, tmp_path)
+        assert "another process is using the replication slot" in line, line
+        assert PUBLICATION in line, line
+        assert first.alive
+    finally:
+        first.stop()
+
+
+def test_mapping_to_a_schema_that_cannot_be_created(source_db, dest_db, tmp_path):
+    """The destination user may not create schemas: nothing is written, and the line says
+    which GRANT fixes it."""
+    _published_table(source_db)
+    role = f"mirror_{uuid.uuid4().hex[:8]}"
+    dest_db.execute(f"create role {role} login password 'pw-{role}'")
+    dest_db.execute(f"revoke create on database {dest_db.name} from public")
+    try:
+        config = cli_config(tmp_path, source_db, dest_db,
+                            destination={"user": role, "password": f"pw-{role}"})
+        with config.open("a") as f:
+            f.write('\n[mappings]\nres_partner = "analytics.partners"\n')
+        line = _run(config, tmp_path)
+        assert role in line and "GRANT" in line and "CREATE" in line, line
+        assert dest_db.scalar(
+            "select count(*) from pg_namespace where nspname in ('analytics', 'replicator')") == 0
+    finally:
+        dest_db.execute(f"drop owned by {role}")
+        dest_db.execute(f"drop role {role}")
+
+
+def test_mapping_to_a_reserved_schema_name(source_db, dest_db, tmp_path):
+    _published_table(source_db)
+    config = cli_config(tmp_path, source_db, dest_db)
+    with config.open("a") as f:
+        f.write('\n[mappings]\nres_partner = "pg_mirror.res_partner"\n')
+    proc = cli("run", "--config", str(config), "--until-caught-up", cwd=tmp_path, timeout=60)
+    line = error_line(proc)
+    assert proc.returncode == ExitCode.FATAL, line
+    assert "pg_mirror" in line and "[mappings]" in line, line
+
+
+@pytest.fixture
+def standby(dest_cluster) -> Iterator[LocalCluster]:
+    cluster = dest_cluster.start_standby()
+    try:
+        yield cluster
+    finally:
+        cluster.remove()
+
+
+def test_destination_that_is_a_read_only_standby(source_db, dest_db, standby, tmp_path):
+    _published_table(source_db)
+
+    class OnStandby:  # the test database, reached through the standby
+        cluster, name = standby, dest_db.name
+
+    wait_for(lambda: standby.connect(dest_db.name).close() is None, 30, "the standby")
+    config = cli_config(tmp_path, source_db, OnStandby)
+    for args in (["run", "--until-caught-up"], ["check"]):
+        proc = cli(*args, "--config", str(config), cwd=tmp_path)
+        line = error_line(proc)
+        assert proc.returncode == ExitCode.FATAL, line
+        assert "read-only standby" in line and "primary" in line, line
+    assert source_db.scalar("select count(*) from pg_replication_slots "
+                            "where slot_name = %s", [PUBLICATION]) == 0
+
+
+@pytest.mark.parametrize("side,version,ok", [
+    ("source", 130014, False), ("source", 140000, True), ("source", 180001, True),
+    ("destination", 140012, False), ("destination", 150000, True),
+])
+def test_unsupported_server_versions(side, version, ok):
+    """No server older than 15 is installed here: the judgement itself, on the numbers
+    the servers report (server_version_num)."""
+    if ok:
+        check_server_version(side, version)
+        return
+    with pytest.raises(ReplicatorError) as info:
+        check_server_version(side, version)
+    text = str(info.value)
+    assert info.value.exit_code == ExitCode.FATAL
+    assert f"the {side} runs PostgreSQL {version // 10000}" in text and "or newer" in text
+    assert "\n" not in text
