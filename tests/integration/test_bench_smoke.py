@@ -62,3 +62,25 @@ def test_backfill_bench_smoke(tmp_path):
     for way in WAYS:
         assert way in table
     assert "rows/s" in table and "streaming = off" in table and "tuning:" in table
+
+
+@pytest.mark.pg15
+def test_soak_bench_smoke():
+    """bench/soak.py end to end for a few seconds: kills on both sides, samples, a mirror
+    equal to the source, and a report whose verdict fields are filled (no timing asserted)."""
+    base = Path(f"/tmp/odoo-replicator-soak-smoke-{os.getpid()}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "bench" / "soak.py"), "--minutes", "0.25",
+             "--kill-every", "4", "--sample-every", "1", "--json", "--workdir", str(base)],
+            capture_output=True, text=True, timeout=240, cwd=ROOT, env=env)
+    finally:
+        subprocess.run(["rm", "-rf", str(base)], check=False)
+    assert proc.returncode in (0, 1), proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["mirror_equal"] is True and report["exit_code"] == 0, proc.stderr[-3000:]
+    assert report["kills"]["source"] >= 1 and report["kills"]["destination"] >= 1
+    assert report["source_transactions"] > 0
+    assert len(report["samples"]) >= 10
+    assert all(s["rss_kib"] > 0 and s["threads"] >= 1 and s["fds"] > 0 for s in report["samples"])
