@@ -14,10 +14,15 @@ FROM python:3.11-slim-bookworm
 RUN apt-get update \
     && apt-get install -y --no-install-recommends libpq5 curl \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --system --home /app --shell /usr/sbin/nologin replicator
+    && useradd --system --home /app --shell /usr/sbin/nologin replicator \
+    && mkdir -p /app/data && chown replicator: /app/data
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 WORKDIR /app
+# Spill files of transactions bigger than max_memory_mb go here: docker-compose.yml mounts the
+# etl-data volume on it (a new named volume takes this directory's owner) instead of the
+# container's writable layer.
+ENV TMPDIR=/app/data
 USER replicator
 EXPOSE 9090
 HEALTHCHECK --interval=30s --timeout=10s --retries=3 CMD curl -fsS http://localhost:9090/health || exit 1
