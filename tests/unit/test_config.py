@@ -274,6 +274,7 @@ def test_missing_file(tmp_path):
         (with_source("retry_timeout = 0"), "[source] retry_timeout: must be > 0, got 0.0"),
         (with_destination("retry_timeout = -5"), "[destination] retry_timeout: must be > 0, got -5.0"),
         (with_source('retry_timeout = "30"'), '[source] retry_timeout: expected a number, got string "30"'),
+        (with_destination('on_error = "skip"'), "[destination] on_error: 'skip' is not one of stop, dead_letter"),
     ],
 )
 def test_value_checks(tmp_path, text, message):
@@ -299,7 +300,9 @@ def test_defaults(tmp_path):
     assert (dst.schema, dst.state_schema, dst.batch_size, dst.flush_interval) == (
         "odoo_mirror", "replicator", 1000, 5.0,
     )
-    assert (dst.max_memory_mb, dst.copy_indexes) == (256, True)
+    assert (dst.max_memory_mb, dst.copy_indexes, dst.on_error) == (256, True, "stop")
+    dst = load_config(write(tmp_path, with_destination('on_error = "dead_letter"')), environ=ENV).destination
+    assert dst.on_error == "dead_letter"
     assert config.logging == LoggingSettings()
     assert config.logging == LoggingSettings(level="info", format="json", output="stdout")
     assert config.metrics == MetricsSettings(enabled=True, port=9090, path="/metrics")
