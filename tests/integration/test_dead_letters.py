@@ -8,6 +8,8 @@ case exact); the last ones run `replicator run` as a process against a real sour
 from __future__ import annotations
 
 import json
+import threading
+import time
 import urllib.parse
 import urllib.request
 
@@ -206,6 +208,24 @@ def test_toast_dead_letters_are_listed_not_retried(lettering, dest_db):
 
 
 
+def test_a_batch_waits_for_a_retry_before_touching_the_mirror(lettering, dest_db):
+    """The retry's lock on the pipeline's row keeps batches out, and a waiting batch holds no
+    mirror row: the retry can still write them (no deadlock)."""
+    lettering([insert(RELID, row(1, "a", "A"))])
+    with dest_db.connect() as conn, conn.transaction():
+        assert state.lock_pipeline(conn, "replicator", SLOT)
+        done = threading.Event()
+        worker = threading.Thread(target=lambda: (lettering([update(RELID, row(1, "b", "B"))]),
+                                                  done.set()), daemon=True)
+        worker.start()
+        time.sleep(0.5)
+        assert not done.is_set()
+        conn.execute("set local lock_timeout = '2s'")
+        conn.execute("update odoo_mirror.t set name = 'retried' where id = 1")
+    worker.join(30)
+    assert done.is_set() and rows(dest_db) == [(1, "b", "B")]
+
+
 # -- a real sync ---------------------------------------------------------------------------
 
 
@@ -286,6 +306,11 @@ def test_poison_rows_during_a_real_sync(source_db, dest_db, tmp_path, capsys):
         listed = json.loads(out)["dead_letters"]
         assert code == 0 and [(d["key"], d["op"], d["retryable"]) for d in listed] == [
             ({"id": 12}, "I", True), ({"id": 12}, "U", True), ({"id": 15}, "I", True)]
+
+        code, out, _ = cli(capsys, "dead-letters", "--config", str(config), "--table", "t")
+        assert code == 0 and out.startswith("3 dead letters:") and "#" in out, out
+        code, out, _ = cli(capsys, "dead-letters", "--config", str(config), "--table", "other")
+        assert code == 0 and out.startswith("0 dead letters"), out
 
         # Retried while run runs: the mirror still rejects them all; each key's failing
         # letter gets the error again, exit 1.

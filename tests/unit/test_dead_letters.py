@@ -39,3 +39,14 @@ def test_retry_queues_follow_keys_and_key_changes_in_id_order():
     letters = [letter(1, '{"id": 1}'), letter(2, '{"id": 2}'), letter(3, '{"id":1}'),
                letter(4, '{"id": 11}', old='{"id": 2}'), letter(5, '{"id": 1}', table="m.u")]
     assert [[q.id for q in queue] for queue in _queues(letters)] == [[1, 3], [2, 4], [5]]
+
+
+def test_dead_letters_help(capsys):
+    from replicator.cli import main
+
+    assert main(["dead-letters", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--retry" in out and "--json" in out and "--table" in out
+    assert "in order" in out and "beside a running" in out
+    assert main(["--help"]) == 0
+    assert "dead-letters" in capsys.readouterr().out
