@@ -8,6 +8,18 @@ earlier image of the same row in the batch, whichever key it had then
 of the first key of that chain. A `u` that none of those can supply goes to
 the dead letter table instead of the mirror.
 
+A change the mirror rejects for its data (SQLSTATE class 22 or 23: a CHECK
+added on the mirror, a value out of range after a manual type change) makes
+the batch run again with each table's MERGE under a savepoint; the failing
+table's staged keys are then bisected, under savepoints, down to the keys
+that fail. Keys linked by a primary-key change stay together. With
+[destination] on_error = "stop" the first such key stops the pipeline (the
+batch rolls back); with "dead_letter" every change of it goes to the dead
+letter table, in order, and the rest of the batch is applied. While a key
+has a waiting dead letter, its later changes queue behind it there, so a
+retry (dead_letters.py) replays the key's changes in order and a dead letter
+never overwrites a later change.
+
 Pooler safe (Supabase port 6543, transaction mode): no prepared statements,
 settings by SET LOCAL only, nothing that outlives the transaction.
 """
@@ -36,6 +48,7 @@ from .schema import (
     mirror_exists,
     plan_mirror,
 )
+from .settings import ON_ERROR
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +64,7 @@ class ApplyResult:
     seconds: float = 0.0
     per_op: dict[str, dict[str, int]] = field(default_factory=dict)
     dead_per_table: dict[str, int] = field(default_factory=dict)
+    lettered: set[str] = field(default_factory=set)   # tables given retryable dead letters
 
     def count(self, table: str, inserts: int = 0, updates: int = 0, deletes: int = 0) -> None:
         ops = self.per_op.setdefault(table, {"insert": 0, "update": 0, "delete": 0})
@@ -372,12 +386,176 @@ def dead_letter_sql(t: MirrorTable) -> sql.Composed:
     on = sql.SQL(" and ").join(sql.SQL("t.{k} = s.{k}").format(k=_ident(k)) for k in key)
     obj = sql.SQL(", ").join(sql.SQL("{}, s.{}").format(sql.Literal(k), _ident(k)) for k in key)
     return _toast_ctes(t) + sql.SQL(
-        "insert into {dl} (slot, mirror_table, lsn, reason, row_data) "
+        "insert into {dl} (slot, mirror_table, lsn, reason, row_data, key_data) "
         "select %s, %s, %s::pg_lsn, 'unchanged TOAST value with no earlier image in the batch "
-        "and no mirror row to keep it from', jsonb_build_object({obj}) from r s "
+        "and no mirror row to keep it from', jsonb_build_object({obj}), "
+        "jsonb_build_object({obj}) from r s "
         "where s._r_op <> 'D' and (s._r_bad or (s._r_anykeep and not exists "
         "(select 1 from {dest} t where {on})))"
     ).format(dl=sql.Identifier(t.state_schema, "dead_letters"), obj=obj, dest=t.dest, on=on)
+
+
+# -- changes the mirror rejects ---------------------------------------------
+
+# SQLSTATE classes of a change rejected for its data: 22 data exception (a value out of
+# range for a column narrowed by hand), 23 integrity constraint violation (a CHECK, NOT
+# NULL, unique or foreign key added on the mirror). Any other error is not about one row.
+REJECT_CLASSES = ("22", "23")
+
+# Where a failing table's staged rows wait while their keys are bisected; dropped at
+# commit, so nothing outlives the transaction (pooler safe).
+ISOLATE = sql.Identifier("_r_isolate")
+
+
+def rejects(exc: BaseException) -> bool:
+    """Whether exc is the mirror refusing a change's data (not a lost connection)."""
+    return (isinstance(exc, psycopg.Error) and not isinstance(exc, psycopg.OperationalError)
+            and (exc.sqlstate or "")[:2] in REJECT_CLASSES)
+
+
+def key_json(t: MirrorTable, alias: str, columns: list[str] | None = None) -> sql.Composed:
+    """A staged row's key as jsonb of mirror-typed values: what dead letters are matched on.
+
+    columns: the staging columns holding the key (default: the key columns themselves).
+    """
+    by_name = {c.name: c for c in t.columns}
+    cols = columns or list(t.source.key)
+    return sql.SQL("jsonb_build_object({})").format(sql.SQL(", ").join(
+        sql.SQL("{}, {}").format(sql.Literal(k), _cast(
+            sql.SQL("{}.{}").format(sql.SQL(alias), _ident(c)), t, by_name[k]))
+        for k, c in zip(t.source.key, cols)))
+
+
+def _waiting(t: MirrorTable) -> sql.Composed:
+    """Condition on dead letter d: retryable, and not older than the table's last copy
+    (a copy holds every change committed before its sync LSN)."""
+    return sql.SQL(
+        "d.slot = %(slot)s and d.mirror_table = %(table)s and d.op is not null "
+        "and d.lsn >= coalesce((select max(sync_lsn) from {tables} "
+        "where slot = %(slot)s and mirror_table = %(table)s), '0/0')"
+    ).format(tables=sql.Identifier(t.state_schema, "tables"))
+
+
+def queued_sql(t: MirrorTable) -> sql.Composed:
+    """(the table has waiting dead letters, one of them has a key staged now)."""
+    dl = sql.Identifier(t.state_schema, "dead_letters")
+    return sql.SQL(
+        "select exists (select 1 from {dl} d where {w}), "
+        "exists (select 1 from {stage} s join {dl} d on d.key_data = {k} and {w})"
+    ).format(dl=dl, w=_waiting(t), stage=t.stage, k=key_json(t, "s"))
+
+
+def isolate_sql(t: MirrorTable) -> list[sql.Composed]:
+    """Move the staged rows into ISOLATE, numbering keys (_r_kn) and groups (_r_grp)."""
+    key = sql.SQL(", ").join(_ident(k) for k in t.source.key)
+    return [
+        sql.SQL("drop table if exists pg_temp.{}").format(ISOLATE),
+        sql.SQL(
+            "create temp table {iso} on commit drop as select s.*, "
+            "dense_rank() over (order by {k}) - 1 as _r_kn, "
+            "dense_rank() over (order by {k}) - 1 as _r_grp, {kj} as _r_key from {stage} s"
+        ).format(iso=ISOLATE, k=key, kj=key_json(t, "s"), stage=t.stage),
+        clear_staging_sql(t),
+    ]
+
+
+def isolate_links_sql(t: MirrorTable) -> sql.Composed:
+    """Pairs of key numbers one primary-key change links (they are applied together)."""
+    on = sql.SQL(" and ").join(sql.SQL("o.{} = n.{}").format(_ident(k), _ident(f"_r_ok{i}"))
+                               for i, k in enumerate(t.source.key))
+    return sql.SQL("select distinct n._r_kn, o._r_kn from {iso} n join {iso} o on {on} "
+                   "where n._r_ok0 is not null").format(iso=ISOLATE, on=on)
+
+
+def isolate_queued_sql(t: MirrorTable) -> sql.Composed:
+    return sql.SQL(
+        "select distinct s._r_kn from {iso} s join {dl} d on d.key_data = s._r_key and {w}"
+    ).format(iso=ISOLATE, dl=sql.Identifier(t.state_schema, "dead_letters"), w=_waiting(t))
+
+
+def isolate_groups_sql() -> sql.Composed:
+    return sql.SQL("update {iso} s set _r_grp = m.g from unnest(%s::int8[], %s::int8[]) "
+                   "as m(kn, g) where s._r_kn = m.kn").format(iso=ISOLATE)
+
+
+def isolate_stage_sql(t: MirrorTable) -> sql.Composed:
+    """Stage the rows of groups lo <= _r_grp < hi again, for one attempt."""
+    cols = sql.SQL(", ").join(_staging_columns(t))
+    return sql.SQL("insert into {stage} ({cols}) select {cols} from {iso} "
+                   "where _r_grp >= %s and _r_grp < %s").format(
+                       stage=t.stage, cols=cols, iso=ISOLATE)
+
+
+def letter_sql(t: MirrorTable) -> sql.Composed:
+    """Every change of the given groups into the dead letter table, in stream order.
+
+    row_data has the mirror-typed new row without its unchanged-TOAST columns (named in
+    unchanged: a retry keeps the mirror's value); a delete's is its key.
+    """
+    toast = [(i, c) for i, c in enumerate(t.columns) if _toastable(c)]
+    if toast:
+        unchanged: sql.Composable = sql.SQL(
+            "case when s._r_u is null then '{{}}'::text[] else array_remove(array[{}]::text[], "
+            "null) end").format(sql.SQL(", ").join(
+                sql.SQL("case when get_bit(s._r_u, {}) = 1 then {} end").format(
+                    sql.Literal(i), sql.Literal(c.name)) for i, c in toast))
+    else:
+        unchanged = sql.SQL("'{}'::text[]")
+    row = sql.SQL(", ").join(
+        sql.SQL("{} as {}").format(_cast(sql.SQL("s.{}").format(_ident(c.name)), t, c),
+                                   _ident(c.name)) for c in t.columns)
+    old = key_json(t, "s", [f"_r_ok{i}" for i in range(len(t.source.key))])
+    return sql.SQL(
+        "insert into {dl} (slot, mirror_table, lsn, reason, sqlstate, op, key_data, old_key, "
+        "row_data, unchanged) "
+        "select %(slot)s, %(table)s, '0/0'::pg_lsn + s._r_lsn::numeric, %(reason)s, "
+        "%(sqlstate)s, s._r_op, s._r_key, case when s._r_ok0 is not null then {old} end, "
+        "case when s._r_op = 'D' then s._r_key else to_jsonb(r) - u.names end, u.names "
+        "from {iso} s cross join lateral (select {row}) r "
+        "cross join lateral (select {unchanged} as names) u "
+        "where s._r_grp = any(%(groups)s) order by s._r_seq"
+    ).format(dl=sql.Identifier(t.state_schema, "dead_letters"), old=old, row=row,
+             unchanged=unchanged, iso=ISOLATE)
+
+
+def isolate_ops_sql() -> sql.Composed:
+    return sql.SQL("select _r_op, count(*) from {iso} where _r_grp = any(%s) group by 1").format(
+        iso=ISOLATE)
+
+
+def isolate_keys_sql() -> sql.Composed:
+    return sql.SQL("select distinct _r_key::text, _r_lsn from {iso} where _r_grp = %s "
+                   "order by 1 limit 5").format(iso=ISOLATE)
+
+
+def group_keys(n: int, links: list[tuple[int, int]], queued: set[int]) -> tuple[list[int], int]:
+    """Group numbers for key numbers 0..n-1: one group per set of keys that primary-key
+    changes link, numbered in order of their first key; -1 for a group holding a key in
+    queued (it follows its waiting dead letters). Returns (group per key, groups >= 0)."""
+    parent = list(range(n))
+
+    def root(k: int) -> int:
+        while parent[k] != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    for a, b in links:
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    held = {root(k) for k in queued}
+    number: dict[int, int] = {}
+    groups = []
+    for k in range(n):
+        r = root(k)
+        if r in held:
+            groups.append(-1)
+            continue
+        if r not in number:
+            number[r] = len(number)
+        groups.append(number[r])
+    return groups, len(number)
 
 
 # -- the applier -----------------------------------------------------------
@@ -430,10 +608,18 @@ def _write(copy: psycopg.Copy, data: bytes | SpilledRows) -> None:
 class Applier:
     """Owns the destination connection; applies batches one transaction each."""
 
-    def __init__(self, conninfo: str, state_schema: str, slot: str):
+    def __init__(self, conninfo: str, state_schema: str, slot: str, on_error: str = "stop"):
+        assert on_error in ON_ERROR, on_error
         self._conninfo = conninfo
         self.state_schema = state_schema
         self.slot = slot
+        self.on_error = on_error
+        # Mirror tables that may have waiting dead letters (None: not read yet). A batch
+        # checks their staged keys against the letters; a table found to have none leaves.
+        self._lettered: set[str] | None = None
+        # Set while a batch runs again after a rejected change: each table's MERGE then
+        # runs under a savepoint, and a failing one is bisected.
+        self._careful = False
         self.conn: psycopg.Connection | None = None
         self._statements: dict[tuple[str, str], sql.SQL] = {}
         # Mirror tables being copied while the stream runs: their changes are
@@ -505,12 +691,32 @@ class Applier:
         stmt = self._statements.get(key)
         if stmt is None:
             build = {"copy": copy_sql, "copy_held": copy_held_sql, "merge": merge_sql,
-                     "merge_toast": merge_toast_sql, "dead": dead_letter_sql}[kind]
+                     "merge_toast": merge_toast_sql, "dead": dead_letter_sql,
+                     "queued": queued_sql, "isolate_links": isolate_links_sql,
+                     "isolate_queued": isolate_queued_sql, "isolate_stage": isolate_stage_sql,
+                     "letter": letter_sql}[kind]
             stmt = self._statements[key] = sql.SQL(build(t).as_string(self.conn))
         return stmt
 
     def apply(self, batch: Batch, record_lsn: bool = True,
               system_id: str | None = None) -> ApplyResult:
+        try:
+            return self._apply(batch, record_lsn, system_id)
+        except _Rejected as rejected:
+            # Savepoints cost nothing until a change fails: only then does the batch run
+            # again, each table's MERGE under one, to find the keys that fail.
+            exc = rejected.exc
+            log.warning("the destination rejected a change: applying the batch again, "
+                        "table by table, to find it", extra={
+                            "lsn": format_lsn(batch.end_lsn), "sqlstate": exc.sqlstate,
+                            "condition": type(exc).__name__})
+            self._careful = True
+            try:
+                return self._apply(batch, record_lsn, system_id)
+            finally:
+                self._careful = False
+
+    def _apply(self, batch: Batch, record_lsn: bool, system_id: str | None) -> ApplyResult:
         res = ApplyResult()
         started = time.monotonic()
         holding_before = set(self.holding)
@@ -521,6 +727,15 @@ class Applier:
                 # The source may forget a transaction once it is confirmed, so
                 # the commit must be durable before we confirm it.
                 cur.execute("set local synchronous_commit = on")
+                if record_lsn and batch.end_lsn:
+                    # First, so the pipeline's row is locked for the whole batch: a
+                    # `dead-letters --retry` locks it before touching the mirror, and the
+                    # two take turns instead of deadlocking on mirror rows. The position
+                    # still commits with the batch, or not at all.
+                    state.record_applied(cur, self.state_schema, self.slot, batch.end_lsn,
+                                         system_id)
+                if self._lettered is None:
+                    self._lettered = state.lettered_tables(cur, self.state_schema, self.slot)
                 for op in batch.ops:
                     if isinstance(op, Rows):
                         for tr in op.tables:
@@ -535,11 +750,11 @@ class Applier:
                         self._hold(cur, op.table)
                     elif isinstance(op, SyncDone):
                         self._unhold(cur, op, batch.end_lsn, res)
-                if record_lsn and batch.end_lsn:
-                    state.record_applied(cur, self.state_schema, self.slot, batch.end_lsn,
-                                         system_id)
                 if syncs_done:
                     failpoints.hit(failpoints.SYNC_DONE_BEFORE_COMMIT)
+        except ReplicatorError:
+            self.holding = holding_before
+            raise
         except psycopg.OperationalError as exc:
             self.holding = holding_before
             raise ReplicatorError(
@@ -549,6 +764,8 @@ class Applier:
             ) from exc
         except psycopg.Error as exc:
             self.holding = holding_before
+            if not self._careful and rejects(exc):
+                raise _Rejected(exc) from exc
             raise ReplicatorError(
                 ErrorKind.DESTINATION_APPLY,
                 f"the destination rejected the batch ending at {format_lsn(batch.end_lsn)}: {exc}",
@@ -556,6 +773,8 @@ class Applier:
                 "(or drop it so it is recreated) and restart",
             ) from exc
         res.seconds = time.monotonic() - started
+        if self._lettered is not None:
+            self._lettered |= res.lettered
         if syncs_done:
             failpoints.hit(failpoints.SYNC_DONE_COMMITTED)
         for op in batch.ops:
@@ -591,13 +810,11 @@ class Applier:
         assert counts is not None  # count(*) without group by: always one row
         ins, upd, dele, unchanged = counts
         rows = ins + upd + dele
+        if rows:
+            out = self._merge_table(cur, t, bool(unchanged), end_lsn, res)
+            ins, upd, dele = (max(0, n - out.get(o, 0)) for n, o in zip((ins, upd, dele), "IUD"))
+            rows -= sum(out.values())
         res.count(t.qualname, ins, upd, dele)
-        if unchanged:
-            cur.execute(self._stmt("dead", t), [self.slot, t.qualname, format_lsn(end_lsn)])
-            res.dead(t.qualname, cur.rowcount)
-            cur.execute(self._stmt("merge_toast", t))
-        elif rows:
-            cur.execute(self._stmt("merge", t))
         cur.execute(clear_staging_sql(t))
         cur.execute(sql.SQL("truncate {}").format(t.held))
         state.set_table(cur, self.state_schema, self.slot, t, state.STREAMING, op.sync_lsn)
@@ -627,16 +844,155 @@ class Applier:
         with cur.copy(self._stmt("copy", t)) as copy:
             _write(copy, tr.data)
         res.copies += 1
-        if tr.unchanged:
-            cur.execute(self._stmt("dead", t), [self.slot, t.qualname, format_lsn(end_lsn)])
-            if cur.rowcount > 0:
-                res.dead(t.qualname, cur.rowcount)
-                log.warning("rows sent with unchanged TOAST values that the mirror cannot "
-                            "supply were written to the dead letter table",
-                            extra={"table": t.qualname, "rows": cur.rowcount})
-            cur.execute(self._stmt("merge_toast", t))
-        else:
-            cur.execute(self._stmt("merge", t))
+        out = self._merge_table(cur, t, bool(tr.unchanged), end_lsn, res)
         cur.execute(clear_staging_sql(t))
-        res.rows += tr.rows
-        res.count(t.qualname, tr.inserts, tr.updates, tr.deletes)
+        res.rows += tr.rows - sum(out.values())
+        # A key change's delete is not counted as a delete, hence the floor.
+        res.count(t.qualname, *(max(0, n - out.get(o, 0))
+                                for n, o in zip((tr.inserts, tr.updates, tr.deletes), "IUD")))
+
+    # -- merging a table's staged rows ---------------------------------------
+
+    def _merge_staged(self, cur: psycopg.Cursor, t: MirrorTable, unchanged: bool,
+                      end_lsn: int) -> int:
+        """Merge what is staged; returns the unchanged-TOAST rows set aside (dead letters)."""
+        if not unchanged:
+            cur.execute(self._stmt("merge", t))
+            return 0
+        cur.execute(self._stmt("dead", t), [self.slot, t.qualname, format_lsn(end_lsn)])
+        dead = max(cur.rowcount, 0)
+        if dead:
+            log.warning("rows sent with unchanged TOAST values that the mirror cannot "
+                        "supply were written to the dead letter table",
+                        extra={"table": t.qualname, "rows": dead})
+        cur.execute(self._stmt("merge_toast", t))
+        return dead
+
+    def _merge_table(self, cur: psycopg.Cursor, t: MirrorTable, unchanged: bool, end_lsn: int,
+                     res: ApplyResult) -> dict[str, int]:
+        """Merge the table's staged rows; returns the changes dead-lettered, per op."""
+        queued = False
+        if self._lettered is not None and t.qualname in self._lettered:
+            cur.execute(self._stmt("queued", t), {"slot": self.slot, "table": t.qualname})
+            found = cur.fetchone()
+            assert found is not None  # select exists ...: always one row
+            if not found[0]:
+                self._lettered.discard(t.qualname)
+            queued = bool(found[1])
+        failed: psycopg.Error | None = None
+        if not queued:
+            if not self._careful:
+                res.dead(t.qualname, self._merge_staged(cur, t, unchanged, end_lsn))
+                return {}
+            try:
+                with cur.connection.transaction():
+                    dead = self._merge_staged(cur, t, unchanged, end_lsn)
+                res.dead(t.qualname, dead)
+                return {}
+            except psycopg.Error as exc:
+                if not rejects(exc):
+                    raise
+                failed = exc
+        return self._isolate(cur, t, unchanged, end_lsn, res, failed)
+
+    def _isolate(self, cur: psycopg.Cursor, t: MirrorTable, unchanged: bool, end_lsn: int,
+                 res: ApplyResult, failed: psycopg.Error | None) -> dict[str, int]:
+        """Apply the staged keys that the mirror accepts, set the others aside.
+
+        failed: the error of merging everything staged, if that was tried.
+        """
+        for stmt in isolate_sql(t):
+            cur.execute(stmt)
+        cur.execute(sql.SQL("select coalesce(max(_r_kn) + 1, 0) from {}").format(ISOLATE))
+        counted = cur.fetchone()
+        n = int(counted[0]) if counted else 0
+        cur.execute(self._stmt("isolate_links", t))
+        links = [(int(a), int(b)) for a, b in cur.fetchall()]
+        queued: set[int] = set()
+        if self._lettered is not None and t.qualname in self._lettered:
+            cur.execute(self._stmt("isolate_queued", t), {"slot": self.slot, "table": t.qualname})
+            queued = {int(r[0]) for r in cur.fetchall()}
+        groups, count = list(range(n)), n
+        if links or queued:
+            groups, count = group_keys(n, links, queued)
+            cur.execute(isolate_groups_sql(), [list(range(n)), groups])
+        bad: list[int] = []
+        if queued:
+            if self.on_error == "stop":
+                raise ReplicatorError(ErrorKind.DESTINATION_REJECTED, (
+                    f"{t.qualname}: {self._keys(cur, -1)} has a waiting dead letter, and "
+                    f"[destination] on_error is \"stop\""), "retry or delete its dead letters "
+                    "(`replicator dead-letters --retry`), or set on_error = \"dead_letter\"")
+            self._letter(cur, t, [-1], "queued behind an earlier dead letter of the same key",
+                         None, res)
+            bad.append(-1)
+        if count:
+            res.dead(t.qualname, self._bisect(cur, t, unchanged, end_lsn, 0, count, failed, bad,
+                                              res))
+        out: dict[str, int] = {}
+        if bad:
+            cur.execute(isolate_ops_sql(), [bad])
+            out = {op: int(c) for op, c in cur.fetchall()}
+        cur.execute(sql.SQL("drop table pg_temp.{}").format(ISOLATE))
+        return out
+
+    def _bisect(self, cur: psycopg.Cursor, t: MirrorTable, unchanged: bool, end_lsn: int,
+                lo: int, hi: int, failed: psycopg.Error | None, bad: list[int],
+                res: ApplyResult) -> int:
+        """Merge groups lo..hi-1, halving what fails; returns unchanged-TOAST dead rows."""
+        if failed is None:
+            try:
+                with cur.connection.transaction():
+                    cur.execute(self._stmt("isolate_stage", t), [lo, hi])
+                    dead = self._merge_staged(cur, t, unchanged, end_lsn)
+                    cur.execute(clear_staging_sql(t))
+                return dead
+            except psycopg.Error as exc:
+                if not rejects(exc):
+                    raise
+                failed = exc
+        if hi - lo > 1:
+            mid = (lo + hi) // 2
+            return (self._bisect(cur, t, unchanged, end_lsn, lo, mid, None, bad, res)
+                    + self._bisect(cur, t, unchanged, end_lsn, mid, hi, None, bad, res))
+        reason = failed.diag.message_primary or type(failed).__name__
+        if self.on_error == "stop":
+            raise ReplicatorError(
+                ErrorKind.DESTINATION_REJECTED,
+                f"the destination rejected a change of {t.qualname} key {self._keys(cur, lo)}: "
+                f"{reason} (SQLSTATE {failed.sqlstate})")
+        self._letter(cur, t, [lo], reason, failed, res)
+        bad.append(lo)
+        return 0
+
+    def _letter(self, cur: psycopg.Cursor, t: MirrorTable, groups: list[int], reason: str,
+                failed: psycopg.Error | None, res: ApplyResult) -> None:
+        cur.execute(self._stmt("letter", t), {
+            "slot": self.slot, "table": t.qualname, "reason": reason, "groups": groups,
+            "sqlstate": failed.sqlstate if failed is not None else None})
+        rows = max(cur.rowcount, 0)
+        res.dead(t.qualname, rows)
+        res.lettered.add(t.qualname)
+        # Neither key nor row values here (the dead letter table has them): the log is read
+        # by more people than the mirror is.
+        log.warning("changes the destination rejected were written to the dead letter table",
+                    extra={"table": t.qualname, "rows": rows, "sqlstate":
+                           failed.sqlstate if failed is not None else None,
+                           "condition": type(failed).__name__ if failed is not None
+                           else "queued behind a dead letter",
+                           "constraint": failed.diag.constraint_name if failed is not None
+                           else None})
+
+    def _keys(self, cur: psycopg.Cursor, group: int) -> str:
+        """The keys of one group, with their commit LSNs, for an error line."""
+        cur.execute(isolate_keys_sql(), [group])
+        found = [f"{k} (LSN {format_lsn(int(lsn))})" for k, lsn in cur.fetchall()]
+        return ", ".join(found) or "?"
+
+
+class _Rejected(Exception):
+    """A change was rejected in a batch applied without savepoints: apply it again with them."""
+
+    def __init__(self, exc: psycopg.Error) -> None:
+        super().__init__(str(exc))
+        self.exc = exc

@@ -48,6 +48,7 @@ examples:
   replicator run --until-caught-up            replicate up to the source's current position, exit
   replicator resync --table account_move      copy one table again while the rest streams
   replicator status --config etl-config.toml  slot, lag, tables, dead letters (exit 1: a problem)
+  replicator dead-letters --retry             re-apply rejected changes once the mirror is fixed
   replicator seed --dsn "dbname=odoo_core"    fill a database with Odoo-shaped test data
   replicator demo                             try it all on throwaway local servers
 
@@ -176,6 +177,40 @@ def build_parser() -> argparse.ArgumentParser:
                         help="exit 1 when the mirror is more than S seconds behind "
                         "(default: %(default)g)")
     status.set_defaults(handler=_cmd_status)
+
+    letters = commands.add_parser(
+        "dead-letters",
+        help="list the changes the mirror rejected; --retry applies them again",
+        description=(
+            "List the dead letters: changes the mirror rejected ([destination] on_error =\n"
+            "\"dead_letter\": a constraint added on the mirror, a value out of range after a\n"
+            "manual type change) and rows whose unchanged TOAST values nothing could supply.\n"
+            "While a key has a waiting letter, its later changes wait behind it, in order.\n"
+            "\n"
+            "--retry applies them again once the mirror is fixed, in order, one key at a time\n"
+            "in one transaction: a key's letters all go in (and are deleted) or none do, and\n"
+            "the failing one gets the new error. A letter older than its table's last copy is\n"
+            "deleted (the copy holds it); a TOAST letter is not retried (resync the table).\n"
+            "Safe beside a running `replicator run`: batches wait while the retry runs.\n"
+            "Exit 0; with --retry, 1 when some letters still fail."
+        ),
+        epilog=(
+            "examples:\n"
+            "  replicator dead-letters --config etl-config.toml\n"
+            "  replicator dead-letters --table odoo_mirror.res_partner --json\n"
+            "  replicator dead-letters --retry"
+        ),
+        formatter_class=_Formatter,
+    )
+    _add_config_option(letters)
+    letters.add_argument("--table", metavar="NAME",
+                         help="only this mirror table (schema.table, or table for [destination] "
+                         "schema)")
+    letters.add_argument("--json", action="store_true",
+                         help="print one JSON object instead of the table")
+    letters.add_argument("--retry", action="store_true",
+                         help="apply the waiting letters again (after fixing the mirror)")
+    letters.set_defaults(handler=_cmd_dead_letters)
 
     seed = commands.add_parser(
         "seed",
@@ -355,6 +390,47 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(status.render(st))
     # Not an error of this command: what it found, for scripts and monitors to branch on.
     return 1 if st.problems else ExitCode.OK
+
+
+def _cmd_dead_letters(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    _setup_console_logging()
+    letters = _import("replicator.dead_letters")
+    state = _import("replicator.state")
+    dst = config.destination
+    table = args.table if args.table is None or "." in args.table else f"{dst.schema}.{args.table}"
+    try:
+        conn = psycopg.connect(dst.conninfo(), autocommit=True)
+    except psycopg.Error as exc:
+        raise classify(exc, settings=dst) from None
+    with conn:
+        if not state.exists(conn, dst.state_schema):
+            raise ConfigError(f"no replicator state in schema {dst.state_schema!r} of the "
+                              "destination", "run `replicator run` first")
+        state.setup(conn, dst.state_schema)
+        outcome = None
+        if args.retry:
+            outcome = letters.retry(conn, dst.state_schema, config.source.slot, table)
+        left = letters.waiting(conn, dst.state_schema, config.source.slot, table)
+    if args.json:
+        doc: dict = {"dead_letters": [letter.as_dict() for letter in left]}
+        if outcome is not None:
+            doc["retry"] = {"applied": outcome.applied, "superseded": outcome.superseded,
+                            "failed": len(outcome.failed),
+                            "not_retryable": outcome.not_retryable}
+        print(json.dumps(doc, default=str))
+    else:
+        if outcome is not None:
+            print(f"retried: {outcome.applied} applied, {len(outcome.failed)} still failing, "
+                  f"{outcome.superseded} superseded by a later copy of their table, "
+                  f"{outcome.not_retryable} not retryable")
+        print(f"{len(left)} dead letters" + (":" if left else ""))
+        for letter in left:
+            d = letter.as_dict()
+            print(f"  #{d['id']} {d['table']} {d['op'] or '-'} key {letter.key} at {d['lsn']} "
+                  f"({d['created']}, retries {d['retries']}): "
+                  f"{d['reason']}" + (f" [{d['sqlstate']}]" if d["sqlstate"] else ""))
+    return 1 if outcome is not None and outcome.failed else ExitCode.OK
 
 
 def _cmd_seed(args: argparse.Namespace) -> int:

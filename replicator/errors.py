@@ -75,6 +75,7 @@ class ErrorKind(enum.Enum):
     SOURCE_SETUP = "source_setup"
     DESTINATION_CONNECT = "destination_connect"
     DESTINATION_APPLY = "destination_apply"
+    DESTINATION_REJECTED = "destination_rejected"
     PROTOCOL = "protocol"
     RESYNC_REQUIRED = "resync_required"
     INTERNAL = "internal"
@@ -134,6 +135,14 @@ _TABLE: dict[ErrorKind, tuple[RetryPolicy, str]] = {
         RetryPolicy(True, ExitCode.FAILED, 1.0, 60.0, 5),
         "the batch is retried from the last applied position; if it keeps failing, compare the "
         "mirror table with the source table and look at the dead letters in the state schema",
+    ),
+    # A change the mirror rejects ([destination] on_error = "stop"): the same data fails the
+    # same way on every attempt, so stop at once, applying nothing of its batch.
+    ErrorKind.DESTINATION_REJECTED: (
+        RetryPolicy(retryable=False, exit_code=ExitCode.FAILED),
+        "nothing of this batch was applied and the slot keeps it: fix the mirror table (the "
+        "constraint or the column type) and start again, or set [destination] on_error = "
+        '"dead_letter" to set such changes aside and go on',
     ),
     ErrorKind.PROTOCOL: (
         RetryPolicy(True, ExitCode.FAILED, 1.0, 60.0, 3),

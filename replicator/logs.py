@@ -2,8 +2,11 @@
 
 Modules log with the standard library (``logging.getLogger(__name__)``) and attach context as
 ``extra={"lsn": "0/16B3748", "table": "res_partner", "rows": 1000}``; those fields become keys
-of the JSON object. Redaction happens in the formatters, so no handler installed here can
-write a registered secret or a conninfo password, whatever a caller passes.
+of the JSON object. Every JSON line has ts, level, logger, msg and event: a stable name for
+what happened, to filter and alert on (``extra={"event": ...}``, else the message as
+written in the code, before %-arguments, so it never carries a value). Redaction happens
+in the formatters, so no handler installed here can write a registered secret or a
+conninfo password, whatever a caller passes.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ _RECORD_ATTRS = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__
     "asctime",
     "taskName",  # 3.12+
 }
-_CORE_KEYS = ("ts", "level", "logger", "msg")
+_CORE_KEYS = ("ts", "level", "logger", "msg", "event")
 _INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1  # what orjson can write as a number
 
 
@@ -67,7 +70,8 @@ def _scrub(value: Any) -> Any:
 
 
 class JsonFormatter(logging.Formatter):
-    """``{"ts": ..., "level": ..., "logger": ..., "msg": ..., **extra}``, one per line."""
+    """``{"ts": ..., "level": ..., "logger": ..., "msg": ..., "event": ..., **extra}``, one per
+    line."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -75,6 +79,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": redact(record.getMessage()),
+            "event": redact(str(getattr(record, "event", None) or record.msg)),
         }
         for key, value in _extras(record).items():
             entry[key] = _scrub(value)

@@ -154,7 +154,7 @@ class Pipeline:
             catalog = psycopg.connect(src.conninfo(), autocommit=True)
         except psycopg.OperationalError as exc:
             raise classify_connect(exc, src.conninfo(), settings=src) from exc
-        applier = Applier(dst.conninfo(), dst.state_schema, slot)
+        applier = Applier(dst.conninfo(), dst.state_schema, slot, dst.on_error)
         repl: ReplicationConnection | None = None
         applier_thread = None
         handoff = Handoff()
@@ -304,7 +304,8 @@ class Pipeline:
                     "updates": result.updates, "deletes": result.deletes,
                     "dead_letters": result.dead_letters, "copies": result.copies,
                     "memory_bytes": batch.memory_bytes, "seconds": round(result.seconds, 4),
-                    "lag_s": round(lag, 3), "lsn": format_lsn(batch.end_lsn)})
+                    "lag_s": round(lag, 3), "lsn": format_lsn(batch.end_lsn),
+                    "tables": sorted(result.per_op)})
             self.metrics.batch_applied(batch, result)
             for op in batch.ops:
                 if isinstance(op, SyncDone):

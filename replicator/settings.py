@@ -38,6 +38,9 @@ DEFAULT_CONNECT_TIMEOUT = 10
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "text")
+# [destination] on_error: what a change the mirror rejects (a constraint, a value out of range)
+# does: stop the pipeline, or go to the dead-letter table while the rest is applied.
+ON_ERROR = ("stop", "dead_letter")
 
 # PostgreSQL's own rule for slot names (ReplicationSlotValidateName).
 _SLOT_RE = re.compile(r"[a-z0-9_]{1,63}")
@@ -198,6 +201,7 @@ class DestinationSettings(ConnectionSettings):
     flush_interval: float = 5.0  # seconds: the longest a committed change waits
     max_memory_mb: int = 256
     copy_indexes: bool = True  # create the source's indexes on the mirror tables
+    on_error: str = "stop"  # stop | dead_letter (see ON_ERROR)
 
     def _validate(self) -> None:
         super()._validate()
@@ -211,6 +215,7 @@ class DestinationSettings(ConnectionSettings):
         _check_range("destination", "batch_size", self.batch_size, 1)
         _check_range("destination", "flush_interval", self.flush_interval, 0, exclusive_min=True)
         _check_range("destination", "max_memory_mb", self.max_memory_mb, 1)
+        _check_choice("destination", "on_error", self.on_error, ON_ERROR)
 
 
 @dataclass(frozen=True, kw_only=True)

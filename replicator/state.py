@@ -136,6 +136,27 @@ def dead_letter_count(conn: psycopg.Connection, state_schema: str, slot: str) ->
     return int(row[0]) if row else 0
 
 
+def lettered_tables(conn: psycopg.Connection[Any] | psycopg.Cursor[Any], state_schema: str,
+                    slot: str) -> set[str]:
+    """Mirror tables with retryable dead letters (conn: a connection or a cursor)."""
+    cur = conn.execute(
+        sql.SQL("select distinct mirror_table from {}.dead_letters where slot = %s "
+                "and op is not null").format(sql.Identifier(state_schema)), [slot])
+    return {r[0] for r in cur.fetchall()}
+
+
+def lock_pipeline(conn: psycopg.Connection, state_schema: str, slot: str) -> bool:
+    """Lock the pipeline's row until the transaction ends; False if it has none.
+
+    The applier writes that row first in every batch transaction, so holding the lock
+    keeps batches out (the one in flight finishes first) without stopping `run`.
+    """
+    row = conn.execute(
+        sql.SQL("select 1 from {}.pipelines where slot = %s for update").format(
+            sql.Identifier(state_schema)), [slot]).fetchone()
+    return row is not None
+
+
 def exists(conn: psycopg.Connection, state_schema: str) -> bool:
     """Whether the state schema's tables are there (read-only callers must not create them)."""
     names = [sql.Identifier(state_schema, t).as_string(conn)

@@ -276,6 +276,7 @@ def test_missing_file(tmp_path):
         (with_source('retry_timeout = "30"'), '[source] retry_timeout: expected a number, got string "30"'),
         (with_destination('state_schema = "pg_state"'), "[destination] state_schema: schema name 'pg_state' is reserved by PostgreSQL (pg_*)"),
         (MINIMAL + '[mappings]\nres_partner = "PG_x.res_partner"\n', "[mappings] res_partner: schema name 'PG_x' is reserved by PostgreSQL (pg_*)"),
+        (with_destination('on_error = "skip"'), "[destination] on_error: 'skip' is not one of stop, dead_letter"),
     ],
 )
 def test_value_checks(tmp_path, text, message):
@@ -301,7 +302,9 @@ def test_defaults(tmp_path):
     assert (dst.schema, dst.state_schema, dst.batch_size, dst.flush_interval) == (
         "odoo_mirror", "replicator", 1000, 5.0,
     )
-    assert (dst.max_memory_mb, dst.copy_indexes) == (256, True)
+    assert (dst.max_memory_mb, dst.copy_indexes, dst.on_error) == (256, True, "stop")
+    dst = load_config(write(tmp_path, with_destination('on_error = "dead_letter"')), environ=ENV).destination
+    assert dst.on_error == "dead_letter"
     assert config.logging == LoggingSettings()
     assert config.logging == LoggingSettings(level="info", format="json", output="stdout")
     assert config.metrics == MetricsSettings(enabled=True, port=9090, path="/metrics")

@@ -78,13 +78,23 @@ def test_json_line_shape_and_extra_fields(capsys):
     log.debug("not shown at info")
 
     (entry,) = json_lines(capsys.readouterr().out)
-    assert list(entry)[:4] == ["ts", "level", "logger", "msg"]
+    assert list(entry)[:5] == ["ts", "level", "logger", "msg", "event"]
     assert entry["level"] == "info"
     assert entry["logger"] == "replicator.test"
     assert entry["msg"] == "applied batch of 3 rows"
+    # The message as written, before its arguments: the same for every such line.
+    assert entry["event"] == "applied batch of %d rows"
     assert (entry["lsn"], entry["table"], entry["rows"]) == ("0/16B3748", "res_partner", 3)
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", entry["ts"])
     assert datetime.fromisoformat(entry["ts"].replace("Z", "+00:00")).utcoffset().total_seconds() == 0
+
+
+def test_json_event_given_by_the_caller(capsys):
+    setup_logging(LoggingSettings(level="info", format="json", output="stdout"))
+    log.info("applied %s", "x", extra={"event": "batch_applied"})
+    (entry,) = json_lines(capsys.readouterr().out)
+    assert (entry["msg"], entry["event"]) == ("applied x", "batch_applied")
+    assert list(entry).count("event") == 1
 
 
 def test_json_exception_is_one_line_with_traceback(capsys):
