@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
-from . import failpoints, state
+from . import deadline, failpoints, state
 from .batch import AlterTable, Batch, Rows, SpilledRows, SyncDone, SyncStart, TableRows, Truncate
 from .errors import ErrorKind, ReplicatorError
 from .lsn import format_lsn
@@ -36,6 +36,7 @@ from .schema import (
     mirror_exists,
     plan_mirror,
 )
+from .settings import DestinationSettings
 
 log = logging.getLogger(__name__)
 
@@ -427,13 +428,77 @@ def _write(copy: psycopg.Copy, data: bytes | SpilledRows) -> None:
 
 
 
+# Seconds past the server's statement_timeout (= stall_timeout) before a batch statement with
+# no answer counts as a dead connection: a live server has cancelled it and said so by then.
+STALL_GRACE = 2.0
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    """The batch transaction's timeouts, set with SET LOCAL (pooler safe: nothing outlives it).
+
+    A live server answers every statement within ``stall_timeout`` (it cancels its own
+    statement then), so a connection silent for ``answer_timeout`` is dead (a stalled
+    pooler, a dead tunnel), not a long MERGE. ``idle_in_transaction_timeout`` protects the
+    next replicator from this one: if our client vanishes behind a pooler mid-batch, the
+    server ends the orphaned transaction and its locks; the setting works only on the
+    session that goes idle, which is why every batch sets it.
+    """
+
+    stall_timeout: float
+    lock_timeout: float
+    idle_in_transaction_timeout: float
+
+    @classmethod
+    def of(cls, dest: DestinationSettings) -> BatchLimits:
+        return cls(dest.stall_timeout, dest.lock_timeout, dest.idle_in_transaction_timeout)
+
+    @property
+    def answer_timeout(self) -> float:
+        return self.stall_timeout + STALL_GRACE
+
+    def set_local(self, cur: psycopg.Cursor) -> None:
+        cur.execute(
+            "select set_config('statement_timeout', %s, true), "
+            "set_config('lock_timeout', %s, true), "
+            "set_config('idle_in_transaction_session_timeout', %s, true)",
+            [_ms(self.stall_timeout), _ms(self.lock_timeout),
+             _ms(self.idle_in_transaction_timeout)])
+
+
+def _ms(seconds: float) -> str:
+    return f"{max(1, round(seconds * 1000))}ms"
+
+
+def _timed_out(exc: psycopg.Error, end_lsn: int, limits: BatchLimits | None) -> ReplicatorError:
+    """A lock wait or a statement ended by the batch's own timeouts: retried, said plainly."""
+    where = f"the batch ending at {format_lsn(end_lsn)}"
+    if isinstance(exc, psycopg.errors.LockNotAvailable):
+        waited = f" ({limits.lock_timeout:g} s)" if limits else ""
+        return ReplicatorError(
+            ErrorKind.DESTINATION_APPLY,
+            f"{where} waited longer than [destination] lock_timeout{waited} for a lock: {exc}",
+            "another session holds locks on the mirror or state tables (see pg_stat_activity); "
+            "an orphaned batch of an earlier replicator is ended by the server after "
+            "[destination] idle_in_transaction_timeout. The batch is retried")
+    ran = f" ({limits.stall_timeout:g} s)" if limits else ""
+    return ReplicatorError(
+        ErrorKind.DESTINATION_APPLY,
+        f"a statement of {where} ran longer than [destination] stall_timeout{ran} and the "
+        f"destination cancelled it: {exc}",
+        "the batch is retried; if batches this large legitimately take longer, raise "
+        "[destination] stall_timeout (or lower batch_size)")
+
+
 class Applier:
     """Owns the destination connection; applies batches one transaction each."""
 
-    def __init__(self, conninfo: str, state_schema: str, slot: str):
+    def __init__(self, conninfo: str, state_schema: str, slot: str,
+                 limits: BatchLimits | None = None):
         self._conninfo = conninfo
         self.state_schema = state_schema
         self.slot = slot
+        self.limits = limits
         self.conn: psycopg.Connection | None = None
         self._statements: dict[tuple[str, str], sql.SQL] = {}
         # Mirror tables being copied while the stream runs: their changes are
@@ -444,7 +509,10 @@ class Applier:
         try:
             # prepare_threshold=None: a transaction-mode pooler hands every
             # transaction to any server connection, prepared statements break.
-            self.conn = psycopg.connect(self._conninfo, autocommit=True, prepare_threshold=None)
+            self.conn = deadline.connect(
+                self._conninfo, self.limits.answer_timeout if self.limits else None,
+                side="destination", setting="[destination] stall_timeout",
+                autocommit=True, prepare_threshold=None)
         except psycopg.OperationalError as exc:
             raise ReplicatorError(
                 ErrorKind.DESTINATION_CONNECT, f"cannot connect to the destination: {exc}",
@@ -463,13 +531,21 @@ class Applier:
             self.conn.close()
             self.conn = None
 
-    def cancel(self) -> None:
+    def abort(self) -> None:
+        """Shut the connection down under the batch in flight (from another thread).
+
+        For a destination that answers neither the batch nor a cancel: the batch fails at
+        once, and the server rolls it back (it never got the commit).
+        """
+        deadline.shut(self.conn)
+
+    def cancel(self, timeout: float = 5) -> None:
         """Ask the destination to cancel the statement in flight (from another thread)."""
         conn = self.conn
         if conn is None:
             return
         try:
-            conn.cancel_safe(timeout=5)
+            conn.cancel_safe(timeout=timeout)
         except (psycopg.Error, OSError) as exc:
             log.warning("cannot cancel the batch in flight", extra={"error": str(exc)})
 
@@ -521,6 +597,8 @@ class Applier:
                 # The source may forget a transaction once it is confirmed, so
                 # the commit must be durable before we confirm it.
                 cur.execute("set local synchronous_commit = on")
+                if self.limits is not None:
+                    self.limits.set_local(cur)
                 for op in batch.ops:
                     if isinstance(op, Rows):
                         for tr in op.tables:
@@ -540,6 +618,11 @@ class Applier:
                                          system_id)
                 if syncs_done:
                     failpoints.hit(failpoints.SYNC_DONE_BEFORE_COMMIT)
+                if batch.txns:
+                    failpoints.hit(failpoints.BATCH_BEFORE_COMMIT)
+        except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
+            self.holding = holding_before
+            raise _timed_out(exc, batch.end_lsn, self.limits) from exc
         except psycopg.OperationalError as exc:
             self.holding = holding_before
             raise ReplicatorError(
