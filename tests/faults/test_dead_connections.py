@@ -289,3 +289,53 @@ def test_recovery_in_seconds_after_a_cut_and_a_restart(source_db, dest_db, proxy
     assert r.alive, r.logs()
     # Backoff applies to failures in a row: a session that streamed again started over.
     assert all(x["attempt"] <= 5 for x in retries(r.current())), r.logs()
+
+
+def test_long_statement_on_a_live_destination_is_cancelled_by_it_not_taken_for_dead(
+        source_db, dest_db, replicator):
+    """A live server answers within stall_timeout: it cancels its own long statement
+    (statement_timeout, set per batch) and says so, so silence past it means dead."""
+    setup_source(source_db)
+    r = replicator(destination={"stall_timeout": 1, "lock_timeout": 0.5}, **BATCHES)
+    r.start()
+    wait_for(r.streaming, 30, "streaming")
+    # A MERGE made slow on purpose: a trigger on the mirror sleeps 3 s per row.
+    dest_db.execute(f"create function {MIRROR_SCHEMA}.slow() returns trigger language plpgsql "
+                    "as $$ begin perform pg_sleep(3); return new; end $$")
+    dest_db.execute(f"create trigger slow before insert on {MIRROR_SCHEMA}.t for each row "
+                    f"execute function {MIRROR_SCHEMA}.slow()")
+    source_db.execute("insert into t values (5000, 'slow')")
+    wait_for(lambda: "ran longer than [destination] stall_timeout (1 s) and the destination "
+             "cancelled it" in r.current(), 15, "the server's own cancel")
+    dest_db.execute(f"drop trigger slow on {MIRROR_SCHEMA}.t")
+    wait_for(lambda: caught_up(source_db, dest_db), 20, "catching up")
+    assert_same(source_db, dest_db, "t")
+    assert "nothing received" not in r.current(), r.logs()
+    assert retries(r.current())[0]["kind"] == "destination_apply"
+
+
+def test_sigterm_during_a_copy_from_a_dead_source_exits_by_the_deadline(source_db, dest_db,
+                                                                        proxy, replicator):
+    """The initial copy's C loop waits in libpq where nothing can interrupt it: the process
+    leaves by the stop deadline (9 s, exit 3), saying so."""
+    source_db.execute("create table t (id int primary key, v text not null)")
+    source_db.execute("insert into t select g, repeat('x', 200) from generate_series(1, 100000) g")
+    source_db.execute(f"create publication {PUBLICATION} for table t")
+    p = proxy(source_db)
+    p.delay(20)  # a slow link: the copy takes seconds
+    r = replicator(source=proxied(source_db, p), **BATCHES)
+    r.start()
+    wait_for(lambda: "initial copy started" in r.current(), 30, "the copy")
+    time.sleep(0.5)
+    p.blackhole()
+    time.sleep(1)
+    started = time.monotonic()
+    code = r.terminate(timeout=15)
+    took = time.monotonic() - started
+    assert code == 3, r.logs()
+    assert 8 <= took <= 10, f"{took:.1f} s\n{r.logs()}"
+    assert "still not stopped 9 s after the stop signal (a connection is dead): exiting now" \
+        in r.current(), r.logs()
+    p.forward()
+    assert r.run_until_caught_up(60) == 0, r.logs()
+    assert_same(source_db, dest_db, "t")
