@@ -23,6 +23,7 @@ from psycopg import sql
 
 from . import deadline, failpoints, state
 from .batch import AlterTable, Batch, Rows, SpilledRows, SyncDone, SyncStart, TableRows, Truncate
+from .deadline import BatchLimits, timed_out
 from .errors import ErrorKind, ReplicatorError
 from .lsn import format_lsn
 from .schema import (
@@ -36,7 +37,6 @@ from .schema import (
     mirror_exists,
     plan_mirror,
 )
-from .settings import DestinationSettings
 
 log = logging.getLogger(__name__)
 
@@ -428,68 +428,6 @@ def _write(copy: psycopg.Copy, data: bytes | SpilledRows) -> None:
 
 
 
-# Seconds past the server's statement_timeout (= stall_timeout) before a batch statement with
-# no answer counts as a dead connection: a live server has cancelled it and said so by then.
-STALL_GRACE = 2.0
-
-
-@dataclass(frozen=True)
-class BatchLimits:
-    """The batch transaction's timeouts, set with SET LOCAL (pooler safe: nothing outlives it).
-
-    A live server answers every statement within ``stall_timeout`` (it cancels its own
-    statement then), so a connection silent for ``answer_timeout`` is dead (a stalled
-    pooler, a dead tunnel), not a long MERGE. ``idle_in_transaction_timeout`` protects the
-    next replicator from this one: if our client vanishes behind a pooler mid-batch, the
-    server ends the orphaned transaction and its locks; the setting works only on the
-    session that goes idle, which is why every batch sets it.
-    """
-
-    stall_timeout: float
-    lock_timeout: float
-    idle_in_transaction_timeout: float
-
-    @classmethod
-    def of(cls, dest: DestinationSettings) -> BatchLimits:
-        return cls(dest.stall_timeout, dest.lock_timeout, dest.idle_in_transaction_timeout)
-
-    @property
-    def answer_timeout(self) -> float:
-        return self.stall_timeout + STALL_GRACE
-
-    def set_local(self, cur: psycopg.Cursor) -> None:
-        cur.execute(
-            "select set_config('statement_timeout', %s, true), "
-            "set_config('lock_timeout', %s, true), "
-            "set_config('idle_in_transaction_session_timeout', %s, true)",
-            [_ms(self.stall_timeout), _ms(self.lock_timeout),
-             _ms(self.idle_in_transaction_timeout)])
-
-
-def _ms(seconds: float) -> str:
-    return f"{max(1, round(seconds * 1000))}ms"
-
-
-def _timed_out(exc: psycopg.Error, end_lsn: int, limits: BatchLimits | None) -> ReplicatorError:
-    """A lock wait or a statement ended by the batch's own timeouts: retried, said plainly."""
-    where = f"the batch ending at {format_lsn(end_lsn)}"
-    if isinstance(exc, psycopg.errors.LockNotAvailable):
-        waited = f" ({limits.lock_timeout:g} s)" if limits else ""
-        return ReplicatorError(
-            ErrorKind.DESTINATION_APPLY,
-            f"{where} waited longer than [destination] lock_timeout{waited} for a lock: {exc}",
-            "another session holds locks on the mirror or state tables (see pg_stat_activity); "
-            "an orphaned batch of an earlier replicator is ended by the server after "
-            "[destination] idle_in_transaction_timeout. The batch is retried")
-    ran = f" ({limits.stall_timeout:g} s)" if limits else ""
-    return ReplicatorError(
-        ErrorKind.DESTINATION_APPLY,
-        f"a statement of {where} ran longer than [destination] stall_timeout{ran} and the "
-        f"destination cancelled it: {exc}",
-        "the batch is retried; if batches this large legitimately take longer, raise "
-        "[destination] stall_timeout (or lower batch_size)")
-
-
 class Applier:
     """Owns the destination connection; applies batches one transaction each."""
 
@@ -622,7 +560,7 @@ class Applier:
                     failpoints.hit(failpoints.BATCH_BEFORE_COMMIT)
         except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
             self.holding = holding_before
-            raise _timed_out(exc, batch.end_lsn, self.limits) from exc
+            raise timed_out(exc, batch.end_lsn, self.limits) from exc
         except psycopg.OperationalError as exc:
             self.holding = holding_before
             raise ReplicatorError(

@@ -6,7 +6,8 @@ A ``Connection`` from ``connect`` gives every wait for the server (one statement
 write, one commit) ``answer_timeout`` seconds; past that it closes the connection and raises
 ``NoAnswer``, an OperationalError like any lost connection, so the retry path reconnects.
 The caller chooses a limit no live server exceeds (the destination's is its own
-``statement_timeout`` plus a margin: see apply.py), so silence past it means dead, not slow.
+``statement_timeout`` plus a margin: ``BatchLimits``), so silence past it means dead, not
+slow. ``BatchLimits`` also bounds lock waits and orphaned transactions of the batch.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import os
 import socket
 import weakref
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import psycopg
@@ -21,7 +23,12 @@ from psycopg.abc import PQGen
 from psycopg.errors import _WaitTimeout
 from psycopg.rows import TupleRow
 
-__all__ = ["Connection", "NoAnswer", "connect", "shut", "shut_all"]
+from .errors import ErrorKind, ReplicatorError
+from .lsn import format_lsn
+from .settings import DestinationSettings
+
+__all__ = ["STALL_GRACE", "BatchLimits", "Connection", "NoAnswer", "connect", "shut", "shut_all",
+           "timed_out"]
 
 RV = TypeVar("RV")
 
@@ -104,3 +111,67 @@ def shut_all() -> int:
     for conn in open_now:
         shut(conn)
     return len(open_now)
+
+
+# -- the destination's batch transaction -------------------------------------------------
+
+# Seconds past the server's statement_timeout (= stall_timeout) before a batch statement with
+# no answer counts as a dead connection: a live server has cancelled it and said so by then.
+STALL_GRACE = 2.0
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    """The batch transaction's timeouts, set with SET LOCAL (pooler safe: nothing outlives it).
+
+    A live server answers every statement within ``stall_timeout`` (it cancels its own
+    statement then), so a connection silent for ``answer_timeout`` is dead (a stalled
+    pooler, a dead tunnel), not a long MERGE. ``idle_in_transaction_timeout`` protects the
+    next replicator from this one: if our client vanishes behind a pooler mid-batch, the
+    server ends the orphaned transaction and its locks; the setting works only on the
+    session that goes idle, which is why every batch sets it.
+    """
+
+    stall_timeout: float
+    lock_timeout: float
+    idle_in_transaction_timeout: float
+
+    @classmethod
+    def of(cls, dest: DestinationSettings) -> BatchLimits:
+        return cls(dest.stall_timeout, dest.lock_timeout, dest.idle_in_transaction_timeout)
+
+    @property
+    def answer_timeout(self) -> float:
+        return self.stall_timeout + STALL_GRACE
+
+    def set_local(self, cur: psycopg.Cursor) -> None:
+        cur.execute(
+            "select set_config('statement_timeout', %s, true), "
+            "set_config('lock_timeout', %s, true), "
+            "set_config('idle_in_transaction_session_timeout', %s, true)",
+            [_ms(self.stall_timeout), _ms(self.lock_timeout),
+             _ms(self.idle_in_transaction_timeout)])
+
+
+def _ms(seconds: float) -> str:
+    return f"{max(1, round(seconds * 1000))}ms"
+
+
+def timed_out(exc: psycopg.Error, end_lsn: int, limits: BatchLimits | None) -> ReplicatorError:
+    """A lock wait or a statement ended by the batch's own timeouts: retried, said plainly."""
+    where = f"the batch ending at {format_lsn(end_lsn)}"
+    if isinstance(exc, psycopg.errors.LockNotAvailable):
+        waited = f" ({limits.lock_timeout:g} s)" if limits else ""
+        return ReplicatorError(
+            ErrorKind.DESTINATION_APPLY,
+            f"{where} waited longer than [destination] lock_timeout{waited} for a lock: {exc}",
+            "another session holds locks on the mirror or state tables (see pg_stat_activity); "
+            "an orphaned batch of an earlier replicator is ended by the server after "
+            "[destination] idle_in_transaction_timeout. The batch is retried")
+    ran = f" ({limits.stall_timeout:g} s)" if limits else ""
+    return ReplicatorError(
+        ErrorKind.DESTINATION_APPLY,
+        f"a statement of {where} ran longer than [destination] stall_timeout{ran} and the "
+        f"destination cancelled it: {exc}",
+        "the batch is retried; if batches this large legitimately take longer, raise "
+        "[destination] stall_timeout (or lower batch_size)")

@@ -20,7 +20,7 @@ import psycopg
 
 from . import deadline, failpoints, state
 from ._decode import Decoder
-from .apply import Applier, BatchLimits
+from .apply import Applier
 from .backfill import Backfill, CopyStopped
 from .batch import SyncDone
 from .classify import classify, classify_connect, is_connect_failure
@@ -173,7 +173,7 @@ class Pipeline:
                                        setting="[source] receive_timeout", autocommit=True)
         except psycopg.OperationalError as exc:
             raise classify_connect(exc, src.conninfo(), settings=src) from exc
-        applier = Applier(dst.conninfo(), dst.state_schema, slot, BatchLimits.of(dst))
+        applier = Applier(dst.conninfo(), dst.state_schema, slot, deadline.BatchLimits.of(dst))
         repl: ReplicationConnection | None = None
         applier_thread = None
         handoff = Handoff()

@@ -32,7 +32,6 @@ from ._decode import (
     EV_WOULD_BLOCK,
     Decoder,
 )
-from .apply import BatchLimits
 from .backfill import Backfill, CopyStopped
 from .batch import AlterTable, Batch, SyncDone, SyncStart, Truncate
 from .catalog import column_type, emit_heartbeat, publication_members, publication_tables
@@ -457,7 +456,7 @@ class Receiver:
             dst = self.cfg.destination
             try:
                 self.poll_conn = deadline.connect(
-                    dst.conninfo(), BatchLimits.of(dst).answer_timeout, side="destination",
+                    dst.conninfo(), deadline.BatchLimits.of(dst).answer_timeout, side="destination",
                     setting="[destination] stall_timeout", autocommit=True)
             except psycopg.OperationalError as exc:
                 raise classify_connect(exc, dst.conninfo(), settings=dst) from exc

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from plugins.replicator import write_config
 
-from replicator.apply import STALL_GRACE, BatchLimits
 from replicator.config import load_config
+from replicator.deadline import STALL_GRACE, BatchLimits
 from replicator.errors import ConfigError
 
 
