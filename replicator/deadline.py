@@ -34,6 +34,8 @@ RV = TypeVar("RV")
 
 # Every connection ``connect`` made that is still referenced: ``shut_all`` ends their waits.
 _made: weakref.WeakSet[Connection] = weakref.WeakSet()
+# Set by shut_all: the errors that follow are of its making (the process is stopping).
+shut_down = False
 
 
 class NoAnswer(psycopg.OperationalError):
@@ -107,6 +109,8 @@ def shut_all() -> int:
     Returns how many were open. Their threads fail at once with a lost connection; nothing
     unapplied was confirmed, so leaving that way is as safe as a crash.
     """
+    global shut_down
+    shut_down = True
     open_now = [c for c in list(_made) if not c.closed]
     for conn in open_now:
         shut(conn)

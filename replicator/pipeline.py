@@ -99,6 +99,13 @@ class Pipeline:
                 elif self.metrics.status == "streaming":
                     retries.progress(connected=True)
                 failures = retries.failed(err.kind, now)
+                if self.stop_requested.is_set() and deadline.shut_down:
+                    self._raise(ReplicatorError(
+                        err.kind, f"stopped {SHUT_AFTER:g} s after the stop signal by closing "
+                        f"database connections that did not answer ({err.message})",
+                        "nothing unapplied was confirmed: the next run replays it; if a "
+                        "connection is dead, see [source] receive_timeout and [destination] "
+                        "stall_timeout"), exc)
                 if self.stop_requested.is_set() or not err.policy.should_retry(failures):
                     self._raise(err, exc)
                 delay = err.policy.delay(failures)

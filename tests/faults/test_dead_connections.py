@@ -215,6 +215,8 @@ def test_sigterm_exits_in_time_while_a_connection_is_dead(source_db, dest_db, pr
     assert took <= 10, f"{took:.1f} s\n{r.logs()}"
     assert code == 3, r.logs()
     assert "still not stopped 5 s after the stop signal: closing" in r.current(), r.logs()
+    assert "stopped 5 s after the stop signal by closing database connections that did not " \
+        "answer" in r.output()[1], r.logs()
     assert "exiting now" not in r.current(), r.logs()
     p.forward()
     # Nothing unapplied was confirmed: the next run replays it.
@@ -227,7 +229,7 @@ def test_orphaned_batch_of_a_dead_predecessor_does_not_block_the_next_run(
     setup_source(source_db)
     p = proxy(dest_db)
     p.keep_server_side()  # a pooler keeps the server connection of a client that vanished
-    first = replicator(destination=proxied(dest_db, p, idle_in_transaction_timeout=6),
+    first = replicator(destination=proxied(dest_db, p, idle_in_transaction_timeout=8),
                        **BATCHES)
     first.start(env={failpoints.ENV: f"{failpoints.BATCH_BEFORE_COMMIT}=sleep:60"})
     wait_for(first.streaming, 30, "streaming")
