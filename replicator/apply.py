@@ -33,8 +33,9 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
-from . import failpoints, state
+from . import deadline, failpoints, state
 from .batch import AlterTable, Batch, Rows, SpilledRows, SyncDone, SyncStart, TableRows, Truncate
+from .deadline import BatchLimits, timed_out
 from .errors import ErrorKind, ReplicatorError
 from .lsn import format_lsn
 from .schema import (
@@ -608,12 +609,14 @@ def _write(copy: psycopg.Copy, data: bytes | SpilledRows) -> None:
 class Applier:
     """Owns the destination connection; applies batches one transaction each."""
 
-    def __init__(self, conninfo: str, state_schema: str, slot: str, on_error: str = "stop"):
+    def __init__(self, conninfo: str, state_schema: str, slot: str, on_error: str = "stop",
+                 limits: BatchLimits | None = None):
         assert on_error in ON_ERROR, on_error
         self._conninfo = conninfo
         self.state_schema = state_schema
         self.slot = slot
         self.on_error = on_error
+        self.limits = limits
         # Mirror tables that may have waiting dead letters (None: not read yet). A batch
         # checks their staged keys against the letters; a table found to have none leaves.
         self._lettered: set[str] | None = None
@@ -630,7 +633,10 @@ class Applier:
         try:
             # prepare_threshold=None: a transaction-mode pooler hands every
             # transaction to any server connection, prepared statements break.
-            self.conn = psycopg.connect(self._conninfo, autocommit=True, prepare_threshold=None)
+            self.conn = deadline.connect(
+                self._conninfo, self.limits.answer_timeout if self.limits else None,
+                side="destination", setting="[destination] stall_timeout",
+                autocommit=True, prepare_threshold=None)
         except psycopg.OperationalError as exc:
             raise ReplicatorError(
                 ErrorKind.DESTINATION_CONNECT, f"cannot connect to the destination: {exc}",
@@ -649,13 +655,21 @@ class Applier:
             self.conn.close()
             self.conn = None
 
-    def cancel(self) -> None:
+    def abort(self) -> None:
+        """Shut the connection down under the batch in flight (from another thread).
+
+        For a destination that answers neither the batch nor a cancel: the batch fails at
+        once, and the server rolls it back (it never got the commit).
+        """
+        deadline.shut(self.conn)
+
+    def cancel(self, timeout: float = 5) -> None:
         """Ask the destination to cancel the statement in flight (from another thread)."""
         conn = self.conn
         if conn is None:
             return
         try:
-            conn.cancel_safe(timeout=5)
+            conn.cancel_safe(timeout=timeout)
         except (psycopg.Error, OSError) as exc:
             log.warning("cannot cancel the batch in flight", extra={"error": str(exc)})
 
@@ -727,6 +741,8 @@ class Applier:
                 # The source may forget a transaction once it is confirmed, so
                 # the commit must be durable before we confirm it.
                 cur.execute("set local synchronous_commit = on")
+                if self.limits is not None:
+                    self.limits.set_local(cur)
                 if record_lsn and batch.end_lsn:
                     # First, so the pipeline's row is locked for the whole batch: a
                     # `dead-letters --retry` locks it before touching the mirror, and the
@@ -752,9 +768,14 @@ class Applier:
                         self._unhold(cur, op, batch.end_lsn, res)
                 if syncs_done:
                     failpoints.hit(failpoints.SYNC_DONE_BEFORE_COMMIT)
+                if batch.txns:
+                    failpoints.hit(failpoints.BATCH_BEFORE_COMMIT)
         except ReplicatorError:
             self.holding = holding_before
             raise
+        except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
+            self.holding = holding_before
+            raise timed_out(exc, batch.end_lsn, self.limits) from exc
         except psycopg.OperationalError as exc:
             self.holding = holding_before
             raise ReplicatorError(

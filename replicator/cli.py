@@ -84,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
             "Replicate: create the mirror tables, copy the existing rows of tables not yet\n"
             "synchronised, then stream every committed change (insert, update, delete,\n"
             "truncate) from the publication into the mirror. Resumes where it stopped, with\n"
-            "each source transaction applied exactly once. Stop with Ctrl-C or SIGTERM."
+            "each source transaction applied exactly once. Stop with Ctrl-C or SIGTERM:\n"
+            "the process exits within 9 s even while a connection is dead. A connection\n"
+            "that goes silent is noticed ([source] receive_timeout, [destination]\n"
+            "stall_timeout) and opened again; see README, Dead connections and recovery."
         ),
         epilog=(
             "examples:\n"

@@ -19,7 +19,7 @@ import psycopg
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from . import catalog, state
+from . import catalog, deadline, state
 from .errors import ErrorKind, ReplicatorError
 from .lsn import parse_lsn, pg_now
 
@@ -201,7 +201,8 @@ class SlotMonitor:
 
     def stop(self) -> None:
         self.stop_event.set()
-        self.thread.join(timeout=10)
+        # A poll stuck on a dead connection ends by its own deadline; the thread is a daemon.
+        self.thread.join(timeout=2)
 
     def _loop(self) -> None:
         try:
@@ -233,8 +234,9 @@ class SlotMonitor:
         try:
             conn = self.conns.get(side)
             if conn is None or conn.closed:
-                conn = self.conns[side] = psycopg.connect(
-                    self.conninfo[side], autocommit=True, connect_timeout=5)
+                # A deadline on its queries too: a dead connection must not hold up stop().
+                conn = self.conns[side] = deadline.connect(
+                    self.conninfo[side], 10, side=side, autocommit=True, connect_timeout=5)
             poll(conn)
         except psycopg.Error as exc:
             if side not in self.failing:

@@ -10,6 +10,7 @@ position; the applier thread applies the closed batches it hands over
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -17,7 +18,7 @@ from typing import Any
 
 import psycopg
 
-from . import failpoints, state
+from . import deadline, failpoints, state
 from ._decode import Decoder
 from .apply import Applier
 from .backfill import Backfill, CopyStopped
@@ -34,6 +35,12 @@ from .settings import Config, DestinationSettings, SourceSettings
 from .source import TEXT_MODE_OPTIONS, ReplicationConnection, protocol_for
 
 log = logging.getLogger(__name__)
+
+# Seconds from SIGTERM to the process's exit at most, dead connections or not (a container
+# runtime's default grace is 10 s): what is in flight after SHUT_AFTER has its connections
+# shut (every wait on them ends), and a process still there at STOP_DEADLINE exits at once.
+SHUT_AFTER = 5.0
+STOP_DEADLINE = 9.0
 
 
 class Pipeline:
@@ -92,6 +99,13 @@ class Pipeline:
                 elif self.metrics.status == "streaming":
                     retries.progress(connected=True)
                 failures = retries.failed(err.kind, now)
+                if self.stop_requested.is_set() and deadline.shut_down:
+                    self._raise(ReplicatorError(
+                        err.kind, f"stopped {SHUT_AFTER:g} s after the stop signal by closing "
+                        f"database connections that did not answer ({err.message})",
+                        "nothing unapplied was confirmed: the next run replays it; if a "
+                        "connection is dead, see [source] receive_timeout and [destination] "
+                        "stall_timeout"), exc)
                 if self.stop_requested.is_set() or not err.policy.should_retry(failures):
                     self._raise(err, exc)
                 delay = err.policy.delay(failures)
@@ -114,6 +128,11 @@ class Pipeline:
                     return 0
 
     def _classified(self, exc: BaseException) -> ReplicatorError:
+        if isinstance(exc, deadline.NoAnswer):
+            return ReplicatorError(
+                ErrorKind.SOURCE_CONNECT if exc.side == "source"
+                else ErrorKind.DESTINATION_CONNECT, str(exc),
+                "the replicator reconnects and resumes from the last applied position")
         if not isinstance(exc, ReplicatorError):
             return classify(exc)
         cause = exc.__cause__
@@ -143,6 +162,12 @@ class Pipeline:
             raise SystemExit(1)
         log.info("stop requested: finishing the transaction and batch in flight")
         self.stop_requested.set()
+        # Whatever a dead connection holds up, the process ends within its promise: nothing
+        # unapplied was confirmed, so leaving is as safe as a crash.
+        for delay, action in ((SHUT_AFTER, _shut_connections), (STOP_DEADLINE, _exit_now)):
+            timer = threading.Timer(delay, action)
+            timer.daemon = True
+            timer.start()
 
     # -- one connected session -------------------------------------------
 
@@ -151,10 +176,12 @@ class Pipeline:
         src, dst = cfg.source, cfg.destination
         slot = src.slot
         try:
-            catalog = psycopg.connect(src.conninfo(), autocommit=True)
+            catalog = deadline.connect(src.conninfo(), src.receive_timeout, side="source",
+                                       setting="[source] receive_timeout", autocommit=True)
         except psycopg.OperationalError as exc:
             raise classify_connect(exc, src.conninfo(), settings=src) from exc
-        applier = Applier(dst.conninfo(), dst.state_schema, slot, dst.on_error)
+        applier = Applier(dst.conninfo(), dst.state_schema, slot, dst.on_error,
+                          deadline.BatchLimits.of(dst))
         repl: ReplicationConnection | None = None
         applier_thread = None
         handoff = Handoff()
@@ -175,7 +202,8 @@ class Pipeline:
                 raise classify(exc, settings=dst) from exc
             applied = state.applied_lsn(dest, dst.state_schema, slot)
 
-            repl = ReplicationConnection(src.conninfo(replication="database"))
+            repl = ReplicationConnection(src.conninfo(replication="database"),
+                                         src.receive_timeout)
             repl.connect()
             sysinfo = repl.identify_system()
             synced_from = state.system_id(dest, dst.state_schema, slot)
@@ -241,7 +269,7 @@ class Pipeline:
 
             repl = ReplicationConnection(src.conninfo(
                 replication="database",
-                **({} if binary else {"options": TEXT_MODE_OPTIONS})))
+                **({} if binary else {"options": TEXT_MODE_OPTIONS})), src.receive_timeout)
             repl.connect()
             start = applied or 0
             protocol = protocol_for(repl.server_version)
@@ -274,7 +302,7 @@ class Pipeline:
                 # Its connection is closed only once it is done: a batch still
                 # running could otherwise commit after the next session has
                 # read the applied position.
-                _stop_applier(applier_thread, applier)
+                _stop_applier(applier_thread, applier, self.stop_requested.is_set())
             if repl is not None:
                 repl.close()
             applier.close()
@@ -334,12 +362,43 @@ def _target(config: Config, schema: str, table: str) -> tuple[str, str]:
     return target
 
 
-def _stop_applier(thread: threading.Thread, applier: Applier) -> None:
-    thread.join(timeout=5)
-    while thread.is_alive():
-        log.warning("waiting for the batch in flight to end before closing its connection")
-        applier.cancel()
+def _stop_applier(thread: threading.Thread, applier: Applier, stopping: bool) -> None:
+    """Wait for the batch in flight to end, then cancel it, then cut its connection.
+
+    Its connection is closed only once it is done: a batch still running could otherwise
+    commit after the next session has read the applied position. A destination that answers
+    neither (dead) gets its socket shut: it never received the commit, so nothing commits.
+    """
+    # Stopping, the batch had its time already: a stop shuts dead connections (SHUT_AFTER).
+    patience = 1 if stopping else 5
+    thread.join(timeout=patience)
+    if thread.is_alive():
+        log.warning("cancelling the batch in flight before closing its connection")
+        applier.cancel(timeout=1 if stopping else 5)
+        thread.join(timeout=patience)
+    if thread.is_alive():
+        log.warning("the destination answers neither the batch nor its cancel: closing the "
+                    "connection under it (the batch is rolled back and replayed)")
+        applier.abort()
         thread.join(timeout=5)
+
+
+def _shut_connections() -> None:
+    """Still running after SHUT_AFTER: some wait is on a dead connection; end them all."""
+    n = deadline.shut_all()
+    if n:
+        log.warning("still not stopped %g s after the stop signal: closing the %d database "
+                    "connections still open (what is in flight is replayed at the next start)",
+                    SHUT_AFTER, n)
+
+
+def _exit_now() -> None:
+    log.error("still not stopped %g s after the stop signal (a connection is dead): exiting "
+              "now; nothing unapplied was confirmed, it is replayed at the next start",
+              STOP_DEADLINE)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(ExitCode.UNAVAILABLE)
 
 
 def run(config: Config, until_caught_up: bool = False) -> int:

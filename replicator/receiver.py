@@ -16,7 +16,7 @@ import time
 
 import psycopg
 
-from . import state
+from . import deadline, state
 from ._decode import (
     EV_COMMIT,
     EV_COPY_DONE,
@@ -35,6 +35,7 @@ from ._decode import (
 from .backfill import Backfill, CopyStopped
 from .batch import AlterTable, Batch, SyncDone, SyncStart, Truncate
 from .catalog import column_type, emit_heartbeat, publication_members, publication_tables
+from .classify import classify_connect
 from .errors import ErrorKind, ReplicatorError
 from .handoff import Handoff, Progress
 from .lsn import format_lsn
@@ -92,6 +93,10 @@ class Receiver:
         self.last_probe = 0.0
         self.last_heartbeat = 0.0
         self.received = 0
+        # Seconds spent waiting for the socket with nothing arriving, since the last message:
+        # only time spent listening counts (not backpressure, not a slow catalog query).
+        self.silent = 0.0
+        self.pinged = False
         # Copies running while the stream goes on (added tables, resyncs).
         self.syncing: dict[tuple[str, str], threading.Thread] = {}
         self.sync_results: queue.Queue = queue.Queue()
@@ -108,6 +113,9 @@ class Receiver:
 
     def loop(self) -> None:
         try:
+            # Opened now, while the destination is known to answer: opened later through a
+            # dead connection it would wait its connect_timeout, not the stall deadline.
+            self._poll_conn()
             self._loop()
         finally:
             self.sync_stop.set()
@@ -129,12 +137,17 @@ class Receiver:
             self.received = max(self.received, dec.wal_start)
             if dec.wal_end > self.metrics.wal_end:
                 self.metrics.wal_end = dec.wal_end
+            if ev != EV_WOULD_BLOCK:
+                self.silent, self.pinged = 0.0, False
             if ev == EV_WOULD_BLOCK:
+                self._check_silence()
                 self.metrics.alive()
                 self._maybe_close(idle=True)
                 self._maybe_status()
                 self._maybe_heartbeat()
+                waited = time.monotonic()
                 self.repl.wait_readable(0.2)
+                self.silent += time.monotonic() - waited
             elif ev == EV_COMMIT:
                 if not dec.skipping:
                     self.batch.commit(dec.end_lsn, dec.commit_ts)
@@ -169,6 +182,23 @@ class Receiver:
                                       "the source streams an in-progress transaction, which "
                                       "this replicator did not ask for", "report this as a bug")
             # Begin, Origin, Type and logical decoding Messages need nothing here.
+
+    def _check_silence(self) -> None:
+        """A walsender that sent nothing for receive_timeout is gone (wal_receiver_timeout).
+
+        An idle walsender sends keepalives only when our status updates stop, which they
+        never do; so at half the timeout we ask for a reply, which a live one sends at once.
+        """
+        limit = self.cfg.source.receive_timeout
+        if self.silent >= limit:
+            raise ReplicatorError(
+                ErrorKind.SOURCE_CONNECT,
+                f"nothing received from the source for {limit:g} s ([source] receive_timeout): "
+                "the replication connection is dead",
+                "the replicator reconnects and resumes from the last applied position")
+        if self.silent >= limit / 2 and not self.pinged:
+            self.pinged = True
+            self._send_status(reply=True)
 
     def _caught_up(self) -> bool:
         return self.target is not None and self.progress.applied_lsn >= self.target \
@@ -411,16 +441,26 @@ class Receiver:
             if key not in self.mirrors and key not in self.refused \
                     and self.cfg.target(*key) is not None:
                 self._start_sync(key)
-        if self.poll_conn is None:
-            self.poll_conn = psycopg.connect(dst.conninfo(), autocommit=True)
+        poll_conn = self._poll_conn()
         gone = [key for key in self.mirrors if key not in published and key not in self.syncing]
         if gone:
             self._remove(gone)
-        states = state.table_states(self.poll_conn, dst.state_schema, src.slot)
+        states = state.table_states(poll_conn, dst.state_schema, src.slot)
         for key, t in list(self.mirrors.items()):
             if states.get(t.source.qualname, ("",))[0] == state.PENDING and key not in self.syncing:
                 log.info("resync requested", extra={"table": t.source.qualname})
                 self._start_sync(key)
+
+    def _poll_conn(self) -> psycopg.Connection:
+        if self.poll_conn is None:
+            dst = self.cfg.destination
+            try:
+                self.poll_conn = deadline.connect(
+                    dst.conninfo(), deadline.BatchLimits.of(dst).answer_timeout, side="destination",
+                    setting="[destination] stall_timeout", autocommit=True)
+            except psycopg.OperationalError as exc:
+                raise classify_connect(exc, dst.conninfo(), settings=dst) from exc
+        return self.poll_conn
 
     def _remove(self, keys: list[tuple[str, str]]) -> None:
         """Tables that left the publication: their mirrors stop changing.

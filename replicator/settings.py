@@ -165,10 +165,15 @@ class SourceSettings(ConnectionSettings):
     # Seconds between pg_logical_emit_message calls while idle (0: off), so that the slot
     # and the lag stay current on a source with no writes.
     heartbeat_interval: float = 0.0
+    # Seconds without a byte from the walsender before the replication connection counts as
+    # dead and is opened again (PostgreSQL's wal_receiver_timeout); a status update asking for
+    # a reply goes out at half of it, so an idle but live source always answers in time.
+    receive_timeout: float = 60.0
 
     def _validate(self) -> None:
         super()._validate()
         _check_range("source", "heartbeat_interval", self.heartbeat_interval, 0)
+        _check_range("source", "receive_timeout", self.receive_timeout, 0, exclusive_min=True)
         if not self.publication:
             raise ConfigError(
                 "[source] publication: must not be empty",
@@ -202,6 +207,14 @@ class DestinationSettings(ConnectionSettings):
     max_memory_mb: int = 256
     copy_indexes: bool = True  # create the source's indexes on the mirror tables
     on_error: str = "stop"  # stop | dead_letter (see ON_ERROR)
+    # The longest one statement of a batch may run (the server's statement_timeout, set per
+    # batch); no answer STALL_GRACE seconds after that means the connection is dead.
+    stall_timeout: float = 300.0
+    # A batch waiting this long for a lock fails and is retried (SET LOCAL lock_timeout).
+    lock_timeout: float = 30.0
+    # A batch transaction left idle this long (its client gone behind a pooler) is ended by
+    # the server, releasing its locks (SET LOCAL idle_in_transaction_session_timeout).
+    idle_in_transaction_timeout: float = 60.0
 
     def _validate(self) -> None:
         super()._validate()
@@ -216,6 +229,14 @@ class DestinationSettings(ConnectionSettings):
         _check_range("destination", "flush_interval", self.flush_interval, 0, exclusive_min=True)
         _check_range("destination", "max_memory_mb", self.max_memory_mb, 1)
         _check_choice("destination", "on_error", self.on_error, ON_ERROR)
+        for key in ("stall_timeout", "lock_timeout", "idle_in_transaction_timeout"):
+            _check_range("destination", key, getattr(self, key), 0, exclusive_min=True)
+        if self.lock_timeout >= self.stall_timeout:
+            raise ConfigError(
+                f"[destination] lock_timeout: must be less than stall_timeout "
+                f"({self.stall_timeout:g}), got {self.lock_timeout:g}",
+                "a lock wait longer than stall_timeout would be taken for a dead connection: "
+                "lower lock_timeout or raise stall_timeout")
 
 
 @dataclass(frozen=True, kw_only=True)

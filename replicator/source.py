@@ -58,8 +58,11 @@ class SystemInfo:
 class ReplicationConnection:
     """One `replication=database` connection to the source."""
 
-    def __init__(self, conninfo: str):
+    def __init__(self, conninfo: str, answer_timeout: float | None = None):
         self._conninfo = conninfo
+        # Seconds a command, or a status update the socket does not take, may wait for the
+        # server ([source] receive_timeout); None: for ever.
+        self.answer_timeout = answer_timeout
         self.pgconn: pq.PGconn | None = None
 
     def connect(self) -> None:
@@ -89,7 +92,7 @@ class ReplicationConnection:
 
     def command(self, query: str) -> list[tuple[str | None, ...]]:
         """Run one walsender command; its rows as text."""
-        res = self.pgconn.exec_(query.encode())
+        res = self._exec(query)
         if res.status not in (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK):
             msg = res.error_message.decode("utf-8", "replace").strip()
             raise ReplicatorError(
@@ -102,6 +105,51 @@ class ReplicationConnection:
                   for c in range(res.nfields))
             for r in range(res.ntuples)
         ]
+
+    def _exec(self, query: str) -> pq.PGresult:
+        """PQexec, but giving up after ``answer_timeout`` of silence (a dead tunnel)."""
+        conn = self.pgconn
+        if self.answer_timeout is None:
+            return conn.exec_(query.encode())
+        conn.nonblocking = 1
+        try:
+            conn.send_query(query.encode())  # raises on failure
+            self._flush(query.split()[0])
+            last: pq.PGresult | None = None
+            while True:
+                while conn.is_busy():
+                    self._wait(query.split()[0], read=True)
+                    conn.consume_input()
+                res = conn.get_result()
+                if res is None:
+                    assert last is not None, "a query always has a result"
+                    return last
+                last = res
+                if res.status in (pq.ExecStatus.COPY_BOTH, pq.ExecStatus.COPY_OUT):
+                    return res
+        finally:
+            if conn.status == pq.ConnStatus.OK:
+                conn.nonblocking = 0
+
+    def _wait(self, doing: str, read: bool) -> None:
+        sock = [self.pgconn.socket]
+        r, w, _ = select.select(sock if read else [], [] if read else sock, [],
+                                self.answer_timeout)
+        if not r and not w:
+            raise ReplicatorError(
+                ErrorKind.SOURCE_CONNECT,
+                f"nothing received from the source for {self.answer_timeout:g} s "
+                f"([source] receive_timeout) while {doing}: the connection is dead",
+                "the replicator reconnects and resumes from the last applied position")
+
+    def _flush(self, doing: str) -> None:
+        while True:
+            pending = self.pgconn.flush()
+            if pending == 0:
+                return
+            if pending < 0:
+                raise self.stream_error(doing)
+            self._wait(doing, read=False)
 
     def identify_system(self) -> SystemInfo:
         (sysid, tli, xlogpos, dbname), = self.command("IDENTIFY_SYSTEM")
@@ -128,7 +176,7 @@ class ReplicationConnection:
         opts = ", ".join(f"{k} {quote_literal(v)}" for k, v in options)
         query = (f"START_REPLICATION SLOT {quote_ident(slot)} LOGICAL "
                  f"{format_lsn(lsn)} ({opts})")
-        res = self.pgconn.exec_(query.encode())
+        res = self._exec(query)
         if res.status != pq.ExecStatus.COPY_BOTH:
             msg = res.error_message.decode("utf-8", "replace").strip()
             code = res.error_field(pq.DiagnosticField.SQLSTATE)
@@ -162,8 +210,11 @@ class ReplicationConnection:
         msg = b"r" + struct.pack("!QQQqB", write, flush, apply, pg_now(), 1 if reply else 0)
         if self.pgconn.put_copy_data(msg) != 1:
             raise self.stream_error("sending a standby status update")
-        while self.pgconn.flush() == 1:
-            select.select([], [self.pgconn.socket], [], 1.0)
+        if self.answer_timeout is None:
+            while self.pgconn.flush() == 1:
+                select.select([], [self.pgconn.socket], [], 1.0)
+        else:
+            self._flush("sending a standby status update")
 
     def stream_error(self, doing: str) -> ReplicatorError:
         msg = self.pgconn.error_message.decode("utf-8", "replace").strip() if self.pgconn else ""
