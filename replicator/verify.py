@@ -163,7 +163,7 @@ class Reader:
         return (sql.SQL(" and ").join(parts) if parts else sql.SQL("true")), params
 
     def _fill(self, template: str, r: Range | None = None, **extra: Any) -> tuple[
-            sql.Composable, list[Any]]:
+            sql.Composed, list[Any]]:
         pred, params = self._pred(r) if r is not None else (sql.SQL("true"), [])
         query = sql.SQL(template).format(
             table=self.table, keys=sql.SQL(", ").join(self.keys), pred=pred, row=self.row,
@@ -276,7 +276,9 @@ def plan_table(src: psycopg.Connection, dst: psycopg.Connection, state_schema: s
 
     def parts(names: list[str]) -> tuple[list[sql.Composable], list[sql.Composable],
                                          list[sql.Composable]]:
-        keys, casts, texts = [], [], []
+        keys: list[sql.Composable] = []
+        casts: list[sql.Composable] = []
+        texts: list[sql.Composable] = []
         for k, n in zip(key, names):
             type_sql, typoid = by_name[k]
             ident = sql.Identifier(n)

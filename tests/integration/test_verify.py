@@ -129,3 +129,113 @@ def test_mirror_behind_with_pipeline_stopped_is_exit_2(source_db, dest_db, tmp_p
     code, out, err = verify(capsys, config, "--wait", "1.5")
     assert code == 2 and out == "", out
     assert "did not catch up" in err and "not running" in err and err.count("\n") == 1
+
+
+class Writer(threading.Thread):
+    """Inserts, updates and deletes on the source until stopped: ids up to `upto` and new
+    ids from 1_000_000_000 on, and one hot row (id 1) updated in every transaction."""
+
+    def __init__(self, dsn: str, upto: int, seed: int = 7) -> None:
+        super().__init__(name="writer", daemon=True)
+        self.dsn, self.upto, self.rng = dsn, upto, random.Random(seed)
+        self.stopping = threading.Event()
+        self.transactions = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        next_id = 1_000_000_000
+        try:
+            with psycopg.connect(self.dsn, autocommit=True) as conn:
+                while not self.stopping.is_set():
+                    with conn.transaction():
+                        conn.execute("update w set v = v + 1 where id = 1")
+                        for _ in range(self.rng.randint(1, 5)):
+                            op, key = self.rng.random(), self.rng.randint(2, self.upto)
+                            if op < 0.4:
+                                conn.execute("update w set v = v + 1, s = md5(s) where id = %s",
+                                             [key])
+                            elif op < 0.6:
+                                conn.execute("delete from w where id = %s", [key])
+                            elif op < 0.8:
+                                conn.execute("insert into w values (%s, 0, 'back') "
+                                             "on conflict (id) do nothing", [key])
+                            else:
+                                next_id += 1
+                                conn.execute("insert into w values (%s, 0, 'new')", [next_id])
+                    self.transactions += 1
+                    time.sleep(0.004)
+        except BaseException as exc:  # reported by stop()
+            self.error = exc
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(30)
+        assert not self.is_alive() and self.error is None, self.error
+        assert self.transactions > 20, f"only {self.transactions} transactions"
+
+
+def start_streaming(replicator: Any, dest_db: Any, timeout: float = 60) -> Any:
+    # A password in the file (the servers trust any): verify runs in this process.
+    process = replicator(batch_size=500, flush_interval=0.2, password="unused")
+    process.start()
+    wait_for(lambda: dest_db.scalar("select state from replicator.tables "
+                                    "where source_table = 'public.w'") == "streaming",
+             timeout, "the initial copy")
+    return process
+
+
+def test_no_false_alarm_under_live_load_then_exactly_the_tampered_keys(
+        source_db, dest_db, replicator, capsys):
+    source_db.execute("create table w (id int primary key, v int, s text)")
+    source_db.execute("insert into w select g, 0, md5(g::text) from generate_series(1, 30000) g")
+    source_db.execute(f"create publication {PUBLICATION} for table w")
+    process = start_streaming(replicator, dest_db)
+    writer = Writer(source_db.dsn, upto=12000)
+    writer.start()
+    try:
+        time.sleep(0.5)
+        for _ in range(3):
+            code, report = verify_json(capsys, process.config)
+            w = table(report, "public.w")
+            assert code == 0 and w["verdict"] == "ok" and w["keys"] == [], w
+            assert w["rounds"] >= 1 and w["source_rows"] > 25000
+        # The writer never touches ids above 12000.
+        mirror(dest_db, "update {m}.w set v = -1 where id = 20000")
+        mirror(dest_db, "delete from {m}.w where id = 25000")
+        code, report = verify_json(capsys, process.config)
+        w = table(report, "public.w")
+        assert code == 1 and w["verdict"] == "drift", w
+        assert w["keys"] == [{"key": {"id": "20000"}, "kind": "changed"},
+                             {"key": {"id": "25000"}, "kind": "missing"}], w
+        assert process.alive, process.logs()
+    finally:
+        writer.stop()
+
+
+@pytest.mark.parametrize("source_cluster", [15], indirect=True)   # one source version: 1M rows
+def test_one_changed_row_among_a_million_under_live_load(source_db, dest_db, replicator,
+                                                         capsys):
+    source_db.execute("create table w (id int primary key, v int, s text)")
+    source_db.execute("insert into w select g, g, 'x' from generate_series(1, 1000000) g")
+    source_db.execute("analyze w")
+    source_db.execute(f"create publication {PUBLICATION} for table w")
+    started = time.monotonic()
+    process = start_streaming(replicator, dest_db, timeout=120)
+    copied = time.monotonic() - started
+    writer = Writer(source_db.dsn, upto=100_000)
+    writer.start()
+    try:
+        mirror(dest_db, "update {m}.w set s = 'y' where id = 777777")
+        started = time.monotonic()
+        code, report = verify_json(capsys, process.config)
+        took = time.monotonic() - started
+        w = table(report, "public.w")
+        assert code == 1 and w["keys"] == [{"key": {"id": "777777"}, "kind": "changed"}], w
+        assert w["ranges"] in (100, 101) and w["source_rows"] > 990_000   # + the new rows
+        # Boundaries every 10000 rows: the writer's deletes below 100000 shift them a little.
+        (r,) = w["drift_ranges"]
+        assert int(r["start"]["id"]) <= 777777 < int(r["end"]["id"]), r
+        assert 9900 < r["source_rows"] <= 10000 and r["source_rows"] == r["mirror_rows"], r
+    finally:
+        writer.stop()
+    print(f"initial copy {copied:.1f} s, verify {took:.1f} s")
