@@ -200,13 +200,21 @@ def build_parser() -> argparse.ArgumentParser:
             "Exit 0: no drift (skipped tables are listed with the reason); 1: drift, with\n"
             "the table, key range and keys; 2: cannot verify (configuration, unknown\n"
             "--table, or the mirror did not catch up with the source within --wait);\n"
-            "3: a database is unreachable. Nothing is written, nothing is repaired: to fix a\n"
-            "drifted table, `replicator resync --table NAME`."
+            "3: a database is unreachable. Nothing is written unless --repair is given.\n"
+            "\n"
+            "--repair re-copies only the drifted keys: in one destination transaction that\n"
+            "holds the pipeline's row (no batch commits meanwhile), it reads those rows from\n"
+            "a source snapshot taken after the lock, which has every change the mirror has,\n"
+            "and writes them; the stream then goes on from where the mirror was, so no older\n"
+            "value ever overwrites a newer one. A key that changed since it was verified is\n"
+            "left alone. The tables repaired are verified again: exit 0 when they are now\n"
+            "clean. For a table with much drift, `replicator resync --table NAME` instead."
         ),
         epilog=(
             "examples:\n"
             "  replicator verify --config etl-config.toml\n"
-            "  replicator verify --table account_move --json   # for scripts and monitoring"
+            "  replicator verify --table account_move --json   # for scripts and monitoring\n"
+            "  replicator verify --repair                       # re-copy what drifted"
         ),
         formatter_class=_Formatter,
     )
@@ -216,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "repeatable; default: every replicated table")
     verify.add_argument("--json", action="store_true",
                         help="print one JSON object instead of the table (every drifted key)")
+    verify.add_argument("--repair", action="store_true",
+                        help="re-copy the drifted keys from the source, in the stream's order "
+                        "(the pipeline is held for the few writes), then verify those tables "
+                        "again")
     verify.add_argument("--wait", type=float, default=60.0, metavar="S",
                         help="how long to wait for the mirror to apply what a source snapshot "
                         "shows before giving up with exit 2 (default: %(default)g)")
@@ -405,7 +417,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     _setup_console_logging()
     verify = _import("replicator.verify")
-    report = verify.verify(config, args.table, args.wait)
+    report = verify.verify(config, args.table, args.wait, repair=args.repair)
     if args.json:
         print(json.dumps(report.as_dict(), indent=None))
     else:

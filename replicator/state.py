@@ -120,6 +120,18 @@ def record_applied(cur: psycopg.Cursor, state_schema: str, slot: str, lsn: int,
     )
 
 
+def lock_pipeline(conn: psycopg.Connection, state_schema: str, slot: str) -> int | None:
+    """The applied LSN, with the pipeline's row locked until the transaction ends.
+
+    Every batch updates this row last, in its own transaction: while the lock
+    is held no batch commits, so the mirror stays as of the LSN returned.
+    """
+    row = conn.execute(
+        sql.SQL("select applied_lsn::text from {}.pipelines where slot = %s for update").format(
+            sql.Identifier(state_schema)), [slot]).fetchone()
+    return parse_lsn(row[0]) if row else None
+
+
 def pipeline_row(conn: psycopg.Connection, state_schema: str,
                  slot: str) -> tuple[int, Any] | None:
     """(applied LSN, updated_at) of the slot's pipeline, or None when never run."""

@@ -81,9 +81,16 @@ BOUNDARIES_SQL = ("select {outs} from (select {texts}, row_number() over (order 
                   "as _rn from {table} where {pred}) s where _rn > 1 and (_rn - 1) %% {step} = 0 "
                   "order by _rn")
 ROWS_SQL = "select {texts}, hashtextextended({row}::text, 0) from {table} where {pred}"
-ROWS_FOR_SQL = ("select {texts}, hashtextextended({row}::text, 0) from {table} "
+ROWS_FOR_SQL = ("select {texts}, {values}hashtextextended({row}::text, 0) from {table} "
                 "join unnest({arrays}) as _k({names}) on ({keys}) = ({given})")
 CURRENT_LSN_SQL = "select pg_current_wal_insert_lsn()::text"
+# --repair, on the mirror only (values as text, cast to the mirror column's type).
+UPDATE_SQL = "update {table} set {sets} where ({keys}) = ({given})"
+INSERT_SQL = "insert into {table} ({cols}) values ({vals})"
+DELETE_SQL = "delete from {table} where ({keys}) = ({given})"
+# Writes wait briefly for a lock, never long: the applier's batch may hold a row.
+REPAIR_OPTIONS = RENDER_OPTIONS + " -c statement_timeout=60000 -c lock_timeout=200"
+REPAIR_ATTEMPTS = 20
 
 
 # -- ranges and their comparison (pure) -------------------------------------------------------
@@ -188,16 +195,22 @@ class Reader:
         return {tuple(row[:-1]): row[-1] for row in self.conn.execute(query, params)}
 
     def rows_for(self, keys: list[Key]) -> dict[Key, int]:
+        return {k: v[0] for k, v in self.values_for(keys, []).items()}
+
+    def values_for(self, keys: list[Key], values: list[sql.Composable]) -> dict[
+            Key, tuple[int, list[str | None]]]:
+        """key -> (row hash, the values' text) of the given keys that have a row."""
         n = len(self.keys)
         names = [sql.Identifier(f"_k{i}") for i in range(n)]
         query, _ = self._fill(
-            ROWS_FOR_SQL,
+            ROWS_FOR_SQL, values=sql.SQL("").join(v + sql.SQL(", ") for v in values),
             arrays=sql.SQL(", ").join(sql.SQL("%s::text[]") for _ in range(n)),
             names=sql.SQL(", ").join(names),
             given=sql.SQL(", ").join(sql.SQL("{}::{}").format(sql.Identifier("_k", f"_k{i}"), c)
                                      for i, c in enumerate(self.casts)))
         columns = [[k[i] for k in keys] for i in range(n)]
-        return {tuple(row[:-1]): row[-1] for row in self.conn.execute(query, columns)}
+        return {tuple(row[:n]): (row[-1], list(row[n:-1]))
+                for row in self.conn.execute(query, columns)}
 
 
 @dataclass
@@ -213,6 +226,8 @@ class TablePlan:
                         sql.Composable]
     mirror_parts: tuple[list[sql.Composable], list[sql.Composable], list[sql.Composable],
                         sql.Composable]
+    source_values: list[sql.Composable] = field(default_factory=list)   # compared, as text
+    mirror_columns: list[tuple[str, str]] = field(default_factory=list)  # (name, type)
 
     def source(self, conn: psycopg.Connection) -> Reader:
         schema, _, name = self.source_table.partition(".")
@@ -252,6 +267,8 @@ def plan_table(src: psycopg.Connection, dst: psycopg.Connection, state_schema: s
     mirror_name: dict[str, str] = {}
     s_row: list[sql.Composable] = []
     m_row: list[sql.Composable] = []
+    values: list[sql.Composable] = []
+    mirror_cols: list[tuple[str, str]] = []
     by_name = {}
     for name, type_sql, typoid, _len in cols:
         by_name[name] = (type_sql, typoid)
@@ -270,6 +287,8 @@ def plan_table(src: psycopg.Connection, dst: psycopg.Connection, state_schema: s
         s_row.append(sql.Identifier(name) if builtin
                      else sql.SQL("{}::text").format(sql.Identifier(name)))
         m_row.append(sql.Identifier(other))
+        values.append(sql.SQL("{}::text").format(sql.Identifier(name)))
+        mirror_cols.append((other, have[other]))
     missing = [k for k in key if k not in mirror_name]
     if missing:
         raise Skip(f"key column {', '.join(missing)} cannot be compared")
@@ -298,7 +317,7 @@ def plan_table(src: psycopg.Connection, dst: psycopg.Connection, state_schema: s
 
     return TablePlan(source_table, mirror_table, list(key), compared, not_compared,
                      (*parts(list(key)), row(s_row)),
-                     (*parts([mirror_name[k] for k in key]), row(m_row)))
+                     (*parts([mirror_name[k] for k in key]), row(m_row)), values, mirror_cols)
 
 
 # -- results -----------------------------------------------------------------------------------
@@ -329,6 +348,8 @@ class TableResult:
     keys_total: int = 0
     narrowing_stopped: bool = False  # more than MAX_KEYS keys differed: ranges only past it
     unsettled: int = 0               # kept changing in every re-check: in flight, not drift
+    repaired: int | None = None      # --repair: keys re-copied (None: no repair asked for)
+    repair_skipped: int = 0          # --repair: keys that changed since they were verified
 
 
 @dataclass
@@ -361,6 +382,8 @@ class Verifier:
         self.dst = self._connect(config.destination, DEST_OPTIONS)
         self.dst.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         self.dst.read_only = True
+        self.dst_write: psycopg.Connection | None = None    # --repair only
+        self.drifted: dict[str, tuple[TablePlan, dict[Key, Pair]]] = {}
 
     @staticmethod
     def _connect(settings: Any, options: str) -> psycopg.Connection:
@@ -370,8 +393,9 @@ class Verifier:
             raise classify(exc, settings=settings) from None
 
     def close(self) -> None:
-        for conn in (self.src, self.src_side, self.dst):
-            conn.close()
+        for conn in (self.src, self.src_side, self.dst, self.dst_write):
+            if conn is not None:
+                conn.close()
 
     # -- which tables
 
@@ -529,6 +553,7 @@ class Verifier:
         result.rounds = 1 + check.rounds
         result.unsettled = len(check.open)
         drifted = sorted(check.confirmed)
+        self.drifted[plan.source_table] = (plan, dict(check.confirmed))
         names = plan.key_names
         result.keys_total = len(drifted)
         result.keys = [{"key": dict(zip(names, k)), "kind": kind(check.confirmed[k])}
@@ -561,12 +586,97 @@ class Verifier:
                 self._narrow(src, dst, sub, cs2, cm2, found, result)
 
 
-def verify(config: Config, tables: list[str] | None = None, wait: float = 60.0) -> Report:
+    # -- --repair
+
+    def repair(self, source_table: str) -> tuple[int, int]:
+        """Re-copy a table's drifted keys from the source; (keys repaired, keys left alone).
+
+        In one destination transaction that holds the pipeline's row (so no batch
+        commits meanwhile: the mirror stays at its applied position A), the source
+        rows are read in a snapshot taken after the lock, which sees every change
+        the mirror has (each was committed at the source before it was streamed)
+        and maybe later ones. Writing those values never puts an older value over
+        a newer one; the stream then applies its changes after A, each a whole
+        row or a delete, and the row ends as the source has it. A key is left
+        alone when either side no longer shows the versions verify confirmed as
+        drift (it changed since: the next verify looks at it again).
+        """
+        plan, pairs = self.drifted[source_table]
+        if self.dst_write is None:
+            self.dst_write = self._connect(self.config.destination, REPAIR_OPTIONS)
+        conn = self.dst_write
+        for _attempt in range(REPAIR_ATTEMPTS):
+            try:
+                with conn.transaction():
+                    return self._repair_locked(conn, plan, pairs)
+            except psycopg.errors.LockNotAvailable:
+                # A batch holds one of the rows (it then waits for the pipeline's
+                # row we hold): let it through and try again.
+                time.sleep(0.2)
+        raise ReplicatorError(
+            ErrorKind.DESTINATION_APPLY,
+            f"--repair: the rows of {plan.mirror_table} stayed locked by the replicator's "
+            f"batches through {REPAIR_ATTEMPTS} attempts", "run verify --repair again")
+
+    def _repair_locked(self, conn: psycopg.Connection, plan: TablePlan,
+                       pairs: dict[Key, Pair]) -> tuple[int, int]:
+        applied = state.lock_pipeline(conn, self.state_schema, self.slot)
+        st, mirror = state.table_sync(conn, self.state_schema, self.slot).get(
+            plan.source_table, ("missing", 0, ""))[0::2]
+        if applied is None or st not in COMPARABLE or mirror != plan.mirror_table:
+            raise Skip(f"its sync state changed to {st} (a resync started?)")
+        keys = sorted(pairs)
+        now = plan.mirror(conn).rows_for(keys)
+        with self.src.transaction():
+            source = plan.source(self.src).values_for(keys, plan.source_values)
+        fix = [k for k in keys if now.get(k) == pairs[k][1]
+               and source.get(k, (None, []))[0] == pairs[k][0]]
+        reader = plan.mirror(conn)
+        table = reader.table
+        given = sql.SQL(", ").join(sql.SQL("%s::{}").format(c) for c in reader.casts)
+        keys_sql = sql.SQL(", ").join(reader.keys)
+        cols = [sql.Identifier(n) for n, _t in plan.mirror_columns]
+        casts = [sql.SQL("%s::{}").format(sql.SQL(t)) for _n, t in plan.mirror_columns]
+        with conn.cursor() as cur:
+            for k in fix:
+                values = source[k][1] if k in source else None
+                if values is None:
+                    cur.execute(sql.SQL(DELETE_SQL).format(table=table, keys=keys_sql,
+                                                           given=given), list(k))
+                elif now.get(k) is None:
+                    cur.execute(sql.SQL(INSERT_SQL).format(
+                        table=table, cols=sql.SQL(", ").join(cols),
+                        vals=sql.SQL(", ").join(casts)), values)
+                else:
+                    sets = sql.SQL(", ").join(sql.SQL("{} = {}").format(c, v)
+                                              for c, v in zip(cols, casts))
+                    cur.execute(sql.SQL(UPDATE_SQL).format(table=table, sets=sets,
+                                                           keys=keys_sql, given=given),
+                                [*values, *k])
+        log.info("repaired", extra={"table": plan.source_table, "keys": len(fix),
+                                    "left": len(keys) - len(fix),
+                                    "applied_lsn": format_lsn(applied)})
+        return len(fix), len(keys) - len(fix)
+
+
+def verify(config: Config, tables: list[str] | None = None, wait: float = 60.0,
+           repair: bool = False) -> Report:
     verifier = Verifier(config, wait)
     try:
         chosen = verifier.tables(tables)
-        results = [verifier.verify_table(name, st, mirror)
-                   for name, (st, mirror) in chosen.items()]
+        results = []
+        for name, (st, mirror) in chosen.items():
+            result = verifier.verify_table(name, st, mirror)
+            if repair and result.verdict == "drift":
+                try:
+                    fixed, left = verifier.repair(name)
+                except Skip as why:
+                    result.reason = f"not repaired: {why}"
+                else:
+                    # What the mirror holds now, verified afresh.
+                    result = verifier.verify_table(name, st, mirror)
+                    result.repaired, result.repair_skipped = fixed, left
+            results.append(result)
     finally:
         verifier.close()
     return Report(config.source.slot, results)
@@ -599,6 +709,10 @@ def render(report: Report) -> str:
                    "skipped": f"skipped: {t.reason}"}[t.verdict]
         if t.unsettled:
             verdict += f", {t.unsettled} keys still changing"
+        if t.repaired is not None:
+            verdict += f" after repairing {t.repaired} keys"
+            if t.repair_skipped:
+                verdict += f" ({t.repair_skipped} changed meanwhile, left alone)"
         rows.append((t.source_table, t.mirror_table, val(t.source_rows), val(t.mirror_rows),
                      str(t.ranges) if t.verdict != "skipped" else "-", verdict))
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]

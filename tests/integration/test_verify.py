@@ -14,6 +14,7 @@ import pytest
 from plugins.replicator import (
     MIRROR_SCHEMA,
     PUBLICATION,
+    assert_same,
     catch_up,
     wait_for,
     write_config,
@@ -48,17 +49,21 @@ def test_clean_then_changed_missing_extra_rows_pipeline_stopped(source_db, dest_
     source_db.execute("create table t (id int primary key, v text, n numeric(12,2), "
                       "at timestamptz, f float8, j jsonb)")
     # Composite text key: ranges must hold the same keys whatever either side's collation.
-    source_db.execute("create table c (a text, b int, v text, primary key (a, b))")
+    source_db.execute("create type mood as enum ('ok', 'sad')")   # text in the mirror
+    source_db.execute("create table c (a text, b int, v text, m mood, primary key (a, b))")
     source_db.execute("create table other (id int primary key)")
     source_db.execute("insert into t select g, 'v' || g, g / 7.0, now() - g * interval '1 h', "
                       "g / 3.0, jsonb_build_object('g', g) from generate_series(1, 25000) g")
-    source_db.execute("insert into c select chr(65 + g % 26) || g, g, 'x' "
+    source_db.execute("insert into c select chr(65 + g % 26) || g, g, 'x', 'sad' "
                       "from generate_series(1, 300) g")
     source_db.execute(f"create publication {PUBLICATION} for table t, c")
     config = write_config(tmp_path, source_db, dest_db)
     catch_up(source_db, dest_db)
     # Source WAL that is not ours: the mirror's applied position stays behind it.
     source_db.execute("insert into other values (1)")
+    # Not streamed yet (no row changed since): the mirror still has v, and no column x.
+    source_db.execute("alter table t rename column v to v2")
+    source_db.execute("alter table t add column x int")
 
     code, out, err = verify(capsys, config)
     assert code == 0, out + err
@@ -69,12 +74,14 @@ def test_clean_then_changed_missing_extra_rows_pipeline_stopped(source_db, dest_
     assert code == 0 and report["drift"] is False
     t = table(report, "public.t")
     assert t["verdict"] == "ok" and t["source_rows"] == 25000 and t["ranges"] == 3
-    assert t["compared_columns"] == ["id", "v", "n", "at", "f", "j"] and t["keys"] == []
+    assert t["compared_columns"] == ["id", "v2", "n", "at", "f", "j"] and t["keys"] == []
+    assert t["not_compared"] == ["x (not in the mirror yet)"]
+    assert table(report, "public.c")["compared_columns"] == ["a", "b", "v", "m"]
 
     mirror(dest_db, "update {m}.t set v = 'tampered' where id = 12345")
     mirror(dest_db, "delete from {m}.t where id = 20001")
     mirror(dest_db, "insert into {m}.t (id, v) values (30000, 'extra')")
-    mirror(dest_db, "update {m}.c set v = 'y' where a = 'Z51' and b = 51")
+    mirror(dest_db, "update {m}.c set m = 'ok' where a = 'Z51' and b = 51")
     code, out, err = verify(capsys, config)
     assert code == 1, out + err
     assert "key id=12345: changed" in out
@@ -239,3 +246,36 @@ def test_one_changed_row_among_a_million_under_live_load(source_db, dest_db, rep
     finally:
         writer.stop()
     print(f"initial copy {copied:.1f} s, verify {took:.1f} s")
+
+
+def test_repair_under_live_load_recopies_only_the_drifted_keys(source_db, dest_db, replicator,
+                                                               capsys):
+    source_db.execute("create table w (id int primary key, v int, s text)")
+    source_db.execute("insert into w select g, 0, md5(g::text) from generate_series(1, 30000) g")
+    source_db.execute(f"create publication {PUBLICATION} for table w")
+    process = start_streaming(replicator, dest_db)
+    writer = Writer(source_db.dsn, upto=12000)
+    writer.start()
+    try:
+        # Outside the writer's keys: drift that stays until repaired.
+        mirror(dest_db, "update {m}.w set v = -1, s = null where id = 20000")
+        mirror(dest_db, "delete from {m}.w where id = 25000")
+        mirror(dest_db, "insert into {m}.w values (40000, 1, 'extra')")
+        # Inside them: the writer's changes race the repair; whichever wins, the row must
+        # end as the source has it (never an older value over a newer one).
+        for key in (100, 200, 300):
+            mirror(dest_db, "update {m}.w set v = -1 where id = %s", [key])
+        code, out, err = verify(capsys, process.config, "--repair")
+        assert code == 0, out + err
+        assert "after repairing" in out and "no drift" in out
+        code, report = verify_json(capsys, process.config)
+        assert code == 0 and table(report, "public.w")["keys"] == [], report
+        assert process.alive, process.logs()
+    finally:
+        writer.stop()
+    lsn = source_db.scalar("select pg_current_wal_insert_lsn()::text")
+    source_db.execute("select pg_logical_emit_message(false, 'test', '')")   # WAL past lsn
+    wait_for(lambda: dest_db.scalar("select applied_lsn >= %s::pg_lsn from replicator.pipelines",
+                                    [lsn]), 30, "the mirror to catch up")
+    assert_same(source_db, dest_db, "w")
+    assert dest_db.scalar("select count(*) from replicator.dead_letters") == 0
