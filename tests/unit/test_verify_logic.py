@@ -13,6 +13,7 @@ from replicator.verify import (
     Report,
     TableResult,
     diff_rows,
+    key_order,
     kind,
     render,
     split,
@@ -88,3 +89,8 @@ def test_render_lists_drift_ranges_keys_and_caps_the_list():
     assert "key id=20: changed" not in out and "... and 6 more keys" in out
     assert out.endswith("drift found")
     assert Report("slot", [fine]).as_dict()["drift"] is False
+
+
+def test_keys_are_listed_by_number_when_they_are_numbers():
+    keys = [("100001",), ("12000",), ("-3",), ("b",), ("a",)]
+    assert sorted(keys, key=key_order) == [("-3",), ("12000",), ("100001",), ("a",), ("b",)]
