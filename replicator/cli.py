@@ -223,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="source table (schema.table, or table for schema public); "
                         "repeatable; default: every replicated table")
     verify.add_argument("--json", action="store_true",
-                        help="print one JSON object instead of the table (every drifted key)")
+                        help="print one JSON object instead of the table, with every drifted key "
+                        "found (the text lists 20 per table)")
     verify.add_argument("--repair", action="store_true",
                         help="re-copy the drifted keys from the source, in the stream's order "
                         "(the pipeline is held for the few writes), then verify those tables "

@@ -83,7 +83,8 @@ Pair = tuple[int | None, int | None]   # (source row hash, mirror row hash); Non
 SUMMARY_SQL = ("select count(*), coalesce(sum(hashtextextended({row}::text, 0)), 0) "
                "from {table} where {pred}")
 # The first pass on a one-column key: every range's count and sum in one scan per side.
-BUCKETS_SQL = ("select width_bucket({keys}, %s::{cast}[]), count(*), "
+BUCKETS_SQL = ("select width_bucket({keys}, array(select b::{cast} from unnest(%s::text[]) "
+               "with ordinality u(b, i) order by i)), count(*), "
                "coalesce(sum(hashtextextended({row}::text, 0)), 0) from {table} group by 1")
 BOUNDARIES_SQL = ("select {outs} from (select {texts}, row_number() over (order by {keys}) "
                   "as _rn from {table} where {pred}) s where _rn > 1 and (_rn - 1) %% {step} = 0 "

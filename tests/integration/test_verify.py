@@ -51,12 +51,14 @@ def test_clean_then_changed_missing_extra_rows_pipeline_stopped(source_db, dest_
     # Composite text key: ranges must hold the same keys whatever either side's collation.
     source_db.execute("create type mood as enum ('ok', 'sad')")   # text in the mirror
     source_db.execute("create table c (a text, b int, v text, m mood, primary key (a, b))")
+    source_db.execute("create table k (code varchar(20) primary key, v int)")
     source_db.execute("create table other (id int primary key)")
     source_db.execute("insert into t select g, 'v' || g, g / 7.0, now() - g * interval '1 h', "
                       "g / 3.0, jsonb_build_object('g', g) from generate_series(1, 25000) g")
     source_db.execute("insert into c select chr(65 + g % 26) || g, g, 'x', 'sad' "
                       "from generate_series(1, 300) g")
-    source_db.execute(f"create publication {PUBLICATION} for table t, c")
+    source_db.execute("insert into k select 'K-' || g, g from generate_series(1, 12000) g")
+    source_db.execute(f"create publication {PUBLICATION} for table t, c, k")
     config = write_config(tmp_path, source_db, dest_db)
     catch_up(source_db, dest_db)
     # Source WAL that is not ours: the mirror's applied position stays behind it.
@@ -77,17 +79,20 @@ def test_clean_then_changed_missing_extra_rows_pipeline_stopped(source_db, dest_
     assert t["compared_columns"] == ["id", "v2", "n", "at", "f", "j"] and t["keys"] == []
     assert t["not_compared"] == ["x (not in the mirror yet)"]
     assert table(report, "public.c")["compared_columns"] == ["a", "b", "v", "m"]
+    assert table(report, "public.k")["ranges"] == 2   # a one-column text key, in one scan
 
     mirror(dest_db, "update {m}.t set v = 'tampered' where id = 12345")
     mirror(dest_db, "delete from {m}.t where id = 20001")
     mirror(dest_db, "insert into {m}.t (id, v) values (30000, 'extra')")
     mirror(dest_db, "update {m}.c set m = 'ok' where a = 'Z51' and b = 51")
+    mirror(dest_db, "delete from {m}.k where code = 'K-9999'")
     code, out, err = verify(capsys, config)
     assert code == 1, out + err
     assert "key id=12345: changed" in out
     assert "key id=20001: missing in the mirror" in out
     assert "key id=30000: extra in the mirror" in out
     assert "key a=Z51, b=51: changed" in out and "drift found" in out
+    assert "key code=K-9999: missing in the mirror" in out
     code, report = verify_json(capsys, config, "--table", "t")
     assert code == 1 and report["drift"] is True and len(report["tables"]) == 1
     t = table(report, "public.t")
