@@ -333,3 +333,26 @@ def test_running_pipeline_idle_source_mirror_passes_a_position_past_the_wal_end(
         assert time.monotonic() - started < 5
     finally:
         verifier.close()
+
+
+@pytest.mark.parametrize("source_cluster", [15], indirect=True)   # one version: time
+def test_a_locked_mirror_table_is_skipped_as_busy_not_waited_for(source_db, dest_db, tmp_path,
+                                                                 capsys):
+    source_db.execute("create table t (id int primary key)")
+    source_db.execute("create table u (id int primary key)")
+    source_db.execute("insert into t values (1), (2)")
+    source_db.execute(f"create publication {PUBLICATION} for table t, u")
+    config = write_config(tmp_path, source_db, dest_db)
+    catch_up(source_db, dest_db)
+    capsys.readouterr()
+    with dest_db.connect() as holder:   # as the replicator's own ALTER TABLE would
+        holder.execute("begin")
+        holder.execute(f"lock table {MIRROR_SCHEMA}.t in access exclusive mode")
+        started = time.monotonic()
+        code, report = verify_json(capsys, config)
+        took = time.monotonic() - started
+        holder.execute("rollback")
+    assert code == 0 and took < 15, (took, report)
+    t = table(report, "public.t")
+    assert t["verdict"] == "skipped" and t["reason"].startswith("busy after 3 attempts"), t
+    assert table(report, "public.u")["verdict"] == "ok"
