@@ -25,10 +25,12 @@ With the pipeline stopped (its slot inactive) the mirror cannot pass L: it is
 complete as of L when the slot holds no change of a published table committed
 before L, which a peek at the slot tells without consuming anything.
 
-Nothing is written on either side. Source reads are plain SELECTs (ACCESS
-SHARE: writers are never blocked); every statement has a timeout, and neither
-side waits long for a lock, so verify never queues in front of the replicator's
-own DDL or an application's.
+No data is written, except by --repair (see Verifier.repair), and no table is
+changed: on an idle source verify emits one logical message, a WAL record for
+the slot to carry the applied position past the snapshot. Source reads are plain
+SELECTs (ACCESS SHARE: writers are never blocked); every statement has a
+timeout, and neither side waits long for a lock, so verify never queues in
+front of the replicator's own DDL or an application's.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ SPLIT = 16            # a differing range is cut into this many
 LEAF_ROWS = RANGE_ROWS
 MAX_KEYS = 1_000      # differing keys narrowed per table; past it, ranges only
 MAX_RECHECKS = 5      # re-reads of the differing keys before one is called unsettled
-RETRIES = 3           # a table whose read hit a lock or a timeout is tried again
+RETRIES = 3           # a table whose read could not get its lock is tried again
 # Both sides render rows with the same settings, so equal values give equal text.
 RENDER_OPTIONS = ("-c TimeZone=UTC -c DateStyle=ISO,YMD -c IntervalStyle=postgres "
                   "-c extra_float_digits=1 -c bytea_output=hex -c lc_monetary=C")
