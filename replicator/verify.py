@@ -538,7 +538,7 @@ class Verifier:
                 # The replicator (or an application) holds the table for DDL: do not
                 # stand in its way; try again shortly.
                 reason = f"busy after {attempt} attempts: " + " ".join(str(exc).split())
-                time.sleep(1.0)
+                time.sleep(0.5)
             except psycopg.errors.QueryCanceled:
                 return skipped("a read ran past the 10-minute statement_timeout")
             except psycopg.errors.UndefinedTable:
