@@ -251,3 +251,34 @@ def table_estimates(conn: psycopg.Connection, qualnames: list[str]) -> dict[str,
 def emit_heartbeat(conn: psycopg.Connection) -> None:
     """A WAL record that goes through the slot, so an idle source's slot can advance."""
     conn.execute(HEARTBEAT_SQL)
+
+
+COLLATABLE_TYPES_SQL = "select oid from pg_type where oid = any(%s) and typcollation <> 0"
+
+# `replicator verify` with the pipeline stopped: does the slot hold a change of a
+# published table committed before upto_lsn? Peeking consumes nothing (the slot
+# stays where the replicator left it) but needs the slot to be inactive. pgoutput
+# (15+) sends nothing for a transaction that touched no published table; the
+# message type (first byte) tells a change from a BEGIN/COMMIT of older servers.
+SLOT_PENDING_SQL = """
+select count(*) filter (where substr(data, 1, 1) in ('I', 'U', 'D', 'T')), count(*)
+from pg_logical_slot_peek_binary_changes(%s, %s::pg_lsn, %s,
+                                         'proto_version', '1', 'publication_names', %s)
+"""
+PEEK_LIMIT = 1000
+
+
+def collatable_types(conn: psycopg.Connection, typoids: list[int]) -> set[int]:
+    """Those of the type oids whose values sort by a collation (text, varchar, ...)."""
+    return {oid for (oid,) in conn.execute(COLLATABLE_TYPES_SQL, [typoids])}
+
+
+def slot_has_changes(conn: psycopg.Connection, slot: str, publication: str,
+                     upto_lsn: str) -> bool:
+    """Whether the (inactive) slot still holds published changes committed before upto_lsn.
+
+    Conservative: a change already applied but not yet confirmed counts, and so does
+    a peek that stopped at its row limit.
+    """
+    changes, rows = _one(conn, SLOT_PENDING_SQL, [slot, upto_lsn, PEEK_LIMIT, publication])
+    return bool(changes) or rows >= PEEK_LIMIT

@@ -78,6 +78,7 @@ class ErrorKind(enum.Enum):
     DESTINATION_REJECTED = "destination_rejected"
     PROTOCOL = "protocol"
     RESYNC_REQUIRED = "resync_required"
+    MIRROR_BEHIND = "mirror_behind"
     INTERNAL = "internal"
 
     @property
@@ -118,6 +119,13 @@ _TABLE: dict[ErrorKind, tuple[RetryPolicy, str]] = {
         _FATAL,
         "the mirror cannot continue from its stored position: drop the replication slot and the "
         "mirror's state, then run again to copy the tables afresh",
+    ),
+    # `replicator verify` compares the mirror only once it has applied what the source's
+    # snapshot shows; a mirror that does not get there cannot be judged.
+    ErrorKind.MIRROR_BEHIND: (
+        _FATAL,
+        "start `replicator run` (or `replicator run --until-caught-up`) and verify again, or "
+        "give it longer with --wait",
     ),
     ErrorKind.SOURCE_CONNECT: (
         _WAIT,

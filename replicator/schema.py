@@ -171,10 +171,15 @@ def create_held_sql(t: MirrorTable) -> sql.Composed:
 
 
 def mirror_columns(conn: psycopg.Connection, t: MirrorTable) -> dict[str, str]:
+    return column_types(conn, t.dest)
+
+
+def column_types(conn: psycopg.Connection, table: sql.Composable) -> dict[str, str]:
+    """column name -> format_type of a destination table (a qualified identifier)."""
     rows = conn.execute(
         "select a.attname, format_type(a.atttypid, a.atttypmod) from pg_attribute a "
         "where a.attrelid = %s::regclass and a.attnum > 0 and not a.attisdropped",
-        [t.dest.as_string(conn)],
+        [table.as_string(conn)],
     )
     return dict(rows.fetchall())
 

@@ -120,6 +120,21 @@ def record_applied(cur: psycopg.Cursor, state_schema: str, slot: str, lsn: int,
     )
 
 
+def lock_pipeline(conn: psycopg.Connection, state_schema: str, slot: str) -> int | None:
+    """The applied LSN, with the pipeline's row locked until the transaction ends (None:
+    no row yet).
+
+    The applier writes this row first in every batch transaction: while the lock is
+    held no batch commits (the one in flight finishes first), so the mirror stays as of
+    the LSN returned, without stopping `run`. `dead-letters --retry` and
+    `verify --repair` serialise with the stream this way.
+    """
+    row = conn.execute(
+        sql.SQL("select applied_lsn::text from {}.pipelines where slot = %s for update").format(
+            sql.Identifier(state_schema)), [slot]).fetchone()
+    return parse_lsn(row[0]) if row else None
+
+
 def pipeline_row(conn: psycopg.Connection, state_schema: str,
                  slot: str) -> tuple[int, Any] | None:
     """(applied LSN, updated_at) of the slot's pipeline, or None when never run."""
@@ -143,18 +158,6 @@ def lettered_tables(conn: psycopg.Connection[Any] | psycopg.Cursor[Any], state_s
         sql.SQL("select distinct mirror_table from {}.dead_letters where slot = %s "
                 "and op is not null").format(sql.Identifier(state_schema)), [slot])
     return {r[0] for r in cur.fetchall()}
-
-
-def lock_pipeline(conn: psycopg.Connection, state_schema: str, slot: str) -> bool:
-    """Lock the pipeline's row until the transaction ends; False if it has none.
-
-    The applier writes that row first in every batch transaction, so holding the lock
-    keeps batches out (the one in flight finishes first) without stopping `run`.
-    """
-    row = conn.execute(
-        sql.SQL("select 1 from {}.pipelines where slot = %s for update").format(
-            sql.Identifier(state_schema)), [slot]).fetchone()
-    return row is not None
 
 
 def exists(conn: psycopg.Connection, state_schema: str) -> bool:

@@ -213,7 +213,7 @@ def test_a_batch_waits_for_a_retry_before_touching_the_mirror(lettering, dest_db
     mirror row: the retry can still write them (no deadlock)."""
     lettering([insert(RELID, row(1, "a", "A"))])
     with dest_db.connect() as conn, conn.transaction():
-        assert state.lock_pipeline(conn, "replicator", SLOT)
+        assert state.lock_pipeline(conn, "replicator", SLOT) is not None
         done = threading.Event()
         worker = threading.Thread(target=lambda: (lettering([update(RELID, row(1, "b", "B"))]),
                                                   done.set()), daemon=True)
