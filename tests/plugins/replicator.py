@@ -90,11 +90,12 @@ def write_config(
 
     The source user is SOURCE_ROLE (LOGIN REPLICATION, SELECT only: see servers.py), so
     every test shows the replicator needs no more; `source={"user": "postgres"}` for one
-    that does something only a superuser may. `password` goes to both sides (`f"${PASSWORD_VAR}"` for the variable path, with the
-    environment of `replicator_env`). `source` and `destination` add or override keys of
-    their section (a value of None drops the key); a database not given gets a placeholder
-    server, for tests that never connect. `logging` writes a [logging] section (none by
-    default: the product's defaults); `metrics` replaces the default `enabled = false`.
+    that does something only a superuser may. `password` goes to both sides
+    (`f"${PASSWORD_VAR}"` for the variable path, with the environment of `replicator_env`).
+    `source` and `destination` add or override keys of their section (a value of None drops
+    the key); a database not given gets a placeholder server, for tests that never connect.
+    `logging` writes a [logging] section (none by default: the product's defaults); `metrics`
+    replaces the default `enabled = false`.
     """
     src = {**_side(source_db, ("127.0.0.1", 5432, "odoo_core"), SOURCE_ROLE), "password": password,
            "publication": publication}
