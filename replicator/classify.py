@@ -124,9 +124,38 @@ def _no_ssl(w: _Where, text: str) -> tuple[ErrorKind, str]:
 
 
 def _bad_cert(w: _Where, text: str) -> tuple[ErrorKind, str]:
+    root = w.attr("sslrootcert")
+    trusted = f"{w.section} sslrootcert ({root})" if root else \
+        f"libpq's default CA file (~/.postgresql/root.crt: {w.section} sslrootcert is not set)"
     return ErrorKind.CONFIG, (
-        f"the server certificate did not verify: point {w.section} sslrootcert at the CA "
-        "certificate, or use sslmode = \"require\" to encrypt without verifying"
+        f"the server certificate could not be verified against {trusted}: point "
+        f"{w.section} sslrootcert at the CA certificate that signed the server's, or use "
+        "sslmode = \"require\" to encrypt without verifying"
+    )
+
+
+def _cert_host(w: _Where, text: str) -> tuple[ErrorKind, str]:
+    named = re.search(r'server certificate for "([^"]*)"', text)
+    name = f' ("{named.group(1)}")' if named else ""
+    return ErrorKind.CONFIG, (
+        f"the server certificate was not issued for {w.section} host: set {w.section} host "
+        f"to a name it is for{name}, or have the certificate reissued with this host in its "
+        "subjectAltName"
+    )
+
+
+def _client_key(w: _Where, text: str) -> tuple[ErrorKind, str]:
+    return ErrorKind.CONFIG, (
+        f"check {w.section} sslcert and sslkey: both files must exist and be readable, and the "
+        "key must be owned by the user running the replicator with mode 0600 (chmod 600)"
+    )
+
+
+def _client_cert_refused(w: _Where, text: str) -> tuple[ErrorKind, str]:
+    user = w.attr("user", "<user>")
+    return ErrorKind.CONFIG, (
+        f"the server authenticates {user} by client certificate: set {w.section} sslcert and "
+        f"sslkey to a certificate signed by the server's CA (ssl_ca_file) whose CN is {user}"
     )
 
 
@@ -287,6 +316,9 @@ def _rule(pattern: str, handler: Any, codes: tuple[str, ...]) -> _Rule:
 
 # Order matters: the first admitted match wins, and specific causes precede generic ones.
 _RULES = [
+    # Before the password rule, whose pattern "authentication failed for user" it contains.
+    _rule(r"certificate authentication failed|connection requires a valid client certificate",
+          _client_cert_refused, ("28000",)),
     # 28P01 for password/md5/scram; peer, ident, PAM... failures come as 28000.
     _rule(r"password authentication failed|authentication failed for user", _auth,
           ("28P01", "28000")),
@@ -298,6 +330,10 @@ _RULES = [
     _rule(r"pg_hba\.conf", _hba, ("28000",)),
     _rule(r"server does not support ssl", _no_ssl, _CLIENT_SIDE),
     _rule(r"certificate verify failed|root certificate file .* does not exist", _bad_cert,
+          _CLIENT_SIDE),
+    _rule(r"server certificate for .* does not match host name", _cert_host, _CLIENT_SIDE),
+    _rule(r"certificate present, but not private key|private key file .* has group or world "
+          r"access|could not (load|open|read) (private key|certificate) file", _client_key,
           _CLIENT_SIDE),
     _rule(r"must be superuser or replication role|permission denied to start wal sender|"
           r"must have the replication attribute|permission denied to (use|create) replication",

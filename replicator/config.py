@@ -69,7 +69,8 @@ def load_config(
     ``$NAME`` and ``${NAME}`` in string values come from ``environ`` (default: os.environ),
     then from ``.env`` beside the config file; ``$$`` is a literal ``$``. Substituted text is
     not substituted again, so a password may contain ``$``. Relative paths in the file
-    (``sslrootcert``, ``[logging] output``) are relative to the config file's directory.
+    (``sslrootcert``, ``sslcert``, ``sslkey``, ``[logging] output``) are relative to the
+    config file's directory; a certificate or key file named there must exist.
     """
     config_path = Path(path).absolute()
     doc = _read_toml(config_path)
@@ -394,22 +395,44 @@ def from_dsns(source_dsn: str, dest_dsn: str, publication: str, **overrides: Any
         if isinstance(extra.get(name), Mapping):
             settings_cls = LoggingSettings if name == "logging" else MetricsSettings
             extra[name] = _build(settings_cls, dict(extra[name]), _Resolver.none())
-    return Config(
-        source=_build(SourceSettings, source_table, _Resolver.none(), "the source DSN"),
-        destination=_build(
-            DestinationSettings, dest_table, _Resolver.none(), "the destination DSN"
-        ),
-        path=None,
-        **extra,
+    source = _build(SourceSettings, source_table, _Resolver.none(), "the source DSN")
+    destination = _build(
+        DestinationSettings, dest_table, _Resolver.none(), "the destination DSN"
     )
+    for settings in (source, destination):
+        _check_tls_files(settings, "the working directory")
+    return Config(source=source, destination=destination, path=None, **extra)
+
+
+_TLS_FILES = ("sslrootcert", "sslcert", "sslkey")
 
 
 def _with_relative_paths(settings: ConnectionSettings, base_dir: Path) -> ConnectionSettings:
-    cert = settings.sslrootcert
-    # "system" is libpq's keyword for the OS trust store, not a file.
-    if cert and cert != "system" and not Path(cert).is_absolute():
-        return dataclasses.replace(settings, sslrootcert=str(base_dir / cert))
+    changes: dict[str, Any] = {}
+    for key in _TLS_FILES:
+        path = getattr(settings, key)
+        # "system" is libpq's keyword for the OS trust store, not a file.
+        if path and not (key == "sslrootcert" and path == "system") \
+                and not Path(path).is_absolute():
+            changes[key] = str(base_dir / path)
+    settings = dataclasses.replace(settings, **changes) if changes else settings
+    _check_tls_files(settings, f"the config file's directory, {base_dir}")
     return settings
+
+
+def _check_tls_files(settings: ConnectionSettings, relative_to: str) -> None:
+    """A named certificate or key that is not there: libpq would say so only at connect time,
+    and for a missing sslcert not at all (it connects without one)."""
+    for key in _TLS_FILES:
+        path = getattr(settings, key)
+        if not path or (key == "sslrootcert" and path == "system") or Path(path).is_file():
+            continue
+        what = "is not a file" if Path(path).exists() else "does not exist"
+        raise ConfigError(
+            f"[{settings.section}] {key}: {path} {what}",
+            f"fix {key} in [{settings.section}] (a relative path is relative to "
+            f"{relative_to})",
+        )
 
 
 def _read_mappings(table: Mapping[str, Any], resolver: _Resolver) -> dict[str, str]:
@@ -446,13 +469,15 @@ def _dsn_table(section: str, dsn: str) -> dict[str, Any]:
         ) from None
     register_secret(params.get("password"))
     renames = {"dbname": "database", "host": "host", "user": "user", "password": "password",
-               "sslmode": "sslmode", "sslrootcert": "sslrootcert"}
+               "sslmode": "sslmode", "sslrootcert": "sslrootcert", "sslcert": "sslcert",
+               "sslkey": "sslkey"}
     ignored = {"application_name", "connect_timeout"}  # conninfo() sets its own
     unsupported = sorted(k for k in params if k not in renames and k not in ignored and k != "port")
     if unsupported:
         raise ConfigError(
             f"{section} DSN: unsupported parameter(s) {', '.join(unsupported)}",
-            "the replicator only takes host, port, dbname, user, password, sslmode, sslrootcert",
+            "the replicator only takes host, port, dbname, user, password, sslmode, "
+            "sslrootcert, sslcert, sslkey",
         )
     table: dict[str, Any] = {
         "host": "", "database": "", "user": "", "password": "",

@@ -28,7 +28,12 @@ from .errors import ErrorKind, ExitCode, ReplicatorError, Retries
 from .handoff import Handoff, Progress
 from .lsn import format_lsn, pg_now
 from .metrics import Metrics, MetricsServer, SlotMonitor
-from .preflight import check_destination_server, check_slot, discover_tables
+from .preflight import (
+    check_destination_server,
+    check_replication_role,
+    check_slot,
+    discover_tables,
+)
 from .receiver import Receiver, SessionRestart
 from .schema import MirrorTable
 from .settings import Config, DestinationSettings, SourceSettings
@@ -187,6 +192,9 @@ class Pipeline:
         handoff = Handoff()
         try:
             tables = discover_tables(catalog, cfg)
+            # Before the walsender refuses it with a startup error that looks like any other
+            # failed connection (and would be retried as one).
+            check_replication_role(catalog, src.user)
             binary = all(c.builtin for t in tables for c in t.columns)
             mirrors = {(t.schema, t.name): MirrorTable(
                 t, *_target(cfg, t.schema, t.name), state_schema=dst.state_schema,

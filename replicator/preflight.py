@@ -161,9 +161,10 @@ def check_slot(catalog: psycopg.Connection, slot: str, applied: int | None,
 def check_replication_role(catalog: psycopg.Connection, user: str) -> None:
     """Refuse a source user without REPLICATION (and not a superuser)."""
     if not may_replicate(catalog):
+        user = user or catalog.info.user  # empty in the config: libpq's default (PGUSER)
         raise ReplicatorError(
-            ErrorKind.SOURCE_SETUP, f"source user {user!r} may not replicate",
-            f"run on the source: ALTER ROLE {user} WITH REPLICATION")
+            ErrorKind.SOURCE_SETUP, f"[source] role {user} lacks the REPLICATION attribute",
+            f"run on the source as an administrator: alter role {user} replication")
 
 
 def check_destination(dest: psycopg.Connection, config: Config) -> int | None:

@@ -100,7 +100,12 @@ class ConnectionSettings:
     # Empty means "no password here": libpq then falls back to PGPASSWORD or ~/.pgpass.
     password: Secret = field(metadata=_SECRET)
     sslmode: str | None = None
+    # File paths (relative ones are relative to the config file's directory): the CA that
+    # signed the server's certificate, and a client certificate and its key for servers
+    # that authenticate by certificate (pg_hba.conf "cert").
     sslrootcert: str | None = None
+    sslcert: str | None = None
+    sslkey: str | None = None
     max_connections: int = 10
     idle_timeout: int = 300  # seconds
     # How long `run --until-caught-up` (a one-shot job) keeps retrying while this server is
@@ -127,10 +132,23 @@ class ConnectionSettings:
         _check_range(s, "idle_timeout", self.idle_timeout, 0)
         _check_range(s, "retry_timeout", self.retry_timeout, 0, exclusive_min=True)
         _check_choice(s, "sslmode", self.sslmode, SSLMODES, optional=True)
+        # libpq pairs them: a certificate alone makes it look for ~/.postgresql's key, a key
+        # alone is silently ignored.
+        if bool(self.sslcert) != bool(self.sslkey):
+            have, lack = ("sslcert", "sslkey") if self.sslcert else ("sslkey", "sslcert")
+            raise ConfigError(
+                f"[{s}] {have} is set but {lack} is not",
+                f"a client certificate needs its private key: set both {have} and {lack} "
+                f"in [{s}], or neither",
+            )
         register_secret(self.password.reveal())
 
     def conninfo(self, **extra: Any) -> str:
         """A libpq connection string; ``extra`` adds or overrides parameters (None drops one).
+
+        The one place connection parameters are assembled: every connection the replicator
+        opens (catalog, walsender, copy workers, applier, monitor, status) goes through it,
+        so each gets the same TLS settings.
 
         For example ``conninfo(replication="database")`` for the walsender connection.
         """
@@ -143,6 +161,8 @@ class ConnectionSettings:
             "password": self.password.reveal() or None,
             "sslmode": self.sslmode,
             "sslrootcert": self.sslrootcert,
+            "sslcert": self.sslcert,
+            "sslkey": self.sslkey,
             "application_name": APPLICATION_NAME,
             "connect_timeout": DEFAULT_CONNECT_TIMEOUT,
         }

@@ -26,6 +26,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from plugins.servers import SOURCE_ROLE
 from replicator import failpoints
 from replicator.pipeline import Pipeline
 from replicator.settings import Config
@@ -62,12 +63,12 @@ def _section(name: str, keys: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _side(db: Any, placeholder: tuple[str, int, str]) -> dict[str, Any]:
+def _side(db: Any, placeholder: tuple[str, int, str], user: str = "postgres") -> dict[str, Any]:
     if db is None:
         host, port, database = placeholder
     else:
         host, port, database = db.cluster.host, db.cluster.port, db.name
-    return {"host": host, "port": port, "database": database, "user": "postgres"}
+    return {"host": host, "port": port, "database": database, "user": user}
 
 
 def write_config(
@@ -87,13 +88,16 @@ def write_config(
 ) -> Path:
     """Write `directory/name`, an etl-config.toml for the two test databases; returns its path.
 
-    `password` goes to both sides (`f"${PASSWORD_VAR}"` for the variable path, with the
-    environment of `replicator_env`). `source` and `destination` add or override keys of
-    their section (a value of None drops the key); a database not given gets a placeholder
-    server, for tests that never connect. `logging` writes a [logging] section (none by
-    default: the product's defaults); `metrics` replaces the default `enabled = false`.
+    The source user is SOURCE_ROLE (LOGIN REPLICATION, SELECT only: see servers.py), so
+    every test shows the replicator needs no more; `source={"user": "postgres"}` for one
+    that does something only a superuser may. `password` goes to both sides
+    (`f"${PASSWORD_VAR}"` for the variable path, with the environment of `replicator_env`).
+    `source` and `destination` add or override keys of their section (a value of None drops
+    the key); a database not given gets a placeholder server, for tests that never connect.
+    `logging` writes a [logging] section (none by default: the product's defaults); `metrics`
+    replaces the default `enabled = false`.
     """
-    src = {**_side(source_db, ("127.0.0.1", 5432, "odoo_core")), "password": password,
+    src = {**_side(source_db, ("127.0.0.1", 5432, "odoo_core"), SOURCE_ROLE), "password": password,
            "publication": publication}
     dst = {**_side(dest_db, ("127.0.0.1", 5433, "postgres")), "password": password,
            "schema": MIRROR_SCHEMA, "state_schema": STATE_SCHEMA,
@@ -137,7 +141,10 @@ def replicator_env(**extra: str) -> dict[str, str]:
 
 
 def make_config(source_db: Any, dest_db: Any, **overrides: Any) -> Config:
+    """A Config for the two databases; the source user is SOURCE_ROLE, as in write_config
+    (`source_user="postgres"` overrides it)."""
     overrides.setdefault("flush_interval", 0.2)
+    overrides.setdefault("source_user", SOURCE_ROLE)
     return Config.from_dsns(source_db.dsn, dest_db.dsn, PUBLICATION, **overrides)
 
 

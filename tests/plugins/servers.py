@@ -9,6 +9,7 @@ a server by accident.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -19,11 +20,15 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from replicator.devtools.localpg import LocalCluster, LocalClusterError, available_versions
 
 SOURCE_VERSIONS = (15, 18)
 DEST_VERSION = 15
+# The replicator's source role in the tests, as the README's "Source role: least privilege"
+# makes it: LOGIN REPLICATION, and SELECT on the tables, nothing else.
+SOURCE_ROLE = "replicator_src"
 
 
 class TestDatabase:
@@ -143,10 +148,27 @@ def _fresh_database(cluster: LocalCluster, prefix: str, node_name: str) -> Itera
         cluster.drop_database(db.name)
 
 
+def grant_source_role(db: TestDatabase, role: str = SOURCE_ROLE) -> None:
+    """Make `role` (LOGIN REPLICATION, cluster-wide) able to read every table `postgres`
+    creates in `db` from now on, and nothing more."""
+    ident = sql.Identifier(role)
+    with db.cluster.connect() as conn:
+        if conn.execute("select 1 from pg_roles where rolname = %s", [role]).fetchone() is None:
+            with contextlib.suppress(psycopg.errors.DuplicateObject):
+                conn.execute(sql.SQL("create role {} login replication").format(ident))
+    with db.connect() as conn:
+        conn.execute(sql.SQL("grant select on all tables in schema public to {}").format(ident))
+        conn.execute(sql.SQL("alter default privileges grant select on tables to {}").format(ident))
+        conn.execute(sql.SQL("alter default privileges grant usage on schemas to {}").format(ident))
+
+
 @pytest.fixture
 def source_db(source_cluster: LocalCluster, request: pytest.FixtureRequest) -> Iterator[TestDatabase]:
-    """A fresh database on the source cluster (parametrized over pg15/pg18)."""
-    yield from _fresh_database(source_cluster, "src", request.node.name)
+    """A fresh database on the source cluster (parametrized over pg15/pg18), readable by
+    SOURCE_ROLE, which the configs of tests/plugins/replicator.py connect as."""
+    for db in _fresh_database(source_cluster, "src", request.node.name):
+        grant_source_role(db)
+        yield db
 
 
 @pytest.fixture

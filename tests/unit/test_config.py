@@ -319,10 +319,43 @@ def test_log_level_is_case_insensitive(tmp_path):
 
 
 def test_relative_paths_are_relative_to_the_config_file(tmp_path):
-    text = with_source('sslrootcert = "certs/ca.pem"') + '[logging]\noutput = "logs/replicator.log"\n'
-    config = load_config(write(tmp_path, text), environ=ENV)
-    assert config.source.sslrootcert == str(tmp_path / "certs/ca.pem")
+    (tmp_path / "certs").mkdir()
+    for name in ("ca.pem", "src.crt", "src.key", "dst.crt", "dst.key"):
+        (tmp_path / "certs" / name).write_text("x")
+    tls = 'sslrootcert = "certs/ca.pem"\nsslcert = "certs/{0}.crt"\nsslkey = "certs/{0}.key"'
+    text = with_source(tls.format("src")) + tls.format("dst") + '\n[logging]\noutput = "logs/replicator.log"\n'
+    config = load_config(write(tmp_path, text.replace("[logging]", "\n[logging]")), environ=ENV)
+    certs = tmp_path / "certs"
+    for side, name in ((config.source, "src"), (config.destination, "dst")):
+        assert (side.sslrootcert, side.sslcert, side.sslkey) == (
+            str(certs / "ca.pem"), str(certs / f"{name}.crt"), str(certs / f"{name}.key"))
+        params = conninfo_to_dict(side.conninfo())
+        assert (params["sslrootcert"], params["sslcert"], params["sslkey"]) == (
+            str(certs / "ca.pem"), str(certs / f"{name}.crt"), str(certs / f"{name}.key"))
     assert config.logging.output == str(tmp_path / "logs/replicator.log")
+
+
+def test_a_missing_certificate_or_key_file_names_the_key_and_the_path(tmp_path):
+    (tmp_path / "client.crt").write_text("x")
+    text = with_destination('sslcert = "client.crt"\nsslkey = "keys/client.key"')
+    err = load_error(write(tmp_path, text))
+    assert err.message == f"[destination] sslkey: {tmp_path / 'keys/client.key'} does not exist"
+    assert "relative to the config file's directory" in err.hint
+    err = load_error(write(tmp_path, with_source(f'sslrootcert = "{tmp_path}"')))
+    assert err.message == f"[source] sslrootcert: {tmp_path} is not a file"
+    # libpq's keyword for the system's trust store is not a path.
+    assert load_config(write(tmp_path, with_source('sslrootcert = "system"')), environ=ENV).source.sslrootcert == "system"
+    with pytest.raises(ConfigError) as info:
+        Config.from_dsns("dbname=a sslrootcert=nowhere.pem", "dbname=b", "pub")
+    assert info.value.message == "[source] sslrootcert: nowhere.pem does not exist"
+    assert "relative to the working directory" in info.value.hint
+
+
+def test_a_client_certificate_needs_its_key(tmp_path):
+    (tmp_path / "client.crt").write_text("x")
+    err = load_error(write(tmp_path, with_destination('sslcert = "client.crt"')))
+    assert err.message == "[destination] sslcert is set but sslkey is not"
+    assert "set both sslcert and sslkey in [destination]" in err.hint
 
 
 def test_explicit_slot(tmp_path):
