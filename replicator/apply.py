@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
-from . import failpoints, state
+from . import access, failpoints, state
 from .batch import AlterTable, Batch, Rows, SpilledRows, SyncDone, SyncStart, TableRows, Truncate
 from .errors import ErrorKind, ReplicatorError
 from .lsn import format_lsn
@@ -430,10 +430,16 @@ def _write(copy: psycopg.Copy, data: bytes | SpilledRows) -> None:
 class Applier:
     """Owns the destination connection; applies batches one transaction each."""
 
-    def __init__(self, conninfo: str, state_schema: str, slot: str):
+    def __init__(self, conninfo: str, state_schema: str, slot: str,
+                 readers: tuple[str, ...] = ()):
         self._conninfo = conninfo
         self.state_schema = state_schema
         self.slot = slot
+        # [destination] analytics_roles: the policy of every mirror table it creates.
+        self.readers = readers
+        # Set once <state>.commit_times exists (the pipeline sets up its component):
+        # each batch then records its commit time for the tables it changed.
+        self.commit_times = False
         self.conn: psycopg.Connection | None = None
         self._statements: dict[tuple[str, str], sql.SQL] = {}
         # Mirror tables being copied while the stream runs: their changes are
@@ -493,6 +499,7 @@ class Applier:
         else:
             for stmt in create_mirror_sql(t):
                 conn.execute(stmt)
+            access.secure_table(conn, t.dest_schema, t.dest_name, self.readers)
             log.info("created mirror table", extra={"table": t.qualname})
             if origins:
                 state.record_column_attnums(
@@ -538,6 +545,15 @@ class Applier:
                 if record_lsn and batch.end_lsn:
                     state.record_applied(cur, self.state_schema, self.slot, batch.end_lsn,
                                          system_id)
+                if self.commit_times and batch.last_commit_ts:
+                    changed = sorted({tr.table.source.qualname for tr in batch.table_rows()
+                                      if tr.table.qualname not in self.holding}
+                                     | {t.source.qualname for op in batch.ops
+                                        if isinstance(op, Truncate) for t in op.tables
+                                        if t.qualname not in self.holding})
+                    if changed:
+                        state.record_commit_times(cur, self.state_schema, self.slot, changed,
+                                                  batch.last_commit_ts)
                 if syncs_done:
                     failpoints.hit(failpoints.SYNC_DONE_BEFORE_COMMIT)
         except psycopg.OperationalError as exc:

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 ENV = "REPLICATOR_FAILPOINTS"
 
 # Points used by the code (kept here so tests and readers find them in one place).
+COPY_PLANNED = "backfill.copy_planned"                     # tables made and emptied, no row yet
 COPY_DONE_BEFORE_MARK = "backfill.copy_done_before_mark"   # rows in, state not yet written
 COPY_MARKED = "backfill.copy_marked"                       # a startup copy marked 'copied'
 STARTUP_COPIED = "startup.copied"                          # startup copy done, not yet streaming

@@ -17,7 +17,7 @@ from typing import Any
 
 import psycopg
 
-from . import failpoints, state
+from . import access, failpoints, state
 from ._decode import Decoder
 from .apply import Applier
 from .backfill import Backfill, CopyStopped
@@ -154,7 +154,7 @@ class Pipeline:
             catalog = psycopg.connect(src.conninfo(), autocommit=True)
         except psycopg.OperationalError as exc:
             raise classify_connect(exc, src.conninfo(), settings=src) from exc
-        applier = Applier(dst.conninfo(), dst.state_schema, slot)
+        applier = Applier(dst.conninfo(), dst.state_schema, slot, dst.analytics_roles)
         repl: ReplicationConnection | None = None
         applier_thread = None
         handoff = Handoff()
@@ -168,6 +168,15 @@ class Pipeline:
 
             dest = applier.connect()
             state.setup(dest, dst.state_schema)
+            state.setup_component(dest, dst.state_schema, "freshness")
+            applier.commit_times = True
+            missing = sorted(set(dst.analytics_roles)
+                             - set(access.existing_roles(dest, dst.analytics_roles)))
+            if missing:
+                log.warning("analytics roles missing: mirror tables created now get no "
+                            "policy or grant for them", extra={
+                                "roles": missing, "hint": "create them, then run "
+                                "`replicator init` (or fix [destination] analytics_roles)"})
             applied = state.applied_lsn(dest, dst.state_schema, slot)
 
             repl = ReplicationConnection(src.conninfo(replication="database"))

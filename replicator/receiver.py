@@ -412,7 +412,9 @@ class Receiver:
                     and self.cfg.target(*key) is not None:
                 self._start_sync(key)
         if self.poll_conn is None:
-            self.poll_conn = psycopg.connect(dst.conninfo(), autocommit=True)
+            # Polled every few seconds: never prepared (a transaction-mode pooler).
+            self.poll_conn = psycopg.connect(dst.conninfo(), autocommit=True,
+                                             prepare_threshold=None)
         gone = [key for key in self.mirrors if key not in published and key not in self.syncing]
         if gone:
             self._remove(gone)
