@@ -556,6 +556,8 @@ class Applier:
                                                   batch.last_commit_ts)
                 if syncs_done:
                     failpoints.hit(failpoints.SYNC_DONE_BEFORE_COMMIT)
+                if res.rows:
+                    failpoints.hit(failpoints.BATCH_BEFORE_COMMIT)
         except psycopg.OperationalError as exc:
             self.holding = holding_before
             raise ReplicatorError(
@@ -572,6 +574,8 @@ class Applier:
                 "(or drop it so it is recreated) and restart",
             ) from exc
         res.seconds = time.monotonic() - started
+        if res.rows:
+            failpoints.hit(failpoints.BATCH_COMMITTED)
         if syncs_done:
             failpoints.hit(failpoints.SYNC_DONE_COMMITTED)
         for op in batch.ops:

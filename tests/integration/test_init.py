@@ -353,6 +353,12 @@ def test_memory_trigger_fires_once_per_streamed_insert_across_kills(tmp_path, so
     invoices = _Invoices(source_db.dsn)
     invoices.start()
     try:
+        # Killed with a batch of new invoices applied but not committed, then committed
+        # but not confirmed to the source: replayed once, skipped once.
+        for point in (failpoints.BATCH_BEFORE_COMMIT, failpoints.BATCH_COMMITTED):
+            rep.start(env={failpoints.ENV: f"{point}=kill"})
+            assert rep.wait_exit(60) == -9, rep.logs()
+            assert '"failpoint":"' + point in rep.current(), rep.logs()
         for _kill in range(3):
             rep.start()
             wait_for(rep.streaming, 60, "streaming")

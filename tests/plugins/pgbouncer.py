@@ -94,7 +94,9 @@ ignore_startup_parameters = extra_float_digits
 server_reset_query =
 logfile = {workdir}/pgbouncer.log
 """)
-    cmd = [PGBOUNCER, str(workdir / "pgbouncer.ini")]
+    # -q: log to the logfile only. Its stderr must not be a pipe nobody reads: pgbouncer
+    # blocks once the pipe is full (64 kB of log) and every client waits for ever.
+    cmd = [PGBOUNCER, "-q", str(workdir / "pgbouncer.ini")]
     if os.geteuid() == 0:
         # pgbouncer refuses to run as root.
         user = ensure_os_user(DEFAULT_OS_USER)
@@ -103,7 +105,7 @@ logfile = {workdir}/pgbouncer.log
         os.chown(workdir, user.pw_uid, user.pw_gid)
         cmd = ["runuser", "-u", user.pw_name, "--", *cmd]
     proc = subprocess.Popen(cmd, cwd=workdir, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 20
     while True:
         try:
@@ -111,11 +113,10 @@ logfile = {workdir}/pgbouncer.log
                 break
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
-                err = proc.stderr.read().decode() if proc.stderr else ""
-                log = (workdir / "pgbouncer.log")
-                tail = log.read_text()[-2000:] if log.exists() else ""
+                log = workdir / "pgbouncer.log"
+                tail = log.read_text()[-2000:] if log.exists() else "(no log)"
                 proc.kill()
-                pytest.fail(f"pgbouncer did not start: {err}\n{tail}")
+                pytest.fail(f"pgbouncer did not start (exit {proc.poll()}):\n{tail}")
             time.sleep(0.05)
     try:
         yield PgBouncer(port, dest_cluster)
