@@ -45,16 +45,19 @@ FUNCTIONS = ("get_pending_expenses()",)
 
 @dataclass
 class InitResult:
+    say: Callable[[str], None] = print
     changes: list[str] = field(default_factory=list)
 
     def add(self, what: str) -> None:
+        # Said as it is done: a step that fails later leaves the earlier ones reported.
         self.changes.append(what)
+        self.say(f"  {what}")
 
 
 def init(config: Config, say: Callable[[str], None] = print) -> InitResult:
     """Set up (or bring up to date) the mirror's schemas, access, views and triggers."""
     dst = config.destination
-    res = InitResult()
+    res = InitResult(say)
     try:
         # prepare_threshold=None: the Supabase pooler (transaction mode) cannot keep
         # prepared statements.
@@ -73,8 +76,6 @@ def init(config: Config, say: Callable[[str], None] = print) -> InitResult:
             _grants(config, dest, readers, res)
         except psycopg.Error as exc:
             raise classify(exc, settings=dst) from None
-    for line in res.changes:
-        say(f"  {line}")
     say(f"init: {len(res.changes)} change(s) in {dst.describe()}" if res.changes
         else f"init: {dst.describe()} is up to date, nothing changed")
     return res

@@ -134,17 +134,6 @@ def setup_component(conn: psycopg.Connection, state_schema: str, component: str,
     return ran
 
 
-def components_applied(conn: psycopg.Connection, state_schema: str) -> list[tuple[str, int]]:
-    """(component, version) recorded, or [] before any component ran."""
-    table = sql.Identifier(state_schema, "component_migrations").as_string(conn)
-    row = conn.execute("select to_regclass(%s) is not null", [table]).fetchone()
-    if not row or not row[0]:
-        return []
-    return [(c, v) for c, v in conn.execute(sql.SQL(
-        "select component, version from {} order by component, version").format(
-        sql.Identifier(state_schema, "component_migrations"))).fetchall()]
-
-
 def _lock(conn: psycopg.Connection, state_schema: str) -> None:
     # Until the transaction ends: two starts must not both create the schema
     # or both run a file.

@@ -37,6 +37,10 @@ from replicator import failpoints
 from replicator.devtools.seed import seed
 
 MIRROR = "odoo_mirror"
+# What init sets up is the destination's, and so is the memory trigger: one source version is
+# enough for them; the views over copied and streamed data run on both.
+DEST_ONLY = pytest.mark.parametrize(
+    "source_cluster", [pytest.param(15, id="pg15", marks=pytest.mark.pg15)], indirect=True)
 SIX = ("account_move", "account_move_line", "hr_expense", "hr_expense_sheet", "project_task",
        "res_partner")
 
@@ -108,6 +112,7 @@ def _as(pgbouncer: Any, dest_db: Any, role: str) -> psycopg.Connection:
 # -- init ------------------------------------------------------------------------------------
 
 
+@DEST_ONLY
 def test_init_twice_through_pgbouncer_changes_nothing_the_second_time(
         tmp_path, source_db, owned_dest, pgbouncer):
     _seeded(source_db)
@@ -135,6 +140,7 @@ def test_init_twice_through_pgbouncer_changes_nothing_the_second_time(
     assert owned_dest.fetchall("select distinct state from replicator.tables") == [("pending",)]
 
 
+@DEST_ONLY
 def test_missing_analytics_role_is_one_line_and_a_role_creator_makes_it(
         tmp_path, source_db, owned_dest, pgbouncer, dest_db):
     _seeded(source_db)
@@ -267,6 +273,7 @@ def test_rls_policy_views_and_freshness_on_seeded_data(tmp_path, source_db, owne
     assert last_move is None and as_of_move == last
 
 
+@DEST_ONLY
 def test_table_added_to_the_publication_later_gets_the_policy(tmp_path, source_db,
                                                               owned_dest, pgbouncer):
     _seeded(source_db)
@@ -293,6 +300,11 @@ def test_table_added_to_the_publication_later_gets_the_policy(tmp_path, source_d
         conn.execute(f"grant select on {MIRROR}.late_table to {OUTSIDER}")
     with _as(pgbouncer, owned_dest, OUTSIDER) as conn:
         assert conn.execute(f"select count(*) from {MIRROR}.late_table").fetchone() == (0,)
+    # run secured it as init would have: init finds nothing to do.
+    with _as(pgbouncer, owned_dest, OWNER) as conn:
+        conn.execute(f"revoke select on {MIRROR}.late_table from {OUTSIDER}")
+        conn.execute(f"revoke usage on schema {MIRROR} from {OUTSIDER}")
+    assert "up to date, nothing changed" in _ok(_init(config))
 
 
 # -- the memory trigger ----------------------------------------------------------------------
@@ -337,6 +349,7 @@ class _Invoices(threading.Thread):
         assert self.error is None, self.error
 
 
+@DEST_ONLY
 def test_memory_trigger_fires_once_per_streamed_insert_across_kills(tmp_path, source_db,
                                                                     owned_dest, pgbouncer):
     counts = _seeded(source_db)
@@ -359,7 +372,7 @@ def test_memory_trigger_fires_once_per_streamed_insert_across_kills(tmp_path, so
             rep.start(env={failpoints.ENV: f"{point}=kill"})
             assert rep.wait_exit(60) == -9, rep.logs()
             assert '"failpoint":"' + point in rep.current(), rep.logs()
-        for _kill in range(3):
+        for _kill in range(2):
             rep.start()
             wait_for(rep.streaming, 60, "streaming")
             have = len(invoices.names)
@@ -398,6 +411,7 @@ def test_memory_trigger_fires_once_per_streamed_insert_across_kills(tmp_path, so
     rep.terminate(30)
 
 
+@DEST_ONLY
 def test_trigger_created_while_the_initial_copy_runs_skips_copied_rows(
         tmp_path, source_db, owned_dest, pgbouncer):
     counts = _seeded(source_db)
@@ -416,6 +430,7 @@ def test_trigger_created_while_the_initial_copy_runs_skips_copied_rows(
     assert _chunks(owned_dest) == []
 
 
+@DEST_ONLY
 def test_init_while_run_streams(tmp_path, source_db, owned_dest, pgbouncer):
     _seeded(source_db)
     config = _config(tmp_path, source_db, owned_dest, pgbouncer, memory_triggers=True)
