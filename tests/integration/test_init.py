@@ -139,6 +139,16 @@ def test_init_twice_through_pgbouncer_changes_nothing_the_second_time(
             assert conn.execute(f"select count(*) from {MIRROR}.{view}").fetchone() == (0,)
     assert owned_dest.fetchall("select distinct state from replicator.tables") == [("pending",)]
 
+    # A change of analytics_roles moves every table's policy to the new list.
+    fewer = _config(tmp_path, source_db, owned_dest, pgbouncer, name="fewer.toml",
+                    analytics_roles=["superset_readonly"])
+    out = _ok(_init(fewer))
+    assert out.count("row-level security, policy") == len(SIX), out
+    assert owned_dest.fetchall(
+        "select distinct polroles::regrole[]::text from pg_policy where polrelid in "
+        "(select oid from pg_class where relnamespace = 'odoo_mirror'::regnamespace)") == [
+        ("{superset_readonly}",)]
+
 
 @DEST_ONLY
 def test_missing_analytics_role_is_one_line_and_a_role_creator_makes_it(
