@@ -173,13 +173,20 @@ def _migrations(config: Config, dest: psycopg.Connection, res: InitResult) -> No
     for component in components:
         try:
             ran = state.setup_component(dest, dst.state_schema, component, names)
+        except psycopg.errors.RaiseException as exc:
+            raise ReplicatorError(
+                ErrorKind.CONFIG, f"{component} migrations: {exc.diag.message_primary or exc}",
+                f"add the columns to the existing {MEMORY_SCHEMA} tables (see "
+                f"replicator/sql/memory/), or set memory_triggers = false") from None
         except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn) as exc:
             raise ReplicatorError(
                 ErrorKind.CONFIG,
                 f"the {component} migrations do not fit the mirror tables: "
                 f"{exc.diag.message_primary or exc}",
                 f"the views need the six Odoo 17 tables under their own names in schema "
-                f"{dst.schema} (publication and [mappings])") from None
+                f"{dst.schema} (publication and [mappings])" if component == "mirror" else
+                f"the invoice trigger needs {dst.schema}.account_move with Odoo 17's "
+                f"columns and {MEMORY_SCHEMA} as in replicator/sql/memory/") from None
         for v in ran:
             res.add(f"{component}: migration {v:03d}")
 

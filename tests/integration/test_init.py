@@ -34,6 +34,7 @@ from plugins.replicator import (
 )
 
 from replicator import failpoints
+from replicator.devtools.odoo import TABLE_NAMES, TABLES, create_table_statement
 from replicator.devtools.seed import seed
 
 MIRROR = "odoo_mirror"
@@ -438,6 +439,27 @@ def test_trigger_created_while_the_initial_copy_runs_skips_copied_rows(
     assert owned_dest.scalar("select count(*) from odoo_mirror.account_move") == \
         counts["account_move"]
     assert _chunks(owned_dest) == []
+
+
+@DEST_ONLY
+def test_an_existing_ipai_memory_without_the_trigger_columns_is_refused(
+        tmp_path, source_db, owned_dest, pgbouncer):
+    with source_db.connect() as conn:
+        for table in TABLES:
+            conn.execute(create_table_statement(table))
+        conn.execute(f"create publication {PUBLICATION} for table {', '.join(TABLE_NAMES)}")
+    with owned_dest.connect() as conn:
+        conn.execute(f"create schema ipai_memory authorization {OWNER}")
+        conn.execute("create table ipai_memory.chunks (id int, body text)")
+        conn.execute(f"alter table ipai_memory.chunks owner to {OWNER}")
+    config = _config(tmp_path, source_db, owned_dest, pgbouncer, memory_triggers=True)
+    proc = _init(config)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    line, = proc.stderr.strip().splitlines()
+    assert "ipai_memory lacks the column(s)" in line and "chunks.session_id" in line
+    assert "memory_triggers = false" in line
+    assert owned_dest.scalar("select count(*) from pg_trigger where tgname = "
+                             "'invoice_to_memory'") == 0
 
 
 @DEST_ONLY

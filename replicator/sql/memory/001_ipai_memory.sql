@@ -25,6 +25,25 @@ create table if not exists ipai_memory.chunks (
     metadata jsonb not null default '{{}}'
 );
 
+-- An ipai_memory made before (the deployment's own ipai_memory_schema.sql) must
+-- take what the trigger writes: found out now, not by a failing batch later.
+do $$
+declare
+    missing text;
+begin
+    select string_agg(format('%s.%s', t, c), ', ') into missing
+    from (values ('sessions', 'id'), ('sessions', 'agent_id'), ('sessions', 'started_at'),
+                 ('chunks', 'session_id'), ('chunks', 'topic'), ('chunks', 'content'),
+                 ('chunks', 'importance')) need(t, c)
+    where not exists (select 1 from information_schema.columns i
+                      where i.table_schema = 'ipai_memory' and i.table_name = need.t
+                        and i.column_name = need.c);
+    if missing is not null then
+        raise exception 'ipai_memory lacks the column(s) the invoice trigger uses: %', missing;
+    end if;
+end;
+$$;
+
 create index if not exists chunks_session_id_created_at_idx
     on ipai_memory.chunks (session_id, created_at);
 
@@ -61,3 +80,4 @@ $$;
 create or replace trigger invoice_to_memory
 after insert on {mirror}.account_move
 for each row execute function {mirror}.on_invoice_insert();
+
