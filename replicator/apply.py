@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
-from . import deadline, failpoints, state
+from . import access, deadline, failpoints, state
 from .batch import AlterTable, Batch, Rows, SpilledRows, SyncDone, SyncStart, TableRows, Truncate
 from .deadline import BatchLimits, timed_out
 from .errors import ErrorKind, ReplicatorError
@@ -610,7 +610,7 @@ class Applier:
     """Owns the destination connection; applies batches one transaction each."""
 
     def __init__(self, conninfo: str, state_schema: str, slot: str, on_error: str = "stop",
-                 limits: BatchLimits | None = None):
+                 limits: BatchLimits | None = None, readers: tuple[str, ...] = ()):
         assert on_error in ON_ERROR, on_error
         self._conninfo = conninfo
         self.state_schema = state_schema
@@ -623,6 +623,11 @@ class Applier:
         # Set while a batch runs again after a rejected change: each table's MERGE then
         # runs under a savepoint, and a failing one is bisected.
         self._careful = False
+        # [destination] analytics_roles: the policy of every mirror table it creates.
+        self.readers = readers
+        # Set once <state>.commit_times exists (the pipeline sets up its component):
+        # each batch then records its commit time for the tables it changed.
+        self.commit_times = False
         self.conn: psycopg.Connection | None = None
         self._statements: dict[tuple[str, str], sql.SQL] = {}
         # Mirror tables being copied while the stream runs: their changes are
@@ -693,6 +698,7 @@ class Applier:
         else:
             for stmt in create_mirror_sql(t):
                 conn.execute(stmt)
+            access.secure_table(conn, t.dest_schema, t.dest_name, self.readers)
             log.info("created mirror table", extra={"table": t.qualname})
             if origins:
                 state.record_column_attnums(
@@ -766,6 +772,15 @@ class Applier:
                         self._hold(cur, op.table)
                     elif isinstance(op, SyncDone):
                         self._unhold(cur, op, batch.end_lsn, res)
+                if self.commit_times and batch.last_commit_ts:
+                    changed = sorted({tr.table.source.qualname for tr in batch.table_rows()
+                                      if tr.table.qualname not in self.holding}
+                                     | {t.source.qualname for op in batch.ops
+                                        if isinstance(op, Truncate) for t in op.tables
+                                        if t.qualname not in self.holding})
+                    if changed:
+                        state.record_commit_times(cur, self.state_schema, self.slot, changed,
+                                                  batch.last_commit_ts)
                 if syncs_done:
                     failpoints.hit(failpoints.SYNC_DONE_BEFORE_COMMIT)
                 if batch.txns:
@@ -796,6 +811,8 @@ class Applier:
         res.seconds = time.monotonic() - started
         if self._lettered is not None:
             self._lettered |= res.lettered
+        if res.rows:
+            failpoints.hit(failpoints.BATCH_COMMITTED)
         if syncs_done:
             failpoints.hit(failpoints.SYNC_DONE_COMMITTED)
         for op in batch.ops:

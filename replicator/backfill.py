@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import pq, sql
 
-from . import failpoints, state
+from . import access, failpoints, state
 from ._pipe import Pipe
 from .apply import ensure_mirror_columns
 from .catalog import secondary_indexes, table_size
@@ -134,7 +134,8 @@ class Backfill:
         cfg = self.config
         dst = cfg.destination
         with psycopg.connect(cfg.source.conninfo(), autocommit=True) as catalog, \
-                psycopg.connect(dst.conninfo(), autocommit=True) as dest:
+                psycopg.connect(dst.conninfo(), autocommit=True,
+                                prepare_threshold=None) as dest:
             exporter = ReplicationConnection(cfg.source.conninfo(replication="database"))
             exporter.connect()
             try:
@@ -144,6 +145,7 @@ class Backfill:
                     "(SNAPSHOT 'export')")
                 sync_lsn, snapshot = parse_lsn(rows[0][1]), rows[0][2]
                 self._plan(catalog, dest, sync_lsn)
+                failpoints.hit(failpoints.COPY_PLANNED)
                 log.info("initial copy started", extra={
                     "tables": [c.table.qualname for c in self.copies], "workers": self.workers,
                     "sync_lsn": format_lsn(sync_lsn)})
@@ -189,6 +191,8 @@ class Backfill:
                     # No key while loading: the primary key is built after the data.
                     for stmt in create_mirror_sql(t, with_key=False):
                         dest.execute(stmt)
+                    access.secure_table(dest, t.dest_schema, t.dest_name,
+                                        dst.analytics_roles)
                     copy.created = True
                     state.record_column_attnums(
                         dest, dst.state_schema, self.slot, t.source.qualname,
@@ -388,6 +392,10 @@ class Backfill:
         # The table is marked copied later by a synchronous commit, which
         # flushes these commits too.
         _exec(dst, "set local synchronous_commit = off", "set", ErrorKind.DESTINATION_APPLY)
+        # Triggers that know it (the invoice-to-memory one) skip copied rows:
+        # history, not news. Also when a trigger is created while a copy runs,
+        # after the copy disabled the table's user triggers (SET LOCAL: pooler safe).
+        _exec(dst, "set local replicator.phase = 'copy'", "set", ErrorKind.DESTINATION_APPLY)
         _exec(dst, into, f"copy into {t.qualname}", ErrorKind.DESTINATION_APPLY)
         _exec(src, out, f"copy from {t.source.qualname}", ErrorKind.SOURCE_CONNECT)
         pipe = Pipe(*_libpq())

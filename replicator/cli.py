@@ -1,4 +1,5 @@
-"""The ``replicator`` command: run, check, resync, status, verify, seed, demo.
+"""The ``replicator`` command: init, run, check, resync, status, verify, dead-letters, seed,
+demo.
 
 This is where errors become what an operator sees: a ReplicatorError is one line on stderr
 (``error: <what, where> — <what to do>``) and its kind's exit code; anything else is a bug and
@@ -44,6 +45,7 @@ etl-config.toml, with secrets as $VARIABLES from the environment or a .env file 
 _EPILOG = """\
 examples:
   replicator check --config etl-config.toml   validate the configuration (run this first)
+  replicator init --config etl-config.toml    set up the mirror: RLS, policy, views, grants
   replicator run --config etl-config.toml     replicate until stopped (Ctrl-C, SIGTERM)
   replicator run --until-caught-up            replicate up to the source's current position, exit
   replicator resync --table account_move      copy one table again while the rest streams
@@ -111,6 +113,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="override [logging] level for this run",
     )
     run.set_defaults(handler=_cmd_run)
+
+    init = commands.add_parser(
+        "init",
+        help="set up the mirror in Supabase: schemas, RLS and policy, views, grants, triggers",
+        description=(
+            "Create or bring up to date what the deployment doc set up by hand, from SQL\n"
+            "migrations shipped in the package (versions recorded in the state schema):\n"
+            "  - the mirror and state schemas, and the mirror tables (empty, from the source\n"
+            "    catalog: `run` copies them), so the views exist before the first copy;\n"
+            "  - row-level security on every mirror table with the policy \"Analytics access\n"
+            "    only\": FOR SELECT TO [destination] analytics_roles USING (true); SELECT for\n"
+            "    those roles, writes for the replicator's role only. Tables `run` creates later\n"
+            "    get the same;\n"
+            "  - views v_invoice_summary, v_receivables_aging, v_open_tasks,\n"
+            "    v_pending_expenses, the function get_pending_expenses() (n8n), and the\n"
+            "    freshness view <state_schema>.freshness (\"data as of\" per table);\n"
+            "  - with [destination] memory_triggers = true: the ipai_memory schema and the\n"
+            "    invoice-to-memory trigger (fires once per streamed insert, never for the copy).\n"
+            "An analytics role that does not exist is created NOLOGIN if this role may create\n"
+            "roles; otherwise init stops and says so. Connects to the source (read-only) and\n"
+            "the destination. Idempotent: a second run changes nothing. Safe while `run` runs."
+        ),
+        epilog=(
+            "examples:\n"
+            "  replicator init --config etl-config.toml\n"
+            "  replicator init && replicator run      # first deployment"
+        ),
+        formatter_class=_Formatter,
+    )
+    _add_config_option(init)
+    init.set_defaults(handler=_cmd_init)
 
     check = commands.add_parser(
         "check",
@@ -394,6 +427,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         },
     )
     return int(pipeline.run(config, until_caught_up=args.until_caught_up))
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    _setup_console_logging()
+    init_module = _import("replicator.init")
+    init_module.init(config)
+    return ExitCode.OK
 
 
 def _cmd_check(args: argparse.Namespace) -> int:

@@ -301,6 +301,14 @@ def _coerce(
     from_var = bool(origins) and isinstance(value, str)
     via = f" (from {raw})" if from_var else ""
 
+    if typing.get_origin(expected) is tuple:
+        # A list of strings (analytics_roles); TOML has no tuples.
+        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ConfigError(
+            f"{where}: expected an array of strings, got {describe_value(value, secret=secret)}",
+            f'write {where.split("] ")[1]} = ["name", ...]',
+        )
     if expected is Secret:
         # Written as a string like any other; wrapped so that only conninfo() reveals it.
         if isinstance(value, Secret):

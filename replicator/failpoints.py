@@ -27,13 +27,15 @@ log = logging.getLogger(__name__)
 ENV = "REPLICATOR_FAILPOINTS"
 
 # Points used by the code (kept here so tests and readers find them in one place).
+BATCH_BEFORE_COMMIT = "apply.batch_before_commit"          # a batch of changes, not committed
+BATCH_COMMITTED = "apply.batch_committed"                  # committed, not confirmed to the source
+COPY_PLANNED = "backfill.copy_planned"                     # tables made and emptied, no row yet
 COPY_DONE_BEFORE_MARK = "backfill.copy_done_before_mark"   # rows in, state not yet written
 COPY_MARKED = "backfill.copy_marked"                       # a startup copy marked 'copied'
 STARTUP_COPIED = "startup.copied"                          # startup copy done, not yet streaming
 SYNC_DONE_BEFORE_COMMIT = "apply.sync_done_before_commit"  # merge of held rows not committed
 SYNC_DONE_COMMITTED = "apply.sync_done_committed"          # held rows merged, table streaming
 SYNC_START_COMMITTED = "apply.sync_start_committed"        # the table's changes are held
-BATCH_BEFORE_COMMIT = "apply.batch_before_commit"          # a batch's rows in, not committed
 
 
 def _parse(text: str) -> dict[str, str]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import psycopg
 
-from . import deadline, failpoints, state
+from . import access, deadline, failpoints, state
 from ._decode import Decoder
 from .apply import Applier
 from .backfill import Backfill, CopyStopped
@@ -186,7 +186,7 @@ class Pipeline:
         except psycopg.OperationalError as exc:
             raise classify_connect(exc, src.conninfo(), settings=src) from exc
         applier = Applier(dst.conninfo(), dst.state_schema, slot, dst.on_error,
-                          deadline.BatchLimits.of(dst))
+                          deadline.BatchLimits.of(dst), dst.analytics_roles)
         repl: ReplicationConnection | None = None
         applier_thread = None
         handoff = Handoff()
@@ -208,6 +208,15 @@ class Pipeline:
             except psycopg.Error as exc:
                 # Named as the destination's, so the hint says whose grant is missing.
                 raise classify(exc, settings=dst) from exc
+            state.setup_component(dest, dst.state_schema, "freshness")
+            applier.commit_times = True
+            missing = sorted(set(dst.analytics_roles)
+                             - set(access.existing_roles(dest, dst.analytics_roles)))
+            if missing:
+                log.warning("analytics roles missing: mirror tables created now get no "
+                            "policy or grant for them", extra={
+                                "roles": missing, "hint": "create them, then run "
+                                "`replicator init` (or fix [destination] analytics_roles)"})
             applied = state.applied_lsn(dest, dst.state_schema, slot)
 
             repl = ReplicationConnection(src.conninfo(replication="database"),

@@ -457,7 +457,8 @@ class Receiver:
             try:
                 self.poll_conn = deadline.connect(
                     dst.conninfo(), deadline.BatchLimits.of(dst).answer_timeout, side="destination",
-                    setting="[destination] stall_timeout", autocommit=True)
+                    setting="[destination] stall_timeout", autocommit=True,
+                    prepare_threshold=None)  # polled every few seconds through any pooler
             except psycopg.OperationalError as exc:
                 raise classify_connect(exc, dst.conninfo(), settings=dst) from exc
         return self.poll_conn

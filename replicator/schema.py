@@ -139,8 +139,12 @@ def check_replicable(table: SourceTable) -> None:
 # -- destination DDL -------------------------------------------------------
 
 
-def create_mirror_sql(t: MirrorTable, with_key: bool = True) -> list[sql.Composed]:
-    """The mirror table; without its key when an initial copy adds it after the data."""
+def create_mirror_sql(t: MirrorTable, with_key: bool = True,
+                      if_not_exists: bool = True) -> list[sql.Composed]:
+    """The mirror table; without its key when an initial copy adds it after the data.
+
+    if_not_exists=False: fail (DuplicateTable) if another session created it first.
+    """
     cols = [sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(c.mirror_type))
             for c in t.columns]
     if with_key:
@@ -148,7 +152,9 @@ def create_mirror_sql(t: MirrorTable, with_key: bool = True) -> list[sql.Compose
             sql.SQL(", ").join(map(sql.Identifier, t.source.key))))
     return [
         sql.SQL("create schema if not exists {}").format(sql.Identifier(t.dest_schema)),
-        sql.SQL("create table if not exists {} ({})").format(t.dest, sql.SQL(", ").join(cols)),
+        sql.SQL("create table {}{} ({})").format(
+            sql.SQL("if not exists " if if_not_exists else ""), t.dest,
+            sql.SQL(", ").join(cols)),
     ]
 
 

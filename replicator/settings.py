@@ -46,6 +46,8 @@ ON_ERROR = ("stop", "dead_letter")
 _SLOT_RE = re.compile(r"[a-z0-9_]{1,63}")
 # Unquoted-identifier shape: it keeps "schema.table" unambiguous and needs no quoting rules.
 _IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,62}")
+# Role names as CREATE ROLE takes them unquoted, plus the dashes some hosted roles have.
+_ROLE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_$-]{0,62}")
 
 # Field metadata: the loader sets it, it is not a key of the file / never echo its value.
 _NOT_A_KEY = {"key": False}
@@ -235,9 +237,21 @@ class DestinationSettings(ConnectionSettings):
     # A batch transaction left idle this long (its client gone behind a pooler) is ended by
     # the server, releasing its locks (SET LOCAL idle_in_transaction_session_timeout).
     idle_in_transaction_timeout: float = 60.0
+    # Who may read the mirror (`replicator init`): the row-level security policy, SELECT on
+    # the mirror tables and views, EXECUTE on its functions, the freshness view.
+    analytics_roles: tuple[str, ...] = ("superset_readonly", "service_role")
+    # `replicator init` installs ipai_memory and the invoice-to-memory trigger.
+    memory_triggers: bool = False
 
     def _validate(self) -> None:
         super()._validate()
+        if isinstance(self.analytics_roles, list):
+            object.__setattr__(self, "analytics_roles", tuple(self.analytics_roles))
+        for role in self.analytics_roles:
+            if not isinstance(role, str) or not _ROLE_RE.fullmatch(role):
+                raise ConfigError(
+                    f"[destination] analytics_roles: {role!r} is not a valid role name",
+                    'list role names as strings: analytics_roles = ["superset_readonly"]')
         _check_identifier("destination", "schema", self.schema)
         _check_identifier("destination", "state_schema", self.state_schema)
         if self.state_schema == self.schema:

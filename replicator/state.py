@@ -35,9 +35,9 @@ class Migration:
     text: str    # SQL with {state} for the schema's name (literal braces doubled)
 
 
-def migrations() -> list[Migration]:
-    """The packaged migration files, in version order."""
-    folder = importlib.resources.files("replicator").joinpath(*MIGRATIONS)
+def migrations(parts: tuple[str, ...] = MIGRATIONS) -> list[Migration]:
+    """The packaged migration files (of the state schema by default), in version order."""
+    folder = importlib.resources.files("replicator").joinpath(*parts)
     found = []
     for entry in folder.iterdir():
         m = _MIGRATION_NAME.fullmatch(entry.name)
@@ -83,6 +83,53 @@ def setup(conn: psycopg.Connection, state_schema: str,
             conn.execute(sql.SQL(mg.text).format(state=schema), prepare=False)
             conn.execute(sql.SQL("insert into {}.schema_migrations (version, name) values (%s, %s)")
                          .format(schema), [mg.version, mg.name])
+        ran.append(mg.version)
+    return ran
+
+
+# Other components' versions: replicator/sql/<component>/NNN_name.sql, numbered
+# from 001 per component and recorded in <state>.component_migrations by
+# (component, version), apart from the state schema's own schema_migrations, so
+# that neither sequence can take a number the other needs. Components: the
+# freshness table `run` writes (freshness), the mirror's views and functions
+# (mirror) and the AI memory schema and trigger (memory), the last two applied
+# by `replicator init`. Their files see {state} and the names passed as
+# identifiers ({mirror}).
+COMPONENTS = ("freshness", "mirror", "memory")
+
+
+def setup_component(conn: psycopg.Connection, state_schema: str, component: str,
+                    names: dict[str, str] | None = None,
+                    files: list[Migration] | None = None) -> list[int]:
+    """Run the component's migrations not yet recorded; returns the versions it ran now.
+
+    Each file runs in a transaction of its own that records it, under the
+    state schema's advisory lock (as setup()). The state schema must exist
+    (setup() first). names: placeholder -> identifier, for the files' text.
+    """
+    assert component in COMPONENTS, component
+    schema = sql.Identifier(state_schema)
+    idents = {k: sql.Identifier(v) for k, v in (names or {}).items()}
+    ran = []
+    with conn.transaction():
+        _lock(conn, state_schema)
+        conn.execute(sql.SQL(
+            "create table if not exists {}.component_migrations (component text not null, "
+            "version int not null, name text not null, "
+            "applied_at timestamptz not null default now(), "
+            "primary key (component, version))").format(schema))
+    for mg in migrations(("sql", component)) if files is None else files:
+        with conn.transaction():
+            _lock(conn, state_schema)
+            done = conn.execute(sql.SQL(
+                "select 1 from {}.component_migrations where component = %s and version = %s")
+                .format(schema), [component, mg.version]).fetchone()
+            if done:
+                continue
+            conn.execute(sql.SQL(mg.text).format(state=schema, **idents), prepare=False)
+            conn.execute(sql.SQL("insert into {}.component_migrations (component, version, name) "
+                                 "values (%s, %s, %s)").format(schema),
+                         [component, mg.version, mg.name])
         ran.append(mg.version)
     return ran
 
@@ -133,6 +180,20 @@ def lock_pipeline(conn: psycopg.Connection, state_schema: str, slot: str) -> int
         sql.SQL("select applied_lsn::text from {}.pipelines where slot = %s for update").format(
             sql.Identifier(state_schema)), [slot]).fetchone()
     return parse_lsn(row[0]) if row else None
+def record_commit_times(cur: psycopg.Cursor, state_schema: str, slot: str,
+                       source_tables: list[str], commit_ts: int) -> None:
+    """Inside the batch's transaction: the source commit time (microseconds since
+    2000-01-01, as pgoutput sends it) of the batch's last transaction, for the tables it
+    changed. One statement per batch: the freshness view reads it."""
+    cur.execute(
+        sql.SQL(
+            "insert into {}.commit_times as c (slot, source_table, last_commit_at) "
+            "select %s, t, timestamptz '2000-01-01 00:00:00+00' + %s * interval '1 microsecond' "
+            "from unnest(%s::text[]) t on conflict (slot, source_table) do update set "
+            "last_commit_at = greatest(c.last_commit_at, excluded.last_commit_at)"
+        ).format(sql.Identifier(state_schema)),
+        [slot, commit_ts, source_tables],
+    )
 
 
 def pipeline_row(conn: psycopg.Connection, state_schema: str,
