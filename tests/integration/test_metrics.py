@@ -93,7 +93,9 @@ def started(source_db, dest_db, **overrides):
 def test_lag_slot_and_up_metrics_move(source_db, dest_db):
     port, ctx = started(source_db, dest_db)
     with ctx:
-        wait_for(port, lambda t: metric(t, "etl_up") == 1)
+        # Streaming, not only up: a row written during the initial copy would arrive by the
+        # copy and never count as a streamed insert.
+        wait_for(port, lambda t: metric(t, "etl_up") == 1 and get(port, "/ready")[0] == 200)
         source_db.execute("insert into t values (1, 'a')")
         text = wait_for(port, lambda t: metric(
             t, "etl_records_processed_total", op="insert", table="odoo_mirror.t") == 1
