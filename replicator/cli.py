@@ -347,11 +347,15 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="see it work: throwaway servers, seeded data, live replication",
         description=(
-            "Start a throwaway source and destination PostgreSQL, seed Odoo-shaped data,\n"
-            "replicate it, make changes on the source and show them arriving in the mirror.\n"
-            "Needs no configuration and touches no existing database."
+            "Start a throwaway source and destination PostgreSQL, seed Odoo-shaped data, run\n"
+            "`init` (schemas, row-level security, views), copy the existing rows, show\n"
+            "`status`, stream Odoo-like changes while they are made, and show with `verify`\n"
+            "and a table-by-table comparison that the mirror equals the source. Prints where\n"
+            "the metrics are. Needs no configuration and touches no existing database;\n"
+            "--keep leaves the servers up with the commands to use and stop them."
         ),
-        epilog="example:\n  replicator demo --workdir /tmp/replicator-demo --scale 2",
+        epilog="examples:\n  replicator demo --workdir /tmp/replicator-demo --scale 2\n"
+               "  replicator demo --keep          # then explore the servers yourself",
         formatter_class=_Formatter,
     )
     demo.add_argument(
@@ -366,6 +370,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         metavar="N",
         help="data volume multiplier (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--keep",
+        action="store_true",
+        help="leave the servers running afterwards and print how to connect, query the "
+        "views, run the replicator against them and stop them",
+    )
+    demo.add_argument(
+        "--seconds",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="how long the Odoo-like workload writes while streaming (default: %(default)g)",
     )
     demo.set_defaults(handler=_cmd_demo)
     return parser
@@ -564,7 +581,7 @@ def _cmd_seed(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     _setup_console_logging()
     demo_module = _import("replicator.devtools.demo")
-    result = demo_module.main(args.workdir, args.scale)
+    result = demo_module.main(args.workdir, args.scale, keep=args.keep, seconds=args.seconds)
     return ExitCode.OK if result is None else int(result)
 
 

@@ -1,15 +1,18 @@
 """`replicator demo`: the whole product on throwaway local servers.
 
 Starts a source (wal_level=logical) and a destination PostgreSQL, seeds the
-source with Odoo-shaped data, writes an etl-config.toml for them, copies the
-existing rows, streams an Odoo-like workload while it runs, and shows that
-the mirror equals the source, table by table.
+source with Odoo-shaped data, writes an etl-config.toml for them, runs `init`
+(schemas, row-level security, views), copies the existing rows, shows `status`,
+streams an Odoo-like workload while it runs, and shows with `verify` and a
+table-by-table comparison that the mirror equals the source. With keep=True the
+servers stay up afterwards, and the commands to use and stop them are printed.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shlex
 import tempfile
 import threading
 import time
@@ -18,6 +21,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
+from .. import init, status, verify
 from ..config import load_config
 from ..logs import setup_logging
 from ..pipeline import Pipeline
@@ -68,7 +72,8 @@ def say(text: str = "") -> None:
     print(text, flush=True)
 
 
-def main(workdir: Path | None = None, scale: int = 1) -> int:
+def main(workdir: Path | None = None, scale: int = 1, keep: bool = False,
+         seconds: float = WORKLOAD_SECONDS) -> int:
     versions = available_versions()
     if not versions:
         say("error: no PostgreSQL server binaries found — install postgresql-15 "
@@ -81,50 +86,101 @@ def main(workdir: Path | None = None, scale: int = 1) -> int:
     base.chmod(0o755)  # the servers run as an unprivileged user when we are root
 
     say(f"== starting two PostgreSQL {version} servers under {base}")
-    with LocalCluster(version, base) as source, LocalCluster(version, base) as dest:
-        source.create_database("odoo_core")
-        say(f"   source      127.0.0.1:{source.port}/odoo_core   (wal_level=logical)")
-        say(f"   destination 127.0.0.1:{dest.port}/postgres")
-
-        say(f"== seeding Odoo-shaped data (scale {scale})")
-        counts = seed(source.dsn("odoo_core"), scale=scale, seed=42, publication=PUBLICATION)
-        say("   " + ", ".join(f"{t} {n}" for t, n in counts.items()))
-
-        config_path = base / "etl-config.toml"
-        metrics_port = free_port()
-        config_path.write_text(CONFIG.format(src_port=source.port, dst_port=dest.port,
-                                             publication=PUBLICATION, metrics_port=metrics_port))
-        # The demo servers trust local connections; the variables show where
-        # real secrets go (the environment or a .env file beside the config).
-        os.environ.setdefault("ODOO_DB_PASSWORD", "demo")
-        os.environ.setdefault("SUPABASE_DB_PASSWORD", "demo")
-        config = load_config(config_path)
-        setup_logging(LoggingSettings(level="warning", format="text"))
-        say(f"== config written to {config_path}")
-        say(f"   same as: replicator run --config {config_path}")
-
-        say("== initial copy, then streaming (metrics on "
-            f"http://127.0.0.1:{metrics_port}/metrics, health on /health)")
-        started = time.monotonic()
-        Pipeline(config, until_caught_up=True).run()
-        say(f"   existing rows copied and caught up in {time.monotonic() - started:.1f} s")
-
-        say(f"== {WORKLOAD_SECONDS} s of Odoo-like writes (invoices, postings, payments, "
-            "task edits, deletes) while the replicator streams")
-        pipeline = Pipeline(load_config(config_path))
-        runner = threading.Thread(target=pipeline.run, daemon=True)
-        runner.start()
-        done = workload(source.dsn("odoo_core"), seconds=WORKLOAD_SECONDS, seed=7)
-        say(f"   {done.get('transactions', 0)} source transactions committed")
-        pipeline.stop_requested.set()
-        runner.join()
-        Pipeline(load_config(config_path), until_caught_up=True).run()
-
-        say("== source vs mirror")
-        ok = compare(source.dsn("odoo_core"), dest.dsn("postgres"))
-        say("== the mirror equals the source" if ok else "== MISMATCH: see above")
-    say(f"== demo servers stopped and removed (workdir {base})")
+    source = LocalCluster(version, base, remove_on_exit=not keep)
+    dest = LocalCluster(version, base, remove_on_exit=not keep)
+    ok = False
+    try:
+        source.start()
+        dest.start()
+        ok = _run(base, source, dest, scale, seconds)
+    finally:
+        if not (keep and ok):
+            source.remove()
+            dest.remove()
+    if keep and ok:
+        _kept(base, source, dest)
+    else:
+        say(f"== demo servers stopped and removed (workdir {base})")
     return 0 if ok else 1
+
+
+def _run(base: Path, source: LocalCluster, dest: LocalCluster, scale: int,
+         seconds: float) -> bool:
+    source.create_database("odoo_core")
+    say(f"   source      127.0.0.1:{source.port}/odoo_core   (wal_level=logical)")
+    say(f"   destination 127.0.0.1:{dest.port}/postgres")
+
+    say(f"== seeding Odoo-shaped data (scale {scale})")
+    counts = seed(source.dsn("odoo_core"), scale=scale, seed=42, publication=PUBLICATION)
+    say("   " + ", ".join(f"{t} {n}" for t, n in counts.items()))
+
+    config_path = base / "etl-config.toml"
+    metrics_port = free_port()
+    config_path.write_text(CONFIG.format(src_port=source.port, dst_port=dest.port,
+                                         publication=PUBLICATION, metrics_port=metrics_port))
+    # The demo servers trust local connections; the variables show where
+    # real secrets go (the environment or a .env file beside the config).
+    os.environ.setdefault("ODOO_DB_PASSWORD", "demo")
+    os.environ.setdefault("SUPABASE_DB_PASSWORD", "demo")
+    config = load_config(config_path)
+    setup_logging(LoggingSettings(level="warning", format="text"))
+    say(f"== config written to {config_path}")
+
+    say(f"== replicator init --config {config_path}")
+    init.init(config, say=lambda line: say("   " + line))
+
+    say(f"== replicator run --config {config_path} --until-caught-up: the initial copy "
+        f"(metrics on http://127.0.0.1:{metrics_port}/metrics while it runs)")
+    started = time.monotonic()
+    Pipeline(config, until_caught_up=True).run()
+    say(f"   existing rows copied and caught up in {time.monotonic() - started:.1f} s")
+
+    say(f"== replicator status --config {config_path}")
+    say(_indent(status.render(status.collect(config, 300.0))))
+
+    say(f"== {seconds:g} s of Odoo-like writes (invoices, postings, payments, task edits, "
+        f"deletes) while `replicator run` streams (metrics: http://127.0.0.1:{metrics_port}"
+        "/metrics, health: /health)")
+    pipeline = Pipeline(load_config(config_path))
+    runner = threading.Thread(target=pipeline.run, daemon=True)
+    runner.start()
+    done = workload(source.dsn("odoo_core"), seconds=seconds, seed=7)
+    say(f"   {done.get('transactions', 0)} source transactions committed")
+    pipeline.stop_requested.set()
+    runner.join()
+    Pipeline(load_config(config_path), until_caught_up=True).run()
+
+    say(f"== replicator verify --config {config_path}")
+    report = verify.verify(config)
+    say(_indent(verify.render(report)))
+
+    say("== source vs mirror")
+    ok = compare(source.dsn("odoo_core"), dest.dsn("postgres")) and not report.drift
+    say("== the mirror equals the source" if ok else "== MISMATCH: see above")
+    return ok
+
+
+def _kept(base: Path, source: LocalCluster, dest: LocalCluster) -> None:
+    config = base / "etl-config.toml"
+    env = "ODOO_DB_PASSWORD=demo SUPABASE_DB_PASSWORD=demo"
+    say("== the servers keep running (--keep). To use them:")
+    say(f"   psql {shlex.quote(source.dsn('odoo_core'))}      # the source (Odoo)")
+    say(f"   psql {shlex.quote(dest.dsn('postgres'))}      # the mirror")
+    say("     select * from odoo_mirror.v_invoice_summary order by 1 limit 10;")
+    say("     select * from odoo_mirror.v_receivables_aging limit 10;")
+    say("     select * from odoo_mirror.get_pending_expenses();")
+    say("     select * from replicator.freshness;")
+    say(f"   {env} replicator run --config {config}      # stream again")
+    say(f"   {env} replicator status --config {config}")
+    say(f"   {env} replicator verify --config {config}")
+    say("   To stop them and remove their files:")
+    for cluster in (source, dest):
+        say(f"   {cluster.stop_command()}")
+    say(f"   rm -rf {base}")
+
+
+def _indent(text: str) -> str:
+    return "\n".join("   " + line for line in text.splitlines())
 
 
 def compare(source_dsn: str, dest_dsn: str) -> bool:

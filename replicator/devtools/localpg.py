@@ -390,6 +390,14 @@ class LocalCluster:
 
     # -- internals ----------------------------------------------------------
 
+    def stop_command(self) -> str:
+        """The shell command that stops this server from outside (as its OS user when root)."""
+        cmd = [str(self._server_bin() / "pg_ctl"), "-D", str(self.data_dir), "stop", "-m", "fast"]
+        user = self._user()
+        if user is not None:
+            cmd = ["runuser", "-u", user.pw_name, "--", *cmd]
+        return shlex.join(cmd)
+
     def start_standby(self) -> LocalCluster:
         """A hot standby of this (running) cluster, from pg_basebackup, on a port of its own."""
         standby = LocalCluster(self.version, self.base_dir, settings=self.settings,

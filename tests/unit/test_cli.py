@@ -320,10 +320,11 @@ def test_seed_never_prints_the_dsn_password(monkeypatch, capsys):
 
 def test_demo_passes_arguments(monkeypatch, tmp_path, capsys):
     calls = []
-    fake_module(monkeypatch, "replicator.devtools.demo", main=lambda workdir, scale: calls.append((workdir, scale)))
-    assert main(["demo", "--workdir", str(tmp_path), "--scale", "2"]) == 0
+    fake_module(monkeypatch, "replicator.devtools.demo",
+                main=lambda workdir, scale, keep, seconds: calls.append((workdir, scale, keep, seconds)))
+    assert main(["demo", "--workdir", str(tmp_path), "--scale", "2", "--keep", "--seconds", "3"]) == 0
     assert main(["demo"]) == 0
-    assert calls == [(tmp_path, 2), (None, 1)]
+    assert calls == [(tmp_path, 2, True, 3.0), (None, 1, False, 10.0)]
 
 
 # --- classify() -----------------------------------------------------------------------------

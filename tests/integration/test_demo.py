@@ -1,0 +1,62 @@
+"""`replicator demo`, README's first command, end to end: its own servers, init, the copy,
+status, streaming under the workload, verify, the comparison; with --keep, servers left up
+and the printed commands that use and stop them working as printed."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+from plugins.replicator import REPO
+
+from replicator.devtools.localpg import available_versions
+
+
+@pytest.mark.pg15
+def test_demo_keep_runs_everything_and_prints_commands_that_work():
+    if 15 not in available_versions() and os.environ.get("CI"):
+        pytest.fail("PostgreSQL 15 is not available (CI installs it: see .ci/run)")
+    # Not pytest's tmp_path: as root the servers run as a user who cannot enter it.
+    base = Path(f"/tmp/odoo-replicator-demo-test-{os.getpid()}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "replicator", "demo", "--keep", "--seconds", "2",
+             "--workdir", str(base)],
+            capture_output=True, text=True, timeout=240, cwd=REPO, env=env)
+        out = proc.stdout
+        assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
+        for step in ("== replicator init", "change(s) in", "== replicator status",
+                     "streaming", "== replicator verify", "no drift",
+                     "== the mirror equals the source", "/metrics"):
+            assert step in out, f"{step!r} missing from the demo's output:\n{out[-4000:]}"
+        assert "Traceback" not in out + proc.stderr
+
+        dsns = re.findall(r"^   psql ('[^']*'|\S+)", out, re.M)
+        assert len(dsns) == 2, out[-2000:]
+        source_dsn, mirror_dsn = (shlex.split(d)[0] for d in dsns)
+        # The servers are still up, and the mirror answers the queries the demo prints.
+        with psycopg.connect(mirror_dsn) as conn:
+            for query in re.findall(r"^     (select .*;)$", out, re.M):
+                conn.execute(query).fetchall()
+            assert conn.execute("select count(*) from odoo_mirror.account_move").fetchone()[0] > 0
+        with psycopg.connect(source_dsn) as conn:
+            assert conn.execute("select count(*) from account_move").fetchone()[0] > 0
+
+        stops = out.split("To stop them and remove their files:", 1)[1].strip().splitlines()
+        for line in stops:
+            subprocess.run(line.strip(), shell=True, check=True, timeout=60,
+                           capture_output=True)
+        for dsn in (source_dsn, mirror_dsn):
+            with pytest.raises(psycopg.OperationalError):
+                psycopg.connect(dsn, connect_timeout=3).close()
+        assert not base.exists()
+    finally:
+        subprocess.run(["pkill", "-f", "--", f"-D {base}"], check=False, capture_output=True)
+        subprocess.run(["rm", "-rf", str(base)], check=False)
