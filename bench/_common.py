@@ -10,14 +10,23 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import psycopg  # noqa: E402
+from psycopg import sql  # noqa: E402
+
+from replicator.devtools.localpg import DURABLE_SETTINGS, LocalCluster  # noqa: E402
 
 
 def say(msg: str) -> None:
@@ -162,3 +171,113 @@ class CpuMeter:
         wall = max(1e-6, t1 - t0) * (os.cpu_count() or 1)
         foreign = max(0.0, ((busy1 - busy0) - sum(out.values())) / wall)
         return {"cpu_s": out, "foreign_cpu": foreign}
+
+
+class Servers:
+    """A throwaway PostgreSQL source and destination with production durability.
+
+    Under a mode-755 directory in /tmp (as root the servers run as an unprivileged
+    user who must reach it). fsync, full_page_writes and synchronous_commit are on:
+    what users run, and the commit path is part of what is timed.
+    """
+
+    def __init__(self, version: int, keep: bool, base: Path | None) -> None:
+        if base is None:
+            base = Path(tempfile.mkdtemp(prefix="odoo-replicator-bench-", dir="/tmp"))
+        base.mkdir(mode=0o755, parents=True, exist_ok=True)
+        base.chmod(0o755)
+        self.version = version
+        self.base = base
+        self.keep = keep
+        self.settings = DURABLE_SETTINGS
+        self.src = LocalCluster(version, base, settings=DURABLE_SETTINGS)
+        self.dst = LocalCluster(version, base, settings=DURABLE_SETTINGS)
+        self.meter = CpuMeter({})
+
+    def start(self) -> None:
+        say(f"starting PostgreSQL {self.version} source and destination under {self.base}")
+        self.src.start()
+        self.dst.start()
+        self.meter = CpuMeter({"source": self.src.pid, "destination": self.dst.pid})
+
+    def close(self) -> None:
+        if self.keep:
+            say(f"--keep: clusters left running under {self.base}: source port "
+                f"{self.src.port}, destination port {self.dst.port}")
+            return
+        self.src.remove()
+        self.dst.remove()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    def versions(self) -> dict[str, str]:
+        out = {}
+        for name, c in (("source", self.src), ("destination", self.dst)):
+            with c.connect() as conn:
+                out[name] = conn.execute("show server_version").fetchone()[0]
+        return out
+
+    def durability(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.settings.items())
+
+
+def table_digest(conn: Any, schema: str, table: str) -> tuple[int, str]:
+    """(rows, md5 of every row's text in id order): equal digests, equal tables."""
+    q = sql.SQL("select count(*), coalesce(md5(string_agg(t::text, '|' order by id)), '') "
+                "from {} t").format(sql.Identifier(schema, table))
+    return conn.execute(q).fetchone()
+
+
+SUBSCRIPTION_STREAMING = {"f": "off", "false": "off", "t": "on", "true": "on", "p": "parallel"}
+
+
+def subscribe_native(dest: LocalCluster, dbname: str, source_dsn: str, publication: str,
+                     name: str, tables: int, timeout: float) -> dict[str, Any]:
+    """CREATE SUBSCRIPTION (copy_data, streaming = off pinned), until every table is 'r'.
+
+    Returns what the server says the subscription uses: streaming and binary.
+    """
+    with dest.connect(dbname) as conn:
+        conn.execute(sql.SQL(
+            "create subscription {} connection {} publication {} "
+            "with (copy_data = true, streaming = off)").format(
+            sql.Identifier(name), sql.Literal(source_dsn), sql.Identifier(publication)))
+        deadline = time.monotonic() + timeout
+        while conn.execute("select count(*) filter (where srsubstate <> 'r') + "
+                           "(count(*) < %s)::int from pg_subscription_rel",
+                           [tables]).fetchone()[0]:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the native subscription did not sync its tables in "
+                                 f"{timeout:g} s")
+            time.sleep(0.05)
+        substream, subbinary = conn.execute(
+            "select substream::text, subbinary from pg_subscription where subname = %s",
+            [name]).fetchone()
+    return {"streaming": SUBSCRIPTION_STREAMING.get(substream, substream),
+            "binary": bool(subbinary)}
+
+
+def drop_subscription(dest: LocalCluster, dbname: str, name: str) -> None:
+    with dest.connect(dbname) as conn:
+        conn.execute(sql.SQL("drop subscription {}").format(sql.Identifier(name)))
+
+
+def wait_for_row(dest: LocalCluster, dbname: str, schema: str, table: str, row_id: int,
+                 poll_s: float, timeout: float, check=None) -> float:
+    """Poll until the row is visible at the destination: when it was first seen.
+
+    `check` runs between polls (a child process that died ends the wait).
+    """
+    q = sql.SQL("select 1 from {} where id = %s").format(sql.Identifier(schema, table))
+    deadline = time.monotonic() + timeout
+    with dest.connect(dbname) as conn:
+        while True:
+            try:
+                if conn.execute(q, [row_id]).fetchone():
+                    return time.monotonic()
+            except psycopg.errors.UndefinedTable:
+                pass       # the replicator has not created the mirror table yet
+            if check is not None:
+                check()
+            if time.monotonic() > deadline:
+                raise SystemExit(f"row {row_id} not in {schema}.{table} after {timeout:g} s")
+            time.sleep(poll_s)

@@ -37,10 +37,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -50,20 +48,23 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
 import psycopg  # noqa: E402
 from _common import (  # noqa: E402
-    CpuMeter,
+    Servers,
     clean_env,
+    drop_subscription,
     load_avg,
     machine_info,
     median,
     median_cpu,
     replicator_commit,
     say,
+    subscribe_native,
+    table_digest,
+    wait_for_row,
 )
 from _replicator import ReplicatorChild  # noqa: E402
 from psycopg import sql  # noqa: E402
 
 from replicator.devtools import odoo, seed  # noqa: E402
-from replicator.devtools.localpg import DURABLE_SETTINGS, LocalCluster  # noqa: E402
 from replicator.settings import DestinationSettings  # noqa: E402
 from replicator.source import protocol_for  # noqa: E402
 
@@ -90,49 +91,17 @@ MARKER_DDL = (f"create table {MARKER} (id int primary key, "
 LINE_COLUMNS = [c for c in odoo.column_names(TABLE) if c != "id"]
 
 
-class Bench:
+class Bench(Servers):
     def __init__(self, rows: int, base_scale: float, keep: bool, base: Path | None,
                  poll_s: float, timeout: float) -> None:
+        super().__init__(PG_VERSION, keep, base)
         self.rows = rows
         self.base_scale = base_scale
-        self.keep = keep
         self.poll_s = poll_s
         self.timeout = timeout
-        if base is None:
-            base = Path(tempfile.mkdtemp(prefix="odoo-replicator-bench-", dir="/tmp"))
-        base.mkdir(mode=0o755, parents=True, exist_ok=True)
-        base.chmod(0o755)
-        self.base = base
-        self.src = LocalCluster(PG_VERSION, base, settings=DURABLE_SETTINGS)
-        self.dst = LocalCluster(PG_VERSION, base, settings=DURABLE_SETTINGS)
-        self.meter = CpuMeter({})
         self.seeded_rows = 0
         self.recvlogical = str(self.src.bin_dir / "pg_recvlogical")
         self.run_no = 0
-
-    # -- lifecycle
-
-    def start(self) -> None:
-        say(f"starting PostgreSQL {PG_VERSION} source and destination under {self.base}")
-        self.src.start()
-        self.dst.start()
-        self.meter = CpuMeter({"source": self.src.pid, "destination": self.dst.pid})
-
-    def close(self) -> None:
-        if self.keep:
-            say(f"--keep: clusters left running under {self.base}: source "
-                f"{self.src.dsn(SRC_DB)}, destination {self.dst.dsn(DST_DB)}")
-            return
-        self.src.remove()
-        self.dst.remove()
-        shutil.rmtree(self.base, ignore_errors=True)
-
-    def versions(self) -> dict[str, str]:
-        out = {}
-        for name, c in (("source", self.src), ("destination", self.dst)):
-            with c.connect() as conn:
-                out[name] = conn.execute("show server_version").fetchone()[0]
-        return out
 
     def seed(self) -> None:
         say(f"seeding the source template: scale {self.base_scale:g}")
@@ -196,29 +165,13 @@ class Bench:
         return {"insert_s": round(t1 - t0, 3), "update_s": round(t2 - t1, 3)}
 
     def wait_marker(self, schema: str, marker_id: int, check=None) -> float:
-        """Poll the destination until the marker is there: when it was first seen."""
-        q = sql.SQL("select 1 from {} where id = %s").format(sql.Identifier(schema, MARKER))
-        deadline = time.monotonic() + self.timeout
-        with self.dst.connect(DST_DB) as conn:
-            while True:
-                try:
-                    if conn.execute(q, [marker_id]).fetchone():
-                        return time.monotonic()
-                except psycopg.errors.UndefinedTable:
-                    pass       # the replicator has not created the mirror yet
-                if check is not None:
-                    check()
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"marker {marker_id} not in {schema}.{MARKER} after "
-                                     f"{self.timeout:g} s")
-                time.sleep(self.poll_s)
+        return wait_for_row(self.dst, DST_DB, schema, MARKER, marker_id, self.poll_s,
+                            self.timeout, check)
 
     def check_mirror(self, schema: str, way: str) -> None:
         """The destination's journal items equal the source's, row for row."""
-        q = sql.SQL("select count(*), md5(string_agg(t::text, '|' order by id)) from {} t")
         with self.src.connect(SRC_DB) as s, self.dst.connect(DST_DB) as d:
-            want = s.execute(q.format(sql.Identifier("public", TABLE))).fetchone()
-            got = d.execute(q.format(sql.Identifier(schema, TABLE))).fetchone()
+            want, got = table_digest(s, "public", TABLE), table_digest(d, schema, TABLE)
         if want != got:
             raise SystemExit(f"{way}: the destination's {TABLE} differs from the source's "
                              f"({got[0]:,} rows against {want[0]:,})")
@@ -227,30 +180,14 @@ class Bench:
 
     def run_native(self) -> dict[str, Any]:
         self.fresh(native=True)
-        with self.dst.connect(DST_DB) as conn:
-            conn.execute(sql.SQL(
-                "create subscription {} connection {} publication {} "
-                "with (copy_data = true, streaming = off)").format(
-                sql.Identifier(SUBSCRIPTION), sql.Literal(self.src.dsn(SRC_DB)),
-                sql.Identifier(PUBLICATION)))
-            deadline = time.monotonic() + self.timeout
-            while conn.execute("select count(*) filter (where srsubstate <> 'r') + "
-                               "(count(*) < 2)::int from pg_subscription_rel").fetchone()[0]:
-                if time.monotonic() > deadline:
-                    raise SystemExit("the native subscription did not sync its tables")
-                time.sleep(0.05)
-            substream, subbinary = conn.execute(
-                "select substream::text, subbinary from pg_subscription where subname = %s",
-                [SUBSCRIPTION]).fetchone()
+        sub = subscribe_native(self.dst, DST_DB, self.src.dsn(SRC_DB), PUBLICATION,
+                               SUBSCRIPTION, 2, self.timeout)
         self.insert_marker(0)
         self.wait_marker("public", 0)
         res = self.timed_close("public")
-        with self.dst.connect(DST_DB) as conn:
-            conn.execute(sql.SQL("drop subscription {}").format(sql.Identifier(SUBSCRIPTION)))
+        drop_subscription(self.dst, DST_DB, SUBSCRIPTION)
         self.check_mirror("public", WAY_NATIVE)
-        streaming = {"f": "off", "false": "off", "t": "on", "true": "on",
-                     "p": "parallel"}.get(substream, substream)
-        return {**res, "streaming": streaming, "binary": bool(subbinary)}
+        return {**res, **sub}
 
     def timed_close(self, schema: str, child: ReplicatorChild | None = None) -> dict[str, Any]:
         snap = self.meter.snapshot()
@@ -395,8 +332,7 @@ def print_table(report: dict[str, Any], out=sys.stderr) -> None:
     p(f"machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['memory_gb']} GB RAM, "
       f"kernel {m['kernel']}, Python {m['python']}", file=out)
     p(f"PostgreSQL: source {report['postgres']['source']}, destination "
-      f"{report['postgres']['destination']} ("
-      + ", ".join(f"{k}={v}" for k, v in DURABLE_SETTINGS.items()) + ")", file=out)
+      f"{report['postgres']['destination']} ({report['durability']})", file=out)
     p(f"load average: {m['load_avg']} at start, {report['load_avg_end']} at end; other "
       f"processes used at most {report['foreign_cpu_max']:.0%} of the CPUs during a timed run",
       file=out)
@@ -494,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
             "replicator_commit": replicator_commit(),
             "machine": machine,
             "postgres": versions,
+            "durability": bench.durability(),
             "load_avg_end": load_avg(),
             "foreign_cpu_max": max(e["foreign_cpu_max"] for e in ways.values()),
             "repeat": args.repeat,
