@@ -187,7 +187,7 @@ class Bench(Servers):
         res = self.timed_close("public")
         drop_subscription(self.dst, DST_DB, SUBSCRIPTION)
         self.check_mirror("public", WAY_NATIVE)
-        return {**res, **sub}
+        return {**res, **sub, "mirror_equal": True}
 
     def timed_close(self, schema: str, child: ReplicatorChild | None = None) -> dict[str, Any]:
         snap = self.meter.snapshot()
@@ -218,7 +218,7 @@ class Bench(Servers):
         if code != 0:
             raise SystemExit(f"{WAY_LIVE}: the replicator exited {code} on SIGTERM")
         self.check_mirror(MIRROR, WAY_LIVE)
-        return res
+        return {**res, "mirror_equal": True}
 
     def run_cold(self) -> dict[str, Any]:
         """The replicator from a cold start, then the floor on the same WAL."""
@@ -245,7 +245,8 @@ class Bench(Servers):
         if code != 0:
             raise SystemExit(f"{WAY_COLD}: the replicator exited {code} on SIGTERM")
         self.check_mirror(MIRROR, WAY_COLD)
-        cold = {"seconds": seen - child.started, **close, **cpu, "peak_rss_mib": round(peak, 1)}
+        cold = {"seconds": seen - child.started, **close, **cpu, "peak_rss_mib": round(peak, 1),
+                "mirror_equal": True}
         # Second, so that if reading WAL the replicator just read is any cheaper, the
         # floor gets that advantage, not the replicator.
         return {"cold": cold, "floor": self.run_floor(lsn, protocol_for(server_version))}
@@ -294,7 +295,7 @@ def summarize(samples: dict[str, list[dict]]) -> dict[str, Any]:
             entry["source_update_s"] = median([r["update_s"] for r in runs])
         if "peak_rss_mib" in runs[0]:
             entry["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
-        for key in ("streaming", "binary", "options"):
+        for key in ("streaming", "binary", "options", "mirror_equal"):
             if key in runs[0]:
                 entry[key] = runs[0][key]
         ways[way] = entry
