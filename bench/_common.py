@@ -23,7 +23,6 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import psycopg  # noqa: E402
 from psycopg import sql  # noqa: E402
 
 from replicator.devtools.localpg import DURABLE_SETTINGS, LocalCluster  # noqa: E402
@@ -226,58 +225,3 @@ def table_digest(conn: Any, schema: str, table: str) -> tuple[int, str]:
                 "from {} t").format(sql.Identifier(schema, table))
     return conn.execute(q).fetchone()
 
-
-SUBSCRIPTION_STREAMING = {"f": "off", "false": "off", "t": "on", "true": "on", "p": "parallel"}
-
-
-def subscribe_native(dest: LocalCluster, dbname: str, source_dsn: str, publication: str,
-                     name: str, tables: int, timeout: float) -> dict[str, Any]:
-    """CREATE SUBSCRIPTION (copy_data, streaming = off pinned), until every table is 'r'.
-
-    Returns what the server says the subscription uses: streaming and binary.
-    """
-    with dest.connect(dbname) as conn:
-        conn.execute(sql.SQL(
-            "create subscription {} connection {} publication {} "
-            "with (copy_data = true, streaming = off)").format(
-            sql.Identifier(name), sql.Literal(source_dsn), sql.Identifier(publication)))
-        deadline = time.monotonic() + timeout
-        while conn.execute("select count(*) filter (where srsubstate <> 'r') + "
-                           "(count(*) < %s)::int from pg_subscription_rel",
-                           [tables]).fetchone()[0]:
-            if time.monotonic() > deadline:
-                raise SystemExit(f"the native subscription did not sync its tables in "
-                                 f"{timeout:g} s")
-            time.sleep(0.05)
-        substream, subbinary = conn.execute(
-            "select substream::text, subbinary from pg_subscription where subname = %s",
-            [name]).fetchone()
-    return {"streaming": SUBSCRIPTION_STREAMING.get(substream, substream),
-            "binary": bool(subbinary)}
-
-
-def drop_subscription(dest: LocalCluster, dbname: str, name: str) -> None:
-    with dest.connect(dbname) as conn:
-        conn.execute(sql.SQL("drop subscription {}").format(sql.Identifier(name)))
-
-
-def wait_for_row(dest: LocalCluster, dbname: str, schema: str, table: str, row_id: int,
-                 poll_s: float, timeout: float, check=None) -> float:
-    """Poll until the row is visible at the destination: when it was first seen.
-
-    `check` runs between polls (a child process that died ends the wait).
-    """
-    q = sql.SQL("select 1 from {} where id = %s").format(sql.Identifier(schema, table))
-    deadline = time.monotonic() + timeout
-    with dest.connect(dbname) as conn:
-        while True:
-            try:
-                if conn.execute(q, [row_id]).fetchone():
-                    return time.monotonic()
-            except psycopg.errors.UndefinedTable:
-                pass       # the replicator has not created the mirror table yet
-            if check is not None:
-                check()
-            if time.monotonic() > deadline:
-                raise SystemExit(f"row {row_id} not in {schema}.{table} after {timeout:g} s")
-            time.sleep(poll_s)

@@ -46,39 +46,23 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
-import psycopg  # noqa: E402
-from _common import (  # noqa: E402
-    Servers,
-    clean_env,
-    drop_subscription,
-    load_avg,
-    machine_info,
-    median,
-    median_cpu,
-    replicator_commit,
-    say,
-    subscribe_native,
-    table_digest,
-    wait_for_row,
+from _cdc import (  # noqa: E402
+    MIRROR,
+    PUBLICATION,
+    SRC_DB,
+    CdcBench,
+    print_header,
+    report_base,
 )
+from _common import clean_env, machine_info, median, median_cpu, say  # noqa: E402
 from _replicator import ReplicatorChild  # noqa: E402
 from psycopg import sql  # noqa: E402
 
-from replicator.devtools import odoo, seed  # noqa: E402
-from replicator.settings import DestinationSettings  # noqa: E402
+from replicator.devtools import odoo  # noqa: E402
 from replicator.source import protocol_for  # noqa: E402
 
-PG_VERSION = 15
 TABLE = "account_move_line"
-MARKER = "bench_marker"
-PUBLICATION = "bench_pub"
-SLOT = "bench_slot"
 FLOOR_SLOT = "bench_floor"
-SUBSCRIPTION = "bench_sub"
-TEMPLATE_DB = "bench_seeded"
-SRC_DB = "bench_src"
-DST_DB = "bench_dst"
-MIRROR = "odoo_mirror"
 
 WAY_NATIVE = "native subscription, live"
 WAY_LIVE = "replicator, live"
@@ -86,62 +70,18 @@ WAY_COLD = "replicator, cold"
 WAY_FLOOR = "pg_recvlogical (floor for cold)"
 WAYS = {"native": WAY_NATIVE, "live": WAY_LIVE, "cold": WAY_COLD}
 
-MARKER_DDL = (f"create table {MARKER} (id int primary key, "
-              "at timestamptz not null default clock_timestamp())")
 LINE_COLUMNS = [c for c in odoo.column_names(TABLE) if c != "id"]
 
 
-class Bench(Servers):
-    def __init__(self, rows: int, base_scale: float, keep: bool, base: Path | None,
-                 poll_s: float, timeout: float) -> None:
-        super().__init__(PG_VERSION, keep, base)
+class Bench(CdcBench):
+    def __init__(self, rows: int, keep: bool, base: Path | None, poll_s: float,
+                 timeout: float) -> None:
+        super().__init__(keep, base, timeout, (TABLE,))
         self.rows = rows
-        self.base_scale = base_scale
         self.poll_s = poll_s
-        self.timeout = timeout
-        self.seeded_rows = 0
         self.recvlogical = str(self.src.bin_dir / "pg_recvlogical")
-        self.run_no = 0
 
-    def seed(self) -> None:
-        say(f"seeding the source template: scale {self.base_scale:g}")
-        self.src.create_database(TEMPLATE_DB)
-        dsn = self.src.dsn(TEMPLATE_DB)
-        seed.seed(dsn, scale=self.base_scale, seed=42, publication=None)
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(MARKER_DDL)
-            conn.execute(sql.SQL("create publication {} for table {}, {}").format(
-                sql.Identifier(PUBLICATION), sql.Identifier("public", TABLE),
-                sql.Identifier("public", MARKER)))
-            conn.execute("vacuum analyze")
-            self.seeded_rows = conn.execute(
-                sql.SQL("select count(*) from {}").format(sql.Identifier(TABLE))).fetchone()[0]
-        say(f"seeded: {self.seeded_rows:,} {TABLE} rows")
-
-    def fresh(self, native: bool) -> None:
-        """A new source database from the seeded template, and an empty destination."""
-        self.src.drop_database(SRC_DB)
-        self.src.create_database(SRC_DB, template=TEMPLATE_DB)
-        self.dst.drop_database(DST_DB)
-        self.dst.create_database(DST_DB)
-        if native:
-            with self.dst.connect(DST_DB) as conn:
-                conn.execute(odoo.create_table_statement(TABLE, "public"))
-                conn.execute(MARKER_DDL)
-        for c in (self.src, self.dst):
-            with c.connect() as conn:
-                conn.execute("checkpoint")
-
-    # -- the close and the marker
-
-    def insert_marker(self, marker_id: int) -> tuple[float, str]:
-        """Commit a marker row: when the commit returned, and the WAL position after it."""
-        with self.src.connect(SRC_DB) as conn:
-            conn.execute(sql.SQL("insert into {} (id) values (%s)").format(
-                sql.Identifier(MARKER)), [marker_id])
-            committed = time.monotonic()
-            lsn = conn.execute("select pg_current_wal_lsn()::text").fetchone()[0]
-        return committed, lsn
+    # -- the close
 
     def close_month(self) -> dict[str, Any]:
         """The insert and the update transactions; their seconds on the source."""
@@ -149,7 +89,7 @@ class Bench(Servers):
         t = sql.Identifier("public", TABLE)
         with self.src.connect(SRC_DB) as conn:
             first = conn.execute(sql.SQL("select max(id) from {}").format(t)).fetchone()[0]
-            copies = -(-self.rows // max(1, self.seeded_rows))
+            copies = -(-self.rows // max(1, self.seeded[TABLE]))
             t0 = time.monotonic()
             n = conn.execute(sql.SQL(
                 "insert into {t} ({cols}) select {cols} from {t} "
@@ -164,28 +104,15 @@ class Bench(Servers):
             raise RuntimeError(f"the close inserted {n} and updated {m} rows, not {self.rows}")
         return {"insert_s": round(t1 - t0, 3), "update_s": round(t2 - t1, 3)}
 
-    def wait_marker(self, schema: str, marker_id: int, check=None) -> float:
-        return wait_for_row(self.dst, DST_DB, schema, MARKER, marker_id, self.poll_s,
-                            self.timeout, check)
-
-    def check_mirror(self, schema: str, way: str) -> None:
-        """The destination's journal items equal the source's, row for row."""
-        with self.src.connect(SRC_DB) as s, self.dst.connect(DST_DB) as d:
-            want, got = table_digest(s, "public", TABLE), table_digest(d, schema, TABLE)
-        if want != got:
-            raise SystemExit(f"{way}: the destination's {TABLE} differs from the source's "
-                             f"({got[0]:,} rows against {want[0]:,})")
-
     # -- the ways
 
     def run_native(self) -> dict[str, Any]:
         self.fresh(native=True)
-        sub = subscribe_native(self.dst, DST_DB, self.src.dsn(SRC_DB), PUBLICATION,
-                               SUBSCRIPTION, 2, self.timeout)
+        sub = self.subscribe_native()
         self.insert_marker(0)
-        self.wait_marker("public", 0)
+        self.wait_marker("public", 0, self.poll_s)
         res = self.timed_close("public")
-        drop_subscription(self.dst, DST_DB, SUBSCRIPTION)
+        self.drop_subscription()
         self.check_mirror("public", WAY_NATIVE)
         return {**res, **sub, "mirror_equal": True}
 
@@ -193,14 +120,9 @@ class Bench(Servers):
         snap = self.meter.snapshot()
         close = self.close_month()
         committed, _lsn = self.insert_marker(1)
-        seen = self.wait_marker(schema, 1, child.check_alive if child else None)
+        seen = self.wait_marker(schema, 1, self.poll_s, child.check_alive if child else None)
         cpu = self.meter.since(snap, settle=False)
         return {"seconds": seen - committed, **close, **cpu}
-
-    def child(self) -> ReplicatorChild:
-        self.run_no += 1
-        return ReplicatorChild(self.base / f"replicator-{self.run_no}", self.src, SRC_DB,
-                               self.dst, DST_DB, PUBLICATION, SLOT)
 
     def run_live(self) -> dict[str, Any]:
         self.fresh(native=False)
@@ -208,7 +130,7 @@ class Bench(Servers):
         child.start()
         try:
             self.insert_marker(0)
-            self.wait_marker(MIRROR, 0, child.check_alive)
+            self.wait_marker(MIRROR, 0, self.poll_s, child.check_alive)
             self.meter.watch("replicator", child.pid)
             res = self.timed_close(MIRROR, child)
             res["peak_rss_mib"] = round(child.peak_rss_mib(), 1)
@@ -236,7 +158,7 @@ class Bench(Servers):
         child.start()
         self.meter.watch("replicator", child.pid)
         try:
-            seen = self.wait_marker(MIRROR, 1, child.check_alive)
+            seen = self.wait_marker(MIRROR, 1, self.poll_s, child.check_alive)
             cpu = self.meter.since(snap, settle=False)
             peak = child.peak_rss_mib()
         finally:
@@ -328,18 +250,8 @@ def targets(ways: dict[str, Any]) -> list[str]:
 
 
 def print_table(report: dict[str, Any], out=sys.stderr) -> None:
-    m = report["machine"]
     p = print
-    p(f"machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['memory_gb']} GB RAM, "
-      f"kernel {m['kernel']}, Python {m['python']}", file=out)
-    p(f"PostgreSQL: source {report['postgres']['source']}, destination "
-      f"{report['postgres']['destination']} ({report['durability']})", file=out)
-    p(f"load average: {m['load_avg']} at start, {report['load_avg_end']} at end; other "
-      f"processes used at most {report['foreign_cpu_max']:.0%} of the CPUs during a timed run",
-      file=out)
-    p(f"replicator commit: {report['replicator_commit']}; destination batch_size "
-      f"{report['replicator_settings']['batch_size']}, flush_interval "
-      f"{report['replicator_settings']['flush_interval']} s (defaults)", file=out)
+    print_header(report, out)
     c = report["close"]
     p(f"close: {c['rows']:,}-row insert txn + {c['rows']:,}-row update txn on {TABLE} "
       f"(seeded with {c['seeded_rows']:,}) + a marker row; median of {report['repeat']} run(s)",
@@ -404,12 +316,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
     machine = machine_info()
-    bench = Bench(args.rows, args.base_scale, args.keep, args.base_dir, args.poll_ms / 1000,
-                  args.timeout)
+    bench = Bench(args.rows, args.keep, args.base_dir, args.poll_ms / 1000, args.timeout)
     try:
         bench.start()
         versions = bench.versions()
-        bench.seed()
+        bench.seed(args.base_scale)
         samples: dict[str, list[dict]] = {w: [] for w in
                                           (WAY_NATIVE, WAY_LIVE, WAY_COLD, WAY_FLOOR)}
         for i in range(args.repeat):
@@ -426,19 +337,11 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"  {res['seconds']:.2f} s (other processes used "
                     f"{res['foreign_cpu']:.0%} of the CPUs)")
         ways = summarize(samples)
-        dest_defaults = DestinationSettings.__dataclass_fields__
         report = {
-            "replicator_commit": replicator_commit(),
-            "machine": machine,
-            "postgres": versions,
-            "durability": bench.durability(),
-            "load_avg_end": load_avg(),
-            "foreign_cpu_max": max(e["foreign_cpu_max"] for e in ways.values()),
+            **report_base(bench, machine, versions, ways),
             "repeat": args.repeat,
             "close": {"table": f"public.{TABLE}", "rows": args.rows,
-                      "seeded_rows": bench.seeded_rows},
-            "replicator_settings": {k: dest_defaults[k].default
-                                    for k in ("batch_size", "flush_interval", "max_memory_mb")},
+                      "seeded_rows": bench.seeded[TABLE]},
             "ways": ways,
             "targets": targets(ways),
         }

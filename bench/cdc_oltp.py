@@ -45,41 +45,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
 import psycopg  # noqa: E402
-from _common import (  # noqa: E402
-    Servers,
-    clean_env,
-    drop_subscription,
-    load_avg,
-    machine_info,
-    replicator_commit,
-    say,
-    subscribe_native,
-    table_digest,
-    wait_for_row,
+from _cdc import (  # noqa: E402
+    DST_DB,
+    MARKER,
+    MIRROR,
+    SRC_DB,
+    TEMPLATE_DB,
+    CdcBench,
+    print_header,
+    report_base,
 )
-from _replicator import ReplicatorChild  # noqa: E402
+from _common import clean_env, machine_info, say  # noqa: E402
 from psycopg import sql  # noqa: E402
 
-from replicator.devtools import odoo, seed  # noqa: E402
-from replicator.settings import DestinationSettings  # noqa: E402
+from replicator.devtools import odoo  # noqa: E402
 
-PG_VERSION = 15
-MARKER = "bench_marker"
-PUBLICATION = "bench_pub"
-SLOT = "bench_slot"
-SUBSCRIPTION = "bench_sub"
-TEMPLATE_DB = "bench_seeded"
-SRC_DB = "bench_src"
-DST_DB = "bench_dst"
-MIRROR = "odoo_mirror"
 MARKER_EVERY_S = 0.1
-TABLES = (*odoo.TABLE_NAMES, MARKER)
 
 WAY_NATIVE = "native subscription"
 WAY_OURS = "replicator"
-
-MARKER_DDL = (f"create table {MARKER} (id int primary key, "
-              "at timestamptz not null default clock_timestamp())")
 
 NOW = "(now() at time zone 'utc')"
 # Columns of the copies that are not the template's: a new draft entry, new log times.
@@ -195,49 +179,25 @@ class Markers:
                 for k, c in sorted(self.committed.items())]
 
 
-class Bench(Servers):
+class Bench(CdcBench):
     def __init__(self, args: argparse.Namespace) -> None:
-        super().__init__(PG_VERSION, args.keep, args.base_dir)
+        super().__init__(args.keep, args.base_dir, args.timeout, odoo.TABLE_NAMES)
         self.args = args
         self.pgbench = str(self.src.bin_dir / "pgbench")
         self.script = self.base / "odoo_invoice.sql"
-        self.counts: dict[str, int] = {}
+        self.max_ids: dict[str, int] = {}
 
-    def seed(self) -> None:
-        say(f"seeding the source template: scale {self.args.scale:g}")
-        self.src.create_database(TEMPLATE_DB)
-        dsn = self.src.dsn(TEMPLATE_DB)
-        self.counts = seed.seed(dsn, scale=self.args.scale, seed=42, publication=None)
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(MARKER_DDL)
-            conn.execute(sql.SQL("create publication {} for table {}").format(
-                sql.Identifier(PUBLICATION),
-                sql.SQL(", ").join(sql.Identifier("public", t) for t in TABLES)))
-            conn.execute("vacuum analyze")
+    def seed(self, scale: float) -> None:
+        super().seed(scale)
+        with self.src.connect(TEMPLATE_DB) as conn:
             self.max_ids = {t: conn.execute(sql.SQL("select max(id) from {}").format(
                 sql.Identifier(t))).fetchone()[0] for t in ("account_move", "res_partner")}
         self.script.write_text(pgbench_script())
-        say("seeded: " + ", ".join(f"{t} {n:,}" for t, n in self.counts.items()))
 
-    def fresh(self, native: bool) -> None:
-        self.src.drop_database(SRC_DB)
-        self.src.create_database(SRC_DB, template=TEMPLATE_DB)
-        self.dst.drop_database(DST_DB)
-        self.dst.create_database(DST_DB)
-        if native:
-            with self.dst.connect(DST_DB) as conn:
-                for t in odoo.TABLE_NAMES:
-                    conn.execute(odoo.create_table_statement(t, "public"))
-                conn.execute(MARKER_DDL)
-        for c in (self.src, self.dst):
-            with c.connect() as conn:
-                conn.execute("checkpoint")
-
-    def wait_for_marker_zero(self, schema: str, check=None) -> None:
+    def wait_streaming(self, schema: str, check=None) -> None:
         """A marker before the load, seen at the destination: the way is streaming."""
-        with self.src.connect(SRC_DB) as conn:
-            conn.execute(sql.SQL("insert into {} (id) values (0)").format(sql.Identifier(MARKER)))
-        wait_for_row(self.dst, DST_DB, schema, MARKER, 0, 0.05, self.args.timeout, check)
+        self.insert_marker(0)
+        self.wait_marker(schema, 0, 0.05, check)
 
     def load(self, schema: str, check=None) -> dict[str, Any]:
         """pgbench for --seconds with the markers going; lag samples, tps, CPU."""
@@ -273,31 +233,21 @@ class Bench(Servers):
                            "p99": percentile(values, 99), "max": max(values)},
                 "samples": lags, **cpu}
 
-    def check_mirror(self, schema: str, way: str) -> None:
-        with self.src.connect(SRC_DB) as s, self.dst.connect(DST_DB) as d:
-            for t in TABLES:
-                want, got = table_digest(s, "public", t), table_digest(d, schema, t)
-                if want != got:
-                    raise SystemExit(f"{way}: {schema}.{t} differs from the source "
-                                     f"({got[0]:,} rows against {want[0]:,})")
-
     def run_native(self) -> dict[str, Any]:
         self.fresh(native=True)
-        sub = subscribe_native(self.dst, DST_DB, self.src.dsn(SRC_DB), PUBLICATION,
-                               SUBSCRIPTION, len(TABLES), self.args.timeout)
-        self.wait_for_marker_zero("public")
+        sub = self.subscribe_native()
+        self.wait_streaming("public")
         res = self.load("public")
-        drop_subscription(self.dst, DST_DB, SUBSCRIPTION)
+        self.drop_subscription()
         self.check_mirror("public", WAY_NATIVE)
         return {**res, **sub, "mirror_equal": True}
 
     def run_ours(self) -> dict[str, Any]:
         self.fresh(native=False)
-        child = ReplicatorChild(self.base / "replicator", self.src, SRC_DB, self.dst, DST_DB,
-                                PUBLICATION, SLOT)
+        child = self.child()
         child.start()
         try:
-            self.wait_for_marker_zero(MIRROR, child.check_alive)
+            self.wait_streaming(MIRROR, child.check_alive)
             self.meter.watch("replicator", child.pid)
             res = self.load(MIRROR, child.check_alive)
             res["peak_rss_mib"] = round(child.peak_rss_mib(), 1)
@@ -311,18 +261,8 @@ class Bench(Servers):
 
 
 def print_table(report: dict[str, Any], out=sys.stderr) -> None:
-    m = report["machine"]
     p = print
-    p(f"machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['memory_gb']} GB RAM, "
-      f"kernel {m['kernel']}, Python {m['python']}", file=out)
-    p(f"PostgreSQL: source {report['postgres']['source']}, destination "
-      f"{report['postgres']['destination']} ({report['durability']})", file=out)
-    p(f"load average: {m['load_avg']} at start, {report['load_avg_end']} at end; other "
-      f"processes used at most {report['foreign_cpu_max']:.0%} of the CPUs during a run",
-      file=out)
-    s = report["replicator_settings"]
-    p(f"replicator commit: {report['replicator_commit']}; destination batch_size "
-      f"{s['batch_size']}, flush_interval {s['flush_interval']} s (defaults)", file=out)
+    print_header(report, out)
     lo = report["load"]
     p(f"load: pgbench, {lo['clients']} clients, {lo['seconds']} s, no rate limit, Odoo "
       f"invoice script; a marker every {MARKER_EVERY_S * 1000:.0f} ms, destination polled "
@@ -398,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bench.start()
         versions = bench.versions()
-        bench.seed()
+        bench.seed(args.scale)
         ways: dict[str, Any] = {}
         # Native first, then ours (the brief's order), each on fresh databases.
         for key in ("native", "ours"):
@@ -419,19 +359,10 @@ def main(argv: list[str] | None = None) -> int:
                 for way, e in ways.items():
                     w.writerows((t, lag, way) for t, lag in e["samples"])
             say(f"wrote {args.csv}")
-        dest_defaults = DestinationSettings.__dataclass_fields__
         report = {
-            "replicator_commit": replicator_commit(),
-            "machine": machine,
-            "postgres": versions,
-            "durability": bench.durability(),
-            "load_avg_end": load_avg(),
-            "foreign_cpu_max": max(e["foreign_cpu"] for e in ways.values()),
-            "seeded": bench.counts,
+            **report_base(bench, machine, versions, ways),
             "load": {"clients": args.clients, "seconds": args.seconds, "poll_ms": args.poll_ms,
                      "marker_every_ms": MARKER_EVERY_S * 1000, "script": pgbench_script()},
-            "replicator_settings": {k: dest_defaults[k].default
-                                    for k in ("batch_size", "flush_interval", "max_memory_mb")},
             "ways": {w: {k: v for k, v in e.items() if k != "samples"} for w, e in ways.items()},
             "targets": targets(ways),
         }
