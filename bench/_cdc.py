@@ -45,7 +45,7 @@ class CdcBench(Servers):
 
     def __init__(self, keep: bool, base: Path | None, timeout: float,
                  tables: tuple[str, ...]) -> None:
-        super().__init__(PG_VERSION, keep, base)
+        super().__init__(PG_VERSION, keep, base, dbnames=(SRC_DB, DST_DB))
         self.timeout = timeout
         self.odoo_tables = tables           # published, with the marker table
         self.tables = (*tables, MARKER)

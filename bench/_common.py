@@ -180,7 +180,8 @@ class Servers:
     what users run, and the commit path is part of what is timed.
     """
 
-    def __init__(self, version: int, keep: bool, base: Path | None) -> None:
+    def __init__(self, version: int, keep: bool, base: Path | None,
+                 dbnames: tuple[str, str] = ("postgres", "postgres")) -> None:
         if base is None:
             base = Path(tempfile.mkdtemp(prefix="odoo-replicator-bench-", dir="/tmp"))
         base.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -188,6 +189,7 @@ class Servers:
         self.version = version
         self.base = base
         self.keep = keep
+        self.dbnames = dbnames          # what --keep prints the DSNs of
         self.settings = DURABLE_SETTINGS
         self.src = LocalCluster(version, base, settings=DURABLE_SETTINGS)
         self.dst = LocalCluster(version, base, settings=DURABLE_SETTINGS)
@@ -201,8 +203,13 @@ class Servers:
 
     def close(self) -> None:
         if self.keep:
-            say(f"--keep: clusters left running under {self.base}: source port "
-                f"{self.src.port}, destination port {self.dst.port}")
+            say(f"--keep: clusters left running under {self.base}")
+            say(f"  source:      {self.src.dsn(self.dbnames[0])}")
+            say(f"  destination: {self.dst.dsn(self.dbnames[1])}")
+            prefix = f"runuser -u {self.src.os_user} -- " if self.src.os_user else ""
+            for c in (self.src, self.dst):
+                say(f"  stop: {prefix}{c.bin_dir}/pg_ctl stop -D {c.data_dir}")
+            say(f"  then: rm -rf {self.base}")
             return
         self.src.remove()
         self.dst.remove()

@@ -50,7 +50,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -66,14 +65,14 @@ from psycopg import sql  # noqa: E402
 from replicator import backfill as backfill_mod  # noqa: E402
 from replicator import state  # noqa: E402
 from replicator.devtools import odoo, seed  # noqa: E402
-from replicator.devtools.localpg import DURABLE_SETTINGS, LocalCluster  # noqa: E402
+from replicator.devtools.localpg import DURABLE_SETTINGS  # noqa: E402
 from replicator.pipeline import Pipeline  # noqa: E402
 from replicator.schema import MirrorTable, read_table  # noqa: E402
 from replicator.settings import Config  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    CpuMeter,
+    Servers,
     machine_info,
     median,
     median_cpu,
@@ -218,24 +217,14 @@ def pipeline_phases(timer: PhaseTimer, t_start: float, t_end: float) -> dict[str
 # -- the benchmark ----------------------------------------------------------
 
 
-class Bench:
+class Bench(Servers):
     def __init__(self, rows: int, keep: bool, base: Path | None = None) -> None:
+        super().__init__(PG_VERSION, keep, base, dbnames=(SRC_DB, DST_DB))
         self.requested_rows = rows
-        self.keep = keep
-        if base is None:
-            base = Path(tempfile.mkdtemp(prefix="odoo-replicator-bench-", dir="/tmp"))
-        base.mkdir(mode=0o755, parents=True, exist_ok=True)
-        base.chmod(0o755)
-        self.base = base
-        # Production durability on both sides (fsync, full_page_writes,
-        # synchronous_commit): what users run, and the commit path is timed.
-        self.src = LocalCluster(PG_VERSION, base, settings=DURABLE_SETTINGS)
-        self.dst = LocalCluster(PG_VERSION, base, settings=DURABLE_SETTINGS)
         self.rows = 0
         self.table_mb = 0.0
         self.pages = 0
         self.psql = self._find_psql()
-        self.meter: CpuMeter | None = None
 
     @property
     def src_dsn(self) -> str:
@@ -253,35 +242,6 @@ class Bench:
         if not found:
             raise SystemExit("psql not found: apt-get install postgresql-client-15")
         return found
-
-    # -- lifecycle
-
-    def start(self) -> None:
-        say(f"starting PostgreSQL {PG_VERSION} source and destination under {self.base}")
-        self.src.start()
-        self.dst.start()
-        self.meter = CpuMeter({"source": self.src.pid, "destination": self.dst.pid})
-
-    def close(self) -> None:
-        if self.keep:
-            say(f"--keep: clusters left running under {self.base}")
-            say(f"  source:      {self.src_dsn}")
-            say(f"  destination: {self.dst_dsn}")
-            prefix = f"runuser -u {self.src.os_user} -- " if self.src.os_user else ""
-            for c in (self.src, self.dst):
-                say(f"  stop: {prefix}{c.bin_dir}/pg_ctl stop -D {c.data_dir}")
-            say(f"  then: rm -rf {self.base}")
-            return
-        self.src.remove()
-        self.dst.remove()
-        shutil.rmtree(self.base, ignore_errors=True)
-
-    def versions(self) -> dict[str, str]:
-        out = {}
-        for name, c in (("source", self.src), ("destination", self.dst)):
-            with c.connect() as conn:
-                out[name] = conn.execute("show server_version").fetchone()[0]
-        return out
 
     def seed(self) -> None:
         scale = self.requested_rows / LINES_PER_SCALE
