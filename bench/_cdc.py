@@ -37,6 +37,8 @@ MIRROR = "odoo_mirror"
 
 MARKER_DDL = (f"create table {MARKER} (id int primary key, "
               "at timestamptz not null default clock_timestamp())")
+# The values CREATE SUBSCRIPTION's streaming takes on PostgreSQL 15 (16 adds parallel).
+NATIVE_STREAMING = ("off", "on")
 SUBSCRIPTION_STREAMING = {"f": "off", "false": "off", "t": "on", "true": "on", "p": "parallel"}
 
 
@@ -51,6 +53,7 @@ class CdcBench(Servers):
         self.tables = (*tables, MARKER)
         self.seeded: dict[str, int] = {}
         self.run_no = 0
+        self.native_streaming = "off"       # --native-streaming
 
     def seed(self, scale: float) -> None:
         """The six Odoo tables and the marker table in a template database, published."""
@@ -121,17 +124,19 @@ class CdcBench(Servers):
                     raise SystemExit(f"{way}: {schema}.{t} differs from the source "
                                      f"({got[0]:,} rows against {want[0]:,})")
 
-    def subscribe_native(self) -> dict[str, Any]:
-        """CREATE SUBSCRIPTION (copy_data, streaming = off pinned) until every table is 'r'.
+    def subscribe_native(self, streaming: str) -> dict[str, Any]:
+        """CREATE SUBSCRIPTION (copy_data, `streaming` pinned) until every table is 'r'.
 
         Returns what the server says the subscription uses: streaming and binary.
         """
+        if streaming not in NATIVE_STREAMING:
+            raise ValueError(f"streaming = {streaming!r}")
         with self.dst.connect(DST_DB) as conn:
             conn.execute(sql.SQL(
                 "create subscription {} connection {} publication {} "
-                "with (copy_data = true, streaming = off)").format(
+                "with (copy_data = true, streaming = {})").format(
                 sql.Identifier(SUBSCRIPTION), sql.Literal(self.src.dsn(SRC_DB)),
-                sql.Identifier(PUBLICATION)))
+                sql.Identifier(PUBLICATION), sql.SQL(streaming)))
             deadline = time.monotonic() + self.timeout
             while conn.execute("select count(*) filter (where srsubstate <> 'r') + "
                                "(count(*) < %s)::int from pg_subscription_rel",

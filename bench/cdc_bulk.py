@@ -14,7 +14,8 @@ and what is timed is when the marker becomes visible in the mirror. Each way sta
 from a fresh copy of the seeded source database and an empty destination:
 
 - native subscription, live: `CREATE SUBSCRIPTION ... WITH (copy_data = true,
-  streaming = off)` (pinned; the value the server reports is printed), synced and
+  streaming = off)` (or `--native-streaming on`; pinned, and the value the server
+  reports is printed), synced and
   streaming before the close; timed from the marker's commit to its visibility;
 - replicator, live: `python -m replicator run` (a child process), backfilled and
   streaming before the close; timed from the marker's commit to its visibility;
@@ -48,6 +49,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
 from _cdc import (  # noqa: E402
     MIRROR,
+    NATIVE_STREAMING,
     PUBLICATION,
     SRC_DB,
     CdcBench,
@@ -108,7 +110,7 @@ class Bench(CdcBench):
 
     def run_native(self) -> dict[str, Any]:
         self.fresh(native=True)
-        sub = self.subscribe_native()
+        sub = self.subscribe_native(self.native_streaming)
         self.insert_marker(0)
         self.wait_marker("public", 0, self.poll_s)
         res = self.timed_close("public")
@@ -301,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--poll-ms", type=float, default=5.0,
                     help="how often the destination is polled for the marker")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds a way may take")
+    ap.add_argument("--native-streaming", choices=NATIVE_STREAMING, default="off",
+                    help="the native subscription's streaming setting (pinned, printed)")
     ap.add_argument("--json", action="store_true",
                     help="print the report as JSON on stdout (the table is always on stderr)")
     ap.add_argument("--keep", action="store_true", help="keep the clusters running at the end")
@@ -317,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
 
     machine = machine_info()
     bench = Bench(args.rows, args.keep, args.base_dir, args.poll_ms / 1000, args.timeout)
+    bench.native_streaming = args.native_streaming
     try:
         bench.start()
         versions = bench.versions()

@@ -16,7 +16,7 @@ synced and streaming first, and then for `--seconds`:
   each marker appears: lag = seen - commit returned (one clock: both in this process).
 
 Ways, one after the other in the same run: native subscription first (`copy_data =
-true, streaming = off`, pinned and printed), then the replicator (`python -m replicator
+true, streaming = off`, or `--native-streaming on`: pinned and printed), then the replicator (`python -m replicator
 run` as a child process, its peak resident memory read from /proc at the end). After
 each way the destination is compared with the source, table by table.
 
@@ -49,6 +49,7 @@ from _cdc import (  # noqa: E402
     DST_DB,
     MARKER,
     MIRROR,
+    NATIVE_STREAMING,
     SRC_DB,
     TEMPLATE_DB,
     CdcBench,
@@ -235,7 +236,7 @@ class Bench(CdcBench):
 
     def run_native(self) -> dict[str, Any]:
         self.fresh(native=True)
-        sub = self.subscribe_native()
+        sub = self.subscribe_native(self.native_streaming)
         self.wait_streaming("public")
         res = self.load("public")
         self.drop_subscription()
@@ -320,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="write every marker as t,lag_ms,way (t: seconds since the load began)")
     ap.add_argument("--timeout", type=float, default=600,
                     help="seconds to wait for a way to start streaming or to catch up")
+    ap.add_argument("--native-streaming", choices=NATIVE_STREAMING, default="off",
+                    help="the native subscription's streaming setting (pinned, printed)")
     ap.add_argument("--json", action="store_true",
                     help="print the report as JSON on stdout (the table is always on stderr)")
     ap.add_argument("--keep", action="store_true", help="keep the clusters running at the end")
@@ -335,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
 
     machine = machine_info()
     bench = Bench(args)
+    bench.native_streaming = args.native_streaming
     try:
         bench.start()
         versions = bench.versions()
