@@ -54,6 +54,10 @@ class CdcBench(Servers):
         self.seeded: dict[str, int] = {}
         self.run_no = 0
         self.native_streaming = "off"       # --native-streaming
+        # --no-indexes: primary keys only on both destinations. By default both get the
+        # source's secondary indexes (the replicator's copy_indexes = true), so that the
+        # native subscription maintains the same indexes as the replicator's mirror.
+        self.copy_indexes = True
 
     def seed(self, scale: float) -> None:
         """The six Odoo tables and the marker table in a template database, published."""
@@ -77,10 +81,20 @@ class CdcBench(Servers):
         self.dst.drop_database(DST_DB)
         self.dst.create_database(DST_DB)
         if native:
+            with self.src.connect(SRC_DB) as conn:
+                indexes = conn.execute(
+                    "select pg_get_indexdef(i.indexrelid) from pg_index i "
+                    "join pg_class c on c.oid = i.indrelid "
+                    "join pg_namespace n on n.oid = c.relnamespace "
+                    "where n.nspname = 'public' and c.relname = any(%s) "
+                    "and not i.indisprimary", [list(self.odoo_tables)]).fetchall()
             with self.dst.connect(DST_DB) as conn:
                 for t in self.odoo_tables:
                     conn.execute(odoo.create_table_statement(t, "public"))
                 conn.execute(MARKER_DDL)
+                if self.copy_indexes:
+                    for (definition,) in indexes:
+                        conn.execute(definition)
         for c in (self.src, self.dst):
             with c.connect() as conn:
                 conn.execute("checkpoint")
@@ -159,7 +173,14 @@ class CdcBench(Servers):
         """A config for `replicator run` against this way's databases (its own directory)."""
         self.run_no += 1
         return ReplicatorChild(self.base / f"replicator-{self.run_no}", self.src, SRC_DB,
-                               self.dst, DST_DB, PUBLICATION, SLOT)
+                               self.dst, DST_DB, PUBLICATION, SLOT, self.copy_indexes)
+
+    def destination_indexes(self, schema: str) -> int:
+        """Indexes on this way's destination tables (both ways must have the same)."""
+        with self.dst.connect(DST_DB) as conn:
+            return conn.execute("select count(*) from pg_indexes where schemaname = %s "
+                                "and tablename = any(%s)",
+                                [schema, list(self.tables)]).fetchone()[0]
 
 
 def report_base(bench: CdcBench, machine: dict[str, Any], versions: dict[str, str],
@@ -175,6 +196,7 @@ def report_base(bench: CdcBench, machine: dict[str, Any], versions: dict[str, st
         "foreign_cpu_max": max(e.get("foreign_cpu_max", e.get("foreign_cpu", 0.0))
                                for e in ways.values()),
         "seeded": bench.seeded,
+        "destination_indexes": "the source's" if bench.copy_indexes else "primary keys only",
         "replicator_settings": {k: defaults[k].default
                                 for k in ("batch_size", "flush_interval", "max_memory_mb")},
     }
@@ -192,6 +214,9 @@ def print_header(report: dict[str, Any], out) -> None:
         f"processes used at most {report['foreign_cpu_max']:.0%} of the CPUs during a run",
         f"replicator commit: {report['replicator_commit']}; destination batch_size "
         f"{s['batch_size']}, flush_interval {s['flush_interval']} s (defaults)",
+        f"destination tables: {report['destination_indexes']} indexes on both ways "
+        "(replicator copy_indexes = " + ("true" if report["destination_indexes"] ==
+                                          "the source's" else "false") + ")",
     ]
     for line in lines:
         print(line, file=out)

@@ -36,6 +36,7 @@ port = {dst_port}
 database = "{dst_db}"
 user = "postgres"
 password = "bench"
+copy_indexes = {copy_indexes}
 
 [logging]
 level = "warning"
@@ -61,7 +62,7 @@ class ReplicatorChild:
     """One config file, any number of `replicator run` processes started from it in turn."""
 
     def __init__(self, workdir: Path, source: LocalCluster, src_db: str, dest: LocalCluster,
-                 dst_db: str, publication: str, slot: str) -> None:
+                 dst_db: str, publication: str, slot: str, copy_indexes: bool = True) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         self.metrics_port = free_port()
@@ -69,7 +70,8 @@ class ReplicatorChild:
         self.config = workdir / "etl-config.toml"
         self.config.write_text(CONFIG.format(
             src_port=source.port, src_db=src_db, dst_port=dest.port, dst_db=dst_db,
-            publication=publication, slot=slot, log=self.log, metrics_port=self.metrics_port))
+            publication=publication, slot=slot, log=self.log, metrics_port=self.metrics_port,
+            copy_indexes="true" if copy_indexes else "false"))
         self.proc: subprocess.Popen | None = None
         self.started = 0.0
 

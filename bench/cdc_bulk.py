@@ -11,7 +11,9 @@ close is three transactions on the source, one after the other:
 3. insert one marker row;
 
 and what is timed is when the marker becomes visible in the mirror. Each way starts
-from a fresh copy of the seeded source database and an empty destination:
+from a fresh copy of the seeded source database and an empty destination, whose tables
+get the source's secondary indexes on both ways (the replicator's copy_indexes = true;
+`--no-indexes`: primary keys only on both):
 
 - native subscription, live: `CREATE SUBSCRIPTION ... WITH (copy_data = true,
   streaming = off)` (or `--native-streaming on`; pinned, and the value the server
@@ -116,7 +118,8 @@ class Bench(CdcBench):
         res = self.timed_close("public")
         self.drop_subscription()
         self.check_mirror("public", WAY_NATIVE)
-        return {**res, **sub, "mirror_equal": True}
+        return {**res, **sub, "mirror_equal": True,
+                "destination_indexes": self.destination_indexes("public")}
 
     def timed_close(self, schema: str, child: ReplicatorChild | None = None) -> dict[str, Any]:
         snap = self.meter.snapshot()
@@ -142,7 +145,8 @@ class Bench(CdcBench):
         if code != 0:
             raise SystemExit(f"{WAY_LIVE}: the replicator exited {code} on SIGTERM")
         self.check_mirror(MIRROR, WAY_LIVE)
-        return {**res, "mirror_equal": True}
+        return {**res, "mirror_equal": True,
+                "destination_indexes": self.destination_indexes(MIRROR)}
 
     def run_cold(self) -> dict[str, Any]:
         """The replicator from a cold start, then the floor on the same WAL."""
@@ -170,7 +174,7 @@ class Bench(CdcBench):
             raise SystemExit(f"{WAY_COLD}: the replicator exited {code} on SIGTERM")
         self.check_mirror(MIRROR, WAY_COLD)
         cold = {"seconds": seen - child.started, **close, **cpu, "peak_rss_mib": round(peak, 1),
-                "mirror_equal": True}
+                "mirror_equal": True, "destination_indexes": self.destination_indexes(MIRROR)}
         # Second, so that if reading WAL the replicator just read is any cheaper, the
         # floor gets that advantage, not the replicator.
         return {"cold": cold, "floor": self.run_floor(lsn, protocol_for(server_version))}
@@ -219,7 +223,7 @@ def summarize(samples: dict[str, list[dict]]) -> dict[str, Any]:
             entry["source_update_s"] = median([r["update_s"] for r in runs])
         if "peak_rss_mib" in runs[0]:
             entry["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
-        for key in ("streaming", "binary", "options", "mirror_equal"):
+        for key in ("streaming", "binary", "options", "mirror_equal", "destination_indexes"):
             if key in runs[0]:
                 entry[key] = runs[0][key]
         ways[way] = entry
@@ -303,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--poll-ms", type=float, default=5.0,
                     help="how often the destination is polled for the marker")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds a way may take")
+    ap.add_argument("--no-indexes", action="store_true",
+                    help="primary keys only on both destinations (replicator copy_indexes = "
+                         "false); by default both get the source's secondary indexes")
     ap.add_argument("--native-streaming", choices=NATIVE_STREAMING, default="off",
                     help="the native subscription's streaming setting (pinned, printed)")
     ap.add_argument("--json", action="store_true",
@@ -322,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info()
     bench = Bench(args.rows, args.keep, args.base_dir, args.poll_ms / 1000, args.timeout)
     bench.native_streaming = args.native_streaming
+    bench.copy_indexes = not args.no_indexes
     try:
         bench.start()
         versions = bench.versions()

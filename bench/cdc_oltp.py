@@ -4,7 +4,8 @@
 On one pair of throwaway PostgreSQL 15 servers with production durability (fsync,
 full_page_writes, synchronous_commit on), the source has the six Odoo tables (seeded
 with replicator.devtools.seed) and `bench_marker (id, at)`, all published. Each way
-starts from a fresh copy of the seeded source database and an empty destination, is
+starts from a fresh copy of the seeded source database and an empty destination (the
+source's secondary indexes on both ways' tables; `--no-indexes`: primary keys only), is
 synced and streaming first, and then for `--seconds`:
 
 - pgbench runs `--clients` clients at the source's top rate (no rate limit) with a
@@ -241,7 +242,8 @@ class Bench(CdcBench):
         res = self.load("public")
         self.drop_subscription()
         self.check_mirror("public", WAY_NATIVE)
-        return {**res, **sub, "mirror_equal": True}
+        return {**res, **sub, "mirror_equal": True,
+                "destination_indexes": self.destination_indexes("public")}
 
     def run_ours(self) -> dict[str, Any]:
         self.fresh(native=False)
@@ -258,7 +260,8 @@ class Bench(CdcBench):
         if code != 0:
             raise SystemExit(f"{WAY_OURS}: the replicator exited {code} on SIGTERM")
         self.check_mirror(MIRROR, WAY_OURS)
-        return {**res, "mirror_equal": True}
+        return {**res, "mirror_equal": True,
+                "destination_indexes": self.destination_indexes(MIRROR)}
 
 
 def print_table(report: dict[str, Any], out=sys.stderr) -> None:
@@ -321,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="write every marker as t,lag_ms,way (t: seconds since the load began)")
     ap.add_argument("--timeout", type=float, default=600,
                     help="seconds to wait for a way to start streaming or to catch up")
+    ap.add_argument("--no-indexes", action="store_true",
+                    help="primary keys only on both destinations (replicator copy_indexes = "
+                         "false); by default both get the source's secondary indexes")
     ap.add_argument("--native-streaming", choices=NATIVE_STREAMING, default="off",
                     help="the native subscription's streaming setting (pinned, printed)")
     ap.add_argument("--json", action="store_true",
@@ -339,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info()
     bench = Bench(args)
     bench.native_streaming = args.native_streaming
+    bench.copy_indexes = not args.no_indexes
     try:
         bench.start()
         versions = bench.versions()

@@ -112,6 +112,10 @@ def test_cdc_bulk_bench_smoke():
         assert set(e["cpu_s"]) >= {"bench", "source", "destination"}, way
     for way in ("native subscription, live", "replicator, live", "replicator, cold"):
         assert ways[way]["mirror_equal"] is True, way
+    # the same indexes to maintain on every destination: the source's, not just the keys
+    indexes = {ways[w]["destination_indexes"] for w in
+               ("native subscription, live", "replicator, live", "replicator, cold")}
+    assert len(indexes) == 1 and indexes.pop() > 2
     assert ways["native subscription, live"]["streaming"] == "off"
     assert ways["replicator, live"]["speedup_vs_native"] > 0
     assert ways["replicator, cold"]["vs_floor"] > 0
@@ -130,12 +134,12 @@ def test_cdc_bulk_bench_smoke():
 def test_cdc_oltp_bench_smoke(tmp_path):
     """bench/cdc_oltp.py for 2 s a way: lag percentiles, tps, the CSV of every marker, and
     mirrors equal to the source after pgbench's Odoo invoices; the native subscription with
-    the other streaming value, which the report must show."""
+    the other streaming value and primary keys only on both sides, as the report shows."""
     base = Path(f"/tmp/odoo-replicator-oltp-smoke-{os.getpid()}")
     lag_csv = tmp_path / "lag.csv"
     try:
         proc = _bench("cdc_oltp.py", "--seconds", "2", "--scale", "0.1", "--json",
-                      "--csv", str(lag_csv), "--native-streaming", "on", "--base-dir", str(base))
+                      "--csv", str(lag_csv), "--native-streaming", "on", "--no-indexes", "--base-dir", str(base))
     finally:
         subprocess.run(["rm", "-rf", str(base)], check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -148,6 +152,9 @@ def test_cdc_oltp_bench_smoke(tmp_path):
         assert e["markers"] >= 10 and e["tps"] > 0 and e["transactions"] > 0, way
         assert e["mirror_equal"] is True, way
     assert ways["native subscription"]["streaming"] == "on"
+    # --no-indexes: the seven primary keys, on both destinations
+    assert [e["destination_indexes"] for e in ways.values()] == [7, 7]
+    assert report["destination_indexes"] == "primary keys only"
     assert ways["replicator"]["tps_vs_native"] > 0
     assert 10 < ways["replicator"]["peak_rss_mib"] < 4096
     assert report["load"]["clients"] == 4
