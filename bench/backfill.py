@@ -47,12 +47,9 @@ import functools
 import json
 import logging
 import os
-import platform
 import shutil
-import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -68,10 +65,20 @@ from psycopg import sql  # noqa: E402
 from replicator import backfill as backfill_mod  # noqa: E402
 from replicator import state  # noqa: E402
 from replicator.devtools import odoo, seed  # noqa: E402
-from replicator.devtools.localpg import DURABLE_SETTINGS, LocalCluster  # noqa: E402
+from replicator.devtools.localpg import DURABLE_SETTINGS  # noqa: E402
 from replicator.pipeline import Pipeline  # noqa: E402
 from replicator.schema import MirrorTable, read_table  # noqa: E402
 from replicator.settings import Config  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402
+    Servers,
+    machine_info,
+    median,
+    median_cpu,
+    replicator_commit,
+    say,
+)
 
 TABLE = "account_move_line"
 PUBLICATION = "bench_pub"
@@ -89,109 +96,6 @@ WAY_REPL_IDX = "replicator (copy_indexes=true)"
 WAY_REPL_COPY = "  its copy phase only"
 
 log = logging.getLogger("bench")
-
-
-def say(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-# -- the machine ------------------------------------------------------------
-
-
-def machine_info() -> dict[str, Any]:
-    cpu = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem_kb = 0
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem_kb = int(line.split()[1])
-    return {
-        "nproc": os.cpu_count(),
-        "memory_gb": round(mem_kb / 1024 / 1024, 1),
-        "cpu_model": cpu or platform.processor() or "unknown",
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "load_avg": [round(x, 2) for x in os.getloadavg()],
-    }
-
-
-class CpuMeter:
-    """CPU time used on the machine by processes that are not this benchmark's.
-
-    Ours: this process and its reaped children (psql), and both postmasters with
-    their backends (live ones directly, ended ones through the postmaster's
-    cutime). Everything else /proc/stat counts as busy is someone else's: other
-    test suites running meanwhile would show up here.
-    """
-
-    TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-    def __init__(self, postmasters: list[int | None]) -> None:
-        self.postmasters = [p for p in postmasters if p]
-
-    @staticmethod
-    def _stat(pid: int | str) -> list[str] | None:
-        try:
-            text = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            return None
-        return text[text.rindex(")") + 2:].split()
-
-    def _ours(self) -> dict[str, float]:
-        """CPU seconds so far: this process, and each postmaster with its backends."""
-        ticks = {"bench": 0, **{pm: 0 for pm in self.postmasters}}
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            f = self._stat(entry.name)
-            if f is None:
-                continue
-            pid, ppid = int(entry.name), int(f[1])
-            if pid == os.getpid():      # utime stime cutime cstime
-                ticks["bench"] += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
-            elif pid in ticks:
-                ticks[pid] += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
-            elif ppid in ticks:
-                ticks[ppid] += int(f[11]) + int(f[12])
-        return {k: v / self.TICK for k, v in ticks.items()}
-
-    @classmethod
-    def _busy(cls) -> float:
-        try:
-            f = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-        except OSError:
-            return 0.0
-        v = [int(x) for x in f]
-        # user nice system idle iowait irq softirq steal
-        return (v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)) / cls.TICK
-
-    # A backend that exits while /proc is scanned (after its postmaster's line was
-    # read, before its own) is missed: its time is in neither. Backends exit right
-    # after a timed run (psql disconnects), so wait for them to be reaped first.
-    SETTLE_S = 0.3
-
-    def snapshot(self, settle: bool = True) -> tuple[float, float, dict[str, float]]:
-        if settle:
-            time.sleep(self.SETTLE_S)
-        return time.monotonic(), self._busy(), self._ours()
-
-    def since(self, start: tuple[float, float, dict[str, float]]) -> dict[str, Any]:
-        """CPU seconds since `start` by side, and the share of all CPUs others used."""
-        t1, busy1, ours1 = self.snapshot()
-        t0, busy0, ours0 = start
-        used = {k: ours1.get(k, 0.0) - ours0.get(k, 0.0) for k in ours1}
-        wall = max(1e-6, t1 - t0 - self.SETTLE_S) * (os.cpu_count() or 1)
-        names = ["source", "destination"]
-        out = {"bench": round(used.pop("bench", 0.0), 2)}
-        for name, pm in zip(names, self.postmasters):
-            out[name] = round(used.get(pm, 0.0), 2)
-        foreign = max(0.0, ((busy1 - busy0) - sum(out.values())) / wall)
-        return {"cpu_s": out, "foreign_cpu": foreign}
 
 
 # -- timing the replicator's phases from outside ----------------------------
@@ -313,24 +217,14 @@ def pipeline_phases(timer: PhaseTimer, t_start: float, t_end: float) -> dict[str
 # -- the benchmark ----------------------------------------------------------
 
 
-class Bench:
+class Bench(Servers):
     def __init__(self, rows: int, keep: bool, base: Path | None = None) -> None:
+        super().__init__(PG_VERSION, keep, base, dbnames=(SRC_DB, DST_DB))
         self.requested_rows = rows
-        self.keep = keep
-        if base is None:
-            base = Path(tempfile.mkdtemp(prefix="odoo-replicator-bench-", dir="/tmp"))
-        base.mkdir(mode=0o755, parents=True, exist_ok=True)
-        base.chmod(0o755)
-        self.base = base
-        # Production durability on both sides (fsync, full_page_writes,
-        # synchronous_commit): what users run, and the commit path is timed.
-        self.src = LocalCluster(PG_VERSION, base, settings=DURABLE_SETTINGS)
-        self.dst = LocalCluster(PG_VERSION, base, settings=DURABLE_SETTINGS)
         self.rows = 0
         self.table_mb = 0.0
         self.pages = 0
         self.psql = self._find_psql()
-        self.meter: CpuMeter | None = None
 
     @property
     def src_dsn(self) -> str:
@@ -348,35 +242,6 @@ class Bench:
         if not found:
             raise SystemExit("psql not found: apt-get install postgresql-client-15")
         return found
-
-    # -- lifecycle
-
-    def start(self) -> None:
-        say(f"starting PostgreSQL {PG_VERSION} source and destination under {self.base}")
-        self.src.start()
-        self.dst.start()
-        self.meter = CpuMeter([self.src.pid, self.dst.pid])
-
-    def close(self) -> None:
-        if self.keep:
-            say(f"--keep: clusters left running under {self.base}")
-            say(f"  source:      {self.src_dsn}")
-            say(f"  destination: {self.dst_dsn}")
-            prefix = f"runuser -u {self.src.os_user} -- " if self.src.os_user else ""
-            for c in (self.src, self.dst):
-                say(f"  stop: {prefix}{c.bin_dir}/pg_ctl stop -D {c.data_dir}")
-            say(f"  then: rm -rf {self.base}")
-            return
-        self.src.remove()
-        self.dst.remove()
-        shutil.rmtree(self.base, ignore_errors=True)
-
-    def versions(self) -> dict[str, str]:
-        out = {}
-        for name, c in (("source", self.src), ("destination", self.dst)):
-            with c.connect() as conn:
-                out[name] = conn.execute("show server_version").fetchone()[0]
-        return out
 
     def seed(self) -> None:
         scale = self.requested_rows / LINES_PER_SCALE
@@ -573,15 +438,6 @@ class Bench:
 # -- reporting --------------------------------------------------------------
 
 
-def median(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
-
-
-def median_cpu(runs: list[dict]) -> dict[str, float]:
-    sides = runs[0].get("cpu_s", {})
-    return {k: round(median([r["cpu_s"][k] for r in runs]), 2) for k in sides}
-
-
 def summarize(bench: Bench, samples: dict[str, list[dict]]) -> dict[str, Any]:
     rows = bench.rows
     ways: dict[str, dict[str, Any]] = {}
@@ -702,23 +558,6 @@ def targets(ways: dict[str, Any]) -> list[str]:
         out.append(f"target replicator >= 1.3x native:   {'MET' if ok else 'NOT MET'} "
                    f"({repl['vs_native']:.2f}x)")
     return out
-
-
-def replicator_commit() -> str:
-    """The commit the replicator code was run from ("+dirty" if replicator/ has edits).
-
-    Outside a git work tree (a `git archive` export), $REPLICATOR_COMMIT says it.
-    """
-    if not (ROOT / ".git").exists():
-        return os.environ.get("REPLICATOR_COMMIT", "unknown (not a git work tree)")
-    try:
-        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "replicator"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (head or "unknown") + ("+dirty" if dirty else "")
 
 
 def parse_int_list(text: str) -> list[int]:

@@ -13,12 +13,21 @@ holding {"meta": {...}, "messages": [{"lsn", "xid", "hex"}, ...]}, one message
 per line. The messages are read with pg_logical_slot_peek_binary_changes(),
 whose rows are exactly the CopyData payloads a walsender would send after the
 'w' XLogData header.
+
+`--odoo` captures something else, for bench/test_decoder_bench.py: the six Odoo tables
+(replicator.devtools.seed), the devtools OLTP workload and a month-end-close-like bulk
+insert and update of journal items, on PostgreSQL 15 with the options the replicator
+itself asks for there (protocol 3, binary, messages), into
+bench/data/pgoutput_15_v3_binary_odoo.json.gz (gzipped: the rows are wide):
+
+    .venv/bin/python tools/capture_pgoutput.py --odoo
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import gzip
 import json
 import shutil
 import sys
@@ -31,8 +40,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a script, also without `pip install -e .`
 
 from replicator.devtools.localpg import LocalCluster  # noqa: E402
+from replicator.devtools.odoo import column_names  # noqa: E402
+from replicator.devtools.seed import seed  # noqa: E402
+from replicator.devtools.workload import workload as odoo_load  # noqa: E402
+from replicator.source import protocol_for  # noqa: E402
 
 DATA_DIR = REPO_ROOT / "tests" / "unit" / "data"
+BENCH_DATA_DIR = REPO_ROOT / "bench" / "data"
+ODOO_FILE = "pgoutput_15_v3_binary_odoo.json.gz"
 PUBLICATION = "pub"
 
 # Rows per bulk transaction. On 15, enough to pass logical_decoding_work_mem =
@@ -282,13 +297,71 @@ def capture_version(version: int, base_dir: Path) -> dict[str, dict]:
     return results
 
 
+def odoo_workload(bulk_rows: int) -> list[str]:
+    """The month-end close, small: a bulk insert of journal items, then their posting."""
+    cols = ", ".join(c for c in column_names("account_move_line") if c != "id")
+    return [
+        "BEGIN",
+        f"INSERT INTO account_move_line ({cols}) SELECT {cols} FROM account_move_line"
+        f" ORDER BY id LIMIT {bulk_rows}",
+        "COMMIT",
+        "BEGIN",
+        "UPDATE account_move_line SET parent_state = 'posted',"
+        " write_date = now() at time zone 'utc'"
+        f" WHERE id > (SELECT max(id) - {bulk_rows} FROM account_move_line)",
+        "COMMIT",
+    ]
+
+
+def capture_odoo(base_dir: Path, scale: float, transactions: int, bulk_rows: int) -> dict:
+    """The six Odoo tables under the devtools workload, as the replicator receives them."""
+    cap = Capture(protocol_for(150000), True, None)
+    with LocalCluster(15, base_dir) as cluster:
+        cluster.create_database("capture")
+        dsn = cluster.dsn("capture")
+        seed(dsn, scale=scale, seed=42, publication=PUBLICATION)
+        with cluster.connect("capture") as conn:
+            conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (cap.slot,))
+        counts = odoo_load(dsn, transactions=transactions, seed=7)
+        bulk = odoo_workload(bulk_rows)
+        run_workload(cluster, "capture", [(1, stmt) for stmt in bulk])
+        with cluster.connect("capture") as conn:
+            server_version = conn.execute("SHOW server_version").fetchone()[0]
+            opts = cap.options()
+            placeholders = ", ".join(["%s"] * len(opts))
+            rows = conn.execute(
+                f"SELECT lsn::text, xid::text::bigint, data"
+                f" FROM pg_logical_slot_peek_binary_changes(%s, NULL, NULL, {placeholders})",
+                [cap.slot, *opts],
+            ).fetchall()
+    return {
+        "meta": {
+            "server_version": server_version,
+            "slot_options": dict(zip(opts[::2], opts[1::2], strict=True)),
+            "schema": "replicator.devtools.seed, scale %g, seed 42" % scale,
+            "workload": f"replicator.devtools.workload, {transactions} transactions, seed 7 "
+            f"({counts.get('transactions', 0)} committed), then {bulk_rows} journal items "
+            "inserted in one transaction and updated in another",
+            "workload_sql": bulk,
+            "note": "rows of pg_logical_slot_peek_binary_changes(); "
+            "hex is one pgoutput message, starting with its type byte",
+        },
+        "messages": [{"lsn": lsn, "xid": xid, "hex": bytes(data).hex()} for lsn, xid, data in rows],
+    }
+
+
 def write_capture(path: Path, capture: dict) -> None:
     # One message per line: reviewable diffs, and a file a person can grep.
     lines = ['{"meta": ' + json.dumps(capture["meta"], indent=1, ensure_ascii=False) + ",", ' "messages": [']
     messages = [json.dumps(m) for m in capture["messages"]]
     lines.append(",\n".join("  " + m for m in messages))
     lines.append(" ]\n}")
-    path.write_text("\n".join(lines) + "\n")
+    text = "\n".join(lines) + "\n"
+    if path.suffix == ".gz":
+        # mtime=0: the same capture gives the same bytes
+        path.write_bytes(gzip.compress(text.encode(), mtime=0))
+    else:
+        path.write_text(text)
 
 
 def summary(capture: dict) -> str:
@@ -300,7 +373,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DATA_DIR, help="output directory (%(default)s)")
     parser.add_argument("--versions", type=int, nargs="+", default=sorted(CAPTURES))
+    parser.add_argument("--odoo", action="store_true",
+                        help=f"capture the six Odoo tables instead, into bench/data/{ODOO_FILE}")
+    parser.add_argument("--odoo-scale", type=float, default=0.2, help="seed scale (--odoo)")
+    parser.add_argument("--odoo-transactions", type=int, default=300,
+                        help="workload transactions (--odoo)")
+    parser.add_argument("--odoo-bulk-rows", type=int, default=1000,
+                        help="rows of the bulk insert and update (--odoo)")
     args = parser.parse_args(argv)
+    if args.odoo:
+        out = args.out if args.out != DATA_DIR else BENCH_DATA_DIR
+        out.mkdir(parents=True, exist_ok=True)
+        base_dir = Path(tempfile.mkdtemp(prefix="odoo-replicator-capture-", dir="/tmp"))
+        base_dir.chmod(0o755)
+        try:
+            capture = capture_odoo(base_dir, args.odoo_scale, args.odoo_transactions,
+                                   args.odoo_bulk_rows)
+        finally:
+            shutil.rmtree(base_dir, ignore_errors=True)
+        path = out / ODOO_FILE
+        write_capture(path, capture)
+        print(f"{path} {len(capture['messages'])} messages, {path.stat().st_size / 1024:.0f} kB:"
+              f" {summary(capture)}")
+        return 0
 
     args.out.mkdir(parents=True, exist_ok=True)
     # Not a private temp dir: as root the server runs as another user who must reach it.

@@ -84,3 +84,94 @@ def test_soak_bench_smoke():
     assert report["source_transactions"] > 0
     assert len(report["samples"]) >= 10
     assert all(s["rss_kib"] > 0 and s["threads"] >= 1 and s["fds"] > 0 for s in report["samples"])
+
+
+def _bench(script: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    return subprocess.run([sys.executable, str(ROOT / "bench" / script), *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+@pytest.mark.pg15
+def test_cdc_bulk_bench_smoke():
+    """bench/cdc_bulk.py on a 2,000-row close: every way reports, the mirrors are equal to
+    the source, the native subscription's streaming setting is the pinned one."""
+    base = Path(f"/tmp/odoo-replicator-bulk-smoke-{os.getpid()}")
+    try:
+        proc = _bench("cdc_bulk.py", "--rows", "2000", "--base-scale", "0.1", "--json",
+                      "--base-dir", str(base))
+    finally:
+        subprocess.run(["rm", "-rf", str(base)], check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    ways = report["ways"]
+    assert set(ways) == {"native subscription, live", "replicator, live", "replicator, cold",
+                         "pg_recvlogical (floor for cold)"}
+    for way, e in ways.items():
+        assert e["seconds"] > 0, way
+        assert set(e["cpu_s"]) >= {"bench", "source", "destination"}, way
+    for way in ("native subscription, live", "replicator, live", "replicator, cold"):
+        assert ways[way]["mirror_equal"] is True, way
+    # the same indexes to maintain on every destination: the source's, not just the keys
+    indexes = {ways[w]["destination_indexes"] for w in
+               ("native subscription, live", "replicator, live", "replicator, cold")}
+    assert len(indexes) == 1 and indexes.pop() > 2
+    assert ways["native subscription, live"]["streaming"] == "off"
+    assert ways["replicator, live"]["speedup_vs_native"] > 0
+    assert ways["replicator, cold"]["vs_floor"] > 0
+    assert 10 < ways["replicator, live"]["peak_rss_mib"] < 4096
+    assert 10 < ways["replicator, cold"]["peak_rss_mib"] < 4096
+    assert ways["replicator, cold"]["cpu_s"]["replicator"] > 0
+    assert ways["pg_recvlogical (floor for cold)"]["options"]["binary"] == "true"
+    assert report["close"]["rows"] == 2000 and report["postgres"]["source"].startswith("15")
+    assert len(report["targets"]) == 3
+    table = proc.stderr[proc.stderr.index("machine:"):]
+    assert "streaming = off (pinned)" in table and "x the floor" in table
+    assert "faster than native" in table and "MiB" in table
+
+
+@pytest.mark.pg15
+def test_cdc_oltp_bench_smoke(tmp_path):
+    """bench/cdc_oltp.py for 2 s a way: lag percentiles, tps, the CSV of every marker, and
+    mirrors equal to the source after pgbench's Odoo invoices; the native subscription with
+    the other streaming value and primary keys only on both sides, as the report shows."""
+    base = Path(f"/tmp/odoo-replicator-oltp-smoke-{os.getpid()}")
+    lag_csv = tmp_path / "lag.csv"
+    try:
+        proc = _bench("cdc_oltp.py", "--seconds", "2", "--scale", "0.1", "--json",
+                      "--csv", str(lag_csv), "--native-streaming", "on", "--no-indexes", "--base-dir", str(base))
+    finally:
+        subprocess.run(["rm", "-rf", str(base)], check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    ways = report["ways"]
+    assert list(ways) == ["native subscription", "replicator"]
+    for way, e in ways.items():
+        lag = e["lag_ms"]
+        assert 0 <= lag["p50"] <= lag["p95"] <= lag["p99"] <= lag["max"], way
+        assert e["markers"] >= 10 and e["tps"] > 0 and e["transactions"] > 0, way
+        assert e["mirror_equal"] is True, way
+    assert ways["native subscription"]["streaming"] == "on"
+    # --no-indexes: the seven primary keys, on both destinations
+    assert [e["destination_indexes"] for e in ways.values()] == [7, 7]
+    assert report["destination_indexes"] == "primary keys only"
+    assert ways["replicator"]["tps_vs_native"] > 0
+    assert 10 < ways["replicator"]["peak_rss_mib"] < 4096
+    assert report["load"]["clients"] == 4
+    rows = lag_csv.read_text().splitlines()
+    assert rows[0] == "t,lag_ms,way"
+    per_way = {w: sum(1 for r in rows[1:] if r.endswith("," + w)) for w in ways}
+    assert per_way == {w: e["markers"] for w, e in ways.items()}
+    assert "lag p50" in proc.stderr and "source tps" in proc.stderr
+
+
+def test_decoder_bench_smoke():
+    """bench/test_decoder_bench.py runs each decoder once on the Odoo capture (no timing)
+    and both give the same staging output."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "bench/test_decoder_bench.py", "--benchmark-disable",
+         "-q", "-p", "no:cacheprovider"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "2 passed" in proc.stdout
+    assert "same staging output on the capture: True" in proc.stdout

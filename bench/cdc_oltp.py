@@ -1,0 +1,390 @@
+#!/usr/bin/env python
+"""Odoo-invoicing OLTP benchmark: replication lag and source throughput under pgbench.
+
+On one pair of throwaway PostgreSQL 15 servers with production durability (fsync,
+full_page_writes, synchronous_commit on), the source has the six Odoo tables (seeded
+with replicator.devtools.seed) and `bench_marker (id, at)`, all published. Each way
+starts from a fresh copy of the seeded source database and an empty destination (the
+source's secondary indexes on both ways' tables; `--no-indexes`: primary keys only), is
+synced and streaming first, and then for `--seconds`:
+
+- pgbench runs `--clients` clients at the source's top rate (no rate limit) with a
+  script shaped like Odoo invoicing: one transaction inserts a draft account_move (a
+  copy of a random seeded one), its journal items (copies of that entry's lines, about
+  five) and bumps the partner's customer_rank;
+- a marker writer commits one `bench_marker` row every 100 ms;
+- a poller reads the destination's marker table every `--poll-ms` and records when
+  each marker appears: lag = seen - commit returned (one clock: both in this process).
+
+Ways, one after the other in the same run: native subscription first (`copy_data =
+true, streaming = off`, or `--native-streaming on`: pinned and printed), then the replicator (`python -m replicator
+run` as a child process, its peak resident memory read from /proc at the end). After
+each way the destination is compared with the source, table by table.
+
+Reported: marker lag p50 / p95 / p99 / max, the source's tps (pgbench's own count) and
+ours / native, CPU seconds per side; `--csv` writes every marker as (t, lag_ms, way).
+
+    python bench/cdc_oltp.py [--seconds 60] [--clients 4] [--csv lag.csv] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+
+import psycopg  # noqa: E402
+from _cdc import (  # noqa: E402
+    DST_DB,
+    MARKER,
+    MIRROR,
+    NATIVE_STREAMING,
+    SRC_DB,
+    TEMPLATE_DB,
+    CdcBench,
+    print_header,
+    report_base,
+)
+from _common import clean_env, machine_info, say  # noqa: E402
+from psycopg import sql  # noqa: E402
+
+from replicator.devtools import odoo  # noqa: E402
+
+MARKER_EVERY_S = 0.1
+
+WAY_NATIVE = "native subscription"
+WAY_OURS = "replicator"
+
+NOW = "(now() at time zone 'utc')"
+# Columns of the copies that are not the template's: a new draft entry, new log times.
+MOVE_OVERRIDES = {"state": "'draft'", "name": "'/'", "posted_before": "false",
+                  "create_date": NOW, "write_date": NOW}
+LINE_OVERRIDES = {"move_id": ":move", "parent_state": "'draft'", "move_name": "'/'",
+                  "create_date": NOW, "write_date": NOW}
+
+
+def pgbench_script() -> str:
+    """One Odoo invoice per transaction: the entry, its lines, the partner's rank."""
+
+    def select_list(table: str, overrides: dict[str, str]) -> tuple[str, str]:
+        cols = [c for c in odoo.column_names(table) if c != "id"]
+        return (", ".join(cols), ", ".join(overrides.get(c, c) for c in cols))
+
+    move_cols, move_vals = select_list("account_move", MOVE_OVERRIDES)
+    line_cols, line_vals = select_list("account_move_line", LINE_OVERRIDES)
+    # Seeded ids have no gaps, but the first id at or above a random one is a safe pick
+    # whatever the seed does; \gset needs exactly one row back.
+    return f"""\
+\\set tmpl random(1, :max_move)
+\\set partner random(1, :max_partner)
+begin;
+insert into account_move ({move_cols}) select {move_vals} from account_move where id = (select min(id) from account_move where id >= :tmpl) returning id as move \\gset
+insert into account_move_line ({line_cols}) select {line_vals} from account_move_line where move_id = (select min(id) from account_move where id >= :tmpl);
+update res_partner set customer_rank = customer_rank + 1, write_date = {NOW} where id = (select min(id) from res_partner where id >= :partner);
+end;
+"""
+
+
+def percentile(xs: list[float], q: float) -> float:
+    """The nearest-rank percentile (q in 0..100) of a non-empty list."""
+    s = sorted(xs)
+    return s[max(0, min(len(s) - 1, math.ceil(q / 100 * len(s)) - 1))]
+
+
+class Markers:
+    """Commits a marker every 100 ms on the source; sees them arrive on the destination."""
+
+    def __init__(self, src_dsn: str, dst_dsn: str, schema: str, poll_s: float) -> None:
+        self.src_dsn, self.dst_dsn, self.schema, self.poll_s = src_dsn, dst_dsn, schema, poll_s
+        self.committed: dict[int, float] = {}
+        self.seen: dict[int, float] = {}
+        self.stop_writing = threading.Event()
+        self.stop_polling = threading.Event()
+        self.errors: list[BaseException] = []
+        self.t0 = 0.0
+        self.threads = [threading.Thread(target=self._guard(self._write), daemon=True),
+                        threading.Thread(target=self._guard(self._poll), daemon=True)]
+
+    def _guard(self, fn):
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as exc:  # reported by finish(): a thread cannot raise
+                self.errors.append(exc)
+                self.stop_writing.set()
+                self.stop_polling.set()
+        return run
+
+    def start(self) -> None:
+        self.t0 = time.monotonic()
+        for t in self.threads:
+            t.start()
+
+    def _write(self) -> None:
+        q = sql.SQL("insert into {} (id) values (%s)").format(sql.Identifier(MARKER))
+        with psycopg.connect(self.src_dsn, autocommit=True) as conn:
+            n = 1
+            while not self.stop_writing.is_set():
+                conn.execute(q, [n])
+                self.committed[n] = time.monotonic()
+                n += 1
+                # On a schedule, not "100 ms after the last one": a slow commit does not
+                # stretch the sampling.
+                delay = self.t0 + (n - 1) * MARKER_EVERY_S - time.monotonic()
+                if delay > 0:
+                    self.stop_writing.wait(delay)
+
+    def _poll(self) -> None:
+        q = sql.SQL("select id from {} where id > %s order by id").format(
+            sql.Identifier(self.schema, MARKER))
+        last = 0
+        with psycopg.connect(self.dst_dsn, autocommit=True) as conn:
+            while not self.stop_polling.is_set():
+                rows = conn.execute(q, [last]).fetchall()
+                now = time.monotonic()
+                for (marker_id,) in rows:
+                    self.seen[marker_id] = now
+                    last = max(last, marker_id)
+                if self.stop_writing.is_set() and self.committed and \
+                        all(k in self.seen for k in list(self.committed)):
+                    return
+                time.sleep(self.poll_s)
+
+    def finish(self, timeout: float) -> None:
+        """Stop writing, wait until every marker written was seen."""
+        self.stop_writing.set()
+        self.threads[0].join()
+        self.threads[1].join(timeout)
+        self.stop_polling.set()
+        if self.errors:
+            raise self.errors[0]
+        missing = [k for k in self.committed if k not in self.seen]
+        if missing:
+            raise SystemExit(f"{len(missing)} marker(s) not seen at the destination within "
+                             f"{timeout:g} s after the load")
+
+    def lags_ms(self) -> list[tuple[float, float]]:
+        """(seconds since the start, lag in ms) per marker, in commit order."""
+        return [(round(c - self.t0, 3), round((self.seen[k] - c) * 1000, 2))
+                for k, c in sorted(self.committed.items())]
+
+
+class Bench(CdcBench):
+    def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__(args.keep, args.base_dir, args.timeout, odoo.TABLE_NAMES)
+        self.args = args
+        self.pgbench = str(self.src.bin_dir / "pgbench")
+        self.script = self.base / "odoo_invoice.sql"
+        self.max_ids: dict[str, int] = {}
+
+    def seed(self, scale: float) -> None:
+        super().seed(scale)
+        with self.src.connect(TEMPLATE_DB) as conn:
+            self.max_ids = {t: conn.execute(sql.SQL("select max(id) from {}").format(
+                sql.Identifier(t))).fetchone()[0] for t in ("account_move", "res_partner")}
+        self.script.write_text(pgbench_script())
+
+    def wait_streaming(self, schema: str, check=None) -> None:
+        """A marker before the load, seen at the destination: the way is streaming."""
+        self.insert_marker(0)
+        self.wait_marker(schema, 0, 0.05, check)
+
+    def load(self, schema: str, check=None) -> dict[str, Any]:
+        """pgbench for --seconds with the markers going; lag samples, tps, CPU."""
+        a = self.args
+        cmd = [self.pgbench, "-n", "-M", "prepared", "-c", str(a.clients),
+               "-j", str(min(a.clients, 2)), "-T", str(a.seconds), "-f", str(self.script),
+               "--random-seed=42", "-D", f"max_move={self.max_ids['account_move']}",
+               "-D", f"max_partner={self.max_ids['res_partner']}",
+               "-h", self.src.host, "-p", str(self.src.port), "-U", "postgres", SRC_DB]
+        markers = Markers(self.src.dsn(SRC_DB), self.dst.dsn(DST_DB), schema, a.poll_ms / 1000)
+        snap = self.meter.snapshot()
+        markers.start()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=clean_env())
+        while proc.poll() is None:
+            if check is not None:
+                check()
+            time.sleep(0.5)
+        out, err = proc.communicate()
+        markers.finish(a.timeout)
+        cpu = self.meter.since(snap, settle=False)
+        if proc.returncode != 0:
+            raise SystemExit(f"pgbench failed ({proc.returncode}): {err[-2000:]}")
+        tps = re.search(r"tps = ([0-9.]+) \(without initial connection time\)", out)
+        done = re.search(r"number of transactions actually processed: (\d+)", out)
+        if not tps or not done:
+            raise SystemExit(f"pgbench printed no tps: {out[-2000:]}")
+        lags = markers.lags_ms()
+        values = [lag for _t, lag in lags]
+        return {"tps": float(tps.group(1)), "transactions": int(done.group(1)),
+                "markers": len(values),
+                "lag_ms": {"p50": percentile(values, 50), "p95": percentile(values, 95),
+                           "p99": percentile(values, 99), "max": max(values)},
+                "samples": lags, **cpu}
+
+    def run_native(self) -> dict[str, Any]:
+        self.fresh(native=True)
+        sub = self.subscribe_native(self.native_streaming)
+        self.wait_streaming("public")
+        res = self.load("public")
+        self.drop_subscription()
+        self.check_mirror("public", WAY_NATIVE)
+        return {**res, **sub, "mirror_equal": True,
+                "destination_indexes": self.destination_indexes("public")}
+
+    def run_ours(self) -> dict[str, Any]:
+        self.fresh(native=False)
+        child = self.child()
+        child.start()
+        try:
+            self.wait_streaming(MIRROR, child.check_alive)
+            self.meter.watch("replicator", child.pid)
+            res = self.load(MIRROR, child.check_alive)
+            res["peak_rss_mib"] = round(child.peak_rss_mib(), 1)
+        finally:
+            self.meter.unwatch("replicator")
+            code = child.stop()
+        if code != 0:
+            raise SystemExit(f"{WAY_OURS}: the replicator exited {code} on SIGTERM")
+        self.check_mirror(MIRROR, WAY_OURS)
+        return {**res, "mirror_equal": True,
+                "destination_indexes": self.destination_indexes(MIRROR)}
+
+
+def print_table(report: dict[str, Any], out=sys.stderr) -> None:
+    p = print
+    print_header(report, out)
+    lo = report["load"]
+    p(f"load: pgbench, {lo['clients']} clients, {lo['seconds']} s, no rate limit, Odoo "
+      f"invoice script; a marker every {MARKER_EVERY_S * 1000:.0f} ms, destination polled "
+      f"every {lo['poll_ms']:g} ms (lag resolution)", file=out)
+    ways = report["ways"]
+    if WAY_NATIVE in ways:
+        n = ways[WAY_NATIVE]
+        p(f"native subscription: streaming = {n['streaming']} (pinned), binary = "
+          f"{'on' if n['binary'] else 'off'}", file=out)
+    p("", file=out)
+    p(f"{'way':20} {'lag p50':>8} {'p95':>7} {'p99':>7} {'max':>8} {'markers':>8} "
+      f"{'source tps':>11} {'vs native':>9} {'peak RSS':>9}   CPU s: "
+      "source/destination/replicator/bench", file=out)
+    for way in (WAY_NATIVE, WAY_OURS):
+        if way not in ways:
+            continue
+        e = ways[way]
+        lag, cpu = e["lag_ms"], e["cpu_s"]
+        vs = f"{e['tps_vs_native']:.2f}x" if "tps_vs_native" in e else ""
+        rss = f"{e['peak_rss_mib']:.0f} MiB" if "peak_rss_mib" in e else ""
+        p(f"{way:20} {lag['p50']:8.1f} {lag['p95']:7.1f} {lag['p99']:7.1f} {lag['max']:8.1f} "
+          f"{e['markers']:8} {e['tps']:11.0f} {vs:>9} {rss:>9}   "
+          f"{cpu.get('source', 0):.1f} / {cpu.get('destination', 0):.1f} / "
+          f"{cpu.get('replicator', 0):.1f} / {cpu.get('bench', 0):.1f}", file=out)
+    p("(lag in ms: marker commit -> visible at the destination)", file=out)
+    if report["targets"]:
+        p("", file=out)
+        for line in report["targets"]:
+            p(line, file=out)
+
+
+def targets(ways: dict[str, Any]) -> list[str]:
+    out = []
+    native, ours = ways.get(WAY_NATIVE), ways.get(WAY_OURS)
+    if native and ours:
+        x = ours["lag_ms"]["p99"] / max(1e-9, native["lag_ms"]["p99"])
+        out.append(f"target p99 lag <= 2x native's: {'MET' if x <= 2 else 'NOT MET'} ({x:.2f}x)")
+    if ours and "peak_rss_mib" in ours:
+        peak = ours["peak_rss_mib"]
+        out.append(f"target peak RSS < 200 MB:      {'MET' if peak * 1.048576 < 200 else 'NOT MET'}"
+                   f" ({peak:.0f} MiB)")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=int, default=60, help="how long pgbench runs per way")
+    ap.add_argument("--clients", type=int, default=4, help="pgbench clients")
+    ap.add_argument("--scale", type=float, default=1.0,
+                    help="seed scale of the source (1: about 1,000 entries, 5,000 lines)")
+    ap.add_argument("--ways", default="native,ours", help="comma-separated subset of native,ours")
+    ap.add_argument("--poll-ms", type=float, default=10.0,
+                    help="how often the destination is polled for markers")
+    ap.add_argument("--csv", type=Path, default=None,
+                    help="write every marker as t,lag_ms,way (t: seconds since the load began)")
+    ap.add_argument("--timeout", type=float, default=600,
+                    help="seconds to wait for a way to start streaming or to catch up")
+    ap.add_argument("--no-indexes", action="store_true",
+                    help="primary keys only on both destinations (replicator copy_indexes = "
+                         "false); by default both get the source's secondary indexes")
+    ap.add_argument("--native-streaming", choices=NATIVE_STREAMING, default="off",
+                    help="the native subscription's streaming setting (pinned, printed)")
+    ap.add_argument("--json", action="store_true",
+                    help="print the report as JSON on stdout (the table is always on stderr)")
+    ap.add_argument("--keep", action="store_true", help="keep the clusters running at the end")
+    ap.add_argument("--base-dir", type=Path, default=None,
+                    help="mode-755 directory for the clusters")
+    args = ap.parse_args(argv)
+    wanted = [w.strip() for w in args.ways.split(",") if w.strip()]
+    if not wanted or any(w not in ("native", "ours") for w in wanted):
+        ap.error("--ways: choose from native,ours")
+    if args.seconds < 1 or args.clients < 1:
+        ap.error("--seconds and --clients must be >= 1")
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+
+    machine = machine_info()
+    bench = Bench(args)
+    bench.native_streaming = args.native_streaming
+    bench.copy_indexes = not args.no_indexes
+    try:
+        bench.start()
+        versions = bench.versions()
+        bench.seed(args.scale)
+        ways: dict[str, Any] = {}
+        # Native first, then ours (the brief's order), each on fresh databases.
+        for key in ("native", "ours"):
+            if key not in wanted:
+                continue
+            way = WAY_NATIVE if key == "native" else WAY_OURS
+            say(f"{way}: {args.seconds} s of pgbench with markers")
+            ways[way] = bench.run_native() if key == "native" else bench.run_ours()
+            e = ways[way]
+            say(f"  lag p50 {e['lag_ms']['p50']:.1f} ms, p99 {e['lag_ms']['p99']:.1f} ms, "
+                f"{e['tps']:.0f} tps (other processes used {e['foreign_cpu']:.0%} of the CPUs)")
+        if WAY_NATIVE in ways and WAY_OURS in ways:
+            ways[WAY_OURS]["tps_vs_native"] = ways[WAY_OURS]["tps"] / ways[WAY_NATIVE]["tps"]
+        if args.csv:
+            with args.csv.open("w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["t", "lag_ms", "way"])
+                for way, e in ways.items():
+                    w.writerows((t, lag, way) for t, lag in e["samples"])
+            say(f"wrote {args.csv}")
+        report = {
+            **report_base(bench, machine, versions, ways),
+            "load": {"clients": args.clients, "seconds": args.seconds, "poll_ms": args.poll_ms,
+                     "marker_every_ms": MARKER_EVERY_S * 1000, "script": pgbench_script()},
+            "ways": {w: {k: v for k, v in e.items() if k != "samples"} for w, e in ways.items()},
+            "targets": targets(ways),
+        }
+        if args.json:
+            json.dump(report, sys.stdout, indent=2, default=str)
+            print()
+        print_table(report)
+    finally:
+        bench.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
