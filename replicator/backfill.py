@@ -47,6 +47,7 @@ from .lsn import format_lsn, parse_lsn
 from .metrics import Metrics
 from .schema import (
     MirrorTable,
+    check_options,
     column_origins,
     create_mirror_sql,
     create_staging_sql,
@@ -159,6 +160,8 @@ class Backfill:
         for t in self.tables:
             pages, est = table_size(catalog, t.source.oid)
             copy = TableCopy(t, pages, est)
+            check_options(t)
+            check_source_filter(catalog, t)
             origins = column_origins(catalog, t.source.oid, t.columns)
             with dest.transaction():
                 if mirror_exists(dest, t):
@@ -368,8 +371,11 @@ class Backfill:
         t = copy.table
         cols = sql.SQL(", ").join(
             sql.Identifier(c.name) if c.builtin else
-            sql.SQL("{}::text").format(sql.Identifier(c.name)) for c in t.columns)
-        where = []
+            sql.SQL("{}::text").format(sql.Identifier(c.name)) for c in t.kept)
+        where: list[sql.Composable] = []
+        if t.options.filter is not None:
+            # [mappings] filter runs here on the source, on the rows as they are now.
+            where.append(sql.SQL("({})").format(sql.SQL(t.options.filter)))
         if rng[0] is not None:
             where.append(sql.SQL("ctid >= {}::tid").format(sql.Literal(f"({rng[0]},0)")))
         if rng[1] is not None:
@@ -380,7 +386,7 @@ class Backfill:
             select += sql.SQL(" where ") + sql.SQL(" and ").join(where)
         out = sql.SQL("copy ({}) to stdout (format binary)").format(select).as_string()
         into = sql.SQL("copy {} ({}) from stdin (format binary)").format(
-            t.dest, sql.SQL(", ").join(sql.Identifier(c.name) for c in t.columns)).as_string()
+            t.dest, sql.SQL(", ").join(sql.Identifier(c.name) for c in t.kept)).as_string()
 
         if not copy.started:
             copy.started = time.monotonic()
@@ -413,6 +419,21 @@ class Backfill:
             copy.pipes.remove(pipe)
             copy.rows += max(0, pipe.rows - 1)   # the trailer is a CopyData of its own
             copy.bytes += pipe.bytes
+
+
+def check_source_filter(catalog: psycopg.Connection, t: MirrorTable) -> None:
+    """The copy runs [mappings] filter on the source: refuse one the source cannot run."""
+    if t.options.filter is None:
+        return
+    try:
+        catalog.execute(sql.SQL("select from {} where ({}) limit 0").format(
+            sql.Identifier(t.source.schema, t.source.name), sql.SQL(t.options.filter)))
+    except psycopg.Error as exc:
+        raise ReplicatorError(
+            ErrorKind.CONFIG, f"[mappings.{t.source.qualname}] filter: the source cannot run "
+            f"it for the initial copy: {exc.diag.message_primary or exc}",
+            "write a SQL boolean expression over the table's column names, valid on both "
+            "the source and the destination") from None
 
 
 def _drain(conn: pq.abc.PGconn) -> str:
