@@ -936,6 +936,8 @@ class Applier:
                         self._unhold(cur, op, batch.end_lsn, res)
                 if syncs_done:
                     failpoints.hit(failpoints.SYNC_DONE_BEFORE_COMMIT)
+                if batch.txns:
+                    failpoints.hit(failpoints.BATCH_BEFORE_COMMIT)
         except ReplicatorError:
             self.holding = holding_before
             raise
@@ -957,6 +959,8 @@ class Applier:
                 "(or drop it so it is recreated) and restart",
             ) from exc
         res.seconds = time.monotonic() - started
+        if batch.txns:
+            failpoints.hit(failpoints.BATCH_COMMITTED)
         if self._lettered is not None:
             self._lettered |= res.lettered
         if syncs_done:

@@ -311,6 +311,12 @@ def plan_mirror(t: MirrorTable, existing: dict[str, str], remembered: dict[int, 
     else:
         for a, b in renames:
             rename(a, b)
+    for name in sorted(existing):
+        if name in t.options.exclude and name in names and name not in claimed:
+            # Excluded after the mirror had it (a partner's email): it goes.
+            out.append((sql.SQL("alter table {} drop column {}").format(
+                t.dest, sql.Identifier(name)), None))
+            names.discard(name)
 
     recopy = []
     for c, o, old in zip(columns, origins, olds):

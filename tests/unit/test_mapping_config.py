@@ -91,3 +91,32 @@ def test_unknown_key_names_the_close_one(tmp_path):
     with pytest.raises(ConfigError) as err:
         load(tmp_path, "[mappings.t]\nsoft_delet = true\n")
     assert "did you mean 'soft_delete'" in err.value.hint
+
+
+def test_check_summary_shows_the_options(tmp_path):
+    from replicator.cli import _summary
+
+    config = load(tmp_path, """\
+        [mappings.res_partner]
+        target = "partners"
+        exclude = ["phone", "email"]
+        filter = "active"
+        history = true
+        """)
+    assert ("public.res_partner -> odoo_mirror.partners (exclude email, phone; filter; history)"
+            in _summary(config))
+
+
+def test_a_column_excluded_later_is_dropped_from_the_mirror():
+    from replicator.schema import Column, MirrorTable, Origin, SourceTable, plan_mirror
+
+    cols = (Column("id", "integer", 23, 4), Column("email", "text", 25, -1),
+            Column("iban", "text", 25, -1))
+    t = MirrorTable(SourceTable(16500, "public", "t", cols, ("id",), "d"), "odoo_mirror", "t",
+                    "replicator", binary=True,
+                    options=MappingOptions(exclude=frozenset({"email", "iban"})))
+    plan = plan_mirror(t, {"id": "integer", "email": "text"}, {1: "id", 2: "email"},
+                       (Origin(1), Origin(2), Origin(3)))
+    # email goes; iban (new at the source) is never added.
+    assert [s.as_string() for s, _ in plan.statements] == [
+        'alter table "odoo_mirror"."t" drop column "email"']
