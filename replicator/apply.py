@@ -501,12 +501,14 @@ def history_sql(t: MirrorTable) -> sql.Composed:
 
 def moving_in_sql(t: MirrorTable) -> sql.Composed:
     """Keys (jsonb) of the last staged rows that enter the filter with unchanged-TOAST
-    values: no mirror row has those values, the source is asked for them."""
+    values: no mirror row has those values (nor, after a key change, the old key's), the
+    source is asked for them."""
     key = t.source.key
     on = sql.SQL(" and ").join(sql.SQL("t.{k} = s.{k}").format(k=_ident(k)) for k in key)
     return _toast_ctes(t) + sql.SQL(
-        "select coalesce(jsonb_agg({kj}), '[]') from r s where s._r_op <> 'D' and s._r_anykeep "
-        "and not s._r_bad and not exists (select 1 from {dest} t where {on}) and {f}"
+        "select coalesce(jsonb_agg({kj}), '[]') from r s where s._r_op <> 'D' "
+        "and (s._r_anykeep or s._r_bad) and not exists (select 1 from {dest} t where {on}) "
+        "and {f}"
     ).format(kj=key_json(t, "s"), dest=t.dest, on=on, f=passes(t, "s", cast=False))
 
 

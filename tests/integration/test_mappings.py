@@ -68,11 +68,15 @@ def test_filter_and_exclude_follow_updates_in_and_out(source_db, dest_db, partne
         # Moves in and out again within one transaction: not in the mirror.
         conn.execute("update res_partner set active = true where id = 5")
         conn.execute("update res_partner set company_id = 2 where id = 5")
+        # A key change that moves the row in, its note unchanged as well.
+        conn.execute("update res_partner set id = 13, company_id = 1 where id = 3")
     assert source_db.fetchall(
         "select prqual, prattrs from pg_publication_rel") == [(None, None)]
+    note3 = source_db.scalar("select note from res_partner where id = 13")
     rows = partners()
-    assert [r[0] for r in rows] == [2, 4, 7]
+    assert [r[0] for r in rows] == [2, 4, 7, 13]
     assert rows[0][4] == note2 and len(note2) == 3200
+    assert rows[3][4] == note3
 
     # A column the source adds under an excluded name stays out; an excluded one dropped
     # at the source is fine.
@@ -81,7 +85,7 @@ def test_filter_and_exclude_follow_updates_in_and_out(source_db, dest_db, partne
     source_db.execute(f"insert into res_partner values (9, 'p9', 'e', true, 1, {BIG}, 'DE00')")
     source_db.execute("update res_partner set iban = 'DE01', name = 'again' where id = 2")
     rows = partners()
-    assert [r[0] for r in rows] == [2, 4, 7, 9]
+    assert [r[0] for r in rows] == [2, 4, 7, 9, 13]
     assert mirror_columns(dest_db) == ["id", "name", "active", "company_id", "note"]
 
 
