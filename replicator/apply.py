@@ -548,6 +548,22 @@ def check_filter_sql(t: MirrorTable) -> sql.Composed:
     return sql.SQL("select {} from {} s limit 0").format(passes(t, "s"), t.stage)
 
 
+def check_filter(conn: psycopg.Connection, t: MirrorTable) -> None:
+    """Refuse a [mappings] filter the destination cannot run on the table's staged rows
+    (t's staging table must exist)."""
+    if t.options.filter is None:
+        return
+    try:
+        with conn.transaction():
+            conn.execute(check_filter_sql(t), {})
+    except psycopg.Error as exc:
+        raise ReplicatorError(
+            ErrorKind.CONFIG, f"[mappings.{t.source.qualname}] filter: the destination cannot "
+            f"run it on the table's rows: {exc.diag.message_primary or exc}",
+            "write a SQL boolean expression over the source table's column names, valid on "
+            "both the source and the destination") from None
+
+
 # -- changes the mirror rejects ---------------------------------------------
 
 # SQLSTATE classes of a change rejected for its data: 22 data exception (a value out of
@@ -859,16 +875,7 @@ class Applier:
         if t.options.history:
             for stmt in create_history_sql(t):
                 conn.execute(stmt)
-        if t.options.filter is not None:
-            try:
-                with conn.transaction():
-                    conn.execute(check_filter_sql(t), {})
-            except psycopg.Error as exc:
-                raise ReplicatorError(
-                    ErrorKind.CONFIG, f"[mappings.{t.source.qualname}] filter: not a valid "
-                    f"condition on its columns: {exc.diag.message_primary or exc}",
-                    "write a SQL boolean expression over the source table's column names, "
-                    "e.g. filter = \"active and company_id = 1\"") from None
+        check_filter(conn, t)
 
     def _stmt(self, kind: str, t: MirrorTable) -> sql.SQL:
         key = (kind, t.staging)

@@ -39,7 +39,7 @@ from psycopg import pq, sql
 
 from . import failpoints, state
 from ._pipe import Pipe
-from .apply import ensure_mirror_columns
+from .apply import check_filter, ensure_mirror_columns
 from .catalog import secondary_indexes, table_size
 from .errors import ErrorKind, ReplicatorError
 from .libpq import function_addresses
@@ -198,6 +198,7 @@ class Backfill:
                         {o.attnum: c.name for c, o in zip(t.columns, origins)
                          if o.attnum is not None})
                 dest.execute(create_staging_sql(t))
+                check_filter(dest, t)
                 if not self.live:
                     # Changes held by an earlier live copy that never finished
                     # are older than this copy's snapshot; no stream runs now.

@@ -161,3 +161,24 @@ def test_excluding_a_key_column_is_refused(source_db, dest_db):
         catch_up(source_db, dest_db, mappings={"t": {"exclude": ["id"]}})
     assert err.value.kind is ErrorKind.CONFIG
     assert "id is part of the table's key" in err.value.message
+
+
+def test_filter_is_checked_on_the_destination_before_the_copy(source_db, dest_db):
+    source_db.execute("create table t (id integer primary key, name text)")
+    source_db.execute(f"create publication {PUBLICATION} for table t")
+    source_db.execute("create function kept(text) returns boolean language sql "
+                      "as $$ select $1 not like '%skip%' $$")
+    source_db.execute("insert into t values (1, 'a'), (2, 'skip me')")
+    with pytest.raises(ReplicatorError) as err:
+        catch_up(source_db, dest_db, mappings={"t": {"filter": "kept(name)"}})
+    assert err.value.kind is ErrorKind.CONFIG
+    assert err.value.message.startswith("[mappings.public.t] filter: the destination cannot")
+    assert dest_db.scalar("select to_regclass('odoo_mirror.t')") is None  # nothing copied
+
+    # A % in the filter is the filter's own (statements with parameters double it).
+    mappings = {"t": {"filter": "name not like '%skip%'"}}
+    catch_up(source_db, dest_db, mappings=mappings)
+    source_db.execute("insert into t values (3, 'b'), (4, 'skip too')")
+    source_db.execute("update t set name = 'fine now' where id = 2")
+    catch_up(source_db, dest_db, mappings=mappings)
+    assert dest_db.fetchall("select id from odoo_mirror.t order by id") == [(1,), (2,), (3,)]
