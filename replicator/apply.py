@@ -868,7 +868,7 @@ class Applier:
     def _ensure_options(self, t: MirrorTable) -> None:
         """What the table's [mappings] options need in the mirror, checked before any row."""
         conn = self._dest
-        check_options(t)
+        check_options(t.source, t.options)
         if t.options.soft_delete:
             conn.execute(sql.SQL("alter table {} add column if not exists {} timestamptz").format(
                 t.dest, _ident(DELETED_AT)))

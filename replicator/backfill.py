@@ -48,6 +48,7 @@ from .metrics import Metrics
 from .schema import (
     MirrorTable,
     check_options,
+    check_source_filter,
     column_origins,
     create_mirror_sql,
     create_staging_sql,
@@ -160,8 +161,8 @@ class Backfill:
         for t in self.tables:
             pages, est = table_size(catalog, t.source.oid)
             copy = TableCopy(t, pages, est)
-            check_options(t)
-            check_source_filter(catalog, t)
+            check_options(t.source, t.options)
+            check_source_filter(catalog, t.source, t.options)
             origins = column_origins(catalog, t.source.oid, t.columns)
             with dest.transaction():
                 if mirror_exists(dest, t):
@@ -420,21 +421,6 @@ class Backfill:
             copy.pipes.remove(pipe)
             copy.rows += max(0, pipe.rows - 1)   # the trailer is a CopyData of its own
             copy.bytes += pipe.bytes
-
-
-def check_source_filter(catalog: psycopg.Connection, t: MirrorTable) -> None:
-    """The copy runs [mappings] filter on the source: refuse one the source cannot run."""
-    if t.options.filter is None:
-        return
-    try:
-        catalog.execute(sql.SQL("select from {} where ({}) limit 0").format(
-            sql.Identifier(t.source.schema, t.source.name), sql.SQL(t.options.filter)))
-    except psycopg.Error as exc:
-        raise ReplicatorError(
-            ErrorKind.CONFIG, f"[mappings.{t.source.qualname}] filter: the source cannot run "
-            f"it for the initial copy: {exc.diag.message_primary or exc}",
-            "write a SQL boolean expression over the table's column names, valid on both "
-            "the source and the destination") from None
 
 
 def _drain(conn: pq.abc.PGconn) -> str:

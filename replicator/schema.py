@@ -127,6 +127,22 @@ def staging_name(t: MirrorTable) -> str:
     return f"stage_{t.dest_name[:40]}_{digest}"
 
 
+def check_source_filter(conn: psycopg.Connection, table: SourceTable,
+                        options: MappingOptions) -> None:
+    """The initial copy runs [mappings] filter on the source: refuse one it cannot run."""
+    if options.filter is None:
+        return
+    try:
+        conn.execute(sql.SQL("select from {} where ({}) limit 0").format(
+            sql.Identifier(table.schema, table.name), sql.SQL(options.filter)))
+    except psycopg.Error as exc:
+        raise ReplicatorError(
+            ErrorKind.CONFIG, f"[mappings.{table.qualname}] filter: the source cannot run "
+            f"it for the initial copy: {exc.diag.message_primary or exc}",
+            "write a SQL boolean expression over the table's column names, valid on both "
+            "the source and the destination") from None
+
+
 def read_table(conn: psycopg.Connection, schema: str, name: str) -> SourceTable:
     qual = sql.Identifier(schema, name).as_string(conn)
     oid, nsp, rel, replident, key = catalog.table_row(conn, qual)
@@ -149,12 +165,12 @@ def check_replicable(table: SourceTable) -> None:
     )
 
 
-def check_options(t: MirrorTable) -> None:
+def check_options(table: SourceTable, options: MappingOptions) -> None:
     """Refuse [mappings] options the table cannot have."""
-    excluded_key = [k for k in t.source.key if k in t.options.exclude]
+    excluded_key = [k for k in table.key if k in options.exclude]
     if excluded_key:
         raise ReplicatorError(
-            ErrorKind.CONFIG, f"[mappings.{t.source.qualname}] exclude: "
+            ErrorKind.CONFIG, f"[mappings.{table.qualname}] exclude: "
             f"{', '.join(excluded_key)} is part of the table's key",
             "the mirror needs the key to apply updates and deletes: remove it from exclude")
 

@@ -9,7 +9,7 @@ that moves it in inserts it, its unchanged large values read from the source.
 from __future__ import annotations
 
 import pytest
-from plugins.replicator import PUBLICATION, catch_up
+from plugins.replicator import PUBLICATION, catch_up, cli, cli_config, error_line
 
 from replicator.errors import ErrorKind, ReplicatorError
 
@@ -182,3 +182,16 @@ def test_filter_is_checked_on_the_destination_before_the_copy(source_db, dest_db
     source_db.execute("update t set name = 'fine now' where id = 2")
     catch_up(source_db, dest_db, mappings=mappings)
     assert dest_db.fetchall("select id from odoo_mirror.t order by id") == [(1,), (2,), (3,)]
+
+
+def test_check_refuses_a_filter_the_source_cannot_run(tmp_path, source_db, dest_db):
+    source_db.execute("create table t (id integer primary key, name text)")
+    source_db.execute(f"create publication {PUBLICATION} for table t")
+    config = cli_config(tmp_path, source_db, dest_db)
+    with config.open("a") as f:
+        f.write('\n[mappings.t]\nfilter = "nmae = 1"\n')
+    proc = cli("check", "--config", str(config))
+    assert proc.returncode != 0
+    line = error_line(proc)
+    assert "[mappings.public.t] filter: the source cannot run it" in line
+    assert "nmae" in line
