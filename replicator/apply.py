@@ -178,10 +178,14 @@ def passes(t: MirrorTable, alias: str, cast: bool = True) -> sql.Composable:
 
 # The source commit time of a staged row's transaction: the applier passes the batch's
 # commit LSNs and times (microseconds since 2000-01-01, as pgoutput sends them).
-COMMIT_TIME = sql.SQL(
-    "coalesce((select timestamptz '2000-01-01 00:00:00+00' + c.ts * interval '1 microsecond' "
-    "from unnest(%(lsns)s::int8[], %(times)s::int8[]) c(lsn, ts) where c.lsn = s._r_lsn), "
-    "now())")
+def commit_time(lsn: sql.Composable) -> sql.Composed:
+    return sql.SQL(
+        "coalesce((select timestamptz '2000-01-01 00:00:00+00' + c.ts * interval '1 microsecond' "
+        "from unnest(%(lsns)s::int8[], %(times)s::int8[]) c(lsn, ts) where c.lsn = {}), "
+        "now())").format(lsn)
+
+
+COMMIT_TIME = commit_time(sql.SQL("s._r_lsn"))
 
 
 def _merge_tail(t: MirrorTable, source: sql.Composable, toast: bool) -> sql.Composed:
@@ -465,10 +469,30 @@ def history_sql(t: MirrorTable) -> sql.Composed:
     """Append the staged changes to the history, before the MERGE (it reads the mirror's rows
     for unchanged-TOAST values: the latest earlier value of the key in the batch, else the
     mirror's). With a filter, only deletes and rows the filter keeps are logged."""
-    key = list(t.source.key)
+    vals = _images(t, sql.SQL("m.{}"))
+    return sql.SQL(
+        "insert into {hist} ({hcols}, {cols}) "
+        "select s._r_op, {ct}, '0/0'::pg_lsn + s._r_lsn::numeric, 2 * s._r_seq + 1, {vals} "
+        "from {stage} s left join {dest} m on {on} where s._r_op = 'D' or {f} "
+        "order by s._r_seq"
+    ).format(hist=t.history, hcols=sql.SQL(", ").join(map(_ident, HISTORY_COLUMNS)),
+             cols=sql.SQL(", ").join(_ident(c.name) for c in t.kept), ct=COMMIT_TIME,
+             vals=sql.SQL(", ").join(vals), stage=t.stage, dest=t.dest, on=_on_mirror(t),
+             f=passes(t, "s"))
+
+
+def _on_mirror(t: MirrorTable) -> sql.Composed:
+    """Mirror row m of staged row s."""
     by_name = {c.name: c for c in t.columns}
-    on = sql.SQL(" and ").join(sql.SQL("m.{} = {}").format(
-        _ident(k), _cast(sql.SQL("s.{}").format(_ident(k)), t, by_name[k])) for k in key)
+    return sql.SQL(" and ").join(sql.SQL("m.{} = {}").format(
+        _ident(k), _cast(sql.SQL("s.{}").format(_ident(k)), t, by_name[k])) for k in t.source.key)
+
+
+def _images(t: MirrorTable, mirror: sql.SQL | None) -> list[sql.Composable]:
+    """The mirror's columns of staged row s as mirror-typed values, a delete's key only. An
+    unchanged-TOAST value is the latest earlier one of the key in staging, else the mirror
+    row's (`mirror`: a format for the column, e.g. m.{}), else NULL."""
+    key = list(t.source.key)
     same = sql.SQL(" and ").join(sql.SQL("p.{k} = s.{k}").format(k=_ident(k)) for k in key)
     index = {c.name: i for i, c in enumerate(t.columns)}
     vals: list[sql.Composable] = []
@@ -485,18 +509,32 @@ def history_sql(t: MirrorTable) -> sql.Composed:
                 "when s._r_u is null or get_bit(s._r_u, {i}) = 0 then {own} "
                 "else coalesce((select {prev} from {stage} p where {same} and p._r_seq < s._r_seq "
                 "and p._r_op <> 'D' and (p._r_u is null or get_bit(p._r_u, {i}) = 0) "
-                "order by p._r_seq desc limit 1), m.{c}) end").format(
+                "order by p._r_seq desc limit 1), {m}) end").format(
                     i=i, own=own, prev=_cast(sql.SQL("p.{}").format(_ident(c.name)), t, c),
-                    stage=t.stage, same=same, c=_ident(c.name)))
+                    stage=t.stage, same=same,
+                    m=mirror.format(_ident(c.name)) if mirror is not None else sql.NULL))
+    return vals
+
+
+def soft_deleted_sql(t: MirrorTable) -> sql.Composed:
+    """After the MERGE: rows the batch inserted and deleted again (their key's last staged
+    change is a delete, and the mirror has no row) are kept too, marked, with their latest
+    image in the batch."""
+    key = sql.SQL(", ").join(_ident(k) for k in t.source.key)
+    same = sql.SQL(" and ").join(sql.SQL("l.{k} = s.{k}").format(k=_ident(k))
+                                 for k in t.source.key)
     return sql.SQL(
-        "insert into {hist} ({hcols}, {cols}) "
-        "select s._r_op, {ct}, '0/0'::pg_lsn + s._r_lsn::numeric, 2 * s._r_seq + 1, {vals} "
-        "from {stage} s left join {dest} m on {on} where s._r_op = 'D' or {f} "
-        "order by s._r_seq"
-    ).format(hist=t.history, hcols=sql.SQL(", ").join(map(_ident, HISTORY_COLUMNS)),
-             cols=sql.SQL(", ").join(_ident(c.name) for c in t.kept), ct=COMMIT_TIME,
-             vals=sql.SQL(", ").join(vals), stage=t.stage, dest=t.dest, on=on,
-             f=passes(t, "s"))
+        "insert into {dest} ({cols}, {deleted}) "
+        "select {vals}, {ct} from (select distinct on ({k}) s.*, "
+        "(select case when l._r_op = 'D' then l._r_lsn end from {stage} l where {same} "
+        "order by l._r_seq desc limit 1) as _r_dlsn "
+        "from {stage} s where s._r_op <> 'D' order by {k}, s._r_seq desc) s "
+        "where s._r_dlsn is not null and not exists (select 1 from {dest} m where {on}) "
+        "and {f}"
+    ).format(dest=t.dest, cols=sql.SQL(", ").join(_ident(c.name) for c in t.kept),
+             deleted=_ident(DELETED_AT), vals=sql.SQL(", ").join(_images(t, None)),
+             ct=commit_time(sql.SQL("s._r_dlsn")), k=key, stage=t.stage, same=same,
+             on=_on_mirror(t), f=passes(t, "s"))
 
 
 def moving_in_sql(t: MirrorTable) -> sql.Composed:
@@ -886,7 +924,8 @@ class Applier:
                      "queued": queued_sql, "isolate_links": isolate_links_sql,
                      "isolate_queued": isolate_queued_sql, "isolate_stage": isolate_stage_sql,
                      "letter": letter_sql, "history": history_sql, "moving_in": moving_in_sql,
-                     "fill_moving_in": fill_moving_in_sql}[kind]
+                     "fill_moving_in": fill_moving_in_sql,
+                     "soft_deleted": soft_deleted_sql}[kind]
             stmt = self._statements[key] = sql.SQL(build(t).as_string(self.conn))
         return stmt
 
@@ -1074,6 +1113,8 @@ class Applier:
             cur.execute(self._stmt("history", t), self._times)
         if not unchanged:
             cur.execute(self._stmt("merge", t), self._times)
+            if t.options.soft_delete:
+                cur.execute(self._stmt("soft_deleted", t), self._times)
             return 0
         cur.execute(self._stmt("dead", t), [self.slot, t.qualname, format_lsn(end_lsn)])
         dead = max(cur.rowcount, 0)
@@ -1082,6 +1123,8 @@ class Applier:
                         "supply were written to the dead letter table",
                         extra={"table": t.qualname, "rows": dead})
         cur.execute(self._stmt("merge_toast", t), self._times)
+        if t.options.soft_delete:
+            cur.execute(self._stmt("soft_deleted", t), self._times)
         return dead
 
     def _fill_moving_in(self, cur: psycopg.Cursor, t: MirrorTable) -> None:

@@ -112,11 +112,17 @@ def test_soft_delete_keeps_rows_marked(source_db, dest_db):
     source_db.execute("insert into t values (2, 'back')")
     catch_up(source_db, dest_db, mappings=mappings)
     assert mirror()[1] == (2, "back", False)
+    # A row inserted and deleted in one batch never was in the mirror: it is kept, marked.
+    with source_db.connect(autocommit=False) as conn:
+        conn.execute("insert into t values (6, 'brief')")
+        conn.execute("update t set name = 'briefer' where id = 6")
+        conn.execute("delete from t where id = 6")
+        conn.commit()
     source_db.execute("truncate t")
     source_db.execute("insert into t values (5, 'after')")
     catch_up(source_db, dest_db, mappings=mappings)
     assert mirror() == [(1, "n1", True), (2, "back", True), (3, "x", True), (4, "n4", True),
-                        (5, "after", False)]
+                        (5, "after", False), (6, "briefer", True)]
 
 
 def test_history_logs_every_change(source_db, dest_db):
