@@ -433,14 +433,15 @@ def _read_mappings(table: Mapping[str, Any], resolver: _Resolver) -> dict[str, A
         else:
             flat[key] = value
 
-    def substitute(where: str, value: Any) -> Any:
+    def substitute(key: str, value: Any) -> Any:
         if isinstance(value, str):
-            return resolver.substitute(where, value)[0]
+            return resolver.substitute(f"[mappings] {key}", value)[0]
         if isinstance(value, dict):
-            return {k: substitute(f"[mappings.{where[11:]}] {k}", v) for k, v in value.items()}
+            return {k: resolver.substitute(f"[mappings.{key}] {k}", v)[0]
+                    if isinstance(v, str) else v for k, v in value.items()}
         return value
 
-    return {key: substitute(f"[mappings] {key}", value) for key, value in flat.items()}
+    return {key: substitute(key, value) for key, value in flat.items()}
 
 
 def _is_table_form(value: dict[str, Any]) -> bool:
