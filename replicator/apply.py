@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import psycopg
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
 from . import access, deadline, failpoints, state
 from .batch import AlterTable, Batch, Rows, SpilledRows, SyncDone, SyncStart, TableRows, Truncate
@@ -39,9 +40,11 @@ from .deadline import BatchLimits, timed_out
 from .errors import ErrorKind, ReplicatorError
 from .lsn import format_lsn
 from .schema import (
+    DELETED_AT,
     Column,
     MirrorTable,
     Origin,
+    check_options,
     create_held_sql,
     create_mirror_sql,
     create_staging_sql,
@@ -154,11 +157,44 @@ def unhold_sql(t: MirrorTable) -> tuple[list[sql.Composed], sql.Composed]:
     ], sql.SQL("select exists {}").format(last_truncate)
 
 
+def _filter_sql(t: MirrorTable) -> sql.Composable:
+    # Operator-written SQL ([mappings] filter), trusted like the rest of the config. Every
+    # statement holding it runs with parameters, so its % signs are doubled.
+    assert t.options.filter is not None
+    return sql.SQL(t.options.filter.replace("%", "%%"))
+
+
+def passes(t: MirrorTable, alias: str, cast: bool = True) -> sql.Composable:
+    """Whether the row `alias` (staging's, or mirror-typed when not cast) is in the table's
+    [mappings] filter: the filter sees the row's columns by their source names."""
+    if t.options.filter is None:
+        return sql.SQL("true")
+    cols = sql.SQL(", ").join(sql.SQL("{} as {}").format(
+        _cast(sql.SQL("{}.{}").format(sql.SQL(alias), _ident(c.name)), t, c) if cast
+        else sql.SQL("{}.{}").format(sql.SQL(alias), _ident(c.name)), _ident(c.name))
+        for c in t.columns)
+    return sql.SQL("coalesce((select true from (select {}) _r_f where ({})), false)").format(
+        cols, _filter_sql(t))
+
+
+# The source commit time of a staged row's transaction: the applier passes the batch's
+# commit LSNs and times (microseconds since 2000-01-01, as pgoutput sends them).
+def commit_time(lsn: sql.Composable) -> sql.Composed:
+    return sql.SQL(
+        "coalesce((select timestamptz '2000-01-01 00:00:00+00' + c.ts * interval '1 microsecond' "
+        "from unnest(%(lsns)s::int8[], %(times)s::int8[]) c(lsn, ts) where c.lsn = {}), "
+        "now())").format(lsn)
+
+
+COMMIT_TIME = commit_time(sql.SQL("s._r_lsn"))
+
+
 def _merge_tail(t: MirrorTable, source: sql.Composable, toast: bool) -> sql.Composed:
     key = set(t.source.key)
     on = sql.SQL(" and ").join(
         sql.SQL("t.{k} = s.{k}").format(k=_ident(k)) for k in t.source.key)
-    cols = [c for c in t.columns]
+    # (index in the stream's columns, column): _r_u bits and _r_keep{i} count all of them.
+    cols = [(i, c) for i, c in enumerate(t.columns) if c.name not in t.options.exclude]
     if toast:
         # s already holds mirror-typed values and _r_keep{i} flags.
         def value(i: int, c: Column) -> sql.Composable:
@@ -166,29 +202,39 @@ def _merge_tail(t: MirrorTable, source: sql.Composable, toast: bool) -> sql.Comp
                 return sql.SQL("s.{}").format(_ident(c.name))
             return sql.SQL("case when s.{keep} then t.{c} else s.{c} end").format(
                 keep=_ident(f"_r_keep{i}"), c=_ident(c.name))
-        ins_val: list[sql.Composable] = [sql.SQL("s.{}").format(_ident(c.name)) for c in cols]
+        ins_val: list[sql.Composable] = [sql.SQL("s.{}").format(_ident(c.name))
+                                         for _i, c in cols]
         upd_guard = sql.SQL(" and not s._r_bad")
-        ins_guard = sql.SQL(" and not s._r_bad and not s._r_anykeep")
+        ins_guard: sql.Composable = sql.SQL(" and not s._r_bad and not s._r_anykeep")
     else:
         def value(i: int, c: Column) -> sql.Composable:
             return _cast(sql.SQL("s.{}").format(_ident(c.name)), t, c)
-        ins_val = [value(i, c) for i, c in enumerate(cols)]
+        ins_val = [value(i, c) for i, c in cols]
         upd_guard = ins_guard = sql.SQL("")
         on = sql.SQL(" and ").join(
             sql.SQL("t.{k} = {v}").format(
                 k=_ident(c.name), v=_cast(sql.SQL("s.{}").format(_ident(c.name)), t, c))
-            for c in cols if c.name in key)
+            for _i, c in cols if c.name in key)
     sets = [sql.SQL("{} = {}").format(_ident(c.name), value(i, c))
-            for i, c in enumerate(cols) if c.name not in key]
+            for i, c in cols if c.name not in key]
+    delete: sql.Composable = sql.SQL("delete")
+    if t.options.soft_delete:
+        # The row stays, marked; a later insert or update of its key clears the mark.
+        sets.append(sql.SQL("{} = null").format(_ident(DELETED_AT)))
+        delete = sql.SQL("update set {} = {}").format(_ident(DELETED_AT), COMMIT_TIME)
     update = (sql.SQL("update set {}").format(sql.SQL(", ").join(sets)) if sets
               else sql.SQL("do nothing"))
+    if t.options.filter is not None:
+        # An update whose new row is outside the filter takes the row out of the mirror.
+        delete += sql.SQL(" when matched and not s._r_in then delete")
+        ins_guard += sql.SQL(" and s._r_in")
     return sql.SQL(
         "merge into {dest} t using {source} s on {on} "
-        "when matched and s._r_op = 'D' then delete "
+        "when matched and s._r_op = 'D' then {delete} "
         "when matched{ug} then {update} "
         "when not matched and s._r_op <> 'D'{ig} then insert ({cols}) values ({vals})"
-    ).format(dest=t.dest, source=source, on=on, ug=upd_guard, update=update, ig=ins_guard,
-             cols=sql.SQL(", ").join(_ident(c.name) for c in cols),
+    ).format(dest=t.dest, source=source, on=on, delete=delete, ug=upd_guard, update=update,
+             ig=ins_guard, cols=sql.SQL(", ").join(_ident(c.name) for _i, c in cols),
              vals=sql.SQL(", ").join(ins_val))
 
 
@@ -199,8 +245,9 @@ def _toastable(col: Column) -> bool:
 def merge_sql(t: MirrorTable) -> sql.Composed:
     """The common case: no unchanged-TOAST column in this table's batch."""
     key = sql.SQL(", ").join(_ident(k) for k in t.source.key)
-    source = sql.SQL("(select distinct on ({k}) * from {stage} order by {k}, _r_seq desc)").format(
-        k=key, stage=t.stage)
+    source = sql.SQL("(select distinct on ({k}) *, {f} as _r_in from {stage} s "
+                     "order by {k}, _r_seq desc)").format(k=key, stage=t.stage,
+                                                          f=passes(t, "s"))
     return _merge_tail(t, source, toast=False)
 
 
@@ -226,7 +273,9 @@ def _toast_ctes(t: MirrorTable) -> sql.Composed:
     key_names = list(t.source.key)
     k = sql.SQL(", ").join(_ident(n) for n in key_names)
     cols = list(t.columns)
-    tcols = [(i, c) for i, c in enumerate(cols) if _toastable(c) and c.name not in key_names]
+    # An excluded column's unchanged value is never needed: it is not in the mirror.
+    tcols = [(i, c) for i, c in enumerate(cols) if _toastable(c) and c.name not in key_names
+             and c.name not in t.options.exclude]
     nk = len(key_names)
     by_name = {c.name: c for c in cols}
 
@@ -326,7 +375,7 @@ def _toast_ctes(t: MirrorTable) -> sql.Composed:
         for j, n in enumerate(key_names))
     first_key = _ident(key_names[0])
 
-    out: list[sql.Composable] = [sql.SQL("l._r_op, l._r_seq")]
+    out: list[sql.Composable] = [sql.SQL("l._r_op, l._r_seq, l._r_lsn")]
     keeps, bads = [], []
     tset = {i for i, _ in tcols}
     for i, col in enumerate(cols):
@@ -379,7 +428,8 @@ def _toast_ctes(t: MirrorTable) -> sql.Composed:
 def merge_toast_sql(t: MirrorTable) -> sql.Composed:
     # MERGE takes no WITH RECURSIVE of its own (PostgreSQL 15): the CTEs go
     # inside its source.
-    return _merge_tail(t, sql.SQL("(") + _toast_ctes(t) + sql.SQL("select * from r)"), toast=True)
+    return _merge_tail(t, sql.SQL("(") + _toast_ctes(t) + sql.SQL(
+        "select r.*, {} as _r_in from r)").format(passes(t, "r", cast=False)), toast=True)
 
 
 def dead_letter_sql(t: MirrorTable) -> sql.Composed:
@@ -392,8 +442,165 @@ def dead_letter_sql(t: MirrorTable) -> sql.Composed:
         "and no mirror row to keep it from', jsonb_build_object({obj}), "
         "jsonb_build_object({obj}) from r s "
         "where s._r_op <> 'D' and (s._r_bad or (s._r_anykeep and not exists "
-        "(select 1 from {dest} t where {on})))"
-    ).format(dl=sql.Identifier(t.state_schema, "dead_letters"), obj=obj, dest=t.dest, on=on)
+        "(select 1 from {dest} t where {on}))) and {f}"
+    ).format(dl=sql.Identifier(t.state_schema, "dead_letters"), obj=obj, dest=t.dest, on=on,
+             f=passes(t, "s", cast=False))
+
+
+# -- [mappings] options: history, rows moving into a filter -----------------
+
+HISTORY_COLUMNS = ("_op", "_commit_time", "_lsn", "_seq")
+
+
+def create_history_sql(t: MirrorTable) -> list[sql.Composed]:
+    """<table>_history beside the mirror: one row per change, the new row (a delete's key)."""
+    cols: list[sql.Composable] = [sql.SQL(
+        '_op "char" not null, _commit_time timestamptz, _lsn pg_lsn not null, '
+        '_seq int8 not null')]
+    cols += [sql.SQL("{} {}").format(_ident(c.name), sql.SQL(c.mirror_type)) for c in t.kept]
+    return [
+        sql.SQL("create table if not exists {} ({})").format(t.history, sql.SQL(", ").join(cols)),
+        # A change is appended once: the batch commits with the applied position.
+        sql.SQL("create unique index if not exists {} on {} (_lsn, _seq)").format(
+            _ident(f"{t.dest_name[:50]}_history_lsn"), t.history),
+    ]
+
+
+def history_sql(t: MirrorTable) -> sql.Composed:
+    """Append the staged changes to the history, before the MERGE (it reads the mirror's rows
+    for unchanged-TOAST values: the latest earlier value of the key in the batch, else the
+    mirror's). With a filter, only deletes and rows the filter keeps are logged."""
+    vals = _images(t, sql.SQL("m.{}"))
+    return sql.SQL(
+        "insert into {hist} ({hcols}, {cols}) "
+        "select s._r_op, {ct}, '0/0'::pg_lsn + s._r_lsn::numeric, 2 * s._r_seq + 1, {vals} "
+        "from {stage} s left join {dest} m on {on} where s._r_op = 'D' or {f} "
+        "order by s._r_seq"
+    ).format(hist=t.history, hcols=sql.SQL(", ").join(map(_ident, HISTORY_COLUMNS)),
+             cols=sql.SQL(", ").join(_ident(c.name) for c in t.kept), ct=COMMIT_TIME,
+             vals=sql.SQL(", ").join(vals), stage=t.stage, dest=t.dest, on=_on_mirror(t),
+             f=passes(t, "s"))
+
+
+def _on_mirror(t: MirrorTable) -> sql.Composed:
+    """Mirror row m of staged row s."""
+    by_name = {c.name: c for c in t.columns}
+    return sql.SQL(" and ").join(sql.SQL("m.{} = {}").format(
+        _ident(k), _cast(sql.SQL("s.{}").format(_ident(k)), t, by_name[k])) for k in t.source.key)
+
+
+def _images(t: MirrorTable, mirror: sql.SQL | None) -> list[sql.Composable]:
+    """The mirror's columns of staged row s as mirror-typed values, a delete's key only. An
+    unchanged-TOAST value is the latest earlier one of the key in staging, else the mirror
+    row's (`mirror`: a format for the column, e.g. m.{}), else NULL."""
+    key = list(t.source.key)
+    same = sql.SQL(" and ").join(sql.SQL("p.{k} = s.{k}").format(k=_ident(k)) for k in key)
+    index = {c.name: i for i, c in enumerate(t.columns)}
+    vals: list[sql.Composable] = []
+    for c in t.kept:
+        own = _cast(sql.SQL("s.{}").format(_ident(c.name)), t, c)
+        if c.name in key:
+            vals.append(own)
+        elif not _toastable(c):
+            vals.append(sql.SQL("case when s._r_op <> 'D' then {} end").format(own))
+        else:
+            i = sql.Literal(index[c.name])
+            vals.append(sql.SQL(
+                "case when s._r_op = 'D' then null "
+                "when s._r_u is null or get_bit(s._r_u, {i}) = 0 then {own} "
+                "else coalesce((select {prev} from {stage} p where {same} and p._r_seq < s._r_seq "
+                "and p._r_op <> 'D' and (p._r_u is null or get_bit(p._r_u, {i}) = 0) "
+                "order by p._r_seq desc limit 1), {m}) end").format(
+                    i=i, own=own, prev=_cast(sql.SQL("p.{}").format(_ident(c.name)), t, c),
+                    stage=t.stage, same=same,
+                    m=mirror.format(_ident(c.name)) if mirror is not None else sql.NULL))
+    return vals
+
+
+def soft_deleted_sql(t: MirrorTable) -> sql.Composed:
+    """After the MERGE: rows the batch inserted and deleted again (their key's last staged
+    change is a delete, and the mirror has no row) are kept too, marked, with their latest
+    image in the batch."""
+    key = sql.SQL(", ").join(_ident(k) for k in t.source.key)
+    same = sql.SQL(" and ").join(sql.SQL("l.{k} = s.{k}").format(k=_ident(k))
+                                 for k in t.source.key)
+    return sql.SQL(
+        "insert into {dest} ({cols}, {deleted}) "
+        "select {vals}, {ct} from (select distinct on ({k}) s.*, "
+        "(select case when l._r_op = 'D' then l._r_lsn end from {stage} l where {same} "
+        "order by l._r_seq desc limit 1) as _r_dlsn "
+        "from {stage} s where s._r_op <> 'D' order by {k}, s._r_seq desc) s "
+        "where s._r_dlsn is not null and not exists (select 1 from {dest} m where {on}) "
+        "and {f}"
+    ).format(dest=t.dest, cols=sql.SQL(", ").join(_ident(c.name) for c in t.kept),
+             deleted=_ident(DELETED_AT), vals=sql.SQL(", ").join(_images(t, None)),
+             ct=commit_time(sql.SQL("s._r_dlsn")), k=key, stage=t.stage, same=same,
+             on=_on_mirror(t), f=passes(t, "s"))
+
+
+def moving_in_sql(t: MirrorTable) -> sql.Composed:
+    """Keys (jsonb) of the last staged rows that enter the filter with unchanged-TOAST
+    values: no mirror row has those values (nor, after a key change, the old key's), the
+    source is asked for them."""
+    key = t.source.key
+    on = sql.SQL(" and ").join(sql.SQL("t.{k} = s.{k}").format(k=_ident(k)) for k in key)
+    return _toast_ctes(t) + sql.SQL(
+        "select coalesce(jsonb_agg({kj}), '[]') from r s where s._r_op <> 'D' "
+        "and (s._r_anykeep or s._r_bad) and not exists (select 1 from {dest} t where {on}) "
+        "and {f}"
+    ).format(kj=key_json(t, "s"), dest=t.dest, on=on, f=passes(t, "s", cast=False))
+
+
+def source_values_sql(t: MirrorTable) -> sql.Composed:
+    """(On the source) the key and large values of the rows with the given keys, as jsonb."""
+    cols = [c for c in t.kept if c.name in t.source.key or _toastable(c)]
+    src = sql.Identifier(t.source.schema, t.source.name)
+    keys = sql.SQL(", ").join(_ident(k) for k in t.source.key)
+    return sql.SQL(
+        "select coalesce(jsonb_agg(to_jsonb(x)), '[]') from (select {cols} from {src} "
+        "where ({keys}) in (select {keys} from jsonb_populate_recordset(null::{src}, %s))) x"
+    ).format(cols=sql.SQL(", ").join(
+        sql.SQL("{}{} as {}").format(_ident(c.name), sql.SQL("" if c.builtin else "::text"),
+                                     _ident(c.name)) for c in cols),
+        src=src, keys=keys)
+
+
+def fill_moving_in_sql(t: MirrorTable) -> sql.Composed:
+    """Put the source's values into the unchanged-TOAST columns of each key's last staged
+    row; the row then carries every value and is inserted like any other."""
+    key = t.source.key
+    same = sql.SQL(" and ").join(sql.SQL("s.{k} = f.{k}").format(k=_ident(k)) for k in key)
+    same2 = sql.SQL(" and ").join(sql.SQL("l.{k} = s.{k}").format(k=_ident(k)) for k in key)
+    sets: list[sql.Composable] = [sql.SQL(
+        "{c} = case when get_bit(s._r_u, {i}) = 1 then f.{c} else s.{c} end").format(
+        c=_ident(c.name), i=sql.Literal(i)) for i, c in enumerate(t.columns)
+        if _toastable(c) and c in t.kept and c.name not in key]
+    sets.append(sql.SQL("_r_u = null"))
+    return sql.SQL(
+        "update {stage} s set {sets} from jsonb_populate_recordset(null::{stage}, %s) f "
+        "where {same} and s._r_u is not null "
+        "and s._r_seq = (select max(l._r_seq) from {stage} l where {same2})"
+    ).format(stage=t.stage, sets=sql.SQL(", ").join(sets), same=same, same2=same2)
+
+
+def check_filter_sql(t: MirrorTable) -> sql.Composed:
+    return sql.SQL("select {} from {} s limit 0").format(passes(t, "s"), t.stage)
+
+
+def check_filter(conn: psycopg.Connection, t: MirrorTable) -> None:
+    """Refuse a [mappings] filter the destination cannot run on the table's staged rows
+    (t's staging table must exist)."""
+    if t.options.filter is None:
+        return
+    try:
+        with conn.transaction():
+            conn.execute(check_filter_sql(t), {})
+    except psycopg.Error as exc:
+        raise ReplicatorError(
+            ErrorKind.CONFIG, f"[mappings.{t.source.qualname}] filter: the destination cannot "
+            f"run it on the table's rows: {exc.diag.message_primary or exc}",
+            "write a SQL boolean expression over the source table's column names, valid on "
+            "both the source and the destination") from None
 
 
 # -- changes the mirror rejects ---------------------------------------------
@@ -493,7 +700,7 @@ def letter_sql(t: MirrorTable) -> sql.Composed:
     row_data has the mirror-typed new row without its unchanged-TOAST columns (named in
     unchanged: a retry keeps the mirror's value); a delete's is its key.
     """
-    toast = [(i, c) for i, c in enumerate(t.columns) if _toastable(c)]
+    toast = [(i, c) for i, c in enumerate(t.columns) if _toastable(c) and c in t.kept]
     if toast:
         unchanged: sql.Composable = sql.SQL(
             "case when s._r_u is null then '{{}}'::text[] else array_remove(array[{}]::text[], "
@@ -504,7 +711,7 @@ def letter_sql(t: MirrorTable) -> sql.Composed:
         unchanged = sql.SQL("'{}'::text[]")
     row = sql.SQL(", ").join(
         sql.SQL("{} as {}").format(_cast(sql.SQL("s.{}").format(_ident(c.name)), t, c),
-                                   _ident(c.name)) for c in t.columns)
+                                   _ident(c.name)) for c in t.kept)
     old = key_json(t, "s", [f"_r_ok{i}" for i in range(len(t.source.key))])
     return sql.SQL(
         "insert into {dl} (slot, mirror_table, lsn, reason, sqlstate, op, key_data, old_key, "
@@ -610,9 +817,15 @@ class Applier:
     """Owns the destination connection; applies batches one transaction each."""
 
     def __init__(self, conninfo: str, state_schema: str, slot: str, on_error: str = "stop",
-                 limits: BatchLimits | None = None, readers: tuple[str, ...] = ()):
+                 limits: BatchLimits | None = None, readers: tuple[str, ...] = (),
+                 source_conninfo: str | None = None):
         assert on_error in ON_ERROR, on_error
         self._conninfo = conninfo
+        # Read only for rows that move into a [mappings] filter with unchanged-TOAST values.
+        self._source_conninfo = source_conninfo
+        self._source: psycopg.Connection | None = None
+        # The batch's commit LSNs and times (soft deletes, history rows).
+        self._times: dict[str, list[int]] = {"lsns": [], "times": []}
         self.state_schema = state_schema
         self.slot = slot
         self.on_error = on_error
@@ -659,6 +872,9 @@ class Applier:
         if self.conn is not None:
             self.conn.close()
             self.conn = None
+        if self._source is not None:
+            self._source.close()
+            self._source = None
 
     def abort(self) -> None:
         """Shut the connection down under the batch in flight (from another thread).
@@ -705,6 +921,19 @@ class Applier:
                     conn, self.state_schema, self.slot, t.source.qualname,
                     {o.attnum: c.name for c, o in zip(t.columns, origins) if o.attnum is not None})
         conn.execute(create_staging_sql(t))
+        self._ensure_options(t)
+
+    def _ensure_options(self, t: MirrorTable) -> None:
+        """What the table's [mappings] options need in the mirror, checked before any row."""
+        conn = self._dest
+        check_options(t.source, t.options)
+        if t.options.soft_delete:
+            conn.execute(sql.SQL("alter table {} add column if not exists {} timestamptz").format(
+                t.dest, _ident(DELETED_AT)))
+        if t.options.history:
+            for stmt in create_history_sql(t):
+                conn.execute(stmt)
+        check_filter(conn, t)
 
     def _stmt(self, kind: str, t: MirrorTable) -> sql.SQL:
         key = (kind, t.staging)
@@ -714,7 +943,9 @@ class Applier:
                      "merge_toast": merge_toast_sql, "dead": dead_letter_sql,
                      "queued": queued_sql, "isolate_links": isolate_links_sql,
                      "isolate_queued": isolate_queued_sql, "isolate_stage": isolate_stage_sql,
-                     "letter": letter_sql}[kind]
+                     "letter": letter_sql, "history": history_sql, "moving_in": moving_in_sql,
+                     "fill_moving_in": fill_moving_in_sql,
+                     "soft_deleted": soft_deleted_sql}[kind]
             stmt = self._statements[key] = sql.SQL(build(t).as_string(self.conn))
         return stmt
 
@@ -741,6 +972,7 @@ class Applier:
         started = time.monotonic()
         holding_before = set(self.holding)
         syncs_done = any(isinstance(op, SyncDone) for op in batch.ops)
+        self._times = {"lsns": list(batch.commit_times), "times": list(batch.commit_times.values())}
         try:
             conn = self._dest
             with conn.transaction(), conn.cursor() as cur:
@@ -809,6 +1041,8 @@ class Applier:
                 "(or drop it so it is recreated) and restart",
             ) from exc
         res.seconds = time.monotonic() - started
+        if batch.txns:
+            failpoints.hit(failpoints.BATCH_COMMITTED)
         if self._lettered is not None:
             self._lettered |= res.lettered
         if res.rows:
@@ -863,6 +1097,21 @@ class Applier:
 
     def _truncate(self, cur: psycopg.Cursor, op: Truncate) -> None:
         direct = [t for t in op.tables if t.qualname not in self.holding]
+        for t in direct:
+            if t.options.history:
+                cur.execute(sql.SQL(
+                    "insert into {} (_op, _commit_time, _lsn, _seq) select 'T', {}, "
+                    "'0/0'::pg_lsn + s._r_lsn::numeric, 2 * %(seq)s::int8 "
+                    "from (select %(lsn)s::int8 as _r_lsn) s").format(t.history, COMMIT_TIME),
+                    {**self._times, "seq": op.seq, "lsn": op.lsn})
+        soft = [t for t in direct if t.options.soft_delete]
+        for t in soft:
+            # Every row was deleted at the source: all are marked, none removed.
+            cur.execute(sql.SQL(
+                "update {} set {} = {} from (select %(lsn)s::int8 as _r_lsn) s "
+                "where {} is null").format(t.dest, _ident(DELETED_AT), COMMIT_TIME,
+                                           _ident(DELETED_AT)), {**self._times, "lsn": op.lsn})
+        direct = [t for t in direct if not t.options.soft_delete]
         if direct:
             cur.execute(sql.SQL("truncate {}").format(sql.SQL(", ").join(t.dest for t in direct)))
         for t in op.tables:
@@ -894,8 +1143,14 @@ class Applier:
     def _merge_staged(self, cur: psycopg.Cursor, t: MirrorTable, unchanged: bool,
                       end_lsn: int) -> int:
         """Merge what is staged; returns the unchanged-TOAST rows set aside (dead letters)."""
+        if unchanged and t.options.filter is not None:
+            self._fill_moving_in(cur, t)
+        if t.options.history:
+            cur.execute(self._stmt("history", t), self._times)
         if not unchanged:
-            cur.execute(self._stmt("merge", t))
+            cur.execute(self._stmt("merge", t), self._times)
+            if t.options.soft_delete:
+                cur.execute(self._stmt("soft_deleted", t), self._times)
             return 0
         cur.execute(self._stmt("dead", t), [self.slot, t.qualname, format_lsn(end_lsn)])
         dead = max(cur.rowcount, 0)
@@ -903,8 +1158,40 @@ class Applier:
             log.warning("rows sent with unchanged TOAST values that the mirror cannot "
                         "supply were written to the dead letter table",
                         extra={"table": t.qualname, "rows": dead})
-        cur.execute(self._stmt("merge_toast", t))
+        cur.execute(self._stmt("merge_toast", t), self._times)
+        if t.options.soft_delete:
+            cur.execute(self._stmt("soft_deleted", t), self._times)
         return dead
+
+    def _fill_moving_in(self, cur: psycopg.Cursor, t: MirrorTable) -> None:
+        """Rows an update moves into the filter come with unchanged-TOAST values that no
+        mirror row has: they are read from the source, now. The source may be ahead of the
+        stream, but a value changed since then comes again in a later change of the stream
+        (a changed large value is always sent), which overwrites it; a row deleted since
+        is not found and its change goes to the dead letters like any unsuppliable one."""
+        cur.execute(self._stmt("moving_in", t), self._times)
+        found = cur.fetchone()
+        keys = found[0] if found else []
+        if not keys:
+            return
+        if self._source_conninfo is None:
+            return
+        try:
+            if self._source is None or self._source.closed:
+                self._source = psycopg.connect(self._source_conninfo, autocommit=True,
+                                               prepare_threshold=None)
+            row = self._source.execute(source_values_sql(t), [Jsonb(keys)]).fetchone()
+        except psycopg.OperationalError as exc:
+            raise ReplicatorError(
+                ErrorKind.SOURCE_CONNECT, f"cannot read {t.source.qualname} on the source for "
+                f"rows entering its [mappings] filter: {exc}",
+                "the batch was rolled back; the replicator retries it after reconnecting",
+            ) from exc
+        values = row[0] if row else []
+        log.info("rows entering the filter took unchanged large values from the source",
+                 extra={"table": t.qualname, "rows": len(keys), "found": len(values)})
+        if values:
+            cur.execute(self._stmt("fill_moving_in", t), [Jsonb(values)])
 
     def _merge_table(self, cur: psycopg.Cursor, t: MirrorTable, unchanged: bool, end_lsn: int,
                      res: ApplyResult) -> dict[str, int]:

@@ -39,7 +39,7 @@ from psycopg import pq, sql
 
 from . import access, failpoints, state
 from ._pipe import Pipe
-from .apply import ensure_mirror_columns
+from .apply import check_filter, ensure_mirror_columns
 from .catalog import secondary_indexes, table_size
 from .errors import ErrorKind, ReplicatorError
 from .libpq import function_addresses
@@ -47,6 +47,8 @@ from .lsn import format_lsn, parse_lsn
 from .metrics import Metrics
 from .schema import (
     MirrorTable,
+    check_options,
+    check_source_filter,
     column_origins,
     create_mirror_sql,
     create_staging_sql,
@@ -161,6 +163,8 @@ class Backfill:
         for t in self.tables:
             pages, est = table_size(catalog, t.source.oid)
             copy = TableCopy(t, pages, est)
+            check_options(t.source, t.options)
+            check_source_filter(catalog, t.source, t.options)
             origins = column_origins(catalog, t.source.oid, t.columns)
             with dest.transaction():
                 if mirror_exists(dest, t):
@@ -199,6 +203,7 @@ class Backfill:
                         {o.attnum: c.name for c, o in zip(t.columns, origins)
                          if o.attnum is not None})
                 dest.execute(create_staging_sql(t))
+                check_filter(dest, t)
                 if not self.live:
                     # Changes held by an earlier live copy that never finished
                     # are older than this copy's snapshot; no stream runs now.
@@ -372,8 +377,11 @@ class Backfill:
         t = copy.table
         cols = sql.SQL(", ").join(
             sql.Identifier(c.name) if c.builtin else
-            sql.SQL("{}::text").format(sql.Identifier(c.name)) for c in t.columns)
-        where = []
+            sql.SQL("{}::text").format(sql.Identifier(c.name)) for c in t.kept)
+        where: list[sql.Composable] = []
+        if t.options.filter is not None:
+            # [mappings] filter runs here on the source, on the rows as they are now.
+            where.append(sql.SQL("({})").format(sql.SQL(t.options.filter)))
         if rng[0] is not None:
             where.append(sql.SQL("ctid >= {}::tid").format(sql.Literal(f"({rng[0]},0)")))
         if rng[1] is not None:
@@ -384,7 +392,7 @@ class Backfill:
             select += sql.SQL(" where ") + sql.SQL(" and ").join(where)
         out = sql.SQL("copy ({}) to stdout (format binary)").format(select).as_string()
         into = sql.SQL("copy {} ({}) from stdin (format binary)").format(
-            t.dest, sql.SQL(", ").join(sql.Identifier(c.name) for c in t.columns)).as_string()
+            t.dest, sql.SQL(", ").join(sql.Identifier(c.name) for c in t.kept)).as_string()
 
         if not copy.started:
             copy.started = time.monotonic()

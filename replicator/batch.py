@@ -101,6 +101,9 @@ class Batch:
     end_lsn: int = 0              # end_lsn of the last transaction in the batch
     last_commit_ts: int = 0       # source commit time of that transaction
     first_commit_ts: int = 0
+    # A transaction's commit LSN (staging's _r_lsn) -> its source commit time, for
+    # soft deletes and history rows.
+    commit_times: dict[int, int] = field(default_factory=dict)
     opened: float = field(default_factory=time.monotonic)
     _spilled: dict[int, list] = field(default_factory=dict, repr=False)
 
@@ -154,8 +157,10 @@ class Batch:
         for rows, _ in self._spilled.values():
             rows.close()
 
-    def commit(self, end_lsn: int, commit_ts: int) -> None:
+    def commit(self, end_lsn: int, commit_ts: int, commit_lsn: int = 0) -> None:
         self.txns += 1
+        if commit_lsn:
+            self.commit_times[commit_lsn] = commit_ts
         self.end_lsn = end_lsn
         self.last_commit_ts = commit_ts
         if not self.first_commit_ts:

@@ -665,7 +665,8 @@ def _summary(config: Config) -> str:
         + (f"; password from {dst.password_source}" if dst.password_source else "")
     )
     if config.mappings:
-        pairs = ", ".join(f"{s} -> {d}" for s, d in config.mappings.items())
+        pairs = ", ".join(f"{s} -> {d}{_mapping_options(config, s)}"
+                          for s, d in config.mappings.items())
         lines.append(f"  mappings:    {len(config.mappings)} tables: {pairs}")
     else:
         lines.append(f"  mappings:    every table of the publication -> {dst.schema}.<same name>")
@@ -675,6 +676,15 @@ def _summary(config: Config) -> str:
     metrics = f"port {m.port}, path {m.path}" if m.enabled else "off"
     lines.append(f"  metrics:     {metrics}")
     return redact("\n".join(lines))
+
+
+def _mapping_options(config: Config, source: str) -> str:
+    """" (exclude email, phone; filter; soft_delete; history)" for a table-form mapping."""
+    opts = config.options(*source.split(".", 1))
+    parts = ([f"exclude {', '.join(sorted(opts.exclude))}"] if opts.exclude else []) + [
+        name for name, on in (("filter", opts.filter), ("soft_delete", opts.soft_delete),
+                              ("history", opts.history)) if on]
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def _version() -> str:

@@ -27,6 +27,7 @@ from psycopg.conninfo import conninfo_to_dict
 from .errors import ConfigError
 from .redact import register_secret
 from .settings import (
+    MAPPING_KEYS,
     Config,
     ConnectionSettings,
     DestinationSettings,
@@ -443,17 +444,18 @@ def _check_tls_files(settings: ConnectionSettings, relative_to: str) -> None:
         )
 
 
-def _read_mappings(table: Mapping[str, Any], resolver: _Resolver) -> dict[str, str]:
+def _read_mappings(table: Mapping[str, Any], resolver: _Resolver) -> dict[str, Any]:
     """Flatten [mappings] and substitute variables in its values.
 
     A bare dotted key (public.account_move = ...) is a nested table in TOML; accept it as if
-    it had been quoted, since that is what the author meant.
+    it had been quoted, since that is what the author meant. A table whose keys are mapping
+    options ([mappings.res_partner] target = ..., exclude = [...]) is the table form.
     """
     flat: dict[str, Any] = {}
     for key, value in table.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and not _is_table_form(value):
             for sub_key, sub_value in value.items():
-                if isinstance(sub_value, dict):
+                if isinstance(sub_value, dict) and not _is_table_form(sub_value):
                     raise ConfigError(
                         f"[mappings] {key}.{sub_key}: too many dots",
                         'keys are "table" or "schema.table"',
@@ -461,10 +463,21 @@ def _read_mappings(table: Mapping[str, Any], resolver: _Resolver) -> dict[str, s
                 flat[f"{key}.{sub_key}"] = sub_value
         else:
             flat[key] = value
-    return {
-        key: resolver.substitute(f"[mappings] {key}", value)[0] if isinstance(value, str) else value
-        for key, value in flat.items()
-    }
+
+    def substitute(key: str, value: Any) -> Any:
+        if isinstance(value, str):
+            return resolver.substitute(f"[mappings] {key}", value)[0]
+        if isinstance(value, dict):
+            return {k: resolver.substitute(f"[mappings.{key}] {k}", v)[0]
+                    if isinstance(v, str) else v for k, v in value.items()}
+        return value
+
+    return {key: substitute(key, value) for key, value in flat.items()}
+
+
+def _is_table_form(value: dict[str, Any]) -> bool:
+    # A schema's tables are strings (or tables of options); options are named or not strings.
+    return any(k in MAPPING_KEYS or not isinstance(v, (str, dict)) for k, v in value.items())
 
 
 def _dsn_table(section: str, dsn: str) -> dict[str, Any]:

@@ -186,7 +186,8 @@ class Pipeline:
         except psycopg.OperationalError as exc:
             raise classify_connect(exc, src.conninfo(), settings=src) from exc
         applier = Applier(dst.conninfo(), dst.state_schema, slot, dst.on_error,
-                          deadline.BatchLimits.of(dst), dst.analytics_roles)
+                          deadline.BatchLimits.of(dst), dst.analytics_roles,
+                          source_conninfo=src.conninfo())
         repl: ReplicationConnection | None = None
         applier_thread = None
         handoff = Handoff()
@@ -198,7 +199,7 @@ class Pipeline:
             binary = all(c.builtin for t in tables for c in t.columns)
             mirrors = {(t.schema, t.name): MirrorTable(
                 t, *_target(cfg, t.schema, t.name), state_schema=dst.state_schema,
-                binary=binary)
+                binary=binary, options=cfg.options(t.schema, t.name))
                 for t in tables}
 
             dest = applier.connect()

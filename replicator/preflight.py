@@ -25,7 +25,13 @@ from .catalog import (
 from .classify import classify
 from .errors import ErrorKind, ReplicatorError
 from .lsn import format_lsn, parse_lsn
-from .schema import SourceTable, check_replicable, read_table
+from .schema import (
+    SourceTable,
+    check_options,
+    check_replicable,
+    check_source_filter,
+    read_table,
+)
 from .settings import Config
 
 _LOST_HINT = ("the mirror misses changes: run `replicator resync --config PATH --all`, "
@@ -72,7 +78,8 @@ def discover_tables(catalog: psycopg.Connection, config: Config) -> list[SourceT
     """The published tables that are replicated, read from the source catalog.
 
     Refuses a source older than 14, without wal_level=logical, a missing or empty
-    publication, a [mappings] entry the publication lacks, and a table without a key.
+    publication, a [mappings] entry the publication lacks, a table without a key, an
+    excluded key column and a filter the source cannot run.
     """
     src = config.source
     check_server_version("source", catalog.info.server_version)
@@ -107,6 +114,8 @@ def discover_tables(catalog: psycopg.Connection, config: Config) -> list[SourceT
               for s, t in published if config.target(s, t) is not None]
     for t in tables:
         check_replicable(t)
+        check_options(t, config.options(t.schema, t.name))
+        check_source_filter(catalog, t, config.options(t.schema, t.name))
     return tables
 
 

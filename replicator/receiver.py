@@ -150,7 +150,7 @@ class Receiver:
                 self.silent += time.monotonic() - waited
             elif ev == EV_COMMIT:
                 if not dec.skipping:
-                    self.batch.commit(dec.end_lsn, dec.commit_ts)
+                    self.batch.commit(dec.end_lsn, dec.commit_ts, dec.final_lsn)
                     if self.batch.txns == 1:
                         self.metrics.received_commit(dec.end_lsn, dec.commit_ts)
                 self._maybe_close()
@@ -358,7 +358,7 @@ class Receiver:
         if differs:
             source = dataclasses.replace(t.source, columns=columns, key=key_cols)
             t = MirrorTable(source, t.dest_schema, t.dest_name, t.state_schema, t.binary,
-                            columns=columns)
+                            columns=columns, options=t.options)
             self.mirrors[key] = t
         if alter:
             self.altered[key] = layout
@@ -506,7 +506,8 @@ class Receiver:
             target = self.cfg.target(*key)
             assert target is not None, "only mapped tables are synced"
             t = MirrorTable(source, *target,
-                            state_schema=self.cfg.destination.state_schema, binary=self.binary)
+                            state_schema=self.cfg.destination.state_schema, binary=self.binary,
+                            options=self.cfg.options(*key))
             self.mirrors[key] = t
             log.info("table added to the publication", extra={"table": source.qualname})
         self.batch.add_rows(self.dec.take(), self.by_relid)

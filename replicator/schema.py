@@ -18,6 +18,7 @@ from psycopg import sql
 
 from . import catalog
 from .errors import ErrorKind, ReplicatorError
+from .settings import NO_OPTIONS, MappingOptions
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 FIRST_USER_OID = 16384
 
 STAGING_PREFIX = "_r_"  # staging's own columns; Odoo never names a column so
+DELETED_AT = "_deleted_at"  # [mappings] soft_delete: when the source deleted the row
 
 
 @dataclass(frozen=True)
@@ -75,11 +77,22 @@ class MirrorTable:
     columns: tuple[Column, ...] = ()   # in the order the stream sends them
     relid: int = 0
     staging: str = field(default="")
+    options: MappingOptions = NO_OPTIONS   # exclude, filter, soft_delete, history
 
     def __post_init__(self) -> None:
         if not self.columns:
             self.columns = self.source.columns
         self.staging = staging_name(self)
+
+    @property
+    def kept(self) -> tuple[Column, ...]:
+        """The mirror's columns: the stream's (staging has all of them) minus the excluded."""
+        return tuple(c for c in self.columns if c.name not in self.options.exclude)
+
+    @property
+    def history(self) -> sql.Composable:
+        """The change history table beside the mirror ([mappings] history = true)."""
+        return sql.Identifier(self.dest_schema, self.dest_name + "_history")
 
     @property
     def key_idx(self) -> list[int]:
@@ -114,6 +127,22 @@ def staging_name(t: MirrorTable) -> str:
     return f"stage_{t.dest_name[:40]}_{digest}"
 
 
+def check_source_filter(conn: psycopg.Connection, table: SourceTable,
+                        options: MappingOptions) -> None:
+    """The initial copy runs [mappings] filter on the source: refuse one it cannot run."""
+    if options.filter is None:
+        return
+    try:
+        conn.execute(sql.SQL("select from {} where ({}) limit 0").format(
+            sql.Identifier(table.schema, table.name), sql.SQL(options.filter)))
+    except psycopg.Error as exc:
+        raise ReplicatorError(
+            ErrorKind.CONFIG, f"[mappings.{table.qualname}] filter: the source cannot run "
+            f"it for the initial copy: {exc.diag.message_primary or exc}",
+            "write a SQL boolean expression over the table's column names, valid on both "
+            "the source and the destination") from None
+
+
 def read_table(conn: psycopg.Connection, schema: str, name: str) -> SourceTable:
     qual = sql.Identifier(schema, name).as_string(conn)
     oid, nsp, rel, replident, key = catalog.table_row(conn, qual)
@@ -136,6 +165,16 @@ def check_replicable(table: SourceTable) -> None:
     )
 
 
+def check_options(table: SourceTable, options: MappingOptions) -> None:
+    """Refuse [mappings] options the table cannot have."""
+    excluded_key = [k for k in table.key if k in options.exclude]
+    if excluded_key:
+        raise ReplicatorError(
+            ErrorKind.CONFIG, f"[mappings.{table.qualname}] exclude: "
+            f"{', '.join(excluded_key)} is part of the table's key",
+            "the mirror needs the key to apply updates and deletes: remove it from exclude")
+
+
 # -- destination DDL -------------------------------------------------------
 
 
@@ -146,7 +185,9 @@ def create_mirror_sql(t: MirrorTable, with_key: bool = True,
     if_not_exists=False: fail (DuplicateTable) if another session created it first.
     """
     cols = [sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(c.mirror_type))
-            for c in t.columns]
+            for c in t.kept]
+    if t.options.soft_delete:
+        cols.append(sql.SQL("{} timestamptz").format(sql.Identifier(DELETED_AT)))
     if with_key:
         cols.append(sql.SQL("primary key ({})").format(
             sql.SQL(", ").join(map(sql.Identifier, t.source.key))))
@@ -243,12 +284,16 @@ def plan_mirror(t: MirrorTable, existing: dict[str, str], remembered: dict[int, 
     source rewrote the table, which is not replicated) is listed in `recopy`.
     """
     origins = origins or tuple(Origin() for _ in t.columns)
+    # An excluded column is not in the mirror, whatever the source does with it.
+    pairs = [(c, o) for c, o in zip(t.columns, origins) if c.name not in t.options.exclude]
+    columns = [c for c, _ in pairs]
+    origins = tuple(o for _, o in pairs)
     remembered = {a: n for a, n in remembered.items() if n in existing}
     owner = {n: a for a, n in remembered.items()}
     wanted = {o.attnum for o in origins if o.attnum is not None}
     olds: list[str | None] = []
     claimed: set[str] = set()
-    for c, o in zip(t.columns, origins):
+    for c, o in zip(columns, origins):
         old = remembered.get(o.attnum) if o.attnum is not None else None
         if old is None and c.name in existing:
             other = owner.get(c.name)
@@ -272,10 +317,10 @@ def plan_mirror(t: MirrorTable, existing: dict[str, str], remembered: dict[int, 
         names.discard(a)
         names.add(b)
 
-    renames = [(old, c.name) for c, old in zip(t.columns, olds)
+    renames = [(old, c.name) for c, old in zip(columns, olds)
                if old is not None and old != c.name]
     moving = {a for a, _ in renames}
-    for c, old in zip(t.columns, olds):
+    for c, old in zip(columns, olds):
         b = c.name
         if old != b and b in names and b not in moving:
             # A column the source dropped is in the way: it steps aside.
@@ -293,9 +338,15 @@ def plan_mirror(t: MirrorTable, existing: dict[str, str], remembered: dict[int, 
     else:
         for a, b in renames:
             rename(a, b)
+    for name in sorted(existing):
+        if name in t.options.exclude and name in names and name not in claimed:
+            # Excluded after the mirror had it (a partner's email): it goes.
+            out.append((sql.SQL("alter table {} drop column {}").format(
+                t.dest, sql.Identifier(name)), None))
+            names.discard(name)
 
     recopy = []
-    for c, o, old in zip(t.columns, origins, olds):
+    for c, o, old in zip(columns, origins, olds):
         if old is not None:
             have = existing[old]
             if have != c.mirror_type:
@@ -316,7 +367,7 @@ def plan_mirror(t: MirrorTable, existing: dict[str, str], remembered: dict[int, 
             if fast_defaults and o.has_default:
                 recopy.append(c.name)
     attnums = dict(remembered)
-    for c, o in zip(t.columns, origins):
+    for c, o in zip(columns, origins):
         if o.attnum is not None:
             attnums[o.attnum] = c.name
     # A name now belongs to one attnum only (the others were dropped at the source).

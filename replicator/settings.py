@@ -28,6 +28,7 @@ __all__ = [
     "ConnectionSettings",
     "DestinationSettings",
     "LoggingSettings",
+    "MappingOptions",
     "MetricsSettings",
     "Secret",
     "SourceSettings",
@@ -314,13 +315,33 @@ class MetricsSettings:
             )
 
 
+# The keys of a table-form mapping ([mappings.res_partner]).
+MAPPING_KEYS = ("target", "exclude", "filter", "soft_delete", "history")
+
+
+@dataclass(frozen=True)
+class MappingOptions:
+    """What a table-form mapping adds to "source -> target": columns left out, a row filter
+    (trusted SQL over the source's column names), soft deletes and a change history."""
+
+    exclude: frozenset[str] = frozenset()
+    filter: str | None = None
+    soft_delete: bool = False
+    history: bool = False
+
+
+NO_OPTIONS = MappingOptions()
+
+
 @dataclass(frozen=True, kw_only=True)
 class Config:
     """Everything the replicator needs; build it with ``load_config`` or ``from_dsns``.
 
     ``mappings`` maps "schema.table" on the source to "schema.table" on the destination, both
     always qualified. Empty means: every table of the publication, same name, in
-    ``destination.schema``. Use ``target()`` rather than reading it directly.
+    ``destination.schema``. Use ``target()`` rather than reading it directly. A value may be
+    a table (the table form: target, exclude, filter, soft_delete, history); its options end
+    up in ``mapping_options`` (read them with ``options()``).
     """
 
     source: SourceSettings
@@ -329,9 +350,17 @@ class Config:
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     path: Path | None = None  # the config file; None when built from DSNs
+    mapping_options: dict[str, MappingOptions] = field(default_factory=dict,
+                                                       metadata=_NOT_A_KEY)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "mappings", _normalise_mappings(self.mappings, self.destination))
+        targets, options = _normalise_mappings(self.mappings, self.destination)
+        object.__setattr__(self, "mappings", targets)
+        object.__setattr__(self, "mapping_options", options)
+
+    def options(self, schema: str, table: str) -> MappingOptions:
+        """The table-form options of a source table's mapping (none for the string form)."""
+        return self.mapping_options.get(f"{schema}.{table}", NO_OPTIONS)
 
     def target(self, schema: str, table: str) -> tuple[str, str] | None:
         """Destination (schema, table) for a source table, or None if it is not mapped."""
@@ -354,18 +383,26 @@ class Config:
         return from_dsns(source_dsn, dest_dsn, publication, **overrides)
 
 
-def _normalise_mappings(raw: Mapping[str, Any], dest: DestinationSettings) -> dict[str, str]:
+def _normalise_mappings(
+    raw: Mapping[str, Any], dest: DestinationSettings
+) -> tuple[dict[str, str], dict[str, MappingOptions]]:
     """Qualify both sides: a bare source is in "public", a bare destination in dest.schema."""
     result: dict[str, str] = {}
     owner: dict[str, str] = {}
+    options: dict[str, MappingOptions] = {}
     for key, value in raw.items():
         where = f"[mappings] {key}"
-        if not isinstance(value, str):
+        source = _qualify(where, "source table", key, "public")
+        if isinstance(value, MappingOptions):
+            raise ConfigError(f"{where}: expected a string or a table", "see README: mappings")
+        if isinstance(value, Mapping):
+            value, options[source] = _table_mapping(f"[mappings.{key}]", value, source)
+            where = f"[mappings.{key}] target"
+        elif not isinstance(value, str):
             raise ConfigError(
                 f"{where}: expected a string, got {describe_value(value)}",
                 'write table = "schema.table" or table = "table"',
             )
-        source = _qualify(where, "source table", key, "public")
         target = _qualify(where, "destination table", value, dest.schema)
         if source in result:
             raise ConfigError(f"{where}: {source} is mapped twice", "keep one of the two lines")
@@ -382,7 +419,39 @@ def _normalise_mappings(raw: Mapping[str, Any], dest: DestinationSettings) -> di
             )
         result[source] = target
         owner[target] = source
-    return result
+    return result, options
+
+
+def _table_mapping(where: str, table: Mapping[str, Any], source: str) -> tuple[str, MappingOptions]:
+    """(target, options) of a table-form mapping; the target defaults to the source's name."""
+    unknown = [k for k in table if k not in MAPPING_KEYS]
+    if unknown:
+        raise ConfigError(f"{where} unknown key{'s' if len(unknown) > 1 else ''}: "
+                          f"{', '.join(unknown)}", did_you_mean(unknown, list(MAPPING_KEYS)))
+    target = table.get("target", source.split(".", 1)[1])
+    if not isinstance(target, str):
+        raise ConfigError(f"{where} target: expected a string, got {describe_value(target)}",
+                          'write target = "schema.table" or target = "table"')
+    exclude = table.get("exclude", [])
+    if not isinstance(exclude, list) or not all(isinstance(c, str) for c in exclude):
+        raise ConfigError(f"{where} exclude: expected a list of column names, got "
+                          f"{describe_value(exclude)}", 'write exclude = ["email", "phone"]')
+    for col in exclude:
+        if not _IDENT_RE.fullmatch(col):
+            raise ConfigError(f"{where} exclude: {col!r} is not a valid column name",
+                              "use the source's column names: letters, digits and underscores")
+    filt = table.get("filter")
+    if filt is not None and (not isinstance(filt, str) or not filt.strip()):
+        raise ConfigError(f"{where} filter: expected a SQL condition as a string, got "
+                          f"{describe_value(filt)}", 'write filter = "active and company_id = 1"')
+    flags = {}
+    for name in ("soft_delete", "history"):
+        flag = table.get(name, False)
+        if not isinstance(flag, bool):
+            raise ConfigError(f"{where} {name}: expected true or false, got "
+                              f"{describe_value(flag)}", f"write {name} = true")
+        flags[name] = flag
+    return target, MappingOptions(frozenset(exclude), filt, **flags)
 
 
 def _qualify(where: str, what: str, name: str, default_schema: str) -> str:
