@@ -1045,8 +1045,6 @@ class Applier:
             failpoints.hit(failpoints.BATCH_COMMITTED)
         if self._lettered is not None:
             self._lettered |= res.lettered
-        if res.rows:
-            failpoints.hit(failpoints.BATCH_COMMITTED)
         if syncs_done:
             failpoints.hit(failpoints.SYNC_DONE_COMMITTED)
         for op in batch.ops:

@@ -36,8 +36,6 @@ STARTUP_COPIED = "startup.copied"                          # startup copy done, 
 SYNC_DONE_BEFORE_COMMIT = "apply.sync_done_before_commit"  # merge of held rows not committed
 SYNC_DONE_COMMITTED = "apply.sync_done_committed"          # held rows merged, table streaming
 SYNC_START_COMMITTED = "apply.sync_start_committed"        # the table's changes are held
-BATCH_BEFORE_COMMIT = "apply.batch_before_commit"          # a batch with changes, not committed
-BATCH_COMMITTED = "apply.batch_committed"                  # committed, the source not yet told
 
 
 def _parse(text: str) -> dict[str, str]:
