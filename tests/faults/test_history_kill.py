@@ -17,7 +17,8 @@ import time
 
 import psycopg
 import pytest
-from plugins.replicator import PUBLICATION, ReplicatorProcess
+from plugins.pgbouncer import OWNER, ROLE_PASSWORD
+from plugins.replicator import PASSWORD_VAR, PUBLICATION, ReplicatorProcess
 
 from replicator import failpoints
 
@@ -77,13 +78,22 @@ class Writer(threading.Thread):
         assert self.error is None, f"the writer failed: {self.error!r}"
 
 
-@pytest.fixture
-def proc(replicator, source_db) -> ReplicatorProcess:
+@pytest.fixture(params=["direct", "pgbouncer"])
+def proc(request, replicator, source_db) -> ReplicatorProcess:
+    """The replicator, writing straight to the destination or, as on Supabase, through
+    pgbouncer in transaction mode as a non-superuser that owns the mirror schemas."""
     source_db.execute("create table t (id integer primary key, name text, body text)")
     source_db.execute("alter table t alter column body set storage external")
     source_db.execute(AUDIT)
     source_db.execute(f"create publication {PUBLICATION} for table t")
-    process = replicator(batch_size=200, flush_interval=0.1)
+    if request.param == "pgbouncer":
+        request.getfixturevalue("owned_dest")
+        bouncer = request.getfixturevalue("pgbouncer")
+        process = replicator(batch_size=200, flush_interval=0.1, destination={
+            "host": bouncer.host, "port": bouncer.port, "user": OWNER})
+        process.env[PASSWORD_VAR] = ROLE_PASSWORD  # the source trusts any password
+    else:
+        process = replicator(batch_size=200, flush_interval=0.1)
     with process.config.open("a") as f:
         f.write("\n[mappings.t]\nhistory = true\nsoft_delete = true\n")
     return process
