@@ -406,7 +406,7 @@ class LocalCluster:
         standby._prepare_dirs()
         standby._run([str(standby._server_bin() / "pg_basebackup"), "-h", self.host,
                       "-p", str(self.port), "-U", "postgres", "-D", str(standby.data_dir),
-                      "-R", "-X", "stream"])
+                      "-R", "-X", "stream", "--checkpoint=fast"])  # not a spread one: minutes
         return standby.start()
 
     def _user(self) -> pwd.struct_passwd | None:
