@@ -17,7 +17,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from plugins.replicator import PUBLICATION, assert_same, replicator_env
-from plugins.servers import SOURCE_VERSIONS, _fresh_database, _start_cluster
+from plugins.servers import SOURCE_VERSIONS, _fresh_database, _start_cluster, grant_source_role
 
 from replicator.devtools.localpg import LocalCluster
 from replicator.errors import ExitCode
@@ -34,7 +34,9 @@ def lossy_cluster(request: pytest.FixtureRequest, pg_base_dir: Path) -> Iterator
 
 @pytest.fixture
 def source_db(lossy_cluster: LocalCluster, request: pytest.FixtureRequest) -> Iterator:
-    yield from _fresh_database(lossy_cluster, "src", request.node.name)
+    for db in _fresh_database(lossy_cluster, "src", request.node.name):
+        grant_source_role(db)
+        yield db
 
 def _wal_status(db, slot: str) -> str | None:
     return db.scalar("select wal_status from pg_replication_slots where slot_name = %s", [slot])

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from plugins.replicator import PUBLICATION, ReplicatorProcess, cli, cli_config, error_line, wait_for
-from plugins.servers import _fresh_database, _start_cluster
+from plugins.servers import _fresh_database, _start_cluster, grant_source_role
 
 from replicator.devtools.localpg import LocalCluster
 from replicator.errors import ExitCode, ReplicatorError
@@ -44,7 +44,9 @@ def replica_level_cluster(pg_base_dir: Path) -> Iterator[LocalCluster]:
 
 @pytest.fixture
 def replica_level_db(replica_level_cluster, request) -> Iterator:
-    yield from _fresh_database(replica_level_cluster, "src", request.node.name)
+    for db in _fresh_database(replica_level_cluster, "src", request.node.name):
+        grant_source_role(db)
+        yield db
 
 
 def test_wal_level_not_logical(replica_level_db, dest_db, tmp_path):
