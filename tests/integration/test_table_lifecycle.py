@@ -249,7 +249,7 @@ def test_a_session_ends_only_after_the_batch_in_flight(dest_db):
     wait_for(lambda: dest_db.scalar("select count(*) from pg_stat_activity "
                                     "where query = 'select pg_sleep(600)'") == 1, 10, "the batch")
     started = time.monotonic()
-    _stop_applier(thread, applier)
+    _stop_applier(thread, applier, stopping=False)
     assert not thread.is_alive()
     assert time.monotonic() - started < 30
     assert errors and isinstance(errors[0], psycopg.errors.QueryCanceled)
