@@ -8,6 +8,8 @@ stderr that names what to fix (no traceback); and never a password in any output
 
 from __future__ import annotations
 
+import time
+
 import psycopg
 import pytest
 from plugins.replicator import (
@@ -172,3 +174,38 @@ def test_password_never_printed(source_db, dest_db, tmp_path):
     assert proc.returncode != 0
     outputs.append(proc.stdout + proc.stderr)
     assert_no_password(*outputs)
+
+
+def test_until_caught_up_finishes_while_the_source_keeps_writing(source_db, dest_db, replicator):
+    """The target is the source's WAL end at the start: changes committed after it need not
+    be waited for. It used to wait until nothing at all was pending, which a source writing
+    without pause never grants."""
+    import threading
+
+    source_db.execute("create table res_partner (id integer primary key, name text)")
+    source_db.execute(f"create publication {PUBLICATION} for table res_partner")
+    proc = replicator(batch_size=50, flush_interval=0.05)
+    assert proc.run_until_caught_up(60) == 0, proc.logs()
+    stop = threading.Event()
+
+    def write() -> None:
+        with psycopg.connect(source_db.dsn, autocommit=True) as conn:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                conn.execute("insert into res_partner values (%s, 'p')", [n])
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    try:
+        time.sleep(0.5)
+        before = source_db.scalar("select max(id) from res_partner")
+        for _ in range(3):
+            assert proc.run_until_caught_up(30) == 0, proc.logs()
+            # Everything committed before the run started is in the mirror.
+            assert dest_db.scalar("select count(*) from odoo_mirror.res_partner "
+                                  "where id <= %s", [before]) == before
+            before = source_db.scalar("select max(id) from res_partner")
+    finally:
+        stop.set()
+        writer.join(10)
