@@ -170,6 +170,7 @@ class ReferenceDecoder:
         self.in_txn = self.skipping = self.in_stream = 0
         self.xid = self.stream_xid = 0
         self.final_lsn = self.commit_lsn = self.end_lsn = self.commit_ts = 0
+        self.row_lsn = 0
         self.txn_rows = self.batch_rows = self.buffered_bytes = 0
         self.wal_start = self.wal_end = self.send_time = self.reply_requested = 0
 
@@ -222,7 +223,7 @@ class ReferenceDecoder:
     def _write_row(self, r: _Rel, op: bytes, src: list[Field], key_only: bool,
                    okey: list[Field] | None, fill: list[Field] | None) -> None:
         parts = [struct.pack("!hiqiQi", 3 + r.ncols + len(r.key_idx) + 1, 8, self.seq, 8,
-                             self.final_lsn, 1), op]
+                             self.row_lsn, 1), op]
         ulen = (r.ncols + 7) >> 3
         ubits = bytearray(ulen)
         nbits = 0
@@ -264,6 +265,8 @@ class ReferenceDecoder:
         q = 5 if self.in_stream else 1     # in a stream: the (sub)transaction's xid first
         if q + 5 > len(msg):
             raise DecodeError("truncated change message")
+        # A streamed row carries its (sub)transaction's xid until the commit restages it.
+        self.row_lsn = struct.unpack_from("!I", msg, 1)[0] if self.in_stream else self.final_lsn
         (relid,) = struct.unpack_from("!I", msg, q)
         q += 4
         r = self.rels.get(relid)
@@ -417,6 +420,7 @@ class ReferenceDecoder:
             self.stream_xid = r.u32()
             first = r.u8()
             self.in_stream = 1
+            self.skipping = 0
             self.event = (self.stream_xid, bool(first))
             return EV_STREAM_START
         if kind == "E":

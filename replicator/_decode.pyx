@@ -325,6 +325,19 @@ cdef class Decoder:
         r.skip_before = skip_before
         self.last_rel = -1
 
+    def reserve_seq(self, int64_t n):
+        """Advance the staging sequence by n: the first of the n numbers reserved.
+
+        A streamed transaction's rows were numbered as its chunks arrived, among
+        those of transactions that commit before it; at its commit they are moved
+        into a fresh range (restage) so every later change still sorts after them.
+        """
+        if n < 0:
+            raise ValueError("n must not be negative")
+        base = self.seq
+        self.seq += n
+        return base
+
     def take(self):
         """Hand over every buffered table as (relid, copy_data, counts) and reset.
 
@@ -369,8 +382,15 @@ cdef class Decoder:
         cdef char c
         cdef int has_old = 0, full_old = 0, moved
         cdef Py_ssize_t before
+        cdef uint64_t lsn = self.final_lsn
         if self.in_stream:
-            q += 4  # the (sub)transaction's xid
+            # An in-progress transaction: its commit LSN is not known yet. The row
+            # carries its (sub)transaction's xid instead, which restage() turns into
+            # the commit LSN at Stream Commit (or drops, for an aborted subtransaction).
+            if q + 4 > end:
+                return self._fail(b"truncated change message")
+            lsn = rd32(q)
+            q += 4
         if q + 5 > end:
             return self._fail(b"truncated change message")
         relid = rd32(q)
@@ -390,7 +410,7 @@ cdef class Decoder:
                 return self._fail(b"insert without a new tuple")
             if parse_tuple(q, end, r.ncols, r.new_fields) == NULL:
                 return self._fail(b"malformed tuple in insert")
-            if write_row(r, self.seq, self.final_lsn, b'I', r.new_fields, 0, NULL, NULL) < 0:
+            if write_row(r, self.seq, lsn, b'I', r.new_fields, 0, NULL, NULL) < 0:
                 return self._fail(b"out of memory")
             self.seq += 1
             r.n_insert += 1
@@ -409,12 +429,12 @@ cdef class Decoder:
             if moved:
                 # The old key goes away; the new row remembers it so that its
                 # unchanged-TOAST columns can be taken from the old image.
-                if write_row(r, self.seq, self.final_lsn, b'D', r.old_fields, 1, NULL, NULL) < 0:
+                if write_row(r, self.seq, lsn, b'D', r.old_fields, 1, NULL, NULL) < 0:
                     return self._fail(b"out of memory")
                 self.seq += 1
                 self.batch_rows += 1
                 r.n_moves += 1
-            if write_row(r, self.seq, self.final_lsn, b'U', r.new_fields, 0,
+            if write_row(r, self.seq, lsn, b'U', r.new_fields, 0,
                          r.old_fields if moved else NULL,
                          r.old_fields if full_old else NULL) < 0:
                 return self._fail(b"out of memory")
@@ -425,7 +445,7 @@ cdef class Decoder:
                 return self._fail(b"delete without an old tuple")
             if parse_tuple(q, end, r.ncols, r.old_fields) == NULL:
                 return self._fail(b"malformed old tuple in delete")
-            if write_row(r, self.seq, self.final_lsn, b'D', r.old_fields, 1, NULL, NULL) < 0:
+            if write_row(r, self.seq, lsn, b'D', r.old_fields, 1, NULL, NULL) < 0:
                 return self._fail(b"out of memory")
             self.seq += 1
             r.n_delete += 1
@@ -563,6 +583,9 @@ cdef class Decoder:
             self.stream_xid = reader.u32()
             first = reader.u8()
             self.in_stream = 1
+            # Whatever the last Begin said about skipping is not about this transaction:
+            # a streamed one is kept or dropped as a whole at its Stream Commit.
+            self.skipping = 0
             self.event = (self.stream_xid, bool(first))
             return EV_STREAM_START
         if tag == b'E':
@@ -721,6 +744,99 @@ cdef class _Reader:
             raise DecodeError(f"invalid UTF-8 in a name of a pgoutput message: {exc}") from None
         self.pos = end + 1
         return s
+
+
+cdef int xid_in(const uint32_t *xids, Py_ssize_t n, uint32_t xid) noexcept nogil:
+    cdef Py_ssize_t lo = 0, hi = n, mid
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if xids[mid] < xid:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo < n and xids[lo] == xid
+
+
+def restage(data, aborted, uint64_t lsn, int64_t delta):
+    """A streamed transaction's staging rows, made those of a committed one.
+
+    data: whole staging rows (no COPY header or trailer) whose _lsn field holds
+    the (sub)transaction xid the decoder wrote. Rows of an xid in ``aborted``
+    are dropped (a subtransaction the source rolled back); the others get
+    _lsn = lsn (the commit LSN) and _seq + delta. Returns (rows_bytes, rows,
+    inserts, updates, deletes, rows_with_unchanged_toast).
+    """
+    cdef const unsigned char[:] view = data
+    cdef Py_ssize_t n = view.shape[0]
+    cdef const char *p = <const char *>&view[0] if n else NULL
+    cdef const char *row
+    cdef const char *end = p + n
+    cdef const char *q
+    cdef char *w
+    cdef char *out
+    cdef Py_ssize_t pos = 0, size, nabort
+    cdef int nf, i, bad = 0
+    cdef int32_t flen
+    cdef int64_t rows = 0, ins = 0, upd = 0, dels = 0, unch = 0
+    cdef uint32_t xid
+    cdef uint32_t *xids
+    ordered = sorted(int(x) for x in aborted)
+    nabort = len(ordered)
+    xids = <uint32_t *>malloc(max(1, nabort) * sizeof(uint32_t))
+    if xids == NULL:
+        raise MemoryError()
+    for i, x in enumerate(ordered):
+        xids[i] = <uint32_t>x
+    result = PyBytes_FromStringAndSize(NULL, n)
+    out = PyBytes_AS_STRING(result)
+    w = out
+    with nogil:
+        q = p
+        while q < end:
+            row = q
+            if end - q < 2 + 12 + 12 + 5:
+                bad = 1
+                break
+            nf = <int16_t>rd16(q)
+            if nf < 4 or rd32(q + 2) != 8 or rd32(q + 14) != 8 or rd32(q + 26) != 1:
+                bad = 1
+                break
+            xid = <uint32_t>rd64(q + 18)
+            q += 2
+            flen = -1
+            for i in range(nf):
+                if end - q < 4:
+                    bad = 1
+                    break
+                flen = <int32_t>rd32(q)
+                q += 4
+                if flen > 0:
+                    if end - q < flen:
+                        bad = 1
+                        break
+                    q += flen
+            if bad:
+                break
+            if nabort and xid_in(xids, nabort, xid):
+                continue
+            size = q - row
+            memcpy(w, row, size)
+            wr64(w + 6, <int64_t>rd64(row + 6) + delta)
+            wr64(w + 18, <int64_t>lsn)
+            rows += 1
+            if row[30] == b'I':
+                ins += 1
+            elif row[30] == b'U':
+                upd += 1
+            else:
+                dels += 1
+            if flen >= 0:      # the last field, _u: set when a column came as unchanged TOAST
+                unch += 1
+            w += size
+    free(xids)
+    if bad:
+        raise DecodeError("malformed staging rows")
+    return result[:w - out], rows, ins, upd, dels, unch
 
 
 def iter_copy_binary(data):

@@ -11,10 +11,10 @@ from __future__ import annotations
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from ._decode import COPY_HEADER, COPY_TRAILER
+from ._decode import COPY_HEADER, COPY_TRAILER, restage
 from .schema import MirrorTable
 
 
@@ -25,11 +25,24 @@ class SpilledRows:
     def __init__(self) -> None:
         self.file = tempfile.TemporaryFile(prefix="replicator-spill-")
         self.size = 0
+        self.blocks: list[int] = []   # sizes of the appends: each holds whole rows
 
     def append(self, copy_stream: bytes) -> None:
-        rows = memoryview(copy_stream)[len(COPY_HEADER):-len(COPY_TRAILER)]
+        self.append_rows(memoryview(copy_stream)[len(COPY_HEADER):-len(COPY_TRAILER)])
+
+    def append_rows(self, rows: bytes | memoryview) -> None:
+        if not len(rows):
+            return
+        self.file.seek(0, 2)
         self.file.write(rows)
         self.size += len(rows)
+        self.blocks.append(len(rows))
+
+    def row_blocks(self) -> Iterator[bytes]:
+        """The rows, a block of whole rows at a time (as they were appended)."""
+        self.file.seek(0)
+        for size in self.blocks:
+            yield self.file.read(size)
 
     def chunks(self, size: int = 1 << 20) -> Iterator[bytes]:
         """The whole COPY BINARY stream, a chunk at a time."""
@@ -67,6 +80,7 @@ class Truncate:
     restart_identity: bool
     lsn: int = 0          # its transaction's commit LSN and its place in the stream,
     seq: int = 0          # for a table whose changes are held during a copy
+    xid: int = 0          # in a streamed transaction: its (sub)transaction, until the commit
 
 
 @dataclass
@@ -125,21 +139,25 @@ class Batch:
             else:
                 out.append(TableRows(tables[relid], data, *counts))
                 self.rows += counts[0]
-        for relid, (rows, counts) in spilled.items():
-            out.append(TableRows(tables[relid], rows, *counts))
+        for relid, (rows, counts, table) in spilled.items():
+            out.append(TableRows(table or tables[relid], rows, *counts))
             self.rows += counts[0]
         if out:
             self.ops.append(Rows(out))
 
-    def spill(self, taken: list[tuple[int, bytes, tuple]]) -> int:
+    def spill(self, taken: list[tuple[int, bytes, tuple]],
+              tables: dict[int, MirrorTable] | None = None) -> int:
         """Move what Decoder.take() returned to temporary files (memory is short).
 
         The rows stay in their place in the stream: the next add_rows() puts
         them, followed by the rows taken then, into the same Rows operation.
+        ``tables``, when given, names each relation's table now rather than then.
         """
         moved = 0
         for relid, data, counts in taken:
-            entry = self._spilled.setdefault(relid, [SpilledRows(), [0] * len(counts)])
+            entry = self._spilled.setdefault(
+                relid, [SpilledRows(), [0] * len(counts),
+                        tables[relid] if tables is not None else None])
             entry[0].append(data)
             entry[1] = [a + b for a, b in zip(entry[1], counts)]
             moved += len(data)
@@ -147,15 +165,15 @@ class Batch:
 
     @property
     def spilled_rows(self) -> int:
-        return sum(counts[0] for _, counts in self._spilled.values())
+        return sum(entry[1][0] for entry in self._spilled.values())
 
     def close(self) -> None:
         """Delete the batch's spill files."""
         for tr in self.table_rows():
             if isinstance(tr.data, SpilledRows):
                 tr.data.close()
-        for rows, _ in self._spilled.values():
-            rows.close()
+        for entry in self._spilled.values():
+            entry[0].close()
 
     def commit(self, end_lsn: int, commit_ts: int, commit_lsn: int = 0) -> None:
         self.txns += 1
@@ -175,3 +193,86 @@ class Batch:
         for op in self.ops:
             if isinstance(op, Rows):
                 yield from op.tables
+
+
+@dataclass
+class StreamedTxn:
+    """An in-progress source transaction the server streams in chunks (protocol 2+).
+
+    Its changes are kept on disk, in the order they arrived, until Stream
+    Commit makes them one committed transaction of a batch, or Stream Abort
+    drops them. Memory stays bounded by a chunk, not by the transaction.
+    Staging rows carry their (sub)transaction's xid in _lsn until then.
+    """
+    xid: int
+    first_seq: int                     # the decoder's sequence at its first chunk
+    last_seq: int = 0                  # and after its latest chunk
+    pending: Batch = field(default_factory=Batch)
+    aborted: set[int] = field(default_factory=set)   # rolled-back subtransactions
+    chunks: int = 0
+
+    def abort_subxact(self, subxid: int) -> None:
+        self.aborted.add(subxid)
+
+    def commit(self, commit_lsn: int, seq_base: int,
+               keep: Callable[[MirrorTable], bool]) -> list[Op]:
+        """Its operations as those of a transaction committed at commit_lsn.
+
+        Rows get commit_lsn and are renumbered from seq_base on (keeping their
+        order), rows and truncates of aborted subtransactions go, and so do a
+        table's rows when ``keep`` says its copy already has this transaction.
+        """
+        self.pending.add_rows([], {})
+        delta = seq_base - self.first_seq
+        out: list[Op] = []
+        for op in self.pending.ops:
+            if isinstance(op, Rows):
+                tables = []
+                for tr in op.tables:
+                    if keep(tr.table):
+                        moved = _restage(tr, self.aborted, commit_lsn, delta)
+                        if moved is not None:
+                            tables.append(moved)
+                    if isinstance(tr.data, SpilledRows):
+                        tr.data.close()
+                if tables:
+                    out.append(Rows(tables))
+            elif isinstance(op, Truncate):
+                if op.xid in self.aborted:
+                    continue
+                truncated = [t for t in op.tables if keep(t)]
+                if truncated:
+                    out.append(Truncate(truncated, op.cascade, op.restart_identity,
+                                        lsn=commit_lsn, seq=op.seq + delta))
+            else:
+                out.append(op)
+        self.pending = Batch()
+        return out
+
+    @property
+    def span(self) -> int:
+        return self.last_seq - self.first_seq
+
+    def close(self) -> None:
+        self.pending.close()
+
+
+def _restage(tr: TableRows, aborted: set[int], commit_lsn: int, delta: int) -> TableRows | None:
+    out = SpilledRows()
+    counts = [0, 0, 0, 0, 0]
+    assert isinstance(tr.data, SpilledRows), "streamed rows are always spilled"
+    for block in tr.data.row_blocks():
+        kept, *n = restage(block, aborted, commit_lsn, delta)
+        out.append_rows(kept)
+        counts = [a + b for a, b in zip(counts, n)]
+    if not counts[0]:
+        out.close()
+        return None
+    if counts[0] == tr.rows:
+        # Nothing dropped: the decoder's counts are exact (restage counts a key
+        # change's old-key row as a delete).
+        return TableRows(tr.table, out, tr.rows, tr.inserts, tr.updates, tr.deletes,
+                         tr.unchanged, tr.moves)
+    rows, inserts, updates, deletes, unchanged = counts
+    return TableRows(tr.table, out, rows, inserts, updates, deletes, unchanged,
+                     min(tr.moves, updates))

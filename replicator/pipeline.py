@@ -285,9 +285,12 @@ class Pipeline:
                                         state.STREAMING, lsn)
             sync_lsns = {key: states[t.source.qualname][1] for key, t in mirrors.items()}
 
+            options = [] if binary else [TEXT_MODE_OPTIONS]
+            if src.logical_decoding_work_mem:
+                options.append(f"-c logical_decoding_work_mem={src.logical_decoding_work_mem}")
             repl = ReplicationConnection(src.conninfo(
                 replication="database",
-                **({} if binary else {"options": TEXT_MODE_OPTIONS})), src.receive_timeout)
+                **({"options": " ".join(options)} if options else {})), src.receive_timeout)
             repl.connect()
             start = applied or 0
             protocol = protocol_for(repl.server_version)
@@ -295,7 +298,7 @@ class Pipeline:
             decoder = Decoder()
             decoder.skip_before = start
             repl.attach(decoder)
-            repl.start(slot, start, src.publication, protocol, binary)
+            repl.start(slot, start, src.publication, protocol, binary, src.streaming)
             self.progress.applied_lsn = start
             self.metrics.applied_to(start)
             self.metrics.alive("streaming")

@@ -33,7 +33,7 @@ from ._decode import (
     Decoder,
 )
 from .backfill import Backfill, CopyStopped
-from .batch import AlterTable, Batch, SyncDone, SyncStart, Truncate
+from .batch import AlterTable, Batch, Rows, StreamedTxn, SyncDone, SyncStart, Truncate
 from .catalog import column_type, emit_heartbeat, publication_members, publication_tables
 from .classify import classify_connect
 from .errors import ErrorKind, ReplicatorError
@@ -88,6 +88,10 @@ class Receiver:
         self.types: dict[tuple[int, int], tuple[str, int]] = {}
         self.target = target
         self.batch = Batch()
+        # In-progress transactions the source streams in chunks, by top-level xid, and
+        # the one whose chunk is being read (between Stream Start and Stream Stop).
+        self.streams: dict[int, StreamedTxn] = {}
+        self.stream: StreamedTxn | None = None
         self.sent_flush = -1
         self.last_status = 0.0
         self.last_probe = 0.0
@@ -118,6 +122,10 @@ class Receiver:
             self._poll_conn()
             self._loop()
         finally:
+            # Open streamed transactions are sent again from their start by the next session.
+            for st in self.streams.values():
+                st.close()
+            self.streams.clear()
             self.sync_stop.set()
             for th in self.syncing.values():
                 th.join(timeout=30)
@@ -128,10 +136,11 @@ class Receiver:
         dec, stop = self.dec, self.stop_requested
         while True:
             self._check_applier()
-            if (stop.is_set() or self._caught_up()) and not dec.in_txn:
+            between = not (dec.in_txn or dec.in_stream)
+            if (stop.is_set() or self._caught_up()) and between:
                 self._finish()
                 return
-            if not dec.in_txn:
+            if between:
                 self._sync_progress()
             ev = dec.pump(PUMP_MESSAGES)
             self.received = max(self.received, dec.wal_start)
@@ -164,10 +173,23 @@ class Receiver:
             elif ev == EV_LIMIT:
                 self.metrics.alive()
                 self._maybe_status()
+            elif ev == EV_STREAM_START:
+                self._on_stream_start(dec.event)
+            elif ev == EV_STREAM_STOP:
+                self._on_stream_stop()
+            elif ev == EV_STREAM_COMMIT:
+                self._on_stream_commit(dec.event)
+                self._maybe_close()
+                self._maybe_status()
+            elif ev == EV_STREAM_ABORT:
+                self._on_stream_abort(dec.event)
             if dec.buffered_bytes > self.memory_limit:
                 # A transaction larger than memory: its rows go to temporary
                 # files and are streamed into staging when the batch applies.
-                moved = self.batch.spill(dec.take())
+                if self.stream is not None:
+                    moved = self.stream.pending.spill(dec.take(), self.by_relid)
+                else:
+                    moved = self.batch.spill(dec.take())
                 log.info("batch spilled to disk", extra={"bytes": moved,
                                                          "limit_bytes": self.memory_limit})
             elif ev in (EV_COPY_DONE, EV_ERROR):
@@ -177,10 +199,6 @@ class Receiver:
                 raise ReplicatorError(
                     ErrorKind.SOURCE_CONNECT, f"the source ended the replication stream: {reason}",
                     "the replicator reconnects and resumes from the last applied position")
-            elif ev in (EV_STREAM_START, EV_STREAM_STOP, EV_STREAM_COMMIT, EV_STREAM_ABORT):
-                raise ReplicatorError(ErrorKind.PROTOCOL,
-                                      "the source streams an in-progress transaction, which "
-                                      "this replicator did not ask for", "report this as a bug")
             # Begin, Origin, Type and logical decoding Messages need nothing here.
 
     def _check_silence(self) -> None:
@@ -218,7 +236,7 @@ class Receiver:
 
     def _maybe_close(self, idle: bool = False) -> None:
         """Hand the batch over at a transaction boundary when it is time."""
-        if self.dec.in_txn or self.batch.empty:
+        if self.dec.in_txn or self.dec.in_stream or self.batch.empty:
             return
         full = self._pending_rows() >= self.cfg.destination.batch_size
         old = time.monotonic() - self.batch.opened >= self.cfg.destination.flush_interval
@@ -300,8 +318,8 @@ class Receiver:
                 self.last_heartbeat = float("inf")
 
     def _nothing_pending(self) -> bool:
-        return (not self.dec.in_txn and self.batch.empty and self.dec.batch_rows == 0
-                and self.handoff.idle())
+        return (not self.dec.in_txn and not self.dec.in_stream and self.batch.empty
+                and self.dec.batch_rows == 0 and self.handoff.idle())
 
     def _on_keepalive(self) -> None:
         wal_end = self.dec.wal_end
@@ -352,12 +370,15 @@ class Receiver:
         # applied, in stream order: one replayed from before the applied
         # position or the table's copy describes an older table. A later DDL
         # always brings a fresh Relation message before the next change.
-        applies = not self.dec.skipping and self.dec.final_lsn >= self.sync_lsns.get(key, 0)
+        # In a streamed transaction (its commit LSN not known yet) it applies with the
+        # transaction: the Stream Commit drops both, if the transaction was applied already.
+        applies = self.dec.in_stream or (
+            not self.dec.skipping and self.dec.final_lsn >= self.sync_lsns.get(key, 0))
         alter = applies and self.altered.get(key) != layout
         if self.layouts.get(relid) == layout and not alter:
             return
         # Rows already buffered belong to the old layout: apply them first.
-        self.batch.add_rows(self.dec.take(), self.by_relid)
+        sink = self._sink()
         if differs:
             source = dataclasses.replace(t.source, columns=columns, key=key_cols)
             t = MirrorTable(source, t.dest_schema, t.dest_name, t.state_schema, t.binary,
@@ -366,14 +387,14 @@ class Receiver:
         if alter:
             self.altered[key] = layout
             origins = column_origins(self.catalog, t.source.oid, columns)
-            self.batch.ops.append(AlterTable(t, origins))
+            sink.ops.append(AlterTable(t, origins))
             if differs:
                 log.info("table columns changed at the source", extra={
                     "table": t.source.qualname, "columns": [c.name for c in columns]})
         elif key not in self.syncing:
             # Rows of skipped transactions are parsed (to be dropped) with
             # this layout, and the next applied ones may use it too.
-            self.batch.ops.append(AlterTable(t, alter=False))
+            sink.ops.append(AlterTable(t, alter=False))
         t.relid = relid
         self.by_relid[relid] = t
         self.dec.define(relid, len(columns), t.key_idx, True, self.sync_lsns.get(key, 0))
@@ -387,17 +408,94 @@ class Receiver:
         return Column(name, type_sql, typoid, typlen)
 
     def _on_truncate(self, event: tuple) -> None:
-        options, relids, _xid = event
+        options, relids, xid = event
         # Like rows: a truncate committed before a table's copy snapshot is in
-        # the copy already (replaying it would empty the copied mirror).
-        lsn = self.dec.final_lsn
+        # the copy already (replaying it would empty the copied mirror). In a
+        # streamed transaction that is decided at its commit.
+        streamed = self.dec.in_stream
+        lsn = 0 if streamed else self.dec.final_lsn
         tables = [t for t in (self.by_relid[r] for r in relids if r in self.by_relid)
-                  if lsn >= self.sync_lsns.get((t.source.schema, t.source.name), 0)]
+                  if streamed or lsn >= self.sync_lsns.get((t.source.schema, t.source.name), 0)]
         if not tables:
             return
+        self._sink().ops.append(Truncate(tables, bool(options & 1), bool(options & 2),
+                                         lsn=lsn, seq=self.dec.seq, xid=xid or 0))
+
+    def _sink(self) -> Batch:
+        """Where the rows decoded so far go, and the operation that follows them.
+
+        The streamed transaction whose chunk is being read, or the batch. Rows
+        of a streamed transaction always go to disk: it may be any size.
+        """
+        if self.stream is not None:
+            pending = self.stream.pending
+            pending.spill(self.dec.take(), self.by_relid)
+            pending.add_rows([], self.by_relid)
+            return pending
         self.batch.add_rows(self.dec.take(), self.by_relid)
-        self.batch.ops.append(Truncate(tables, bool(options & 1), bool(options & 2),
-                                       lsn=self.dec.final_lsn, seq=self.dec.seq))
+        return self.batch
+
+    # -- streamed (in-progress) transactions ---------------------------------
+
+    def _on_stream_start(self, event: tuple) -> None:
+        xid, first = event
+        # What was decoded before belongs to transactions already committed.
+        self.batch.add_rows(self.dec.take(), self.by_relid)
+        st = self.streams.get(xid)
+        if first == (st is not None):
+            raise ReplicatorError(
+                ErrorKind.PROTOCOL,
+                f"the source {'restarted' if first else 'continued'} streamed transaction {xid}"
+                f" {'it had begun already' if first else 'whose start this session never saw'}",
+                "the replicator reconnects and receives it again from its start")
+        if st is None:
+            st = self.streams[xid] = StreamedTxn(xid, first_seq=self.dec.seq)
+        st.chunks += 1
+        self.stream = st
+
+    def _on_stream_stop(self) -> None:
+        st = self.stream
+        if st is None:
+            raise ReplicatorError(ErrorKind.PROTOCOL, "Stream Stop without Stream Start",
+                                  "the replicator reconnects; report this if it repeats")
+        st.pending.spill(self.dec.take(), self.by_relid)
+        st.last_seq = self.dec.seq
+        self.stream = None
+
+    def _on_stream_abort(self, event: tuple) -> None:
+        xid, subxid, _lsn, _ts = event
+        st = self.streams.get(xid)
+        if st is None:
+            return      # nothing of it reached this session
+        if subxid == xid:
+            del self.streams[xid]
+            st.close()
+        else:
+            st.abort_subxact(subxid)
+
+    def _on_stream_commit(self, event: tuple) -> None:
+        xid, _flags, commit_lsn, end_lsn, commit_ts = event
+        st = self.streams.pop(xid, None)
+        if st is None:
+            raise ReplicatorError(
+                ErrorKind.PROTOCOL, f"Stream Commit of transaction {xid}, never streamed",
+                "the replicator reconnects and receives it again from its start")
+        try:
+            if commit_lsn < self.dec.skip_before:
+                return  # in the destination already: replayed from before the applied position
+            self.batch.add_rows(self.dec.take(), self.by_relid)
+            base = self.dec.reserve_seq(st.span)
+            ops = st.commit(commit_lsn, base, lambda t: commit_lsn >= self.sync_lsns.get(
+                (t.source.schema, t.source.name), 0))
+        finally:
+            st.close()
+        self.batch.ops.extend(ops)
+        self.batch.rows += sum(tr.rows for op in ops if isinstance(op, Rows) for tr in op.tables)
+        self.batch.commit(end_lsn, commit_ts, commit_lsn)
+        if self.batch.txns == 1:
+            self.metrics.received_commit(end_lsn, commit_ts)
+        log.debug("streamed transaction committed", extra={
+            "xid": xid, "chunks": st.chunks, "commit_lsn": format_lsn(commit_lsn)})
 
     # -- tables copied while the stream runs --------------------------------
 
@@ -513,7 +611,7 @@ class Receiver:
                             options=self.cfg.options(*key))
             self.mirrors[key] = t
             log.info("table added to the publication", extra={"table": source.qualname})
-        self.batch.add_rows(self.dec.take(), self.by_relid)
+        self._sink()
         op = SyncStart(t)
         self.batch.ops.append(op)
         self.sync_lsns[key] = 0

@@ -50,6 +50,9 @@ _IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,62}")
 # Role names as CREATE ROLE takes them unquoted, plus the dashes some hosted roles have.
 _ROLE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_$-]{0,62}")
 
+# A PostgreSQL memory setting as we pass it on: a positive number and a unit.
+_MEMORY_RE = re.compile(r"[1-9][0-9]*(kB|MB|GB)")
+
 # Field metadata: the loader sets it, it is not a key of the file / never echo its value.
 _NOT_A_KEY = {"key": False}
 _SECRET = {"secret": True}
@@ -192,9 +195,22 @@ class SourceSettings(ConnectionSettings):
     # dead and is opened again (PostgreSQL's wal_receiver_timeout); a status update asking for
     # a reply goes out at half of it, so an idle but live source always answers in time.
     receive_timeout: float = 60.0
+    # Ask the source to send a transaction while it runs, in chunks, once its decoded
+    # changes pass logical_decoding_work_mem (protocol 2+, PostgreSQL 14+): a big
+    # transaction then arrives while it runs instead of after its commit.
+    streaming: bool = True
+    # The walsender's logical_decoding_work_mem for our connection ("" = the server's):
+    # the size of a streamed chunk, and of the source's memory per decoded transaction.
+    logical_decoding_work_mem: str = ""
 
     def _validate(self) -> None:
         super()._validate()
+        if self.logical_decoding_work_mem and not _MEMORY_RE.fullmatch(
+                self.logical_decoding_work_mem):
+            raise ConfigError(
+                f"[source] logical_decoding_work_mem: {self.logical_decoding_work_mem!r} is not "
+                "a memory size", 'write a number with kB, MB or GB, e.g. "64MB" (at least 64kB), '
+                "or leave it out to use the server's setting")
         _check_range("source", "heartbeat_interval", self.heartbeat_interval, 0)
         _check_range("source", "receive_timeout", self.receive_timeout, 0, exclusive_min=True)
         if not self.publication:

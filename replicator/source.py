@@ -166,13 +166,17 @@ class ReplicationConnection:
         self.command(f"DROP_REPLICATION_SLOT {quote_ident(slot)}")
 
     def start(self, slot: str, lsn: int, publication: str, protocol: int,
-              binary: bool) -> None:
+              binary: bool, streaming: bool = False) -> None:
         options = [
             ("proto_version", str(protocol)),
             ("publication_names", quote_ident(publication)),
             ("binary", "true" if binary else "false"),
             ("messages", "true"),
         ]
+        if streaming and protocol >= 2:
+            # 'on', not 'parallel': on 16+ that only adds the abort LSN and time to
+            # Stream Abort, which the receiver does not need.
+            options.append(("streaming", "on"))
         opts = ", ".join(f"{k} {quote_literal(v)}" for k, v in options)
         query = (f"START_REPLICATION SLOT {quote_ident(slot)} LOGICAL "
                  f"{format_lsn(lsn)} ({opts})")
@@ -194,8 +198,9 @@ class ReplicationConnection:
             raise ReplicatorError(
                 kind, f"source refused START_REPLICATION on slot {slot!r}: {msg}", hint)
         self.pgconn.nonblocking = 1
-        log.info("replication started", extra={"slot": slot, "lsn": format_lsn(lsn),
-                                                 "protocol": protocol, "binary": binary})
+        log.info("replication started", extra={
+            "slot": slot, "lsn": format_lsn(lsn), "protocol": protocol, "binary": binary,
+            "streaming": streaming and protocol >= 2})
 
     def attach(self, decoder: Any) -> None:
         getcopydata, consumeinput, freemem = function_addresses(
