@@ -12,7 +12,7 @@ source really streamed (the receiver logs each streamed commit with its chunks).
 from __future__ import annotations
 
 import pytest
-from plugins.replicator import assert_same, catch_up, running, table_rows, wait_for
+from plugins.replicator import PUBLICATION, assert_same, catch_up, running, table_rows, wait_for
 from zoo import setup_zoo, zoo_rows
 
 STREAMING = {"logical_decoding_work_mem": "64kB"}
@@ -174,3 +174,36 @@ def test_reconnect_in_the_middle_of_a_streamed_transaction(zoo, dest_db, caplog)
         assert pipeline.stop_requested is not None
     assert streamed_commits(caplog), "the transaction was not streamed"
     assert table_rows(zoo, "zoo") == table_rows(dest_db, "zoo", schema="odoo_mirror")
+
+
+def test_history_and_soft_deletes_of_a_streamed_transaction(source_db, dest_db, caplog):
+    """History rows and soft-delete times come from the commit: a streamed transaction's rows
+    learn its commit LSN and time only at Stream Commit."""
+    source_db.execute("create table t (id integer primary key, name text)")
+    source_db.execute("create table h (id integer primary key, name text)")
+    source_db.execute(f"create publication {PUBLICATION} for table t, h")
+    mappings = {"t": {"soft_delete": True}, "h": {"history": True}}
+    catch_up(source_db, dest_db, mappings=mappings, **STREAMING)
+    with source_db.connect(autocommit=False) as conn:
+        conn.execute("insert into t select i, repeat('n', 50) from generate_series(1, 6000) i")
+        conn.execute("insert into h select i, repeat('h', 50) from generate_series(1, 6000) i")
+        conn.execute("savepoint s")
+        conn.execute("update h set name = 'rolled back' where id <= 100")
+        conn.execute("rollback to savepoint s")
+        conn.execute("delete from t where id <= 10")
+        conn.execute("update h set name = 'u' where id <= 5")
+        conn.commit()
+        committed = source_db.scalar("select now()")
+    source_db.execute("update h set name = 'after' where id = 1")
+    chunks = caught_up(source_db, dest_db, caplog, mappings=mappings)
+    assert len(chunks) == 1 and chunks[0] > 1, chunks
+    assert dest_db.scalar("select count(*) from odoo_mirror.t where _deleted_at is not null") == 10
+    assert abs(dest_db.scalar("select extract(epoch from max(_deleted_at) - %s) "
+                              "from odoo_mirror.t", [committed])) < 2
+    history = dest_db.fetchall("select _op, id, name, _lsn from odoo_mirror.h_history "
+                               "order by _lsn, _seq")
+    assert len(history) == 6000 + 5 + 1
+    assert [h[:3] for h in history[-6:]] == [("U", i, "u", ) for i in range(1, 6)] \
+        + [("U", 1, "after")]
+    assert len({h[3] for h in history}) == 2          # two source transactions
+    assert not any(h[2] == "rolled back" for h in history)
