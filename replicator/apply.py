@@ -35,7 +35,8 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from . import access, deadline, failpoints, state
-from .batch import AlterTable, Batch, Rows, SpilledRows, SyncDone, SyncStart, TableRows, Truncate
+from .batch import (AlterTable, Batch, Rows, SpilledRows, SpilledSlice, SyncDone, SyncStart,
+                    TableRows, Truncate)
 from .deadline import BatchLimits, timed_out
 from .errors import ErrorKind, ReplicatorError
 from .lsn import format_lsn
@@ -804,8 +805,8 @@ def ensure_mirror_columns(conn: psycopg.Connection, t: MirrorTable, state_schema
 
 
 
-def _write(copy: psycopg.Copy, data: bytes | SpilledRows) -> None:
-    if isinstance(data, SpilledRows):
+def _write(copy: psycopg.Copy, data: bytes | SpilledRows | SpilledSlice) -> None:
+    if isinstance(data, (SpilledRows, SpilledSlice)):
         for chunk in data.chunks():
             copy.write(chunk)
     else:
@@ -1135,6 +1136,24 @@ class Applier:
         # A key change's delete is not counted as a delete, hence the floor.
         res.count(t.qualname, *(max(0, n - out.get(o, 0))
                                 for n, o in zip((tr.inserts, tr.updates, tr.deletes), "IUD")))
+
+    def apply_streamed_rows(self, cur: psycopg.Cursor, tr: TableRows, res: ApplyResult) -> int:
+        """A chunk of a streamed transaction, in its open transaction (stream_apply).
+
+        Only for a table with no [mappings] options, no copy in progress and no dead
+        letters: its rows' _lsn is still the subtransaction's xid. Returns how many
+        rows the mirror could not complete (then nothing of the chunk should stay).
+        """
+        t = tr.table
+        cur.execute(clear_staging_sql(t))
+        with cur.copy(self._stmt("copy", t)) as copy:
+            _write(copy, tr.data)
+        res.copies += 1
+        dead = self._merge_staged(cur, t, bool(tr.unchanged), 0)
+        cur.execute(clear_staging_sql(t))
+        res.rows += tr.rows
+        res.count(t.qualname, tr.inserts, tr.updates, tr.deletes)
+        return dead
 
     # -- merging a table's staged rows ---------------------------------------
 

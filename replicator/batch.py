@@ -8,11 +8,13 @@ destination transaction.
 
 from __future__ import annotations
 
+import os
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from ._decode import COPY_HEADER, COPY_TRAILER, restage
 from .schema import MirrorTable
@@ -35,6 +37,8 @@ class SpilledRows:
             return
         self.file.seek(0, 2)
         self.file.write(rows)
+        # Out of Python's buffer: a SpilledSlice reads the file from another thread.
+        self.file.flush()
         self.size += len(rows)
         self.blocks.append(len(rows))
 
@@ -56,10 +60,29 @@ class SpilledRows:
         self.file.close()
 
 
+class SpilledSlice:
+    """Rows appended to a SpilledRows in one go, read back while it may still grow."""
+
+    def __init__(self, spill: SpilledRows, offset: int, size: int) -> None:
+        self.spill, self.offset, self.size = spill, offset, size
+
+    def chunks(self, size: int = 1 << 20) -> Iterator[bytes]:
+        yield COPY_HEADER
+        fd = self.spill.file.fileno()
+        pos, end = self.offset, self.offset + self.size
+        while pos < end:
+            chunk = os.pread(fd, min(size, end - pos), pos)
+            if not chunk:
+                raise OSError(f"spill file ends at {pos}, before {end}")
+            pos += len(chunk)
+            yield chunk
+        yield COPY_TRAILER
+
+
 @dataclass
 class TableRows:
     table: MirrorTable
-    data: bytes | SpilledRows   # a complete COPY BINARY stream of staging rows, or a spill
+    data: bytes | SpilledRows | SpilledSlice   # a COPY BINARY stream of staging rows, or on disk
     rows: int
     inserts: int
     updates: int
@@ -120,6 +143,11 @@ class Batch:
     commit_times: dict[int, int] = field(default_factory=dict)
     opened: float = field(default_factory=time.monotonic)
     _spilled: dict[int, list] = field(default_factory=dict, repr=False)
+    # A streamed transaction's own batch: the thread whose open destination transaction
+    # holds it (stream_apply.StreamApply), and how to apply it from its files instead:
+    # (StreamedTxn, commit LSN, sequence base, keep).
+    stream: Any = None
+    fallback: Any = None
 
     @property
     def empty(self) -> bool:
@@ -153,15 +181,26 @@ class Batch:
         them, followed by the rows taken then, into the same Rows operation.
         ``tables``, when given, names each relation's table now rather than then.
         """
-        moved = 0
+        return sum(size for _entry, _offset, size, _counts in self._append(taken, tables))
+
+    def spill_slices(self, taken: list[tuple[int, bytes, tuple]],
+                     tables: dict[int, MirrorTable]) -> list[TableRows]:
+        """spill(), returning where each table's rows went (to be read back meanwhile)."""
+        return [TableRows(entry[2], SpilledSlice(entry[0], offset, size), *counts)
+                for entry, offset, size, counts in self._append(taken, tables)]
+
+    def _append(self, taken: list[tuple[int, bytes, tuple]],
+                tables: dict[int, MirrorTable] | None) -> list[tuple[list, int, int, tuple]]:
+        out = []
         for relid, data, counts in taken:
             entry = self._spilled.setdefault(
                 relid, [SpilledRows(), [0] * len(counts),
                         tables[relid] if tables is not None else None])
+            offset = entry[0].size
             entry[0].append(data)
             entry[1] = [a + b for a, b in zip(entry[1], counts)]
-            moved += len(data)
-        return moved
+            out.append((entry, offset, entry[0].size - offset, counts))
+        return out
 
     @property
     def spilled_rows(self) -> int:
@@ -174,6 +213,8 @@ class Batch:
                 tr.data.close()
         for entry in self._spilled.values():
             entry[0].close()
+        if self.fallback is not None:
+            self.fallback[0].close()
 
     def commit(self, end_lsn: int, commit_ts: int, commit_lsn: int = 0) -> None:
         self.txns += 1
@@ -210,6 +251,7 @@ class StreamedTxn:
     pending: Batch = field(default_factory=Batch)
     aborted: set[int] = field(default_factory=set)   # rolled-back subtransactions
     chunks: int = 0
+    worker: Any = None    # stream_apply.StreamApply applying it while it runs, if any
 
     def abort_subxact(self, subxid: int) -> None:
         self.aborted.add(subxid)

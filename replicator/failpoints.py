@@ -36,6 +36,9 @@ STARTUP_COPIED = "startup.copied"                          # startup copy done, 
 SYNC_DONE_BEFORE_COMMIT = "apply.sync_done_before_commit"  # merge of held rows not committed
 SYNC_DONE_COMMITTED = "apply.sync_done_committed"          # held rows merged, table streaming
 SYNC_START_COMMITTED = "apply.sync_start_committed"        # the table's changes are held
+STREAM_CHUNK_APPLIED = "stream.chunk_applied"              # a chunk in its open transaction
+STREAM_BEFORE_COMMIT = "stream.before_commit"              # streamed txn complete, not committed
+STREAM_COMMITTED = "stream.committed"                      # committed, not confirmed to the source
 
 
 def _parse(text: str) -> dict[str, str]:

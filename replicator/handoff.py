@@ -23,6 +23,10 @@ class Handoff:
         self._busy = False
         self._closed = False
         self.error: BaseException | None = None
+        # Batches handed over, and applied: a streamed transaction's chunk waits for
+        # every batch handed over before it (stream_apply's commit-order barrier).
+        self.offered = 0
+        self.applied = 0
 
     def idle(self) -> bool:
         with self._cv:
@@ -40,11 +44,15 @@ class Handoff:
             if self.error:
                 return False
             self._next = batch
+            self.offered += 1
             self._cv.notify_all()
             return True
 
     def take(self) -> Batch | None:
+        """The next batch; calling it again says the one taken before is applied."""
         with self._cv:
+            if self._busy:
+                self.applied += 1
             self._busy = False
             self._cv.notify_all()
             self._cv.wait_for(lambda: self._next is not None or self._closed)

@@ -38,6 +38,7 @@ from .receiver import Receiver, SessionRestart
 from .schema import MirrorTable
 from .settings import Config, DestinationSettings, SourceSettings
 from .source import TEXT_MODE_OPTIONS, ReplicationConnection, protocol_for
+from .stream_apply import apply_finishing
 
 log = logging.getLogger(__name__)
 
@@ -314,9 +315,14 @@ class Pipeline:
                 target=self._apply_loop, args=(applier, handoff, sysinfo.system_id),
                 name="applier", daemon=True)
             applier_thread.start()
+            def stream_applier() -> Applier:
+                return Applier(dst.conninfo(), dst.state_schema, slot, dst.on_error,
+                               deadline.BatchLimits.of(dst), dst.analytics_roles)
+
             Receiver(cfg, self.progress, self.metrics, self.stop_requested, repl, decoder,
                      handoff, catalog, mirrors, sync_lsns, binary,
-                     sysinfo.xlogpos if self.until_caught_up else None).loop()
+                     sysinfo.xlogpos if self.until_caught_up else None,
+                     stream_applier if dst.max_streams else None).loop()
         finally:
             handoff.close()
             if applier_thread is not None:
@@ -337,7 +343,10 @@ class Pipeline:
             if batch is None:
                 return
             try:
-                result = applier.apply(batch, system_id=system_id)
+                if batch.stream is not None:
+                    result = apply_finishing(batch, applier, system_id)
+                else:
+                    result = applier.apply(batch, system_id=system_id)
             except BaseException as exc:  # handed to the receiver, which raises it
                 handoff.fail(exc)
                 return

@@ -13,6 +13,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 
 import psycopg
 
@@ -33,7 +34,7 @@ from ._decode import (
     Decoder,
 )
 from .backfill import Backfill, CopyStopped
-from .batch import AlterTable, Batch, Rows, StreamedTxn, SyncDone, SyncStart, Truncate
+from .batch import AlterTable, Batch, Rows, SpilledSlice, StreamedTxn, SyncDone, SyncStart, TableRows, Truncate
 from .catalog import column_type, emit_heartbeat, publication_members, publication_tables
 from .classify import classify_connect
 from .errors import ErrorKind, ReplicatorError
@@ -43,6 +44,7 @@ from .metrics import Metrics
 from .schema import Column, MirrorTable, check_replicable, column_origins, read_table
 from .settings import Config
 from .source import ReplicationConnection
+from .stream_apply import StreamApply
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +69,11 @@ class Receiver:
                  stop: threading.Event, repl: ReplicationConnection, decoder: Decoder,
                  handoff: Handoff, catalog: psycopg.Connection,
                  mirrors: dict[tuple[str, str], MirrorTable], sync_lsns: dict[tuple[str, str], int],
-                 binary: bool, target: int | None):
+                 binary: bool, target: int | None,
+                 stream_applier: Callable[[], object] | None = None):
         self.cfg = config
+        # Makes the Applier of a streamed transaction applied while it runs (None: never).
+        self.stream_applier = stream_applier
         self.progress = progress
         self.metrics = metrics
         self.stop_requested = stop
@@ -92,6 +97,7 @@ class Receiver:
         # the one whose chunk is being read (between Stream Start and Stream Stop).
         self.streams: dict[int, StreamedTxn] = {}
         self.stream: StreamedTxn | None = None
+        self.workers: list[StreamApply] = []
         self.sent_flush = -1
         self.last_status = 0.0
         self.last_probe = 0.0
@@ -123,6 +129,8 @@ class Receiver:
             self._loop()
         finally:
             # Open streamed transactions are sent again from their start by the next session.
+            for worker in self.workers:
+                worker.close()
             for st in self.streams.values():
                 st.close()
             self.streams.clear()
@@ -187,7 +195,7 @@ class Receiver:
                 # A transaction larger than memory: its rows go to temporary
                 # files and are streamed into staging when the batch applies.
                 if self.stream is not None:
-                    moved = self.stream.pending.spill(dec.take(), self.by_relid)
+                    moved = self._stream_take()
                 else:
                     moved = self.batch.spill(dec.take())
                 log.info("batch spilled to disk", extra={"bytes": moved,
@@ -249,24 +257,33 @@ class Receiver:
         # spilling) while the batch keeps growing, and each take would become
         # one more COPY and MERGE per table. Only this thread offers, so the
         # room cannot go away before the offer below.
-        while not self.handoff.has_room(timeout=1.0 if block else 0.0):
-            self._check_applier()
-            if not block:
-                return      # the applier is busy and the batch is not full: keep filling it
-            # Backpressure: stop reading, but keep the source from timing us out.
-            self._send_status()
+        if not self._room(block):
+            return      # the applier is busy and the batch is not full: keep filling it
         batch = self.batch
         batch.add_rows(self.dec.take(), self.by_relid)
         if not batch.end_lsn:
             # Only table-sync operations, no transaction: the position stays
             # (the state never stores a lower one than it has).
             batch.end_lsn = self.progress.applied_lsn
+        self._offer(batch)
+        self.batch = Batch()
+
+    def _room(self, block: bool) -> bool:
+        while not self.handoff.has_room(timeout=1.0 if block else 0.0):
+            self._check_applier()
+            if not block:
+                return False
+            # Backpressure: stop reading, but keep the source from timing us out.
+            self._send_status()
+        return True
+
+    def _offer(self, batch: Batch) -> None:
+        # Only this thread offers: the room _room() found cannot go away before this.
         if not self.handoff.offer(batch, timeout=0.0):
             self._check_applier()
             raise ReplicatorError(ErrorKind.INTERNAL,
                                   "the hand-off refused a batch it had room for",
                                   "report this as a bug; the batch is replayed after the restart")
-        self.batch = Batch()
 
     def _finish(self) -> None:
         # A copy that finished in the meantime is handed over with this last
@@ -378,7 +395,15 @@ class Receiver:
         if self.layouts.get(relid) == layout and not alter:
             return
         # Rows already buffered belong to the old layout: apply them first.
-        sink = self._sink()
+        if self.stream is not None and not differs:
+            # A streamed transaction's first mention of a table since the session began:
+            # not its own DDL (that would be a new layout), so the mirror's catch-up to it
+            # goes with the committed transactions, and the streamed rows after it wait
+            # for that batch (the barrier counts it).
+            self._stream_take()
+            sink = self.batch
+        else:
+            sink = self._sink()
         if differs:
             source = dataclasses.replace(t.source, columns=columns, key=key_cols)
             t = MirrorTable(source, t.dest_schema, t.dest_name, t.state_schema, t.binary,
@@ -428,6 +453,9 @@ class Receiver:
         of a streamed transaction always go to disk: it may be any size.
         """
         if self.stream is not None:
+            if self.stream.worker is not None:
+                # DDL, a TRUNCATE or a table copy inside it: applied at its commit instead.
+                self.stream.worker.give_up("DDL, TRUNCATE or a table copy inside it")
             pending = self.stream.pending
             pending.spill(self.dec.take(), self.by_relid)
             pending.add_rows([], self.by_relid)
@@ -450,15 +478,57 @@ class Receiver:
                 "the replicator reconnects and receives it again from its start")
         if st is None:
             st = self.streams[xid] = StreamedTxn(xid, first_seq=self.dec.seq)
+            running = sum(1 for s in self.streams.values()
+                          if s.worker is not None and s.worker.failed is None)
+            if self.stream_applier is not None and running < self.cfg.destination.max_streams:
+                st.worker = StreamApply(xid, self.stream_applier,  # type: ignore[arg-type]
+                                        self.handoff, self._applies_early)
+                st.worker.start()
+                self.workers.append(st.worker)
         st.chunks += 1
         self.stream = st
+
+    def _stream_take(self) -> int:
+        """The chunk's rows decoded so far: to disk, and to its open destination transaction."""
+        st = self.stream
+        assert st is not None
+        taken = self.dec.take()
+        if st.worker is None or st.worker.failed is not None:
+            return st.pending.spill(taken, self.by_relid)
+        slices = st.pending.spill_slices(taken, self.by_relid)
+        # Applied once every batch handed over so far, and the one being filled (the
+        # transactions committed before these rows arrived), is applied.
+        barrier = self.handoff.offered + (0 if self.batch.empty else 1)
+        st.worker.submit(barrier, slices, self._while_chunks_wait)
+        return sum(tr.data.size for tr in slices if isinstance(tr.data, SpilledSlice))
+
+    def _while_chunks_wait(self) -> None:
+        # The chunks waiting may wait for the batch being filled: hand it over (the
+        # decoder's rows were just taken, so it holds committed transactions only).
+        self._check_applier()
+        self._send_status()
+        self._close(block=False)
+
+    def _applies_early(self, tr: TableRows) -> bool:
+        """Whether a streamed chunk's rows of this table may be merged before the commit.
+
+        Not with a row filter, soft deletes or history (they need the commit LSN and
+        time), nor for a table being copied; nor if its copy may hold this transaction:
+        the chunk's changes come before the transaction's commit in the WAL, so a copy
+        whose snapshot is no later than they are cannot hold it.
+        """
+        t = tr.table
+        key = (t.source.schema, t.source.name)
+        o = t.options
+        return o.filter is None and not o.soft_delete and not o.history \
+            and key not in self.syncing and 0 < self.sync_lsns.get(key, 0) <= self.dec.wal_start
 
     def _on_stream_stop(self) -> None:
         st = self.stream
         if st is None:
             raise ReplicatorError(ErrorKind.PROTOCOL, "Stream Stop without Stream Start",
                                   "the replicator reconnects; report this if it repeats")
-        st.pending.spill(self.dec.take(), self.by_relid)
+        self._stream_take()
         st.last_seq = self.dec.seq
         self.stream = None
 
@@ -469,8 +539,12 @@ class Receiver:
             return      # nothing of it reached this session
         if subxid == xid:
             del self.streams[xid]
+            if st.worker is not None:
+                st.worker.abort()
             st.close()
         else:
+            if st.worker is not None:
+                st.worker.give_up("a subtransaction rolled back")
             st.abort_subxact(subxid)
 
     def _on_stream_commit(self, event: tuple) -> None:
@@ -480,22 +554,45 @@ class Receiver:
             raise ReplicatorError(
                 ErrorKind.PROTOCOL, f"Stream Commit of transaction {xid}, never streamed",
                 "the replicator reconnects and receives it again from its start")
-        try:
-            if commit_lsn < self.dec.skip_before:
-                return  # in the destination already: replayed from before the applied position
-            self.batch.add_rows(self.dec.take(), self.by_relid)
-            base = self.dec.reserve_seq(st.span)
-            ops = st.commit(commit_lsn, base, lambda t: commit_lsn >= self.sync_lsns.get(
-                (t.source.schema, t.source.name), 0))
-        finally:
+        if commit_lsn < self.dec.skip_before:
+            # In the destination already: replayed from before the applied position.
+            if st.worker is not None:
+                st.worker.close()
             st.close()
-        self.batch.ops.extend(ops)
-        self.batch.rows += sum(tr.rows for op in ops if isinstance(op, Rows) for tr in op.tables)
-        self.batch.commit(end_lsn, commit_ts, commit_lsn)
-        if self.batch.txns == 1:
+            return
+        self.batch.add_rows(self.dec.take(), self.by_relid)
+        base = self.dec.reserve_seq(st.span)
+        sync_lsns = dict(self.sync_lsns)
+
+        def keep(t: MirrorTable) -> bool:
+            return commit_lsn >= sync_lsns.get((t.source.schema, t.source.name), 0)
+
+        early = st.worker.chunks if st.worker is not None else 0
+        if st.worker is not None and st.worker.failed is None:
+            # Its own batch, after everything committed before it: the applier commits
+            # its open destination transaction in turn (or applies it from the files).
+            if not self.batch.empty:
+                self._close(block=True)
+            own = Batch(stream=st.worker, fallback=(st, commit_lsn, base, keep))
+            own.commit(end_lsn, commit_ts, commit_lsn)
+            self._room(block=True)
+            self._offer(own)
+        else:
+            if st.worker is not None:
+                st.worker.close()
+            try:
+                ops = st.commit(commit_lsn, base, keep)
+            finally:
+                st.close()
+            self.batch.ops.extend(ops)
+            self.batch.rows += sum(tr.rows for op in ops if isinstance(op, Rows)
+                                   for tr in op.tables)
+            self.batch.commit(end_lsn, commit_ts, commit_lsn)
+        if self.batch.txns <= 1:
             self.metrics.received_commit(end_lsn, commit_ts)
         log.debug("streamed transaction committed", extra={
-            "xid": xid, "chunks": st.chunks, "commit_lsn": format_lsn(commit_lsn)})
+            "xid": xid, "chunks": st.chunks, "applied_early": early,
+            "commit_lsn": format_lsn(commit_lsn)})
 
     # -- tables copied while the stream runs --------------------------------
 

@@ -244,6 +244,9 @@ class DestinationSettings(ConnectionSettings):
     batch_size: int = 1000  # rows
     flush_interval: float = 5.0  # seconds: the longest a committed change waits
     max_memory_mb: int = 256
+    # Streamed source transactions applied while they run, each in its own destination
+    # transaction on its own connection (0: none; the others are applied at their commit).
+    max_streams: int = 2
     copy_indexes: bool = True  # create the source's indexes on the mirror tables
     on_error: str = "stop"  # stop | dead_letter (see ON_ERROR)
     # The longest one statement of a batch may run (the server's statement_timeout, set per
@@ -279,6 +282,7 @@ class DestinationSettings(ConnectionSettings):
         _check_range("destination", "batch_size", self.batch_size, 1)
         _check_range("destination", "flush_interval", self.flush_interval, 0, exclusive_min=True)
         _check_range("destination", "max_memory_mb", self.max_memory_mb, 1)
+        _check_range("destination", "max_streams", self.max_streams, 0, 32)
         _check_choice("destination", "on_error", self.on_error, ON_ERROR)
         for key in ("stall_timeout", "lock_timeout", "idle_in_transaction_timeout"):
             _check_range("destination", key, getattr(self, key), 0, exclusive_min=True)

@@ -24,6 +24,18 @@ def streamed_commits(caplog: pytest.LogCaptureFixture) -> list[int]:
             if r.getMessage() == "streamed transaction committed"]
 
 
+def gave_up(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """Why streamed transactions were applied at their commit rather than while they ran."""
+    return [r.reason for r in caplog.records  # type: ignore[attr-defined]
+            if r.getMessage() == "streamed transaction applied at its commit instead"]
+
+
+def applied_early(caplog: pytest.LogCaptureFixture) -> list[int]:
+    """Chunks of each streamed transaction applied before its commit (0: none)."""
+    return [getattr(r, "applied_early", 0) for r in caplog.records
+            if r.getMessage() == "streamed transaction committed"]
+
+
 @pytest.fixture
 def zoo(source_db, dest_db):
     setup_zoo(source_db)
@@ -98,6 +110,7 @@ def test_rolled_back_subtransactions_of_a_streamed_transaction_are_dropped(zoo, 
         conn.commit()
     chunks = caught_up(zoo, dest_db, caplog)
     assert len(chunks) == 1 and chunks[0] > 1, chunks
+    assert gave_up(caplog) == ["a subtransaction rolled back"]
     rows = assert_same(zoo, dest_db, "zoo")
     ids = {r[0] for r in rows}
     assert 20_000 not in ids and 30_000 not in ids and 12_000 in ids and 15_500 in ids
@@ -127,6 +140,7 @@ def test_ddl_and_truncate_inside_a_streamed_transaction(zoo, dest_db, caplog):
         conn.commit()
     chunks = caught_up(zoo, dest_db, caplog)
     assert len(chunks) == 1 and chunks[0] > 1, chunks
+    assert gave_up(caplog) == ["DDL, TRUNCATE or a table copy inside it"]
     rows = assert_same(zoo, dest_db, "zoo")
     assert len(rows) == 8000 and rows[4][-1] == "after truncate"
 
@@ -197,6 +211,7 @@ def test_history_and_soft_deletes_of_a_streamed_transaction(source_db, dest_db, 
     source_db.execute("update h set name = 'after' where id = 1")
     chunks = caught_up(source_db, dest_db, caplog, mappings=mappings)
     assert len(chunks) == 1 and chunks[0] > 1, chunks
+    assert gave_up(caplog) == ["a table that only the applier handles (options, copy or letters)"]
     assert dest_db.scalar("select count(*) from odoo_mirror.t where _deleted_at is not null") == 10
     assert abs(dest_db.scalar("select extract(epoch from max(_deleted_at) - %s) "
                               "from odoo_mirror.t", [committed])) < 2
@@ -207,3 +222,41 @@ def test_history_and_soft_deletes_of_a_streamed_transaction(source_db, dest_db, 
         + [("U", 1, "after")]
     assert len({h[3] for h in history}) == 2          # two source transactions
     assert not any(h[2] == "rolled back" for h in history)
+
+
+def writing_replicator_transactions(dest_db) -> int:
+    """Destination sessions of the replicator in an open transaction that has written."""
+    return dest_db.scalar("select count(*) from pg_stat_activity where application_name = "
+                          "'odoo-replicator' and state = 'idle in transaction' "
+                          "and backend_xid is not null")
+
+
+@pytest.mark.parametrize("streams", [2, 0])
+def test_a_streamed_transaction_is_applied_while_it_runs(zoo, dest_db, caplog, streams):
+    """With max_streams > 0 the chunks are merged into an open destination transaction before
+    the source commits (nothing visible yet); with 0 they wait for the commit. Either way the
+    mirror shows the whole transaction at once, and equals the source."""
+    with caplog.at_level("DEBUG", logger="replicator"), \
+            running(zoo, dest_db, max_streams=streams, **STREAMING), \
+            zoo.connect(autocommit=False) as conn:
+        conn.execute(zoo_rows(15_000, start=10_000))
+        conn.execute("update zoo set code = 'in the big one' where id <= 100")
+        zoo.execute("update zoo set code = 'small' where id = 900")
+        wait_for(lambda: dest_db.scalar("select code from odoo_mirror.zoo where id = 900")
+                 == "small", what="the small transaction committed after the chunks")
+        if streams:
+            wait_for(lambda: writing_replicator_transactions(dest_db) == 1,
+                     what="a destination transaction holding the chunks")
+        else:
+            zoo.execute("select pg_sleep(0.5)")
+            assert writing_replicator_transactions(dest_db) == 0
+        assert dest_db.scalar("select count(*) from odoo_mirror.zoo") == 1000
+        conn.execute("update zoo set code = 'last chunk' where id between 101 and 110")
+        conn.commit()
+        wait_for(lambda: dest_db.scalar("select count(*) from odoo_mirror.zoo") == 6001,
+                 what="the streamed transaction in the mirror")
+    early = applied_early(caplog)
+    assert len(early) == 1 and (early[0] > 0) == bool(streams), early
+    assert gave_up(caplog) == []
+    rows = assert_same(zoo, dest_db, "zoo")
+    assert rows[0][4] == "in the big one" and rows[100][4] == "last chunk"

@@ -1,0 +1,266 @@
+"""A streamed source transaction applied while it runs, in its own destination transaction.
+
+The source streams a big transaction in chunks before it commits (protocol 2+). The
+receiver keeps every chunk on disk (batch.StreamedTxn) and, for up to ``[destination]
+max_streams`` transactions at a time, also hands each chunk to one of these: a thread with
+its own destination connection and one open transaction, which COPYs the chunk into staging
+and merges it into the mirror at once. At the source's commit only the last chunk, the
+applied position and the COMMIT remain, and they run in the applier's turn, so the mirror
+still changes in source commit order.
+
+Why applying before the commit is safe: a chunk is applied only once every transaction that
+committed before it arrived is applied (``barrier``: the batches handed to the applier
+before it, and the one being filled, are applied). Its rows were locked at the source by
+this transaction until it commits, so no transaction committed later (and applied meanwhile
+by the applier) touches them; in the mirror each statement sees what committed before it
+(READ COMMITTED). Staging tables are shared with the applier: under MVCC each transaction
+sees, merges and deletes only its own staged rows.
+
+Anything this path does not handle makes it give up (roll back, ``failed``), and the
+transaction is applied from its files at commit like any other: a rolled-back
+subtransaction, DDL or TRUNCATE inside it, a table with [mappings] options, dead letters or
+a copy in progress, any destination error. Giving up loses nothing: the files hold it all.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psycopg
+
+from . import failpoints, state
+from .apply import ApplyResult, Applier
+from .batch import Batch, TableRows
+from .errors import ErrorKind, ReplicatorError
+from .handoff import Handoff
+from .lsn import format_lsn
+
+log = logging.getLogger(__name__)
+
+QUEUE_CHUNKS = 2          # chunks waiting for this transaction's connection (on disk, not memory)
+BARRIER_POLL = 0.002      # seconds between looks at the applied position
+
+
+class GiveUp(Exception):
+    """This transaction is applied from its files at commit instead."""
+
+
+@dataclass
+class _Chunk:
+    barrier: int                 # apply only once this many batches are applied
+    tables: list[TableRows]      # data: the chunk's rows in this transaction's files
+
+
+@dataclass
+class _Commit:
+    end_lsn: int
+    commit_ts: int
+    system_id: str | None
+    record_times: bool
+
+
+_ABORT = object()
+
+
+class StreamApply(threading.Thread):
+    """One streamed transaction's destination transaction, open from its first chunk."""
+
+    def __init__(self, xid: int, make_applier: Callable[[], Applier], handoff: Handoff,
+                 eligible: Callable[[TableRows], bool]):
+        super().__init__(name=f"stream-{xid}", daemon=True)
+        self.xid = xid
+        self._make_applier = make_applier
+        self._handoff = handoff
+        self._eligible = eligible
+        self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_CHUNKS)
+        self._applier: Applier | None = None
+        self.failed: BaseException | None = None   # set when it gave up (before any commit)
+        self.chunks = 0
+        self.rows = 0
+        self.tables: set[str] = set()
+        self._done = threading.Event()
+        self._commit_error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._finishing = False     # the commit began: a failure now has an unknown outcome
+        self._committed = False
+        self.result = ApplyResult()
+
+    # -- the receiver's side ----------------------------------------------------
+
+    def submit(self, barrier: int, tables: list[TableRows], wait: Callable[[], None]) -> None:
+        """Queue a chunk; ``wait`` runs while the queue is full (the receiver's status)."""
+        if any(not self._eligible(tr) for tr in tables):
+            self.give_up("a table that only the applier handles (options, copy or letters)")
+        while self.failed is None:
+            try:
+                self._queue.put(_Chunk(barrier, tables), timeout=0.5)
+                return
+            except queue.Full:
+                wait()
+
+    def give_up(self, why: str, quiet: bool = False) -> None:
+        """Roll back; the transaction is applied from its files at commit.
+
+        Too late once its commit began (then it commits, or the session starts over).
+        """
+        with self._lock:
+            if self._finishing or self.failed is not None:
+                return
+            self.failed = GiveUp(why)
+        if not quiet:
+            log.info("streamed transaction applied at its commit instead", extra={
+                "xid": self.xid, "reason": why})
+        self._drain()
+        self._put(_ABORT)
+
+    def abort(self) -> None:
+        """The source rolled it back, or the session ends: roll back, quietly."""
+        self.give_up("aborted", quiet=True)
+
+    def _put(self, item: object) -> None:
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            pass    # the thread is busy with a chunk; it sees `failed` before the next one
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                return
+
+    # -- the applier's side -------------------------------------------------------
+
+    def commit(self, end_lsn: int, commit_ts: int, system_id: str | None,
+               record_times: bool) -> bool:
+        """In the applier's turn: apply what is left, the position, COMMIT.
+
+        False if it gave up before the commit began (apply the transaction from its
+        files instead). A failure once the commit began raises: its outcome is not
+        known, so the session starts over from the stored position.
+        """
+        item = _Commit(end_lsn, commit_ts, system_id, record_times)
+        while self.failed is None and self.is_alive():
+            try:
+                self._queue.put(item, timeout=0.5)
+                break
+            except queue.Full:
+                continue
+        self._done.wait()
+        if self._commit_error is not None:
+            raise self._commit_error
+        return self._committed
+
+    def close(self) -> None:
+        """Roll back unless its commit began (the applier then sees that through)."""
+        self.abort()
+        if self._finishing or not self.is_alive():
+            return
+        self.join(timeout=10)
+        if self._applier is not None and self.is_alive():
+            self._applier.abort()
+
+    # -- the thread ------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            self._applier = self._make_applier()
+            conn = self._applier.connect()
+            with conn.transaction(), conn.cursor() as cur:
+                self._begin(cur)
+                while True:
+                    item = self._queue.get()
+                    if item is _ABORT or self.failed is not None:
+                        raise psycopg.Rollback()
+                    if isinstance(item, _Commit):
+                        with self._lock:
+                            if self.failed is not None:
+                                raise psycopg.Rollback()
+                            self._finishing = True
+                        self._finish(cur, item)
+                        break
+                    self._apply(cur, item)
+            self._committed = self._finishing
+            if self._committed:
+                failpoints.hit(failpoints.STREAM_COMMITTED)
+        except BaseException as exc:  # noqa: BLE001 - every failure means: use the files
+            if self._finishing:
+                self._commit_error = exc if isinstance(exc, ReplicatorError) else \
+                    ReplicatorError(
+                        ErrorKind.DESTINATION_CONNECT,
+                        f"committing streamed transaction {self.xid} failed: {exc}",
+                        "the replicator reconnects and replays from the applied position")
+            elif self.failed is None:
+                with self._lock:
+                    self.failed = exc
+                log.info("streamed transaction applied at its commit instead", extra={
+                    "xid": self.xid, "reason": f"{type(exc).__name__}: {exc}".strip()})
+        finally:
+            self._done.set()
+            if self._applier is not None:
+                self._applier.close()
+
+    def _begin(self, cur: psycopg.Cursor) -> None:
+        applier = self._applier
+        assert applier is not None
+        cur.execute("set local synchronous_commit = on")
+        if applier.limits is not None:
+            applier.limits.set_local(cur)
+        # Open across the source transaction's pauses, however long: it is ours, not orphaned.
+        cur.execute("select set_config('idle_in_transaction_session_timeout', '0', true)")
+        if state.lettered_tables(cur, applier.state_schema, applier.slot):
+            raise GiveUp("dead letters are waiting")
+
+    def _apply(self, cur: psycopg.Cursor, chunk: _Chunk) -> None:
+        while self._handoff.applied < chunk.barrier:
+            if self.failed is not None:
+                raise psycopg.Rollback()
+            time.sleep(BARRIER_POLL)
+        applier = self._applier
+        assert applier is not None
+        for tr in chunk.tables:
+            if applier.apply_streamed_rows(cur, tr, self.result):
+                # Unchanged-TOAST values the mirror cannot supply: dead letters, which
+                # need the commit LSN; the applier writes them at the commit.
+                raise GiveUp("a change the mirror cannot complete")
+            self.rows += tr.rows
+            self.tables.add(tr.table.source.qualname)
+        self.chunks += 1
+        failpoints.hit(failpoints.STREAM_CHUNK_APPLIED)
+
+    def _finish(self, cur: psycopg.Cursor, item: _Commit) -> None:
+        applier = self._applier
+        assert applier is not None
+        state.record_applied(cur, applier.state_schema, applier.slot, item.end_lsn,
+                             item.system_id)
+        if item.record_times and self.tables:
+            state.record_commit_times(cur, applier.state_schema, applier.slot,
+                                      sorted(self.tables), item.commit_ts)
+        failpoints.hit(failpoints.STREAM_BEFORE_COMMIT)
+        log.debug("streamed transaction commits", extra={
+            "xid": self.xid, "chunks": self.chunks, "lsn": format_lsn(item.end_lsn)})
+
+
+def apply_finishing(batch: Batch, applier: Applier, system_id: str | None) -> ApplyResult:
+    """A streamed transaction's own batch, in the applier's turn (source commit order).
+
+    Its open destination transaction commits, or, if that one gave up, the
+    transaction is applied from its files like any other batch.
+    """
+    worker, fallback = batch.stream, batch.fallback
+    assert worker is not None and fallback is not None
+    started = time.monotonic()
+    if worker.commit(batch.end_lsn, batch.last_commit_ts, system_id, applier.commit_times):
+        worker.result.seconds = time.monotonic() - started
+        return worker.result
+    worker.join()   # done with the files before they are read here
+    st, commit_lsn, seq_base, keep = fallback
+    batch.ops = st.commit(commit_lsn, seq_base, keep)
+    batch.rows = sum(tr.rows for tr in batch.table_rows())
+    return applier.apply(batch, system_id=system_id)
