@@ -709,6 +709,9 @@ class Receiver:
             self.mirrors[key] = t
             log.info("table added to the publication", extra={"table": source.qualname})
         self._sink()
+        for worker in self.workers:
+            # Its copy would wait for their row locks, held until their commits.
+            worker.give_up("a table copy started")
         op = SyncStart(t)
         self.batch.ops.append(op)
         self.sync_lsns[key] = 0

@@ -9,10 +9,14 @@ source: nothing of the first sessions' chunks doubled, nothing of the rolled-bac
 
 from __future__ import annotations
 
+import signal
 import time
 
+import pytest
 from plugins.replicator import json_logging, table_rows, wait_for
 from zoo import setup_zoo, zoo_rows
+
+from replicator import failpoints
 
 SETTINGS = {"batch_size": 1000, "flush_interval": 0.2,
             "source": {"logical_decoding_work_mem": "64kB"}}
@@ -60,3 +64,26 @@ def test_sigkill_while_a_transaction_is_streamed(source_db, dest_db, replicator)
     assert source == mirror
     out = "".join(rep.output(run)[0] for run in range(1, rep.runs + 1))
     assert "streamed transaction committed" in out, "the source did not stream the transaction"
+
+
+@pytest.mark.parametrize("point", [failpoints.STREAM_CHUNK_APPLIED, failpoints.STREAM_BEFORE_COMMIT,
+                                   failpoints.STREAM_COMMITTED])
+def test_killed_in_each_window_of_a_transaction_applied_while_it_runs(
+        source_db, dest_db, replicator, point):
+    """The process dies with a chunk merged in the open destination transaction, with the
+    transaction complete but not committed, and right after its commit (not yet confirmed to
+    the source). The next run ends with the source's rows exactly once."""
+    setup_zoo(source_db)
+    source_db.execute(zoo_rows(1000))
+    rep = replicator(**SETTINGS)
+    assert rep.run_until_caught_up(timeout=60) == 0
+    with source_db.connect(autocommit=False) as big:
+        big.execute(zoo_rows(9000, start=2000))
+        big.execute("update zoo set code = 'big' where id <= 300")
+        big.execute("delete from zoo where id between 301 and 400")
+        big.commit()
+    source_db.execute("update zoo set code = 'after' where id <= 5")
+    rep.start(env={failpoints.ENV: f"{point}=kill"})
+    assert rep.wait_exit(60) == -signal.SIGKILL, rep.logs()
+    assert rep.run_until_caught_up(timeout=90) == 0, rep.logs()
+    assert table_rows(source_db, "zoo") == table_rows(dest_db, "zoo", "odoo_mirror")
