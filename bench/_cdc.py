@@ -58,6 +58,8 @@ class CdcBench(Servers):
         # source's secondary indexes (the replicator's copy_indexes = true), so that the
         # native subscription maintains the same indexes as the replicator's mirror.
         self.copy_indexes = True
+        # --set: the replicator's settings beyond its defaults, for every run (printed).
+        self.replicator_settings: dict[str, dict[str, Any]] = {}
 
     def seed(self, scale: float) -> None:
         """The six Odoo tables and the marker table in a template database, published."""
@@ -173,7 +175,8 @@ class CdcBench(Servers):
         """A config for `replicator run` against this way's databases (its own directory)."""
         self.run_no += 1
         return ReplicatorChild(self.base / f"replicator-{self.run_no}", self.src, SRC_DB,
-                               self.dst, DST_DB, PUBLICATION, SLOT, self.copy_indexes)
+                               self.dst, DST_DB, PUBLICATION, SLOT, self.copy_indexes,
+                               self.replicator_settings)
 
     def destination_indexes(self, schema: str) -> int:
         """Indexes on this way's destination tables (both ways must have the same)."""
@@ -199,6 +202,8 @@ def report_base(bench: CdcBench, machine: dict[str, Any], versions: dict[str, st
         "destination_indexes": "the source's" if bench.copy_indexes else "primary keys only",
         "replicator_settings": {k: defaults[k].default
                                 for k in ("batch_size", "flush_interval", "max_memory_mb")},
+        "replicator_set": {f"{side}.{k}": v for side, keys in bench.replicator_settings.items()
+                           for k, v in keys.items()},
     }
 
 
@@ -213,7 +218,8 @@ def print_header(report: dict[str, Any], out) -> None:
         f"load average: {m['load_avg']} at start, {report['load_avg_end']} at end; other "
         f"processes used at most {report['foreign_cpu_max']:.0%} of the CPUs during a run",
         f"replicator commit: {report['replicator_commit']}; destination batch_size "
-        f"{s['batch_size']}, flush_interval {s['flush_interval']} s (defaults)",
+        f"{s['batch_size']}, flush_interval {s['flush_interval']} s (defaults); --set: "
+        + (", ".join(f"{k} = {v}" for k, v in report["replicator_set"].items()) or "none"),
         f"destination tables: {report['destination_indexes']} indexes on both ways "
         "(replicator copy_indexes = " + ("true" if report["destination_indexes"] ==
                                           "the source's" else "false") + ")",

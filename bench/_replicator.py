@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from _common import ROOT
 
@@ -28,6 +29,7 @@ user = "postgres"
 password = "bench"
 publication = "{publication}"
 slot = "{slot}"
+{source_extra}
 
 [destination]
 type = "postgres"
@@ -37,6 +39,7 @@ database = "{dst_db}"
 user = "postgres"
 password = "bench"
 copy_indexes = {copy_indexes}
+{destination_extra}
 
 [logging]
 level = "warning"
@@ -47,6 +50,36 @@ output = "{log}"
 enabled = true
 port = {metrics_port}
 """
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def parse_settings(items: list[str]) -> dict[str, dict[str, Any]]:
+    """`--set source.streaming=false` and the like: the replicator's settings for a run."""
+    out: dict[str, dict[str, Any]] = {"source": {}, "destination": {}}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        side, dot, name = key.partition(".")
+        if not sep or not dot or side not in out:
+            raise SystemExit(f"--set {item!r}: write source.KEY=VALUE or destination.KEY=VALUE")
+        value: Any = raw
+        if raw in ("true", "false"):
+            value = raw == "true"
+        else:
+            for kind in (int, float):
+                try:
+                    value = kind(raw)
+                    break
+                except ValueError:
+                    pass
+        out[side][name] = value
+    return out
 
 
 def proc_status_kib(pid: int, key: str) -> int:
@@ -62,7 +95,8 @@ class ReplicatorChild:
     """One config file, any number of `replicator run` processes started from it in turn."""
 
     def __init__(self, workdir: Path, source: LocalCluster, src_db: str, dest: LocalCluster,
-                 dst_db: str, publication: str, slot: str, copy_indexes: bool = True) -> None:
+                 dst_db: str, publication: str, slot: str, copy_indexes: bool = True,
+                 settings: dict[str, dict[str, Any]] | None = None) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         self.metrics_port = free_port()
@@ -71,7 +105,10 @@ class ReplicatorChild:
         self.config.write_text(CONFIG.format(
             src_port=source.port, src_db=src_db, dst_port=dest.port, dst_db=dst_db,
             publication=publication, slot=slot, log=self.log, metrics_port=self.metrics_port,
-            copy_indexes="true" if copy_indexes else "false"))
+            copy_indexes="true" if copy_indexes else "false",
+            **{f"{side}_extra": "\n".join(f"{k} = {toml_value(v)}"
+                                          for k, v in (settings or {}).get(side, {}).items())
+               for side in ("source", "destination")}))
         self.proc: subprocess.Popen | None = None
         self.started = 0.0
 

@@ -58,6 +58,7 @@ from _cdc import (  # noqa: E402
     report_base,
 )
 from _common import clean_env, machine_info, say  # noqa: E402
+from _replicator import parse_settings  # noqa: E402
 from psycopg import sql  # noqa: E402
 
 from replicator.devtools import odoo  # noqa: E402
@@ -329,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
                          "false); by default both get the source's secondary indexes")
     ap.add_argument("--native-streaming", choices=NATIVE_STREAMING, default="off",
                     help="the native subscription's streaming setting (pinned, printed)")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="a replicator setting for every run, e.g. source.streaming=false or "
+                         "destination.max_streams=0 (repeatable; printed in the report)")
     ap.add_argument("--json", action="store_true",
                     help="print the report as JSON on stdout (the table is always on stderr)")
     ap.add_argument("--keep", action="store_true", help="keep the clusters running at the end")
@@ -346,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(args)
     bench.native_streaming = args.native_streaming
     bench.copy_indexes = not args.no_indexes
+    bench.replicator_settings = parse_settings(args.set)
     try:
         bench.start()
         versions = bench.versions()

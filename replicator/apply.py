@@ -35,8 +35,17 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from . import access, deadline, failpoints, state
-from .batch import (AlterTable, Batch, Rows, SpilledRows, SpilledSlice, SyncDone, SyncStart,
-                    TableRows, Truncate)
+from .batch import (
+    AlterTable,
+    Batch,
+    Rows,
+    SpilledRows,
+    SpilledSlice,
+    SyncDone,
+    SyncStart,
+    TableRows,
+    Truncate,
+)
 from .deadline import BatchLimits, timed_out
 from .errors import ErrorKind, ReplicatorError
 from .lsn import format_lsn

@@ -34,7 +34,17 @@ from ._decode import (
     Decoder,
 )
 from .backfill import Backfill, CopyStopped
-from .batch import AlterTable, Batch, Rows, SpilledSlice, StreamedTxn, SyncDone, SyncStart, TableRows, Truncate
+from .batch import (
+    AlterTable,
+    Batch,
+    Rows,
+    SpilledSlice,
+    StreamedTxn,
+    SyncDone,
+    SyncStart,
+    TableRows,
+    Truncate,
+)
 from .catalog import column_type, emit_heartbeat, publication_members, publication_tables
 from .classify import classify_connect
 from .errors import ErrorKind, ReplicatorError

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import psycopg
 
 from . import failpoints, state
-from .apply import ApplyResult, Applier
+from .apply import Applier, ApplyResult
 from .batch import Batch, TableRows
 from .errors import ErrorKind, ReplicatorError
 from .handoff import Handoff

@@ -14,8 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from replicator._decode import DecodeError, iter_copy_binary, restage
-from replicator._decode import COPY_HEADER, COPY_TRAILER
+from replicator._decode import COPY_HEADER, COPY_TRAILER, DecodeError, iter_copy_binary, restage
 
 
 def staging_row(seq: int, xid: int, op: bytes, cols: list[bytes | None], u: bytes | None) -> bytes:
