@@ -577,7 +577,6 @@ class Receiver:
         def keep(t: MirrorTable) -> bool:
             return commit_lsn >= sync_lsns.get((t.source.schema, t.source.name), 0)
 
-        early = st.worker.chunks if st.worker is not None else 0
         if st.worker is not None and st.worker.failed is None:
             # Its own batch, after everything committed before it: the applier commits
             # its open destination transaction in turn (or applies it from the files).
@@ -601,7 +600,7 @@ class Receiver:
         if self.batch.txns <= 1:
             self.metrics.received_commit(end_lsn, commit_ts)
         log.debug("streamed transaction committed", extra={
-            "xid": xid, "chunks": st.chunks, "applied_early": early,
+            "xid": xid, "chunks": st.chunks,
             "commit_lsn": format_lsn(commit_lsn)})
 
     # -- tables copied while the stream runs --------------------------------

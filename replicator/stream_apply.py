@@ -258,6 +258,8 @@ def apply_finishing(batch: Batch, applier: Applier, system_id: str | None) -> Ap
     started = time.monotonic()
     if worker.commit(batch.end_lsn, batch.last_commit_ts, system_id, applier.commit_times):
         worker.result.seconds = time.monotonic() - started
+        log.debug("streamed transaction applied while it ran", extra={
+            "xid": worker.xid, "chunks": worker.chunks, "lsn": format_lsn(batch.end_lsn)})
         return worker.result
     worker.join()   # done with the files before they are read here
     st, commit_lsn, seq_base, keep = fallback
