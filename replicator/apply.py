@@ -48,7 +48,7 @@ from .batch import (
 )
 from .deadline import BatchLimits, timed_out
 from .errors import ErrorKind, ReplicatorError
-from .lsn import format_lsn
+from .lsn import format_lsn, parse_lsn
 from .schema import (
     DELETED_AT,
     Column,
@@ -76,6 +76,10 @@ class ApplyResult:
     dead_letters: int = 0
     copies: int = 0       # COPYs into staging: one per table with rows, unless a truncate splits
     seconds: float = 0.0
+    # With Applier.defer_flush: a destination WAL position at or past the batch's commit
+    # record, and the destination's WAL flush position, both read after the commit.
+    wal_lsn: int = 0
+    wal_flushed: int = 0
     per_op: dict[str, dict[str, int]] = field(default_factory=dict)
     dead_per_table: dict[str, int] = field(default_factory=dict)
     lettered: set[str] = field(default_factory=set)   # tables given retryable dead letters
@@ -129,13 +133,29 @@ def clear_staging_sql(t: MirrorTable) -> sql.Composed:
     """Empty a staging table by delete, inside the batch's transaction.
 
     Not TRUNCATE: that gives the table a new relfilenode in every batch
-    (pg_class updates, a file unlinked and created); autovacuum keeps the
-    deleted rows' space in check. Staging is emptied after each MERGE in the
-    same transaction, so a commit leaves it empty and a rollback restores it
-    empty; it is emptied before each COPY too, for rows a replicator that
-    truncated before COPY left behind.
+    (pg_class updates, a file unlinked and created); a VACUUM every
+    STAGING_VACUUM_ROWS rows keeps the deleted rows' space in check. Staging is
+    emptied after each MERGE in the same transaction, so a commit leaves it
+    empty and a rollback restores it empty; it is emptied before a session's
+    first COPY into it too, for rows a replicator that truncated before COPY
+    left behind.
     """
     return sql.SQL("delete from {}").format(t.stage)
+
+
+# Rows a staging table takes (and deletes again) between two VACUUMs of it. Autovacuum
+# comes by once a minute at best, and until then every COPY appends to fresh pages (the
+# free space of the deleted rows is known only after a vacuum) that each batch's delete
+# and MERGE scan again: under OLTP load staging grew by ~20 pages a batch, and both
+# statements slowed several-fold in 20 s. A VACUUM every few thousand rows keeps it at a
+# few pages, for about a millisecond.
+STAGING_VACUUM_ROWS = 5000
+
+
+def vacuum_staging_sql(t: MirrorTable) -> sql.Composed:
+    # skip_locked: a session holding a conflicting lock on staging (an operator's VACUUM
+    # FULL, ALTER) makes this VACUUM skip, not wait outside the batch's lock_timeout.
+    return sql.SQL("vacuum (skip_locked) {}").format(t.stage)
 
 
 def unhold_sql(t: MirrorTable) -> tuple[list[sql.Composed], sql.Composed]:
@@ -851,11 +871,24 @@ class Applier:
         # Set once <state>.commit_times exists (the pipeline sets up its component):
         # each batch then records its commit time for the tables it changed.
         self.commit_times = False
+        # Commit batches with synchronous_commit off and report where their commit records
+        # are (ApplyResult.wal_lsn): the caller confirms a batch to the source only once the
+        # destination's WAL is flushed past it. The pipeline sets it; other callers (a dead
+        # letter retry) get a commit that is durable when apply() returns.
+        self.defer_flush = False
         self.conn: psycopg.Connection | None = None
         self._statements: dict[tuple[str, str], sql.SQL] = {}
         # Mirror tables being copied while the stream runs: their changes are
         # held, not merged, until the copy is in (SyncStart ... SyncDone).
         self.holding: set[str] = set()
+        # Staging tables known to be empty as committed: every batch empties what it
+        # stages before it commits, so only the first use in a session (after an older
+        # replicator, or a crash of one that emptied staging before COPY) clears first.
+        self._clean: set[str] = set()
+        # Staging tables emptied by the batch in flight, and rows staged since the last
+        # VACUUM (table name -> (table, rows)).
+        self._emptied: set[str] = set()
+        self._staged: dict[str, tuple[MirrorTable, int]] = {}
 
     def connect(self) -> psycopg.Connection:
         try:
@@ -983,14 +1016,19 @@ class Applier:
         holding_before = set(self.holding)
         syncs_done = any(isinstance(op, SyncDone) for op in batch.ops)
         self._times = {"lsns": list(batch.commit_times), "times": list(batch.commit_times.values())}
+        self._emptied = set()
         try:
             conn = self._dest
             with conn.transaction(), conn.cursor() as cur:
-                # The source may forget a transaction once it is confirmed, so
-                # the commit must be durable before we confirm it.
-                cur.execute("set local synchronous_commit = on")
+                # The source may forget a transaction once it is confirmed, so the commit
+                # must be durable before we confirm it: at once (on), or later, once the
+                # destination's WAL is flushed past it (defer_flush): the commit returns
+                # without waiting for the disk, which a small batch spends much of its time on.
+                durability = "off" if self.defer_flush else "on"
                 if self.limits is not None:
-                    self.limits.set_local(cur)
+                    self.limits.set_local(cur, synchronous_commit=durability)
+                else:
+                    cur.execute(f"set local synchronous_commit = {durability}")
                 if record_lsn and batch.end_lsn:
                     # First, so the pipeline's row is locked for the whole batch: a
                     # `dead-letters --retry` locks it before touching the mirror, and the
@@ -1050,6 +1088,7 @@ class Applier:
                 "nothing of this batch was applied; fix the mirror table named above "
                 "(or drop it so it is recreated) and restart",
             ) from exc
+        self._clean |= self._emptied
         res.seconds = time.monotonic() - started
         if batch.txns:
             failpoints.hit(failpoints.BATCH_COMMITTED)
@@ -1061,7 +1100,52 @@ class Applier:
             if isinstance(op, SyncStart):
                 failpoints.hit(failpoints.SYNC_START_COMMITTED)
                 op.applied.set()
+        if self.defer_flush:
+            self._commit_position(res)
+        self._vacuum_staging()
         return res
+
+    def _commit_position(self, res: ApplyResult) -> None:
+        """Where the batch's commit record is in the destination's WAL, and what is flushed.
+
+        Read after the commit: the insert position then is past the commit record (read
+        inside the transaction it would be before it). Both are server-wide, so through a
+        transaction-mode pooler any server connection answers the same.
+        """
+        try:
+            row = self._dest.execute(
+                "select pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text"
+            ).fetchone()
+        except psycopg.OperationalError as exc:
+            raise ReplicatorError(
+                ErrorKind.DESTINATION_CONNECT,
+                f"destination connection lost after a commit, before its WAL position: {exc}",
+                "the batch is not confirmed to the source; the replicator reconnects") from exc
+        assert row is not None  # a select without from: always one row
+        res.wal_lsn, res.wal_flushed = parse_lsn(row[0]), parse_lsn(row[1])
+
+    def _vacuum_staging(self) -> None:
+        """VACUUM the staging tables that took STAGING_VACUUM_ROWS rows since the last one.
+
+        Between batches, outside any transaction (VACUUM cannot run in one; through a
+        transaction-mode pooler it is a transaction of its own). The batch committed
+        already: a lost connection here is retried like one lost before the next batch.
+        """
+        for name, (t, rows) in list(self._staged.items()):
+            if rows < STAGING_VACUUM_ROWS:
+                continue
+            del self._staged[name]
+            try:
+                self._dest.execute(vacuum_staging_sql(t))
+            except psycopg.OperationalError as exc:
+                raise ReplicatorError(
+                    ErrorKind.DESTINATION_CONNECT,
+                    f"destination connection lost while vacuuming {t.qualname}'s staging: {exc}",
+                    "the batches before were committed; the replicator reconnects") from exc
+            except psycopg.Error as exc:
+                # Only the speed of later batches depends on it: autovacuum still comes.
+                log.warning("cannot vacuum a staging table", extra={
+                    "table": t.qualname, "error": str(exc).strip()})
 
     # -- tables being copied while the stream runs ---------------------------
 
@@ -1135,12 +1219,16 @@ class Applier:
             with cur.copy(self._stmt("copy_held", t)) as copy:
                 _write(copy, tr.data)
             return
-        cur.execute(clear_staging_sql(t))
+        if t.staging not in self._clean and t.staging not in self._emptied:
+            cur.execute(clear_staging_sql(t))
         with cur.copy(self._stmt("copy", t)) as copy:
             _write(copy, tr.data)
         res.copies += 1
         out = self._merge_table(cur, t, bool(tr.unchanged), end_lsn, res)
         cur.execute(clear_staging_sql(t))
+        self._emptied.add(t.staging)
+        staged = self._staged.get(t.staging, (t, 0))[1] + tr.rows
+        self._staged[t.staging] = (t, staged)
         res.rows += tr.rows - sum(out.values())
         # A key change's delete is not counted as a delete, hence the floor.
         res.count(t.qualname, *(max(0, n - out.get(o, 0))

@@ -148,13 +148,16 @@ class BatchLimits:
     def answer_timeout(self) -> float:
         return self.stall_timeout + STALL_GRACE
 
-    def set_local(self, cur: psycopg.Cursor) -> None:
+    def set_local(self, cur: psycopg.Cursor, synchronous_commit: str | None = None) -> None:
+        """The limits, and the transaction's synchronous_commit if given: one round trip."""
         cur.execute(
             "select set_config('statement_timeout', %s, true), "
             "set_config('lock_timeout', %s, true), "
-            "set_config('idle_in_transaction_session_timeout', %s, true)",
+            "set_config('idle_in_transaction_session_timeout', %s, true)"
+            + (", set_config('synchronous_commit', %s, true)" if synchronous_commit else ""),
             [_ms(self.stall_timeout), _ms(self.lock_timeout),
-             _ms(self.idle_in_transaction_timeout)])
+             _ms(self.idle_in_transaction_timeout)]
+            + ([synchronous_commit] if synchronous_commit else []))
 
 
 def _ms(seconds: float) -> str:

@@ -212,6 +212,7 @@ class Pipeline:
                 raise classify(exc, settings=dst) from exc
             state.setup_component(dest, dst.state_schema, "freshness")
             applier.commit_times = True
+            applier.defer_flush = True
             missing = sorted(set(dst.analytics_roles)
                              - set(access.existing_roles(dest, dst.analytics_roles)))
             if missing:
@@ -352,7 +353,7 @@ class Pipeline:
                 return
             finally:
                 batch.close()
-            self.progress.applied_lsn = max(self.progress.applied_lsn, batch.end_lsn)
+            self.progress.applied(batch.end_lsn, result.wal_lsn, result.wal_flushed)
             if batch.last_commit_ts:
                 self.progress.last_commit_ts = batch.last_commit_ts
             if batch.txns:

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 
 import psycopg
+from psycopg import sql
 
 from . import deadline, state
 from ._decode import (
@@ -49,7 +50,7 @@ from .catalog import column_type, emit_heartbeat, publication_members, publicati
 from .classify import classify_connect
 from .errors import ErrorKind, ReplicatorError
 from .handoff import Handoff, Progress
-from .lsn import format_lsn
+from .lsn import format_lsn, parse_lsn
 from .metrics import Metrics
 from .schema import Column, MirrorTable, check_replicable, column_origins, read_table
 from .settings import Config
@@ -61,6 +62,9 @@ log = logging.getLogger(__name__)
 STATUS_INTERVAL = 5.0      # seconds between standby status updates when nothing changes
 IDLE_PROBE_INTERVAL = 1.0  # how often an idle receiver asks the source where WAL ends
 PUMP_MESSAGES = 20000      # messages decoded between looks at memory, status and signals
+BUSY_WAIT = 0.005          # socket wait while a batch is ready but the applier is busy
+FLUSH_CHECK_INTERVAL = 0.1  # how often to ask whether committed batches are on the disk yet
+FORCE_FLUSH_AFTER = 2.0     # seconds a commit may wait for the WAL writer before a forced flush
 POLL_INTERVAL = 2.0        # how often to look for tables added to the publication or resyncs
 
 
@@ -111,6 +115,7 @@ class Receiver:
         self.sent_flush = -1
         self.last_status = 0.0
         self.last_probe = 0.0
+        self.last_flush_check = 0.0
         self.last_heartbeat = 0.0
         self.received = 0
         # Seconds spent waiting for the socket with nothing arriving, since the last message:
@@ -136,6 +141,7 @@ class Receiver:
             # Opened now, while the destination is known to answer: opened later through a
             # dead connection it would wait its connect_timeout, not the stall deadline.
             self._poll_conn()
+            self.progress.restart(self._wal_position("pg_current_wal_insert_lsn()"))
             self._loop()
         finally:
             # Open streamed transactions are sent again from their start by the next session.
@@ -173,7 +179,11 @@ class Receiver:
                 self._maybe_status()
                 self._maybe_heartbeat()
                 waited = time.monotonic()
-                self.repl.wait_readable(0.2)
+                # A batch left waiting for a busy applier goes over the moment the
+                # applier is done (batches close when it is idle); its end does not wake
+                # this wait, so look again soon.
+                busy = not self.batch.empty and not dec.in_txn
+                self.repl.wait_readable(BUSY_WAIT if busy else 0.2)
                 self.silent += time.monotonic() - waited
             elif ev == EV_COMMIT:
                 if not dec.skipping:
@@ -305,6 +315,10 @@ class Receiver:
             self._check_applier()
             self._send_status()
         self._check_applier()
+        # Only what is on the destination's disk is confirmed: the last batches committed
+        # without waiting for it, so flush them before the last status update.
+        if self.progress.undurable:
+            self._check_flush(force=True)
         self._send_status()
         log.info("stopped" if self.stop_requested.is_set() else "caught up",
                  extra={"applied_lsn": format_lsn(self.progress.applied_lsn)})
@@ -312,14 +326,18 @@ class Receiver:
     # -- status ----------------------------------------------------------
 
     def _send_status(self, reply: bool = False) -> None:
-        flush = self.progress.applied_lsn
+        # Durable, not just committed: a destination crash loses commits not yet flushed,
+        # and the source must send those again.
+        flush = self.progress.durable_lsn
         self.repl.send_status(max(self.received, flush), flush, flush, reply)
         self.sent_flush = flush
         self.last_status = time.monotonic()
 
     def _maybe_status(self) -> None:
         now = time.monotonic()
-        if self.progress.applied_lsn != self.sent_flush \
+        if self.progress.undurable and now - self.last_flush_check >= FLUSH_CHECK_INTERVAL:
+            self._check_flush()
+        if self.progress.durable_lsn != self.sent_flush \
                 or now - self.last_status >= STATUS_INTERVAL:
             self._send_status()
         if self.target is not None and self._nothing_pending() \
@@ -328,6 +346,46 @@ class Receiver:
             # is how we learn that only unpublished tables changed since.
             self.last_probe = now
             self._send_status(reply=True)
+
+    def _wal_position(self, function: str) -> int:
+        # Server-wide: through a transaction-mode pooler any server connection answers.
+        try:
+            row = self._poll_conn().execute(f"select {function}::text").fetchone()
+        except psycopg.OperationalError as exc:
+            raise ReplicatorError(
+                ErrorKind.DESTINATION_CONNECT, f"destination connection lost: {exc}",
+                "the replicator reconnects and resumes from the last durable position") from exc
+        assert row is not None  # a select without from: always one row
+        return parse_lsn(row[0])
+
+    def _check_flush(self, force: bool = False) -> None:
+        """Batches the applier committed whose commit records are flushed become durable.
+
+        The applier learns it after each batch; this is for when no batch follows. The WAL
+        writer flushes within a few wal_writer_delay, but the insert position read after a
+        commit can lie past a page header no flush reaches until more WAL is written: so
+        after FORCE_FLUSH_AFTER (or when forced: the receiver stops) a transaction that
+        writes WAL commits synchronously, which flushes the WAL up to its own commit record
+        (one that writes none, holding only an xid, does not wait for the flush). It locks
+        the pipeline's row, skipped if a batch holds it: that batch's commit comes soon.
+        """
+        self.last_flush_check = time.monotonic()
+        if force or self.progress.undurable_for() >= FORCE_FLUSH_AFTER:
+            conn = self._poll_conn()
+            dst = self.cfg.destination
+            try:
+                with conn.transaction():
+                    conn.execute("select set_config('synchronous_commit', 'on', true)")
+                    conn.execute(sql.SQL("select from {}.pipelines where slot = %s "
+                                         "for update skip locked").format(
+                                             sql.Identifier(dst.state_schema)),
+                                 [self.cfg.source.slot])
+            except psycopg.OperationalError as exc:
+                raise ReplicatorError(
+                    ErrorKind.DESTINATION_CONNECT, f"destination connection lost: {exc}",
+                    "the replicator reconnects and resumes from the last durable position"
+                ) from exc
+        self.progress.flushed(self._wal_position("pg_current_wal_flush_lsn()"))
 
     def _maybe_heartbeat(self) -> None:
         interval = self.cfg.source.heartbeat_interval

@@ -562,3 +562,60 @@ def test_destination_restart(source_db, dest_db, replicator):
     assert code == 0, f"{summary}\n{rep.logs()}"
     assert retried >= 1, f"no retry logged, did the destination outage hit? {summary}\n{rep.logs()}"
     assert_mirror_equal(source_db, dest_db, rep, summary)
+
+
+def test_destination_crash_loses_only_unconfirmed_commits(source_db, dest_db, replicator):
+    # Batches commit with synchronous_commit off: a destination crash loses the commits its
+    # WAL writer had not flushed yet. The slot must never have been told of those, so the
+    # source sends them again. The WAL writer is slowed down (10 s, its maximum), so that
+    # the crash finds unflushed commits; immediate shutdown loses WAL not yet written.
+    version = source_db.cluster.version
+    cluster = dest_db.cluster
+    seed_source(source_db, scale=0.2)
+    dest_db.execute("alter system set wal_writer_delay = '10s'")
+    dest_db.execute("select pg_reload_conf()")
+    rep = replicator(**BATCHES)
+    workload = Workload(source_db.dsn, seed=300 + version)
+    rep.start()
+    workload.start()
+    crashes: list[tuple[str, str, str]] = []   # (confirmed, applied before, applied after)
+    try:
+        wait_for(lambda: applied_lsn(dest_db) is not None, 20, what="a first applied batch")
+        # Until a crash has lost a commit (the WAL writer still flushes every filled page,
+        # and the replicator forces a flush when one waits long): at least 3, at most 12.
+        while len(crashes) < 12:
+            time.sleep(1.5)  # the replicator is back and applying
+            before = applied_lsn(dest_db)
+            confirmed = slot_state(source_db)[2]
+            cluster.kill()
+            cluster.start()
+            crashes.append((confirmed, before, applied_lsn(dest_db)))
+            assert rep.alive, f"the replicator died after a destination crash\n{rep.logs()}"
+            if len(crashes) >= 3 and any(parse_lsn(a) < parse_lsn(b) for _c, b, a in crashes):
+                break
+    finally:
+        workload.stop()
+        if not cluster.is_running:  # the cluster is shared by the whole session
+            cluster.start()
+        dest_db.execute("alter system reset wal_writer_delay")
+        dest_db.execute("select pg_reload_conf()")
+    summary = (f"pg{version}: (slot confirmed, applied before the crash, applied after "
+               f"recovery): {crashes}")
+    print(summary)
+    beyond = [c for c in crashes if parse_lsn(c[0]) > parse_lsn(c[2])]
+    assert not beyond, f"the slot confirmed commits the crash lost: {beyond}; {summary}"
+    assert any(parse_lsn(a) < parse_lsn(b) for _c, b, a in crashes), (
+        f"no crash lost a commit: the test proved nothing; {summary}")
+
+    def equal() -> bool:
+        assert rep.alive, f"the replicator exited after the destination came back\n{rep.logs()}"
+        return not mirror_diff(source_db, dest_db)[0]
+
+    try:
+        wait_for(equal, 60, 0.5, what="the mirror to catch up after the destination crashes")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {mirror_diff(source_db, dest_db)[0]}; {summary}\n"
+                             f"{rep.logs()}") from None
+    code = rep.terminate(timeout=10)
+    assert code == 0, f"{summary}\n{rep.logs()}"
+    assert_mirror_equal(source_db, dest_db, rep, summary)

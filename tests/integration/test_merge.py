@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from pgwire import UNCHANGED as U
 from pgwire import begin, commit, delete, insert, int4, truncate, update
 
+from replicator import apply as apply_module
 from replicator import state
 from replicator._decode import Decoder
 from replicator.apply import Applier
@@ -307,3 +308,31 @@ def test_rows_left_in_staging_by_an_older_version_are_not_merged(mirror, dest_db
                     "values (1000000, 1, 'I', 9, 'stale', 'STALE')")
     mirror(insert(RELID, row(1, "a", "A")))
     assert mirror.rows() == [(1, "a", "A")]
+
+
+def test_a_failed_first_batch_leaves_staging_to_be_cleared_by_the_next(mirror, dest_db):
+    # Staging is cleared before COPY only until a batch that emptied it commits: one
+    # that rolled back restored the stale row, and the next batch must clear it still.
+    stage = _staging(dest_db)
+    dest_db.execute(f"insert into {stage} (_r_seq, _r_lsn, _r_op, id, name, big) "
+                    "values (1000000, 1, 'I', 9, 'stale', 'STALE')")
+    dest_db.execute("alter table odoo_mirror.t add constraint no_boom check (name <> 'boom')")
+    with pytest.raises(ReplicatorError):
+        mirror(insert(RELID, row(1, "boom", "A")))
+    dest_db.execute("alter table odoo_mirror.t drop constraint no_boom")
+    assert dest_db.scalar(f"select count(*) from {stage}") == 1
+    mirror(insert(RELID, row(1, "a", "A")))
+    mirror(insert(RELID, row(2, "b", "B")))
+    assert mirror.rows() == [(1, "a", "A"), (2, "b", "B")]
+    assert dest_db.scalar(f"select count(*) from {stage}") == 0
+
+
+def test_staging_is_vacuumed_after_enough_rows(mirror, dest_db, monkeypatch):
+    # The deleted rows' pages are reused (or cut off) only after a VACUUM; without one,
+    # every COPY appends pages that each batch's delete and MERGE scan again.
+    monkeypatch.setattr(apply_module, "STAGING_VACUUM_ROWS", 300)
+    stage = _staging(dest_db)
+    for b in range(3):
+        mirror(*(insert(RELID, row(b * 100 + i, "a" * 50, "A" * 50)) for i in range(100)))
+    assert dest_db.scalar("select pg_relation_size(%s)", [stage]) == 0
+    assert len(mirror.rows()) == 300
