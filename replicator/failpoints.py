@@ -10,6 +10,8 @@ set ``REPLICATOR_FAILPOINTS`` to a comma-separated list of ``name=action``:
 - ``sleep:SECONDS``: wait there, so a test can act inside the window (write
   to the source, send a signal).
 
+In-process tests can also hold a point until they release it (``hold``).
+
 Unset (production), a point costs one dictionary lookup on an empty dict.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 
 import psycopg
@@ -36,6 +39,7 @@ STARTUP_COPIED = "startup.copied"                          # startup copy done, 
 SYNC_DONE_BEFORE_COMMIT = "apply.sync_done_before_commit"  # merge of held rows not committed
 SYNC_DONE_COMMITTED = "apply.sync_done_committed"          # held rows merged, table streaming
 SYNC_START_COMMITTED = "apply.sync_start_committed"        # the table's changes are held
+INDEX_BUILD = "indexes.before_build"                       # streaming, a secondary index not built
 
 
 def _parse(text: str) -> dict[str, str]:
@@ -47,10 +51,15 @@ def _parse(text: str) -> dict[str, str]:
 
 
 _armed: dict[str, str] = _parse(os.environ.get(ENV, ""))
+_held: dict[str, threading.Event] = {}
 
 
 def hit(name: str) -> None:
     """Fire the point if a test armed it."""
+    held = _held.get(name)
+    if held is not None:
+        log.warning("failpoint", extra={"failpoint": name, "action": "hold"})
+        held.wait()
     action = _armed.get(name)
     if action is None:
         return
@@ -73,5 +82,14 @@ def arm(name: str, action: str = "kill") -> None:
     _armed[name] = action
 
 
+def hold(name: str) -> threading.Event:
+    """For in-process tests: whoever reaches the point waits there until the event is set."""
+    _held[name] = threading.Event()
+    return _held[name]
+
+
 def disarm_all() -> None:
     _armed.clear()
+    for event in _held.values():
+        event.set()
+    _held.clear()
