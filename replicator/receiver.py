@@ -146,7 +146,10 @@ class Receiver:
                 self._maybe_status()
                 self._maybe_heartbeat()
                 waited = time.monotonic()
-                self.repl.wait_readable(0.2)
+                # Catching up, the batch being applied may be the last one: look again
+                # soon rather than when the idle source next says something.
+                self.repl.wait_readable(
+                    0.01 if self.target is not None and not self.handoff.idle() else 0.2)
                 self.silent += time.monotonic() - waited
             elif ev == EV_COMMIT:
                 if not dec.skipping:
