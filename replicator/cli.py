@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="stop (exit 0) once everything committed on the source before the start is "
         "applied, instead of running until stopped (secondary indexes of newly copied "
-        "tables not built by then are built by the next run)",
+        "tables not built by then are left to the next run)",
     )
     run.add_argument(
         "--log-level",

@@ -9,10 +9,11 @@ stops the applier's writes, and one autocommit statement is all a pooler in
 transaction mode needs (no session setting, nothing prepared). The row goes
 once the index is there.
 
-A build cut short (a kill, a lost connection, a cancel) leaves an INVALID
-index behind, or none: whichever session finds the row next drops an invalid
-one and builds it again. One still being built by a backend whose client
-died is waited for, not dropped: it is doing the same work.
+A stop does not cancel the build in flight: its backend finishes it, and
+the next session waits for it (a backend building an index whose client is
+gone is doing the same work). A build cut short (the destination restarted,
+the backend ended, a cancel) leaves an INVALID index behind, or none:
+whichever session finds the row next drops an invalid one and builds it again.
 """
 
 from __future__ import annotations
@@ -53,7 +54,6 @@ class IndexBuilder:
         self.slot = slot
         self.metrics = metrics
         self._stop = threading.Event()
-        self._conn: psycopg.Connection | None = None
         self.building: state.IndexBuild | None = None
         self._thread = threading.Thread(target=self._loop, name="index-builder", daemon=True)
 
@@ -61,21 +61,20 @@ class IndexBuilder:
         self._thread.start()
         return self
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Cancel the build in flight (the next session builds it again) and end the thread."""
+    def stop(self, timeout: float = 0.5) -> None:
+        """End the thread without waiting for a build in flight.
+
+        That build is left to finish on the destination: its backend goes on without its
+        client (a CREATE INDEX CONCURRENTLY says nothing to it until done), and the next
+        session waits for it instead of starting it again. So a short run (cron's `run
+        --until-caught-up`) still gets a large index built, one per run at least.
+        """
         self._stop.set()
-        conn = self._conn
         b = self.building
         if b is not None:
-            log.info("mirror index build cancelled: the next run builds it again", extra={
+            log.info("mirror index build left to finish on the destination", extra={
                 "table": b.mirror_table, "index": b.index_name})
-        if conn is not None:
-            try:
-                conn.cancel()
-            except psycopg.Error:
-                pass
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        self._thread.join(timeout)
 
     def _loop(self) -> None:
         delay = 1.0
@@ -83,7 +82,6 @@ class IndexBuilder:
             try:
                 with psycopg.connect(self.dest.conninfo(), autocommit=True,
                                      prepare_threshold=None) as conn:
-                    self._conn = conn
                     while not self._stop.is_set():
                         if not self._build_next(conn):
                             self._stop.wait(POLL_INTERVAL)
@@ -95,8 +93,6 @@ class IndexBuilder:
                     "error": str(exc).strip(), "retry_in_s": delay})
                 self._stop.wait(delay)
                 delay = min(RETRY_MAX, delay * 2)
-            finally:
-                self._conn = None
 
     def _build_next(self, conn: psycopg.Connection) -> bool:
         """Build the first recorded index of a streaming table; False if none is waiting."""

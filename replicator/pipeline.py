@@ -320,7 +320,8 @@ class Pipeline:
                      sysinfo.xlogpos if self.until_caught_up else None).loop()
         finally:
             if builder is not None:
-                # An unfinished build is cancelled: the next session builds it again.
+                # A build in flight finishes on the destination; the next session waits
+                # for it.
                 builder.stop()
             handoff.close()
             if applier_thread is not None:

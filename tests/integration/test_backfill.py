@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
+import psycopg
 from plugins.replicator import (
     PUBLICATION,
     assert_same,
@@ -100,6 +101,36 @@ def test_stream_is_applied_while_secondary_indexes_wait(source_db, dest_db, tmp_
     assert_indexes_like_source(source_db, dest_db)
     for table in TABLE_NAMES:
         assert_same(source_db, dest_db, table)
+
+
+BUILDING = ("select index_relid::regclass::text from pg_stat_progress_create_index where "
+            "relid = 'odoo_mirror.account_move_line'::regclass and phase like 'waiting%%'")
+
+
+def test_a_stop_leaves_the_index_build_in_flight_to_finish(source_db, dest_db):
+    seed(source_db.dsn, scale=0.5, seed=3, publication=PUBLICATION)
+    failpoints.arm(failpoints.INDEX_BUILD, "sleep:0.5")    # time to take the lock below
+    blocker = psycopg.connect(dest_db.dsn)
+    try:
+        with running(source_db, dest_db):
+            wait_for(lambda: sync_state(dest_db, "account_move_line") == "streaming",
+                     what="account_move_line streaming")
+            # A writer's lock: CREATE INDEX CONCURRENTLY waits for it.
+            blocker.execute("lock table odoo_mirror.account_move_line in row exclusive mode")
+            failpoints.disarm_all()
+            wait_for(lambda: dest_db.scalar(BUILDING) is not None, what="a build waiting")
+        # Stopped, and the build goes on.
+        index = dest_db.scalar(BUILDING)
+        assert index is not None
+    finally:
+        failpoints.disarm_all()
+        blocker.rollback()
+        blocker.close()
+    wait_for(lambda: dest_db.scalar("select indisvalid from pg_index where indexrelid = "
+                                    "%s::regclass", [index]), what="the build left finished")
+    with running(source_db, dest_db):
+        wait_for(lambda: pending_indexes(dest_db) == 0, what="secondary indexes built")
+    assert_indexes_like_source(source_db, dest_db)
 
 
 def test_without_copy_indexes(source_db, dest_db):
