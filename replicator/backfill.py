@@ -477,15 +477,15 @@ def source_indexes(catalog: psycopg.Connection, t: MirrorTable) -> list[IndexBui
     return out
 
 
-# Measured on 2 CPUs (bench/backfill.py --tune): see copy_workers.
 def default_copy_workers(cpus: int) -> int:
     """Copy workers for a machine with this many usable CPUs (no setting given).
 
-    Each worker drives a COPY on the source and one on the destination, and on
-    a small machine those servers share the CPUs with this process: more
-    streams than CPUs only add contention.
+    One stream per CPU, at most 4. Measured on 2 CPUs running both servers too
+    (bench/backfill.py --tune, 1M rows, a shared machine): 1 to 4 streams
+    copied within noise of each other, so more streams than that buy nothing
+    here, while servers elsewhere (the usual case) do use a second stream.
     """
-    return max(1, min(4, cpus // 2))
+    return max(1, min(4, cpus))
 
 
 def usable_cpus() -> int:

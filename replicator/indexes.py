@@ -74,6 +74,7 @@ class IndexBuilder:
         if b is not None:
             log.info("mirror index build left to finish on the destination", extra={
                 "table": b.mirror_table, "index": b.index_name})
+            return      # nothing to wait for: the thread ends once the build returns
         self._thread.join(timeout)
 
     def _loop(self) -> None:
