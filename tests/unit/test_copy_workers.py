@@ -14,9 +14,9 @@ DSNS = ("host=/tmp/pg dbname=odoo user=odoo", "host=/tmp/pg dbname=mirror user=p
 
 
 @pytest.mark.parametrize(("cpus", "workers"), [
-    (1, 1), (2, 2), (3, 3), (4, 4), (8, 4), (64, 4)])
+    (1, 1), (2, 1), (3, 1), (4, 2), (6, 3), (8, 4), (16, 4), (64, 4)])
 def test_default_from_cpus(cpus, workers):
-    # One stream per CPU this process may use, at most 4 (bench/backfill.py --tune).
+    # Half the CPUs this process may use, at most 4 (bench/backfill.py --tune).
     assert backfill.default_copy_workers(cpus) == workers
 
 
@@ -27,7 +27,7 @@ def test_usable_cpus_are_this_process_s():
 def test_unset_means_the_cpus_default(monkeypatch):
     monkeypatch.setattr(backfill, "usable_cpus", lambda: 8)
     assert backfill.copy_workers(Config.from_dsns(*DSNS)) == 4
-    monkeypatch.setattr(backfill, "usable_cpus", lambda: 1)
+    monkeypatch.setattr(backfill, "usable_cpus", lambda: 2)
     assert backfill.copy_workers(Config.from_dsns(*DSNS)) == 1
 
 
