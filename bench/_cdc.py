@@ -131,6 +131,19 @@ class CdcBench(Servers):
                                      f"{self.timeout:g} s")
                 time.sleep(poll_s)
 
+    def wait_indexes(self, check=None) -> None:
+        """Until the replicator has built the mirror's secondary indexes (it builds them
+        while streaming, after the copy): the CDC is timed with them all in place, as the
+        native way's are."""
+        deadline = time.monotonic() + self.timeout
+        with self.dst.connect(DST_DB) as conn:
+            while conn.execute("select count(*) from replicator.index_builds").fetchone()[0]:
+                if check is not None:
+                    check()
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"mirror indexes not built after {self.timeout:g} s")
+                time.sleep(0.2)
+
     def check_mirror(self, schema: str, way: str) -> None:
         """Every published table at the destination equals the source's, row for row."""
         with self.src.connect(SRC_DB) as s, self.dst.connect(DST_DB) as d:

@@ -252,6 +252,7 @@ class Bench(CdcBench):
         child.start()
         try:
             self.wait_streaming(MIRROR, child.check_alive)
+            self.wait_indexes(child.check_alive)
             self.meter.watch("replicator", child.pid)
             res = self.load(MIRROR, child.check_alive)
             res["peak_rss_mib"] = round(child.peak_rss_mib(), 1)

@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--until-caught-up",
         action="store_true",
         help="stop (exit 0) once everything committed on the source before the start is "
-        "applied, instead of running until stopped",
+        "applied, instead of running until stopped (secondary indexes of newly copied "
+        "tables not built by then are left to the next run)",
     )
     run.add_argument(
         "--log-level",

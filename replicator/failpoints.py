@@ -10,6 +10,8 @@ set ``REPLICATOR_FAILPOINTS`` to a comma-separated list of ``name=action``:
 - ``sleep:SECONDS``: wait there, so a test can act inside the window (write
   to the source, send a signal).
 
+In-process tests can also hold a point until they release it (``hold``).
+
 Unset (production), a point costs one dictionary lookup on an empty dict.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 
 import psycopg
@@ -39,6 +42,7 @@ SYNC_START_COMMITTED = "apply.sync_start_committed"        # the table's changes
 STREAM_CHUNK_APPLIED = "stream.chunk_applied"              # a chunk in its open transaction
 STREAM_BEFORE_COMMIT = "stream.before_commit"              # streamed txn complete, not committed
 STREAM_COMMITTED = "stream.committed"                      # committed, not confirmed to the source
+INDEX_BUILD = "indexes.before_build"                       # streaming, a secondary index not built
 
 
 def _parse(text: str) -> dict[str, str]:
@@ -50,10 +54,15 @@ def _parse(text: str) -> dict[str, str]:
 
 
 _armed: dict[str, str] = _parse(os.environ.get(ENV, ""))
+_held: dict[str, threading.Event] = {}
 
 
 def hit(name: str) -> None:
     """Fire the point if a test armed it."""
+    held = _held.get(name)
+    if held is not None:
+        log.warning("failpoint", extra={"failpoint": name, "action": "hold"})
+        held.wait()
     action = _armed.get(name)
     if action is None:
         return
@@ -76,5 +85,14 @@ def arm(name: str, action: str = "kill") -> None:
     _armed[name] = action
 
 
+def hold(name: str) -> threading.Event:
+    """For in-process tests: whoever reaches the point waits there until the event is set."""
+    _held[name] = threading.Event()
+    return _held[name]
+
+
 def disarm_all() -> None:
     _armed.clear()
+    for event in _held.values():
+        event.set()
+    _held.clear()

@@ -41,6 +41,7 @@ SLOT_RETAINED_WAL = "etl_slot_retained_wal_bytes"
 SLOT_WAL_STATUS = "etl_slot_wal_status"
 UP = "etl_up"
 DEAD_LETTERS = "etl_dead_letters"
+INDEX_BUILDS = "etl_index_builds_pending"
 
 WAL_STATUSES = ("reserved", "extended", "unreserved", "lost")
 
@@ -86,6 +87,8 @@ class Metrics:
                                  "Rows copied by initial copies and resyncs", ["table"], registry=r)
         self.table_state = Gauge(TABLE_STATE, "1 for the sync state each table is in",
                                  ["table", "state"], registry=r)
+        self.index_builds = Gauge(INDEX_BUILDS, "Secondary indexes of copied mirror tables "
+                                  "not built yet (built while the stream runs)", registry=r)
         self.restarts = Counter(RESTARTS.removesuffix("_total"),
                                 "Sessions restarted after a connection problem", registry=r)
         self.heartbeat = time.monotonic()

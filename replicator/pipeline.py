@@ -26,6 +26,7 @@ from .batch import SyncDone
 from .classify import classify, classify_connect, is_connect_failure
 from .errors import ErrorKind, ExitCode, ReplicatorError, Retries
 from .handoff import Handoff, Progress
+from .indexes import IndexBuilder
 from .lsn import format_lsn, pg_now
 from .metrics import Metrics, MetricsServer, SlotMonitor
 from .preflight import (
@@ -191,6 +192,7 @@ class Pipeline:
                           source_conninfo=src.conninfo())
         repl: ReplicationConnection | None = None
         applier_thread = None
+        builder: IndexBuilder | None = None
         handoff = Handoff()
         try:
             tables = discover_tables(catalog, cfg)
@@ -316,6 +318,9 @@ class Pipeline:
                 target=self._apply_loop, args=(applier, handoff, sysinfo.system_id),
                 name="applier", daemon=True)
             applier_thread.start()
+            # Secondary indexes of copied tables, built while the stream is applied.
+            builder = IndexBuilder(dst, slot, self.metrics).start()
+
             def stream_applier() -> Applier:
                 return Applier(dst.conninfo(), dst.state_schema, slot, dst.on_error,
                                deadline.BatchLimits.of(dst), dst.analytics_roles)
@@ -325,6 +330,10 @@ class Pipeline:
                      sysinfo.xlogpos if self.until_caught_up else None,
                      stream_applier if dst.max_streams else None).loop()
         finally:
+            if builder is not None:
+                # A build in flight finishes on the destination; the next session waits
+                # for it.
+                builder.stop()
             handoff.close()
             if applier_thread is not None:
                 # Its connection is closed only once it is done: a batch still

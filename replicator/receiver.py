@@ -181,8 +181,10 @@ class Receiver:
                 waited = time.monotonic()
                 # A batch left waiting for a busy applier goes over the moment the
                 # applier is done (batches close when it is idle); its end does not wake
-                # this wait, so look again soon.
-                busy = not self.batch.empty and not dec.in_txn
+                # this wait, so look again soon. Catching up, the batch being applied
+                # may be the last one: the same.
+                busy = (not self.batch.empty and not dec.in_txn) or (
+                    self.target is not None and not self.handoff.idle())
                 self.repl.wait_readable(BUSY_WAIT if busy else 0.2)
                 self.silent += time.monotonic() - waited
             elif ev == EV_COMMIT:

@@ -248,6 +248,9 @@ class DestinationSettings(ConnectionSettings):
     # transaction on its own connection (0: none; the others are applied at their commit).
     max_streams: int = 2
     copy_indexes: bool = True  # create the source's indexes on the mirror tables
+    # Parallel COPY streams of an initial copy; unset: from the CPUs this process may use
+    # (backfill.default_copy_workers). Never more than [source] max_connections - 2.
+    copy_workers: int | None = None
     on_error: str = "stop"  # stop | dead_letter (see ON_ERROR)
     # The longest one statement of a batch may run (the server's statement_timeout, set per
     # batch); no answer STALL_GRACE seconds after that means the connection is dead.
@@ -272,6 +275,8 @@ class DestinationSettings(ConnectionSettings):
                 raise ConfigError(
                     f"[destination] analytics_roles: {role!r} is not a valid role name",
                     'list role names as strings: analytics_roles = ["superset_readonly"]')
+        if self.copy_workers is not None:
+            _check_range("destination", "copy_workers", self.copy_workers, 1)
         _check_identifier("destination", "schema", self.schema)
         _check_identifier("destination", "state_schema", self.state_schema)
         if self.state_schema == self.schema:

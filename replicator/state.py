@@ -354,3 +354,49 @@ def forget_pipeline(conn: psycopg.Connection, state_schema: str, slot: str) -> N
     """Drop the applied position: the next run starts a new slot and copies everything."""
     conn.execute(sql.SQL("delete from {}.pipelines where slot = %s").format(
         sql.Identifier(state_schema)), [slot])
+
+
+# -- secondary indexes still to build (indexes.py) ------------------------------
+
+
+@dataclass(frozen=True)
+class IndexBuild:
+    mirror_table: str
+    index_schema: str
+    index_name: str
+    statement: str     # create index concurrently if not exists ..., for the mirror table
+
+
+def record_index_builds(conn: psycopg.Connection[Any] | psycopg.Cursor[Any], state_schema: str,
+                        slot: str, mirror_table: str, builds: list[IndexBuild]) -> None:
+    """The table's secondary indexes to build, replacing what an earlier copy recorded."""
+    conn.execute(sql.SQL("delete from {}.index_builds where slot = %s and mirror_table = %s")
+                 .format(sql.Identifier(state_schema)), [slot, mirror_table])
+    for b in builds:
+        conn.execute(sql.SQL(
+            "insert into {}.index_builds (slot, mirror_table, index_schema, index_name, "
+            "statement) values (%s, %s, %s, %s, %s) on conflict do nothing").format(
+            sql.Identifier(state_schema)),
+            [slot, b.mirror_table, b.index_schema, b.index_name, b.statement])
+
+
+def index_builds(conn: psycopg.Connection, state_schema: str, slot: str,
+                 ready_only: bool = False) -> list[IndexBuild]:
+    """Indexes still to build, in the order they were recorded; ready_only: only of tables
+    the stream applies to (copied or streaming), not of tables still being copied."""
+    ready = sql.SQL(
+        " and exists (select 1 from {}.tables t where t.slot = b.slot and t.mirror_table = "
+        "b.mirror_table and t.state in ('copied', 'streaming'))").format(
+        sql.Identifier(state_schema)) if ready_only else sql.SQL("")
+    rows = conn.execute(sql.SQL(
+        "select mirror_table, index_schema, index_name, statement from {}.index_builds b "
+        "where slot = %s{} order by id").format(sql.Identifier(state_schema), ready),
+        [slot]).fetchall()
+    return [IndexBuild(*r) for r in rows]
+
+
+def index_built(conn: psycopg.Connection, state_schema: str, slot: str,
+                build: IndexBuild) -> None:
+    conn.execute(sql.SQL("delete from {}.index_builds where slot = %s and index_schema = %s "
+                         "and index_name = %s").format(sql.Identifier(state_schema)),
+                 [slot, build.index_schema, build.index_name])

@@ -62,6 +62,8 @@ class Status:
     lag_seconds: float | None
     dead_letters: int
     tables: list[TableStatus] = field(default_factory=list)
+    # Secondary indexes of copied tables still being built ("mirror table: index"), in order.
+    indexes_pending: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -86,6 +88,7 @@ def collect(config: Config, max_lag_seconds: float) -> Status:
             row = state.pipeline_row(dest, dst.state_schema, slot) if has_state else None
             synced = state.table_sync(dest, dst.state_schema, slot) if has_state else {}
             dead = state.dead_letter_count(dest, dst.state_schema, slot) if has_state else 0
+            pending = _indexes_pending(dest, dst.state_schema, slot) if has_state else []
             names = [n for n, (st, _l, _m) in synced.items() if st != state.REMOVED]
             estimates = catalog.table_estimates(source, names)
             tables = [_table(dest, name, synced[name][2], synced[name][0], estimates.get(name))
@@ -106,7 +109,8 @@ def collect(config: Config, max_lag_seconds: float) -> Status:
         applied_lsn=format_lsn(applied) if applied is not None else None,
         applied_at=updated.isoformat() if updated else None,
         last_batch_at=updated.isoformat() if updated else None,
-        lag_bytes=lag_bytes, lag_seconds=lag_seconds, dead_letters=dead, tables=tables)
+        lag_bytes=lag_bytes, lag_seconds=lag_seconds, dead_letters=dead, tables=tables,
+        indexes_pending=pending)
     if st.synced and not wal.exists:
         st.problems.append(f"replication slot {slot!r} is missing: the mirror lost changes "
                            "(run `replicator resync --all`)")
@@ -122,6 +126,16 @@ def collect(config: Config, max_lag_seconds: float) -> Status:
         st.problems.append(f"not keeping up: {lag_seconds:g} s behind (more than "
                            f"--max-lag-seconds {max_lag_seconds:g})")
     return st
+
+
+def _indexes_pending(dest: psycopg.Connection, state_schema: str, slot: str) -> list[str]:
+    # A state schema older than its index_builds table (status does not migrate it).
+    row = dest.execute("select to_regclass(%s) is not null", [
+        sql.Identifier(state_schema, "index_builds").as_string(dest)]).fetchone()
+    if not (row and row[0]):
+        return []
+    return [f"{b.mirror_table}: {b.index_name}"
+            for b in state.index_builds(dest, state_schema, slot)]
 
 
 def _table(dest: psycopg.Connection, source_table: str, mirror_table: str, table_state: str,
@@ -168,6 +182,11 @@ def render(st: Status) -> str:
         ("last batch", val(st.last_batch_at)),
         ("dead letters", str(st.dead_letters)),
     ]
+    if st.indexes_pending:
+        shown = ", ".join(st.indexes_pending[:3]) + (", ..." if len(st.indexes_pending) > 3
+                                                     else "")
+        pairs.append(("indexes to build", f"{len(st.indexes_pending)} ({shown}), built "
+                      "while `replicator run` streams"))
     width = max(len(k) for k, _ in pairs)
     lines = [f"{k.ljust(width)}  {v}" for k, v in pairs]
     if st.tables:

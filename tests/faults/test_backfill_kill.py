@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import time
 
+import psycopg
 from plugins.replicator import PUBLICATION, assert_same
 
 from replicator.devtools.odoo import TABLE_NAMES
@@ -56,3 +57,71 @@ def test_kill_during_initial_copy(source_db, dest_db, replicator):
     assert after == before, f"{table} was copied again after {rep.runs - 1} kills"
     assert dest_db.scalar("select count(*) from pg_constraint where conrelid = "
                           "'odoo_mirror.account_move_line'::regclass and contype = 'p'") == 1
+
+
+SECONDARY = ("select indexname from pg_indexes where schemaname = %s and tablename = "
+             "'account_move_line' and indexname <> 'account_move_line_pkey' order by 1")
+
+
+def test_kill_while_secondary_indexes_are_built(source_db, dest_db, replicator):
+    """A build cut short leaves an INVALID index; the next start drops it and builds it again,
+    and every index of every copied table ends up valid, the mirror equal to the source."""
+    seed(source_db.dsn, scale=2, seed=11, publication=PUBLICATION)
+    rep = replicator()
+    # Each build waits a second first: time enough to hold up account_move_line's.
+    rep.start(env={"REPLICATOR_FAILPOINTS": "indexes.before_build=sleep:1"})
+    deadline = time.monotonic() + 120
+    while states(dest_db).get("public.account_move_line") != "streaming":
+        assert rep.alive and time.monotonic() < deadline, rep.logs()
+        time.sleep(0.01)
+    source_db.execute("update account_move set ref = 'during the index builds'")
+    blocker = psycopg.connect(dest_db.dsn)
+    try:
+        # A writer's lock: CREATE INDEX CONCURRENTLY waits for it with its index
+        # already in the catalog, not yet valid.
+        blocker.execute("lock table odoo_mirror.account_move_line in row exclusive mode")
+        pid = None
+        while pid is None:
+            assert rep.alive and time.monotonic() < deadline, rep.logs()
+            pid = dest_db.scalar(
+                "select pid from pg_stat_progress_create_index where relid = "
+                "'odoo_mirror.account_move_line'::regclass and phase like 'waiting%%'")
+            time.sleep(0.01)
+        rep.kill()
+        # Its client is dead and the build goes on (the next run would wait for it)...
+        time.sleep(0.5)
+        assert dest_db.scalar("select count(*) from pg_stat_progress_create_index "
+                              "where pid = %s", [pid]) == 1
+        # ...unless the backend ends too, as a restart of the destination would.
+        dest_db.execute("select pg_terminate_backend(%s)", [pid])
+    finally:
+        blocker.rollback()
+        blocker.close()
+    invalid = dest_db.fetchall(
+        "select indexrelid::regclass::text from pg_index where indrelid = "
+        "'odoo_mirror.account_move_line'::regclass and not indisvalid")
+    assert len(invalid) == 1, invalid
+    assert dest_db.scalar("select count(*) from replicator.index_builds") > 0
+
+    rep.start()
+    while dest_db.scalar("select count(*) from replicator.index_builds") > 0:
+        assert rep.alive and time.monotonic() < deadline, rep.logs(40)
+        time.sleep(0.1)
+    rep.kill()
+    assert "dropping a mirror index left invalid" in rep.output()[0] + rep.output()[1]
+    code = rep.run_until_caught_up(timeout=120)
+    assert code == 0, rep.logs(60)
+
+    for t in TABLE_NAMES:
+        assert_same(source_db, dest_db, t)
+        # Every index the source has (unique ones as plain ones), valid; trigram ones
+        # only where the destination has pg_trgm.
+        trgm = dest_db.scalar("select count(*) from pg_extension where extname = 'pg_trgm'")
+        query = SECONDARY.replace("'account_move_line'", "%s").replace(
+            "'account_move_line_pkey'", "%s")
+        src = {n for (n,) in source_db.fetchall(query, ["public", t, f"{t}_pkey"])}
+        dst = {n for (n,) in dest_db.fetchall(query, ["odoo_mirror", t, f"{t}_pkey"])}
+        assert dst == {n for n in src if trgm or "trgm" not in n}, t
+        assert dest_db.scalar(
+            "select count(*) from pg_index where indrelid = %s::regclass and not indisvalid",
+            [f"odoo_mirror.{t}"]) == 0, t

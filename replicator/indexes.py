@@ -1,0 +1,144 @@
+"""Secondary indexes of copied mirror tables, built while the stream is applied.
+
+A copy gives a table it creates its primary key (MERGE needs it) before the
+table streams, and records the source's secondary indexes in
+<state>.index_builds (state.record_index_builds). This thread builds them
+once the table streams, one at a time, each as a single CREATE INDEX
+CONCURRENTLY on an autocommit connection of its own: it holds no lock that
+stops the applier's writes, and one autocommit statement is all a pooler in
+transaction mode needs (no session setting, nothing prepared). The row goes
+once the index is there.
+
+A stop does not cancel the build in flight: its backend finishes it, and
+the next session waits for it (a backend building an index whose client is
+gone is doing the same work). A build cut short (the destination restarted,
+the backend ended, a cancel) leaves an INVALID index behind, or none:
+whichever session finds the row next drops an invalid one and builds it again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import psycopg
+from psycopg import sql
+
+from . import failpoints, state
+from .metrics import Metrics
+from .settings import DestinationSettings
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL = 2.0     # seconds between looks for tables that became ready
+RETRY_MAX = 60.0        # seconds between attempts at most, after failures
+# SQLSTATE classes of errors that a retry cannot fix (an operator class of an extension
+# the destination lacks, a feature it does not have): the index is given up, with a warning.
+HOPELESS = ("42", "0A")
+
+_INDEX_SQL = """
+select i.indisvalid,
+       exists (select 1 from pg_stat_progress_create_index p where p.index_relid = c.oid)
+from pg_class c join pg_namespace n on n.oid = c.relnamespace
+join pg_index i on i.indexrelid = c.oid
+where n.nspname = %s and c.relname = %s
+"""
+
+
+class IndexBuilder:
+    """The thread building recorded secondary indexes; start() it once streaming starts."""
+
+    def __init__(self, dest: DestinationSettings, slot: str, metrics: Metrics | None = None):
+        self.dest = dest
+        self.slot = slot
+        self.metrics = metrics
+        self._stop = threading.Event()
+        self.building: state.IndexBuild | None = None
+        self._thread = threading.Thread(target=self._loop, name="index-builder", daemon=True)
+
+    def start(self) -> IndexBuilder:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 0.5) -> None:
+        """End the thread without waiting for a build in flight.
+
+        That build is left to finish on the destination: its backend goes on without its
+        client (a CREATE INDEX CONCURRENTLY says nothing to it until done), and the next
+        session waits for it instead of starting it again. So a short run (cron's `run
+        --until-caught-up`) still gets a large index built, one per run at least.
+        """
+        self._stop.set()
+        b = self.building
+        if b is not None:
+            log.info("mirror index build left to finish on the destination", extra={
+                "table": b.mirror_table, "index": b.index_name})
+            return      # nothing to wait for: the thread ends once the build returns
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        delay = 1.0
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self.dest.conninfo(), autocommit=True,
+                                     prepare_threshold=None) as conn:
+                    while not self._stop.is_set():
+                        if not self._build_next(conn):
+                            self._stop.wait(POLL_INTERVAL)
+                        delay = 1.0
+            except psycopg.Error as exc:
+                if self._stop.is_set():
+                    return
+                log.warning("building a mirror index failed: retrying", extra={
+                    "error": str(exc).strip(), "retry_in_s": delay})
+                self._stop.wait(delay)
+                delay = min(RETRY_MAX, delay * 2)
+
+    def _build_next(self, conn: psycopg.Connection) -> bool:
+        """Build the first recorded index of a streaming table; False if none is waiting."""
+        schema = self.dest.state_schema
+        ready = state.index_builds(conn, schema, self.slot, ready_only=True)
+        if self.metrics is not None:
+            self.metrics.index_builds.set(len(state.index_builds(conn, schema, self.slot)))
+        if not ready:
+            return False
+        b = ready[0]
+        name = sql.Identifier(b.index_schema, b.index_name)
+        found = conn.execute(_INDEX_SQL, [b.index_schema, b.index_name]).fetchone()
+        if found is not None and not found[0]:
+            if found[1]:
+                # A backend whose client is gone still builds it: let it finish.
+                self._stop.wait(POLL_INTERVAL)
+                return True
+            log.info("dropping a mirror index left invalid by an interrupted build", extra={
+                "table": b.mirror_table, "index": b.index_name})
+            conn.execute(sql.SQL("drop index concurrently if exists {}").format(name))
+            found = None
+        if found is None:
+            log.info("building mirror index", extra={
+                "table": b.mirror_table, "index": b.index_name, "indexes_left": len(ready)})
+            failpoints.hit(failpoints.INDEX_BUILD)
+            if self._stop.is_set():
+                return True
+            started = time.monotonic()
+            self.building = b
+            try:
+                conn.execute(b.statement)
+            except psycopg.Error as exc:
+                self.building = None
+                if not (exc.sqlstate or "").startswith(HOPELESS):
+                    raise
+                # Not worth stopping replication for: the mirror works without it.
+                log.warning("index not created on the mirror", extra={
+                    "table": b.mirror_table, "index": b.index_name, "sql": b.statement,
+                    "error": str(exc).strip()})
+                conn.execute(sql.SQL("drop index concurrently if exists {}").format(name))
+            else:
+                self.building = None
+                log.info("mirror index built", extra={
+                    "table": b.mirror_table, "index": b.index_name,
+                    "seconds": round(time.monotonic() - started, 2),
+                    "indexes_left": len(ready) - 1})
+        state.index_built(conn, schema, self.slot, b)
+        return True
