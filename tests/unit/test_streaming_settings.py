@@ -12,13 +12,18 @@ from replicator.errors import ConfigError
 
 def test_defaults(tmp_path):
     src = load_config(write_config(tmp_path)).source
-    assert (src.streaming, src.logical_decoding_work_mem) == (True, "")
+    assert (src.streaming, src.logical_decoding_work_mem) == (True, "8MB")
 
 
 def test_values_from_the_file(tmp_path):
     src = load_config(write_config(
         tmp_path, source={"streaming": False, "logical_decoding_work_mem": "256MB"})).source
     assert (src.streaming, src.logical_decoding_work_mem) == (False, "256MB")
+
+
+def test_empty_means_the_servers_setting(tmp_path):
+    src = load_config(write_config(tmp_path, source={"logical_decoding_work_mem": ""})).source
+    assert src.logical_decoding_work_mem == ""
 
 
 @pytest.mark.parametrize("value", ["64", "64 MB", "0MB", "1TB", "64mb", "-1kB"])
