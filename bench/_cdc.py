@@ -131,6 +131,10 @@ class CdcBench(Servers):
                                      f"{self.timeout:g} s")
                 time.sleep(poll_s)
 
+    def indexes_owed(self) -> int:
+        with self.dst.connect(DST_DB) as conn:
+            return conn.execute("select count(*) from replicator.index_builds").fetchone()[0]
+
     def wait_indexes(self, check=None) -> None:
         """Until the replicator has built the mirror's secondary indexes (it builds them
         while streaming, after the copy): the CDC is timed with them all in place, as the
