@@ -66,6 +66,9 @@ def test_sigkill_while_a_transaction_is_streamed(source_db, dest_db, replicator)
     assert "streamed transaction committed" in out, "the source did not stream the transaction"
 
 
+# Windows of the replicator's own commit protocol: one source version is enough.
+@pytest.mark.parametrize(
+    "source_cluster", [pytest.param(15, id="pg15", marks=pytest.mark.pg15)], indirect=True)
 @pytest.mark.parametrize("point", [failpoints.STREAM_CHUNK_APPLIED, failpoints.STREAM_BEFORE_COMMIT,
                                    failpoints.STREAM_COMMITTED])
 def test_killed_in_each_window_of_a_transaction_applied_while_it_runs(
