@@ -42,6 +42,9 @@ SLOT_WAL_STATUS = "etl_slot_wal_status"
 UP = "etl_up"
 DEAD_LETTERS = "etl_dead_letters"
 INDEX_BUILDS = "etl_index_builds_pending"
+STREAMED = "etl_streamed_transactions_total"
+# How a transaction the source streamed while it ran was applied (label "applied").
+STREAMED_HOW = ("while_running", "at_commit")
 
 WAL_STATUSES = ("reserved", "extended", "unreserved", "lost")
 
@@ -89,6 +92,11 @@ class Metrics:
                                  ["table", "state"], registry=r)
         self.index_builds = Gauge(INDEX_BUILDS, "Secondary indexes of copied mirror tables "
                                   "not built yet (built while the stream runs)", registry=r)
+        self.streamed = Counter(STREAMED.removesuffix("_total"),
+                                "Big source transactions streamed while they ran: applied "
+                                "while they ran, or at their commit", ["applied"], registry=r)
+        for how in STREAMED_HOW:
+            self.streamed.labels(how)
         self.restarts = Counter(RESTARTS.removesuffix("_total"),
                                 "Sessions restarted after a connection problem", registry=r)
         self.heartbeat = time.monotonic()
@@ -163,6 +171,9 @@ class Metrics:
             self.dead_letters.inc(result.dead_letters)
         self.last_apply.set(time.time())
         self.alive()
+
+    def streamed_applied(self, while_running: bool) -> None:
+        self.streamed.labels(STREAMED_HOW[0] if while_running else STREAMED_HOW[1]).inc()
 
     def table_sync(self, table: str, state: str) -> None:
         self.failed.labels(table)  # the series exists (at 0) before the first failure

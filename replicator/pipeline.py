@@ -375,6 +375,8 @@ class Pipeline:
                     "lag_s": round(lag, 3), "lsn": format_lsn(batch.end_lsn),
                     "tables": sorted(result.per_op)})
             self.metrics.batch_applied(batch, result)
+            if batch.stream is not None:
+                self.metrics.streamed_applied(batch.stream.committed)
             for op in batch.ops:
                 if isinstance(op, SyncDone):
                     self.metrics.table_sync(op.table.qualname, state.STREAMING)

@@ -657,6 +657,7 @@ class Receiver:
             self.batch.rows += sum(tr.rows for op in ops if isinstance(op, Rows)
                                    for tr in op.tables)
             self.batch.commit(end_lsn, commit_ts, commit_lsn)
+            self.metrics.streamed_applied(False)
         if self.batch.txns <= 1:
             self.metrics.received_commit(end_lsn, commit_ts)
         log.debug("streamed transaction committed", extra={

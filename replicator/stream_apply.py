@@ -157,6 +157,11 @@ class StreamApply(threading.Thread):
             raise self._commit_error
         return self._committed
 
+    @property
+    def committed(self) -> bool:
+        """Whether its own destination transaction committed it (not the fallback)."""
+        return self._committed
+
     def close(self) -> None:
         """Roll back unless its commit began (the applier then sees that through)."""
         self.abort()

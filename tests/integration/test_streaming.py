@@ -237,7 +237,7 @@ def test_a_streamed_transaction_is_applied_while_it_runs(zoo, dest_db, caplog, s
     the source commits (nothing visible yet); with 0 they wait for the commit. Either way the
     mirror shows the whole transaction at once, and equals the source."""
     with caplog.at_level("DEBUG", logger="replicator"), \
-            running(zoo, dest_db, max_streams=streams, **STREAMING), \
+            running(zoo, dest_db, max_streams=streams, **STREAMING) as pipeline, \
             zoo.connect(autocommit=False) as conn:
         conn.execute(zoo_rows(15_000, start=10_000))
         conn.execute("update zoo set code = 'in the big one' where id <= 100")
@@ -261,6 +261,10 @@ def test_a_streamed_transaction_is_applied_while_it_runs(zoo, dest_db, caplog, s
     else:
         assert early == []
     assert gave_up(caplog) == []
+    # etl_streamed_transactions_total says which way it went.
+    registry = pipeline.metrics.registry
+    assert [registry.get_sample_value("etl_streamed_transactions_total", {"applied": how})
+            for how in ("while_running", "at_commit")] == ([1.0, 0.0] if streams else [0.0, 1.0])
     rows = assert_same(zoo, dest_db, "zoo")
     assert rows[0][4] == "in the big one" and rows[100][4] == "last chunk"
 
