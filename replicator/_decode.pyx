@@ -656,33 +656,41 @@ cdef class Decoder:
         cdef int rc = 0
         cdef int ev = EV_NONE
         cdef Py_ssize_t count = 0
+        cdef int consumed = 0
         if self._conn == NULL:
             raise RuntimeError("pump() before attach()")
         with nogil:
-            if self._consumeinput(self._conn) == 0:
-                ev = EV_ERROR
-            else:
-                while True:
-                    if count >= max_messages:
-                        ev = EV_LIMIT
-                        break
-                    n = self._getcopydata(self._conn, &buf, 1)
-                    if n == 0:
+            while True:
+                if count >= max_messages:
+                    ev = EV_LIMIT
+                    break
+                n = self._getcopydata(self._conn, &buf, 1)
+                if n == 0:
+                    # Read the socket only once what libpq holds is decoded: each
+                    # PQconsumeInput moves the unread rest of its buffer to the front,
+                    # and far behind the source that rest is megabytes, once per
+                    # transaction (a commit returns to Python) if read every call.
+                    if consumed:
                         ev = EV_WOULD_BLOCK
                         break
-                    if n == -1:
-                        ev = EV_COPY_DONE
-                        break
-                    if n < 0:
+                    consumed = 1
+                    if self._consumeinput(self._conn) == 0:
                         ev = EV_ERROR
                         break
-                    count += 1
-                    rc = self._hot(buf, n)
-                    if rc == 0:
-                        self._freemem(buf)
-                        buf = NULL
-                        continue
+                    continue
+                if n == -1:
+                    ev = EV_COPY_DONE
                     break
+                if n < 0:
+                    ev = EV_ERROR
+                    break
+                count += 1
+                rc = self._hot(buf, n)
+                if rc == 0:
+                    self._freemem(buf)
+                    buf = NULL
+                    continue
+                break
         if buf != NULL:
             try:
                 if rc < 0:
