@@ -26,6 +26,11 @@ cpdef enum Event:
     EV_BEGIN = 16
 
 
+# Transitions between (sub)transactions noted per take(); more are counted as lost.
+cdef enum:
+    MAX_MARKS = 1024
+
+
 # A growable byte buffer owned by C: rows are appended here without touching
 # a Python object, then handed to COPY as one bytes object per table.
 cdef struct Buf:
@@ -82,6 +87,15 @@ cdef class Decoder:
     cdef readonly int64_t txn_rows
     cdef readonly int64_t batch_rows
     cdef readonly Py_ssize_t buffered_bytes
+
+    # In a streamed transaction: where the rows' (sub)transaction changes, as
+    # (seq of the first row, xid), so that a subtransaction can get a savepoint.
+    cdef uint32_t prev_xid
+    cdef int nmarks
+    cdef int marks_lost
+    cdef int64_t mark_seq[MAX_MARKS]
+    cdef uint32_t mark_xid[MAX_MARKS]
+    cdef readonly object taken_marks
 
     # replication stream position (from the CopyData headers)
     cdef readonly uint64_t wal_start

@@ -89,6 +89,10 @@ class Decoder:
     @property
     def reply_requested(self) -> int: ...
     @property
+    def taken_marks(self) -> tuple[list[tuple[int, int]], bool]:
+        """Of the rows last taken in a streamed transaction: ([(seq, xid) where the
+        rows' (sub)transaction changes], whether more changes than noted were lost)."""
+    @property
     def event(self) -> Any:
         """The details of the last event (a tuple whose layout depends on the event), or None."""
     def __init__(self) -> None: ...
@@ -106,4 +110,8 @@ class Decoder:
 def restage(
     data: _Bytes, aborted: Any, lsn: int, delta: int
 ) -> tuple[bytes, int, int, int, int, int]: ...
+# per piece: (offset, size, rows, inserts, updates, deletes); len(bounds) + 1 pieces
+def cut_rows(
+    data: _Bytes, bounds: list[int]
+) -> list[tuple[int, int, int, int, int, int]]: ...
 def iter_copy_binary(data: _Bytes) -> Iterator[tuple[bytes | None, ...]]: ...

@@ -19,7 +19,7 @@ none was).
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
-from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t, INT64_MAX
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcmp, memcpy, memset
 
@@ -242,6 +242,9 @@ cdef class Decoder:
         self.event = None
         self._conn = NULL
         self.errbuf[0] = 0
+        self.nmarks = 0
+        self.marks_lost = 0
+        self.taken_marks = ((), False)
 
     def __dealloc__(self):
         cdef int i
@@ -343,10 +346,18 @@ cdef class Decoder:
 
         counts = (rows, inserts, updates, deletes, rows_with_unchanged_toast,
         key_changes). copy_data is a complete COPY BINARY stream.
+
+        In a streamed transaction, ``taken_marks`` then holds where the rows taken
+        change (sub)transaction: ([(seq of the first row, xid), ...], lost), lost
+        when there were more changes than noted.
         """
         cdef int i
         cdef Rel *r
         out = []
+        self.taken_marks = ([(self.mark_seq[i], self.mark_xid[i]) for i in range(self.nmarks)],
+                            bool(self.marks_lost))
+        self.nmarks = 0
+        self.marks_lost = 0
         for i in range(self.nrels):
             r = &self.rels[i]
             if not r.rows:
@@ -402,6 +413,14 @@ cdef class Decoder:
             return 0
         if not self.in_stream and self.final_lsn < r.skip_before:
             return 0
+        if self.in_stream and <uint32_t>lsn != self.prev_xid:
+            self.prev_xid = <uint32_t>lsn
+            if self.nmarks < MAX_MARKS:
+                self.mark_seq[self.nmarks] = self.seq
+                self.mark_xid[self.nmarks] = <uint32_t>lsn
+                self.nmarks += 1
+            else:
+                self.marks_lost = 1
         before = r.buf.len
         c = q[0]
         q += 1
@@ -583,6 +602,8 @@ cdef class Decoder:
             self.stream_xid = reader.u32()
             first = reader.u8()
             self.in_stream = 1
+            # A block's first row of a subtransaction is a change from the top one.
+            self.prev_xid = self.stream_xid
             # Whatever the last Begin said about skipping is not about this transaction:
             # a streamed one is kept or dropped as a whole at its Stream Commit.
             self.skipping = 0
@@ -765,6 +786,35 @@ cdef int xid_in(const uint32_t *xids, Py_ssize_t n, uint32_t xid) noexcept nogil
     return lo < n and xids[lo] == xid
 
 
+cdef int row_fields(const char *q, const char *end) noexcept nogil:
+    """The field count of the staging row at q, -1 unless it starts _seq, _lsn, _op."""
+    cdef int nf
+    if end - q < 2 + 12 + 12 + 5:
+        return -1
+    nf = <int16_t>rd16(q)
+    if nf < 4 or rd32(q + 2) != 8 or rd32(q + 14) != 8 or rd32(q + 26) != 1:
+        return -1
+    return nf
+
+
+cdef const char *row_end(const char *q, const char *end, int nf, int32_t *last) noexcept nogil:
+    """Past the staging row at q (nf fields); *last = its last field's length. NULL if cut short."""
+    cdef int i
+    cdef int32_t flen = -1
+    q += 2
+    for i in range(nf):
+        if end - q < 4:
+            return NULL
+        flen = <int32_t>rd32(q)
+        q += 4
+        if flen > 0:
+            if end - q < flen:
+                return NULL
+            q += flen
+    last[0] = flen
+    return q
+
+
 def restage(data, aborted, uint64_t lsn, int64_t delta):
     """A streamed transaction's staging rows, made those of a committed one.
 
@@ -802,28 +852,14 @@ def restage(data, aborted, uint64_t lsn, int64_t delta):
         q = p
         while q < end:
             row = q
-            if end - q < 2 + 12 + 12 + 5:
-                bad = 1
-                break
-            nf = <int16_t>rd16(q)
-            if nf < 4 or rd32(q + 2) != 8 or rd32(q + 14) != 8 or rd32(q + 26) != 1:
+            nf = row_fields(q, end)
+            if nf < 0:
                 bad = 1
                 break
             xid = <uint32_t>rd64(q + 18)
-            q += 2
-            flen = -1
-            for i in range(nf):
-                if end - q < 4:
-                    bad = 1
-                    break
-                flen = <int32_t>rd32(q)
-                q += 4
-                if flen > 0:
-                    if end - q < flen:
-                        bad = 1
-                        break
-                    q += flen
-            if bad:
+            q = row_end(q, end, nf, &flen)
+            if q == NULL:
+                bad = 1
                 break
             if nabort and xid_in(xids, nabort, xid):
                 continue
@@ -845,6 +881,58 @@ def restage(data, aborted, uint64_t lsn, int64_t delta):
     if bad:
         raise DecodeError("malformed staging rows")
     return result[:w - out], rows, ins, upd, dels, unch
+
+
+def cut_rows(data, bounds):
+    """Staging rows (no COPY header or trailer) cut before the first row whose _seq
+    reaches each of ``bounds`` (ascending).
+
+    Returns one (offset, size, rows, inserts, updates, deletes) per piece,
+    len(bounds) + 1 of them: a streamed chunk is merged piece by piece with a
+    savepoint between them, where a subtransaction begins.
+    """
+    cdef const unsigned char[:] view = data
+    cdef Py_ssize_t n = view.shape[0]
+    cdef const char *p = <const char *>&view[0] if n else NULL
+    cdef const char *end = p + n
+    cdef const char *q = p
+    cdef const char *row
+    cdef int nf, bad = 0
+    cdef int32_t flen
+    cdef int64_t bound
+    cdef Py_ssize_t start = 0
+    cdef int64_t rows = 0, ins = 0, upd = 0, dels = 0
+    limits = [int(b) for b in bounds]
+    if limits != sorted(limits):
+        raise ValueError("bounds must be ascending")
+    pieces = []
+    for bound in limits + [INT64_MAX]:
+        with nogil:
+            while q < end:
+                row = q
+                nf = row_fields(q, end)
+                if nf < 0:
+                    bad = 1
+                    break
+                if <int64_t>rd64(q + 6) >= bound:
+                    break
+                q = row_end(q, end, nf, &flen)
+                if q == NULL:
+                    bad = 1
+                    break
+                rows += 1
+                if row[30] == b'I':
+                    ins += 1
+                elif row[30] == b'U':
+                    upd += 1
+                else:
+                    dels += 1
+        if bad:
+            raise DecodeError("malformed staging rows")
+        pieces.append((start, (q - p) - start, rows, ins, upd, dels))
+        start = q - p
+        rows = ins = upd = dels = 0
+    return pieces
 
 
 def iter_copy_binary(data):

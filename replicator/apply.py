@@ -1241,15 +1241,21 @@ class Applier:
         letters: its rows' _lsn is still the subtransaction's xid. Returns how many
         rows the mirror could not complete (then nothing of the chunk should stay).
         """
-        t = tr.table
+        dead = self.merge_streamed(cur, tr.table, tr.data, bool(tr.unchanged), res)
+        res.rows += tr.rows
+        res.count(tr.table.qualname, tr.inserts, tr.updates, tr.deletes)
+        return dead
+
+    def merge_streamed(self, cur: psycopg.Cursor, t: MirrorTable,
+                       data: bytes | SpilledRows | SpilledSlice, unchanged: bool,
+                       res: ApplyResult) -> int:
+        """Stage and merge streamed rows of one table: a chunk's, or a piece of one."""
         cur.execute(clear_staging_sql(t))
         with cur.copy(self._stmt("copy", t)) as copy:
-            _write(copy, tr.data)
+            _write(copy, data)
         res.copies += 1
-        dead = self._merge_staged(cur, t, bool(tr.unchanged), 0)
+        dead = self._merge_staged(cur, t, unchanged, 0)
         cur.execute(clear_staging_sql(t))
-        res.rows += tr.rows
-        res.count(t.qualname, tr.inserts, tr.updates, tr.deletes)
         return dead
 
     # -- merging a table's staged rows ---------------------------------------

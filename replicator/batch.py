@@ -66,6 +66,13 @@ class SpilledSlice:
     def __init__(self, spill: SpilledRows, offset: int, size: int) -> None:
         self.spill, self.offset, self.size = spill, offset, size
 
+    def read(self) -> bytes:
+        """The rows themselves (no COPY header or trailer): one chunk's worth."""
+        return b"".join(list(self.chunks())[1:-1])
+
+    def part(self, offset: int, size: int) -> SpilledSlice:
+        return SpilledSlice(self.spill, self.offset + offset, size)
+
     def chunks(self, size: int = 1 << 20) -> Iterator[bytes]:
         yield COPY_HEADER
         fd = self.spill.file.fileno()

@@ -42,6 +42,7 @@ SYNC_START_COMMITTED = "apply.sync_start_committed"        # the table's changes
 STREAM_CHUNK_APPLIED = "stream.chunk_applied"              # a chunk in its open transaction
 STREAM_BEFORE_COMMIT = "stream.before_commit"              # streamed txn complete, not committed
 STREAM_COMMITTED = "stream.committed"                      # committed, not confirmed to the source
+STREAM_SAVEPOINT_ROLLED_BACK = "stream.savepoint_rolled_back"  # a subxact undone in its open txn
 INDEX_BUILD = "indexes.before_build"                       # streaming, a secondary index not built
 
 

@@ -569,7 +569,8 @@ class Receiver:
         # Applied once every batch handed over so far, and the one being filled (the
         # transactions committed before these rows arrived), is applied.
         barrier = self.handoff.offered + (0 if self.batch.empty else 1)
-        st.worker.submit(barrier, slices, self._while_chunks_wait)
+        marks, lost = self.dec.taken_marks
+        st.worker.submit(barrier, slices, marks, lost, self._while_chunks_wait)
         return sum(tr.data.size for tr in slices if isinstance(tr.data, SpilledSlice))
 
     def _while_chunks_wait(self) -> None:
@@ -613,8 +614,10 @@ class Receiver:
                 st.worker.abort()
             st.close()
         else:
-            if st.worker is not None:
-                st.worker.give_up("a subtransaction rolled back")
+            # Its open destination transaction rolls back to the subtransaction's
+            # savepoint; the files drop its rows too, for a commit applied from them.
+            if st.worker is not None and st.worker.failed is None:
+                st.worker.abort_subxact(subxid, self._while_chunks_wait)
             st.abort_subxact(subxid)
 
     def _on_stream_commit(self, event: tuple) -> None:

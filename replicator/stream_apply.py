@@ -16,10 +16,23 @@ by the applier) touches them; in the mirror each statement sees what committed b
 (READ COMMITTED). Staging tables are shared with the applier: under MVCC each transaction
 sees, merges and deletes only its own staged rows.
 
+Subtransactions map to savepoints. A savepoint is set where a subtransaction's first row
+is merged (chunks are cut there, decoder marks), and a Stream Abort of a subtransaction
+rolls back to its savepoint. Why that undoes exactly the rolled-back rows: the aborted
+subtransaction (and its children, each aborted in its own message) was open from its first
+row to its abort, and while a subtransaction is open only it or its children write, so
+every row merged after its savepoint is one of theirs. The savepoints are never released
+(a released subtransaction is rolled back only with its parent, whose savepoint comes
+first). At most MAX_SAVEPOINTS per transaction: each one that writes holds a destination
+subtransaction id, and past the 64 a backend caches every session's snapshots on the
+destination get slower. A rollback the savepoints cannot express (more subtransactions than
+that, or more than the decoder could mark) gives up instead.
+
 Anything this path does not handle makes it give up (roll back, ``failed``), and the
-transaction is applied from its files at commit like any other: a rolled-back
-subtransaction, DDL or TRUNCATE inside it, a table with [mappings] options, dead letters or
-a copy in progress, any destination error. Giving up loses nothing: the files hold it all.
+transaction is applied from its files at commit like any other: DDL or TRUNCATE inside it,
+a table with [mappings] options, dead letters or a copy in progress, a rollback of a
+subtransaction that has no savepoint, any destination error. Giving up loses nothing: the
+files hold it all.
 """
 
 from __future__ import annotations
@@ -32,10 +45,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import psycopg
+from psycopg import sql
 
 from . import failpoints, state
+from ._decode import cut_rows
 from .apply import Applier, ApplyResult
-from .batch import Batch, TableRows
+from .batch import Batch, SpilledRows, SpilledSlice, TableRows
 from .errors import ErrorKind, ReplicatorError
 from .handoff import Handoff
 from .lsn import format_lsn
@@ -44,6 +59,14 @@ log = logging.getLogger(__name__)
 
 QUEUE_CHUNKS = 2          # chunks waiting for this transaction's connection (on disk, not memory)
 BARRIER_POLL = 0.002      # seconds between looks at the applied position
+MAX_SAVEPOINTS = 32       # per destination transaction; a backend caches 64 subtransaction ids
+
+SAVEPOINT = sql.SQL("savepoint {}")
+ROLLBACK_TO = sql.SQL("rollback to savepoint {}")
+
+
+def _savepoint_name(xid: int) -> sql.Identifier:
+    return sql.Identifier(f"x{xid}")
 
 
 class GiveUp(Exception):
@@ -54,6 +77,13 @@ class GiveUp(Exception):
 class _Chunk:
     barrier: int                 # apply only once this many batches are applied
     tables: list[TableRows]      # data: the chunk's rows in this transaction's files
+    marks: list[tuple[int, int]]  # (seq, xid) where the rows' (sub)transaction changes
+    lost: bool = False           # more changes than the decoder could mark
+
+
+@dataclass
+class _SubAbort:
+    xid: int                     # a subtransaction the source rolled back
 
 
 @dataclass
@@ -89,16 +119,33 @@ class StreamApply(threading.Thread):
         self._finishing = False     # the commit began: a failure now has an unknown outcome
         self._committed = False
         self.result = ApplyResult()
+        # Savepoints set, oldest first (subtransaction xids), each with the counts of what
+        # was merged after it; _levels[0] is what came before any.
+        self._savepoints: list[int] = []
+        self._levels: list[ApplyResult] = [ApplyResult()]
+        self._made = 0                  # savepoints ever set (each may hold an xid)
+        self._seen: set[int] = {xid}    # (sub)transactions whose rows were merged
+        self._unmapped: set[int] = set()  # of those, with rows merged but no savepoint
+        self._blind = False             # marks were lost: some rows' xids are unknown
+        self.savepoint_rollbacks = 0
 
     # -- the receiver's side ----------------------------------------------------
 
-    def submit(self, barrier: int, tables: list[TableRows], wait: Callable[[], None]) -> None:
+    def submit(self, barrier: int, tables: list[TableRows], marks: list[tuple[int, int]],
+               lost: bool, wait: Callable[[], None]) -> None:
         """Queue a chunk; ``wait`` runs while the queue is full (the receiver's status)."""
         if any(not self._eligible(tr) for tr in tables):
             self.give_up("a table that only the applier handles (options, copy or letters)")
+        self._enqueue(_Chunk(barrier, tables, marks, lost), wait)
+
+    def abort_subxact(self, xid: int, wait: Callable[[], None]) -> None:
+        """The source rolled a subtransaction back: after the chunks queued before it."""
+        self._enqueue(_SubAbort(xid), wait)
+
+    def _enqueue(self, item: object, wait: Callable[[], None]) -> None:
         while self.failed is None:
             try:
-                self._queue.put(_Chunk(barrier, tables), timeout=0.5)
+                self._queue.put(item, timeout=0.5)
                 return
             except queue.Full:
                 wait()
@@ -190,7 +237,10 @@ class StreamApply(threading.Thread):
                             self._finishing = True
                         self._finish(cur, item)
                         break
-                    self._apply(cur, item)
+                    if isinstance(item, _SubAbort):
+                        self._roll_back_subxact(cur, item.xid)
+                    else:
+                        self._apply(cur, item)
             self._committed = self._finishing
             if self._committed:
                 failpoints.hit(failpoints.STREAM_COMMITTED)
@@ -205,7 +255,8 @@ class StreamApply(threading.Thread):
                 with self._lock:
                     self.failed = exc
                 log.info("streamed transaction applied at its commit instead", extra={
-                    "xid": self.xid, "reason": f"{type(exc).__name__}: {exc}".strip()})
+                    "xid": self.xid, "reason": str(exc) if isinstance(exc, GiveUp)
+                    else f"{type(exc).__name__}: {exc}".strip()})
         finally:
             self._done.set()
             if self._applier is not None:
@@ -227,21 +278,82 @@ class StreamApply(threading.Thread):
             if self.failed is not None:
                 raise psycopg.Rollback()
             time.sleep(BARRIER_POLL)
-        applier = self._applier
-        assert applier is not None
-        for tr in chunk.tables:
-            if applier.apply_streamed_rows(cur, tr, self.result):
-                # Unchanged-TOAST values the mirror cannot supply: dead letters, which
-                # need the commit LSN; the applier writes them at the commit.
-                raise GiveUp("a change the mirror cannot complete")
-            self.rows += tr.rows
-            self.tables.add(tr.table.source.qualname)
+        cuts = self._cuts(chunk)
+        if not cuts:
+            for tr in chunk.tables:
+                self._merge(cur, tr, tr.data, (tr.rows, tr.inserts, tr.updates, tr.deletes))
+        else:
+            pieces = []
+            for tr in chunk.tables:
+                assert isinstance(tr.data, SpilledSlice)
+                pieces.append((tr, tr.data, cut_rows(tr.data.read(), [seq for seq, _ in cuts])))
+            for i in range(len(cuts) + 1):
+                if i:
+                    xid = cuts[i - 1][1]
+                    cur.execute(SAVEPOINT.format(_savepoint_name(xid)))
+                    self._savepoints.append(xid)
+                    self._levels.append(ApplyResult())
+                for tr, data, cut in pieces:
+                    offset, size, *counts = cut[i]
+                    if counts[0]:
+                        self._merge(cur, tr, data.part(offset, size), tuple(counts))
         self.chunks += 1
         failpoints.hit(failpoints.STREAM_CHUNK_APPLIED)
+
+    def _cuts(self, chunk: _Chunk) -> list[tuple[int, int]]:
+        """Where the chunk's pieces begin: the first rows of subtransactions new here."""
+        self._blind = self._blind or chunk.lost
+        cuts = []
+        for seq, xid in chunk.marks:
+            if xid in self._seen:
+                continue
+            self._seen.add(xid)
+            if self._made < MAX_SAVEPOINTS:
+                self._made += 1
+                cuts.append((seq, xid))
+            else:
+                self._unmapped.add(xid)
+        return cuts
+
+    def _merge(self, cur: psycopg.Cursor, tr: TableRows,
+               data: bytes | SpilledRows | SpilledSlice, counts: tuple[int, ...]) -> None:
+        applier = self._applier
+        assert applier is not None
+        level = self._levels[-1]
+        if applier.merge_streamed(cur, tr.table, data, bool(tr.unchanged), level):
+            # Unchanged-TOAST values the mirror cannot supply: dead letters, which
+            # need the commit LSN; the applier writes them at the commit.
+            raise GiveUp("a change the mirror cannot complete")
+        rows, inserts, updates, deletes = counts
+        level.rows += rows
+        level.count(tr.table.qualname, inserts, updates, deletes)
+        self.tables.add(tr.table.source.qualname)
+
+    def _roll_back_subxact(self, cur: psycopg.Cursor, xid: int) -> None:
+        if xid in self._savepoints:
+            at = self._savepoints.index(xid)
+            cur.execute(ROLLBACK_TO.format(_savepoint_name(xid)))
+            # The later savepoints are gone with it; what follows counts one level down.
+            del self._savepoints[at:]
+            del self._levels[at + 1:]
+            self.savepoint_rollbacks += 1
+            failpoints.hit(failpoints.STREAM_SAVEPOINT_ROLLED_BACK)
+            log.debug("subtransaction rolled back to its savepoint", extra={
+                "xid": self.xid, "subxid": xid})
+        elif xid in self._unmapped or (self._blind and xid not in self._seen):
+            raise GiveUp("a subtransaction without a savepoint rolled back")
+        # Otherwise none of its rows was merged, or a rollback to an earlier savepoint
+        # (its parent's or an older child's of the same rollback) undid them already.
 
     def _finish(self, cur: psycopg.Cursor, item: _Commit) -> None:
         applier = self._applier
         assert applier is not None
+        for level in self._levels:
+            self.result.rows += level.rows
+            self.result.copies += level.copies
+            for table, ops in level.per_op.items():
+                self.result.count(table, ops["insert"], ops["update"], ops["delete"])
+        self.rows = self.result.rows
         state.record_applied(cur, applier.state_schema, applier.slot, item.end_lsn,
                              item.system_id)
         if item.record_times and self.tables:

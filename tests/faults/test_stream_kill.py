@@ -90,3 +90,31 @@ def test_killed_in_each_window_of_a_transaction_applied_while_it_runs(
     assert rep.wait_exit(60) == -signal.SIGKILL, rep.logs()
     assert rep.run_until_caught_up(timeout=90) == 0, rep.logs()
     assert table_rows(source_db, "zoo") == table_rows(dest_db, "zoo", "odoo_mirror")
+
+
+@pytest.mark.parametrize(
+    "source_cluster", [pytest.param(15, id="pg15", marks=pytest.mark.pg15)], indirect=True)
+def test_killed_after_a_subtransaction_rolled_back_in_the_open_transaction(
+        source_db, dest_db, replicator):
+    """Rolled back to its savepoint in the destination, then the process dies: the next
+    session receives the transaction again from its start, savepoints and all."""
+    setup_zoo(source_db)
+    source_db.execute(zoo_rows(1000))
+    rep = replicator(**SETTINGS)
+    assert rep.run_until_caught_up(timeout=60) == 0
+    with source_db.connect(autocommit=False) as big:
+        big.execute(zoo_rows(5000, start=2000))
+        big.execute("savepoint a")
+        big.execute(zoo_rows(12_000, start=6000))
+        big.execute("update zoo set code = 'undone' where id <= 100")
+        big.execute("rollback to savepoint a")
+        big.execute("savepoint b")
+        big.execute(zoo_rows(9000, start=7000))
+        big.execute("release savepoint b")
+        big.execute("update zoo set code = 'big' where id <= 50")
+        big.commit()
+    rep.start(env={failpoints.ENV: f"{failpoints.STREAM_SAVEPOINT_ROLLED_BACK}=kill"})
+    assert rep.wait_exit(60) == -signal.SIGKILL, rep.logs()
+    assert rep.run_until_caught_up(timeout=90) == 0, rep.logs()
+    source, mirror = table_rows(source_db, "zoo"), table_rows(dest_db, "zoo", "odoo_mirror")
+    assert len(source) == 1000 + 3001 + 2001 and source == mirror

@@ -11,9 +11,13 @@ source really streamed (the receiver logs each streamed commit with its chunks).
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from plugins.replicator import PUBLICATION, assert_same, catch_up, running, table_rows, wait_for
 from zoo import setup_zoo, zoo_rows
+
+from replicator.stream_apply import MAX_SAVEPOINTS
 
 STREAMING = {"logical_decoding_work_mem": "64kB"}
 
@@ -34,6 +38,11 @@ def applied_while_running(caplog: pytest.LogCaptureFixture) -> list[int]:
     """Chunks of each streamed transaction committed from its open destination transaction."""
     return [r.chunks for r in caplog.records  # type: ignore[attr-defined]
             if r.getMessage() == "streamed transaction applied while it ran"]
+
+
+def savepoint_rollbacks(caplog: pytest.LogCaptureFixture) -> int:
+    return sum(r.getMessage() == "subtransaction rolled back to its savepoint"
+               for r in caplog.records)
 
 
 @pytest.fixture
@@ -110,11 +119,51 @@ def test_rolled_back_subtransactions_of_a_streamed_transaction_are_dropped(zoo, 
         conn.commit()
     chunks = caught_up(zoo, dest_db, caplog)
     assert len(chunks) == 1 and chunks[0] > 1, chunks
-    assert gave_up(caplog) == ["a subtransaction rolled back"]
+    # Applied while it ran: each rollback went back to the subtransaction's savepoint.
+    assert gave_up(caplog) == []
+    assert len(applied_while_running(caplog)) == 1
+    assert savepoint_rollbacks(caplog) >= 2
     rows = assert_same(zoo, dest_db, "zoo")
     ids = {r[0] for r in rows}
     assert 20_000 not in ids and 30_000 not in ids and 12_000 in ids and 15_500 in ids
     assert rows[0][4] == "kept"
+
+
+@pytest.mark.parametrize("seed", [7, 11])
+def test_random_savepoint_programs_end_equal(zoo, dest_db, caplog, seed):
+    """Nested savepoints released and rolled back at random around inserts, updates and
+    deletes of rows that earlier subtransactions wrote: whatever the program, the mirror
+    ends equal, and the transaction stays applied while it runs."""
+    rnd = random.Random(seed)
+    names: list[str] = []
+    next_id = 100_000
+    with zoo.connect(autocommit=False) as conn:
+        for step in range(70):
+            r = rnd.random()
+            if r < 0.25 and len(names) < 6:
+                names.append(f"s{step}")
+                conn.execute(f"savepoint {names[-1]}")
+            elif r < 0.37 and names:
+                conn.execute(f"release savepoint {names.pop()}")
+            elif r < 0.52 and names:
+                at = rnd.randrange(len(names))
+                conn.execute(f"rollback to savepoint {names[at]}")
+                del names[at + 1:]
+            elif r < 0.8:
+                n = rnd.randint(300, 2500)
+                conn.execute(zoo_rows(next_id + n, start=next_id))
+                next_id += n + 1
+            elif r < 0.92:
+                conn.execute(f"update zoo set code = 'u{step}' where id % 13 = {rnd.randrange(13)}")
+            else:
+                conn.execute(f"delete from zoo where id % 29 = {rnd.randrange(29)}")
+        conn.commit()
+    chunks = caught_up(zoo, dest_db, caplog)
+    assert len(chunks) == 1 and chunks[0] > 1, chunks
+    assert gave_up(caplog) == []
+    assert len(applied_while_running(caplog)) == 1
+    assert savepoint_rollbacks(caplog) >= 2     # these seeds roll back streamed rows
+    assert_same(zoo, dest_db, "zoo")
 
 
 def test_an_aborted_streamed_transaction_leaves_nothing(zoo, dest_db, caplog):
@@ -289,10 +338,13 @@ def test_streamed_transactions_through_pgbouncer(source_db, dest_db, owned_dest,
     b = source_db.connect(autocommit=False)
     try:
         a.execute(zoo_rows(8000, start=2000))
-        b.execute("savepoint s")
-        b.execute(zoo_rows(16_000, start=10_000))
-        b.execute("rollback to savepoint s")
-        b.execute(zoo_rows(14_000, start=10_000))
+        # More subtransactions than savepoints, and the last one rolled back: applied
+        # from its files at its commit.
+        for i in range(MAX_SAVEPOINTS + 2):
+            b.execute(f"savepoint s{i}")
+            b.execute(zoo_rows(10_000 + 200 * i + 150, start=10_000 + 200 * i))
+        b.execute(zoo_rows(30_000, start=20_000))
+        b.execute(f"rollback to savepoint s{MAX_SAVEPOINTS + 1}")
         source_db.execute("update zoo set code = 'between' where id <= 10")
         a.commit()
         b.commit()
@@ -303,5 +355,5 @@ def test_streamed_transactions_through_pgbouncer(source_db, dest_db, owned_dest,
     assert len(chunks) == 2, chunks
     early = applied_while_running(caplog)
     assert len(early) == 1 and early[0] > 1, early
-    assert gave_up(caplog) == ["a subtransaction rolled back"]
+    assert gave_up(caplog) == ["a subtransaction without a savepoint rolled back"]
     assert_same(source_db, dest_db, "zoo")

@@ -423,3 +423,56 @@ def test_single_change(rel, data):
     assert counts == counts_of([(ch, want)])
     got = [(r[LEAD - 1], r[LEAD:LEAD + rel.ncols], r[LEAD + rel.ncols:-1], r[-1]) for r in iter_copy_binary(payload)]
     assert got == want
+
+
+# -- where a streamed transaction's rows change (sub)transaction -------------------------
+
+
+@SETTINGS
+@given(st.lists(st.tuples(st.sampled_from([900, 901, 902, 905]), BOOLS, BOOLS, BOOLS),
+                min_size=1, max_size=40))
+def test_taken_marks_note_each_change_of_subtransaction(steps):
+    """Each step: a row of that xid into a replicated table (or not), then maybe a new
+    block, maybe a take(). A mark is the first written row whose xid differs from the
+    previous written row's in its block; a block starts from the top transaction (900)."""
+    dec = Decoder()
+    dec.define(1, 1, [0], True)
+    dec.define(2, 1, [0], False)
+    assert dec.feed(relation(1, "public", "a", [(1, "k", 25, -1)])) == EV_RELATION
+    assert dec.feed(stream_start(900, True)) == EV_STREAM_START
+    prev, want, n = 900, [], 0
+    for i, (xid, replicated, new_block, take) in enumerate(steps):
+        if replicated:
+            seq = dec.seq
+            assert dec.feed(insert(1, [str(i).encode()], xid=xid)) == EV_NONE
+            if xid != prev:
+                want.append((seq, xid))
+            prev = xid
+            n += 1
+        else:
+            dec.feed(insert(2, [b"x"], xid=xid))
+        if new_block:
+            assert dec.feed(stream_stop()) == EV_STREAM_STOP
+            assert dec.feed(stream_start(900, False)) == EV_STREAM_START
+            prev = 900
+        if take:
+            dec.take()
+            assert dec.taken_marks == (want, False)
+            want = []
+    dec.take()
+    assert dec.taken_marks == (want, False)
+
+
+def test_taken_marks_past_their_room_are_lost():
+    dec = Decoder()
+    dec.define(1, 1, [0], True)
+    dec.feed(stream_start(900, True))
+    for i in range(1100):
+        dec.feed(insert(1, [str(i).encode()], xid=900 + i % 2 + 1))
+    dec.take()
+    marks, lost = dec.taken_marks
+    assert len(marks) == 1024 and lost
+    assert marks[:2] == [(0, 901), (1, 902)]
+    dec.feed(insert(1, [b"z"], xid=901))
+    dec.take()
+    assert dec.taken_marks == ([(1100, 901)], False)

@@ -14,7 +14,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from replicator._decode import COPY_HEADER, COPY_TRAILER, DecodeError, iter_copy_binary, restage
+from replicator._decode import (
+    COPY_HEADER,
+    COPY_TRAILER,
+    DecodeError,
+    cut_rows,
+    iter_copy_binary,
+    restage,
+)
 
 
 def staging_row(seq: int, xid: int, op: bytes, cols: list[bytes | None], u: bytes | None) -> bytes:
@@ -58,3 +65,34 @@ def test_restage_refuses_torn_rows(cut):
     row = staging_row(1, 700, b"I", [b"abc", None], None)
     with pytest.raises(DecodeError):
         restage(row + row[:cut], set(), 9, 0)
+
+
+# -- cut_rows(): a streamed chunk cut where subtransactions begin -------------------
+
+@given(seqs=st.lists(st.integers(0, 1000), max_size=30, unique=True),
+       bounds=st.lists(st.integers(-5, 1005), max_size=5))
+def test_cut_rows_splits_before_each_bound(seqs, bounds):
+    seqs.sort()
+    bounds.sort()
+    ops = [b"IUD"[s % 3:s % 3 + 1] for s in seqs]
+    rows = [staging_row(s, 700, op, [b"x" * (s % 7)], None) for s, op in zip(seqs, ops)]
+    data = b"".join(rows)
+    pieces = cut_rows(data, bounds)
+    assert len(pieces) == len(bounds) + 1
+    # The pieces tile the data in order, and piece i holds the rows in [bound i-1, bound i).
+    assert b"".join(data[o:o + n] for o, n, *_ in pieces) == data
+    edges = [float("-inf"), *bounds, float("inf")]
+    for (o, n, count, ins, upd, dels), lo, hi in zip(pieces, edges, edges[1:]):
+        inside = [(r, op) for s, r, op in zip(seqs, rows, ops) if lo <= s < hi]
+        assert data[o:o + n] == b"".join(r for r, _ in inside)
+        assert (count, ins, upd, dels) == (len(inside), sum(op == b"I" for _, op in inside),
+                                           sum(op == b"U" for _, op in inside),
+                                           sum(op == b"D" for _, op in inside))
+
+
+def test_cut_rows_refuses_torn_rows_and_unsorted_bounds():
+    row = staging_row(1, 700, b"I", [b"abc"], None)
+    with pytest.raises(DecodeError):
+        cut_rows(row + row[:20], [5])
+    with pytest.raises(ValueError):
+        cut_rows(row, [3, 2])
