@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.resources
 import re
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -98,6 +99,9 @@ def setup(conn: psycopg.Connection, state_schema: str,
 COMPONENTS = ("freshness", "mirror", "memory")
 
 
+MIGRATION_ATTEMPTS = 5      # a migration file rolled back by a deadlock with a batch runs again
+
+
 def setup_component(conn: psycopg.Connection, state_schema: str, component: str,
                     names: dict[str, str] | None = None,
                     files: list[Migration] | None = None) -> list[int]:
@@ -119,18 +123,30 @@ def setup_component(conn: psycopg.Connection, state_schema: str, component: str,
             "applied_at timestamptz not null default now(), "
             "primary key (component, version))").format(schema))
     for mg in migrations(("sql", component)) if files is None else files:
-        with conn.transaction():
-            _lock(conn, state_schema)
-            done = conn.execute(sql.SQL(
-                "select 1 from {}.component_migrations where component = %s and version = %s")
-                .format(schema), [component, mg.version]).fetchone()
-            if done:
-                continue
-            conn.execute(sql.SQL(mg.text).format(state=schema, **idents), prepare=False)
-            conn.execute(sql.SQL("insert into {}.component_migrations (component, version, name) "
-                                 "values (%s, %s, %s)").format(schema),
-                         [component, mg.version, mg.name])
-        ran.append(mg.version)
+        for attempt in range(MIGRATION_ATTEMPTS):
+            try:
+                with conn.transaction():
+                    _lock(conn, state_schema)
+                    done = conn.execute(sql.SQL(
+                        "select 1 from {}.component_migrations "
+                        "where component = %s and version = %s")
+                        .format(schema), [component, mg.version]).fetchone()
+                    if not done:
+                        conn.execute(sql.SQL(mg.text).format(state=schema, **idents),
+                                     prepare=False)
+                        conn.execute(sql.SQL(
+                            "insert into {}.component_migrations (component, version, name) "
+                            "values (%s, %s, %s)").format(schema),
+                            [component, mg.version, mg.name])
+                        ran.append(mg.version)
+                break
+            except psycopg.errors.DeadlockDetected:
+                # A file that locks several mirror tables (a trigger, views) while `run`
+                # merges into them: the server rolled this one back; the batch goes on,
+                # and the file runs again once it is done.
+                if attempt == MIGRATION_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
     return ran
 
 

@@ -239,17 +239,26 @@ def test_twenty_walsender_terminations_lose_and_duplicate_nothing(source_db, des
     source_db.execute(f"create publication {PUBLICATION} for table t, log")
     with running(source_db, dest_db, flush_interval=0.05) as pipeline:
         streaming(pipeline)
+        killed: list[int] = []
+
+        def new_walsender() -> bool:
+            # The slot names the terminated walsender until that process has exited: only
+            # another pid is the stream back.
+            pid = source_db.scalar("select active_pid from pg_replication_slots "
+                                   "where slot_name = %s", [PUBLICATION])
+            return pid is not None and pid not in killed
+
         for i in range(20):
             source_db.execute("insert into t values (%s, 'x', 0)", [i])
             source_db.execute("update t set n = n + 1")
             source_db.execute("insert into log (note) values (%s)", [f"round {i}"])
             # Killed only once the stream is back, so each round is a real reconnect.
-            wait_for(lambda: source_db.scalar(
-                "select active_pid from pg_replication_slots where slot_name = %s",
-                [PUBLICATION]) is not None, what="the walsender to be back")
-            assert source_db.scalar(
-                "select pg_terminate_backend(active_pid) from pg_replication_slots "
-                "where slot_name = %s", [PUBLICATION])
+            wait_for(new_walsender, what="the walsender to be back")
+            pid = source_db.scalar("select active_pid from pg_replication_slots "
+                                   "where slot_name = %s", [PUBLICATION])
+            assert pid is not None and pid not in killed
+            assert source_db.scalar("select pg_terminate_backend(%s)", [pid])
+            killed.append(pid)
             source_db.execute("update t set v = v || %s", [str(i % 10)])
         wait_for(lambda: pipeline.metrics.restarts._value.get() >= 20, what="20 reconnects")
     catch_up(source_db, dest_db)
