@@ -143,6 +143,19 @@ def clear_staging_sql(t: MirrorTable) -> sql.Composed:
     return sql.SQL("delete from {}").format(t.stage)
 
 
+def temp_staging_sql(t: MirrorTable) -> sql.Composed:
+    """A streamed transaction's own staging table for t, emptied for the next chunk.
+
+    Its chunks go into one long transaction, where rows deleted from the shared staging
+    table stay (deleted by a transaction still open, no vacuum may take them) and every
+    later chunk's MERGE and DELETE scanned them again: a 2M-row transaction took minutes.
+    A temporary table is emptied by TRUNCATE without a lock anyone else waits for, and
+    writes no WAL; it goes at the transaction's end, so a transaction-mode pooler is fine.
+    """
+    return sql.SQL("create temp table if not exists {} (like {} including defaults) "
+                   "on commit drop; truncate {}").format(t.stage, t.shared_stage, t.stage)
+
+
 # Rows a staging table takes (and deletes again) between two VACUUMs of it. Autovacuum
 # comes by once a minute at best, and until then every COPY appends to fresh pages (the
 # free space of the deleted rows is known only after a vacuum) that each batch's delete
@@ -979,7 +992,7 @@ class Applier:
         check_filter(conn, t)
 
     def _stmt(self, kind: str, t: MirrorTable) -> sql.SQL:
-        key = (kind, t.staging)
+        key = (kind, t.staging, t.temp_stage)
         stmt = self._statements.get(key)
         if stmt is None:
             build = {"copy": copy_sql, "copy_held": copy_held_sql, "merge": merge_sql,
@@ -1250,12 +1263,16 @@ class Applier:
                        data: bytes | SpilledRows | SpilledSlice, unchanged: bool,
                        res: ApplyResult) -> int:
         """Stage and merge streamed rows of one table: a chunk's, or a piece of one."""
-        cur.execute(clear_staging_sql(t))
+        if t.temp_stage:
+            cur.execute(temp_staging_sql(t))
+        else:
+            cur.execute(clear_staging_sql(t))
         with cur.copy(self._stmt("copy", t)) as copy:
             _write(copy, data)
         res.copies += 1
         dead = self._merge_staged(cur, t, unchanged, 0)
-        cur.execute(clear_staging_sql(t))
+        if not t.temp_stage:
+            cur.execute(clear_staging_sql(t))
         return dead
 
     # -- merging a table's staged rows ---------------------------------------

@@ -78,6 +78,9 @@ class MirrorTable:
     relid: int = 0
     staging: str = field(default="")
     options: MappingOptions = NO_OPTIONS   # exclude, filter, soft_delete, history
+    # Staged in a temporary table of the session's (a streamed transaction's own), not
+    # the shared one in the state schema.
+    temp_stage: bool = False
 
     def __post_init__(self) -> None:
         if not self.columns:
@@ -105,6 +108,10 @@ class MirrorTable:
 
     @property
     def stage(self) -> sql.Composable:
+        return sql.Identifier("pg_temp" if self.temp_stage else self.state_schema, self.staging)
+
+    @property
+    def shared_stage(self) -> sql.Composable:
         return sql.Identifier(self.state_schema, self.staging)
 
     @property

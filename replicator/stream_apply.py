@@ -13,8 +13,8 @@ committed before it arrived is applied (``barrier``: the batches handed to the a
 before it, and the one being filled, are applied). Its rows were locked at the source by
 this transaction until it commits, so no transaction committed later (and applied meanwhile
 by the applier) touches them; in the mirror each statement sees what committed before it
-(READ COMMITTED). Staging tables are shared with the applier: under MVCC each transaction
-sees, merges and deletes only its own staged rows.
+(READ COMMITTED). Each transaction stages its chunks in temporary tables of its own
+(apply.temp_staging_sql), so its long life leaves no dead rows in the applier's staging.
 
 Subtransactions map to savepoints. A savepoint is set where a subtransaction's first row
 is merged (chunks are cut there, decoder marks), and a Stream Abort of a subtransaction
@@ -42,7 +42,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import psycopg
 from psycopg import sql
@@ -51,6 +51,7 @@ from . import failpoints, state
 from ._decode import cut_rows
 from .apply import Applier, ApplyResult
 from .batch import Batch, SpilledRows, SpilledSlice, TableRows
+from .schema import MirrorTable
 from .errors import ErrorKind, ReplicatorError
 from .handoff import Handoff
 from .lsn import format_lsn
@@ -128,6 +129,7 @@ class StreamApply(threading.Thread):
         self._unmapped: set[int] = set()  # of those, with rows merged but no savepoint
         self._blind = False             # marks were lost: some rows' xids are unknown
         self.savepoint_rollbacks = 0
+        self._temp: dict[str, MirrorTable] = {}   # tables staged in temporary tables
 
     # -- the receiver's side ----------------------------------------------------
 
@@ -320,7 +322,10 @@ class StreamApply(threading.Thread):
         applier = self._applier
         assert applier is not None
         level = self._levels[-1]
-        if applier.merge_streamed(cur, tr.table, data, bool(tr.unchanged), level):
+        table = self._temp.get(tr.table.qualname)
+        if table is None or table.columns != tr.table.columns:
+            table = self._temp[tr.table.qualname] = replace(tr.table, temp_stage=True)
+        if applier.merge_streamed(cur, table, data, bool(tr.unchanged), level):
             # Unchanged-TOAST values the mirror cannot supply: dead letters, which
             # need the commit LSN; the applier writes them at the commit.
             raise GiveUp("a change the mirror cannot complete")
