@@ -890,7 +890,7 @@ class Applier:
         # letter retry) get a commit that is durable when apply() returns.
         self.defer_flush = False
         self.conn: psycopg.Connection | None = None
-        self._statements: dict[tuple[str, str], sql.SQL] = {}
+        self._statements: dict[tuple[str, str, bool], sql.SQL] = {}
         # Mirror tables being copied while the stream runs: their changes are
         # held, not merged, until the copy is in (SyncStart ... SyncDone).
         self.holding: set[str] = set()

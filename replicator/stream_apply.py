@@ -51,10 +51,10 @@ from . import failpoints, state
 from ._decode import cut_rows
 from .apply import Applier, ApplyResult
 from .batch import Batch, SpilledRows, SpilledSlice, TableRows
-from .schema import MirrorTable
 from .errors import ErrorKind, ReplicatorError
 from .handoff import Handoff
 from .lsn import format_lsn
+from .schema import MirrorTable
 
 log = logging.getLogger(__name__)
 
