@@ -303,18 +303,24 @@ class StreamApply(threading.Thread):
         failpoints.hit(failpoints.STREAM_CHUNK_APPLIED)
 
     def _cuts(self, chunk: _Chunk) -> list[tuple[int, int]]:
-        """Where the chunk's pieces begin: the first rows of subtransactions new here."""
-        self._blind = self._blind or chunk.lost
+        """Where the chunk's pieces begin: the first rows of subtransactions new here.
+
+        A chunk's marks are its first changes of subtransaction, in order, so they are
+        right even when later ones were lost; but from then on a mark may be a
+        subtransaction's second appearance (its first was lost), and a savepoint there
+        would leave its earlier rows in place on a rollback: no new savepoints then.
+        """
         cuts = []
         for seq, xid in chunk.marks:
             if xid in self._seen:
                 continue
             self._seen.add(xid)
-            if self._made < MAX_SAVEPOINTS:
+            if self._made < MAX_SAVEPOINTS and not self._blind:
                 self._made += 1
                 cuts.append((seq, xid))
             else:
                 self._unmapped.add(xid)
+        self._blind = self._blind or chunk.lost
         return cuts
 
     def _merge(self, cur: psycopg.Cursor, tr: TableRows,
