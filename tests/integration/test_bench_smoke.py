@@ -110,7 +110,7 @@ def test_cdc_bulk_bench_smoke():
     report = json.loads(proc.stdout)
     ways = report["ways"]
     assert set(ways) == {"native subscription, live", "replicator, live", "replicator, cold",
-                         "pg_recvlogical (floor for cold)"}
+                         "pg_recvlogical (floor for cold)", "  the floor, streaming as we ask"}
     for way, e in ways.items():
         assert e["seconds"] > 0, way
         assert set(e["cpu_s"]) >= {"bench", "source", "destination"}, way
@@ -123,12 +123,16 @@ def test_cdc_bulk_bench_smoke():
     assert ways["native subscription, live"]["streaming"] == "off"
     assert ways["replicator, live"]["speedup_vs_native"] > 0
     assert ways["replicator, cold"]["vs_floor"] > 0
+    assert ways["replicator, cold"]["vs_floor_streaming"] > 0
     assert 10 < ways["replicator, live"]["peak_rss_mib"] < 4096
     assert 10 < ways["replicator, cold"]["peak_rss_mib"] < 4096
     assert ways["replicator, cold"]["cpu_s"]["replicator"] > 0
     assert ways["pg_recvlogical (floor for cold)"]["options"]["binary"] == "true"
+    assert "streaming" not in ways["pg_recvlogical (floor for cold)"]["options"]
+    strict = ways["  the floor, streaming as we ask"]["options"]
+    assert strict["streaming"] == "on" and strict["logical_decoding_work_mem (PGOPTIONS)"]
     assert report["close"]["rows"] == 2000 and report["postgres"]["source"].startswith("15")
-    assert len(report["targets"]) == 3
+    assert len(report["targets"]) == 4
     table = proc.stderr[proc.stderr.index("machine:"):]
     assert "streaming = off (pinned)" in table and "x the floor" in table
     assert "faster than native" in table and "MiB" in table

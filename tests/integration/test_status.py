@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 
-from plugins.replicator import PUBLICATION, catch_up, running, write_config
+from plugins.replicator import PUBLICATION, catch_up, running, wait_for, write_config
 
 from replicator.cli import main
 
@@ -14,6 +14,14 @@ def status(capsys, config, *extra: str) -> tuple[int, str, str]:
     code = main(["status", "--config", str(config), *extra])
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def wait_slot_released(source_db) -> None:
+    # The replicator has closed its replication connection, but the server's
+    # walsender marks the slot inactive only once it has noticed and exited.
+    wait_for(lambda: not source_db.fetchall(
+        "select 1 from pg_replication_slots where slot_name = %s and active", [PUBLICATION]),
+        timeout=30, what="the slot to be released")
 
 
 def test_status_text_json_running_stopped_and_dropped_slot(source_db, dest_db, tmp_path, capsys):
@@ -28,6 +36,7 @@ def test_status_text_json_running_stopped_and_dropped_slot(source_db, dest_db, t
     assert code == 0 and st["synced"] is False and st["slot_exists"] is False
 
     catch_up(source_db, dest_db)
+    wait_slot_released(source_db)
     code, out, _ = status(capsys, config)
     assert code == 0, out
     assert "dead letters" in out and "public.t" in out and "odoo_mirror.t" in out
@@ -61,6 +70,7 @@ def test_status_text_json_running_stopped_and_dropped_slot(source_db, dest_db, t
     code, out, _ = status(capsys, config, "--max-lag-seconds", "1")
     assert code == 1 and "not keeping up" in out
 
+    wait_slot_released(source_db)
     source_db.execute("select pg_drop_replication_slot(%s)", [PUBLICATION])
     code, out, _ = status(capsys, config, "--json")
     st = json.loads(out)
