@@ -21,6 +21,7 @@ from plugins.replicator import (
     cli,
     cli_config,
     error_line,
+    row_digests,
 )
 
 from replicator.devtools.odoo import TABLES, create_table_statement
@@ -39,22 +40,25 @@ def mirror_problems(source_db, dest_db) -> tuple[list[str], dict[str, int]]:
     problems, counts = [], {}
     with source_db.connect() as src, dest_db.connect() as dst:
         for table in TABLES:
-            cur = src.execute(f'select * from public."{table}" order by id')
-            src_cols, src_rows = [d.name for d in cur.description], cur.fetchall()
+            cur = src.execute(f'select * from public."{table}" limit 0')
+            src_cols, src_rows = [d.name for d in cur.description], row_digests(src, "public", table)
             try:
-                cur = dst.execute(f'select * from odoo_mirror."{table}" order by id')
+                cur = dst.execute(f'select * from odoo_mirror."{table}" limit 0')
             except psycopg.errors.UndefinedTable:
                 problems.append(f"{table}: no mirror table")
                 continue
-            dst_cols, dst_rows = [d.name for d in cur.description], cur.fetchall()
+            dst_cols = [d.name for d in cur.description]
+            dst_rows = row_digests(dst, "odoo_mirror", table)
             counts[table] = len(src_rows)
             if src_cols != dst_cols:
                 problems.append(f"{table}: columns {src_cols} != mirror {dst_cols}")
             elif src_rows != dst_rows:
-                ids = {r[0] for r in src_rows} ^ {r[0] for r in dst_rows}
+                a, b = dict(src_rows), dict(dst_rows)
+                ids = a.keys() ^ b.keys()
+                differ = [k for k in a.keys() & b.keys() if a[k] != b[k]]
                 problems.append(
                     f"{table}: {len(src_rows)} source rows, {len(dst_rows)} mirror rows, "
-                    f"ids on one side only: {sorted(ids)[:10]}"
+                    f"ids on one side only: {sorted(ids)[:10]}, differing ids: {sorted(differ)[:10]}"
                 )
     return problems, counts
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from plugins.replicator import PUBLICATION, assert_same, catch_up, make_config, wait_for
+from plugins.replicator import PUBLICATION, assert_same, catch_up, make_config, table_rows, wait_for
 from zoo import setup_zoo, zoo_rows
 
 from replicator.errors import ErrorKind, ReplicatorError
@@ -19,7 +19,8 @@ def test_every_type_round_trips(source_db, dest_db):
     source_db.execute("update zoo set code = 'toast-kept' where id % 4 = 0")  # body stays TOASTed
     source_db.execute("delete from zoo where id % 7 = 0")
     catch_up(source_db, dest_db)
-    rows = assert_same(source_db, dest_db, "zoo")
+    assert_same(source_db, dest_db, "zoo")
+    rows = table_rows(source_db, "zoo")
     assert any(r[5] and len(r[5]) > 2000 and r[4] == "toast-kept" for r in rows)
 
 
@@ -55,7 +56,8 @@ def test_same_key_changes_in_one_transaction(source_db, dest_db):
         conn.execute("update zoo set code = 'kept body' where id = 3")   # body sent as unchanged
         conn.commit()
     catch_up(source_db, dest_db)
-    rows = assert_same(source_db, dest_db, "zoo")
+    assert_same(source_db, dest_db, "zoo")
+    rows = table_rows(source_db, "zoo")
     assert [r[0] for r in rows] == [2, 3]
 
 
@@ -73,7 +75,8 @@ def test_rolled_back_work_is_not_replicated(source_db, dest_db):
         conn.execute("insert into zoo (id, code) values (4, 'kept too')")
         conn.commit()
     catch_up(source_db, dest_db)
-    rows = assert_same(source_db, dest_db, "zoo")
+    assert_same(source_db, dest_db, "zoo")
+    rows = table_rows(source_db, "zoo")
     assert [(r[0], r[4]) for r in rows] == [(2, "kept"), (4, "kept too")]
 
 
@@ -88,7 +91,8 @@ def test_truncate_applies_in_stream_order(source_db, dest_db):
         conn.commit()
     source_db.execute("insert into zoo (id, code) values (102, 'later')")
     catch_up(source_db, dest_db)
-    rows = assert_same(source_db, dest_db, "zoo")
+    assert_same(source_db, dest_db, "zoo")
+    rows = table_rows(source_db, "zoo")
     assert [r[0] for r in rows] == [101, 102]
 
 
@@ -100,7 +104,8 @@ def test_primary_key_update_deletes_the_old_key(source_db, dest_db):
     source_db.execute("update zoo set id = 10 where id = 1")        # body unchanged and TOASTed
     source_db.execute("update zoo set id = 20, code = 'bb' where id = 2")
     catch_up(source_db, dest_db)
-    rows = assert_same(source_db, dest_db, "zoo")
+    assert_same(source_db, dest_db, "zoo")
+    rows = table_rows(source_db, "zoo")
     assert [r[0] for r in rows] == [10, 20]
     assert len(rows[0][5]) == 16000
 

@@ -94,7 +94,8 @@ def test_interleaved_streams_and_small_transactions_apply_in_commit_order(zoo, d
             conn.close()
     chunks = caught_up(zoo, dest_db, caplog)
     assert len(chunks) == 2 and min(chunks) > 1, chunks
-    rows = assert_same(zoo, dest_db, "zoo")
+    assert_same(zoo, dest_db, "zoo")
+    rows = table_rows(zoo, "zoo")
     codes = {r[0]: r[4] for r in rows}
     assert codes[1] == "after a" and codes[20] == "a again" and codes[99] == "a"
 
@@ -123,7 +124,8 @@ def test_rolled_back_subtransactions_of_a_streamed_transaction_are_dropped(zoo, 
     assert gave_up(caplog) == []
     assert len(applied_while_running(caplog)) == 1
     assert savepoint_rollbacks(caplog) >= 2
-    rows = assert_same(zoo, dest_db, "zoo")
+    assert_same(zoo, dest_db, "zoo")
+    rows = table_rows(zoo, "zoo")
     ids = {r[0] for r in rows}
     assert 20_000 not in ids and 30_000 not in ids and 12_000 in ids and 15_500 in ids
     assert rows[0][4] == "kept"
@@ -174,7 +176,8 @@ def test_an_aborted_streamed_transaction_leaves_nothing(zoo, dest_db, caplog):
     zoo.execute("update zoo set code = 'after the abort' where id = 5")
     chunks = caught_up(zoo, dest_db, caplog)
     assert chunks == []
-    rows = assert_same(zoo, dest_db, "zoo")
+    assert_same(zoo, dest_db, "zoo")
+    rows = table_rows(zoo, "zoo")
     assert len(rows) == 1000
 
 
@@ -190,7 +193,8 @@ def test_ddl_and_truncate_inside_a_streamed_transaction(zoo, dest_db, caplog):
     chunks = caught_up(zoo, dest_db, caplog)
     assert len(chunks) == 1 and chunks[0] > 1, chunks
     assert gave_up(caplog) == ["DDL, TRUNCATE or a table copy inside it"]
-    rows = assert_same(zoo, dest_db, "zoo")
+    assert_same(zoo, dest_db, "zoo")
+    rows = table_rows(zoo, "zoo")
     assert len(rows) == 8000 and rows[4][-1] == "after truncate"
 
 
@@ -314,7 +318,8 @@ def test_a_streamed_transaction_is_applied_while_it_runs(zoo, dest_db, caplog, s
     registry = pipeline.metrics.registry
     assert [registry.get_sample_value("etl_streamed_transactions_total", {"applied": how})
             for how in ("while_running", "at_commit")] == ([1.0, 0.0] if streams else [0.0, 1.0])
-    rows = assert_same(zoo, dest_db, "zoo")
+    assert_same(zoo, dest_db, "zoo")
+    rows = table_rows(zoo, "zoo")
     assert rows[0][4] == "in the big one" and rows[100][4] == "last chunk"
 
 

@@ -9,7 +9,15 @@ import time
 
 import psycopg
 import pytest
-from plugins.replicator import PUBLICATION, assert_same, catch_up, running, sync_state, wait_for
+from plugins.replicator import (
+    PUBLICATION,
+    assert_same,
+    catch_up,
+    running,
+    sync_state,
+    table_rows,
+    wait_for,
+)
 
 from replicator import failpoints, state
 from replicator.apply import Applier
@@ -59,7 +67,8 @@ def test_connection_loss_in_the_batch_that_ends_a_live_resync_loses_no_held_chan
         wait_for(lambda: pipeline.metrics.restarts._value.get() >= 1, what="the injected failure")
         wait_for(lambda: sync_state(dest_db, "b") == "streaming", what="the resync to end")
     catch_up(source_db, dest_db)
-    rows = assert_same(source_db, dest_db, "b")
+    assert_same(source_db, dest_db, "b")
+    rows = table_rows(source_db, "b")
     assert rows[:3] == [(1, "held 1"), (2, "held 2"), (3, "held 3")]
 
 
@@ -72,13 +81,15 @@ def test_truncate_committed_before_the_copy_snapshot_is_not_replayed(source_db, 
     source_db.execute("truncate b")
     source_db.execute("insert into b values (1, 'after truncate'), (2, 'after truncate')")
     catch_up(source_db, dest_db)
-    assert len(assert_same(source_db, dest_db, "b")) == 2
+    assert_same(source_db, dest_db, "b")
+    assert len(table_rows(source_db, "b")) == 2
     assert sync_state(dest_db, "b") == "streaming"
     # A truncate after the copy still applies.
     source_db.execute("truncate b")
     source_db.execute("insert into b values (3, 'later')")
     catch_up(source_db, dest_db)
-    assert assert_same(source_db, dest_db, "b") == [(3, "later")]
+    assert_same(source_db, dest_db, "b")
+    assert table_rows(source_db, "b") == [(3, "later")]
 
 
 def test_truncate_during_a_live_copy(source_db, dest_db, armed):
@@ -93,7 +104,8 @@ def test_truncate_during_a_live_copy(source_db, dest_db, armed):
         source_db.execute("insert into b values (7, 'after truncate')")
         wait_for(lambda: sync_state(dest_db, "b") == "streaming", what="the resync to end")
     catch_up(source_db, dest_db)
-    assert assert_same(source_db, dest_db, "b") == [(7, "after truncate")]
+    assert_same(source_db, dest_db, "b")
+    assert table_rows(source_db, "b") == [(7, "after truncate")]
 
 
 # -- the stored position --------------------------------------------------------------
@@ -148,7 +160,8 @@ def test_table_dropped_from_the_publication_and_added_back_while_running(source_
         source_db.execute("update b set v = 'after rejoining' where id > 1990")
     catch_up(source_db, dest_db)
     assert_same(source_db, dest_db, "a")
-    rows = assert_same(source_db, dest_db, "b")
+    assert_same(source_db, dest_db, "b")
+    rows = table_rows(source_db, "b")
     assert rows[0] == (1, "while unpublished")
 
 

@@ -1,0 +1,56 @@
+"""The comparison every other test trusts: it tells a mirror apart from its source at one value.
+
+`assert_same` compares md5 digests of the rows' text, not the rows as Python values. These
+tests make sure that cannot hide a difference the mirror could have.
+"""
+
+from __future__ import annotations
+
+import pytest
+from plugins.replicator import assert_same, catch_up, same_rows
+from zoo import setup_zoo, zoo_rows
+
+# One change each to a single mirror value of every kind of column, and to the set of rows.
+TAMPERINGS = [
+    "update odoo_mirror.zoo set body = body || '.' where id = 8",             # a TOASTed text
+    "update odoo_mirror.zoo set ratio = ratio + 1e-15 where id = 3",          # one float bit
+    "update odoo_mirror.zoo set atz = atz + interval '1 microsecond' where id = 5",
+    "update odoo_mirror.zoo set meta = jsonb_set(meta, '{nested,x,1}', '0') where id = 7",
+    "update odoo_mirror.zoo set tags[2] = '' where id = 9",                   # null -> empty
+    "update odoo_mirror.zoo set blob = blob || '\\x00' where id = 2",
+    "update odoo_mirror.zoo set span = span + interval '1 second' where id = 4",
+    "update odoo_mirror.zoo set flag = null where id = 6",
+    "delete from odoo_mirror.zoo where id = 10",
+    "insert into odoo_mirror.zoo (id) values (11)",
+]
+
+
+@pytest.fixture
+def mirrored_zoo(source_db, dest_db):
+    setup_zoo(source_db)
+    source_db.execute(zoo_rows(10))
+    catch_up(source_db, dest_db)
+    assert same_rows(source_db, dest_db, "zoo")
+    return source_db
+
+
+def test_one_changed_value_or_row_is_a_difference(mirrored_zoo, dest_db):
+    dest_db.execute("create table public.zoo_saved as table odoo_mirror.zoo")
+    for tampering in TAMPERINGS:
+        dest_db.execute(tampering)
+        assert not same_rows(mirrored_zoo, dest_db, "zoo"), tampering
+        with pytest.raises(AssertionError):
+            assert_same(mirrored_zoo, dest_db, "zoo")
+        dest_db.execute("truncate odoo_mirror.zoo; "
+                        "insert into odoo_mirror.zoo select * from public.zoo_saved")
+        assert same_rows(mirrored_zoo, dest_db, "zoo")
+
+
+def test_values_equal_in_python_but_changed_in_the_mirror_differ(mirrored_zoo, dest_db):
+    """-0 and 0 are equal floats in Python; a mirror that lost the sign is still wrong."""
+    mirrored_zoo.execute("update zoo set ratio = 0 where id = 1")
+    catch_up(mirrored_zoo, dest_db)
+    assert_same(mirrored_zoo, dest_db, "zoo")
+    dest_db.execute("update odoo_mirror.zoo set ratio = '-0' where id = 1")
+    with pytest.raises(pytest.fail.Exception, match="equal as Python values but not as text"):
+        assert_same(mirrored_zoo, dest_db, "zoo")
