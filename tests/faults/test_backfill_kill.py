@@ -68,8 +68,9 @@ def test_kill_while_secondary_indexes_are_built(source_db, dest_db, replicator):
     and every index of every copied table ends up valid, the mirror equal to the source."""
     seed(source_db.dsn, scale=2, seed=11, publication=PUBLICATION)
     rep = replicator()
-    # Each build waits a second first: time enough to hold up account_move_line's.
-    rep.start(env={"REPLICATOR_FAILPOINTS": "indexes.before_build=sleep:1"})
+    # Each build waits 0.2 s first: time enough to take the lock before account_move_line's
+    # (it has several: one of them at least is still to come).
+    rep.start(env={"REPLICATOR_FAILPOINTS": "indexes.before_build=sleep:0.2"})
     deadline = time.monotonic() + 120
     while states(dest_db).get("public.account_move_line") != "streaming":
         assert rep.alive and time.monotonic() < deadline, rep.logs()

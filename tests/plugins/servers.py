@@ -75,14 +75,30 @@ def _database_name(prefix: str, node_name: str) -> str:
     return f"{prefix}_{stem}_{uuid.uuid4().hex[:8]}"
 
 
+# Where the clusters' files go: memory when the machine has room there. Each test creates
+# two databases and tables by the dozen, and on this project's VMs every file created on disk
+# costs the kernel close to a millisecond: a CREATE DATABASE takes 0.25 s on /tmp, 0.025 s on
+# tmpfs, and the suite spends minutes on that alone. The servers run without fsync either way.
+SHM = Path("/dev/shm")
+SHM_ROOM = 8 << 30     # the suite's clusters peak at a few GiB (WAL kept for slots included)
+
+
+def _cluster_root() -> Path:
+    try:
+        st = os.statvfs(SHM)
+    except OSError:
+        return Path("/tmp")
+    return SHM if os.access(SHM, os.W_OK) and st.f_bavail * st.f_frsize >= SHM_ROOM else Path("/tmp")
+
+
 @pytest.fixture(scope="session")
 def pg_base_dir() -> Iterator[Path]:
-    """A mode-755 directory under /tmp holding this session's clusters.
+    """A mode-755 directory under /dev/shm (or /tmp) holding this session's clusters.
 
     Not pytest's tmp_path: as root the servers run as an unprivileged user that
     cannot traverse pytest's mode-700 temporary directories.
     """
-    base = Path(f"/tmp/odoo-replicator-tests-{os.getpid()}")
+    base = _cluster_root() / f"odoo-replicator-tests-{os.getpid()}"
     base.mkdir(mode=0o755, exist_ok=True)
     base.chmod(0o755)
     yield base
