@@ -22,7 +22,14 @@ import time
 from typing import Any
 
 import psycopg
-from plugins.replicator import MIRROR_SCHEMA, PUBLICATION, STATE_SCHEMA, row_digests
+from plugins.replicator import (
+    MIRROR_SCHEMA,
+    PUBLICATION,
+    STATE_SCHEMA,
+    TEXT_ONLY_DIFFERENCE,
+    row_digests,
+    table_columns,
+)
 
 from replicator.devtools.odoo import TABLE_NAMES, TABLES, create_table_statement
 from replicator.lsn import parse_lsn
@@ -67,11 +74,6 @@ class Workload(threading.Thread):
 # -- comparing the mirror with the source ---------------------------------------------------
 
 
-def _columns(conn: psycopg.Connection, schema: str, table: str) -> list[str]:
-    cur = conn.execute(f'select * from "{schema}"."{table}" limit 0')
-    return [d.name for d in cur.description]
-
-
 def _snapshot(conn: psycopg.Connection, schema: str, table: str) -> tuple[list[str], list[tuple]]:
     cur = conn.execute(f'select * from "{schema}"."{table}" order by id')
     return [d.name for d in cur.description], cur.fetchall()
@@ -90,8 +92,8 @@ def mirror_diff(source_db, dest_db, tables=TABLE_NAMES) -> tuple[list[str], dict
                 continue
             src_digests = row_digests(src, "public", table)
             counts[table] = len(src_digests)
-            if src_digests == dst_digests and _columns(src, "public", table) == \
-                    _columns(dst, MIRROR_SCHEMA, table):
+            if src_digests == dst_digests and table_columns(src, "public", table) == \
+                    table_columns(dst, MIRROR_SCHEMA, table):
                 continue
             # Different: load the rows to tell how.
             src_cols, src_rows = _snapshot(src, "public", table)
@@ -106,8 +108,7 @@ def mirror_diff(source_db, dest_db, tables=TABLE_NAMES) -> tuple[list[str], dict
             if dups:
                 problems.append(f"{table}: duplicate ids in the mirror (id, count): {dups}")
             if src_rows == dst_rows:
-                problems.append(f"{table}: rows equal as Python values but not as text: the "
-                                "mirror changed a type, a scale or a precision")
+                problems.append(f"{table}: {TEXT_ONLY_DIFFERENCE}")
                 continue
             src_by_id = {r[0]: r for r in src_rows}
             dst_by_id = {r[0]: r for r in dst_rows}

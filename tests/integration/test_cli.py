@@ -22,6 +22,7 @@ from plugins.replicator import (
     cli_config,
     error_line,
     row_digests,
+    table_columns,
 )
 
 from replicator.devtools.odoo import TABLES, create_table_statement
@@ -40,14 +41,12 @@ def mirror_problems(source_db, dest_db) -> tuple[list[str], dict[str, int]]:
     problems, counts = [], {}
     with source_db.connect() as src, dest_db.connect() as dst:
         for table in TABLES:
-            cur = src.execute(f'select * from public."{table}" limit 0')
-            src_cols, src_rows = [d.name for d in cur.description], row_digests(src, "public", table)
+            src_cols, src_rows = table_columns(src, "public", table), row_digests(src, "public", table)
             try:
-                cur = dst.execute(f'select * from odoo_mirror."{table}" limit 0')
+                dst_cols = table_columns(dst, "odoo_mirror", table)
             except psycopg.errors.UndefinedTable:
                 problems.append(f"{table}: no mirror table")
                 continue
-            dst_cols = [d.name for d in cur.description]
             dst_rows = row_digests(dst, "odoo_mirror", table)
             counts[table] = len(src_rows)
             if src_cols != dst_cols:

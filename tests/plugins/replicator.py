@@ -4,8 +4,8 @@
 - `make_config`, `catch_up`, `running`: the replicator in-process (a thread of the test).
 - `ReplicatorProcess` and the `replicator` fixture: `python -m replicator run` as a real
   process, started, signalled, killed and restarted by the fault and command-line tests.
-- `assert_same`, `same_rows`, `row_digests`, `table_rows`: a mirror table against its source
-  table.
+- `assert_same`, `same_rows`, `row_digests`, `table_columns`, `table_rows`: a mirror table
+  against its source table.
 
 Test files import what they use from this module (`from plugins.replicator import ...`).
 """
@@ -216,6 +216,16 @@ _TEXT_SETTINGS = ("set timezone = 'UTC'; set datestyle = 'ISO, YMD'; "
                   "set bytea_output = 'hex'")
 
 
+# What a digest mismatch with equal Python values means, wherever tables are compared.
+TEXT_ONLY_DIFFERENCE = ("rows equal as Python values but not as text: the mirror changed a type, "
+                        "a scale or a precision")
+
+
+def table_columns(conn: psycopg.Connection, schema: str, table: str) -> list[str]:
+    cur = conn.execute(f'select * from "{schema}"."{table}" limit 0')
+    return [d.name for d in cur.description]
+
+
 def row_digests(conn: psycopg.Connection, schema: str, table: str,
                 order: str = "id") -> list[tuple[Any, str]]:
     """(order key, md5 of the row's text) for each row of a table, in key order."""
@@ -241,8 +251,7 @@ def assert_same(source_db: Any, dest_db: Any, table: str, order: str = "id") -> 
     dst = table_rows(dest_db, table, MIRROR_SCHEMA, order=order)
     assert len(src) == len(dst), f"{table}: {len(src)} rows at the source, {len(dst)} in the mirror"
     assert src == dst
-    pytest.fail(f"{table}: rows equal as Python values but not as text: the mirror changed a "
-                "type, a scale or a precision")
+    pytest.fail(f"{table}: {TEXT_ONLY_DIFFERENCE}")
 
 
 # -- as a process ----------------------------------------------------------------------------
