@@ -34,7 +34,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from . import access, deadline, failpoints, state
+from . import access, deadline, failpoints, state, watchdog
 from .batch import (
     AlterTable,
     Batch,
@@ -46,8 +46,10 @@ from .batch import (
     TableRows,
     Truncate,
 )
+from .classify import setup_error
 from .deadline import BatchLimits, timed_out
 from .errors import ErrorKind, ReplicatorError
+from .lease import Fence
 from .lsn import format_lsn, parse_lsn
 from .schema import (
     DELETED_AT,
@@ -861,7 +863,7 @@ class Applier:
 
     def __init__(self, conninfo: str, state_schema: str, slot: str, on_error: str = "stop",
                  limits: BatchLimits | None = None, readers: tuple[str, ...] = (),
-                 source_conninfo: str | None = None):
+                 source_conninfo: str | None = None, fence: Fence | None = None):
         assert on_error in ON_ERROR, on_error
         self._conninfo = conninfo
         # Read only for rows that move into a [mappings] filter with unchanged-TOAST values.
@@ -873,6 +875,9 @@ class Applier:
         self.slot = slot
         self.on_error = on_error
         self.limits = limits
+        # The pipeline's lease (lease.py): every transaction of this applier that writes
+        # checks it first, and fails without writing once another process took over.
+        self.fence = fence
         # Mirror tables that may have waiting dead letters (None: not read yet). A batch
         # checks their staged keys against the letters; a table found to have none leaves.
         self._lettered: set[str] | None = None
@@ -907,7 +912,8 @@ class Applier:
         try:
             # prepare_threshold=None: a transaction-mode pooler hands every
             # transaction to any server connection, prepared statements break.
-            self.conn = deadline.connect(
+            # Watched: a dead connection is noticed long before stall_timeout (watchdog.py).
+            self.conn = watchdog.connect(
                 self._conninfo, self.limits.answer_timeout if self.limits else None,
                 side="destination", setting="[destination] stall_timeout",
                 autocommit=True, prepare_threshold=None)
@@ -958,6 +964,8 @@ class Applier:
         the Relation messages of transactions it applies, in stream order.
         """
         with self._dest.transaction():
+            if self.fence is not None:
+                self.fence.check(self._dest)
             for t in tables:
                 self._ensure_table(t, alter=alter)
 
@@ -987,8 +995,14 @@ class Applier:
             conn.execute(sql.SQL("alter table {} add column if not exists {} timestamptz").format(
                 t.dest, _ident(DELETED_AT)))
         if t.options.history:
+            row = conn.execute("select to_regclass(%s) is null",
+                               [t.history.as_string(conn)]).fetchone()
             for stmt in create_history_sql(t):
                 conn.execute(stmt)
+            if row and row[0]:
+                # As a mirror table, in the transaction that creates it: the schema's
+                # default privileges (Supabase's for anon) must not outlive the commit.
+                access.secure_table(conn, t.dest_schema, t.history_name, self.readers)
         check_filter(conn, t)
 
     def _stmt(self, kind: str, t: MirrorTable) -> sql.SQL:
@@ -1007,6 +1021,8 @@ class Applier:
 
     def apply(self, batch: Batch, record_lsn: bool = True,
               system_id: str | None = None) -> ApplyResult:
+        if batch.txns:
+            failpoints.hit(failpoints.BATCH_BEFORE_BEGIN)
         try:
             return self._apply(batch, record_lsn, system_id)
         except _Rejected as rejected:
@@ -1039,9 +1055,11 @@ class Applier:
                 # without waiting for the disk, which a small batch spends much of its time on.
                 durability = "off" if self.defer_flush else "on"
                 if self.limits is not None:
-                    self.limits.set_local(cur, synchronous_commit=durability)
+                    self.limits.set_local(cur, synchronous_commit=durability, fence=self.fence)
                 else:
                     cur.execute(f"set local synchronous_commit = {durability}")
+                    if self.fence is not None:
+                        self.fence.check(cur)
                 if record_lsn and batch.end_lsn:
                     # First, so the pipeline's row is locked for the whole batch: a
                     # `dead-letters --retry` locks it before touching the mirror, and the
@@ -1095,6 +1113,10 @@ class Applier:
             self.holding = holding_before
             if not self._careful and rejects(exc):
                 raise _Rejected(exc) from exc
+            refused = setup_error(exc, side="destination", role=self.conn.info.user
+                                  if self.conn is not None else None)
+            if refused is not None:  # a missing grant: the same on every retry
+                raise refused from exc
             raise ReplicatorError(
                 ErrorKind.DESTINATION_APPLY,
                 f"the destination rejected the batch ending at {format_lsn(batch.end_lsn)}: {exc}",
@@ -1247,22 +1269,15 @@ class Applier:
         res.count(t.qualname, *(max(0, n - out.get(o, 0))
                                 for n, o in zip((tr.inserts, tr.updates, tr.deletes), "IUD")))
 
-    def apply_streamed_rows(self, cur: psycopg.Cursor, tr: TableRows, res: ApplyResult) -> int:
-        """A chunk of a streamed transaction, in its open transaction (stream_apply).
-
-        Only for a table with no [mappings] options, no copy in progress and no dead
-        letters: its rows' _lsn is still the subtransaction's xid. Returns how many
-        rows the mirror could not complete (then nothing of the chunk should stay).
-        """
-        dead = self.merge_streamed(cur, tr.table, tr.data, bool(tr.unchanged), res)
-        res.rows += tr.rows
-        res.count(tr.table.qualname, tr.inserts, tr.updates, tr.deletes)
-        return dead
-
     def merge_streamed(self, cur: psycopg.Cursor, t: MirrorTable,
                        data: bytes | SpilledRows | SpilledSlice, unchanged: bool,
-                       res: ApplyResult) -> int:
-        """Stage and merge streamed rows of one table: a chunk's, or a piece of one."""
+                       res: ApplyResult, lettered: bool = False) -> int | None:
+        """Stage and merge streamed rows of one table: a chunk's, or a piece of one.
+
+        lettered: the table has waiting dead letters. If one of the staged keys has one,
+        nothing is merged and None returned: the key's change must queue behind its
+        letters, and a letter needs the commit LSN, which only the commit brings.
+        """
         if t.temp_stage:
             cur.execute(temp_staging_sql(t))
         else:
@@ -1270,6 +1285,12 @@ class Applier:
         with cur.copy(self._stmt("copy", t)) as copy:
             _write(copy, data)
         res.copies += 1
+        if lettered:
+            cur.execute(self._stmt("queued", t), {"slot": self.slot, "table": t.qualname})
+            found = cur.fetchone()
+            assert found is not None  # select exists ...: always one row
+            if found[1]:
+                return None
         dead = self._merge_staged(cur, t, unchanged, 0)
         if not t.temp_stage:
             cur.execute(clear_staging_sql(t))

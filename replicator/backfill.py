@@ -39,11 +39,13 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import pq, sql
 
-from . import access, failpoints, state
+from . import access, deadline, failpoints, state, watchdog
 from ._pipe import Pipe
 from .apply import check_filter, ensure_mirror_columns
-from .catalog import secondary_indexes, table_size
+from .catalog import SourceIndex, secondary_indexes, table_size
+from .classify import classify_connect, setup_error
 from .errors import ErrorKind, ReplicatorError
+from .lease import Fence
 from .libpq import function_addresses
 from .lsn import format_lsn, parse_lsn
 from .metrics import Metrics
@@ -56,7 +58,7 @@ from .schema import (
     create_staging_sql,
     mirror_exists,
 )
-from .settings import Config
+from .settings import Config, ConnectionSettings
 from .source import ReplicationConnection, quote_ident
 from .state import IndexBuild
 
@@ -93,21 +95,41 @@ def _libpq() -> tuple[int, ...]:
     return function_addresses("PQgetCopyData", "PQputCopyData", "PQfreemem")
 
 
-def _exec(conn: pq.abc.PGconn, query: str | bytes, what: str, kind: ErrorKind) -> pq.abc.PGresult:
+_SIDE = {ErrorKind.SOURCE_CONNECT: "source", ErrorKind.SOURCE_SETUP: "source",
+         ErrorKind.DESTINATION_CONNECT: "destination", ErrorKind.DESTINATION_APPLY: "destination"}
+
+
+def _exec(conn: pq.abc.PGconn, query: str | bytes, what: str, kind: ErrorKind,
+          table: tuple[str, str] | None = None) -> pq.abc.PGresult:
+    """Run one statement; a failure is ``kind`` unless its SQLSTATE means a setup error
+    (``classify.setup_error``: a missing grant on ``table``, (schema, name), is not waited
+    out as a lost connection)."""
     res = conn.exec_(query if isinstance(query, bytes) else query.encode())
     if res.status not in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK,
                           pq.ExecStatus.COPY_OUT, pq.ExecStatus.COPY_IN):
         msg = res.error_message.decode("utf-8", "replace").strip()
+        exc = psycopg.errors.error_from_result(res)
+        side = _SIDE[kind]
+        role = (conn.user or b"").decode("utf-8", "replace") or None
+        refused = setup_error(exc, side=side, role=role, table=table)
+        if refused is not None:
+            raise ReplicatorError(refused.kind, f"[{side}] {what}: {exc.diag.message_primary}",
+                                  refused.hint) from exc
         raise ReplicatorError(kind, f"{what}: {msg}")
     return res
 
 
-def _connect(conninfo: str, kind: ErrorKind) -> pq.abc.PGconn:
+def _connect(conninfo: str, settings: ConnectionSettings) -> pq.abc.PGconn:
     conn = pq.PGconn.connect(conninfo.encode())
     if conn.status != pq.ConnStatus.OK:
         msg = conn.error_message.decode("utf-8", "replace").strip()
         conn.finish()
-        raise ReplicatorError(kind, f"cannot connect for the initial copy: {msg}")
+        # As psycopg words it, so that the server's refusal is told apart from a network
+        # failure (a missing CONNECT privilege or role is no outage to wait out).
+        err = classify_connect(psycopg.OperationalError(f"connection failed: {msg}"), conninfo,
+                               settings=settings)
+        raise ReplicatorError(err.kind, f"cannot connect for the initial copy: {msg}",
+                              err.hint) from None
     return conn
 
 
@@ -120,15 +142,18 @@ class Backfill:
 
     def __init__(self, config: Config, tables: list[MirrorTable], slot: str,
                  stop: threading.Event | None = None, metrics: Metrics | None = None,
-                 live: bool = False) -> None:
+                 live: bool = False, fence: Fence | None = None) -> None:
         self.config = config
         self.live = live
+        # The pipeline's lease: every destination transaction of the copy checks it first.
+        self.fence = fence
         self.tables = tables
         self.slot = slot
         self.stop = stop or threading.Event()
         self.workers = copy_workers(config)
         self.metrics = metrics
         self.copies: list[TableCopy] = []
+        self._planning: MirrorTable | None = None   # the table _plan is at, for its errors
         self._errors: list[BaseException] = []
         self._lock = threading.Lock()
 
@@ -138,8 +163,8 @@ class Backfill:
         cfg = self.config
         dst = cfg.destination
         with psycopg.connect(cfg.source.conninfo(), autocommit=True) as catalog, \
-                psycopg.connect(dst.conninfo(), autocommit=True,
-                                prepare_threshold=None) as dest:
+                watchdog.connect(dst.conninfo(), autocommit=True,
+                                 prepare_threshold=None) as dest:
             exporter = ReplicationConnection(cfg.source.conninfo(replication="database"))
             exporter.connect()
             try:
@@ -148,7 +173,17 @@ class Backfill:
                     f"CREATE_REPLICATION_SLOT {quote_ident(name)} TEMPORARY LOGICAL pgoutput "
                     "(SNAPSHOT 'export')")
                 sync_lsn, snapshot = parse_lsn(rows[0][1]), rows[0][2]
-                self._plan(catalog, dest, sync_lsn)
+                try:
+                    self._plan(catalog, dest, sync_lsn)
+                except psycopg.Error as exc:
+                    # Planning reads only the source's catalog (a filter's refusal is a
+                    # ConfigError): a refused statement is the destination's.
+                    t = self._planning
+                    refused = setup_error(exc, side="destination", settings=dst, table=(
+                        t.dest_schema, t.dest_name) if t is not None else None)
+                    if refused is None:
+                        raise
+                    raise refused from exc
                 failpoints.hit(failpoints.COPY_PLANNED)
                 log.info("initial copy started", extra={
                     "tables": [c.table.qualname for c in self.copies], "workers": self.workers,
@@ -163,12 +198,14 @@ class Backfill:
     def _plan(self, catalog: psycopg.Connection, dest: psycopg.Connection, sync_lsn: int) -> None:
         dst = self.config.destination
         for t in self.tables:
+            self._planning = t
             pages, est = table_size(catalog, t.source.oid)
             copy = TableCopy(t, pages, est)
             check_options(t.source, t.options)
             check_source_filter(catalog, t.source, t.options)
             origins = column_origins(catalog, t.source.oid, t.columns)
             with dest.transaction():
+                self._fenced(dest)
                 if mirror_exists(dest, t):
                     known = state.source_identities(dest, dst.state_schema, self.slot).get(
                         t.source.qualname)
@@ -281,14 +318,15 @@ class Backfill:
         cfg = self.config
         src = dest = None
         try:
-            src = _connect(cfg.source.conninfo(), ErrorKind.SOURCE_CONNECT)
+            src = _connect(cfg.source.conninfo(), cfg.source)
             _exec(src, "begin isolation level repeatable read read only", "begin",
                   ErrorKind.SOURCE_CONNECT)
             _exec(src, f"set transaction snapshot {sql.Literal(snapshot).as_string()}",
                   "importing the copy snapshot", ErrorKind.SOURCE_SETUP)
             imported.wait()
-            dest = psycopg.connect(cfg.destination.conninfo(), autocommit=True,
-                                   prepare_threshold=None)
+            # Watched (watchdog.py): no deadline bounds a copy, a dead connection is shut.
+            dest = watchdog.connect(cfg.destination.conninfo(), autocommit=True,
+                                    prepare_threshold=None)
             while not self.stop.is_set() and not self._errors:
                 try:
                     task = self._tasks.get(timeout=0.2)
@@ -300,7 +338,8 @@ class Backfill:
                 if task[0] == "done":
                     return
                 if task[0] == "copy":
-                    self._copy_range(src, dest.pgconn, task[1], task[2])
+                    with dest.blocking():
+                        self._copy_range(src, dest.pgconn, task[1], task[2], dest)
                     self._range_done(dest, task[1])
                 else:
                     self._build_index(dest, task[1], task[2])
@@ -345,19 +384,28 @@ class Backfill:
         t = copy.table
         try:
             with dest.transaction():
+                self._fenced(dest)
+                watchdog.note_backend(dest)
                 dest.execute("set local maintenance_work_mem = '256MB'")
                 dest.execute(stmt)
         except psycopg.Error as exc:
+            refused = setup_error(exc, side="destination", settings=self.config.destination,
+                                  table=(t.dest_schema, t.dest_name))
             raise ReplicatorError(
-                ErrorKind.DESTINATION_APPLY,
+                refused.kind if refused else ErrorKind.DESTINATION_APPLY,
                 f"cannot add the primary key to {t.qualname}: {exc}",
-                "the table is copied again on the next run") from exc
+                refused.hint if refused else "the table is copied again on the next run",
+            ) from exc
         with self._lock:
             self._task_done()
             copy.index_left -= 1
             last = copy.index_left == 0
         if last:
             self._mark_copied(dest, copy)
+
+    def _fenced(self, dest: psycopg.Connection) -> None:
+        if self.fence is not None:
+            self.fence.check(dest)
 
     def _mark_copied(self, dest: psycopg.Connection, copy: TableCopy) -> None:
         """The table's rows and primary key are in (its secondary indexes come later).
@@ -369,6 +417,7 @@ class Backfill:
         t = copy.table
         failpoints.hit(failpoints.COPY_DONE_BEFORE_MARK)
         with dest.transaction():
+            self._fenced(dest)
             dest.execute("set local synchronous_commit = on")
             dest.execute(sql.SQL("alter table {} enable trigger user").format(t.dest))
             state.set_table(dest, self.config.destination.state_schema, self.slot, t,
@@ -387,7 +436,8 @@ class Backfill:
             "rows_per_s": int(copy.rows / secs), "indexes_to_build": copy.secondary})
 
     def _copy_range(self, src: pq.abc.PGconn, dst: pq.abc.PGconn, copy: TableCopy,
-                    rng: tuple[int | None, int | None]) -> None:
+                    rng: tuple[int | None, int | None],
+                    watched: deadline.Connection | None = None) -> None:
         t = copy.table
         cols = sql.SQL(", ").join(
             sql.Identifier(c.name) if c.builtin else
@@ -411,6 +461,17 @@ class Backfill:
         if not copy.started:
             copy.started = time.monotonic()
         _exec(dst, "begin", "begin", ErrorKind.DESTINATION_CONNECT)
+        if self.fence is not None:
+            try:
+                self.fence.check_pq(dst)
+            except ReplicatorError:
+                _exec(dst, "rollback", "rollback", ErrorKind.DESTINATION_APPLY)
+                raise
+        if watched is not None:
+            # For the watchdog: this transaction's backend (a pooler may pick another).
+            me = _exec(dst, watchdog.BACKEND_SQL, "select", ErrorKind.DESTINATION_CONNECT)
+            watched.backend_pid, watched.backend_start = (
+                int(me.get_value(0, 0) or 0), int(me.get_value(0, 1) or 0))
         # The table is marked copied later by a synchronous commit, which
         # flushes these commits too.
         _exec(dst, "set local synchronous_commit = off", "set", ErrorKind.DESTINATION_APPLY)
@@ -418,8 +479,15 @@ class Backfill:
         # history, not news. Also when a trigger is created while a copy runs,
         # after the copy disabled the table's user triggers (SET LOCAL: pooler safe).
         _exec(dst, "set local replicator.phase = 'copy'", "set", ErrorKind.DESTINATION_APPLY)
-        _exec(dst, into, f"copy into {t.qualname}", ErrorKind.DESTINATION_APPLY)
-        _exec(src, out, f"copy from {t.source.qualname}", ErrorKind.SOURCE_CONNECT)
+        _exec(dst, into, f"copy into {t.qualname}", ErrorKind.DESTINATION_APPLY,
+              (t.dest_schema, t.dest_name))
+        pipe: Pipe | None = None
+        if watched is not None:
+            # Sending, not waiting for an answer: the destination waiting for our data is
+            # normal while the source is slow, not if the data we sent does not arrive.
+            watched.pushed = lambda: pipe.bytes if pipe is not None else 0
+        _exec(src, out, f"copy from {t.source.qualname}", ErrorKind.SOURCE_CONNECT,
+              (t.source.schema, t.source.name))
         pipe = Pipe(*_libpq())
         with self._lock:
             copy.pipes.append(pipe)
@@ -427,6 +495,8 @@ class Backfill:
         # psycopg's pq.abc.PGconn protocol does not declare it.
         rc = pipe.run(src.pgconn_ptr, dst.pgconn_ptr)  # type: ignore[attr-defined]
         src_err = _drain(src)
+        if watched is not None:
+            watched.pushed = None
         if rc == 0 and not src_err:
             dst.put_copy_end()
         else:
@@ -478,16 +548,43 @@ def source_indexes(catalog: psycopg.Connection, t: MirrorTable) -> list[IndexBui
     trip a uniqueness check the source never saw fail. CONCURRENTLY: they are
     built while the applier writes to the table (indexes.py).
     """
-    out = []
-    for indexdef in secondary_indexes(catalog, t.source.oid):
-        head, sep, tail = indexdef.partition(" USING ")
-        if not sep:
+    return [IndexBuild(t.qualname, t.dest_schema, ix.name, index_sql(t, ix).as_string())
+            for ix in secondary_indexes(catalog, t.source.oid)]
+
+
+def index_sql(t: MirrorTable, ix: SourceIndex) -> sql.Composed:
+    """The CREATE INDEX of a source index for the mirror table, from its catalog fields.
+
+    Names are quoted identifiers; only expressions and the predicate are the source's
+    text, each deparsed by the source from one expression (so it cannot end the statement).
+    """
+    keys = []
+    for c in ix.columns:
+        if not c.key:
             continue
-        name = head.split(" INDEX ", 1)[1].split(" ON ", 1)[0].strip().strip('"')
-        stmt = sql.SQL("create index concurrently if not exists {} on {} using {}").format(
-            sql.Identifier(name), t.dest, sql.SQL(tail)).as_string()
-        out.append(IndexBuild(t.qualname, t.dest_schema, name, stmt))
-    return out
+        part = sql.Identifier(c.column) if c.column is not None else \
+            sql.SQL("({})").format(sql.SQL(c.expression))
+        if c.collation is not None:
+            part = sql.SQL("{} collate {}").format(part, sql.Identifier(*c.collation))
+        if c.opclass is not None:
+            part = sql.SQL("{} {}").format(part, sql.Identifier(*c.opclass))
+        if c.descending:
+            part = sql.SQL("{} desc").format(part)
+        if c.nulls_first != c.descending:   # DESC puts nulls first unless told otherwise
+            part = sql.SQL("{} nulls {}").format(
+                part, sql.SQL("first" if c.nulls_first else "last"))
+        keys.append(part)
+    stmt = sql.SQL("create index concurrently if not exists {} on {} using {} ({})").format(
+        sql.Identifier(ix.name), t.dest, sql.Identifier(ix.method), sql.SQL(", ").join(keys))
+    included = [sql.Identifier(c.column) for c in ix.columns if not c.key and c.column]
+    if included:
+        stmt += sql.SQL(" include ({})").format(sql.SQL(", ").join(included))
+    if ix.options:
+        stmt += sql.SQL(" with ({})").format(sql.SQL(", ").join(
+            sql.SQL("{} = {}").format(sql.Identifier(k), sql.Literal(v)) for k, v in ix.options))
+    if ix.predicate is not None:
+        stmt += sql.SQL(" where ({})").format(sql.SQL(ix.predicate))
+    return stmt
 
 
 def default_copy_workers(cpus: int) -> int:

@@ -83,9 +83,34 @@ order by a.attnum
 
 TABLE_SIZE_SQL = "select relpages, greatest(reltuples, 0)::bigint from pg_class where oid = %s"
 
+# Each index by its catalog fields, never by parsing pg_get_indexdef (an index name may
+# contain " USING "). Per column (indkey; the first indnkeyatts are keys, the rest
+# INCLUDE): the table column, or the expression as the server deparses it; indoption's
+# bits 1 (DESC) and 2 (NULLS FIRST); the operator class unless it is a default one; the
+# collation unless it is the column's own (an expression's: the database default).
 SECONDARY_INDEXES_SQL = """
-select pg_get_indexdef(i.indexrelid)
+select ic.relname, am.amname, pg_get_expr(i.indpred, i.indrelid),
+       coalesce(ic.reloptions, '{}'),
+       (select json_agg(json_build_object(
+                  'column', a.attname,
+                  'expression', pg_get_indexdef(i.indexrelid, k.n::int, true),
+                  'key', k.n <= i.indnkeyatts,
+                  'option', coalesce(i.indoption[k.n - 1], 0),
+                  'opclass', case when not opc.opcdefault
+                                  then json_build_array(opn.nspname, opc.opcname) end,
+                  'collation', case when co.oid is not null
+                                     and co.oid <> coalesce(a.attcollation, 100)
+                                    then json_build_array(con.nspname, co.collname) end)
+                order by k.n)
+        from unnest(i.indkey::int2[]) with ordinality k(attnum, n)
+        left join pg_attribute a on a.attrelid = i.indrelid and a.attnum = k.attnum
+        left join pg_opclass opc on opc.oid = i.indclass[k.n - 1]
+        left join pg_namespace opn on opn.oid = opc.opcnamespace
+        left join pg_collation co on co.oid = nullif(i.indcollation[k.n - 1], 0)
+        left join pg_namespace con on con.oid = co.collnamespace)
 from pg_index i
+join pg_class ic on ic.oid = i.indexrelid
+join pg_am am on am.oid = ic.relam
 where i.indrelid = %s and not i.indisprimary
   and not exists (select 1 from pg_constraint c where c.conindid = i.indexrelid)
 order by i.indexrelid
@@ -103,6 +128,20 @@ where slot_name = %s
 
 MAY_REPLICATE_SQL = """
 select rolreplication or rolsuper from pg_roles where rolname = current_user
+"""
+
+# What the initial copy and `verify` need of every published table: USAGE on its schema
+# and SELECT on it, as current_user (a superuser has both). Asked by oid, found through
+# the catalog alone: a name cast to regclass would itself need USAGE on the schema.
+UNREADABLE_SQL = """
+select n.nspname, c.relname, has_schema_privilege(c.relnamespace, 'usage'),
+       has_table_privilege(c.oid, 'select')
+from pg_publication_tables p
+join pg_namespace n on n.nspname = p.schemaname
+join pg_class c on c.relnamespace = n.oid and c.relname = p.tablename
+where p.pubname = %s
+  and not (has_schema_privilege(c.relnamespace, 'usage') and has_table_privilege(c.oid, 'select'))
+order by n.nspname, c.relname
 """
 
 
@@ -167,9 +206,37 @@ def table_size(conn: psycopg.Connection, oid: int) -> tuple[int, int]:
     return pages, est
 
 
-def secondary_indexes(conn: psycopg.Connection, oid: int) -> list[str]:
-    """pg_get_indexdef of each index that is neither the primary key nor a constraint's."""
-    return [d for (d,) in conn.execute(SECONDARY_INDEXES_SQL, [oid])]
+@dataclass(frozen=True)
+class IndexColumn:
+    column: str | None        # the table's column; None: an expression
+    expression: str           # the expression, deparsed by the source (for column None)
+    key: bool                 # False: an INCLUDE column
+    descending: bool = False
+    nulls_first: bool = False
+    opclass: tuple[str, str] | None = None     # (schema, name): not a default one
+    collation: tuple[str, str] | None = None   # (schema, name): not the column's own
+
+
+@dataclass(frozen=True)
+class SourceIndex:
+    name: str
+    method: str                                 # pg_am.amname: btree, gin, ...
+    columns: tuple[IndexColumn, ...]
+    predicate: str | None                       # a partial index's, deparsed
+    options: tuple[tuple[str, str], ...] = ()   # reloptions: (name, value)
+
+
+def secondary_indexes(conn: psycopg.Connection, oid: int) -> list[SourceIndex]:
+    """The indexes that are neither the primary key nor a constraint's, by catalog field."""
+    out = []
+    for name, method, predicate, options, columns in conn.execute(SECONDARY_INDEXES_SQL, [oid]):
+        cols = tuple(IndexColumn(
+            c["column"], c["expression"], c["key"], bool(c["option"] & 1),
+            bool(c["option"] & 2), tuple(c["opclass"]) if c["opclass"] else None,
+            tuple(c["collation"]) if c["collation"] else None) for c in columns or [])
+        out.append(SourceIndex(name, method, cols, predicate,
+                               tuple((k, v) for k, _, v in (o.partition("=") for o in options))))
+    return out
 
 
 @dataclass(frozen=True)
@@ -204,6 +271,14 @@ def replication_slot(conn: psycopg.Connection, slot: str) -> Slot | None:
 def may_replicate(conn: psycopg.Connection) -> bool:
     """Whether the connected role has REPLICATION (or is a superuser)."""
     return bool(_one(conn, MAY_REPLICATE_SQL)[0])
+
+
+def unreadable_tables(conn: psycopg.Connection,
+                      publication: str) -> list[tuple[str, str, bool, bool]]:
+    """(schema, name, usage on the schema, select on the table) of the publication's tables
+    the connected role cannot read."""
+    return [(s, t, bool(u), bool(r))
+            for s, t, u, r in conn.execute(UNREADABLE_SQL, [publication])]
 
 
 # One round trip for the slot monitor and `replicator status`: the current WAL

@@ -19,14 +19,17 @@ Kinds, policies and default hints are in ``errors``; this module only picks amon
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from .errors import ConfigError, ErrorKind, ReplicatorError
 
-__all__ = ["classify", "classify_connect", "connect_sqlstate", "is_connect_failure"]
+__all__ = ["classify", "classify_connect", "connect_sqlstate", "is_connect_failure", "read_grant",
+           "setup_error"]
 
 _SIDES = ("source", "destination")
 
@@ -35,6 +38,8 @@ _SIDES = ("source", "destination")
 class _Where:
     side: str | None
     settings: Any
+    role: str | None = None  # the role the server refused, when the caller knows it
+    table: tuple[str, str] | None = None  # (schema, name) of the table the statement read
 
     @property
     def section(self) -> str:
@@ -43,6 +48,10 @@ class _Where:
     def attr(self, name: str, default: str = "") -> str:
         value = getattr(self.settings, name, None)
         return default if value in (None, "") else str(value)
+
+    @property
+    def user(self) -> str:
+        return self.role or self.attr("user", "<user>")
 
     def password_hint(self) -> str:
         origin = self.attr("password_source")
@@ -250,22 +259,59 @@ def _read_only(w: _Where, text: str) -> tuple[ErrorKind, str]:
     return ErrorKind.CONFIG, f"{w.section} points at a read-only standby: use the primary"
 
 
+def read_grant(role: str, tables: Sequence[tuple[str, str]] = (),
+               schemas: Sequence[str] = ()) -> str:
+    """The statements that let ``role`` read ``tables`` ((schema, name) pairs) and look
+    into ``schemas``, for a hint: lower-case, every name quoted."""
+    grantee = sql.Identifier(role).as_string()
+    stmts = []
+    if schemas:
+        stmts.append(f"grant usage on schema "
+                     f"{', '.join(sql.Identifier(s).as_string() for s in schemas)} to {grantee}")
+    if tables:
+        stmts.append(f"grant select on table "
+                     f"{', '.join(sql.Identifier(*t).as_string() for t in tables)} to {grantee}")
+    return "; ".join(stmts)
+
+
 def _permission(w: _Where, text: str) -> tuple[ErrorKind, str]:
-    user = w.attr("user", "<user>")
+    user = w.user
+    if w.side == "source" and w.table is not None:
+        # 42501 for a statement reading one table: its SELECT, or USAGE on its schema.
+        if "for schema" in text:
+            return ErrorKind.SOURCE_SETUP, (
+                "run on the source as the schema's owner: "
+                + read_grant(user, schemas=[w.table[0]]))
+        return ErrorKind.SOURCE_SETUP, (
+            "run on the source as the table's owner: " + read_grant(user, tables=[w.table]))
     if w.side == "destination" and "for database" in text:
         database = w.attr("database", "<database>")
         return ErrorKind.CONFIG, (
             f"the replicator creates its schemas itself: run on the destination "
             f"GRANT CREATE ON DATABASE {database} TO {user}"
         )
+    if w.side == "destination" and w.table is not None:
+        table, grantee = sql.Identifier(*w.table).as_string(), sql.Identifier(user).as_string()
+        if "must be owner" in text:
+            return ErrorKind.CONFIG, (
+                "the replicator alters the mirror tables it writes: run on the destination "
+                f"as an administrator: alter table {table} owner to {grantee}")
+        return ErrorKind.CONFIG, (
+            f"run on the destination as the table's owner: grant all on table {table} "
+            f"to {grantee}")
     if w.side == "destination":
         return ErrorKind.CONFIG, (
             f"grant the destination user what it needs: GRANT USAGE, CREATE ON SCHEMA "
             f"<schema> TO {user}; and ownership or ALL on the mirror tables"
         )
+    if w.side == "source":
+        return ErrorKind.SOURCE_SETUP, (
+            f"{user} needs SELECT on every replicated table and USAGE on its schema: "
+            "`replicator check` prints the GRANT to run on the source")
+    # Whose refusal it is was not said: still a grant to make, never an outage to wait out.
     return ErrorKind.SOURCE_SETUP, (
-        f"grant read access on the published tables: GRANT SELECT ON ... TO {user};"
-    )
+        "grant the privilege the message names to the role that lacks it; for the source, "
+        "`replicator check` prints the GRANT to run")
 
 
 def _bad_user(w: _Where, text: str) -> tuple[ErrorKind, str]:
@@ -291,6 +337,9 @@ _BY_SQLSTATE = {
     "57P02": _server_not_ready,  # crash_shutdown
     "57P03": _server_not_ready,  # cannot_connect_now
 }
+
+# Codes that mean the same setup error in any statement, whatever the caller was doing.
+_SETUP_SQLSTATES = frozenset({"42501"})  # insufficient_privilege
 
 _CLIENT_SIDE: tuple[str, ...] = ()  # libpq/OS messages: there is no SQLSTATE to go by
 
@@ -380,6 +429,8 @@ def classify(
     side: str | None = None,
     settings: Any = None,
     sqlstate: str | None = None,
+    role: str | None = None,
+    table: tuple[str, str] | None = None,
 ) -> ReplicatorError:
     """Turn any exception into a ReplicatorError with a kind and an operator hint.
 
@@ -387,9 +438,11 @@ def classify(
     a ``config.ConnectionSettings``, is given); it picks SOURCE_* or DESTINATION_* kinds and
     names the config section in hints. ``settings`` adds the user, publication and where the
     password came from. ``sqlstate`` stands in for an exception that carries none (a failed
-    connect: see ``classify_connect``). The SQLSTATE decides the kind; message text only
-    where there is none. A ReplicatorError is returned unchanged; the original exception
-    becomes ``__cause__`` of a new one, so tracebacks still show it.
+    connect: see ``classify_connect``). ``role`` (the connected role) and ``table``
+    ((schema, name) the failed statement read) make a missing grant's hint the exact GRANT.
+    The SQLSTATE decides the kind; message text only where there is none. A
+    ReplicatorError is returned unchanged; the original exception becomes ``__cause__`` of a
+    new one, so tracebacks still show it.
     """
     if isinstance(exc, ReplicatorError):
         return exc
@@ -397,12 +450,33 @@ def classify(
         side = getattr(settings, "section", None)
     if side not in (None, *_SIDES):
         raise ValueError(f"side must be 'source', 'destination' or None, not {side!r}")
-    where = _Where(side, settings)
+    where = _Where(side, settings, role, table)
     if sqlstate is None and isinstance(exc, psycopg.Error):
         sqlstate = exc.sqlstate
     err = _classify(exc, where, sqlstate)
     err.__cause__ = exc
     return err
+
+
+def setup_error(
+    exc: psycopg.Error,
+    *,
+    side: str,
+    settings: Any = None,
+    role: str | None = None,
+    table: tuple[str, str] | None = None,
+) -> ReplicatorError | None:
+    """The error ``exc``'s SQLSTATE makes it when that code means a setup that no retry can
+    fix (insufficient_privilege: a missing grant), else None.
+
+    For callers that wrap a failed statement in a kind of their own (a batch's
+    DESTINATION_APPLY, a copy's SOURCE_CONNECT), so that what such a code means stays
+    decided here and a missing grant is neither waited out nor retried as bad data.
+    """
+    if exc.sqlstate not in _SETUP_SQLSTATES:
+        return None
+    err = classify(exc, side=side, settings=settings, role=role, table=table)
+    return None if err.retryable else err
 
 
 def classify_connect(

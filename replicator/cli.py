@@ -471,6 +471,7 @@ def _cmd_resync(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     _setup_console_logging()
     state = _import("replicator.state")
+    lease = _import("replicator.lease")
     dst = config.destination
     slot = config.source.slot
     try:
@@ -479,9 +480,11 @@ def _cmd_resync(args: argparse.Namespace) -> int:
         raise classify(exc, settings=dst) from None
     with conn:
         state.setup(conn, dst.state_schema)
+        fence = lease.observe(conn, dst.state_schema, slot, "`replicator resync`")
         known = state.table_states(conn, dst.state_schema, slot)
         if args.all:
             with conn.transaction():
+                fence.check(conn)
                 state.forget_pipeline(conn, dst.state_schema, slot)
                 count = state.request_resync(conn, dst.state_schema, slot, list(known))
             print(f"resync requested for every table ({count}); the next run copies them")
@@ -492,7 +495,9 @@ def _cmd_resync(args: argparse.Namespace) -> int:
             raise ConfigError(
                 f"--table: {', '.join(unknown)} is not replicated by slot {slot!r}",
                 "known tables: " + (", ".join(sorted(known)) or "none yet (run first)"))
-        state.request_resync(conn, dst.state_schema, slot, names)
+        with conn.transaction():
+            fence.check(conn)
+            state.request_resync(conn, dst.state_schema, slot, names)
     print(f"resync requested for {', '.join(names)}: a running replicator starts it within "
           "seconds, otherwise the next run does")
     return ExitCode.OK
@@ -516,6 +521,7 @@ def _cmd_dead_letters(args: argparse.Namespace) -> int:
     _setup_console_logging()
     letters = _import("replicator.dead_letters")
     state = _import("replicator.state")
+    lease = _import("replicator.lease")
     dst = config.destination
     table = args.table if args.table is None or "." in args.table else f"{dst.schema}.{args.table}"
     try:
@@ -529,7 +535,10 @@ def _cmd_dead_letters(args: argparse.Namespace) -> int:
         state.setup(conn, dst.state_schema)
         outcome = None
         if args.retry:
-            outcome = letters.retry(conn, dst.state_schema, config.source.slot, table)
+            fence = lease.observe(conn, dst.state_schema, config.source.slot,
+                                  "`replicator dead-letters --retry`")
+            outcome = letters.retry(conn, dst.state_schema, config.source.slot, table, fence,
+                                    letters.mirror_options(config))
         left = letters.waiting(conn, dst.state_schema, config.source.slot, table)
     if args.json:
         doc: dict = {"dead_letters": [letter.as_dict() for letter in left]}

@@ -17,6 +17,16 @@ it. Two cases differ:
 - a letter that no retry can apply (op is null: an unchanged TOAST value nothing could
   supply) is listed but not retried; resync its table.
 
+A letter is applied as the applier applies a change: staged as one row and written by the
+applier's own statements (apply.py: the MERGE, and the history row), so the table's
+[mappings] soft_delete (a delete marks the row, a later insert or update clears the mark)
+and history (each retried change appended to <table>_history) hold here too. The letter's
+row is the mirror's columns, so exclude needs nothing more; the filter is not applied again.
+A letter keeps neither its source commit time nor its place in the transaction: its
+_deleted_at and _commit_time are when it was set aside (the applier met the change, normally
+seconds after its commit), and its history row comes first among its transaction's (_seq
+below any the applier writes, in letter order).
+
 The retry locks the pipeline's row in the state schema first: a running replicator
 writes that row at the start of every batch transaction, so the batch in flight ends
 before the retry starts and the next one waits for the retry to commit. Safe beside `run`.
@@ -25,16 +35,22 @@ before the retry starts and the next one waits for the retry to commit. Safe bes
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
 from . import state
+from .apply import clear_staging_sql, history_sql, merge_sql
+from .lease import Fence
 from .lsn import format_lsn, parse_lsn
+from .schema import DELETED_AT, MirrorTable, create_staging_sql, read_table
+from .settings import NO_OPTIONS, Config, MappingOptions
 
-__all__ = ["Letter", "RetryResult", "retry", "waiting"]
+__all__ = ["Letter", "RetryResult", "mirror_options", "retry", "waiting"]
 
 # Rows deleted by a retried letter, by key, for a later letter of a key change that takes
 # its unchanged TOAST values from them. Dropped at commit.
@@ -82,12 +98,26 @@ def waiting(conn: psycopg.Connection, state_schema: str, slot: str,
             for i, t, lsn, op, key, old, reason, code, created, n in rows]
 
 
+def mirror_options(config: Config) -> dict[str, MappingOptions]:
+    """Mirror table ("schema.table", as letters name it) -> its [mappings] options."""
+    return {config.mappings[source]: options
+            for source, options in config.mapping_options.items() if source in config.mappings}
+
+
 def retry(conn: psycopg.Connection, state_schema: str, slot: str,
-          table: str | None = None) -> RetryResult:
-    """Apply the waiting letters again (see the module's docstring); one transaction."""
+          table: str | None = None, fence: Fence | None = None,
+          options: Mapping[str, MappingOptions] | None = None) -> RetryResult:
+    """Apply the waiting letters again (see the module's docstring); one transaction.
+
+    fence: the pipeline's lease as the command found it (lease.observe): a takeover since
+    fails the transaction before it writes. options: each mirror table's [mappings] options
+    (mirror_options), none if not given."""
     res = RetryResult()
+    mirrors: dict[str, MirrorTable] = {}
     dl = sql.Identifier(state_schema, "dead_letters")
     with conn.transaction():
+        if fence is not None:
+            fence.check(conn)
         state.lock_pipeline(conn, state_schema, slot)
         letters = waiting(conn, state_schema, slot, table, lock=True)
         copied = _copied_at(conn, state_schema, slot)
@@ -109,7 +139,12 @@ def retry(conn: psycopg.Connection, state_schema: str, slot: str,
             try:
                 with conn.transaction():
                     for current in queue:
-                        _apply(conn, dl, current)
+                        t = mirrors.get(current.table)
+                        if t is None:
+                            t = mirrors[current.table] = _mirror(
+                                conn, state_schema, current,
+                                (options or {}).get(current.table, NO_OPTIONS))
+                        _apply(conn, dl, current, t)
                     conn.execute(sql.SQL("delete from {} where id = any(%s)").format(dl),
                                  [[q.id for q in queue]])
                 res.applied += len(queue)
@@ -169,10 +204,33 @@ def _queues(letters: list[Letter]) -> list[list[Letter]]:
     return list(queues.values())
 
 
-def _apply(conn: psycopg.Connection, dl: sql.Identifier, letter: Letter) -> None:
+# 2000-01-01, where pgoutput's (and so the applier's) commit times count from.
+_EPOCH = datetime(2000, 1, 1, tzinfo=timezone.utc)
+# A retried change's staged _r_seq: its history row's _seq (2 * _r_seq + 1) is below any the
+# applier writes (from 0 up), so it never takes one of its transaction's.
+_SEQ_BASE = -(1 << 61)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def _mirror(conn: psycopg.Connection, state_schema: str, letter: Letter,
+            options: MappingOptions) -> MirrorTable:
+    """The letter's mirror table as the applier's statements need it, read from the mirror
+    (its columns but _deleted_at), with a temporary staging table of those columns."""
     schema, _, name = letter.table.partition(".")
-    dest = sql.Identifier(schema, name)
-    keys = list(json.loads(letter.key))
+    found = read_table(conn, schema, name)
+    source = replace(found, columns=tuple(c for c in found.columns if c.name != DELETED_AT),
+                     key=tuple(json.loads(letter.key)))
+    t = MirrorTable(source, schema, name, state_schema, binary=True, temp_stage=True,
+                    options=MappingOptions(soft_delete=options.soft_delete,
+                                           history=options.history))
+    conn.execute(create_staging_sql(t))
+    return t
+
+
+def _apply(conn: psycopg.Connection, dl: sql.Identifier, letter: Letter,
+           t: MirrorTable) -> None:
+    dest = t.dest
+    keys = list(t.source.key)
 
     def match(alias: str, param: str) -> sql.Composed:
         return sql.SQL("({}) = (select {} from jsonb_populate_record(null::{}, %({})s::jsonb) k)"
@@ -184,45 +242,51 @@ def _apply(conn: psycopg.Connection, dl: sql.Identifier, letter: Letter) -> None
                                 dest, sql.SQL(param))
 
     params = {"id": letter.id, "key": letter.key, "old": letter.old_key}
+    change: sql.Composable
     if letter.op == "D":
+        # Its row as it was, for a later letter of a key change that takes unchanged TOAST
+        # values from it.
         conn.execute(sql.SQL(
-            "with gone as (delete from {dest} t where {m} returning to_jsonb(t) as image) "
-            "insert into {images} (key, image) select %(key)s::jsonb, image from gone"
-        ).format(dest=dest, m=match("t", "key"), images=_IMAGES), params)
-        return
-    found = conn.execute(sql.SQL(
-        "select array(select jsonb_object_keys(row_data)), coalesce(unchanged, '{{}}'), "
-        "exists (select 1 from {dest} t where {m}) from {dl} where id = %(id)s"
-    ).format(dest=dest, m=match("t", "key"), dl=dl), params).fetchone()
-    assert found is not None  # the letter is locked by this transaction
-    present, unchanged, exists = found
-    source: sql.Composable = sql.SQL("(select row_data from {} where id = %(id)s)").format(dl)
-    columns = list(present)
-    if unchanged and not exists:
-        # A new row whose unchanged TOAST values come from the key it moved from: that
-        # row as an earlier letter of this retry deleted it, or as the mirror has it.
-        image = sql.SQL(
-            "coalesce((select image from {images} where key = %(old)s::jsonb order by n desc "
-            "limit 1), (select to_jsonb(o) from {dest} o where {m}))"
-        ).format(images=_IMAGES, dest=dest, m=match("o", "old"))
-        has = conn.execute(sql.SQL("select {} is not null").format(image), params).fetchone()
-        if not letter.old_key or not has or not has[0]:
-            raise _CannotApply("unchanged TOAST value and no mirror row to take it from: "
-                               "resync the table")
-        source = sql.SQL("(select ({image} || row_data) from {dl} where id = %(id)s)").format(
-            image=image, dl=dl)
-        columns += [c for c in unchanged if c not in columns]
-    ident = [sql.Identifier(c) for c in columns]
-    sets = [sql.SQL("{c} = s.{c}").format(c=sql.Identifier(c)) for c in present if c not in keys]
+            "insert into {images} (key, image) select %(key)s::jsonb, to_jsonb(t) "
+            "from {dest} t where {m}").format(images=_IMAGES, dest=dest, m=match("t", "key")),
+            params)
+        change = sql.SQL("%(key)s::jsonb")
+    else:
+        found = conn.execute(sql.SQL(
+            "select coalesce(unchanged, '{{}}') <> '{{}}', "
+            "exists (select 1 from {dest} t where {m}) from {dl} where id = %(id)s"
+        ).format(dest=dest, m=match("t", "key"), dl=dl), params).fetchone()
+        assert found is not None  # the letter is locked by this transaction
+        unchanged, exists = found
+        change = sql.SQL("(select row_data from {} where id = %(id)s)").format(dl)
+        if exists:
+            # Its unchanged-TOAST columns keep the mirror's values.
+            change = sql.SQL("((select to_jsonb(o) from {dest} o where {m}) || {change})").format(
+                dest=dest, m=match("o", "key"), change=change)
+        elif unchanged:
+            # A new row whose unchanged TOAST values come from the key it moved from: that
+            # row as an earlier letter of this retry deleted it, or as the mirror has it.
+            image = sql.SQL(
+                "coalesce((select image from {images} where key = %(old)s::jsonb order by n "
+                "desc limit 1), (select to_jsonb(o) from {dest} o where {m}))"
+            ).format(images=_IMAGES, dest=dest, m=match("o", "old"))
+            has = conn.execute(sql.SQL("select {} is not null").format(image),
+                               params).fetchone()
+            if not letter.old_key or not has or not has[0]:
+                raise _CannotApply("unchanged TOAST value and no mirror row to take it from: "
+                                   "resync the table")
+            change = sql.SQL("({} || {})").format(image, change)
+    cols = [sql.Identifier(c.name) for c in t.columns]
     conn.execute(sql.SQL(
-        "merge into {dest} t using (select r.* from jsonb_populate_record(null::{dest}, "
-        "{source}) r) s on {on} "
-        "when matched then {update} "
-        "when not matched then insert ({cols}) values ({vals})"
-    ).format(dest=dest, source=source,
-             on=sql.SQL(" and ").join(sql.SQL("t.{c} = s.{c}").format(c=sql.Identifier(c))
-                                      for c in keys),
-             update=sql.SQL("update set {}").format(sql.SQL(", ").join(sets)) if sets
-             else sql.SQL("do nothing"),
-             cols=sql.SQL(", ").join(ident),
-             vals=sql.SQL(", ").join(sql.SQL("s.{}").format(i) for i in ident)), params)
+        "insert into {stage} (_r_seq, _r_lsn, _r_op, {cols}) "
+        "select %(seq)s, %(lsn)s, %(op)s, {vals} from jsonb_populate_record(null::{dest}, "
+        "{change}) r"
+    ).format(stage=t.stage, cols=sql.SQL(", ").join(cols), dest=dest, change=change,
+             vals=sql.SQL(", ").join(sql.SQL("r.{}").format(c) for c in cols)),
+        {**params, "seq": _SEQ_BASE + letter.id, "lsn": letter.lsn, "op": letter.op})
+    times = {"lsns": [letter.lsn],
+             "times": [(letter.created - _EPOCH) // _MICROSECOND]}
+    if t.options.history:
+        conn.execute(history_sql(t), times)
+    conn.execute(merge_sql(t), times)
+    conn.execute(clear_staging_sql(t))

@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
+from psycopg import sql
 from psycopg.abc import PQGen
 from psycopg.errors import _WaitTimeout
 from psycopg.rows import TupleRow
@@ -27,8 +31,11 @@ from .errors import ErrorKind, ReplicatorError
 from .lsn import format_lsn
 from .settings import DestinationSettings
 
+if TYPE_CHECKING:  # lease.py imports this module
+    from .lease import Fence
+
 __all__ = ["STALL_GRACE", "BatchLimits", "Connection", "NoAnswer", "connect", "shut", "shut_all",
-           "timed_out"]
+           "shut_pgconn", "timed_out"]
 
 RV = TypeVar("RV")
 
@@ -47,13 +54,49 @@ class NoAnswer(psycopg.OperationalError):
 
 
 class Connection(psycopg.Connection[TupleRow]):
-    """A psycopg connection whose waits for the server end after ``answer_timeout`` seconds."""
+    """A psycopg connection whose waits for the server end after ``answer_timeout`` seconds.
+
+    It also says what the watchdog (watchdog.py) needs, read from its thread: the server
+    backend serving it, and whether and since when it waits for the server.
+    """
 
     answer_timeout: float | None = None
     side: str = "server"
     setting: str = ""  # the config key that sets the limit, for the message
+    # pg_backend_pid() as last read: at connect, then in each batch transaction (through a
+    # transaction-mode pooler the backend can change per transaction).
+    backend_pid: int | None = None
+    # Its backend_start in microseconds since 1970, when read with the pid: tells that backend
+    # from a later one with the same pid (the watchdog ends a dead connection's backend).
+    backend_start: int | None = None
+    wait_id = 0  # counts waits: two looks at one wait see the same id
+    waiting_since: float | None = None  # time.monotonic() when the wait began; None: not waiting
+    # While the client streams COPY data without waiting for an answer (the initial copy's
+    # C loop): the bytes sent so far; None otherwise.
+    pushed: Callable[[], int] | None = None
 
     def wait(self, gen: PQGen[RV], interval: float = 0.1, timeout: float | None = None) -> RV:
+        if self.waiting_since is not None:  # inside blocking(): that is the wait
+            return self._wait(gen, interval, timeout)
+        self.wait_id += 1
+        self.waiting_since = time.monotonic()
+        try:
+            return self._wait(gen, interval, timeout)
+        finally:
+            self.waiting_since = None
+
+    @contextmanager
+    def blocking(self) -> Iterator[None]:
+        """Count blocking libpq calls on ``pgconn`` (outside psycopg's waits) as one wait."""
+        self.wait_id += 1
+        self.waiting_since = time.monotonic()
+        try:
+            yield
+        finally:
+            self.waiting_since = None
+            self.pushed = None
+
+    def _wait(self, gen: PQGen[RV], interval: float, timeout: float | None) -> RV:
         limit = self.answer_timeout
         if limit is None or (timeout is not None and timeout <= limit):
             return super().wait(gen, interval, timeout)
@@ -88,8 +131,13 @@ def shut(conn: psycopg.Connection[Any] | None) -> None:
     """
     if conn is None or conn.closed:
         return
+    shut_pgconn(conn.pgconn)
+
+
+def shut_pgconn(pgconn: psycopg.pq.abc.PGconn) -> None:
+    """``shut`` for a bare libpq connection."""
     try:
-        fd = conn.pgconn.socket
+        fd = pgconn.socket
     except psycopg.OperationalError:
         return
     # A duplicate descriptor of the same socket: shutdown acts on the socket itself, and
@@ -148,16 +196,33 @@ class BatchLimits:
     def answer_timeout(self) -> float:
         return self.stall_timeout + STALL_GRACE
 
-    def set_local(self, cur: psycopg.Cursor, synchronous_commit: str | None = None) -> None:
-        """The limits, and the transaction's synchronous_commit if given: one round trip."""
-        cur.execute(
-            "select set_config('statement_timeout', %s, true), "
+    def set_local(self, cur: psycopg.Cursor, synchronous_commit: str | None = None,
+                  fence: Fence | None = None) -> None:
+        """The limits, and the transaction's synchronous_commit if given: one round trip.
+
+        With a fence, the same statement is the transaction's lease check (lease.py), so
+        the single-writer guarantee costs a batch no round trip of its own. It also reads
+        the transaction's backend for the watchdog (Connection.backend_pid).
+        """
+        settings = sql.SQL(
+            "set_config('statement_timeout', %s, true), "
             "set_config('lock_timeout', %s, true), "
             "set_config('idle_in_transaction_session_timeout', %s, true)"
-            + (", set_config('synchronous_commit', %s, true)" if synchronous_commit else ""),
-            [_ms(self.stall_timeout), _ms(self.lock_timeout),
-             _ms(self.idle_in_transaction_timeout)]
-            + ([synchronous_commit] if synchronous_commit else []))
+            + (", set_config('synchronous_commit', %s, true)" if synchronous_commit else "")
+            + ", pg_backend_pid()")
+        params = [_ms(self.stall_timeout), _ms(self.lock_timeout),
+                  _ms(self.idle_in_transaction_timeout)] \
+            + ([synchronous_commit] if synchronous_commit else [])
+        if fence is None:
+            cur.execute(sql.SQL("select ") + settings, params)
+            rows = cur.fetchall()
+        else:
+            cur.execute(fence.statement(settings), params)
+            rows = cur.fetchall()
+            fence.passed(rows)
+        conn = cur.connection
+        if rows and isinstance(conn, Connection) and conn.backend_pid != rows[0][-1]:
+            conn.backend_pid, conn.backend_start = rows[0][-1], None
 
 
 def _ms(seconds: float) -> str:

@@ -35,6 +35,7 @@ class ExitCode(enum.IntEnum):
     FATAL = 2  # the operator must change something: config, source setup, a resync
     UNAVAILABLE = 3  # a database stayed unreachable
     FAILED = 4  # applying or decoding kept failing on the same data
+    SUPERSEDED = 5  # another process holds the pipeline's lease: this one wrote nothing more
     INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
 
 
@@ -79,6 +80,7 @@ class ErrorKind(enum.Enum):
     PROTOCOL = "protocol"
     RESYNC_REQUIRED = "resync_required"
     MIRROR_BEHIND = "mirror_behind"
+    SUPERSEDED = "superseded"
     INTERNAL = "internal"
 
     @property
@@ -156,6 +158,14 @@ _TABLE: dict[ErrorKind, tuple[RetryPolicy, str]] = {
         RetryPolicy(True, ExitCode.FAILED, 1.0, 60.0, 3),
         "the replication stream could not be decoded; it is re-read from the last applied "
         "position. If this persists, report it with the log",
+    ),
+    # Another process took the pipeline's lease (lease.py): writing on would make two writers.
+    # Not retried here; a supervisor that restarts the process makes it a standby.
+    ErrorKind.SUPERSEDED: (
+        RetryPolicy(retryable=False, exit_code=ExitCode.SUPERSEDED),
+        "only one replicator process writes for a pipeline: if the other one was not meant "
+        "to run, stop it; restarted, this one waits as a standby and takes over when the "
+        "other stops ([destination] lease_timeout after it dies)",
     ),
     ErrorKind.INTERNAL: (
         RetryPolicy(retryable=False, exit_code=ExitCode.INTERNAL),

@@ -8,7 +8,9 @@ set ``REPLICATOR_FAILPOINTS`` to a comma-separated list of ``name=action``:
 - ``error``: raise a connection error once, as if the destination went away
   (the pipeline's own retry path takes over);
 - ``sleep:SECONDS``: wait there, so a test can act inside the window (write
-  to the source, send a signal).
+  to the source, send a signal);
+- ``stop``: the process sends itself SIGSTOP, once (a frozen VM, a process paused
+  past its lease): it goes on where it was when the test sends SIGCONT.
 
 In-process tests can also hold a point until they release it (``hold``).
 
@@ -30,6 +32,7 @@ log = logging.getLogger(__name__)
 ENV = "REPLICATOR_FAILPOINTS"
 
 # Points used by the code (kept here so tests and readers find them in one place).
+BATCH_BEFORE_BEGIN = "apply.batch_before_begin"            # a batch in hand, nothing sent yet
 BATCH_BEFORE_COMMIT = "apply.batch_before_commit"          # a batch of changes, not committed
 BATCH_COMMITTED = "apply.batch_committed"                  # committed, not confirmed to the source
 COPY_PLANNED = "backfill.copy_planned"                     # tables made and emptied, no row yet
@@ -74,11 +77,17 @@ def hit(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     elif action.startswith("sleep:"):
         time.sleep(float(action.split(":", 1)[1]))
+    elif action == "stop":
+        del _armed[name]
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os.kill(os.getpid(), signal.SIGSTOP)
     elif action == "error":
         del _armed[name]      # once: the retry after it must get through
         raise psycopg.OperationalError(f"failpoint {name}: injected connection loss")
     else:
-        raise ValueError(f"{ENV}: unknown action {action!r} for {name!r} (kill or error)")
+        raise ValueError(f"{ENV}: unknown action {action!r} for {name!r} "
+                         "(kill, sleep:S, stop or error)")
 
 
 def arm(name: str, action: str = "kill") -> None:

@@ -14,6 +14,8 @@ the next session waits for it (a backend building an index whose client is
 gone is doing the same work). A build cut short (the destination restarted,
 the backend ended, a cancel) leaves an INVALID index behind, or none:
 whichever session finds the row next drops an invalid one and builds it again.
+An index the destination refuses (a missing operator class) or that fails
+GIVE_UP_AFTER times in a row is given up with one warning, and the next built.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ import time
 import psycopg
 from psycopg import sql
 
-from . import failpoints, state
+from . import failpoints, state, watchdog
+from .errors import ReplicatorError
+from .lease import Fence
 from .metrics import Metrics
 from .settings import DestinationSettings
 
@@ -36,6 +40,9 @@ RETRY_MAX = 60.0        # seconds between attempts at most, after failures
 # SQLSTATE classes of errors that a retry cannot fix (an operator class of an extension
 # the destination lacks, a feature it does not have): the index is given up, with a warning.
 HOPELESS = ("42", "0A")
+# Failed attempts at one index after which it is given up like those: other errors may
+# pass (a lock timeout, a deadlock with the applier), but not every time.
+GIVE_UP_AFTER = 3
 
 _INDEX_SQL = """
 select i.indisvalid,
@@ -49,12 +56,20 @@ where n.nspname = %s and c.relname = %s
 class IndexBuilder:
     """The thread building recorded secondary indexes; start() it once streaming starts."""
 
-    def __init__(self, dest: DestinationSettings, slot: str, metrics: Metrics | None = None):
+    def __init__(self, dest: DestinationSettings, slot: str, metrics: Metrics | None = None,
+                 fence: Fence | None = None):
         self.dest = dest
         self.slot = slot
+        # The pipeline's lease. A CREATE INDEX CONCURRENTLY cannot run in a transaction, so
+        # it is checked just before (a build that races a takeover only builds an index the
+        # new owner wants too); the state row is deleted under it.
+        self.fence = fence
         self.metrics = metrics
         self._stop = threading.Event()
         self.building: state.IndexBuild | None = None
+        # Failed builds of each recorded index (schema, name) in a row: one that keeps
+        # failing must not hold up the others (the first waiting is always built first).
+        self._failures: dict[tuple[str, str], int] = {}
         self._thread = threading.Thread(target=self._loop, name="index-builder", daemon=True)
 
     def start(self) -> IndexBuilder:
@@ -81,12 +96,17 @@ class IndexBuilder:
         delay = 1.0
         while not self._stop.is_set():
             try:
-                with psycopg.connect(self.dest.conninfo(), autocommit=True,
-                                     prepare_threshold=None) as conn:
+                # Watched (watchdog.py): no deadline bounds a build, a dead connection is shut.
+                with watchdog.connect(self.dest.conninfo(), autocommit=True,
+                                      prepare_threshold=None) as conn:
                     while not self._stop.is_set():
                         if not self._build_next(conn):
                             self._stop.wait(POLL_INTERVAL)
                         delay = 1.0
+            except ReplicatorError as exc:
+                # Superseded (the fence): the new owner builds what is left.
+                log.warning("mirror index builds stopped", extra={"error": exc.message})
+                return
             except psycopg.Error as exc:
                 if self._stop.is_set():
                     return
@@ -121,24 +141,45 @@ class IndexBuilder:
             failpoints.hit(failpoints.INDEX_BUILD)
             if self._stop.is_set():
                 return True
+            if self.fence is not None:
+                self.fence.check(conn)
+            # An autocommit statement: through a transaction-mode pooler the backend read
+            # just before is the likeliest to run it (the watchdog looks at that one).
+            watchdog.note_backend(conn)
             started = time.monotonic()
             self.building = b
             try:
                 conn.execute(b.statement)
             except psycopg.Error as exc:
                 self.building = None
-                if not (exc.sqlstate or "").startswith(HOPELESS):
+                key = (b.index_schema, b.index_name)
+                # Only the server's refusals count: a connection lost is no verdict on it.
+                if exc.sqlstate is not None and not conn.closed:
+                    self._failures[key] = self._failures.get(key, 0) + 1
+                failures = self._failures.get(key, 0)
+                hopeless = (exc.sqlstate or "").startswith(HOPELESS)
+                if not hopeless and failures < GIVE_UP_AFTER:
                     raise
-                # Not worth stopping replication for: the mirror works without it.
-                log.warning("index not created on the mirror", extra={
-                    "table": b.mirror_table, "index": b.index_name, "sql": b.statement,
-                    "error": str(exc).strip()})
+                # Not worth stopping replication for, nor the builds after it: the
+                # mirror works without it.
+                self._failures.pop(key, None)
+                log.warning(
+                    "index not created on the mirror" if hopeless else
+                    f"index not created on the mirror: given up after {failures} failed "
+                    "builds, going on with the next; fix the cause and create it by hand "
+                    "(the sql field), or resync the table", extra={
+                        "table": b.mirror_table, "index": b.index_name, "sql": b.statement,
+                        "sqlstate": exc.sqlstate, "error": str(exc).strip()})
                 conn.execute(sql.SQL("drop index concurrently if exists {}").format(name))
             else:
                 self.building = None
+                self._failures.pop((b.index_schema, b.index_name), None)
                 log.info("mirror index built", extra={
                     "table": b.mirror_table, "index": b.index_name,
                     "seconds": round(time.monotonic() - started, 2),
                     "indexes_left": len(ready) - 1})
-        state.index_built(conn, schema, self.slot, b)
+        with conn.transaction():
+            if self.fence is not None:
+                self.fence.check(conn)
+            state.index_built(conn, schema, self.slot, b)
         return True

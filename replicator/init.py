@@ -9,12 +9,16 @@ In order, each step only if something differs (a second init changes nothing):
    the code path `run` uses (state pending: `run` copies them), so that the
    views have their tables before the first copy;
 4. row-level security, the "Analytics access only" policy and the grants on
-   every mirror table (access.py);
+   every table of the mirror schemas (access.py): readers SELECT, every other
+   privilege of every other role revoked;
 5. the mirror component's migrations (replicator/sql/mirror/: the views and
    get_pending_expenses), and with [destination] memory_triggers the memory
    component's (replicator/sql/memory/: ipai_memory and the invoice trigger);
 6. USAGE, SELECT and EXECUTE on the schemas, views, functions and the
-   freshness view for the analytics roles.
+   freshness view for the analytics roles (on the mirror's views nothing
+   else for anyone);
+7. one warning line for each user trigger on a mirror table but the memory
+   trigger: it runs as the replicator's role (init does not drop it).
 
 Safe beside a running `run`: every step is its own short transaction holding
 at most one mirror table's lock, migrations take the state schema's advisory
@@ -30,7 +34,7 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
-from . import access, state
+from . import access, lease, state
 from .classify import classify, classify_connect
 from .errors import ConfigError, ErrorKind, ReplicatorError
 from .preflight import discover_tables
@@ -71,9 +75,14 @@ def init(config: Config, say: Callable[[str], None] = print) -> InitResult:
                 res.add(f"state schema {dst.state_schema}: migration {v:03d}")
             for v in state.setup_component(dest, dst.state_schema, "freshness"):
                 res.add(f"freshness: migration {v:03d}")
-            _mirror_tables(config, dest, readers, res)
+            fence = lease.observe(dest, dst.state_schema, config.source.slot,
+                                  "`replicator init`")
+            schemas = _mirror_tables(config, dest, readers, res, fence)
             _migrations(config, dest, res)
             _grants(config, dest, readers, res)
+            # What init leaves alone but someone should look at (a user trigger).
+            for line in access.findings(dest, schemas, readers):
+                say(f"  warning: {line}")
         except psycopg.Error as exc:
             raise classify(exc, settings=dst) from None
     say(f"init: {len(res.changes)} change(s) in {dst.describe()}" if res.changes
@@ -103,7 +112,8 @@ def _roles(dest: psycopg.Connection, roles: list[str], res: InitResult) -> list[
 
 
 def _mirror_tables(config: Config, dest: psycopg.Connection, readers: list[str],
-                   res: InitResult) -> None:
+                   res: InitResult, fence: lease.Fence) -> list[str]:
+    """Creates the missing mirror tables, secures every table; returns the mirror schemas."""
     src, dst = config.source, config.destination
     try:
         catalog = psycopg.connect(src.conninfo(), autocommit=True)
@@ -116,8 +126,9 @@ def _mirror_tables(config: Config, dest: psycopg.Connection, readers: list[str],
         for st in tables:
             target = config.target(st.schema, st.name)
             assert target is not None, "discover_tables keeps mapped tables only"
+            # With its [mappings] options: no excluded column, _deleted_at if soft deleted.
             mirrors.append(MirrorTable(st, *target, state_schema=dst.state_schema,
-                                       binary=binary))
+                                       binary=binary, options=config.options(st.schema, st.name)))
         schemas = sorted({dst.schema, *(m.dest_schema for m in mirrors)})
         for schema in schemas:
             if dest.execute("select to_regnamespace(%s) is null",
@@ -130,6 +141,8 @@ def _mirror_tables(config: Config, dest: psycopg.Connection, readers: list[str],
             origins = column_origins(catalog, t.source.oid, t.columns)
             try:
                 with dest.transaction():
+                    # Not beside a `run` that took the pipeline over since init started.
+                    fence.check(dest)
                     # As the first copy creates it (no key until the rows are in), so
                     # the copy into it loads as fast as into a table of its own.
                     for stmt in create_mirror_sql(t, with_key=False, if_not_exists=False):
@@ -152,9 +165,9 @@ def _mirror_tables(config: Config, dest: psycopg.Connection, readers: list[str],
         # One table per transaction: never two mirror tables' locks at once
         # while `run` writes them (no deadlock with a batch).
         with dest.transaction():
-            if access.secure_table(dest, schema, name, readers):
-                res.add(f"{schema}.{name}: row-level security, policy "
-                        f"\"{access.POLICY}\", grants")
+            for what in access.secure_table(dest, schema, name, readers):
+                res.add(f"{schema}.{name}: {what}")
+    return schemas
 
 
 def _migrations(config: Config, dest: psycopg.Connection, res: InitResult) -> None:
@@ -194,16 +207,22 @@ def _migrations(config: Config, dest: psycopg.Connection, res: InitResult) -> No
 def _grants(config: Config, dest: psycopg.Connection, readers: list[str],
             res: InitResult) -> None:
     dst = config.destination
+    views = dest.execute(
+        "select c.oid, c.relname from pg_class c join pg_namespace n on n.oid = c.relnamespace "
+        "where n.nspname = %s and c.relkind in ('v', 'm') order by 2", [dst.schema]).fetchall()
+    for oid, name in views:
+        # Readers select, nobody else holds anything (default privileges hand out more).
+        with dest.transaction():
+            revoked, granted = access.restrict_privileges(
+                dest, oid, sql.Identifier(dst.schema, name), readers)
+        for what in revoked:
+            res.add(f"{dst.schema}.{name}: {what}")
+        if granted:
+            res.add(f"select on view {dst.schema}.{name}")
     if not readers:
         return
     if access.grant_usage(dest, dst.schema, readers):
         res.add(f"usage on schema {dst.schema}")
-    views = dest.execute(
-        "select c.relname from pg_class c join pg_namespace n on n.oid = c.relnamespace "
-        "where n.nspname = %s and c.relkind in ('v', 'm') order by 1", [dst.schema]).fetchall()
-    for (name,) in views:
-        if access.grant_select(dest, sql.Identifier(dst.schema, name), readers):
-            res.add(f"select on view {dst.schema}.{name}")
     for fn in FUNCTIONS:
         signature = sql.Identifier(dst.schema).as_string(dest) + "." + fn
         if access.grant_execute(dest, signature, readers):

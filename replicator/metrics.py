@@ -182,7 +182,10 @@ class Metrics:
 
     def health(self) -> tuple[int, dict]:
         age = time.monotonic() - self.heartbeat
-        ok = self.status in ("streaming", "copying", "starting") and age < STALE_AFTER
+        # A standby is healthy: waiting for the lease is its job (/ready says it is not
+        # the writer).
+        ok = self.status in ("streaming", "copying", "starting", "standby") \
+            and age < STALE_AFTER
         body = {"status": self.status if ok or age < STALE_AFTER else "stalled",
                 "seconds_since_activity": round(age, 1)}
         if self.error:

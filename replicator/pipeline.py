@@ -27,6 +27,7 @@ from .classify import classify, classify_connect, is_connect_failure
 from .errors import ErrorKind, ExitCode, ReplicatorError, Retries
 from .handoff import Handoff, Progress
 from .indexes import IndexBuilder
+from .lease import Holder, Lease
 from .lsn import format_lsn, pg_now
 from .metrics import Metrics, MetricsServer, SlotMonitor
 from .preflight import (
@@ -59,6 +60,10 @@ class Pipeline:
         self.stop_requested = threading.Event()
         self.progress = Progress()
         self.metrics = Metrics()
+        dst = config.destination
+        # Held from the first session on, across reconnects, until the process stops.
+        self.lease = Lease(dst.conninfo(), dst.state_schema, config.source.slot,
+                           dst.lease_timeout)
 
     # -- lifecycle -------------------------------------------------------
 
@@ -71,9 +76,15 @@ class Pipeline:
                                   cfg.destination.conninfo(), cfg.destination.state_schema,
                                   cfg.source.slot, cfg.metrics.slot_poll_interval).start()
         try:
-            return self._run()
+            code = self._run()
+            # Stopped because the lease was lost (the lease thread asked): not a clean end.
+            self._check_lease(None)
+            return code
         finally:
             self.metrics.status = "stopped"
+            # Every writer of ours has stopped (the session joined them): a standby may
+            # take over now instead of after the expiry.
+            self.lease.release()
             if monitor is not None:
                 monitor.stop()
             if server is not None:
@@ -91,14 +102,19 @@ class Pipeline:
         while True:
             applied_before = self.progress.applied_lsn
             try:
+                if not self._claim():
+                    return 0
                 self._session()
+                self._check_lease(None)
                 return 0
             except SessionRestart as exc:
+                self._check_lease(exc)
                 log.info("session restarts", extra={"reason": str(exc)})
                 if self.stop_requested.is_set():
                     return 0
                 continue
             except (ReplicatorError, psycopg.Error) as exc:
+                self._check_lease(exc)
                 err = self._classified(exc)
                 now = time.monotonic()
                 if self.progress.applied_lsn != applied_before:
@@ -133,6 +149,65 @@ class Pipeline:
                     "attempt": failures, "retry_in_s": round(delay, 1)})
                 if self.stop_requested.wait(delay):
                     return 0
+
+    # -- the pipeline's lease (lease.py) -----------------------------------
+
+    def _claim(self) -> bool:
+        """Hold the lease before anything is written, as a standby until it is free.
+
+        False if a stop came first. A one-shot run (--until-caught-up) does not wait for a
+        writer that keeps renewing: past one lease_timeout it says who writes and exits.
+        """
+        lease = self.lease
+        if lease.held:
+            return True
+        dst = self.config.destination
+        try:
+            conn = deadline.connect(dst.conninfo(), deadline.BatchLimits.of(dst).answer_timeout,
+                                    side="destination", setting="[destination] stall_timeout",
+                                    autocommit=True, prepare_threshold=None)
+        except psycopg.OperationalError as exc:
+            raise classify_connect(exc, dst.conninfo(), settings=dst) from exc
+        with conn:
+            try:
+                check_destination_server(conn)
+                state.setup(conn, dst.state_schema)
+            except psycopg.Error as exc:
+                raise classify(exc, settings=dst) from exc
+            got = lease.claim(conn, self.stop_requested, self._standby,
+                              give_up_after=dst.lease_timeout + 5 if self.until_caught_up
+                              else None)
+        if got:
+            lease.keep(on_lost=self._superseded)
+        return got
+
+    def _standby(self, holder: Holder, first: bool) -> None:
+        self.metrics.alive("standby")
+        if first:
+            log.warning("another replicator process writes for this pipeline: waiting as a "
+                        "standby", extra={
+                            "slot": self.config.source.slot, "owner": holder.owner,
+                            "generation": holder.generation,
+                            "lease_expires_in_s": round(max(0.0, holder.expires_in), 1),
+                            "hint": "this process takes over when that one stops, or "
+                            "[destination] lease_timeout after it stops renewing"})
+
+    def _superseded(self) -> None:
+        """From the lease thread: another process took the lease; stop, writing nothing."""
+        self.stop_requested.set()
+        for delay, action in ((SHUT_AFTER, _shut_connections), (STOP_DEADLINE, _exit_now)):
+            timer = threading.Timer(delay, action)
+            timer.daemon = True
+            timer.start()
+
+    def _check_lease(self, exc: BaseException | None) -> None:
+        """A session that ended because the lease was lost ends the process (exit 5)."""
+        fence = self.lease.fence
+        if self.lease.lost.is_set() and fence is not None:
+            err = fence.superseded()
+            if exc is None:
+                raise err
+            self._raise(err, exc)
 
     def _classified(self, exc: BaseException) -> ReplicatorError:
         if isinstance(exc, deadline.NoAnswer):
@@ -187,9 +262,10 @@ class Pipeline:
                                        setting="[source] receive_timeout", autocommit=True)
         except psycopg.OperationalError as exc:
             raise classify_connect(exc, src.conninfo(), settings=src) from exc
+        fence = self.lease.fence
         applier = Applier(dst.conninfo(), dst.state_schema, slot, dst.on_error,
                           deadline.BatchLimits.of(dst), dst.analytics_roles,
-                          source_conninfo=src.conninfo())
+                          source_conninfo=src.conninfo(), fence=fence)
         repl: ReplicationConnection | None = None
         applier_thread = None
         builder: IndexBuilder | None = None
@@ -245,6 +321,8 @@ class Pipeline:
             continuing = [t.source.qualname for t in mirrors.values()
                           if _synced(synced, t, identities)]
             found = check_slot(catalog, slot, applied, continuing)
+            if fence is not None and (found is None or found.invalidated):
+                fence.check(dest)   # only the lease's holder creates or drops the slot
             if found is not None and found.invalidated:
                 # Nothing relies on it (check_slot said so): every table is copied
                 # again, from a snapshot consistent with the new slot.
@@ -261,7 +339,11 @@ class Pipeline:
 
             gone = [name for name in synced
                     if name not in {t.source.qualname for t in mirrors.values()}]
-            for name in state.mark_removed(dest, dst.state_schema, slot, gone):
+            with dest.transaction():
+                if fence is not None:
+                    fence.check(dest)
+                removed = state.mark_removed(dest, dst.state_schema, slot, gone)
+            for name in removed:
                 log.info("table no longer replicated: its mirror keeps its rows; if it comes "
                          "back it is copied again", extra={"table": name})
             states = {name: (st, lsn) for name, (st, lsn, _m) in synced.items()}
@@ -269,7 +351,8 @@ class Pipeline:
             if to_copy:
                 self.metrics.alive("copying")
                 try:
-                    sync_lsn = Backfill(cfg, to_copy, slot, self.stop_requested, self.metrics).run()
+                    sync_lsn = Backfill(cfg, to_copy, slot, self.stop_requested, self.metrics,
+                                        fence=fence).run()
                 except CopyStopped:
                     log.info("stopped during the initial copy: unfinished tables are copied "
                              "again on the next run")
@@ -281,6 +364,8 @@ class Pipeline:
             # order (a replayed older transaction must not see the newest catalog).
             applier.prepare_tables(list(mirrors.values()), alter=False)
             with dest.transaction():
+                if fence is not None:
+                    fence.check(dest)
                 for t in mirrors.values():
                     st, lsn = states[t.source.qualname]
                     if st != state.STREAMING or \
@@ -319,16 +404,16 @@ class Pipeline:
                 name="applier", daemon=True)
             applier_thread.start()
             # Secondary indexes of copied tables, built while the stream is applied.
-            builder = IndexBuilder(dst, slot, self.metrics).start()
+            builder = IndexBuilder(dst, slot, self.metrics, fence=fence).start()
 
             def stream_applier() -> Applier:
                 return Applier(dst.conninfo(), dst.state_schema, slot, dst.on_error,
-                               deadline.BatchLimits.of(dst), dst.analytics_roles)
+                               deadline.BatchLimits.of(dst), dst.analytics_roles, fence=fence)
 
             Receiver(cfg, self.progress, self.metrics, self.stop_requested, repl, decoder,
                      handoff, catalog, mirrors, sync_lsns, binary,
                      sysinfo.xlogpos if self.until_caught_up else None,
-                     stream_applier if dst.max_streams else None).loop()
+                     stream_applier if dst.max_streams else None, fence=fence).loop()
         finally:
             if builder is not None:
                 # A build in flight finishes on the destination; the next session waits

@@ -9,10 +9,11 @@ check_slot said it may).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Collection
 
 import psycopg
 
-from . import state
+from . import access, state
 from .catalog import (
     Slot,
     may_replicate,
@@ -20,9 +21,10 @@ from .catalog import (
     publication_members,
     publication_tables,
     replication_slot,
+    unreadable_tables,
     wal_level,
 )
-from .classify import classify
+from .classify import classify, read_grant
 from .errors import ErrorKind, ReplicatorError
 from .lsn import format_lsn, parse_lsn
 from .schema import (
@@ -33,6 +35,7 @@ from .schema import (
     read_table,
 )
 from .settings import Config
+from .source import quote_literal
 
 _LOST_HINT = ("the mirror misses changes: run `replicator resync --config PATH --all`, "
               "then `replicator run` copies every table again")
@@ -109,6 +112,8 @@ def discover_tables(catalog: psycopg.Connection, config: Config) -> list[SourceT
                 f"[mappings] {source_name} is not in publication {src.publication!r}",
                 f"add it on the source: ALTER PUBLICATION {src.publication} "
                 f"ADD TABLE {source_name}; or remove the mapping")
+    # Before the tables are read: their names, cast to regclass, need USAGE on the schema.
+    check_read_privileges(catalog, config)
     members = publication_members(catalog, src.publication)
     tables = [dataclasses.replace(read_table(catalog, s, t), membership=members.get((s, t), ""))
               for s, t in published if config.target(s, t) is not None]
@@ -117,6 +122,28 @@ def discover_tables(catalog: psycopg.Connection, config: Config) -> list[SourceT
         check_options(t, config.options(t.schema, t.name))
         check_source_filter(catalog, t, config.options(t.schema, t.name))
     return tables
+
+
+def check_read_privileges(catalog: psycopg.Connection, config: Config,
+                          only: Collection[str] | None = None) -> None:
+    """Refuse replicated tables (of ``only``, "schema.name"s, if given) the source role
+    cannot read, with the GRANT that fixes it: before a slot and a snapshot are made for a
+    copy that would be refused."""
+    missing = [row for row in unreadable_tables(catalog, config.source.publication)
+               if config.target(row[0], row[1]) is not None
+               and (only is None or f"{row[0]}.{row[1]}" in only)]
+    if not missing:
+        return
+    role = catalog.info.user
+    schemas = sorted({s for s, _t, usage, _select in missing if not usage})
+    selects = [(s, t) for s, t, _usage, select in missing if not select]
+    names = ", ".join(f"{s}.{t}" for s, t, _u, _s in missing)
+    raise ReplicatorError(
+        ErrorKind.SOURCE_SETUP,
+        f"[source] role {role} may not read {names}"
+        + (f" (no usage on schema {', '.join(schemas)})" if schemas else "")
+        + ": the initial copy and verify read them",
+        "run on the source as the owner: " + read_grant(role, selects, schemas))
 
 
 def check_slot(catalog: psycopg.Connection, slot: str, applied: int | None,
@@ -144,12 +171,7 @@ def check_slot(catalog: psycopg.Connection, slot: str, applied: int | None,
                 "changes made since may be lost",
                 _LOST_HINT)
         return None
-    if found.plugin != "pgoutput" or found.database != catalog.info.dbname:
-        raise ReplicatorError(
-            ErrorKind.SOURCE_SETUP,
-            f"slot {slot!r} exists but uses plugin {found.plugin!r} on database "
-            f"{found.database!r}",
-            "set [source] slot to another name, or drop that slot if it is unused")
+    check_slot_owner(found, slot, catalog.info.dbname)
     if found.invalidated and relied_on:
         raise ReplicatorError(
             ErrorKind.RESYNC_REQUIRED,
@@ -165,6 +187,23 @@ def check_slot(catalog: psycopg.Connection, slot: str, applied: int | None,
             f"{format_lsn(applied)} (restored or failed-over destination?)",
             _LOST_HINT)
     return found
+
+
+def check_slot_owner(found: Slot, slot: str, database: str) -> None:
+    """Refuse a slot this pipeline cannot stream from: a physical one, another database's,
+    or another output plugin's (pg_replication_slots.plugin and .database)."""
+    fix = (f"set [source] slot to another name, or, if nothing uses that slot, drop it on "
+           f"the source: select pg_drop_replication_slot({quote_literal(slot)})")
+    if found.database != database:
+        raise ReplicatorError(
+            ErrorKind.SOURCE_SETUP,
+            f"[source] slot {slot} belongs to "
+            + (f"database {found.database}" if found.database else "no database (physical)")
+            + f", not to {database}, which [source] database names", fix)
+    if found.plugin != "pgoutput":
+        raise ReplicatorError(
+            ErrorKind.SOURCE_SETUP,
+            f"[source] slot {slot} decodes with plugin {found.plugin}, not pgoutput", fix)
 
 
 def check_replication_role(catalog: psycopg.Connection, user: str) -> None:
@@ -212,6 +251,8 @@ def check(config: Config) -> int:
         # Only whether it exists: whether the mirror can resume from it is run's to judge,
         # against the applied position.
         slot = replication_slot(catalog, src.slot)
+        if slot is not None:
+            check_slot_owner(slot, src.slot, catalog.info.dbname)
         binary = all(c.builtin for t in tables for c in t.columns)
         print(f"source OK: wal_level=logical, publication {src.publication} with "
               f"{len(tables)} replicated table(s), {'binary' if binary else 'text'} mode; slot "
@@ -229,4 +270,11 @@ def check(config: Config) -> int:
         print(f"destination OK: mirror schema {dst.schema}, state schema {dst.state_schema}; "
               + (f"applied up to {format_lsn(applied)}" if applied is not None
                  else "nothing replicated yet (the first run copies the existing rows)"))
+        # Not blocking replication, but not the mirror's access model either: said, one
+        # line each (init revokes the privileges, a trigger is for the operator to judge).
+        targets = [config.target(t.schema, t.name) for t in tables]
+        schemas = sorted({dst.schema, *(target[0] for target in targets if target)})
+        for line in access.findings(dest, schemas,
+                                    access.existing_roles(dest, dst.analytics_roles)):
+            print(f"destination WARNING: {line}")
     return 0

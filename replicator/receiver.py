@@ -18,7 +18,7 @@ from collections.abc import Callable
 import psycopg
 from psycopg import sql
 
-from . import deadline, state
+from . import deadline, state, watchdog
 from ._decode import (
     EV_COMMIT,
     EV_COPY_DONE,
@@ -50,6 +50,7 @@ from .catalog import column_type, emit_heartbeat, publication_members, publicati
 from .classify import classify_connect
 from .errors import ErrorKind, ReplicatorError
 from .handoff import Handoff, Progress
+from .lease import Fence
 from .lsn import format_lsn, parse_lsn
 from .metrics import Metrics
 from .schema import Column, MirrorTable, check_replicable, column_origins, read_table
@@ -84,8 +85,11 @@ class Receiver:
                  handoff: Handoff, catalog: psycopg.Connection,
                  mirrors: dict[tuple[str, str], MirrorTable], sync_lsns: dict[tuple[str, str], int],
                  binary: bool, target: int | None,
-                 stream_applier: Callable[[], object] | None = None):
+                 stream_applier: Callable[[], object] | None = None,
+                 fence: Fence | None = None):
         self.cfg = config
+        # The pipeline's lease: the receiver's own writes (live copies, removed tables).
+        self.fence = fence
         # Makes the Applier of a streamed transaction applied while it runs (None: never).
         self.stream_applier = stream_applier
         self.progress = progress
@@ -554,6 +558,9 @@ class Receiver:
                 st.worker = StreamApply(xid, self.stream_applier,  # type: ignore[arg-type]
                                         self.handoff, self._applies_early)
                 st.worker.start()
+                # A finished one has nothing left to close or give up (its batch, if any,
+                # holds it until applied): a long session would keep one per transaction.
+                self.workers = [w for w in self.workers if w.is_alive()]
                 self.workers.append(st.worker)
         st.chunks += 1
         self.stream = st
@@ -726,7 +733,8 @@ class Receiver:
         if self.poll_conn is None:
             dst = self.cfg.destination
             try:
-                self.poll_conn = deadline.connect(
+                # Watched: a dead connection is shut in seconds, not stall_timeout (watchdog.py).
+                self.poll_conn = watchdog.connect(
                     dst.conninfo(), deadline.BatchLimits.of(dst).answer_timeout, side="destination",
                     setting="[destination] stall_timeout", autocommit=True,
                     prepare_threshold=None)  # polled every few seconds through any pooler
@@ -751,8 +759,11 @@ class Receiver:
             self.sync_lsns.pop(key, None)
             self.altered.pop(key, None)
         assert self.poll_conn is not None, "_poll connects before it removes"
-        names = state.mark_removed(self.poll_conn, self.cfg.destination.state_schema,
-                                   self.cfg.source.slot, [f"{s}.{n}" for s, n in keys])
+        with self.poll_conn.transaction():
+            if self.fence is not None:
+                self.fence.check(self.poll_conn)
+            names = state.mark_removed(self.poll_conn, self.cfg.destination.state_schema,
+                                       self.cfg.source.slot, [f"{s}.{n}" for s, n in keys])
         for name in names:
             log.info("table left the publication: its mirror keeps its rows; if it comes back "
                      "it is copied again", extra={"table": name})
@@ -804,7 +815,7 @@ class Receiver:
                     return
             self.metrics.table_sync(t.qualname, state.COPYING)
             lsn = Backfill(self.cfg, [t], self.cfg.source.slot, self.sync_stop, self.metrics,
-                           live=True).run()
+                           live=True, fence=self.fence).run()
             self.sync_results.put((key, t, lsn))
         except CopyStopped:
             pass  # the receiver is stopping; the table stays pending for the next run

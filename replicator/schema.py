@@ -93,9 +93,13 @@ class MirrorTable:
         return tuple(c for c in self.columns if c.name not in self.options.exclude)
 
     @property
+    def history_name(self) -> str:
+        return self.dest_name + "_history"
+
+    @property
     def history(self) -> sql.Composable:
         """The change history table beside the mirror ([mappings] history = true)."""
-        return sql.Identifier(self.dest_schema, self.dest_name + "_history")
+        return sql.Identifier(self.dest_schema, self.history_name)
 
     @property
     def key_idx(self) -> list[int]:
@@ -216,6 +220,9 @@ def create_staging_sql(t: MirrorTable) -> sql.Composed:
                                       sql.SQL(t.staging_type(by_name[k])))
               for i, k in enumerate(t.source.key)]
     parts.append(sql.SQL("_r_u bytea"))
+    if t.temp_stage:
+        return sql.SQL("create temp table if not exists {} ({}) on commit drop").format(
+            t.stage, sql.SQL(", ").join(parts))
     return sql.SQL("create unlogged table if not exists {} ({})").format(
         t.stage, sql.SQL(", ").join(parts))
 

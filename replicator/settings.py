@@ -36,6 +36,13 @@ __all__ = [
 
 APPLICATION_NAME = "odoo-replicator"  # shows in pg_stat_activity / pg_stat_replication
 DEFAULT_CONNECT_TIMEOUT = 10
+# Every connection: a peer that stopped acknowledging (a crashed host, a cable pulled, a NAT
+# entry dropped without a reset) is noticed within about 30 s, idle (keepalive probes after
+# 10 s, every 5 s, 3 unanswered) or sending (tcp_user_timeout, ms). A pooler or a tunnel that
+# acknowledges but forwards nothing is the watchdog's to notice (watchdog.py). Ignored on
+# Unix sockets.
+TCP_KEEPALIVE = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+                 "keepalives_count": 3, "tcp_user_timeout": 30000}
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "text")
@@ -154,7 +161,7 @@ class ConnectionSettings:
 
         The one place connection parameters are assembled: every connection the replicator
         opens (catalog, walsender, copy workers, applier, monitor, status) goes through it,
-        so each gets the same TLS settings.
+        so each gets the same TLS settings and the same TCP liveness checks (TCP_KEEPALIVE).
 
         For example ``conninfo(replication="database")`` for the walsender connection.
         """
@@ -171,6 +178,7 @@ class ConnectionSettings:
             "sslkey": self.sslkey,
             "application_name": APPLICATION_NAME,
             "connect_timeout": DEFAULT_CONNECT_TIMEOUT,
+            **TCP_KEEPALIVE,
         }
         params.update(extra)
         return make_conninfo("", **params)
@@ -262,6 +270,9 @@ class DestinationSettings(ConnectionSettings):
     # A batch transaction left idle this long (its client gone behind a pooler) is ended by
     # the server, releasing its locks (SET LOCAL idle_in_transaction_session_timeout).
     idle_in_transaction_timeout: float = 60.0
+    # Seconds a pipeline's writer may go without renewing its lease (every third of it)
+    # before a second process of the same pipeline, waiting as a standby, takes over.
+    lease_timeout: float = 30.0
     # Who may read the mirror (`replicator init`): the row-level security policy, SELECT on
     # the mirror tables and views, EXECUTE on its functions, the freshness view.
     analytics_roles: tuple[str, ...] = ("superset_readonly", "service_role")
@@ -291,6 +302,7 @@ class DestinationSettings(ConnectionSettings):
         _check_range("destination", "max_memory_mb", self.max_memory_mb, 1)
         _check_range("destination", "max_streams", self.max_streams, 0, 32)
         _check_choice("destination", "on_error", self.on_error, ON_ERROR)
+        _check_range("destination", "lease_timeout", self.lease_timeout, 3)
         for key in ("stall_timeout", "lock_timeout", "idle_in_transaction_timeout"):
             _check_range("destination", key, getattr(self, key), 0, exclusive_min=True)
         if self.lock_timeout >= self.stall_timeout:

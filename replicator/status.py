@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import catalog, state
+from . import catalog, lease, state
 from .classify import classify
 from .lsn import format_lsn, parse_lsn
 from .settings import Config
@@ -64,6 +64,14 @@ class Status:
     tables: list[TableStatus] = field(default_factory=list)
     # Secondary indexes of copied tables still being built ("mirror table: index"), in order.
     indexes_pending: list[str] = field(default_factory=list)
+    # The process holding the pipeline's lease (lease.py): "holding" (it renews), "released"
+    # (stopped cleanly), "expired" (stopped renewing: died, or cut off) or "none".
+    writer: str | None = None
+    writer_state: str = "none"
+    writer_generation: int | None = None
+    # holding: seconds until the lease expires; released/expired: seconds since.
+    writer_seconds: float | None = None
+    standby: str | None = None     # a second process waiting to take over
     problems: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -89,6 +97,8 @@ def collect(config: Config, max_lag_seconds: float) -> Status:
             synced = state.table_sync(dest, dst.state_schema, slot) if has_state else {}
             dead = state.dead_letter_count(dest, dst.state_schema, slot) if has_state else 0
             pending = _indexes_pending(dest, dst.state_schema, slot) if has_state else []
+            who = lease.writers(dest, dst.state_schema, slot) if has_state else \
+                lease.Writers(None, "none", None, None, None)
             names = [n for n, (st, _l, _m) in synced.items() if st != state.REMOVED]
             estimates = catalog.table_estimates(source, names)
             tables = [_table(dest, name, synced[name][2], synced[name][0], estimates.get(name))
@@ -110,7 +120,8 @@ def collect(config: Config, max_lag_seconds: float) -> Status:
         applied_at=updated.isoformat() if updated else None,
         last_batch_at=updated.isoformat() if updated else None,
         lag_bytes=lag_bytes, lag_seconds=lag_seconds, dead_letters=dead, tables=tables,
-        indexes_pending=pending)
+        indexes_pending=pending, writer=who.writer, writer_state=who.writer_state,
+        writer_generation=who.generation, writer_seconds=who.seconds, standby=who.standby)
     if st.synced and not wal.exists:
         st.problems.append(f"replication slot {slot!r} is missing: the mirror lost changes "
                            "(run `replicator resync --all`)")
@@ -181,7 +192,10 @@ def render(st: Status) -> str:
         ("lag", f"{_bytes(st.lag_bytes)}, {val(st.lag_seconds)} s"),
         ("last batch", val(st.last_batch_at)),
         ("dead letters", str(st.dead_letters)),
+        ("writer", _writer(st)),
     ]
+    if st.standby:
+        pairs.append(("standby", f"{st.standby} (waits to take over)"))
     if st.indexes_pending:
         shown = ", ".join(st.indexes_pending[:3]) + (", ..." if len(st.indexes_pending) > 3
                                                      else "")
@@ -202,6 +216,15 @@ def render(st: Status) -> str:
     for p in st.problems:
         lines.append(f"PROBLEM: {p}")
     return "\n".join(lines)
+
+
+def _writer(st: Status) -> str:
+    if st.writer is None:
+        return "- (no replicator has run)"
+    what = {"holding": f"holds the lease (expires in {st.writer_seconds} s unless renewed)",
+            "released": f"stopped cleanly {st.writer_seconds} s ago",
+            "expired": f"stopped renewing its lease {st.writer_seconds} s ago"}
+    return f"{st.writer}, generation {st.writer_generation}: {what[st.writer_state]}"
 
 
 def _bytes(n: int | None) -> str:

@@ -30,9 +30,9 @@ that, or more than the decoder could mark) gives up instead.
 
 Anything this path does not handle makes it give up (roll back, ``failed``), and the
 transaction is applied from its files at commit like any other: DDL or TRUNCATE inside it,
-a table with [mappings] options, dead letters or a copy in progress, a rollback of a
-subtransaction that has no savepoint, any destination error. Giving up loses nothing: the
-files hold it all.
+a table with [mappings] options or a copy in progress, a key with waiting dead letters
+(its changes queue behind them, apply.py), a rollback of a subtransaction that has no
+savepoint, any destination error. Giving up loses nothing: the files hold it all.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -61,6 +62,8 @@ log = logging.getLogger(__name__)
 QUEUE_CHUNKS = 2          # chunks waiting for this transaction's connection (on disk, not memory)
 BARRIER_POLL = 0.002      # seconds between looks at the applied position
 MAX_SAVEPOINTS = 32       # per destination transaction; a backend caches 64 subtransaction ids
+KEEPALIVES = 4            # statements sent per idle_in_transaction_session_timeout of waiting
+KEEPALIVE = "select 1"
 
 SAVEPOINT = sql.SQL("savepoint {}")
 ROLLBACK_TO = sql.SQL("rollback to savepoint {}")
@@ -130,6 +133,9 @@ class StreamApply(threading.Thread):
         self._blind = False             # marks were lost: some rows' xids are unknown
         self.savepoint_rollbacks = 0
         self._temp: dict[str, MirrorTable] = {}   # tables staged in temporary tables
+        self._lettered: set[str] = set()   # mirror tables with waiting dead letters
+        self._keepalive: float | None = None   # seconds between statements while waiting
+        self._waited_from = 0.0
 
     # -- the receiver's side ----------------------------------------------------
 
@@ -229,7 +235,7 @@ class StreamApply(threading.Thread):
             with conn.transaction(), conn.cursor() as cur:
                 self._begin(cur)
                 while True:
-                    item = self._queue.get()
+                    item = self._next(cur)
                     if item is _ABORT or self.failed is not None:
                         raise psycopg.Rollback()
                     if isinstance(item, _Commit):
@@ -269,17 +275,47 @@ class StreamApply(threading.Thread):
         assert applier is not None
         cur.execute("set local synchronous_commit = on")
         if applier.limits is not None:
-            applier.limits.set_local(cur)
-        # Open across the source transaction's pauses, however long: it is ours, not orphaned.
-        cur.execute("select set_config('idle_in_transaction_session_timeout', '0', true)")
-        if state.lettered_tables(cur, applier.state_schema, applier.slot):
-            raise GiveUp("dead letters are waiting")
+            applier.limits.set_local(cur, fence=applier.fence)
+        elif applier.fence is not None:
+            applier.fence.check(cur)
+        # Open across the source transaction's pauses, however long. The server still ends
+        # it once idle for idle_in_transaction_session_timeout (after a kill behind a pooler
+        # that keeps the connection, its row locks would otherwise stay for ever); alive, it
+        # never is: while it waits it sends a statement every KEEPALIVES-th of that.
+        cur.execute("select setting::int8 from pg_settings "
+                    "where name = 'idle_in_transaction_session_timeout'")
+        row = cur.fetchone()
+        idle_ms = int(row[0]) if row else 0
+        self._keepalive = idle_ms / 1000 / KEEPALIVES if idle_ms > 0 else None
+
+    def _next(self, cur: psycopg.Cursor) -> Any:   # what _queue holds
+        """The next chunk, abort or commit; the transaction kept busy while it waits."""
+        idle_from = time.monotonic()
+        while True:
+            try:
+                item = self._queue.get(timeout=self._keepalive)
+                break
+            except queue.Empty:
+                cur.execute(KEEPALIVE)
+                idle_from = time.monotonic()
+        # A barrier wait next is more of the same idle time.
+        self._waited_from = idle_from
+        return item
 
     def _apply(self, cur: psycopg.Cursor, chunk: _Chunk) -> None:
+        applier = self._applier
+        assert applier is not None
         while self._handoff.applied < chunk.barrier:
             if self.failed is not None:
                 raise psycopg.Rollback()
             time.sleep(BARRIER_POLL)
+            if self._keepalive is not None and \
+                    time.monotonic() - self._waited_from >= self._keepalive:
+                cur.execute(KEEPALIVE)
+                self._waited_from = time.monotonic()
+        # Read again for every chunk: a transaction applied since the last one may have
+        # left a letter on a key this chunk writes (it committed before the chunk came).
+        self._lettered = state.lettered_tables(cur, applier.state_schema, applier.slot)
         cuts = self._cuts(chunk)
         if not cuts:
             for tr in chunk.tables:
@@ -331,9 +367,13 @@ class StreamApply(threading.Thread):
         table = self._temp.get(tr.table.qualname)
         if table is None or table.columns != tr.table.columns:
             table = self._temp[tr.table.qualname] = replace(tr.table, temp_stage=True)
-        if applier.merge_streamed(cur, table, data, bool(tr.unchanged), level):
-            # Unchanged-TOAST values the mirror cannot supply: dead letters, which
-            # need the commit LSN; the applier writes them at the commit.
+        dead = applier.merge_streamed(cur, table, data, bool(tr.unchanged), level,
+                                      lettered=tr.table.qualname in self._lettered)
+        # Dead letters need the commit LSN: the applier writes them at the commit.
+        if dead is None:
+            raise GiveUp("a key with a waiting dead letter")
+        if dead:
+            # Unchanged-TOAST values the mirror cannot supply.
             raise GiveUp("a change the mirror cannot complete")
         rows, inserts, updates, deletes = counts
         level.rows += rows

@@ -48,10 +48,12 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import catalog, state
+from . import catalog, lease, state
 from .classify import classify
 from .errors import ConfigError, ErrorKind, ReplicatorError
+from .lease import Fence
 from .lsn import format_lsn, parse_lsn
+from .preflight import check_read_privileges
 from .schema import FIRST_USER_OID, column_types
 from .settings import Config
 
@@ -411,6 +413,7 @@ class Verifier:
         self.dst.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         self.dst.read_only = True
         self.dst_write: psycopg.Connection | None = None    # --repair only
+        self.fence: Fence | None = None    # --repair only: the lease as found
         self.drifted: dict[str, tuple[TablePlan, dict[Key, Pair]]] = {}
 
     @staticmethod
@@ -638,6 +641,10 @@ class Verifier:
         plan, pairs = self.drifted[source_table]
         if self.dst_write is None:
             self.dst_write = self._connect(self.config.destination, REPAIR_OPTIONS)
+            # The lease as found now: a takeover by another `run` fails the repair's
+            # transactions before they write (lease.py).
+            self.fence = lease.observe(self.dst_write, self.state_schema, self.slot,
+                                       "`replicator verify --repair`")
         conn = self.dst_write
         for _attempt in range(REPAIR_ATTEMPTS):
             try:
@@ -654,6 +661,8 @@ class Verifier:
 
     def _repair_locked(self, conn: psycopg.Connection, plan: TablePlan,
                        pairs: dict[Key, Pair]) -> tuple[int, int]:
+        assert self.fence is not None, "repair() observes the lease first"
+        self.fence.check(conn)
         applied = state.lock_pipeline(conn, self.state_schema, self.slot)
         st, mirror = state.table_sync(conn, self.state_schema, self.slot).get(
             plan.source_table, ("missing", 0, ""))[0::2]
@@ -698,6 +707,8 @@ def verify(config: Config, tables: list[str] | None = None, wait: float = 60.0,
     verifier = Verifier(config, wait)
     try:
         chosen = verifier.tables(tables)
+        # One line with the GRANT, not a "permission denied" halfway through the tables.
+        check_read_privileges(verifier.src, config, only=chosen)
         results = []
         for name, (st, mirror) in chosen.items():
             result = verifier.verify_table(name, st, mirror)

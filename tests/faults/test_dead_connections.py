@@ -341,3 +341,85 @@ def test_sigterm_during_a_copy_from_a_dead_source_exits_by_the_deadline(source_d
     p.forward()
     assert r.run_until_caught_up(60) == 0, r.logs()
     assert_same(source_db, dest_db, "t")
+
+
+def marker_in_mirror(dest_db: Any, key: int) -> bool:
+    return dest_db.scalar(f"select count(*) from {MIRROR_SCHEMA}.t where id = %s", [key]) == 1
+
+
+def test_black_holed_destination_during_streaming_resumes_soon_after_healing(
+        source_db, dest_db, proxy, replicator):
+    """Default stall_timeout (300 s): the watchdog, not the deadline, notices the dead batch.
+
+    The black hole outlasts the watchdog; when it heals, the old connections stay dead (a
+    dead NAT entry, a pooler that lost them) and new ones pass.
+    """
+    setup_source(source_db)
+    p = proxy(dest_db)
+    r = replicator(destination=proxied(dest_db, p), **BATCHES)
+    r.start(env={failpoints.ENV: f"{failpoints.BATCH_BEFORE_COMMIT}=sleep:0.5"})
+    wait_for(r.streaming, 30, "streaming")
+    writer = Writer(source_db)
+    writer.start()
+    wait_for(lambda: '"failpoint"' in r.current(), 20, "a batch in flight")
+    p.blackhole()
+    time.sleep(35)  # the outage: longer than the watchdog needs
+    p.forward(reset=False)
+    healed = time.monotonic()
+    source_db.execute("insert into t values (999999, 'marker')")
+    wait_for(lambda: marker_in_mirror(dest_db, 999999), 60, "the marker")
+    assert time.monotonic() - healed <= 40, r.logs()
+    writer.stop()
+    wait_for(lambda: caught_up(source_db, dest_db), 30, "catching up")
+    assert_same(source_db, dest_db, "t")
+    assert r.alive, r.logs()
+
+
+def test_black_holed_destination_during_an_initial_copy_resumes_soon_after_healing(
+        source_db, dest_db, proxy, replicator):
+    """The copy has no deadline at all: the watchdog shuts its dead connection and ends the
+    backend it left in COPY (which would hold the mirror table from the next copy for ever)."""
+    source_db.execute("create table t (id int primary key, v text not null)")
+    source_db.execute("insert into t select g, repeat('x', 200) "
+                      "from generate_series(1, 100000) g")
+    source_db.execute(f"create publication {PUBLICATION} for table t")
+    p = proxy(dest_db)
+    p.delay(20)  # a slow link: the copy takes seconds
+    p.keep_server_side()  # the pooler keeps the backend in COPY, and its lock on the mirror
+    r = replicator(destination=proxied(dest_db, p), **BATCHES)
+    r.start()
+    wait_for(lambda: dest_db.scalar("select count(*) from pg_stat_progress_copy "
+                                    "where bytes_processed > 0") == 1, 30, "the copy")
+    p.blackhole()
+    time.sleep(35)  # the outage: longer than the watchdog needs
+    p.forward(reset=False)
+    healed = time.monotonic()
+    source_db.execute("insert into t values (999999, 'marker')")
+    wait_for(lambda: marker_in_mirror(dest_db, 999999), 60, "the marker")
+    assert time.monotonic() - healed <= 40, r.logs()
+    assert_same(source_db, dest_db, "t")
+    assert r.alive, r.logs()
+    assert "ended the destination backend a dead connection left behind" in r.current()
+
+
+def test_long_merge_on_a_live_destination_is_left_to_run(source_db, dest_db, replicator):
+    """Default stall_timeout: a MERGE slowed to 30 s by a trigger is looked at by the
+    watchdog (its backend is active) and left alone, longer than the watchdog needs to shut
+    a dead connection."""
+    setup_source(source_db)
+    r = replicator(**BATCHES)
+    r.start()
+    wait_for(r.streaming, 30, "streaming")
+    dest_db.execute(f"create function {MIRROR_SCHEMA}.slow() returns trigger language plpgsql "
+                    "as $$ begin if new.id = 5000 then perform pg_sleep(30); end if; "
+                    "return new; end $$")
+    dest_db.execute(f"create trigger slow before insert on {MIRROR_SCHEMA}.t for each row "
+                    f"execute function {MIRROR_SCHEMA}.slow()")
+    source_db.execute("insert into t values (5000, 'slow')")
+    wait_for(lambda: "waiting on a long destination statement" in r.current(), 30,
+             "the watchdog's look")
+    wait_for(lambda: marker_in_mirror(dest_db, 5000), 60, "the slow batch")
+    out = r.current()
+    assert "connection is dead" not in out, r.logs()
+    assert retries(out) == [], r.logs()
+    assert_same(source_db, dest_db, "t")

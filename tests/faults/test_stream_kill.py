@@ -13,6 +13,7 @@ import signal
 import time
 
 import pytest
+from plugins.proxy import proxied
 from plugins.replicator import json_logging, table_rows, wait_for
 from zoo import setup_zoo, zoo_rows
 
@@ -118,3 +119,40 @@ def test_killed_after_a_subtransaction_rolled_back_in_the_open_transaction(
     assert rep.run_until_caught_up(timeout=90) == 0, rep.logs()
     source, mirror = table_rows(source_db, "zoo"), table_rows(dest_db, "zoo", "odoo_mirror")
     assert len(source) == 1000 + 3001 + 2001 and source == mirror
+
+
+# Writing destination transactions left open: the replicator's, or its orphan's.
+WRITING_IDLE = ("select count(*) from pg_stat_activity where datname = current_database() "
+                "and state = 'idle in transaction' and backend_xid is not null")
+
+
+@pytest.mark.parametrize(
+    "source_cluster", [pytest.param(15, id="pg15", marks=pytest.mark.pg15)], indirect=True)
+def test_orphan_of_a_transaction_applied_while_it_ran_is_ended_by_the_server(
+        source_db, dest_db, replicator, proxy):
+    """Killed behind a pooler that keeps its server connection: the open destination
+    transaction of a streamed source transaction, holding the mirror rows it merged, is ended
+    by the server after idle_in_transaction_timeout, and the next run gets past its locks."""
+    setup_zoo(source_db)
+    source_db.execute(zoo_rows(1000))
+    p = proxy(dest_db)
+    p.keep_server_side()
+    first = replicator(**{**SETTINGS, "destination": proxied(
+        dest_db, p, idle_in_transaction_timeout=4, lease_timeout=3)})
+    first.start()
+    wait_for(lambda: mirror_count(dest_db) == 1000, 60, what="the initial copy")
+    with source_db.connect(autocommit=False) as big:
+        big.execute("update zoo set code = 'big' where id <= 100")
+        big.execute(zoo_rows(8000, start=2000))
+        wait_for(lambda: dest_db.scalar(WRITING_IDLE) == 1, 30,
+                 what="the chunks merged into an open destination transaction")
+        p.blackhole()
+        first.kill()
+        assert dest_db.scalar(WRITING_IDLE) == 1      # the orphan, holding rows 1..100
+        big.commit()
+    source_db.execute("update zoo set code = 'after big' where id <= 10")
+    second = replicator(**{**SETTINGS, "destination": {"lock_timeout": 1, "lease_timeout": 3}})
+    code = second.run_until_caught_up(timeout=60)
+    assert code == 0, second.logs()
+    assert dest_db.scalar(WRITING_IDLE) == 0
+    assert table_rows(source_db, "zoo") == table_rows(dest_db, "zoo", "odoo_mirror")

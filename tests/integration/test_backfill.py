@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -19,7 +20,7 @@ from plugins.replicator import (
 )
 from zoo import setup_zoo, zoo_rows
 
-from replicator import failpoints, status
+from replicator import failpoints, state, status
 from replicator.cli import main as cli_main
 from replicator.devtools.odoo import TABLE_NAMES
 from replicator.devtools.seed import seed
@@ -245,3 +246,76 @@ def test_resync_of_unknown_table_is_one_clear_line(source_db, dest_db, tmp_path,
     assert cli_main(["resync", "--config", str(config), "--table", "nope"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "public.nope" in err[0] and "public.a" in err[0]
+
+
+# -- secondary indexes from the catalog, not from parsed text --------------------------------
+
+INDEXES = [
+    # Names that read as SQL: each must stay a name.
+    ('create index {} on t (name)', "k USING hash (name) WITH (fillfactor=11) WHERE (id > 0)--"),
+    ('create index {} on t (code)', "x USING btree (id); drop table odoo_mirror.t; --"),
+    ('create index {} on t (n)', 'k"; drop table x'),
+    # Every catalog field the statement is built from.
+    ("create unique index {} on t (code desc nulls last, n nulls first) include (name) "
+     "where n > 10", "t_unique_desc"),
+    ("create index {} on t using btree (lower(name) text_pattern_ops, (n + 1) desc) "
+     "with (fillfactor = 70, deduplicate_items = off)", "t_expr"),
+    ("create index {} on t using hash (code) with (fillfactor = 60)", "t_hash"),
+    ('create index {} on t (name collate "C", code collate "POSIX" desc)', "t_collate"),
+    ("create index {} on t using gin (to_tsvector('simple'::regconfig, name))", "t_gin"),
+]
+
+
+def _indexdefs(db, schema: str) -> dict[str, str]:
+    return dict(db.fetchall(
+        "select c.relname, pg_get_indexdef(c.oid) from pg_index i join pg_class c "
+        "on c.oid = i.indexrelid where i.indrelid = %s::regclass and not i.indisprimary",
+        [f"{schema}.t"]))
+
+
+def test_index_names_that_read_as_sql_are_names(source_db, dest_db):
+    source_db.execute("create table t (id int primary key, name text, code text, n int)")
+    source_db.execute("insert into t select i, 'n' || i, 'c' || i, i "
+                      "from generate_series(1, 200) i")
+    for stmt, name in INDEXES:
+        source_db.execute(psycopg.sql.SQL(stmt).format(psycopg.sql.Identifier(name)))
+    source_db.execute(f"create publication {PUBLICATION} for table t")
+    catch_up(source_db, dest_db)
+    with running(source_db, dest_db):
+        wait_for(lambda: pending_indexes(dest_db) == 0, what="secondary indexes built")
+    # The mirror's indexes are the source's, on the mirror table, none unique.
+    want = {n: d.replace(" ON public.t USING ", " ON odoo_mirror.t USING ", 1)
+            .replace("CREATE UNIQUE INDEX ", "CREATE INDEX ", 1)
+            for n, d in _indexdefs(source_db, "public").items()}
+    assert len(want) == len(INDEXES)
+    assert _indexdefs(dest_db, "odoo_mirror") == want
+    assert_same(source_db, dest_db, "t")
+
+
+def test_an_index_that_keeps_failing_is_given_up_and_the_next_built(source_db, dest_db,
+                                                                     caplog):
+    source_db.execute("create table t (id int primary key, name text, n int)")
+    source_db.execute("insert into t select i, 'n' || i, i from generate_series(1, 200) i")
+    source_db.execute(f"create publication {PUBLICATION} for table t")
+    catch_up(source_db, dest_db)
+    # As an earlier version recorded a source index whose name held " USING ": a
+    # statement the destination refuses every time (CONCURRENTLY in a multi-statement
+    # string), first in line.
+    slot = dest_db.scalar("select slot from replicator.tables")
+    bad = ('create index concurrently if not exists "x" on "odoo_mirror"."t" using btree (id); '
+           'drop table odoo_mirror.t; --" ON public.t USING btree (name)')
+    good = 'create index concurrently if not exists "t_n" on "odoo_mirror"."t" using btree (n)'
+    with dest_db.connect() as conn:
+        state.record_index_builds(conn, "replicator", slot, "odoo_mirror.t", [
+            state.IndexBuild("odoo_mirror.t", "odoo_mirror", "x", bad),
+            state.IndexBuild("odoo_mirror.t", "odoo_mirror", "t_n", good)])
+    caplog.set_level(logging.INFO, logger="replicator")
+    with running(source_db, dest_db):
+        wait_for(lambda: pending_indexes(dest_db) == 0, what="the index builds done or given up")
+    given_up = [r for r in caplog.records if "given up" in r.getMessage()]
+    assert len(given_up) == 1, [r.getMessage() for r in caplog.records]
+    assert given_up[0].index == "x" and given_up[0].sqlstate == "25001"
+    assert dest_db.scalar("select indisvalid from pg_index "
+                          "where indexrelid = 'odoo_mirror.t_n'::regclass")
+    assert dest_db.scalar("select to_regclass('odoo_mirror.x')") is None
+    assert_same(source_db, dest_db, "t")

@@ -69,8 +69,10 @@ def test_empty_publication(source_db, dest_db, tmp_path):
 
 
 def test_slot_in_use_by_another_process(source_db, dest_db, tmp_path):
-    """A second replicator on the same slot: the first keeps streaming, the second says
-    who holds the slot and gives up after retry_timeout."""
+    """Another pipeline (its own state schema, so its own lease) configured with the same
+    slot: the first keeps streaming, the second says who holds the slot and gives up after
+    retry_timeout. (A second process of the same pipeline waits as a standby instead:
+    tests/faults/test_single_writer.py.)"""
     _published_table(source_db)
     first_dir = tmp_path / "first"
     first_dir.mkdir()
@@ -78,7 +80,8 @@ def test_slot_in_use_by_another_process(source_db, dest_db, tmp_path):
     first.start()
     try:
         wait_for(first.streaming, 60, "the first replicator streaming")
-        config = cli_config(tmp_path, source_db, dest_db, source={"retry_timeout": 3})
+        config = cli_config(tmp_path, source_db, dest_db, source={"retry_timeout": 3},
+                            destination={"state_schema": "other_pipeline"})
         line = _run(config, tmp_path)
         assert "another process is using the replication slot" in line, line
         assert PUBLICATION in line, line

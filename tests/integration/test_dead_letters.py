@@ -21,6 +21,8 @@ from plugins.replicator import (
     PASSWORD_VAR,
     PUBLICATION,
     assert_same,
+    catch_up,
+    make_config,
     running,
     wait_for,
     write_config,
@@ -399,3 +401,50 @@ def test_logs_to_a_file_carry_events_and_no_secret_or_row_value(source_db, dest_
     for secret in (password, password[:12], urllib.parse.quote(password), "dbname=",
                    "password=", marker):
         assert secret not in text, secret
+
+
+def test_a_retry_writes_soft_deletes_and_history_as_the_applier_does(source_db, dest_db):
+    """[mappings] soft_delete: a queued delete marks the row (it stays), a re-insert of a
+    marked key clears the mark; history: every retried change reaches <table>_history, at
+    its transaction's LSN."""
+    source_db.execute("create table s (id integer primary key, name text)")
+    source_db.execute("create table h (id integer primary key, name text)")
+    source_db.execute("insert into s values (1, 'a'), (2, 'b')")
+    source_db.execute("insert into h values (1, 'a')")
+    source_db.execute(f"create publication {PUBLICATION} for table s, h")
+    keys = {"mappings": {"s": {"soft_delete": True}, "h": {"history": True}},
+            "on_error": "dead_letter"}
+    config = make_config(source_db, dest_db, **keys)
+    catch_up(source_db, dest_db, **keys)
+    source_db.execute("delete from s where id = 2")                      # marked
+    catch_up(source_db, dest_db, **keys)
+    for t in ("s", "h"):
+        dest_db.execute(f"alter table odoo_mirror.{t} add constraint no_bad_{t} "
+                        "check (name is distinct from 'bad')")
+    source_db.execute("update s set name = 'bad' where id = 1")         # lettered
+    source_db.execute("insert into s values (2, 'bad')")                 # the marked key back
+    source_db.execute("update h set name = 'bad' where id = 1")
+    catch_up(source_db, dest_db, **keys)
+    # Later batches: these queue behind the letters of their keys.
+    source_db.execute("delete from s where id = 1")
+    source_db.execute("update h set name = 'fine' where id = 1")
+    catch_up(source_db, dest_db, **keys)
+    waiting = dest_db.fetchall("select mirror_table, op, key_data->>'id', lsn "
+                               "from replicator.dead_letters order by mirror_table, id")
+    assert [w[:3] for w in waiting] == [
+        ("odoo_mirror.h", "U", "1"), ("odoo_mirror.h", "U", "1"),
+        ("odoo_mirror.s", "U", "1"), ("odoo_mirror.s", "I", "2"), ("odoo_mirror.s", "D", "1")]
+    history = "select _op, id, name, _lsn from odoo_mirror.h_history order by _lsn, _seq"
+    before = dest_db.fetchall(history)
+
+    for t in ("s", "h"):
+        dest_db.execute(f"alter table odoo_mirror.{t} drop constraint no_bad_{t}")
+    with psycopg.connect(dest_db.dsn, autocommit=True) as conn:
+        out = dead_letters.retry(conn, "replicator", config.source.slot,
+                                 options=dead_letters.mirror_options(config))
+    assert (out.applied, out.failed) == (5, [])
+    assert dest_db.fetchall("select id, name, _deleted_at is not null from odoo_mirror.s "
+                            "order by id") == [(1, "bad", True), (2, "bad", False)]
+    assert dest_db.fetchall(history) == before + [
+        ("U", 1, "bad", waiting[0][3]), ("U", 1, "fine", waiting[1][3])]
+    assert_same(source_db, dest_db, "h")

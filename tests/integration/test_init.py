@@ -27,8 +27,11 @@ from plugins.replicator import (
     PASSWORD_VAR,
     PUBLICATION,
     ReplicatorProcess,
+    catch_up,
     json_logging,
+    make_config,
     replicator_env,
+    table_columns,
     wait_for,
     write_config,
 )
@@ -36,6 +39,7 @@ from plugins.replicator import (
 from replicator import failpoints
 from replicator.devtools.odoo import TABLE_NAMES, TABLES, create_table_statement
 from replicator.devtools.seed import seed
+from replicator.init import init
 
 MIRROR = "odoo_mirror"
 # What init sets up is the destination's, and so is the memory trigger: one source version is
@@ -488,3 +492,163 @@ def test_init_while_run_streams(tmp_path, source_db, owned_dest, pgbouncer):
                               "order by id")
     assert src == dst
     assert len(_chunks(owned_dest)) > 0
+
+
+@DEST_ONLY
+def test_init_creates_the_mirror_as_its_mappings_say(source_db, dest_db):
+    """No column that [mappings] excludes (the first copy would drop it again), and the
+    _deleted_at of a soft-deleted table: the mirror table the first copy would create."""
+    counts = _seeded(source_db)
+    mappings: dict[str, Any] = {name: name for name in SIX}   # the views need all six
+    mappings["res_partner"] = {"exclude": ["email", "phone"], "soft_delete": True}
+    config = make_config(source_db, dest_db, mappings=mappings)
+    init(config, say=lambda _line: None)
+    with dest_db.connect() as conn:
+        columns = table_columns(conn, MIRROR, "res_partner")
+        with source_db.connect() as src:
+            source = table_columns(src, "public", "res_partner")
+    assert "email" in source and "phone" in source
+    assert columns == [c for c in source if c not in ("email", "phone")] + ["_deleted_at"]
+    catch_up(source_db, dest_db, mappings=mappings)
+    with dest_db.connect() as conn:
+        assert table_columns(conn, MIRROR, "res_partner") == columns
+    assert dest_db.scalar(f"select count(*) from {MIRROR}.res_partner") \
+        == counts["res_partner"]
+
+
+# -- default privileges: nobody but the replicator writes, nobody's trigger runs -----------
+
+
+def _default_privileges(dest_db: Any) -> None:
+    """What Supabase's guide for exposing a custom schema sets up: usage, and every privilege
+    on every table the owner creates there, for anon (STRANGER here) and service_role."""
+    with dest_db.connect() as conn:
+        conn.execute(f"grant usage on schema {MIRROR} to {STRANGER}, service_role")
+        conn.execute(f"alter default privileges for role {OWNER} in schema {MIRROR} "
+                     f"grant all on tables to {STRANGER}, service_role")
+        # A trigger function anyone may execute: what a role with TRIGGER would attach.
+        conn.execute("create function public.spy() returns trigger language plpgsql "
+                     "as $$ begin return new; end $$")
+
+
+def _others(dest_db: Any, table: str) -> list[tuple]:
+    """Every privilege on a mirror table, its columns included, of anyone but its owner."""
+    return dest_db.fetchall(
+        "select coalesce(g.rolname, 'public'), a.privilege_type, a.is_grantable from pg_class c "
+        "cross join lateral aclexplode(c.relacl) a left join pg_roles g on g.oid = a.grantee "
+        "where c.oid = %(t)s::regclass and a.grantee <> c.relowner "
+        "union all select coalesce(g.rolname, 'public'), a.privilege_type || ' (column)', "
+        "a.is_grantable from pg_attribute t join pg_class c on c.oid = t.attrelid "
+        "cross join lateral aclexplode(t.attacl) a left join pg_roles g on g.oid = a.grantee "
+        "where c.oid = %(t)s::regclass and a.grantee <> c.relowner order by 1, 2",
+        {"t": f"{MIRROR}.{table}"})
+
+
+READERS_SELECT = [("service_role", "SELECT", False), ("superset_readonly", "SELECT", False)]
+
+
+def _cannot_trigger(pgbouncer: Any, dest_db: Any, role: str, table: str) -> None:
+    with _as(pgbouncer, dest_db, role) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute(f"create trigger spy before insert on {MIRROR}.{table} "
+                         "for each row execute function public.spy()")
+
+
+@DEST_ONLY
+def test_history_table_run_creates_is_secured_like_the_mirror_table(
+        tmp_path, source_db, owned_dest, pgbouncer):
+    source_db.execute("create table t (id int primary key, name text)")
+    source_db.execute("insert into t select i, 'n' || i from generate_series(1, 5) i")
+    source_db.execute(f"create publication {PUBLICATION} for table t")
+    _default_privileges(owned_dest)
+    config = _config(tmp_path, source_db, owned_dest, pgbouncer)
+    with config.open("a") as f:
+        f.write("\n[mappings.t]\nhistory = true\n")
+    rep = _process(config)
+    _catch_up(rep)   # `run` alone, no init: it creates t and t_history
+    source_db.execute("update t set name = 'changed' where id <= 2")
+    _catch_up(rep)
+
+    for table in ("t", "t_history"):
+        row = owned_dest.fetchone(
+            "select c.relrowsecurity, p.polroles::regrole[]::text from pg_class c "
+            "left join pg_policy p on p.polrelid = c.oid and p.polname = 'Analytics access only' "
+            "where c.oid = %s::regclass", [f"{MIRROR}.{table}"])
+        assert row == (True, "{superset_readonly,service_role}"), table
+        assert _others(owned_dest, table) == READERS_SELECT, table
+        _cannot_trigger(pgbouncer, owned_dest, STRANGER, table)
+        _cannot_trigger(pgbouncer, owned_dest, "service_role", table)
+    with _as(pgbouncer, owned_dest, STRANGER) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute(f"select count(*) from {MIRROR}.t_history")
+    with _as(pgbouncer, owned_dest, STRANGER) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute(f"insert into {MIRROR}.t_history (_op, _lsn, _seq, id, name) "
+                         "values ('I', '0/1', 1, 99, 'forged')")
+    with _as(pgbouncer, owned_dest, "service_role") as conn:
+        assert conn.execute(f"select count(*) from {MIRROR}.t_history").fetchone() == (2,)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute(f"delete from {MIRROR}.t_history")
+
+
+def _check(config: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "replicator", "check", "--config", str(config)],
+        env=replicator_env(**{PASSWORD_VAR: ROLE_PASSWORD}), capture_output=True, text=True,
+        timeout=120, cwd=config.parent)
+
+
+@DEST_ONLY
+def test_init_revokes_every_other_privilege_and_check_reports_a_user_trigger(
+        tmp_path, source_db, owned_dest, pgbouncer, dest_db):
+    _seeded(source_db)
+    _default_privileges(owned_dest)
+    config = _config(tmp_path, source_db, owned_dest, pgbouncer, memory_triggers=True)
+    out = _ok(_init(config))
+    assert "warning" not in out, out
+    relations = [r[0] for r in owned_dest.fetchall(
+        "select relname from pg_class where relnamespace = %s::regnamespace "
+        "and relkind in ('r', 'v') order by 1", [MIRROR])]
+    assert set(SIX) < set(relations) and "v_open_tasks" in relations
+    for relation in relations:
+        assert _others(owned_dest, relation) == READERS_SELECT, relation
+    _cannot_trigger(pgbouncer, owned_dest, STRANGER, "res_partner")
+
+    # Tables secured by an earlier version, or granted to by hand: a second init takes
+    # back everything but the readers' SELECT.
+    with _as(pgbouncer, owned_dest, OWNER) as conn:
+        conn.execute(f"grant all on {MIRROR}.res_partner to {STRANGER}")
+        conn.execute(f"grant insert, trigger, references on {MIRROR}.account_move "
+                     "to service_role")
+        conn.execute(f"grant select on {MIRROR}.hr_expense to {OUTSIDER} with grant option")
+        conn.execute(f"grant update (name) on {MIRROR}.project_task to {OUTSIDER}")
+        conn.execute(f"grant usage on schema {MIRROR} to {OUTSIDER}")
+    with _as(pgbouncer, owned_dest, OUTSIDER) as conn:
+        conn.execute(f"grant select on {MIRROR}.hr_expense to {STRANGER}")
+    out = _ok(_init(config))
+    revoked = [line for line in out.splitlines() if "revoked" in line]
+    # One line a grantee: STRANGER's SELECT on hr_expense came from OUTSIDER's grant option.
+    assert len(revoked) == 5, out
+    assert any(f"{MIRROR}.res_partner" in line and STRANGER in line and "TRIGGER" in line
+               for line in revoked), out
+    assert any(f"{MIRROR}.project_task" in line and "UPDATE on a column" in line
+               for line in revoked), out
+    for relation in relations:
+        assert _others(owned_dest, relation) == READERS_SELECT, relation
+    _cannot_trigger(pgbouncer, owned_dest, STRANGER, "res_partner")
+    _cannot_trigger(pgbouncer, owned_dest, "service_role", "account_move")
+    assert "up to date, nothing changed" in _ok(_init(config))
+
+    # A trigger only a superuser could put there now: check and init say so, one line,
+    # and say nothing of the memory trigger init made.
+    dest_db.execute(f"create trigger spy after insert on {MIRROR}.res_partner "
+                    "for each row execute function public.spy()")
+    proc = _check(config)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    warnings = [line for line in proc.stdout.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1, proc.stdout
+    assert f"{MIRROR}.res_partner" in warnings[0] and "trigger spy" in warnings[0]
+    assert "public.spy()" in warnings[0] and "drop trigger" in warnings[0]
+    out = _ok(_init(config))
+    assert [line for line in out.splitlines() if "warning" in line] == [
+        "  warning: " + warnings[0].split("WARNING: ", 1)[1]]

@@ -11,12 +11,16 @@ source really streamed (the receiver logs each streamed commit with its chunks).
 
 from __future__ import annotations
 
+import gc
 import random
 
+import psycopg
 import pytest
 from plugins.replicator import PUBLICATION, assert_same, catch_up, running, table_rows, wait_for
 from zoo import setup_zoo, zoo_rows
 
+from replicator import dead_letters
+from replicator.receiver import Receiver
 from replicator.stream_apply import MAX_SAVEPOINTS
 
 STREAMING = {"logical_decoding_work_mem": "64kB"}
@@ -362,3 +366,83 @@ def test_streamed_transactions_through_pgbouncer(source_db, dest_db, owned_dest,
     assert len(early) == 1 and early[0] > 1, early
     assert gave_up(caplog) == ["a subtransaction without a savepoint rolled back"]
     assert_same(source_db, dest_db, "zoo")
+
+
+def letters(dest_db) -> list[tuple]:
+    return dest_db.fetchall("select key_data, op, row_data->>'name' from replicator.dead_letters "
+                            "order by id")
+
+
+def test_a_streamed_change_of_a_lettered_key_queues_behind_its_letter(source_db, dest_db,
+                                                                      caplog):
+    """A small transaction's change of key 1 is lettered while a big one streams; the big one
+    then writes key 1: that change queues behind the letter (it is not merged over it), and a
+    retry applies both in order, so the mirror ends with the source's newest value."""
+    source_db.execute("create table t (id integer primary key, name text)")
+    source_db.execute("insert into t select i, 'a' from generate_series(1, 10) i")
+    source_db.execute(f"create publication {PUBLICATION} for table t")
+    slot = catch_up(source_db, dest_db, on_error="dead_letter", **STREAMING).config.source.slot
+    dest_db.execute("alter table odoo_mirror.t add constraint no_bad "
+                    "check (name is distinct from 'bad')")
+    with source_db.connect(autocommit=False) as big:
+        # Streamed in chunks, the first ones before the small transaction commits: its
+        # destination transaction is open before the letter exists.
+        big.execute("insert into t select i, repeat('n', 50) from generate_series(1000, 7000) i")
+        source_db.execute("update t set name = 'bad' where id = 1")   # the mirror rejects it
+        big.execute("update t set name = 'newest' where id = 1")
+        big.execute("insert into t select i, repeat('n', 50) from generate_series(8000, 14000) i")
+        big.commit()
+    chunks = caught_up(source_db, dest_db, caplog, on_error="dead_letter")
+    assert len(chunks) == 1 and chunks[0] > 1, chunks
+    assert gave_up(caplog) == ["a key with a waiting dead letter"]
+    assert letters(dest_db) == [({"id": 1}, "U", "bad"), ({"id": 1}, "U", "newest")]
+    assert dest_db.scalar("select name from odoo_mirror.t where id = 1") == "a"
+    assert dest_db.scalar("select count(*) from odoo_mirror.t") == 10 + 6001 + 6001
+
+    dest_db.execute("alter table odoo_mirror.t drop constraint no_bad")
+    with psycopg.connect(dest_db.dsn, autocommit=True) as conn:
+        out = dead_letters.retry(conn, "replicator", slot)
+    assert (out.applied, out.failed) == (2, [])
+    assert letters(dest_db) == []
+    assert_same(source_db, dest_db, "t")
+
+
+def test_a_session_keeps_no_finished_stream_worker(zoo, dest_db, caplog):
+    """Each big transaction applied while it ran leaves its thread behind once committed:
+    the receiver holds on to the ones still running only."""
+    with caplog.at_level("DEBUG", logger="replicator"), \
+            running(zoo, dest_db, **STREAMING) as pipeline:
+        for i in range(4):
+            start = 10_000 * (i + 1)
+            zoo.execute(zoo_rows(start + 5000, start=start))
+            wait_for(lambda: dest_db.scalar("select count(*) from odoo_mirror.zoo")
+                     == 1000 + 5001 * (i + 1), what=f"big transaction {i}")   # noqa: B023
+        receivers = [o for o in gc.get_objects() if isinstance(o, Receiver)
+                     and o.stop_requested is pipeline.stop_requested]
+        assert len(receivers) == 1
+        # The last one's thread may still be closing its connection.
+        assert len(receivers[0].workers) <= 2, receivers[0].workers
+    assert len(applied_while_running(caplog)) == 4
+
+
+def test_a_streamed_transaction_outlives_the_idle_timeout_while_its_source_pauses(
+        zoo, dest_db, caplog):
+    """The server ends a destination transaction idle for idle_in_transaction_timeout (an
+    orphan's bound): a live one waiting for its next chunk is kept busy, however long the
+    source transaction pauses."""
+    with caplog.at_level("DEBUG", logger="replicator"), \
+            running(zoo, dest_db, idle_in_transaction_timeout=1, **STREAMING), \
+            zoo.connect(autocommit=False) as conn:
+        conn.execute(zoo_rows(15_000, start=10_000))
+        wait_for(lambda: writing_replicator_transactions(dest_db) == 1,
+                 what="a destination transaction holding the chunks")
+        # The pause is the scenario (an Odoo worker busy elsewhere), not a synchronisation.
+        conn.execute("select pg_sleep(3)")
+        assert writing_replicator_transactions(dest_db) == 1
+        conn.execute("update zoo set code = 'after the pause' where id <= 10")
+        conn.commit()
+        wait_for(lambda: dest_db.scalar("select count(*) from odoo_mirror.zoo") == 6001,
+                 what="the streamed transaction in the mirror")
+    assert gave_up(caplog) == []
+    assert len(applied_while_running(caplog)) == 1
+    assert_same(zoo, dest_db, "zoo")

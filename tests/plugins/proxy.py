@@ -7,7 +7,9 @@
   sends is read and dropped, nothing reaches either side, nothing is closed (the client's
   kernel sees its bytes acknowledged, so TCP keepalives see nothing wrong); new connections
   are accepted into the same silence. Going back to `forward()` resets the black-holed
-  connections (their bytes are lost, as across a real tunnel restart); `keep_server_side()`
+  connections (their bytes are lost, as across a real tunnel restart), `forward(reset=False)`
+  leaves them silent for ever and passes only new ones (a dead NAT entry, a pooler that lost
+  its clients: the old connections never answer again); `keep_server_side()`
   instead keeps their server side open for ever, like a pooler that holds a dead client's
   server connection (and its open transaction);
 - `refuse()`: new connections are accepted and closed at once;
@@ -74,8 +76,8 @@ class Proxy:
 
     # -- control ---------------------------------------------------------------------------
 
-    def forward(self) -> None:
-        self._set(FORWARD, 0.0)
+    def forward(self, reset: bool = True) -> None:
+        self._set(FORWARD, 0.0, reset)
 
     def delay(self, ms: float) -> None:
         self._set(FORWARD, ms / 1000)
@@ -122,10 +124,11 @@ class Proxy:
         self._wake_w.close()
         self._sel.close()
 
-    def _set(self, mode: str, delay: float) -> None:
+    def _set(self, mode: str, delay: float, reset_held: bool = True) -> None:
         with self._lock:
             self.mode, self.delay_s = mode, delay
-            reset = [p for p in self._pairs if p.held] if mode != BLACKHOLE else []
+            reset = [p for p in self._pairs if p.held] if mode != BLACKHOLE and reset_held \
+                else []
             self._pairs = [p for p in self._pairs if p not in reset]
             if mode == BLACKHOLE:
                 for p in self._pairs:

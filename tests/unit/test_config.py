@@ -427,6 +427,12 @@ def test_conninfo_has_defaults_and_overrides(tmp_path):
         "application_name": "odoo-replicator",
         "connect_timeout": "3",
         "replication": "database",
+        # A peer that stops acknowledging is noticed in about 30 s on every connection.
+        "keepalives": "1",
+        "keepalives_idle": "10",
+        "keepalives_interval": "5",
+        "keepalives_count": "3",
+        "tcp_user_timeout": "30000",
     }
     assert config.source.describe() == "odoo@127.0.0.1:5432/odoo_core"
 
