@@ -27,4 +27,6 @@ USER replicator
 EXPOSE 9090
 HEALTHCHECK --interval=30s --timeout=10s --retries=3 CMD curl -fsS http://localhost:9090/health || exit 1
 ENTRYPOINT ["replicator"]
-CMD ["run", "--config", "/app/config.toml"]
+# Every interface of the container, for Prometheus on the compose network: the port is
+# published on the host's loopback only (docker-compose.yml).
+CMD ["run", "--config", "/app/config.toml", "--metrics-host", "0.0.0.0"]

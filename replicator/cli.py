@@ -113,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("debug", "info", "warning", "error"),
         help="override [logging] level for this run",
     )
+    run.add_argument(
+        "--metrics-host",
+        metavar="ADDRESS",
+        help="override [metrics] host, the address /metrics, /health and /ready listen on "
+        "(default 127.0.0.1, this host only; the container image passes 0.0.0.0 so that "
+        "Prometheus on its network can scrape it). They have no authentication: publish "
+        "the port on a private interface only",
+    )
     run.set_defaults(handler=_cmd_run)
 
     init = commands.add_parser(
@@ -433,6 +441,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     settings = config.logging
     if args.log_level:
         settings = dataclasses.replace(settings, level=args.log_level)
+    if args.metrics_host is not None:
+        config = dataclasses.replace(config, metrics=dataclasses.replace(
+            config.metrics, host=args.metrics_host))
     setup_logging(settings)
     pipeline = _import("replicator.pipeline")
     log.info(

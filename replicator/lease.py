@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 POLL_INTERVAL = 1.0
 # A takeover waits this long at a time for the old owner's transactions in flight.
 TAKEOVER_LOCK_TIMEOUT = "2s"
+# Seconds a clean stop gives the release of the lease (connect and answer each).
+RELEASE_TIMEOUT = 2.0
 
 
 def _leases(state_schema: str) -> sql.Identifier:
@@ -353,14 +355,25 @@ class Lease:
         """
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=5)
+            # A renewal stuck on a dead connection ends by its own deadline; a daemon thread.
+            self._thread.join(timeout=1)
             self._thread = None
         fence = self.fence
         if fence is None or self.lost.is_set():
             return
+        if deadline.shut_down:
+            # The stop closed connections that did not answer: the destination is likely
+            # unreachable, and the process must exit in time. The lease expires instead.
+            log.warning("not releasing the pipeline's lease (the destination did not "
+                        "answer): a standby takes over when it expires",
+                        extra={"slot": self.slot, "lease_timeout_s": self.timeout})
+            self.fence = None
+            return
         try:
-            conn = conn_factory() if conn_factory else psycopg.connect(
-                self.conninfo, autocommit=True, prepare_threshold=None, connect_timeout=5)
+            # Bounded: a stop must not wait on a destination that stopped answering.
+            conn = conn_factory() if conn_factory else deadline.connect(
+                self.conninfo, RELEASE_TIMEOUT, side="destination", autocommit=True,
+                prepare_threshold=None, connect_timeout=int(RELEASE_TIMEOUT))
             with conn:
                 conn.execute(sql.SQL(
                     "update {} set expires_at = now(), released_at = now() "

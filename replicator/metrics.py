@@ -101,7 +101,6 @@ class Metrics:
                                 "Sessions restarted after a connection problem", registry=r)
         self.heartbeat = time.monotonic()
         self.status = "starting"
-        self.error: str | None = None
         # Written by the receiver (wal_end, received commits), the applier (applied),
         # the slot monitor (current_lsn); read by scrapes.
         self.wal_end = 0
@@ -152,7 +151,6 @@ class Metrics:
         self.heartbeat = time.monotonic()
         if status:
             self.status = status
-            self.error = None
 
     def batch_applied(self, batch: Any, result: Any) -> None:
         for table, counts in result.per_op.items():
@@ -186,10 +184,10 @@ class Metrics:
         # the writer).
         ok = self.status in ("streaming", "copying", "starting", "standby") \
             and age < STALE_AFTER
+        # No error text: the port has no authentication, and an error's text carries
+        # server names and SQL context. The log and `replicator status` have the details.
         body = {"status": self.status if ok or age < STALE_AFTER else "stalled",
                 "seconds_since_activity": round(age, 1)}
-        if self.error:
-            body["error"] = self.error
         return (200 if ok else 503), body
 
 
@@ -269,25 +267,59 @@ class SlotMonitor:
             log.info("metrics monitor: query works again", extra={"side": side})
 
 
-class MetricsServer:
-    """Serves `path` (Prometheus text format), /health and /ready."""
+# Requests served at once; a connection beyond them is closed unanswered. A scrape, a
+# health check and a person with curl need a few; hundreds of idle connections must not
+# cost a thread each.
+MAX_REQUESTS = 16
+# Seconds a connection may take to send its request and to read the answer.
+REQUEST_TIMEOUT = 5.0
 
-    def __init__(self, metrics: Metrics, port: int, path: str, host: str = "0.0.0.0"):
+
+class _BoundedServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]):
+        self._slots = threading.BoundedSemaphore(MAX_REQUESTS)
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+class MetricsServer:
+    """Serves `path` (Prometheus text format), /health and /ready on ``host``:``port``."""
+
+    def __init__(self, metrics: Metrics, port: int, path: str, host: str = "127.0.0.1"):
         self.metrics = metrics
         handler = _handler(metrics, path)
         try:
-            self.httpd = ThreadingHTTPServer((host, port), handler)
-        except OSError as exc:
+            self.httpd = _BoundedServer((host, port), handler)
+        except (OSError, UnicodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise ReplicatorError(
-                ErrorKind.CONFIG, f"[metrics] port {port}: cannot listen ({exc.strerror})",
-                "another process uses that port: choose another [metrics] port, or set "
-                "[metrics] enabled = false") from None
-        self.httpd.daemon_threads = True
+                ErrorKind.CONFIG, f"[metrics] {host}:{port}: cannot listen ({reason})",
+                "another process uses that port, or the host is not an address of this "
+                "machine: choose another [metrics] port or host, or set [metrics] enabled = "
+                "false") from None
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="metrics", daemon=True)
 
     def start(self) -> MetricsServer:
         self.thread.start()
-        log.info("metrics served", extra={"port": self.httpd.server_address[1]})
+        log.info("metrics served", extra={"host": self.httpd.server_address[0],
+                                          "port": self.httpd.server_address[1]})
         return self
 
     @property
@@ -301,6 +333,8 @@ class MetricsServer:
 
 def _handler(metrics: Metrics, path: str) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
+        timeout = REQUEST_TIMEOUT  # the socket's: a silent client frees its slot
+
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
             route = self.path.split("?", 1)[0]
             if route == path:

@@ -71,7 +71,8 @@ class Pipeline:
         server = monitor = None
         cfg = self.config
         if cfg.metrics.enabled:
-            server = MetricsServer(self.metrics, cfg.metrics.port, cfg.metrics.path).start()
+            server = MetricsServer(self.metrics, cfg.metrics.port, cfg.metrics.path,
+                                   cfg.metrics.host).start()
             monitor = SlotMonitor(self.metrics, cfg.source.conninfo(),
                                   cfg.destination.conninfo(), cfg.destination.state_schema,
                                   cfg.source.slot, cfg.metrics.slot_poll_interval).start()
@@ -142,7 +143,7 @@ class Pipeline:
                             f"retries: --until-caught-up gives up after [{side}] retry_timeout)",
                             err.hint), exc)
                     delay = min(delay, left)
-                self.metrics.status, self.metrics.error = "reconnecting", err.message
+                self.metrics.status = "reconnecting"
                 self.metrics.restarts.inc()
                 log.warning("retrying after an error", extra={
                     "kind": err.kind.name.lower(), "error": err.message, "hint": err.hint,

@@ -338,6 +338,10 @@ class MetricsSettings:
     section: ClassVar[str] = "metrics"
 
     enabled: bool = True
+    # The address the metrics server listens on: only this host by default (the metrics
+    # and /health carry no authentication). The container listens on every interface
+    # (`run --metrics-host 0.0.0.0` in the image) for Prometheus on its network.
+    host: str = "127.0.0.1"
     port: int = 9090
     path: str = "/metrics"
     # Seconds between reads of the source's slot and WAL position (and the dead letters).
@@ -345,6 +349,10 @@ class MetricsSettings:
 
     def __post_init__(self) -> None:
         _check_range("metrics", "port", self.port, 1, 65535)
+        if not self.host.strip():
+            raise ConfigError("[metrics] host: must not be empty",
+                              'write host = "127.0.0.1" (this host only) or "0.0.0.0" '
+                              "(every interface)")
         _check_range("metrics", "slot_poll_interval", self.slot_poll_interval, 0,
                      exclusive_min=True)
         if not self.path.startswith("/"):

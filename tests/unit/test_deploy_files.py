@@ -161,7 +161,10 @@ def test_compose_ports_health_check_and_scrape_target_agree_with_the_image():
     port = metrics_port()
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert f"EXPOSE {port}\n" in dockerfile
-    assert f'      - "{port}:{port}"' in compose()
+    # Published on the host's loopback only: the endpoints have no authentication.
+    assert f'      - "127.0.0.1:{port}:{port}"' in compose()
+    published = re.findall(r'^\s+- "([^"]+)"', compose(), re.M)
+    assert published and all(p.startswith("127.0.0.1:") for p in published), published
     assert f'test: ["CMD", "curl", "-f", "http://localhost:{port}/health"]' in compose()
     assert f"http://localhost:{port}/health" in dockerfile
     assert f"- targets: ['etl:{port}']" in (MONITORING / "prometheus.yml").read_text()
@@ -198,8 +201,11 @@ def test_dockerfile_builds_the_wheel_then_runs_it_slim_and_unprivileged():
     assert f"EXPOSE {metrics_port()}" in runtime
     [health] = [i for i in runtime if i.startswith("HEALTHCHECK ")]
     assert "/health" in health
+    # The metrics server listens on 127.0.0.1 unless told: the container tells it to listen
+    # on its interfaces, for Prometheus on the compose network.
     assert runtime[-2:] == ['ENTRYPOINT ["replicator"]',
-                            'CMD ["run", "--config", "/app/config.toml"]']
+                            'CMD ["run", "--config", "/app/config.toml", '
+                            '"--metrics-host", "0.0.0.0"]']
     # The spill directory: the compose volume's mount point, writable by the runtime user.
     assert f"chown {user}: /app/data" in " ".join(runtime)
     assert "ENV TMPDIR=/app/data" in runtime
