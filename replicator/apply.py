@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import psycopg
 from psycopg import sql
@@ -65,6 +67,9 @@ from .schema import (
     plan_mirror,
 )
 from .settings import ON_ERROR
+
+if TYPE_CHECKING:  # the pipeline hands the applier its session's builder
+    from .indexes import IndexBuilder
 
 log = logging.getLogger(__name__)
 
@@ -815,15 +820,19 @@ def group_keys(n: int, links: list[tuple[int, int]], queued: set[int]) -> tuple[
 
 
 def ensure_mirror_columns(conn: psycopg.Connection, t: MirrorTable, state_schema: str, slot: str,
-                          origins: tuple[Origin, ...] | None, fast_defaults: bool = True) -> None:
+                          origins: tuple[Origin, ...] | None, fast_defaults: bool = True,
+                          before_alter: Callable[[], None] | None = None) -> None:
     """Alter an existing mirror to t's columns and remember their attnums (in conn's transaction).
 
     A column added with a volatile default marks the table for a new copy
     (pending: the running replicator copies it while the stream goes on).
+    before_alter: called once before the first ALTER, if there is one.
     """
     plan = plan_mirror(t, mirror_columns(conn, t),
                        state.column_attnums(conn, state_schema, slot, t.source.qualname),
                        origins, fast_defaults)
+    if plan.statements and before_alter is not None:
+        before_alter()
     for stmt, cast in plan.statements:
         log.info("altering mirror table", extra={"table": t.qualname,
                                                  "sql": stmt.as_string(conn)})
@@ -878,6 +887,9 @@ class Applier:
         # The pipeline's lease (lease.py): every transaction of this applier that writes
         # checks it first, and fails without writing once another process took over.
         self.fence = fence
+        # The session's index builder: a batch that alters a mirror table holds its builds.
+        self.index_builds: IndexBuilder | None = None
+        self._held: list[str] = []   # mirror tables whose builds this transaction holds
         # Mirror tables that may have waiting dead letters (None: not read yet). A batch
         # checks their staged keys against the letters; a table found to have none leaves.
         self._lettered: set[str] | None = None
@@ -974,7 +986,8 @@ class Applier:
         conn = self._dest
         if mirror_exists(conn, t):
             if alter:
-                ensure_mirror_columns(conn, t, self.state_schema, self.slot, origins)
+                ensure_mirror_columns(conn, t, self.state_schema, self.slot, origins,
+                                      before_alter=lambda: self._hold_index_builds(t))
         else:
             for stmt in create_mirror_sql(t):
                 conn.execute(stmt)
@@ -986,6 +999,15 @@ class Applier:
                     {o.attnum: c.name for c, o in zip(t.columns, origins) if o.attnum is not None})
         conn.execute(create_staging_sql(t))
         self._ensure_options(t)
+
+    def _hold_index_builds(self, t: MirrorTable) -> None:
+        """No index build on t until this batch transaction ends: its ALTER TABLE waits for
+        a CREATE INDEX CONCURRENTLY's lock, and the build waits for this transaction (an
+        older snapshot, and maybe t's rows written): a deadlock the server ends by failing
+        one of them. The build in flight is cancelled and done again after."""
+        if self.index_builds is not None and t.qualname not in self._held:
+            self.index_builds.hold(t.qualname)
+            self._held.append(t.qualname)
 
     def _ensure_options(self, t: MirrorTable) -> None:
         """What the table's [mappings] options need in the mirror, checked before any row."""
@@ -1038,6 +1060,15 @@ class Applier:
                 return self._apply(batch, record_lsn, system_id)
             finally:
                 self._careful = False
+        finally:
+            self._release_index_builds()
+
+    def _release_index_builds(self) -> None:
+        """The batch transaction has ended: the index builds it held may go on."""
+        if self.index_builds is not None:
+            for table in self._held:
+                self.index_builds.release(table)
+        self._held = []
 
     def _apply(self, batch: Batch, record_lsn: bool, system_id: str | None) -> ApplyResult:
         res = ApplyResult()
@@ -1099,7 +1130,8 @@ class Applier:
         except ReplicatorError:
             self.holding = holding_before
             raise
-        except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
+        except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled,
+                psycopg.errors.DeadlockDetected) as exc:
             self.holding = holding_before
             raise timed_out(exc, batch.end_lsn, self.limits) from exc
         except psycopg.OperationalError as exc:

@@ -109,9 +109,8 @@ def retry(conn: psycopg.Connection, state_schema: str, slot: str,
           options: Mapping[str, MappingOptions] | None = None) -> RetryResult:
     """Apply the waiting letters again (see the module's docstring); one transaction.
 
-    fence: the pipeline's lease as the command found it (lease.observe): a takeover since
-    fails the transaction before it writes. options: each mirror table's [mappings] options
-    (mirror_options), none if not given."""
+    fence: the pipeline's lease (lease.observe): a takeover waits for this transaction.
+    options: each mirror table's [mappings] options (mirror_options), none if not given."""
     res = RetryResult()
     mirrors: dict[str, MirrorTable] = {}
     dl = sql.Identifier(state_schema, "dead_letters")

@@ -230,7 +230,8 @@ def _ms(seconds: float) -> str:
 
 
 def timed_out(exc: psycopg.Error, end_lsn: int, limits: BatchLimits | None) -> ReplicatorError:
-    """A lock wait or a statement ended by the batch's own timeouts: retried, said plainly."""
+    """A lock wait or a statement ended by the batch's own timeouts, or a deadlock: retried,
+    said plainly."""
     where = f"the batch ending at {format_lsn(end_lsn)}"
     if isinstance(exc, psycopg.errors.LockNotAvailable):
         waited = f" ({limits.lock_timeout:g} s)" if limits else ""
@@ -240,6 +241,13 @@ def timed_out(exc: psycopg.Error, end_lsn: int, limits: BatchLimits | None) -> R
             "another session holds locks on the mirror or state tables (see pg_stat_activity); "
             "an orphaned batch of an earlier replicator is ended by the server after "
             "[destination] idle_in_transaction_timeout. The batch is retried")
+    if isinstance(exc, psycopg.errors.DeadlockDetected):
+        return ReplicatorError(
+            ErrorKind.DESTINATION_APPLY,
+            f"{where} was ended by the destination's deadlock detection: {exc}",
+            "another session's locks on the mirror or state tables and this batch's waited "
+            "for each other (see the destination's log for the other statement). The batch "
+            "is retried")
     ran = f" ({limits.stall_timeout:g} s)" if limits else ""
     return ReplicatorError(
         ErrorKind.DESTINATION_APPLY,

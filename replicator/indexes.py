@@ -43,6 +43,8 @@ HOPELESS = ("42", "0A")
 # Failed attempts at one index after which it is given up like those: other errors may
 # pass (a lock timeout, a deadlock with the applier), but not every time.
 GIVE_UP_AFTER = 3
+# Seconds a hold waits for the cancelled build to end.
+HOLD_WAIT = 5.0
 
 _INDEX_SQL = """
 select i.indisvalid,
@@ -70,11 +72,46 @@ class IndexBuilder:
         # Failed builds of each recorded index (schema, name) in a row: one that keeps
         # failing must not hold up the others (the first waiting is always built first).
         self._failures: dict[tuple[str, str], int] = {}
+        # Mirror tables a batch transaction is altering (hold): no build starts on them,
+        # and the one in flight is cancelled (see Applier._hold_index_builds).
+        self._guard = threading.Lock()
+        self._held: dict[str, int] = {}
+        self._conn: psycopg.Connection | None = None
+        self._yielded = False   # the build in flight was cancelled for a hold
         self._thread = threading.Thread(target=self._loop, name="index-builder", daemon=True)
 
     def start(self) -> IndexBuilder:
         self._thread.start()
         return self
+
+    def hold(self, table: str) -> None:
+        """Start no build on mirror ``table`` until release(); cancel the one in flight.
+
+        Returns once no build of the table runs (or after HOLD_WAIT seconds: the caller's
+        lock wait then ends by its lock_timeout, and its retry holds again)."""
+        with self._guard:
+            self._held[table] = self._held.get(table, 0) + 1
+            b, conn = self.building, self._conn
+            if b is None or b.mirror_table != table or conn is None:
+                return
+            self._yielded = True
+        log.info("cancelling a mirror index build for a change of its table: it is built "
+                 "again after the change", extra={"table": table, "index": b.index_name})
+        try:
+            conn.cancel_safe(timeout=HOLD_WAIT)
+        except psycopg.Error as exc:
+            log.warning("cannot cancel the mirror index build", extra={"error": str(exc)})
+        until = time.monotonic() + HOLD_WAIT
+        while self.building is b and time.monotonic() < until:
+            time.sleep(0.01)
+
+    def release(self, table: str) -> None:
+        with self._guard:
+            n = self._held.get(table, 0) - 1
+            if n > 0:
+                self._held[table] = n
+            else:
+                self._held.pop(table, None)
 
     def stop(self, timeout: float = 0.5) -> None:
         """End the thread without waiting for a build in flight.
@@ -121,6 +158,8 @@ class IndexBuilder:
         ready = state.index_builds(conn, schema, self.slot, ready_only=True)
         if self.metrics is not None:
             self.metrics.index_builds.set(len(state.index_builds(conn, schema, self.slot)))
+        with self._guard:
+            ready = [r for r in ready if r.mirror_table not in self._held]
         if not ready:
             return False
         b = ready[0]
@@ -147,11 +186,20 @@ class IndexBuilder:
             # just before is the likeliest to run it (the watchdog looks at that one).
             watchdog.note_backend(conn)
             started = time.monotonic()
-            self.building = b
+            with self._guard:
+                if b.mirror_table in self._held:
+                    return True     # held since it was chosen: another, or later
+                self.building, self._conn = b, conn
             try:
                 conn.execute(b.statement)
             except psycopg.Error as exc:
-                self.building = None
+                with self._guard:
+                    self.building, self._conn = None, None
+                    yielded, self._yielded = self._yielded, False
+                if yielded and isinstance(exc, psycopg.errors.QueryCanceled):
+                    # For a change of its table: no verdict on the index. The invalid
+                    # index it leaves is dropped and built again once the change is in.
+                    return True
                 key = (b.index_schema, b.index_name)
                 # Only the server's refusals count: a connection lost is no verdict on it.
                 if exc.sqlstate is not None and not conn.closed:
@@ -172,7 +220,9 @@ class IndexBuilder:
                         "sqlstate": exc.sqlstate, "error": str(exc).strip()})
                 conn.execute(sql.SQL("drop index concurrently if exists {}").format(name))
             else:
-                self.building = None
+                with self._guard:
+                    self.building, self._conn = None, None
+                    self._yielded = False
                 self._failures.pop((b.index_schema, b.index_name), None)
                 log.info("mirror index built", extra={
                     "table": b.mirror_table, "index": b.index_name,

@@ -59,25 +59,25 @@ def _leases(state_schema: str) -> sql.Identifier:
 class Fence:
     """The check that a destination transaction is written by the lease's current holder.
 
-    generation: the one this process holds (a pipeline) or found when it started (a command
-    such as `verify --repair`, which writes beside the pipeline's owner but must not go on
-    across a takeover).
+    generation: the one this process holds (a pipeline); None for a command such as
+    `verify --repair` (observe), which writes beside whichever process owns the pipeline:
+    its transactions lock the lease row all the same, so a takeover waits for them.
     """
 
     state_schema: str
     slot: str
-    generation: int
+    generation: int | None
     holder: str = "this replicator"
 
     def statement(self, columns: sql.Composable | None = None) -> sql.Composed:
         """``select`` of the lease row, locked FOR KEY SHARE; ``columns``: what to select
         (so a transaction's first statement can carry it: BatchLimits.set_local)."""
         return sql.SQL(
-            "select {cols} from {leases} where slot = {slot} and generation = {gen} "
-            "for key share").format(
+            "select {cols} from {leases} where slot = {slot}{gen} for key share").format(
             cols=columns if columns is not None else sql.SQL("1"),
             leases=_leases(self.state_schema), slot=sql.Literal(self.slot),
-            gen=sql.Literal(self.generation))
+            gen=sql.SQL("") if self.generation is None else
+            sql.SQL(" and generation = {}").format(sql.Literal(self.generation)))
 
     def check(self, conn: psycopg.Connection[Any] | psycopg.Cursor[Any]) -> None:
         """First thing in a destination transaction that writes (conn: a connection or a
@@ -109,20 +109,20 @@ class Fence:
 
 
 def observe(conn: psycopg.Connection, state_schema: str, slot: str, holder: str) -> Fence:
-    """A fence at the lease's current generation, for a command that writes beside `run`.
+    """A fence for a command that writes beside `run` (any generation: see Fence).
 
-    A pipeline never started has no lease row: one at generation 0, expired, is put in, so
-    that the command's transactions lock a row a first `run` must wait for.
+    Why not the generation found at the start: a command serialises with the owner's
+    batches through the pipeline's state row, whoever the owner is, and one started
+    beside a `run` that is taking the lease (a restart, a rolling update) would fail for
+    nothing. A pipeline never started has no lease row: one at generation 0, expired, is
+    put in, so that the command's transactions lock a row a first `run` must wait for.
     """
     with conn.transaction():
         conn.execute(sql.SQL(
             "insert into {} (slot, owner, owner_host, owner_pid, generation, expires_at) "
             "values (%s, '', '', 0, 0, 'epoch') on conflict (slot) do nothing").format(
             _leases(state_schema)), [slot])
-        row = conn.execute(sql.SQL("select generation from {} where slot = %s").format(
-            _leases(state_schema)), [slot]).fetchone()
-    assert row is not None  # inserted above if it was missing
-    return Fence(state_schema, slot, int(row[0]), holder)
+    return Fence(state_schema, slot, None, holder)
 
 
 @dataclass(frozen=True)

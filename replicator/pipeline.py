@@ -406,6 +406,7 @@ class Pipeline:
             applier_thread.start()
             # Secondary indexes of copied tables, built while the stream is applied.
             builder = IndexBuilder(dst, slot, self.metrics, fence=fence).start()
+            applier.index_builds = builder
 
             def stream_applier() -> Applier:
                 return Applier(dst.conninfo(), dst.state_schema, slot, dst.on_error,

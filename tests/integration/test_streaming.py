@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import gc
 import random
+import threading
+import time
 
 import psycopg
 import pytest
 from plugins.replicator import PUBLICATION, assert_same, catch_up, running, table_rows, wait_for
 from zoo import setup_zoo, zoo_rows
 
-from replicator import dead_letters
+from replicator import dead_letters, failpoints
 from replicator.receiver import Receiver
 from replicator.stream_apply import MAX_SAVEPOINTS
 
@@ -446,3 +448,62 @@ def test_a_streamed_transaction_outlives_the_idle_timeout_while_its_source_pause
     assert gave_up(caplog) == []
     assert len(applied_while_running(caplog)) == 1
     assert_same(zoo, dest_db, "zoo")
+
+
+def test_a_source_ddl_while_a_streamed_transaction_holds_an_index_build(source_db, dest_db,
+                                                                        replicator):
+    """The suspected lock cycle: a transaction applied while it runs holds the mirror table
+    (its open destination transaction wrote it), the table's secondary index build waits for
+    that transaction (CREATE INDEX CONCURRENTLY waits for the table's writers), and a source
+    DDL on the table then needs the mirror table exclusively. At the source the DDL waits for
+    the big transaction; on the mirror the ALTER waits for the build, which may wait for the
+    ALTER's own transaction (an older snapshot). Everything ends: the mirror equals the
+    source, with the new column, the index is built, and nothing is given up or retried for
+    ever (that deadlock was real: the server ended the batch, and the session restarted)."""
+    setup_zoo(source_db)
+    source_db.execute("create index zoo_code on zoo (code)")
+    source_db.execute(zoo_rows(1000))
+    rep = replicator(batch_size=1000, flush_interval=0.2,
+                     source={"logical_decoding_work_mem": "64kB"},
+                     destination={"lock_timeout": 2})
+    # The index build starts once the big transaction's destination transaction is open.
+    rep.start(env={failpoints.ENV: f"{failpoints.INDEX_BUILD}=sleep:6"})
+    wait_for(rep.streaming, 60, "streaming")
+    ddl_done = threading.Event()
+    with source_db.connect(autocommit=False) as big:
+        big.execute(zoo_rows(9000, start=2000))
+        wait_for(lambda: writing_replicator_transactions(dest_db) == 1, 30,
+                 "the big transaction applied while it runs")
+        wait_for(lambda: dest_db.scalar(
+            "select count(*) from pg_stat_activity where query ilike 'create index%'") == 1,
+            30, "the index build waiting for it")
+
+        def ddl() -> None:
+            with source_db.connect(autocommit=True) as c:   # waits for `big` at the source
+                c.execute("alter table zoo add column extra text")
+                c.execute("update zoo set extra = 'after' where id <= 10")
+            ddl_done.set()
+
+        thread = threading.Thread(target=ddl)
+        thread.start()
+        time.sleep(1)
+        big.execute(zoo_rows(12_000, start=9001))   # more chunks while the DDL waits
+        time.sleep(1)
+        big.commit()
+    thread.join(30)
+    assert ddl_done.is_set()
+    wait_for(lambda: dest_db.scalar(
+        "select count(*) from odoo_mirror.zoo where extra = 'after'") == 10, 90,
+        "the DDL and the update after it")
+    assert_same(source_db, dest_db, "zoo")
+    wait_for(lambda: dest_db.scalar(
+        "select count(*) from pg_index i join pg_class c on c.oid = i.indexrelid "
+        "where c.relname = 'zoo_code' and i.indisvalid") == 1, 60, "the index built")
+    out = rep.current()
+    assert "index not created on the mirror" not in out, rep.logs()
+    # Not ended by the server's deadlock detection either (a retried batch, a session
+    # restarted, or a failed build counted against the index): the batch that alters the
+    # table holds the table's index builds and cancels the one in flight.
+    assert "retrying after an error" not in out and "deadlock" not in out, rep.logs()
+    assert rep.alive, rep.logs()
+    rep.stop()

@@ -46,3 +46,8 @@ def test_the_fence_locks_the_row_of_its_generation_only():
     text = Fence("replicator", "odoo_pub", 7).statement().as_string(None)
     assert text == ('select 1 from "replicator"."leases" where slot = \'odoo_pub\' '
                     "and generation = 7 for key share")
+
+
+def test_a_commands_fence_locks_the_row_of_any_generation():
+    text = Fence("replicator", "odoo_pub", None).statement().as_string(None)
+    assert text == 'select 1 from "replicator"."leases" where slot = \'odoo_pub\' for key share'
