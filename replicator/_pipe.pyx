@@ -30,6 +30,9 @@ cdef class Pipe:
     cdef public int64_t rows
     cdef public int64_t bytes
     cdef public bint cancelled
+    # True while waiting for the source's next CopyData (not for the destination): the
+    # watchdog tells a dead source from one held up by a slow destination by it.
+    cdef public bint reading
 
     def __init__(self, size_t getcopydata, size_t putcopydata, size_t freemem):
         self._get = <getcopydata_fn>getcopydata
@@ -38,6 +41,7 @@ cdef class Pipe:
         self.rows = 0
         self.bytes = 0
         self.cancelled = False
+        self.reading = False
 
     def run(self, size_t src, size_t dst):
         """Move CopyData until the source's COPY ends.
@@ -60,7 +64,9 @@ cdef class Pipe:
                 if self.cancelled:
                     rc = -4
                     break
+                self.reading = True
                 n = self._get(s, &buf, 0)
+                self.reading = False
                 if n == -1:
                     rc = 0
                     break

@@ -27,6 +27,7 @@ transaction, so the held changes and the state can never be apart.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -324,6 +325,14 @@ class Backfill:
             _exec(src, f"set transaction snapshot {sql.Literal(snapshot).as_string()}",
                   "importing the copy snapshot", ErrorKind.SOURCE_SETUP)
             imported.wait()
+            # The source side is watched too: a black-holed source leaves the C loop
+            # waiting in libpq for ever (TCP keepalives do not see a pooler or tunnel that
+            # acknowledges the bytes).
+            me = _exec(src, watchdog.BACKEND_SQL, "select", ErrorKind.SOURCE_CONNECT)
+            pulled = watchdog.Pulled(src)
+            pulled.backend_pid, pulled.backend_start = (
+                int(me.get_value(0, 0) or 0), int(me.get_value(0, 1) or 0))
+            watchdog.watch(pulled, cfg.source.conninfo(), "source")
             # Watched (watchdog.py): no deadline bounds a copy, a dead connection is shut.
             dest = watchdog.connect(cfg.destination.conninfo(), autocommit=True,
                                     prepare_threshold=None)
@@ -339,7 +348,7 @@ class Backfill:
                     return
                 if task[0] == "copy":
                     with dest.blocking():
-                        self._copy_range(src, dest.pgconn, task[1], task[2], dest)
+                        self._copy_range(src, dest.pgconn, task[1], task[2], dest, pulled)
                     self._range_done(dest, task[1])
                 else:
                     self._build_index(dest, task[1], task[2])
@@ -437,7 +446,8 @@ class Backfill:
 
     def _copy_range(self, src: pq.abc.PGconn, dst: pq.abc.PGconn, copy: TableCopy,
                     rng: tuple[int | None, int | None],
-                    watched: deadline.Connection | None = None) -> None:
+                    watched: deadline.Connection | None = None,
+                    pulled: watchdog.Pulled | None = None) -> None:
         t = copy.table
         cols = sql.SQL(", ").join(
             sql.Identifier(c.name) if c.builtin else
@@ -486,15 +496,21 @@ class Backfill:
             # Sending, not waiting for an answer: the destination waiting for our data is
             # normal while the source is slow, not if the data we sent does not arrive.
             watched.pushed = lambda: pipe.bytes if pipe is not None else 0
-        _exec(src, out, f"copy from {t.source.qualname}", ErrorKind.SOURCE_CONNECT,
-              (t.source.schema, t.source.name))
-        pipe = Pipe(*_libpq())
-        with self._lock:
-            copy.pipes.append(pipe)
-        # pgconn_ptr is documented on pq.PGconn (both implementations have it), but
-        # psycopg's pq.abc.PGconn protocol does not declare it.
-        rc = pipe.run(src.pgconn_ptr, dst.pgconn_ptr)  # type: ignore[attr-defined]
-        src_err = _drain(src)
+        # The source is waited on (for the watchdog) from its COPY to its end only: before,
+        # its backend is rightly idle in transaction while the destination is prepared.
+        with pulled.blocking() if pulled is not None else contextlib.nullcontext():
+            _exec(src, out, f"copy from {t.source.qualname}", ErrorKind.SOURCE_CONNECT,
+                  (t.source.schema, t.source.name))
+            pipe = Pipe(*_libpq())
+            if pulled is not None:
+                pulled.pushed = lambda: pipe.bytes if pipe is not None else 0
+                pulled.reading = lambda: pipe is not None and pipe.reading
+            with self._lock:
+                copy.pipes.append(pipe)
+            # pgconn_ptr is documented on pq.PGconn (both implementations have it), but
+            # psycopg's pq.abc.PGconn protocol does not declare it.
+            rc = pipe.run(src.pgconn_ptr, dst.pgconn_ptr)  # type: ignore[attr-defined]
+            src_err = _drain(src)
         if watched is not None:
             watched.pushed = None
         if rc == 0 and not src_err:

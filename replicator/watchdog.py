@@ -21,6 +21,12 @@ pg_stat_activity, every LOOK_EVERY seconds while that wait lasts:
   send more): our bytes are lost;
 - no connection or no answer within PROBE_TIMEOUT: the way to the server is dead.
 
+The source side of a copy (Pulled: the C loop reading COPY data from the source, which no
+deadline bounds either) is watched the same way on the source: dead when its backend is gone
+or idle, or when the copy waited for the source's data at two looks, nothing arrived between
+them, and the backend was sending all the while (blocked on the socket, ClientWrite, or its
+bytes counted as sent). A copy held up by a slow destination is not waiting for the source.
+
 Two such looks in a row at the same wait, LOOK_EVERY apart (an answer on its way when the
 first was taken has arrived by the second), shut the watched connection's socket
 (deadline.shut): the wait fails as a lost connection and the retry path reconnects. A black
@@ -41,10 +47,13 @@ import logging
 import threading
 import time
 import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg import pq
 
 from . import deadline
 from .deadline import Connection
@@ -84,22 +93,57 @@ class _Look:
     dead: str | None        # why this look found the connection dead; None: alive
     server_bytes: int | None
     pushed: int | None
+    reading: bool = False   # a source copy waiting for the source's data at this look
+
+
+class Pulled:
+    """A bare libpq connection the initial copy reads COPY data from (the source side of a
+    copy worker), watched as deadline.Connection is: while in blocking(), ``pushed`` counts
+    the bytes that arrived and ``reading`` says whether the copy waits for the source (and
+    not for a slow destination)."""
+
+    def __init__(self, pgconn: pq.abc.PGconn) -> None:
+        self.pgconn = pgconn
+        self.wait_id = 0
+        self.waiting_since: float | None = None
+        self.backend_pid: int | None = None
+        self.backend_start: int | None = None
+        self.pushed: Callable[[], int] | None = None
+        self.reading: Callable[[], bool] | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self.pgconn.status != pq.ConnStatus.OK
+
+    @contextmanager
+    def blocking(self) -> Iterator[None]:
+        self.wait_id += 1
+        self.waiting_since = time.monotonic()
+        try:
+            yield
+        finally:
+            self.waiting_since = None
+            self.pushed = self.reading = None
+
+
+Watched = Connection | Pulled
 
 
 class Watchdog:
     """Watches the connections to one server (one conninfo) from one thread."""
 
-    def __init__(self, conninfo: str) -> None:
+    def __init__(self, conninfo: str, side: str = "destination") -> None:
         self.conninfo = conninfo
+        self.side = side
         self._lock = threading.Lock()
-        self._watched: weakref.WeakKeyDictionary[Connection, _Look | None] = \
+        self._watched: weakref.WeakKeyDictionary[Watched, _Look | None] = \
             weakref.WeakKeyDictionary()
         self._thread: threading.Thread | None = None
         # Backends (pid, backend_start) of connections found dead, to end once reachable.
         self._orphans: set[tuple[int, int]] = set()
         self._next_reap = 0.0
 
-    def watch(self, conn: Connection) -> None:
+    def watch(self, conn: Watched) -> None:
         with self._lock:
             self._watched[conn] = None
             if self._thread is None:
@@ -122,52 +166,57 @@ class Watchdog:
             if self._orphans and time.monotonic() >= self._next_reap:
                 self._reap()
 
-    def _due(self, conn: Connection, now: float) -> bool:
+    def _due(self, conn: Watched, now: float) -> bool:
         since = conn.waiting_since
         if since is None or conn.backend_pid is None or now - since < WATCH_AFTER:
             return False
         last = self._watched.get(conn)
         return last is None or last.wait_id != conn.wait_id or now - last.at >= LOOK_EVERY
 
-    def _look(self, due: list[Connection]) -> None:
+    def _look(self, due: list[Watched]) -> None:
         started = time.monotonic()
-        asked = {c: (c.wait_id, c.backend_pid, c.pushed() if c.pushed else None) for c in due}
+        asked = {c: (c.wait_id, c.backend_pid, c.pushed() if c.pushed else None,
+                     bool(isinstance(c, Pulled) and c.reading and c.reading()))
+                 for c in due}
         rows: dict[int, tuple[Any, ...]] | None = None
         failure = ""
         try:
-            with deadline.connect(self.conninfo, PROBE_TIMEOUT, side="destination",
+            with deadline.connect(self.conninfo, PROBE_TIMEOUT, side=self.side,
                                   autocommit=True, connect_timeout=PROBE_TIMEOUT) as probe:
                 query = _WITH_COPY if probe.info.server_version >= 140000 else _WITHOUT_COPY
-                pids = sorted({pid for _, pid, _ in asked.values() if pid is not None})
+                pids = sorted({pid for _, pid, _, _ in asked.values() if pid is not None})
                 rows = {r[0]: r for r in probe.execute(query, [pids]).fetchall()}
         except psycopg.Error as exc:
-            failure = f"cannot ask the destination about it ({str(exc).strip()})"
-        for conn, (wait_id, pid, pushed) in asked.items():
+            failure = f"cannot ask the {self.side} about it ({str(exc).strip()})"
+        for conn, (wait_id, pid, pushed, reading) in asked.items():
             if conn.wait_id != wait_id or conn.waiting_since is None:
                 continue  # that wait ended while we asked: it was answered
             row = rows.get(pid) if rows is not None and pid is not None else None
             last = self._watched.get(conn)
             if last is not None and last.wait_id != wait_id:
                 last = None
-            dead = failure or self._verdict(pid, row, pushed, last)
+            dead = failure or (self._pull_verdict(pid, row, pushed, reading, last)
+                               if isinstance(conn, Pulled) else
+                               self._verdict(pid, row, pushed, last))
             if not dead and last is None and row is not None:
                 waiting = conn.waiting_since
-                log.info("waiting on a long destination statement: its backend is running "
+                log.info(f"waiting on a long {self.side} statement: its backend is running "
                          "it (a live connection)", extra={
                              "backend_pid": pid, "wait_event": row[2],
                              "waited_s": round(time.monotonic() - waiting, 1)
                              if waiting is not None else None})
             with self._lock:
                 self._watched[conn] = _Look(wait_id, started, dead or None,
-                                            row[3] if row else None, pushed)
+                                            row[3] if row else None, pushed, reading)
             if dead and last is not None and last.dead:
                 waiting = conn.waiting_since
-                log.warning("a destination connection is dead: closing it so that it is "
+                log.warning(f"a {self.side} connection is dead: closing it so that it is "
                             "opened again", extra={
                                 "reason": dead, "backend_pid": pid,
                                 "waited_s": round(time.monotonic() - waiting, 1)
                                 if waiting is not None else None})
-                deadline.shut(conn)
+                if not conn.closed:
+                    deadline.shut_pgconn(conn.pgconn)
                 if pid is not None and conn.backend_start is not None:
                     with self._lock:
                         self._orphans.add((pid, conn.backend_start))
@@ -176,12 +225,12 @@ class Watchdog:
         """End the backends that dead connections left behind, if the server answers."""
         self._next_reap = time.monotonic() + LOOK_EVERY
         try:
-            with deadline.connect(self.conninfo, PROBE_TIMEOUT, side="destination",
+            with deadline.connect(self.conninfo, PROBE_TIMEOUT, side=self.side,
                                   autocommit=True, connect_timeout=PROBE_TIMEOUT) as probe:
                 for orphan in sorted(self._orphans):
                     ended = probe.execute(_TERMINATE, list(orphan)).fetchall()
                     if ended:
-                        log.info("ended the destination backend a dead connection left "
+                        log.info(f"ended the {self.side} backend a dead connection left "
                                  "behind (its work is done again)",
                                  extra={"backend_pid": orphan[0]})
                     with self._lock:
@@ -214,17 +263,40 @@ class Watchdog:
         return ""
 
 
-_dogs: dict[str, Watchdog] = {}
+    @staticmethod
+    def _pull_verdict(pid: int | None, row: tuple[Any, ...] | None, pushed: int | None,
+                      reading: bool, last: _Look | None) -> str:
+        """For a copy reading from its source: dead if the backend is gone or idle, or if
+        the copy waited for the source at both looks and nothing arrived between them
+        while the backend was sending (blocked on it, or its bytes counted as sent)."""
+        if row is None:
+            return f"its backend (pid {pid}) is gone"
+        state, event, server_bytes = row[1], row[2], row[3]
+        if state is None:
+            return ""
+        if state.startswith("idle"):
+            return f"its backend (pid {pid}) is {state} while we wait for its data"
+        if state != "active" or not reading or last is None or not last.reading \
+                or pushed is None or pushed != last.pushed:
+            return ""
+        if event == "ClientWrite" or (server_bytes is not None and last.server_bytes is not None
+                                      and server_bytes > last.server_bytes):
+            return (f"its backend (pid {pid}) sends COPY data of which none arrived since "
+                    "the last look")
+        return ""
+
+
+_dogs: dict[tuple[str, str], Watchdog] = {}
 _dogs_lock = threading.Lock()
 
 
-def watch(conn: Connection, conninfo: str) -> Connection:
+def watch(conn: Watched, conninfo: str, side: str = "destination") -> Watched:
     """Watch ``conn`` (reached with ``conninfo``) until it is closed; reads its backend."""
     note_backend(conn)
     with _dogs_lock:
-        dog = _dogs.get(conninfo)
+        dog = _dogs.get((conninfo, side))
         if dog is None:
-            dog = _dogs[conninfo] = Watchdog(conninfo)
+            dog = _dogs[(conninfo, side)] = Watchdog(conninfo, side)
     dog.watch(conn)
     return conn
 
@@ -234,13 +306,14 @@ def connect(conninfo: str, answer_timeout: float | None = None, *, side: str = "
     """``deadline.connect``, watched."""
     conn = deadline.connect(conninfo, answer_timeout, side=side, setting=setting, **kwargs)
     try:
-        return watch(conn, conninfo)
+        watch(conn, conninfo, side)
+        return conn
     except BaseException:
         conn.close()
         raise
 
 
-def note_backend(conn: psycopg.Connection[Any]) -> None:
+def note_backend(conn: psycopg.Connection[Any] | Pulled) -> None:
     """Read a watched connection's backend: at connect, and first in a transaction whose
     statements may run long (through a transaction-mode pooler it can change per
     transaction)."""

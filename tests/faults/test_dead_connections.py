@@ -405,6 +405,33 @@ def test_black_holed_destination_during_an_initial_copy_resumes_soon_after_heali
     assert "ended the destination backend a dead connection left behind" in r.current()
 
 
+def test_black_holed_source_during_an_initial_copy_resumes_soon_after_healing(
+        source_db, dest_db, proxy, replicator):
+    """The copy's C loop waits in libpq for the source's data, which nothing bounds: the
+    watchdog asks the source about the copy's backend (it sends, nothing arrives) and shuts
+    the connection; the copy starts again once the source is reachable."""
+    source_db.execute("create table t (id int primary key, v text not null)")
+    source_db.execute("insert into t select g, repeat('x', 200) "
+                      "from generate_series(1, 100000) g")
+    source_db.execute(f"create publication {PUBLICATION} for table t")
+    p = proxy(source_db)
+    p.delay(20)  # a slow link: the copy takes seconds
+    r = replicator(source=proxied(source_db, p), **BATCHES)
+    r.start()
+    wait_for(lambda: source_db.scalar("select count(*) from pg_stat_progress_copy "
+                                      "where bytes_processed > 0") == 1, 30, "the copy")
+    p.blackhole()
+    time.sleep(35)  # the outage: longer than the watchdog needs
+    p.forward(reset=False)
+    healed = time.monotonic()
+    source_db.execute("insert into t values (999999, 'marker')")
+    wait_for(lambda: marker_in_mirror(dest_db, 999999), 60, "the marker")
+    assert time.monotonic() - healed <= 40, r.logs()
+    assert_same(source_db, dest_db, "t")
+    assert r.alive, r.logs()
+    assert "a source connection is dead" in r.current(), r.logs()
+
+
 def test_long_merge_on_a_live_destination_is_left_to_run(source_db, dest_db, replicator):
     """Default stall_timeout: a MERGE slowed to 30 s by a trigger is looked at by the
     watchdog (its backend is active) and left alone, longer than the watchdog needs to shut
