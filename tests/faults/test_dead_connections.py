@@ -432,6 +432,29 @@ def test_black_holed_source_during_an_initial_copy_resumes_soon_after_healing(
     assert "a source connection is dead" in r.current(), r.logs()
 
 
+def test_black_holed_destination_before_an_index_build_resumes_soon_after_healing(
+        source_db, dest_db, proxy, replicator):
+    """The index builder's connection has no deadline (a build may rightly take hours): the
+    watchdog shuts it when the destination black-holes it, and the build is done after."""
+    setup_source(source_db, rows=1000)
+    source_db.execute("create index t_v on t (v)")
+    p = proxy(dest_db)
+    r = replicator(destination=proxied(dest_db, p), **BATCHES)
+    # The builder waits 3 s before its build: the black hole begins meanwhile.
+    r.start(env={failpoints.ENV: f"{failpoints.INDEX_BUILD}=sleep:3"})
+    wait_for(lambda: '"failpoint"' in r.current(), 30, "the index build about to start")
+    p.blackhole()
+    time.sleep(30)  # the outage: longer than the watchdog needs
+    p.forward(reset=False)
+    healed = time.monotonic()
+    wait_for(lambda: dest_db.scalar(
+        "select count(*) from pg_index i join pg_class c on c.oid = i.indexrelid "
+        "where c.relname = 't_v' and i.indisvalid") == 1, 60, "the index")
+    assert time.monotonic() - healed <= 40, r.logs()
+    assert "a destination connection is dead" in r.current(), r.logs()
+    assert r.alive, r.logs()
+
+
 def test_long_merge_on_a_live_destination_is_left_to_run(source_db, dest_db, replicator):
     """Default stall_timeout: a MERGE slowed to 30 s by a trigger is looked at by the
     watchdog (its backend is active) and left alone, longer than the watchdog needs to shut
