@@ -16,7 +16,7 @@ In order, each step only if something differs (a second init changes nothing):
    component's (replicator/sql/memory/: ipai_memory and the invoice trigger);
 6. USAGE, SELECT and EXECUTE on the schemas, views, functions and the
    freshness view for the analytics roles (on the mirror's views nothing
-   else for anyone);
+   else for anyone); ipai_memory's tables secured as the mirror's;
 7. one warning line for each user trigger on a mirror table but the memory
    trigger: it runs as the replicator's role (init does not drop it).
 
@@ -204,6 +204,29 @@ def _migrations(config: Config, dest: psycopg.Connection, res: InitResult) -> No
             res.add(f"{component}: migration {v:03d}")
 
 
+def _secure_memory(dest: psycopg.Connection, readers: list[str], res: InitResult) -> None:
+    """ipai_memory's tables as the mirror's: RLS, the policy, SELECT for the readers,
+    nothing for anyone else (an agent's memory is not for every role with a login)."""
+    for name in ("sessions", "chunks"):
+        owner = dest.execute(
+            "select pg_get_userbyid(c.relowner), pg_has_role(c.relowner, 'usage') "
+            "from pg_class c where c.oid = %s::regclass",
+            [sql.Identifier(MEMORY_SCHEMA, name).as_string(dest)]).fetchone()
+        assert owner is not None  # the memory migrations made it or checked it exists
+        if not owner[1]:
+            # A deployment's own ipai_memory: only its owner can change it. (Owned, RLS
+            # does not restrict the trigger's writes: it runs as the replicator's role.)
+            res.say(
+                f"  warning: {MEMORY_SCHEMA}.{name} is owned by {owner[0]}, so init cannot "
+                "secure it: "
+                f"as {owner[0]}, run `alter table {MEMORY_SCHEMA}.{name} enable row level "
+                f"security` and revoke what roles but the readers hold on it")
+            continue
+        with dest.transaction():
+            for what in access.secure_table(dest, MEMORY_SCHEMA, name, readers):
+                res.add(f"{MEMORY_SCHEMA}.{name}: {what}")
+
+
 def _grants(config: Config, dest: psycopg.Connection, readers: list[str],
             res: InitResult) -> None:
     dst = config.destination
@@ -219,6 +242,8 @@ def _grants(config: Config, dest: psycopg.Connection, readers: list[str],
             res.add(f"{dst.schema}.{name}: {what}")
         if granted:
             res.add(f"select on view {dst.schema}.{name}")
+    if dst.memory_triggers:
+        _secure_memory(dest, readers, res)
     if not readers:
         return
     if access.grant_usage(dest, dst.schema, readers):
@@ -234,6 +259,3 @@ def _grants(config: Config, dest: psycopg.Connection, readers: list[str],
     if dst.memory_triggers:
         if access.grant_usage(dest, MEMORY_SCHEMA, readers):
             res.add(f"usage on schema {MEMORY_SCHEMA}")
-        for name in ("sessions", "chunks"):
-            if access.grant_select(dest, sql.Identifier(MEMORY_SCHEMA, name), readers):
-                res.add(f"select on {MEMORY_SCHEMA}.{name}")

@@ -478,8 +478,10 @@ def test_init_while_run_streams(tmp_path, source_db, owned_dest, pgbouncer):
         wait_for(rep.streaming, 60, "streaming")
         out = _ok(_init(config))
         assert "mirror: migration 001" in out and "memory: migration 001" in out
-        # The tables `run` created were secured as it created them: init had none to do.
-        assert "row-level security" not in out, out
+        # The tables `run` created were secured as it created them: init had none to do
+        # (only ipai_memory's, which init's migration has just created).
+        assert not [line for line in out.splitlines()
+                    if "row-level security" in line and "ipai_memory." not in line], out
         have = len(invoices.names)
         wait_for(lambda: len(invoices.names) > have + 10, 30, "invoices inserted")
     finally:
@@ -531,7 +533,7 @@ def _default_privileges(dest_db: Any) -> None:
                      "as $$ begin return new; end $$")
 
 
-def _others(dest_db: Any, table: str) -> list[tuple]:
+def _others(dest_db: Any, table: str, schema: str = MIRROR) -> list[tuple]:
     """Every privilege on a mirror table, its columns included, of anyone but its owner."""
     return dest_db.fetchall(
         "select coalesce(g.rolname, 'public'), a.privilege_type, a.is_grantable from pg_class c "
@@ -541,7 +543,7 @@ def _others(dest_db: Any, table: str) -> list[tuple]:
         "a.is_grantable from pg_attribute t join pg_class c on c.oid = t.attrelid "
         "cross join lateral aclexplode(t.attacl) a left join pg_roles g on g.oid = a.grantee "
         "where c.oid = %(t)s::regclass and a.grantee <> c.relowner order by 1, 2",
-        {"t": f"{MIRROR}.{table}"})
+        {"t": f"{schema}.{table}"})
 
 
 READERS_SELECT = [("service_role", "SELECT", False), ("superset_readonly", "SELECT", False)]
@@ -652,3 +654,27 @@ def test_init_revokes_every_other_privilege_and_check_reports_a_user_trigger(
     out = _ok(_init(config))
     assert [line for line in out.splitlines() if "warning" in line] == [
         "  warning: " + warnings[0].split("WARNING: ", 1)[1]]
+
+
+@DEST_ONLY
+def test_ipai_memory_is_secured_like_the_mirror_and_functions_have_a_fixed_search_path(
+        tmp_path, source_db, owned_dest, pgbouncer):
+    _seeded(source_db)
+    config = _config(tmp_path, source_db, owned_dest, pgbouncer, memory_triggers=True)
+    _ok(_init(config))
+    with _as(pgbouncer, owned_dest, OWNER) as conn:
+        conn.execute(f"grant all on ipai_memory.chunks to {STRANGER}")
+        conn.execute("grant all on ipai_memory.sessions to public")
+    out = _ok(_init(config))
+    assert "ipai_memory.chunks: revoked" in out and "ipai_memory.sessions: revoked" in out, out
+    for table in ("sessions", "chunks"):
+        assert owned_dest.scalar("select relrowsecurity from pg_class where oid = "
+                                 "%s::regclass", [f"ipai_memory.{table}"]), table
+        assert owned_dest.scalar("select count(*) from pg_policy where polrelid = "
+                                 "%s::regclass", [f"ipai_memory.{table}"]) == 1, table
+        assert _others(owned_dest, table, "ipai_memory") == READERS_SELECT, table
+    for function in ("on_invoice_insert", "get_pending_expenses"):
+        assert owned_dest.scalar(
+            "select proconfig from pg_proc where proname = %s and pronamespace = "
+            "%s::regnamespace", [function, MIRROR]) == ['search_path=""'], function
+    assert "up to date, nothing changed" in _ok(_init(config))
