@@ -371,7 +371,7 @@ def test_black_holed_destination_during_streaming_resumes_soon_after_healing(
     healed = time.monotonic()
     source_db.execute("insert into t values (999999, 'marker')")
     wait_for(lambda: marker_in_mirror(dest_db, 999999), 60, "the marker")
-    assert time.monotonic() - healed <= 40, r.logs()
+    assert time.monotonic() - healed <= 30, r.logs()  # the goal: 30 s
     writer.stop()
     wait_for(lambda: caught_up(source_db, dest_db), 30, "catching up")
     assert_same(source_db, dest_db, "t")
@@ -399,7 +399,7 @@ def test_black_holed_destination_during_an_initial_copy_resumes_soon_after_heali
     healed = time.monotonic()
     source_db.execute("insert into t values (999999, 'marker')")
     wait_for(lambda: marker_in_mirror(dest_db, 999999), 60, "the marker")
-    assert time.monotonic() - healed <= 40, r.logs()
+    assert time.monotonic() - healed <= 30, r.logs()  # the goal: 30 s
     assert_same(source_db, dest_db, "t")
     assert r.alive, r.logs()
     assert "ended the destination backend a dead connection left behind" in r.current()
@@ -426,7 +426,7 @@ def test_black_holed_source_during_an_initial_copy_resumes_soon_after_healing(
     healed = time.monotonic()
     source_db.execute("insert into t values (999999, 'marker')")
     wait_for(lambda: marker_in_mirror(dest_db, 999999), 60, "the marker")
-    assert time.monotonic() - healed <= 40, r.logs()
+    assert time.monotonic() - healed <= 30, r.logs()  # the goal: 30 s
     assert_same(source_db, dest_db, "t")
     assert r.alive, r.logs()
     assert "a source connection is dead" in r.current(), r.logs()
@@ -450,7 +450,7 @@ def test_black_holed_destination_before_an_index_build_resumes_soon_after_healin
     wait_for(lambda: dest_db.scalar(
         "select count(*) from pg_index i join pg_class c on c.oid = i.indexrelid "
         "where c.relname = 't_v' and i.indisvalid") == 1, 60, "the index")
-    assert time.monotonic() - healed <= 40, r.logs()
+    assert time.monotonic() - healed <= 30, r.logs()  # the goal: 30 s
     assert "a destination connection is dead" in r.current(), r.logs()
     assert r.alive, r.logs()
 
