@@ -45,6 +45,7 @@ from ._pipe import Pipe
 from .apply import check_filter, ensure_mirror_columns
 from .catalog import SourceIndex, secondary_indexes, table_size
 from .classify import classify_connect, setup_error
+from .console import printable
 from .errors import ErrorKind, ReplicatorError
 from .lease import Fence
 from .libpq import function_addresses
@@ -666,7 +667,7 @@ class _ProgressReporter:
             frac = (min(1.0, s["rows"] / s["est_rows"]) if s["est_rows"]
                     else (1.0 if s["done"] else 0.0))
             bar = "#" * int(frac * 30)
-            lines.append(f"{s['table'][:32]:32} [{bar:30}] {s['rows']:>11,} rows "
+            lines.append(f"{printable(s['table'])[:32]:32} [{bar:30}] {s['rows']:>11,} rows "
                          f"{s['mb_per_s']:>7.1f} MB/s  ETA {s['eta_s']:>6.0f}s"
                          + ("  done" if s["done"] else ""))
         out = ("\x1b[F" * self.drawn) + "".join(f"\x1b[2K{line}\n" for line in lines)

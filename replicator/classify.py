@@ -115,20 +115,41 @@ def _no_database(w: _Where, text: str) -> tuple[ErrorKind, str]:
     return ErrorKind.CONFIG, f"check {w.section} database (list databases with psql -l)"
 
 
+# 'no pg_hba.conf entry for host "10.0.0.5", user "replicator", database "odoo", SSL off'
+# (and "pg_hba.conf rejects connection for host ..."): what a line must match.
+_HBA_FIELDS = re.compile(r'host "(?P<host>[^"]*)", user "(?P<user>[^"]*)", '
+                         r'database "(?P<database>[^"]*)"')
+
+
 def _hba(w: _Where, text: str) -> tuple[ErrorKind, str]:
     kind = ErrorKind.SOURCE_SETUP if w.side == "source" else ErrorKind.CONFIG
-    return kind, (
-        "the server's pg_hba.conf does not admit this host/user/database"
-        + (" for replication connections" if "replication" in text else "")
-        + ": add a matching line (for replication use database 'replication' on PostgreSQL "
-        "< 16 with host-based rules) and reload the server"
-    )
+    found = _HBA_FIELDS.search(text)
+    user = found["user"] if found else w.user
+    database = found["database"] if found else w.attr("database", "<database>")
+    client = found["host"] if found else "<client address>"
+    if client == "[local]":  # a Unix socket
+        line = f"local {database} {user} scram-sha-256"
+    else:
+        mask = ("/128" if ":" in client else "/32") if found else ""
+        line = f"host {database} {user} {client}{mask} scram-sha-256"
+    where = " above the line that rejects it" if "rejects" in text else ""
+    hint = (f"the server's pg_hba.conf does not admit {user} to database {database} from "
+            f"this host: add the line `{line}`{where}, then reload the server "
+            "(select pg_reload_conf())")
+    if w.side != "destination":
+        # Logical replication (replication=database) matches pg_hba.conf by database name
+        # like any connection; the "replication" keyword is for physical replication only.
+        hint += (". The replication connection matches that line too (logical replication "
+                 "goes by the database name): no `replication` line is needed, and one would "
+                 "admit physical replication, a copy of the whole cluster with pg_basebackup")
+    return kind, hint
 
 
 def _no_ssl(w: _Where, text: str) -> tuple[ErrorKind, str]:
     return ErrorKind.CONFIG, (
-        f'the server has no TLS: set {w.section} sslmode = "disable" or "prefer", '
-        "or enable ssl on the server"
+        f"{w.section} sslmode asks for TLS but the server does not offer it: turn it on in "
+        "the server's postgresql.conf (ssl = on, with ssl_cert_file and ssl_key_file) and "
+        "reload it; connecting without TLS would send the password and the data in clear"
     )
 
 
@@ -136,10 +157,11 @@ def _bad_cert(w: _Where, text: str) -> tuple[ErrorKind, str]:
     root = w.attr("sslrootcert")
     trusted = f"{w.section} sslrootcert ({root})" if root else \
         f"libpq's default CA file (~/.postgresql/root.crt: {w.section} sslrootcert is not set)"
+    supabase = (" (for Supabase: the certificate from the dashboard, Database Settings > SSL "
+                "Configuration > Download certificate)" if w.side == "destination" else "")
     return ErrorKind.CONFIG, (
         f"the server certificate could not be verified against {trusted}: point "
-        f"{w.section} sslrootcert at the CA certificate that signed the server's, or use "
-        "sslmode = \"require\" to encrypt without verifying"
+        f"{w.section} sslrootcert at the CA certificate that signed the server's{supabase}"
     )
 
 

@@ -12,19 +12,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import ipaddress
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import TextIO
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from .classify import classify
 from .config import load_config
+from .console import printable
 from .errors import ConfigError, ErrorKind, ExitCode, ReplicatorError
 from .logs import setup_logging
 from .redact import redact, register_secret
@@ -325,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "examples:\n"
-            '  replicator seed --dsn "host=127.0.0.1 dbname=odoo_core user=odoo"\n'
+            '  PGPASSWORD=... replicator seed --dsn "host=127.0.0.1 dbname=odoo_core user=odoo"\n'
             '  replicator seed --dsn "postgresql://odoo@127.0.0.1/odoo_core" --scale 10'
         ),
         formatter_class=_Formatter,
@@ -333,8 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
     seed.add_argument(
         "--dsn",
         required=True,
-        help="libpq connection string or URI of the database to fill (a password in it is "
-        "never printed)",
+        help="libpq connection string or URI of the database to fill, without the password: "
+        "anyone on this machine can read a command line (ps), so give the password in "
+        "PGPASSWORD or ~/.pgpass, which libpq reads (a password in --dsn still works, with "
+        "a warning; it is never printed)",
     )
     seed.add_argument(
         "--scale",
@@ -429,8 +435,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _report(err: ReplicatorError) -> int:
     # Not a traceback: the operator needs what is wrong and what to do, nothing else.
-    print(f"error: {redact(err.one_line())}", file=sys.stderr)
+    print(f"error: {printable(redact(err.one_line()))}", file=sys.stderr)
     return int(err.exit_code)
+
+
+def _say(text: str, *, file: TextIO | None = None) -> None:
+    """Print text for a person (stdout by default): names in it come from the databases, so
+    their control characters are escaped (see ``console``)."""
+    print(printable(text, multiline=True), file=file)
 
 
 # --- commands -------------------------------------------------------------------------------
@@ -469,7 +481,9 @@ def _cmd_init(args: argparse.Namespace) -> int:
 def _cmd_check(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     _setup_console_logging()
-    print(_summary(config))
+    _say(_summary(config))
+    for warning in _tls_warnings(config):
+        _say(f"warning: {warning}", file=sys.stderr)
     sys.stdout.flush()  # the summary first, then whatever the deeper checks report
     preflight = _import_optional("replicator.preflight")
     if preflight is not None and hasattr(preflight, "check"):
@@ -498,7 +512,7 @@ def _cmd_resync(args: argparse.Namespace) -> int:
                 fence.check(conn)
                 state.forget_pipeline(conn, dst.state_schema, slot)
                 count = state.request_resync(conn, dst.state_schema, slot, list(known))
-            print(f"resync requested for every table ({count}); the next run copies them")
+            _say(f"resync requested for every table ({count}); the next run copies them")
             return ExitCode.OK
         names = [t if "." in t else f"public.{t}" for t in args.table]
         unknown = [n for n in names if n not in known]
@@ -509,8 +523,8 @@ def _cmd_resync(args: argparse.Namespace) -> int:
         with conn.transaction():
             fence.check(conn)
             state.request_resync(conn, dst.state_schema, slot, names)
-    print(f"resync requested for {', '.join(names)}: a running replicator starts it within "
-          "seconds, otherwise the next run does")
+    _say(f"resync requested for {', '.join(names)}: a running replicator starts it within "
+         "seconds, otherwise the next run does")
     return ExitCode.OK
 
 
@@ -522,7 +536,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(st.as_dict(), indent=None))
     else:
-        print(status.render(st))
+        _say(status.render(st))
     # Not an error of this command: what it found, for scripts and monitors to branch on.
     return 1 if st.problems else ExitCode.OK
 
@@ -560,15 +574,15 @@ def _cmd_dead_letters(args: argparse.Namespace) -> int:
         print(json.dumps(doc, default=str))
     else:
         if outcome is not None:
-            print(f"retried: {outcome.applied} applied, {len(outcome.failed)} still failing, "
-                  f"{outcome.superseded} superseded by a later copy of their table, "
-                  f"{outcome.not_retryable} not retryable")
-        print(f"{len(left)} dead letters" + (":" if left else ""))
+            _say(f"retried: {outcome.applied} applied, {len(outcome.failed)} still failing, "
+                 f"{outcome.superseded} superseded by a later copy of their table, "
+                 f"{outcome.not_retryable} not retryable")
+        _say(f"{len(left)} dead letters" + (":" if left else ""))
         for letter in left:
             d = letter.as_dict()
-            print(f"  #{d['id']} {d['table']} {d['op'] or '-'} key {letter.key} at {d['lsn']} "
-                  f"({d['created']}, retries {d['retries']}): "
-                  f"{d['reason']}" + (f" [{d['sqlstate']}]" if d["sqlstate"] else ""))
+            _say(f"  #{d['id']} {d['table']} {d['op'] or '-'} key {letter.key} at {d['lsn']} "
+                 f"({d['created']}, retries {d['retries']}): "
+                 f"{d['reason']}" + (f" [{d['sqlstate']}]" if d["sqlstate"] else ""))
     return 1 if outcome is not None and outcome.failed else ExitCode.OK
 def _cmd_verify(args: argparse.Namespace) -> int:
     config = load_config(args.config)
@@ -578,7 +592,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.as_dict(), indent=None))
     else:
-        print(verify.render(report))
+        _say(verify.render(report))
     # What it found, not an error of the command: scripts branch on it.
     return 1 if report.drift else ExitCode.OK
 
@@ -588,14 +602,21 @@ def _cmd_seed(args: argparse.Namespace) -> int:
         params = conninfo_to_dict(args.dsn)
     except psycopg.ProgrammingError as exc:
         raise ConfigError(
-            f"--dsn: {exc}", 'pass a connection string like "host=... dbname=..."'
-        ) from None
+            f"--dsn: {_dsn_problem(str(exc), args.dsn)} (the string is not repeated here: it "
+            "may hold a password)",
+            'pass "host=... dbname=... user=..." (quote a value with spaces in single quotes) '
+            "or postgresql://user@host/dbname (a % in it written %25), and the password in "
+            "PGPASSWORD") from None
     register_secret(params.get("password"))
+    if params.get("password"):
+        _say("warning: the --dsn password is visible to every user of this machine in the "
+             "process list (ps): leave it out of --dsn and set PGPASSWORD (or ~/.pgpass), "
+             "which libpq reads", file=sys.stderr)
     _setup_console_logging()
     seed_module = _import("replicator.devtools.seed")
     rows = seed_module.seed(args.dsn, scale=args.scale, seed=args.seed)
     if isinstance(rows, Mapping):  # rows per table
-        print("seeded: " + ", ".join(f"{table} {count}" for table, count in rows.items()))
+        _say("seeded: " + ", ".join(f"{table} {count}" for table, count in rows.items()))
     return ExitCode.OK
 
 
@@ -607,6 +628,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 # --- helpers --------------------------------------------------------------------------------
+
+
+def _dsn_problem(message: str, dsn: str) -> str:
+    """libpq's reason for refusing ``dsn``, without the pieces of it the reason quotes.
+
+    libpq quotes what it could not parse ("invalid percent-encoded token: "<password>"") and
+    the error comes before the password could be registered for redaction. Quoted text is
+    dropped; a reason that still holds a piece of the string (a translation quoting it some
+    other way) is left out.
+    """
+    reason = " ".join(message.split())
+    reason = re.sub(r'"([^"]*)"', lambda m: m.group(0) if m.group(1) == "=" else '"…"', reason)
+    pieces = {p for p in re.split(r"[\s=:@/?&'\"]+", dsn) if len(p) >= 3}
+    if not reason or any(piece in reason for piece in pieces):
+        return "not a valid connection string or URI"
+    return reason
 
 
 def _add_config_option(parser: argparse.ArgumentParser) -> None:
@@ -697,6 +734,57 @@ def _summary(config: Config) -> str:
     metrics = f"port {m.port}, path {m.path}" if m.enabled else "off"
     lines.append(f"  metrics:     {metrics}")
     return redact("\n".join(lines))
+
+
+# What each sslmode short of verifying the server lets through (libpq's documentation).
+_WEAK_SSLMODES = {
+    "disable": "sends everything unencrypted",
+    "allow": "sends everything unencrypted unless the server insists on TLS",
+    "prefer": "lets a machine in between turn encryption off, and accepts any certificate",
+    "require": "encrypts but accepts any certificate, so a machine in between can pose as "
+               "the server",
+}
+
+
+def _tls_warnings(config: Config) -> list[str]:
+    """One line per side that reaches a server over a network without verifying it.
+
+    A warning, not a new default: verify-full needs the server's CA certificate, and a
+    default that refused every existing config without one would stop working deployments.
+    """
+    warnings = []
+    for side in (config.source, config.destination):
+        mode = side.sslmode or os.environ.get("PGSSLMODE") or "prefer"
+        host = side.host or os.environ.get("PGHOST", "")
+        if mode not in _WEAK_SSLMODES or _is_local_host(host):
+            continue
+        origin = ("" if side.sslmode else
+                  " (from PGSSLMODE)" if os.environ.get("PGSSLMODE") else " (libpq's default)")
+        where = f"[{side.section}]"
+        ca = ("the Supabase CA certificate (dashboard: Database Settings > SSL Configuration > "
+              "Download certificate)" if side.section == "destination"
+              else "the CA certificate that signed the server's")
+        warnings.append(
+            f"{where} host {host} is reached over a network with sslmode \"{mode}\"{origin}, "
+            f"which {_WEAK_SSLMODES[mode]}: set {where} sslmode = \"verify-full\" and "
+            f"sslrootcert to {ca}")
+    return warnings
+
+
+def _is_local_host(host: str) -> bool:
+    """True when every host libpq would try is this machine: a Unix socket directory (what
+    an empty host means too), localhost, or a loopback address."""
+    for name in host.split(","):
+        name = name.strip()
+        if not name or name.startswith(("/", "@")) or name.lower() == "localhost":
+            continue
+        try:
+            if ipaddress.ip_address(name).is_loopback:
+                continue
+        except ValueError:
+            pass
+        return False
+    return True
 
 
 def _mapping_options(config: Config, source: str) -> str:

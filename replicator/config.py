@@ -45,6 +45,9 @@ _VAR_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _VAR_RE = re.compile(
     r"\$(?:(?P<escape>\$)|\{(?P<braced>[^}]*)\}|(?P<bare>[A-Za-z_][A-Za-z0-9_]*)|(?P<open>\{))"
 )
+# A value made of variable references only ("$ODOO_DB_PASSWORD", "${A}${B}"): naming a
+# variable it refers to gives nothing of a password away.
+_ONLY_REFERENCES = re.compile(r"(?:\$\{[A-Za-z_][A-Za-z0-9_]*\}|\$[A-Za-z_][A-Za-z0-9_]*)+")
 # .env names that hold secrets even if etl-config.toml does not use them (the service role
 # key sits in the same .env): mask them in logs too. Short values would mask too much.
 _SECRET_NAME_RE = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|_KEY\b|PRIVATE", re.IGNORECASE)
@@ -100,7 +103,7 @@ def load_config(
     for name in ("source", "destination"):
         raw = doc[name].get("password")
         if isinstance(raw, str):
-            register_secret(resolver.substitute(f"[{name}] password", raw)[0])
+            register_secret(resolver.substitute(f"[{name}] password", raw, secret=True)[0])
 
     base_dir = config_path.parent
     sections: dict[str, Any] = {}
@@ -211,21 +214,31 @@ class _Resolver:
         """No substitution at all (values from DSNs and Python code are taken literally)."""
         return cls(None, {}, None)
 
-    def substitute(self, where: str, text: str) -> tuple[str, list[str]]:
-        """``text`` with variables replaced, and descriptions of where each one came from."""
+    def substitute(self, where: str, text: str, *, secret: bool = False) -> tuple[str, list[str]]:
+        """``text`` with variables replaced, and descriptions of where each one came from.
+
+        For a ``secret`` value (a password) an error never quotes the text: it runs before
+        the password is known, so redaction cannot catch it, and a literal password with a
+        ``$`` in it ("Tr0ub4dor${and 3}xkcd") is exactly what fails here. A variable that is
+        not set is named only when the value is nothing but references.
+        """
         if self.environ is None or "$" not in text:
             return text, []
         origins: list[str] = []
+        literal = "a literal $ (in a password, say) is written $$"
 
         def replace(m: re.Match[str]) -> str:
             if m["escape"]:
                 return "$"
             name = m["braced"] if m["braced"] is not None else m["bare"]
             if m["open"] is not None or not _VAR_NAME_RE.fullmatch(name or ""):
+                problem = ("a ${ without its closing }" if m["open"] is not None
+                           else "a ${...} whose name is not letters, digits and underscores")
+                shown = f" {m.group(0)!r}" if not secret else \
+                    f": {problem} (not shown: the value may be a password)"
                 raise ConfigError(
-                    f"{where}: invalid variable reference {m.group(0)!r}",
-                    "write $NAME or ${NAME} (letters, digits, underscores), or $$ for a "
-                    "literal $",
+                    f"{where}: invalid variable reference{shown}",
+                    f"write $NAME or ${{NAME}} (letters, digits, underscores); {literal}",
                 )
             assert self.environ is not None
             if name in self.environ:
@@ -234,6 +247,12 @@ class _Resolver:
             if name in self.dotenv:
                 origins.append(f"{m.group(0)} in {self.dotenv_path}")
                 return self.dotenv[name]
+            if secret and not _ONLY_REFERENCES.fullmatch(text):
+                raise ConfigError(
+                    f"{where}: refers to a variable that is not set (its name is not shown: "
+                    "with text around it, it may be part of a literal password)",
+                    f"add the variable to the environment or to {self.dotenv_path}; {literal}",
+                )
             raise ConfigError(
                 f"{where}: {m.group(0)} is not set",
                 f"add it to the environment or to {self.dotenv_path}",
@@ -279,8 +298,9 @@ def _build(
     values: dict[str, Any] = {}
     for key, raw in table.items():
         where = f"[{section}] {key}"
-        value, origins = resolver.substitute(where, raw) if isinstance(raw, str) else (raw, [])
         secret = fields[key].metadata.get("secret", False)
+        value, origins = (resolver.substitute(where, raw, secret=secret) if isinstance(raw, str)
+                          else (raw, []))
         if secret:
             register_secret(value)
             if origins:

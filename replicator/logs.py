@@ -21,6 +21,7 @@ from typing import Any
 
 import orjson
 
+from .console import printable
 from .errors import ConfigError
 from .redact import redact
 from .settings import LoggingSettings
@@ -107,7 +108,8 @@ class TextFormatter(logging.Formatter):
             line += "\n" + self.formatException(record.exc_info)
         if record.stack_info:
             line += "\n" + self.formatStack(record.stack_info)
-        return redact(line)
+        # Read on a terminal: names from the databases must not drive it (JSON escapes them).
+        return printable(redact(line), multiline=True)
 
 
 def _text_value(value: Any) -> str:

@@ -25,6 +25,7 @@ from .catalog import (
     wal_level,
 )
 from .classify import classify, read_grant
+from .console import printable
 from .errors import ErrorKind, ReplicatorError
 from .lsn import format_lsn, parse_lsn
 from .schema import (
@@ -254,27 +255,31 @@ def check(config: Config) -> int:
         if slot is not None:
             check_slot_owner(slot, src.slot, catalog.info.dbname)
         binary = all(c.builtin for t in tables for c in t.columns)
-        print(f"source OK: wal_level=logical, publication {src.publication} with "
-              f"{len(tables)} replicated table(s), {'binary' if binary else 'text'} mode; slot "
-              + (f"{src.slot} exists ({'active' if slot.active else 'inactive'})" if slot
-                 else f"{src.slot} will be created"))
+        # Names from the source catalog: printable() keeps their control characters from
+        # reaching the terminal.
+        print(printable(
+            f"source OK: wal_level=logical, publication {src.publication} with "
+            f"{len(tables)} replicated table(s), {'binary' if binary else 'text'} mode; slot "
+            + (f"{src.slot} exists ({'active' if slot.active else 'inactive'})" if slot
+               else f"{src.slot} will be created")))
         for t in tables:
-            print(f"  {t.qualname:40} key ({', '.join(t.key)}) -> "
-                  f"{'.'.join(config.target(t.schema, t.name) or ())}")
+            print(printable(f"  {t.qualname:40} key ({', '.join(t.key)}) -> "
+                            f"{'.'.join(config.target(t.schema, t.name) or ())}"))
     try:
         dest = psycopg.connect(dst.conninfo(), autocommit=True)
     except psycopg.Error as exc:
         raise classify(exc, settings=dst) from None
     with dest:
         applied = check_destination(dest, config)
-        print(f"destination OK: mirror schema {dst.schema}, state schema {dst.state_schema}; "
-              + (f"applied up to {format_lsn(applied)}" if applied is not None
-                 else "nothing replicated yet (the first run copies the existing rows)"))
+        print(printable(
+            f"destination OK: mirror schema {dst.schema}, state schema {dst.state_schema}; "
+            + (f"applied up to {format_lsn(applied)}" if applied is not None
+               else "nothing replicated yet (the first run copies the existing rows)")))
         # Not blocking replication, but not the mirror's access model either: said, one
         # line each (init revokes the privileges, a trigger is for the operator to judge).
         targets = [config.target(t.schema, t.name) for t in tables]
         schemas = sorted({dst.schema, *(target[0] for target in targets if target)})
         for line in access.findings(dest, schemas,
                                     access.existing_roles(dest, dst.analytics_roles)):
-            print(f"destination WARNING: {line}")
+            print(printable(f"destination WARNING: {line}"))
     return 0

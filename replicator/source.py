@@ -73,8 +73,10 @@ class ReplicationConnection:
             raise ReplicatorError(
                 ErrorKind.SOURCE_CONNECT,
                 f"cannot open a replication connection to the source: {msg}",
-                "check [source] host/port/user/password and that pg_hba.conf allows "
-                "replication connections for this user",
+                "check [source] host/port/user/password, and that a pg_hba.conf line admits "
+                "this user to [source] database (`host <database> <user> <address> "
+                "scram-sha-256`: logical replication matches the database name, not the "
+                "`replication` keyword)",
             )
         self.pgconn = conn
 

@@ -9,13 +9,24 @@ table without a key in test_cli.py.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
-from plugins.replicator import PUBLICATION, ReplicatorProcess, cli, cli_config, error_line, wait_for
+from plugins.replicator import (
+    PASSWORD,
+    PUBLICATION,
+    ReplicatorProcess,
+    cli,
+    cli_config,
+    error_line,
+    wait_for,
+)
 from plugins.servers import _fresh_database, _start_cluster, grant_source_role
+from psycopg import sql
 
 from replicator.devtools.localpg import LocalCluster
 from replicator.errors import ExitCode, ReplicatorError
@@ -164,3 +175,50 @@ def test_unsupported_server_versions(side, version, ok):
     assert info.value.exit_code == ExitCode.FATAL
     assert f"the {side} runs PostgreSQL {version // 10000}" in text and "or newer" in text
     assert "\n" not in text
+
+
+def _use_hba(cluster, original: str, lines: str) -> None:
+    (cluster.data_dir / "pg_hba.conf").write_text(lines + original)
+    with cluster.connect() as conn:
+        conn.execute("select pg_reload_conf()")
+    time.sleep(0.5)  # the postmaster reloads asynchronously
+
+
+def test_pg_hba_hint_gives_the_line_logical_replication_needs(source_db, dest_db, tmp_path):
+    """Logical replication matches pg_hba.conf by database name, like any connection; the
+    `replication` keyword is for physical replication (a copy of the whole cluster). The
+    error line gives the database line, and that line alone lets `run` replicate while
+    physical replication stays refused."""
+    _published_table(source_db)
+    role = f"hba_{uuid.uuid4().hex[:8]}"
+    grant_source_role(source_db, role)  # LOGIN REPLICATION, SELECT
+    source_db.execute(sql.SQL("alter role {} password {}").format(sql.Identifier(role),
+                                                                   sql.Literal(PASSWORD)))
+    cluster = source_db.cluster
+    original = (cluster.data_dir / "pg_hba.conf").read_text()
+    config = cli_config(tmp_path, source_db, dest_db, source={"user": role})
+    wanted = f"host {source_db.name} {role} 127.0.0.1/32 scram-sha-256"
+    try:
+        # What the old hint said to add: a `replication` line. It admits neither connection.
+        _use_hba(cluster, original, f"host replication {role} 127.0.0.1/32 scram-sha-256\n"
+                                    f"host all {role} 127.0.0.1/32 reject\n")
+        proc = cli("check", "--config", str(config), cwd=tmp_path)
+        line = error_line(proc)
+        assert proc.returncode == ExitCode.FATAL, line
+        assert f"add the line `{wanted}` above the line that rejects it" in line, line
+        assert "no `replication` line is needed" in line and "pg_basebackup" in line, line
+
+        # The hint's line, with physical replication refused for the role.
+        _use_hba(cluster, original, f"host replication {role} 127.0.0.1/32 reject\n"
+                                    f"{wanted}\nhost all {role} 127.0.0.1/32 reject\n")
+        proc = cli("run", "--config", str(config), "--until-caught-up", cwd=tmp_path)
+        assert proc.returncode == 0, f"{proc.stderr}\n{proc.stdout[-3000:]}"
+        assert dest_db.scalar("select count(*) from odoo_mirror.res_partner") == 1
+        with pytest.raises(psycopg.OperationalError, match="rejects replication connection"):
+            psycopg.connect(host=cluster.host, port=cluster.port, user=role, password=PASSWORD,
+                            replication="true", connect_timeout=10).close()
+    finally:
+        _use_hba(cluster, original, "")
+        source_db.execute(sql.SQL("drop owned by {}").format(sql.Identifier(role)))
+        with cluster.connect() as conn:
+            conn.execute(sql.SQL("drop role {}").format(sql.Identifier(role)))

@@ -212,3 +212,23 @@ def test_until_caught_up_finishes_while_the_source_keeps_writing(source_db, dest
     finally:
         stop.set()
         writer.join(10)
+
+
+# -- names with terminal escapes ---------------------------------------------------------------
+
+# A table name anyone who may create a table on the source chooses: an OSC sequence that sets
+# the terminal's title, and a CSI one that erases the line printed before.
+HOSTILE_TABLE = "res_partner\x1b]0;pwned\x07\x1b[1A\x1b[2K"
+
+
+def test_check_prints_no_terminal_escapes_from_table_names(source_db, dest_db, tmp_path):
+    source_db.execute(f'create table "{HOSTILE_TABLE}" (id integer primary key, name text)')
+    source_db.execute(f'create publication {PUBLICATION} for table "{HOSTILE_TABLE}"')
+    config = cli_config(tmp_path, source_db, dest_db)
+    proc = cli("check", "--config", str(config), cwd=tmp_path)
+    assert proc.returncode == 0, f"{proc.stderr}\n{proc.stdout[-3000:]}"
+    for text in (proc.stdout, proc.stderr):
+        assert not [c for c in text if ord(c) < 0x20 and c != "\n" or 0x7f <= ord(c) <= 0x9f], \
+            repr(text)
+    # Still there, readable: escaped the way Python's repr() writes it.
+    assert "res_partner\\x1b]0;pwned\\x07\\x1b[1A\\x1b[2K" in proc.stdout, proc.stdout

@@ -144,6 +144,62 @@ def test_check_prints_summary_without_secrets(config_path, monkeypatch, capsys):
     assert SOURCE_PW not in out and DEST_PW not in out
 
 
+def _tls_config(path: Path, source: str, destination: str) -> Path:
+    """CONFIG with these lines in place of each side's `host = "127.0.0.1"`."""
+    src, dst = CONFIG.split("[destination]")
+    path.write_text(src.replace('host = "127.0.0.1"', source) + "[destination]"
+                    + dst.replace('host = "127.0.0.1"', destination))
+    return path
+
+
+LOCAL = 'host = "127.0.0.1"'
+SUPABASE = 'host = "db.abcdefghijklmnop.supabase.co"'
+
+
+@pytest.mark.parametrize(("source", "destination", "pgsslmode", "expected"), [
+    (LOCAL, LOCAL, None, []),
+    (LOCAL, SUPABASE, None, ['[destination] host db.abcdefghijklmnop.supabase.co is reached over '
+                             'a network with sslmode "prefer" (libpq\'s default)',
+                             'set [destination] sslmode = "verify-full" and sslrootcert',
+                             "Supabase", "Download certificate"]),
+    ('host = "odoo-db.internal"\nsslmode = "require"', LOCAL, None,
+     ['[source] host odoo-db.internal is reached over a network with sslmode "require", which '
+      "encrypts but accepts any certificate", 'set [source] sslmode = "verify-full"']),
+    (LOCAL, SUPABASE, "disable", ['sslmode "disable" (from PGSSLMODE)', "unencrypted"]),
+    (LOCAL, SUPABASE, "verify-full", []),
+    ('host = "10.1.2.3"\nsslmode = "verify-ca"', SUPABASE + '\nsslmode = "verify-full"', None, []),
+    ('host = "/var/run/postgresql"', 'host = "localhost"', None, []),
+    ('host = "127.0.0.2"', 'host = "::1"', None, []),
+    ('host = ""', 'host = "127.0.0.1,::1"', None, []),
+    (LOCAL, 'host = "127.0.0.1,db.example.com"', None, ["[destination] host 127.0.0.1,db.example.com"]),
+])
+def test_check_warns_about_tls_that_does_not_verify_a_remote_server(
+        source, destination, pgsslmode, expected, tmp_path, monkeypatch, capsys):
+    """The default stays libpq's (prefer): `check` says, in one line per side, when a server
+    across a network is not verified, and what to set. Nothing else changes."""
+    fake_module(monkeypatch, "replicator.preflight")
+    monkeypatch.setenv("ODOO_DB_PASSWORD", SOURCE_PW)
+    monkeypatch.setenv("SUPABASE_DB_PASSWORD", DEST_PW)
+    monkeypatch.delenv("PGHOST", raising=False)
+    if pgsslmode is None:
+        monkeypatch.delenv("PGSSLMODE", raising=False)
+    else:
+        monkeypatch.setenv("PGSSLMODE", pgsslmode)
+    path = _tls_config(tmp_path / "etl-config.toml", source, destination)
+    assert main(["check", "--config", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("config OK")
+    lines = captured.err.splitlines()
+    if not expected:
+        assert lines == []
+        return
+    assert len(lines) == 1 and lines[0].startswith("warning: "), captured.err
+    for part in expected:
+        assert part in lines[0], lines[0]
+    # Never a weaker mode as the way out.
+    assert '= "require"' not in lines[0] and '= "prefer"' not in lines[0]
+
+
 def test_check_calls_runtime_check_when_it_exists(config_path, monkeypatch, capsys):
     seen: list[Config] = []
 
@@ -309,13 +365,53 @@ def test_seed_never_prints_the_dsn_password(monkeypatch, capsys):
     fake_module(monkeypatch, "replicator.devtools.seed", seed=seed)
     # An unclassified database error from a command is still a one-line operator error.
     assert main(["seed", "--dsn", "dbname=odoo_core password=Dsn-Secret-3"]) == 2
-    line = assert_one_error_line(capsys.readouterr().err)
+    line = assert_one_error_line(_without_dsn_warning(capsys.readouterr().err))
     assert 'password authentication failed for user "odoo"' in line
     assert "Dsn-Secret-3" not in line
 
     assert main(["seed", "--dsn", "dbname=odoo password=Dsn-Secret-3 bogus"]) == 2
     line = assert_one_error_line(capsys.readouterr().err)
     assert line.startswith("error: --dsn: ") and "Dsn-Secret-3" not in line
+
+
+def _without_dsn_warning(err: str) -> str:
+    first, _, rest = err.partition("\n")
+    assert first.startswith("warning: the --dsn password is visible"), err
+    assert "process list (ps)" in first and "PGPASSWORD" in first, first
+    return rest
+
+
+@pytest.mark.parametrize("dsn", [
+    "postgresql://odoo:Tr0ub%zz4dor@127.0.0.1/odoo_core",  # libpq quotes the bad token
+    "host=127.0.0.1 password=Tr0ub4dorxkcd dbname",  # ... and the word without "="
+    "host=Tr0ub4dorxkcd dbname",
+])
+def test_seed_dsn_parse_errors_quote_nothing_of_the_dsn(dsn, monkeypatch, capsys):
+    fake_module(monkeypatch, "replicator.devtools.seed",
+                seed=lambda *a, **k: pytest.fail("seeded with a DSN that does not parse"))
+    assert main(["seed", "--dsn", dsn]) == 2
+    line = assert_one_error_line(capsys.readouterr().err)
+    assert line.startswith("error: --dsn: "), line
+    assert "Tr0ub" not in line and "4dor" not in line and "xkcd" not in line, line
+    assert "PGPASSWORD" in line, line
+
+
+def test_seed_warns_about_a_password_in_the_dsn(monkeypatch, capsys):
+    """A password on the command line is in every user's `ps`: one warning line, and the
+    way that keeps it out (PGPASSWORD, which libpq reads); the command still works."""
+    seen = []
+    fake_module(monkeypatch, "replicator.devtools.seed",
+                seed=lambda dsn, *, scale, seed: seen.append((dsn, os.environ.get("PGPASSWORD"))))
+    for dsn in ("dbname=odoo_core password=Dsn-Secret-3", "postgresql://odoo:Dsn-Secret-3@h/db"):
+        assert main(["seed", "--dsn", dsn]) == 0
+        err = capsys.readouterr().err
+        assert _without_dsn_warning(err) == "" and "Dsn-Secret-3" not in err
+    monkeypatch.setenv("PGPASSWORD", "Env-Secret-4")
+    assert main(["seed", "--dsn", "dbname=odoo_core user=odoo"]) == 0
+    assert capsys.readouterr().err == ""
+    assert seen[-1] == ("dbname=odoo_core user=odoo", "Env-Secret-4")
+    assert main(["seed", "--help"]) == 0
+    assert "give the password in PGPASSWORD" in " ".join(capsys.readouterr().out.split())
 
 
 def test_demo_passes_arguments(monkeypatch, tmp_path, capsys):
@@ -401,6 +497,43 @@ def test_classify_server_errors_by_sqlstate_and_text():
     apply = psycopg.errors.NotNullViolation('null value in column "id" violates not-null constraint')
     err = classify(apply, side="destination")
     assert err.kind is ErrorKind.DESTINATION_APPLY and err.exit_code == 4
+
+
+HBA_REFUSED = ('connection failed: connection to server at "10.0.0.9", port 5432 failed: FATAL:  '
+               'no pg_hba.conf entry for host "10.1.2.3", user "replicator_src", '
+               'database "odoo_core", no encryption')
+
+
+@pytest.mark.parametrize("sqlstate", ["28000", None])
+def test_pg_hba_hint_gives_the_database_line_and_no_replication_line(sqlstate):
+    """Logical replication matches pg_hba.conf by database name; a `replication` line is for
+    physical replication only, and admits a copy of the whole cluster."""
+    err = classify(psycopg.OperationalError(HBA_REFUSED), side="source", sqlstate=sqlstate)
+    assert err.kind is ErrorKind.SOURCE_SETUP
+    assert "add the line `host odoo_core replicator_src 10.1.2.3/32 scram-sha-256`" in err.hint
+    assert "no `replication` line is needed" in err.hint, err.hint
+    assert "physical replication" in err.hint and "pg_basebackup" in err.hint
+    assert "database 'replication'" not in err.hint
+    dest = classify(psycopg.OperationalError(HBA_REFUSED), side="destination", sqlstate=sqlstate)
+    assert "`host odoo_core replicator_src 10.1.2.3/32 scram-sha-256`" in dest.hint
+    assert "replication" not in dest.hint
+
+
+@pytest.mark.parametrize("text", [
+    "connection failed: server does not support SSL, but SSL was required",
+    'connection failed: root certificate file "/home/x/.postgresql/root.crt" does not exist',
+    "connection failed: SSL error: certificate verify failed",
+])
+def test_tls_hints_never_suggest_a_weaker_sslmode(text):
+    for side in ("source", "destination"):
+        err = classify(psycopg.OperationalError(text), side=side)
+        assert err.kind is ErrorKind.CONFIG, err
+        for weaker in ("disable", "allow", "prefer", "require"):
+            assert f'"{weaker}"' not in err.hint, err.hint
+        assert "encrypt without verifying" not in err.hint
+    if "certificate" in text:  # where Supabase's CA comes from
+        assert "Download certificate" in classify(psycopg.OperationalError(text),
+                                                  side="destination").hint
 
 
 def test_classify_other_exceptions():

@@ -161,8 +161,29 @@ def test_missing_variable_names_key_variable_and_dotenv_path(tmp_path):
 
 
 def test_invalid_variable_reference(tmp_path):
-    err = load_error(write(tmp_path, MINIMAL.replace("$ODOO_DB_PASSWORD", "${ODOO-PASS}")))
-    assert "[source] password: invalid variable reference '${ODOO-PASS}'" in err.message
+    # A value that is not a secret is quoted, to show the mistake.
+    err = load_error(write(tmp_path, MINIMAL.replace('"odoo_core"', '"${ODOO-DB}"')))
+    assert "[source] database: invalid variable reference '${ODOO-DB}'" in err.message
+
+
+@pytest.mark.parametrize("password", ["Tr0ub4dor${and 3}xkcd", "Tr0ub4dor${and 3xkcd",
+                                      "Tr0ub4dor$xkcd", "${ODOO-PASS}"])
+def test_a_password_with_a_dollar_is_never_echoed(tmp_path, password):
+    """A literal password with a `$` in it fails before it is known, so redaction cannot mask
+    it: the error names the key and the problem and quotes nothing of the value."""
+    err = load_error(write(tmp_path, MINIMAL.replace("$ODOO_DB_PASSWORD", password)))
+    assert err.message.startswith("[source] password: "), err.message
+    text = str(err)
+    for piece in ("Tr0ub4dor", "and 3", "xkcd", "ODOO-PASS"):
+        assert piece not in err.message, err.message
+    assert "$$" in err.hint, err.hint
+    assert all(piece not in text for piece in ("Tr0ub4dor", "xkcd")), text
+
+
+def test_a_password_made_of_variables_names_the_missing_one(tmp_path):
+    err = load_error(write(tmp_path, MINIMAL.replace("$ODOO_DB_PASSWORD", "${PW_A}$PW_B")),
+                     environ={**ENV, "PW_A": "x"})
+    assert err.message == "[source] password: $PW_B is not set"
 
 
 def test_numbers_and_booleans_from_variables_are_coerced(tmp_path):
