@@ -277,6 +277,9 @@ REQUEST_TIMEOUT = 5.0
 
 class _BoundedServer(ThreadingHTTPServer):
     daemon_threads = True
+    # listen()'s backlog: socketserver's 5 makes a burst of clients wait for SYN retries
+    # (seconds each) before they are even accepted, and closed if over the bound.
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]):
         self._slots = threading.BoundedSemaphore(MAX_REQUESTS)
