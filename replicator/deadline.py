@@ -34,8 +34,8 @@ from .settings import DestinationSettings
 if TYPE_CHECKING:  # lease.py imports this module
     from .lease import Fence
 
-__all__ = ["STALL_GRACE", "BatchLimits", "Connection", "NoAnswer", "connect", "shut", "shut_all",
-           "shut_pgconn", "timed_out"]
+__all__ = ["STALL_GRACE", "BatchLimits", "Connection", "NoAnswer", "Waits", "connect", "shut",
+           "shut_all", "shut_pgconn", "timed_out"]
 
 RV = TypeVar("RV")
 
@@ -53,16 +53,10 @@ class NoAnswer(psycopg.OperationalError):
         self.side = side
 
 
-class Connection(psycopg.Connection[TupleRow]):
-    """A psycopg connection whose waits for the server end after ``answer_timeout`` seconds.
+class Waits:
+    """What the watchdog (watchdog.py) reads of a connection, from its thread: the server
+    backend serving it, and whether and since when it waits for the server."""
 
-    It also says what the watchdog (watchdog.py) needs, read from its thread: the server
-    backend serving it, and whether and since when it waits for the server.
-    """
-
-    answer_timeout: float | None = None
-    side: str = "server"
-    setting: str = ""  # the config key that sets the limit, for the message
     # pg_backend_pid() as last read: at connect, then in each batch transaction (through a
     # transaction-mode pooler the backend can change per transaction).
     backend_pid: int | None = None
@@ -71,9 +65,33 @@ class Connection(psycopg.Connection[TupleRow]):
     backend_start: int | None = None
     wait_id = 0  # counts waits: two looks at one wait see the same id
     waiting_since: float | None = None  # time.monotonic() when the wait began; None: not waiting
-    # While the client streams COPY data without waiting for an answer (the initial copy's
-    # C loop): the bytes sent so far; None otherwise.
+    # While the initial copy's C loop moves COPY data through it: the bytes moved so far;
+    # None otherwise.
     pushed: Callable[[], int] | None = None
+    # Meanwhile, on the source side of a copy: whether the loop waits for the source's data
+    # (not for a slow destination); None otherwise.
+    reading: Callable[[], bool] | None = None
+
+    @contextmanager
+    def blocking(self) -> Iterator[None]:
+        """Count blocking libpq calls on the connection (outside psycopg's waits) as one
+        wait."""
+        self.wait_id += 1
+        self.waiting_since = time.monotonic()
+        try:
+            yield
+        finally:
+            self.waiting_since = None
+            self.pushed = self.reading = None
+
+
+class Connection(Waits, psycopg.Connection[TupleRow]):
+    """A psycopg connection whose waits for the server end after ``answer_timeout`` seconds,
+    and which the watchdog can watch (Waits)."""
+
+    answer_timeout: float | None = None
+    side: str = "server"
+    setting: str = ""  # the config key that sets the limit, for the message
 
     def wait(self, gen: PQGen[RV], interval: float = 0.1, timeout: float | None = None) -> RV:
         if self.waiting_since is not None:  # inside blocking(): that is the wait
@@ -84,17 +102,6 @@ class Connection(psycopg.Connection[TupleRow]):
             return self._wait(gen, interval, timeout)
         finally:
             self.waiting_since = None
-
-    @contextmanager
-    def blocking(self) -> Iterator[None]:
-        """Count blocking libpq calls on ``pgconn`` (outside psycopg's waits) as one wait."""
-        self.wait_id += 1
-        self.waiting_since = time.monotonic()
-        try:
-            yield
-        finally:
-            self.waiting_since = None
-            self.pushed = None
 
     def _wait(self, gen: PQGen[RV], interval: float, timeout: float | None) -> RV:
         limit = self.answer_timeout

@@ -47,8 +47,6 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,7 +94,7 @@ class _Look:
     reading: bool = False   # a source copy waiting for the source's data at this look
 
 
-class Pulled:
+class Pulled(deadline.Waits):
     """A bare libpq connection the initial copy reads COPY data from (the source side of a
     copy worker), watched as deadline.Connection is: while in blocking(), ``pushed`` counts
     the bytes that arrived and ``reading`` says whether the copy waits for the source (and
@@ -104,26 +102,10 @@ class Pulled:
 
     def __init__(self, pgconn: pq.abc.PGconn) -> None:
         self.pgconn = pgconn
-        self.wait_id = 0
-        self.waiting_since: float | None = None
-        self.backend_pid: int | None = None
-        self.backend_start: int | None = None
-        self.pushed: Callable[[], int] | None = None
-        self.reading: Callable[[], bool] | None = None
 
     @property
     def closed(self) -> bool:
         return self.pgconn.status != pq.ConnStatus.OK
-
-    @contextmanager
-    def blocking(self) -> Iterator[None]:
-        self.wait_id += 1
-        self.waiting_since = time.monotonic()
-        try:
-            yield
-        finally:
-            self.waiting_since = None
-            self.pushed = self.reading = None
 
 
 Watched = Connection | Pulled
@@ -176,7 +158,7 @@ class Watchdog:
     def _look(self, due: list[Watched]) -> None:
         started = time.monotonic()
         asked = {c: (c.wait_id, c.backend_pid, c.pushed() if c.pushed else None,
-                     bool(isinstance(c, Pulled) and c.reading and c.reading()))
+                     c.reading is not None and c.reading())
                  for c in due}
         rows: dict[int, tuple[Any, ...]] | None = None
         failure = ""

@@ -14,13 +14,11 @@ from __future__ import annotations
 import os
 import signal
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
-from plugins.faults import Workload, mirror_diff, seed_source
+from plugins.faults import Workload, http_status, mirror_diff, seed_source
 from plugins.pgbouncer import OWNER, ROLE_PASSWORD
 from plugins.replicator import (
     MIRROR_SCHEMA,
@@ -193,18 +191,10 @@ def test_clean_stop_hands_over_at_once_and_status_shows_both(source_db, dest_db,
     b.start()
     wait_for(lambda: STANDBY in b.current() or not b.alive, 30, what="the standby")
 
-    def ready() -> int:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=5) as r:
-                return r.status
-        except urllib.error.HTTPError as exc:
-            return exc.code
-        except OSError:
-            return 0
-
-    wait_for(lambda: ready() == 503, 20, what="/ready 503 on the standby")
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-        assert r.status == 200    # a standby is healthy: a supervisor must not restart it
+    wait_for(lambda: http_status(port, "/ready", 5) == 503, 20,
+             what="/ready 503 on the standby")
+    # A standby is healthy: a supervisor must not restart it.
+    assert http_status(port, "/health", 5) == 200
     config = a.config
     wait_for(lambda: "standby" in cli("status", "--config", str(config)).stdout, 20,
              what="status to show the standby")
@@ -220,7 +210,7 @@ def test_clean_stop_hands_over_at_once_and_status_shows_both(source_db, dest_db,
     source_db.execute("insert into t values (1, 'x')")
     wait_for(lambda: dest_db.scalar(f"select count(*) from {MIRROR_SCHEMA}.t") == 1, 60,
              what="the new owner to apply")
-    wait_for(lambda: ready() == 200, 20, what="/ready 200 once it writes")
+    wait_for(lambda: http_status(port, "/ready", 5) == 200, 20, what="/ready 200 once it writes")
     assert b.terminate(30) == 0, b.logs()
     shown = cli("status", "--config", str(config)).stdout
     assert "stopped cleanly" in shown, shown

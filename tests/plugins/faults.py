@@ -1,9 +1,12 @@
 """What the fault tests share: a workload on the source in a thread, a whole-mirror
-comparison that explains its differences, and a source seeded after its slot exists."""
+comparison that explains its differences, a source seeded after its slot exists, and the
+status code of the metrics server's endpoints."""
 
 from __future__ import annotations
 
 import threading
+import urllib.error
+import urllib.request
 
 import psycopg
 
@@ -113,3 +116,14 @@ def seed_source(source_db, scale: float, seed: int = 42) -> dict[str, int]:
         conn.execute(f"create publication {PUBLICATION} for table {', '.join(TABLE_NAMES)}")
         conn.execute("select pg_create_logical_replication_slot(%s, 'pgoutput')", (PUBLICATION,))
     return seed_rows(source_db.dsn, scale=scale, seed=seed, publication=PUBLICATION)
+
+
+def http_status(port: int, path: str = "/health", timeout: float = 2) -> int:
+    """The status code of GET ``path`` on the metrics server; 0 if nothing answers."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
