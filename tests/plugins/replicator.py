@@ -366,7 +366,7 @@ class ReplicatorProcess:
         """Everything the current run has written, stdout then stderr."""
         return "".join(self.output())
 
-    def logs(self, lines: int = 15) -> str:
+    def logs(self, lines: int = 80) -> str:
         """The tail of every run's stdout and stderr, for assertion messages."""
         parts = []
         for run in range(1, self.runs + 1):
