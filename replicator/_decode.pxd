@@ -46,6 +46,16 @@ cdef struct Field:
     int32_t len
 
 
+# A value of BIG_VALUE bytes or more, left in the libpq buffer its message came in
+# (Decoder.held[held]) instead of copied into the relation's buffer: its bytes belong at
+# offset `at` of Rel.buf, after the length word written there.
+cdef struct Seg:
+    Py_ssize_t at
+    const char *ptr
+    Py_ssize_t len
+    int held
+
+
 # The decoder's view of one source relation: what the hot loop needs to turn
 # an Insert/Update/Delete into a staging row.
 cdef struct Rel:
@@ -59,6 +69,10 @@ cdef struct Rel:
     Field *old_fields
     Field *new_fields
     Buf buf
+    Seg *segs
+    int nsegs
+    int segcap
+    Py_ssize_t seg_bytes
     int64_t rows
     int64_t n_insert
     int64_t n_update
@@ -106,6 +120,14 @@ cdef class Decoder:
     cdef readonly object event
     cdef char errbuf[256]
 
+    # libpq buffers of messages whose big values rows still point to (Seg.held), until
+    # take() hands them to the Span objects that free them.
+    cdef char **held
+    cdef int nheld
+    cdef int heldcap
+    cdef int _zero_copy    # the message being decoded may be kept: its big values are not copied
+    cdef int _keep_msg     # and one of them was left in it
+
     cdef getcopydata_fn _getcopydata
     cdef consumeinput_fn _consumeinput
     cdef freemem_fn _freemem
@@ -116,6 +138,7 @@ cdef class Decoder:
     cdef int _row(self, const char *p, Py_ssize_t n, char tag) noexcept nogil
     cdef int _begin(self, const char *p, Py_ssize_t n) noexcept nogil
     cdef int _fail(self, const char *msg) noexcept nogil
+    cdef int _hold_room(self) noexcept nogil
     cdef str _error(self)
     cdef int _cold(self, const char *p, Py_ssize_t n) except -1
     cdef int _message(self, const char *p, Py_ssize_t n) except -1

@@ -50,7 +50,20 @@ _Bytes = bytes | bytearray | memoryview
 
 # (relid, a complete COPY BINARY stream, (rows, inserts, updates, deletes,
 #  rows_with_unchanged_toast, key_changes))
-_Taken = tuple[int, bytes, tuple[int, int, int, int, int, int]]
+_Taken = tuple[int, "bytes | Pieces", tuple[int, int, int, int, int, int]]
+
+class Held: ...
+
+class Span:
+    def __len__(self) -> int: ...
+    def __buffer__(self, flags: int, /) -> memoryview: ...
+
+class Pieces:
+    parts: list[bytes | Span]
+    size: int
+    def __init__(self, parts: list[bytes | Span]) -> None: ...
+    def __len__(self) -> int: ...
+    def __bytes__(self) -> bytes: ...
 
 class Decoder:
     @property
@@ -106,10 +119,11 @@ class Decoder:
     def attach(self, conn: int, getcopydata: int, consumeinput: int, freemem: int) -> None: ...
     def pump(self, max_messages: int = 1000000) -> int: ...
 
-# (rows without header/trailer, rows, inserts, updates, deletes, rows_with_unchanged_toast)
+# In place in data: (bytes kept at its front, rows, inserts, updates, deletes,
+# rows_with_unchanged_toast)
 def restage(
-    data: _Bytes, aborted: Any, lsn: int, delta: int
-) -> tuple[bytes, int, int, int, int, int]: ...
+    data: bytearray | memoryview, aborted: Any, lsn: int, delta: int
+) -> tuple[int, int, int, int, int, int]: ...
 # per piece: (offset, size, rows, inserts, updates, deletes); len(bounds) + 1 pieces
 def cut_rows(
     data: _Bytes, bounds: list[int]

@@ -18,10 +18,11 @@ key), _u bytea (bit i set when column i was sent as unchanged TOAST; NULL when
 none was).
 """
 
+from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_FillInfo
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t, INT64_MAX
 from libc.stdlib cimport free, malloc, realloc
-from libc.string cimport memcmp, memcpy, memset
+from libc.string cimport memcmp, memcpy, memmove, memset
 
 from replicator._wire cimport rd16, rd32, rd64, wr16, wr32, wr64
 
@@ -34,6 +35,10 @@ cdef enum:
     TRAILER_LEN = 2
     MAX_COLS = 1664
     UBITS_MAX = 208  # (MAX_COLS + 7) / 8
+    # A value this big is not copied out of the libpq buffer it arrived in (pump() only):
+    # a 96 MB document would otherwise be held three times at once (libpq's input buffer,
+    # the buffer PQgetCopyData returns, the relation's COPY buffer).
+    BIG_VALUE = 1 << 20
 
 # The 11-byte signature, flags and header extension length of COPY BINARY, and
 # the field count -1 that ends the rows. Written here only: every buffer starts
@@ -113,15 +118,41 @@ cdef inline int has_value(Field *f) noexcept nogil:
     return f.kind == b't' or f.kind == b'b'
 
 
+cdef int rel_seg(Rel *r, Py_ssize_t at, Field *f, int held) noexcept nogil:
+    cdef Seg *grown
+    if r.nsegs == r.segcap:
+        grown = <Seg *>realloc(r.segs, (r.segcap * 2 if r.segcap else 4) * sizeof(Seg))
+        if grown == NULL:
+            return -1
+        r.segs = grown
+        r.segcap = r.segcap * 2 if r.segcap else 4
+    r.segs[r.nsegs].at = at
+    r.segs[r.nsegs].ptr = f.ptr
+    r.segs[r.nsegs].len = f.len
+    r.segs[r.nsegs].held = held
+    r.nsegs += 1
+    r.seg_bytes += f.len
+    return 0
+
+
+cdef inline int left_in_place(Field *f, int held) noexcept nogil:
+    return held >= 0 and f.len >= BIG_VALUE
+
+
 cdef int write_row(Rel *r, int64_t seq, uint64_t lsn, char op, Field *src, int key_only,
-                   Field *okey, Field *fill) noexcept nogil:
+                   Field *okey, Field *fill, int held) noexcept nogil:
     """Append one staging row to the relation's COPY buffer.
 
     src: the row's fields; key_only: write only the key columns of src (a
     delete); okey: the old key, written into the _ok columns (a key change);
     fill: an old full image whose values replace unchanged-TOAST fields
-    (REPLICA IDENTITY FULL sends it).
+    (REPLICA IDENTITY FULL sends it). held >= 0: the message may be kept as
+    Decoder.held[held], and its big values are left there (a Seg each).
+    0, 1 if a value was left in the message, -1 when out of memory.
     """
+    cdef int kept = 0
+    cdef int nsegs = r.nsegs
+    cdef Py_ssize_t seg_bytes = r.seg_bytes
     cdef int i, k, ncols = r.ncols
     cdef int nbits = 0
     cdef Py_ssize_t size
@@ -138,14 +169,16 @@ cdef int write_row(Rel *r, int64_t seq, uint64_t lsn, char op, Field *src, int k
         f = &src[i]
         if f.kind == b'u' and fill != NULL and has_value(&fill[i]):
             f = &fill[i]
-        if has_value(f):
+        if has_value(f) and not left_in_place(f, held):
             size += f.len
     for k in range(r.nkey):
         size += 4
-        if okey != NULL and has_value(&okey[r.key_idx[k]]):
+        if okey != NULL and has_value(&okey[r.key_idx[k]]) \
+                and not left_in_place(&okey[r.key_idx[k]], held):
             size += okey[r.key_idx[k]].len
     if buf_reserve(&r.buf, size) < 0:
         return -1
+    # The row is written whole or not at all: a failure takes its Segs back.
 
     memset(ubits, 0, ulen)
     w = r.buf.data + r.buf.len
@@ -168,7 +201,14 @@ cdef int write_row(Rel *r, int64_t seq, uint64_t lsn, char op, Field *src, int k
         f = &src[i]
         if f.kind == b'u' and fill != NULL and has_value(&fill[i]):
             f = &fill[i]
-        if has_value(f):
+        if has_value(f) and left_in_place(f, held):
+            wr32(w, f.len)
+            w += 4
+            if rel_seg(r, w - r.buf.data, f, held) < 0:
+                r.nsegs, r.seg_bytes = nsegs, seg_bytes
+                return -1
+            kept = 1
+        elif has_value(f):
             wr32(w, f.len)
             memcpy(w + 4, f.ptr, f.len)
             w += 4 + f.len
@@ -182,8 +222,15 @@ cdef int write_row(Rel *r, int64_t seq, uint64_t lsn, char op, Field *src, int k
         if okey != NULL and has_value(&okey[r.key_idx[k]]):
             f = &okey[r.key_idx[k]]
             wr32(w, f.len)
-            memcpy(w + 4, f.ptr, f.len)
-            w += 4 + f.len
+            if left_in_place(f, held):
+                w += 4
+                if rel_seg(r, w - r.buf.data, f, held) < 0:
+                    r.nsegs, r.seg_bytes = nsegs, seg_bytes
+                    return -1
+                kept = 1
+            else:
+                memcpy(w + 4, f.ptr, f.len)
+                w += 4 + f.len
         else:
             wr32(w, -1)
             w += 4
@@ -197,7 +244,7 @@ cdef int write_row(Rel *r, int64_t seq, uint64_t lsn, char op, Field *src, int k
         w += 4
     r.buf.len = w - r.buf.data
     r.rows += 1
-    return 0
+    return kept
 
 
 cdef int key_changed(Rel *r, Field *old, Field *new) noexcept nogil:
@@ -221,7 +268,71 @@ cdef void rel_free(Rel *r) noexcept nogil:
     free(r.old_fields)
     free(r.new_fields)
     free(r.buf.data)
+    free(r.segs)
     memset(r, 0, sizeof(Rel))
+
+
+cdef class Held:
+    """A message buffer libpq allocated (PQgetCopyData), freed with the last Span in it."""
+    cdef char *ptr
+    cdef freemem_fn free
+
+    def __dealloc__(self):
+        if self.ptr != NULL:
+            self.free(self.ptr)
+
+
+cdef class Span:
+    """A big value where it arrived: read-only bytes in a Held buffer (buffer protocol)."""
+    cdef Held owner
+    cdef const char *ptr
+    cdef Py_ssize_t size
+
+    def __len__(self):
+        return self.size
+
+    def __getbuffer__(self, Py_buffer *view, int flags):
+        if flags & PyBUF_WRITABLE:
+            raise BufferError("a Span is read-only")
+        PyBuffer_FillInfo(view, self, <void *>self.ptr, self.size, 1, flags)
+
+    def __releasebuffer__(self, Py_buffer *view):
+        pass
+
+
+class Pieces:
+    """One COPY BINARY stream of a relation in parts, header in the first and trailer in
+    the last: bytes, and a Span for each big value left in its message. Written part by
+    part (memoryview() of each), so the value is never copied whole again."""
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self, parts):
+        self.parts = parts
+        self.size = sum(len(p) for p in parts)
+
+    def __len__(self):
+        return self.size
+
+    def __bytes__(self):
+        return b"".join(bytes(memoryview(p)) for p in self.parts)
+
+
+cdef object _pieces(Rel *r, list owners):
+    cdef int i
+    cdef Span span
+    cdef Py_ssize_t pos = 0
+    parts = []
+    for i in range(r.nsegs):
+        parts.append(PyBytes_FromStringAndSize(r.buf.data + pos, r.segs[i].at - pos))
+        span = Span.__new__(Span)
+        span.owner = owners[r.segs[i].held]
+        span.ptr = r.segs[i].ptr
+        span.size = r.segs[i].len
+        parts.append(span)
+        pos = r.segs[i].at
+    parts.append(PyBytes_FromStringAndSize(r.buf.data + pos, r.buf.len + TRAILER_LEN - pos))
+    return Pieces(parts)
 
 
 cdef class Decoder:
@@ -251,6 +362,9 @@ cdef class Decoder:
         for i in range(self.nrels):
             rel_free(&self.rels[i])
         free(self.rels)
+        for i in range(self.nheld):
+            self._freemem(self.held[i])
+        free(self.held)
 
     # -- relations -------------------------------------------------------
 
@@ -353,7 +467,15 @@ cdef class Decoder:
         """
         cdef int i
         cdef Rel *r
+        cdef Held h
         out = []
+        owners = []
+        for i in range(self.nheld):
+            h = Held.__new__(Held)
+            h.ptr = self.held[i]
+            h.free = self._freemem
+            owners.append(h)
+        self.nheld = 0
         self.taken_marks = ([(self.mark_seq[i], self.mark_xid[i]) for i in range(self.nmarks)],
                             bool(self.marks_lost))
         self.nmarks = 0
@@ -365,7 +487,12 @@ cdef class Decoder:
             if buf_reserve(&r.buf, TRAILER_LEN) < 0:
                 raise MemoryError()
             memcpy(r.buf.data + r.buf.len, TRAILER, TRAILER_LEN)
-            data = PyBytes_FromStringAndSize(r.buf.data, r.buf.len + TRAILER_LEN)
+            if r.nsegs:
+                data = _pieces(r, owners)
+                r.nsegs = 0
+                r.seg_bytes = 0
+            else:
+                data = PyBytes_FromStringAndSize(r.buf.data, r.buf.len + TRAILER_LEN)
             out.append((r.relid, data, (r.rows, r.n_insert, r.n_update, r.n_delete,
                                         r.n_unchanged, r.n_moves)))
             r.rows = r.n_insert = r.n_update = r.n_delete = r.n_unchanged = r.n_moves = 0
@@ -392,7 +519,9 @@ cdef class Decoder:
         cdef uint32_t relid
         cdef char c
         cdef int has_old = 0, full_old = 0, moved
-        cdef Py_ssize_t before
+        cdef Py_ssize_t before, seg_before
+        cdef int rc
+        cdef int held = self.nheld if self._zero_copy else -1
         cdef uint64_t lsn = self.final_lsn
         if self.in_stream:
             # An in-progress transaction: its commit LSN is not known yet. The row
@@ -422,6 +551,7 @@ cdef class Decoder:
             else:
                 self.marks_lost = 1
         before = r.buf.len
+        seg_before = r.seg_bytes
         c = q[0]
         q += 1
         if tag == b'I':
@@ -429,8 +559,10 @@ cdef class Decoder:
                 return self._fail(b"insert without a new tuple")
             if parse_tuple(q, end, r.ncols, r.new_fields) == NULL:
                 return self._fail(b"malformed tuple in insert")
-            if write_row(r, self.seq, lsn, b'I', r.new_fields, 0, NULL, NULL) < 0:
+            rc = write_row(r, self.seq, lsn, b'I', r.new_fields, 0, NULL, NULL, held)
+            if rc < 0:
                 return self._fail(b"out of memory")
+            self._keep_msg |= rc
             self.seq += 1
             r.n_insert += 1
         elif tag == b'U':
@@ -448,15 +580,19 @@ cdef class Decoder:
             if moved:
                 # The old key goes away; the new row remembers it so that its
                 # unchanged-TOAST columns can be taken from the old image.
-                if write_row(r, self.seq, lsn, b'D', r.old_fields, 1, NULL, NULL) < 0:
+                rc = write_row(r, self.seq, lsn, b'D', r.old_fields, 1, NULL, NULL, held)
+                if rc < 0:
                     return self._fail(b"out of memory")
+                self._keep_msg |= rc
                 self.seq += 1
                 self.batch_rows += 1
                 r.n_moves += 1
-            if write_row(r, self.seq, lsn, b'U', r.new_fields, 0,
-                         r.old_fields if moved else NULL,
-                         r.old_fields if full_old else NULL) < 0:
+            rc = write_row(r, self.seq, lsn, b'U', r.new_fields, 0,
+                           r.old_fields if moved else NULL,
+                           r.old_fields if full_old else NULL, held)
+            if rc < 0:
                 return self._fail(b"out of memory")
+            self._keep_msg |= rc
             self.seq += 1
             r.n_update += 1
         else:
@@ -464,13 +600,15 @@ cdef class Decoder:
                 return self._fail(b"delete without an old tuple")
             if parse_tuple(q, end, r.ncols, r.old_fields) == NULL:
                 return self._fail(b"malformed old tuple in delete")
-            if write_row(r, self.seq, lsn, b'D', r.old_fields, 1, NULL, NULL) < 0:
+            rc = write_row(r, self.seq, lsn, b'D', r.old_fields, 1, NULL, NULL, held)
+            if rc < 0:
                 return self._fail(b"out of memory")
+            self._keep_msg |= rc
             self.seq += 1
             r.n_delete += 1
         self.txn_rows += 1
         self.batch_rows += 1
-        self.buffered_bytes += r.buf.len - before
+        self.buffered_bytes += r.buf.len - before + r.seg_bytes - seg_before
         return 0
 
     cdef str _error(self):
@@ -678,6 +816,7 @@ cdef class Decoder:
         cdef int ev = EV_NONE
         cdef Py_ssize_t count = 0
         cdef int consumed = 0
+        cdef int kept = 0
         if self._conn == NULL:
             raise RuntimeError("pump() before attach()")
         with nogil:
@@ -706,10 +845,20 @@ cdef class Decoder:
                     ev = EV_ERROR
                     break
                 count += 1
+                self._keep_msg = 0
+                self._zero_copy = n >= BIG_VALUE and self._hold_room() == 0
                 rc = self._hot(buf, n)
+                self._zero_copy = 0
+                if self._keep_msg:
+                    # Rows point into it now: take() hands it to its Spans.
+                    self.held[self.nheld] = buf
+                    self.nheld += 1
+                    kept = 1
                 if rc == 0:
-                    self._freemem(buf)
+                    if not kept:
+                        self._freemem(buf)
                     buf = NULL
+                    kept = 0
                     continue
                 break
         if buf != NULL:
@@ -718,8 +867,21 @@ cdef class Decoder:
                     raise DecodeError(self._error())
                 ev = self._cold(buf, n)
             finally:
-                self._freemem(buf)
+                if not kept:
+                    self._freemem(buf)
         return ev
+
+    cdef int _hold_room(self) noexcept nogil:
+        cdef char **grown
+        if self.nheld < self.heldcap:
+            return 0
+        grown = <char **>realloc(self.held, (self.heldcap * 2 if self.heldcap else 4)
+                                 * sizeof(char *))
+        if grown == NULL:
+            return -1   # then the message's values are copied, as small ones are
+        self.held = grown
+        self.heldcap = self.heldcap * 2 if self.heldcap else 4
+        return 0
 
 
 cdef class _Reader:
@@ -821,12 +983,13 @@ def restage(data, aborted, uint64_t lsn, int64_t delta):
     data: whole staging rows (no COPY header or trailer) whose _lsn field holds
     the (sub)transaction xid the decoder wrote. Rows of an xid in ``aborted``
     are dropped (a subtransaction the source rolled back); the others get
-    _lsn = lsn (the commit LSN) and _seq + delta. Returns (rows_bytes, rows,
-    inserts, updates, deletes, rows_with_unchanged_toast).
+    _lsn = lsn (the commit LSN) and _seq + delta. In place: data must be writable
+    (a bytearray), and the rows kept are moved to its front. Returns (bytes kept,
+    rows, inserts, updates, deletes, rows_with_unchanged_toast).
     """
-    cdef const unsigned char[:] view = data
+    cdef unsigned char[:] view = data
     cdef Py_ssize_t n = view.shape[0]
-    cdef const char *p = <const char *>&view[0] if n else NULL
+    cdef char *p = <char *>&view[0] if n else NULL
     cdef const char *row
     cdef const char *end = p + n
     cdef const char *q
@@ -835,7 +998,8 @@ def restage(data, aborted, uint64_t lsn, int64_t delta):
     cdef Py_ssize_t pos = 0, size, nabort
     cdef int nf, i, bad = 0
     cdef int32_t flen
-    cdef int64_t rows = 0, ins = 0, upd = 0, dels = 0, unch = 0
+    cdef int64_t rows = 0, ins = 0, upd = 0, dels = 0, unch = 0, old_seq
+    cdef char op
     cdef uint32_t xid
     cdef uint32_t *xids
     ordered = sorted(int(x) for x in aborted)
@@ -845,8 +1009,7 @@ def restage(data, aborted, uint64_t lsn, int64_t delta):
         raise MemoryError()
     for i, x in enumerate(ordered):
         xids[i] = <uint32_t>x
-    result = PyBytes_FromStringAndSize(NULL, n)
-    out = PyBytes_AS_STRING(result)
+    out = p
     w = out
     with nogil:
         q = p
@@ -864,13 +1027,17 @@ def restage(data, aborted, uint64_t lsn, int64_t delta):
             if nabort and xid_in(xids, nabort, xid):
                 continue
             size = q - row
-            memcpy(w, row, size)
-            wr64(w + 6, <int64_t>rd64(row + 6) + delta)
+            # Read before the move: kept rows slide over the dropped ones' bytes.
+            old_seq = <int64_t>rd64(row + 6)
+            op = row[30]
+            if w != row:
+                memmove(w, row, size)
+            wr64(w + 6, old_seq + delta)
             wr64(w + 18, <int64_t>lsn)
             rows += 1
-            if row[30] == b'I':
+            if op == b'I':
                 ins += 1
-            elif row[30] == b'U':
+            elif op == b'U':
                 upd += 1
             else:
                 dels += 1
@@ -880,7 +1047,7 @@ def restage(data, aborted, uint64_t lsn, int64_t delta):
     free(xids)
     if bad:
         raise DecodeError("malformed staging rows")
-    return result[:w - out], rows, ins, upd, dels, unch
+    return w - out, rows, ins, upd, dels, unch
 
 
 def cut_rows(data, bounds):

@@ -37,6 +37,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from . import access, deadline, failpoints, state, watchdog
+from ._decode import Pieces
 from .batch import (
     AlterTable,
     Batch,
@@ -858,10 +859,14 @@ def ensure_mirror_columns(conn: psycopg.Connection, t: MirrorTable, state_schema
 
 
 
-def _write(copy: psycopg.Copy, data: bytes | SpilledRows | SpilledSlice) -> None:
+def _write(copy: psycopg.Copy, data: bytes | Pieces | SpilledRows | SpilledSlice) -> None:
     if isinstance(data, (SpilledRows, SpilledSlice)):
         for chunk in data.chunks():
             copy.write(chunk)
+    elif isinstance(data, Pieces):
+        # A memoryview: psycopg sends a big part in slices, which a Span cannot make.
+        for part in data.parts:
+            copy.write(memoryview(part))
     else:
         copy.write(data)
 
@@ -1302,7 +1307,7 @@ class Applier:
                                 for n, o in zip((tr.inserts, tr.updates, tr.deletes), "IUD")))
 
     def merge_streamed(self, cur: psycopg.Cursor, t: MirrorTable,
-                       data: bytes | SpilledRows | SpilledSlice, unchanged: bool,
+                       data: bytes | Pieces | SpilledRows | SpilledSlice, unchanged: bool,
                        res: ApplyResult, lettered: bool = False) -> int | None:
         """Stage and merge streamed rows of one table: a chunk's, or a piece of one.
 

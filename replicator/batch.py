@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._decode import COPY_HEADER, COPY_TRAILER, restage
+from ._decode import COPY_HEADER, COPY_TRAILER, Pieces, restage
 from .schema import MirrorTable
 
 
@@ -29,24 +29,35 @@ class SpilledRows:
         self.size = 0
         self.blocks: list[int] = []   # sizes of the appends: each holds whole rows
 
-    def append(self, copy_stream: bytes) -> None:
-        self.append_rows(memoryview(copy_stream)[len(COPY_HEADER):-len(COPY_TRAILER)])
+    def append(self, copy_stream: bytes | Pieces) -> None:
+        parts = [memoryview(p) for p in copy_stream.parts] if isinstance(copy_stream, Pieces) \
+            else [memoryview(copy_stream)]
+        parts[0] = parts[0][len(COPY_HEADER):]
+        parts[-1] = parts[-1][:len(parts[-1]) - len(COPY_TRAILER)]
+        self.append_rows(*parts)
 
-    def append_rows(self, rows: bytes | memoryview) -> None:
-        if not len(rows):
+    def append_rows(self, *parts: bytes | memoryview) -> None:
+        """Whole rows, in one or more parts: one block."""
+        size = sum(len(p) for p in parts)
+        if not size:
             return
         self.file.seek(0, 2)
-        self.file.write(rows)
+        for part in parts:
+            self.file.write(part)
         # Out of Python's buffer: a SpilledSlice reads the file from another thread.
         self.file.flush()
-        self.size += len(rows)
-        self.blocks.append(len(rows))
+        self.size += size
+        self.blocks.append(size)
 
-    def row_blocks(self) -> Iterator[bytes]:
-        """The rows, a block of whole rows at a time (as they were appended)."""
+    def row_blocks(self) -> Iterator[bytearray]:
+        """The rows, a block of whole rows at a time (as they were appended), each in a
+        buffer of its own that the caller may change."""
         self.file.seek(0)
         for size in self.blocks:
-            yield self.file.read(size)
+            block = bytearray(size)
+            if self.file.readinto(block) != size:
+                raise OSError(f"spill file ends before its block of {size} bytes")
+            yield block
 
     def chunks(self, size: int = 1 << 20) -> Iterator[bytes]:
         """The whole COPY BINARY stream, a chunk at a time."""
@@ -68,7 +79,11 @@ class SpilledSlice:
 
     def read(self) -> bytes:
         """The rows themselves (no COPY header or trailer): one chunk's worth."""
-        return b"".join(list(self.chunks())[1:-1])
+        rows = os.pread(self.spill.file.fileno(), self.size, self.offset)
+        if len(rows) != self.size:
+            raise OSError(f"spill file ends at {self.offset + len(rows)}, "
+                          f"before {self.offset + self.size}")
+        return rows
 
     def part(self, offset: int, size: int) -> SpilledSlice:
         return SpilledSlice(self.spill, self.offset + offset, size)
@@ -89,7 +104,9 @@ class SpilledSlice:
 @dataclass
 class TableRows:
     table: MirrorTable
-    data: bytes | SpilledRows | SpilledSlice   # a COPY BINARY stream of staging rows, or on disk
+    # a COPY BINARY stream of staging rows (Pieces: with big values left where they came),
+    # or on disk
+    data: bytes | Pieces | SpilledRows | SpilledSlice
     rows: int
     inserts: int
     updates: int
@@ -161,7 +178,7 @@ class Batch:
         return self.txns == 0 and not self.ops and not self._spilled
 
     def add_rows(
-        self, taken: list[tuple[int, bytes, tuple]], tables: dict[int, MirrorTable]
+        self, taken: list[tuple[int, bytes | Pieces, tuple]], tables: dict[int, MirrorTable]
     ) -> None:
         """Append what Decoder.take() returned (and what was spilled before) as one Rows
         operation."""
@@ -180,7 +197,7 @@ class Batch:
         if out:
             self.ops.append(Rows(out))
 
-    def spill(self, taken: list[tuple[int, bytes, tuple]],
+    def spill(self, taken: list[tuple[int, bytes | Pieces, tuple]],
               tables: dict[int, MirrorTable] | None = None) -> int:
         """Move what Decoder.take() returned to temporary files (memory is short).
 
@@ -190,13 +207,13 @@ class Batch:
         """
         return sum(size for _entry, _offset, size, _counts in self._append(taken, tables))
 
-    def spill_slices(self, taken: list[tuple[int, bytes, tuple]],
+    def spill_slices(self, taken: list[tuple[int, bytes | Pieces, tuple]],
                      tables: dict[int, MirrorTable]) -> list[TableRows]:
         """spill(), returning where each table's rows went (to be read back meanwhile)."""
         return [TableRows(entry[2], SpilledSlice(entry[0], offset, size), *counts)
                 for entry, offset, size, counts in self._append(taken, tables)]
 
-    def _append(self, taken: list[tuple[int, bytes, tuple]],
+    def _append(self, taken: list[tuple[int, bytes | Pieces, tuple]],
                 tables: dict[int, MirrorTable] | None) -> list[tuple[list, int, int, tuple]]:
         out = []
         for relid, data, counts in taken:
@@ -235,7 +252,8 @@ class Batch:
     @property
     def memory_bytes(self) -> int:
         """Staging rows held in memory (what was spilled is on disk)."""
-        return sum(len(tr.data) for tr in self.table_rows() if isinstance(tr.data, bytes))
+        return sum(len(tr.data) for tr in self.table_rows()
+                   if isinstance(tr.data, (bytes, Pieces)))
 
     def table_rows(self) -> Iterator[TableRows]:
         for op in self.ops:
@@ -311,8 +329,8 @@ def _restage(tr: TableRows, aborted: set[int], commit_lsn: int, delta: int) -> T
     counts = [0, 0, 0, 0, 0]
     assert isinstance(tr.data, SpilledRows), "streamed rows are always spilled"
     for block in tr.data.row_blocks():
-        kept, *n = restage(block, aborted, commit_lsn, delta)
-        out.append_rows(kept)
+        size, *n = restage(block, aborted, commit_lsn, delta)
+        out.append_rows(memoryview(block)[:size])
         counts = [a + b for a, b in zip(counts, n)]
     if not counts[0]:
         out.close()

@@ -49,7 +49,7 @@ import psycopg
 from psycopg import sql
 
 from . import failpoints, state
-from ._decode import cut_rows
+from ._decode import Pieces, cut_rows
 from .apply import Applier, ApplyResult
 from .batch import Batch, SpilledRows, SpilledSlice, TableRows
 from .errors import ErrorKind, ReplicatorError
@@ -360,7 +360,7 @@ class StreamApply(threading.Thread):
         return cuts
 
     def _merge(self, cur: psycopg.Cursor, tr: TableRows,
-               data: bytes | SpilledRows | SpilledSlice, counts: tuple[int, ...]) -> None:
+               data: bytes | Pieces | SpilledRows | SpilledSlice, counts: tuple[int, ...]) -> None:
         applier = self._applier
         assert applier is not None
         level = self._levels[-1]

@@ -44,8 +44,9 @@ rows_strategy = st.lists(st.tuples(
 @given(rows=rows_strategy, aborted=st.sets(st.sampled_from([700, 701, 702, 950, 4])),
        lsn=st.integers(1, (1 << 63) - 1), delta=st.integers(0, 1 << 40))
 def test_restage_keeps_committed_rows_renumbered_and_stamped(rows, aborted, lsn, delta):
-    data = b"".join(staging_row(*r) for r in rows)
-    out, n, ins, upd, dels, unch = restage(data, aborted, lsn, delta)
+    data = bytearray(b"".join(staging_row(*r) for r in rows))
+    size, n, ins, upd, dels, unch = restage(data, aborted, lsn, delta)
+    out = bytes(data[:size])
     kept = [r for r in rows if r[1] not in aborted]
     assert out == b"".join(staging_row(seq + delta, lsn, op, cols, u)
                            for seq, _x, op, cols, u in kept)
@@ -57,14 +58,14 @@ def test_restage_keeps_committed_rows_renumbered_and_stamped(rows, aborted, lsn,
 
 
 def test_restage_of_nothing():
-    assert restage(b"", {1}, 5, 0) == (b"", 0, 0, 0, 0, 0)
+    assert restage(bytearray(), {1}, 5, 0) == (0, 0, 0, 0, 0, 0)
 
 
 @pytest.mark.parametrize("cut", [1, 2, 10, 25, 31, 33])
 def test_restage_refuses_torn_rows(cut):
     row = staging_row(1, 700, b"I", [b"abc", None], None)
     with pytest.raises(DecodeError):
-        restage(row + row[:cut], set(), 9, 0)
+        restage(bytearray(row + row[:cut]), set(), 9, 0)
 
 
 # -- cut_rows(): a streamed chunk cut where subtransactions begin -------------------
