@@ -33,7 +33,7 @@ def test_kill_during_initial_copy(source_db, dest_db, replicator):
             break
         assert rep.alive, rep.logs()
         time.sleep(0.01)
-    rep.kill()
+    assert rep.kill(), rep.logs()
     st = states(dest_db)
     done = [t for t, s in st.items() if s == "copied"]
     assert done and len(done) < len(TABLE_NAMES), st
@@ -45,7 +45,7 @@ def test_kill_during_initial_copy(source_db, dest_db, replicator):
     for _ in range(3):
         rep.start()
         time.sleep(rnd.uniform(0.3, 1.5))
-        rep.kill()
+        assert rep.kill(), rep.logs()
     code = rep.run_until_caught_up(timeout=180)
     assert code == 0, rep.logs(60)
 
@@ -88,7 +88,7 @@ def test_kill_while_secondary_indexes_are_built(source_db, dest_db, replicator):
                 "select pid from pg_stat_progress_create_index where relid = "
                 "'odoo_mirror.account_move_line'::regclass and phase like 'waiting%%'")
             time.sleep(0.01)
-        rep.kill()
+        assert rep.kill(), rep.logs()
         # Its client is dead and the build goes on (the next run would wait for it)...
         time.sleep(0.5)
         assert dest_db.scalar("select count(*) from pg_stat_progress_create_index "
@@ -108,7 +108,7 @@ def test_kill_while_secondary_indexes_are_built(source_db, dest_db, replicator):
     while dest_db.scalar("select count(*) from replicator.index_builds") > 0:
         assert rep.alive and time.monotonic() < deadline, rep.logs(40)
         time.sleep(0.1)
-    rep.kill()
+    assert rep.kill(), rep.logs()
     assert "dropping a mirror index left invalid" in rep.output()[0] + rep.output()[1]
     code = rep.run_until_caught_up(timeout=120)
     assert code == 0, rep.logs(60)

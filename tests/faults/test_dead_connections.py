@@ -405,6 +405,11 @@ def test_black_holed_destination_during_an_initial_copy_resumes_soon_after_heali
     wait_for(lambda: dest_db.scalar("select count(*) from pg_stat_progress_copy "
                                     "where bytes_processed > 0") == 1, 30, "the copy")
     marker_soon(source_db, dest_db, r, outage(p))
+    # Once under 6 loaded workers the marker was in before the mirror's primary key: wait for
+    # the key (a key never built still fails), then compare schema and rows.
+    wait_for(lambda: dest_db.scalar(
+        f"select count(*) from pg_index where indrelid = '{MIRROR_SCHEMA}.t'::regclass "
+        "and indisprimary and indisvalid") == 1, 60, "the mirror's primary key")
     assert_same(source_db, dest_db, "t")
     assert r.alive, r.logs()
     assert "ended the destination backend a dead connection left behind" in r.current()

@@ -112,7 +112,7 @@ def test_history_exactly_once_across_kills(proc, source_db, dest_db):
         for pause in (0.8, 1.5, 1.1):
             proc.start()
             time.sleep(pause)
-            proc.kill()
+            assert proc.kill(), proc.logs()  # it was running, not exited by itself
     finally:
         writer.stop()
     assert proc.run_until_caught_up(120) == 0, proc.logs()

@@ -128,8 +128,11 @@ def test_sigkill_during_workload(source_db, dest_db, replicator):
         # the next run must copy again the tables left 'copying', and nothing twice.
         wait_for(lambda: '"initial copy started"' in rep.output()[0] or not rep.alive, 30, 0.005,
                  what="the initial copy to start")
-        rep.kill()
+        assert rep.kill(), rep.logs()
         copy_states = table_states(dest_db)
+        # Landed inside the copy: a table still copying, the run never streamed.
+        assert copy_states.get("copying", 0) >= 1, (copy_states, rep.logs())
+        assert '"msg":"streaming"' not in rep.output(rep.runs)[0], rep.logs()
         rep.start()
         for _ in range(KILLS):
             run = rep.runs
@@ -411,6 +414,9 @@ def test_sigterm_during_initial_copy(source_db, dest_db, replicator):
         f"{exit_s:.2f} s, stderr: {err.strip()!r}"
     )
     print(summary)
+    # The signal landed inside the copy: a table was copying, and the run never streamed.
+    assert states_at_signal.get("copying", 0) >= 1, summary
+    assert '"msg":"streaming"' not in out, f"{summary}\n{rep.logs()}"
     code_after = rep.run_until_caught_up(timeout=60)
     assert code_after == 0, f"{summary}\n{rep.logs()}"
     assert_mirror_equal(source_db, dest_db, rep, summary)

@@ -49,7 +49,7 @@ def test_sigkill_while_a_transaction_is_streamed(source_db, dest_db, replicator)
         wait_for(lambda: dest_db.scalar("select code from odoo_mirror.zoo where id = 2")
                  == "small 2", 30, what="the second session streaming")
         time.sleep(0.5)
-        rep.kill()
+        assert rep.kill(), rep.logs()
         rep.start()
         big.execute("update zoo set code = 'big' where id <= 500")
         big.commit()
@@ -147,7 +147,7 @@ def test_orphan_of_a_transaction_applied_while_it_ran_is_ended_by_the_server(
         wait_for(lambda: dest_db.scalar(WRITING_IDLE) == 1, 30,
                  what="the chunks merged into an open destination transaction")
         p.blackhole()
-        first.kill()
+        assert first.kill(), first.logs()
         assert dest_db.scalar(WRITING_IDLE) == 1      # the orphan, holding rows 1..100
         big.commit()
     source_db.execute("update zoo set code = 'after big' where id <= 10")

@@ -136,6 +136,7 @@ def test_kill_in_a_live_resync(point, proc, source_db, dest_db):
 
 
 STARTUP_POINTS = [
+    failpoints.COPY_PLANNED,
     failpoints.COPY_DONE_BEFORE_MARK,
     failpoints.COPY_MARKED,
     failpoints.STARTUP_COPIED,
@@ -175,3 +176,50 @@ def test_sigterm_during_a_live_resync_keeps_the_changes_made_during_the_copy(
     rows = table_rows(source_db, "b")
     assert rows[:2] == [(1, "changed during the copy"), (2, "changed during the copy")]
     assert state_of(dest_db, "b") == "streaming"
+
+
+BATCH_POINTS = [
+    failpoints.BATCH_BEFORE_BEGIN,
+    failpoints.BATCH_BEFORE_COMMIT,
+    failpoints.BATCH_COMMITTED,
+]
+
+
+@ONE_VERSION
+@pytest.mark.parametrize("point", BATCH_POINTS)
+def test_kill_at_a_batch_of_plain_tables(point, proc, source_db, dest_db):
+    """No mapping, no trigger: the batch's own crash windows, under writes."""
+    setup_tables(source_db, rows=1000)
+    until_caught_up(proc)
+    writer = Writer(source_db)
+    writer.start()
+    try:
+        proc.start(env={failpoints.ENV: f"{point}=kill"})
+        code = proc.wait_exit(90)
+        assert code == -signal.SIGKILL, f"exit {code}, not killed at {point}\n{proc.logs()}"
+        assert f'"failpoint":"{point}"' in proc.current()
+        finish_and_compare(proc, writer, source_db, dest_db)
+    finally:
+        writer.stop()
+
+
+@ONE_VERSION
+def test_kill_before_a_secondary_index_build(proc, source_db, dest_db):
+    """Killed while streaming with a secondary index not built yet: the next run builds it,
+    once, and nothing streamed meanwhile is lost."""
+    setup_tables(source_db)
+    source_db.execute("create index b_v on b (v)")
+    writer = Writer(source_db)
+    writer.start()
+    try:
+        proc.start(env={failpoints.ENV: f"{failpoints.INDEX_BUILD}=kill"})
+        code = proc.wait_exit(90)
+        assert code == -signal.SIGKILL, f"exit {code}, not killed before the build\n{proc.logs()}"
+        assert f'"failpoint":"{failpoints.INDEX_BUILD}"' in proc.current()
+        finish_and_compare(proc, writer, source_db, dest_db)
+    finally:
+        writer.stop()
+    assert dest_db.scalar(
+        "select count(*) from pg_index i join pg_class c on c.oid = i.indexrelid "
+        "join pg_namespace n on n.oid = c.relnamespace "
+        "where n.nspname = 'odoo_mirror' and i.indisvalid and not i.indisprimary") == 1

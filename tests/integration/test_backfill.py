@@ -111,9 +111,10 @@ BUILDING = ("select index_relid::regclass::text from pg_stat_progress_create_ind
 
 def test_a_stop_leaves_the_index_build_in_flight_to_finish(source_db, dest_db):
     seed(source_db.dsn, scale=0.5, seed=3, publication=PUBLICATION)
-    failpoints.arm(failpoints.INDEX_BUILD, "sleep:0.5")    # time to take the lock below
     blocker = psycopg.connect(dest_db.dsn)
     try:
+        # Armed inside the try: its finally disarms it, whatever fails (no leak into others).
+        failpoints.arm(failpoints.INDEX_BUILD, "sleep:0.5")    # time to take the lock below
         with running(source_db, dest_db):
             wait_for(lambda: sync_state(dest_db, "account_move_line") == "streaming",
                      what="account_move_line streaming")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import urllib.parse
 import urllib.request
 
@@ -220,7 +219,11 @@ def test_a_batch_waits_for_a_retry_before_touching_the_mirror(lettering, dest_db
         worker = threading.Thread(target=lambda: (lettering([update(RELID, row(1, "b", "B"))]),
                                                   done.set()), daemon=True)
         worker.start()
-        time.sleep(0.5)
+        # Seen waiting for the lock, not merely slow to start.
+        wait_for(lambda: dest_db.scalar(
+            "select count(*) from pg_stat_activity where datname = current_database() "
+            "and wait_event_type = 'Lock' and pid <> pg_backend_pid()") == 1, 20,
+            "the batch waiting for the retry's lock")
         assert not done.is_set()
         conn.execute("set local lock_timeout = '2s'")
         conn.execute("update odoo_mirror.t set name = 'retried' where id = 1")

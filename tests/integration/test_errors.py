@@ -169,7 +169,15 @@ def password_role(dest_db):
     dest_db.execute(sql.SQL("create role {} login password 'the-right-one'").format(sql.Identifier(role)))
     hba.write_text(f"host all {role} 127.0.0.1/32 scram-sha-256\n" + original)
     dest_db.execute("select pg_reload_conf()")
-    time.sleep(0.5)  # the postmaster reloads asynchronously
+    # The postmaster reloads asynchronously: loaded once a wrong password is refused.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            psycopg.connect(host=dest_db.cluster.host, port=dest_db.cluster.port,
+                            dbname=dest_db.name, user=role, password="wrong").close()
+        except psycopg.OperationalError:
+            break
+        time.sleep(0.05)
     try:
         yield role
     finally:

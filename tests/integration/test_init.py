@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from datetime import date
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -189,7 +188,8 @@ def test_missing_analytics_role_is_one_line_and_a_role_creator_makes_it(
 
 
 def _aging_expected(source_db: Any) -> dict[Any, tuple]:
-    today = date.today()
+    # The server's date, not this machine's: they differ around midnight in another zone.
+    today = source_db.scalar("select current_date")
     out: dict[Any, list] = defaultdict(lambda: [0, Decimal(0), Decimal(0), Decimal(0),
                                                 Decimal(0), Decimal(0), Decimal(0)])
     rows = source_db.fetchall(
@@ -423,7 +423,7 @@ def test_memory_trigger_fires_once_per_streamed_insert_across_kills(tmp_path, so
                       "1, 1, 1)")
     wait_for(lambda: len(_chunks(owned_dest)) == len(chunks) + 1, 30, "the next memory")
     assert _chunks(owned_dest)[-1][0].startswith("New invoice MEM/after ")
-    rep.terminate(30)
+    assert rep.terminate(30) == 0, rep.logs()
 
 
 @DEST_ONLY
@@ -487,7 +487,7 @@ def test_init_while_run_streams(tmp_path, source_db, owned_dest, pgbouncer):
     finally:
         invoices.stop()
     assert rep.alive, rep.logs()
-    rep.terminate(30)
+    assert rep.terminate(30) == 0, rep.logs()
     _catch_up(rep)
     src = source_db.fetchall("select id, name, amount_total from account_move order by id")
     dst = owned_dest.fetchall(f"select id, name, amount_total from {MIRROR}.account_move "

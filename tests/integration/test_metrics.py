@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import time
 import urllib.request
+from pathlib import Path
 
 import orjson
 from plugins.replicator import PUBLICATION, running
@@ -59,9 +61,25 @@ def test_metrics_and_health(source_db, dest_db):
         assert metric(text, "etl_lag_seconds") is not None
         assert metric(text, "etl_applied_lsn") > 0
         assert metric(text, "etl_table_sync_state", state="streaming", table="odoo_mirror.t") == 1
+        # One transaction for the copy's rows aside, three streamed: each counted once.
+        assert metric(text, "etl_transactions_total") >= 3
+        assert metric(text, "etl_last_apply_timestamp_seconds") > time.time() - 60
+        assert metric(text, "etl_copy_rows_total", table="odoo_mirror.t") == 0  # copied empty
+        # Every metric README's Monitoring section names is exported, under that name.
+        exported = set(re.findall(r"^# TYPE (\w+) ", text, re.M))
+        assert documented_metrics() <= exported, documented_metrics() - exported
         code, body = get(port, "/health")
         assert code == 200 and orjson.loads(body)["status"] == "streaming"
         assert get(port, "/nope")[0] == 404
+
+
+def documented_metrics() -> set[str]:
+    """The metric names README's Monitoring section lists."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Monitoring", 1)[1].split("\n## ", 1)[0]
+    names = set(re.findall(r"`(etl_[a-z_]+)", section))
+    assert len(names) >= 15, names   # the section, not a stray mention
+    return names
 
 
 def scrape(port: int) -> str:

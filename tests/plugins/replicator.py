@@ -235,22 +235,89 @@ def row_digests(conn: psycopg.Connection, schema: str, table: str,
                         f'from "{schema}"."{table}" row_of_table_ order by {order}').fetchall()
 
 
+_SCHEMA = """
+select a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
+       coalesce(a.attnum = any(i.indkey), false)
+from pg_class c
+join pg_namespace n on n.oid = c.relnamespace
+join pg_attribute a on a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped
+left join lateral (
+    -- The key pgoutput sends, which the mirror makes its primary key: the replica identity
+    -- index if the table has one, else the primary key.
+    select x.indkey from pg_index x
+    where x.indrelid = c.oid and (x.indisprimary or (x.indisreplident and c.relreplident = 'i'))
+    order by x.indisreplident and c.relreplident = 'i' desc limit 1) i on true
+where n.nspname = %s and c.relname = %s
+order by a.attnum
+"""
+
+
+def table_schema(conn: psycopg.Connection, schema: str, table: str) -> list[tuple]:
+    """(name, format_type, not null, in the key) of each column, in order."""
+    return conn.execute(_SCHEMA, [schema, table]).fetchall()
+
+
+def schema_difference(src: list[tuple], dst: list[tuple]) -> str | None:
+    """How a mirror table's columns break what the mirror promises: the source's names and
+    types in order, its primary key, and NOT NULL on no other column."""
+    if not dst:
+        return "no mirror table"
+    if [c[:2] for c in src] != [c[:2] for c in dst]:
+        return (f"columns differ: source {[c[:2] for c in src]}, "
+                f"mirror {[c[:2] for c in dst]}")
+    src_key, dst_key = [c[0] for c in src if c[3]], [c[0] for c in dst if c[3]]
+    if src_key != dst_key:
+        return f"primary key differs: source {src_key}, mirror {dst_key}"
+    extra = [c[0] for c in dst if c[2] and not c[3]]
+    if extra:
+        return f"mirror columns NOT NULL outside the key: {extra}"
+    return None
+
+
+def table_difference(src: psycopg.Connection, dst: psycopg.Connection, table: str,
+                     order: str = "id", empty_ok: bool = True) -> str | None:
+    """What differs between a source table and its mirror (schema, then rows), or None.
+
+    The one comparison the tests make; ``empty_ok=False``: a source without rows is a
+    difference too (nothing would have been compared).
+    """
+    problem = schema_difference(table_schema(src, "public", table),
+                                table_schema(dst, MIRROR_SCHEMA, table))
+    if problem:
+        return f"{table}: {problem}"
+    a, b = row_digests(src, "public", table, order), row_digests(dst, MIRROR_SCHEMA, table, order)
+    if not a and not empty_ok:
+        return f"{table}: no rows at the source, so nothing was compared"
+    if a == b:
+        return None
+    da, db_ = dict(a), dict(b)
+    only = sorted(da.keys() ^ db_.keys())
+    differ = sorted(k for k in da.keys() & db_.keys() if da[k] != db_[k])
+    return (f"{table}: {len(a)} source rows, {len(b)} mirror rows; keys on one side only: "
+            f"{only[:10]}; rows that differ: {differ[:10]}")
+
+
 def same_rows(source_db: Any, dest_db: Any, table: str, order: str = "id") -> bool:
-    """Whether the mirror table holds exactly the source table's rows, by their digests."""
+    """Whether the mirror table has the source table's schema and exactly its rows."""
     with source_db.connect() as src, dest_db.connect() as dst:
-        return row_digests(src, "public", table, order) == \
-            row_digests(dst, MIRROR_SCHEMA, table, order)
+        return table_difference(src, dst, table, order) is None
 
 
-def assert_same(source_db: Any, dest_db: Any, table: str, order: str = "id") -> None:
-    """The mirror table equals the source table, row for row."""
-    if same_rows(source_db, dest_db, table, order):
+def assert_same(source_db: Any, dest_db: Any, table: str, order: str = "id",
+                empty_ok: bool = False) -> None:
+    """The mirror table equals the source table: schema, then row for row. An empty source
+    table fails unless ``empty_ok`` (a comparison of nothing proves nothing)."""
+    with source_db.connect() as src, dest_db.connect() as dst:
+        problem = table_difference(src, dst, table, order, empty_ok)
+    if problem is None:
         return
-    # Different: compare the rows themselves, for pytest's account of what differs.
-    src = table_rows(source_db, table, order=order)
-    dst = table_rows(dest_db, table, MIRROR_SCHEMA, order=order)
-    assert len(src) == len(dst), f"{table}: {len(src)} rows at the source, {len(dst)} in the mirror"
-    assert src == dst
+    if "source rows" not in problem:     # the schema, or nothing compared
+        pytest.fail(problem)
+    # Different rows: compare them as values, for pytest's account of what differs.
+    src_rows = table_rows(source_db, table, order=order)
+    dst_rows = table_rows(dest_db, table, MIRROR_SCHEMA, order=order)
+    assert len(src_rows) == len(dst_rows), problem
+    assert src_rows == dst_rows, problem
     pytest.fail(f"{table}: {TEXT_ONLY_DIFFERENCE}")
 
 

@@ -58,6 +58,7 @@ from replicator._decode import (
     Decoder,
     iter_copy_binary,
 )
+from replicator.lsn import parse_lsn
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 CAPTURES = sorted(p.name for p in DATA_DIR.glob("pgoutput_*.json"))
@@ -329,11 +330,6 @@ def expected_staged(msg: dict, layout: Layout) -> list[tuple]:
 
 
 # -- replaying a capture ---------------------------------------------------------
-
-
-def parse_lsn(text: str) -> int:
-    hi, lo = text.split("/")
-    return (int(hi, 16) << 32) | int(lo, 16)
 
 
 @functools.lru_cache(maxsize=None)
