@@ -314,9 +314,6 @@ class Pieces:
     def __len__(self):
         return self.size
 
-    def __bytes__(self):
-        return b"".join(bytes(memoryview(p)) for p in self.parts)
-
 
 cdef object _pieces(Rel *r, list owners):
     cdef int i

@@ -147,15 +147,7 @@ STARTUP_POINTS = [
 @pytest.mark.parametrize("point", STARTUP_POINTS)
 def test_kill_in_a_copy_before_streaming(point, proc, source_db, dest_db):
     setup_tables(source_db)
-    writer = Writer(source_db)
-    writer.start()
-    try:
-        proc.start(env={failpoints.ENV: f"{point}=kill"})
-        code = proc.wait_exit(90)
-        assert code == -signal.SIGKILL, f"exit {code}, not killed at {point}\n{proc.logs()}"
-        finish_and_compare(proc, writer, source_db, dest_db)
-    finally:
-        writer.stop()
+    killed_at_under_writes(point, proc, source_db, dest_db)
 
 
 def test_sigterm_during_a_live_resync_keeps_the_changes_made_during_the_copy(
@@ -178,6 +170,20 @@ def test_sigterm_during_a_live_resync_keeps_the_changes_made_during_the_copy(
     assert state_of(dest_db, "b") == "streaming"
 
 
+def killed_at_under_writes(point: str, proc: ReplicatorProcess, source_db, dest_db) -> None:
+    """Start a run that dies at ``point`` while a writer writes, then recover and compare."""
+    writer = Writer(source_db)
+    writer.start()
+    try:
+        proc.start(env={failpoints.ENV: f"{point}=kill"})
+        code = proc.wait_exit(90)
+        assert code == -signal.SIGKILL, f"exit {code}, not killed at {point}\n{proc.logs()}"
+        assert f'"failpoint":"{point}"' in proc.current()
+        finish_and_compare(proc, writer, source_db, dest_db)
+    finally:
+        writer.stop()
+
+
 BATCH_POINTS = [
     failpoints.BATCH_BEFORE_BEGIN,
     failpoints.BATCH_BEFORE_COMMIT,
@@ -191,16 +197,7 @@ def test_kill_at_a_batch_of_plain_tables(point, proc, source_db, dest_db):
     """No mapping, no trigger: the batch's own crash windows, under writes."""
     setup_tables(source_db, rows=1000)
     until_caught_up(proc)
-    writer = Writer(source_db)
-    writer.start()
-    try:
-        proc.start(env={failpoints.ENV: f"{point}=kill"})
-        code = proc.wait_exit(90)
-        assert code == -signal.SIGKILL, f"exit {code}, not killed at {point}\n{proc.logs()}"
-        assert f'"failpoint":"{point}"' in proc.current()
-        finish_and_compare(proc, writer, source_db, dest_db)
-    finally:
-        writer.stop()
+    killed_at_under_writes(point, proc, source_db, dest_db)
 
 
 @ONE_VERSION
@@ -209,16 +206,7 @@ def test_kill_before_a_secondary_index_build(proc, source_db, dest_db):
     once, and nothing streamed meanwhile is lost."""
     setup_tables(source_db)
     source_db.execute("create index b_v on b (v)")
-    writer = Writer(source_db)
-    writer.start()
-    try:
-        proc.start(env={failpoints.ENV: f"{failpoints.INDEX_BUILD}=kill"})
-        code = proc.wait_exit(90)
-        assert code == -signal.SIGKILL, f"exit {code}, not killed before the build\n{proc.logs()}"
-        assert f'"failpoint":"{failpoints.INDEX_BUILD}"' in proc.current()
-        finish_and_compare(proc, writer, source_db, dest_db)
-    finally:
-        writer.stop()
+    killed_at_under_writes(failpoints.INDEX_BUILD, proc, source_db, dest_db)
     assert dest_db.scalar(
         "select count(*) from pg_index i join pg_class c on c.oid = i.indexrelid "
         "join pg_namespace n on n.oid = c.relnamespace "
