@@ -81,7 +81,11 @@ def hit(name: str) -> None:
         del _armed[name]
         for handler in logging.getLogger().handlers:
             handler.flush()
-        os.kill(os.getpid(), signal.SIGSTOP)
+        # Sent to this thread, so that it is this thread that stops the process before
+        # its next instruction; sent to the process, the kernel may hand it to another
+        # thread, and this one runs on for a moment (CI saw it begin the batch's
+        # transaction, whose fence then held a takeover up for idle_in_transaction_timeout).
+        signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
     elif action == "error":
         del _armed[name]      # once: the retry after it must get through
         raise psycopg.OperationalError(f"failpoint {name}: injected connection loss")

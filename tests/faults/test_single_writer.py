@@ -51,6 +51,15 @@ def _lease(dest_db: Any) -> tuple | None:
                             "where slot = %s", [PUBLICATION])
 
 
+def _locks(dest_db: Any) -> str:
+    """The destination's sessions and what they wait for: why a takeover waits."""
+    rows = dest_db.fetchall(
+        "select pid, state, wait_event_type, wait_event, pg_blocking_pids(pid), "
+        "now() - xact_start, left(query, 120) from pg_stat_activity "
+        "where datname = current_database() and pid <> pg_backend_pid()")
+    return "--- destination sessions:\n" + "\n".join(map(str, rows))
+
+
 def _owner_and_standby(a: Any, b: Any) -> tuple[Any, Any]:
     """Which of two started processes holds the lease and which waits, once both said so."""
     wait_for(lambda: (HOLDING in a.current() and STANDBY in b.current())
@@ -111,9 +120,11 @@ def _frozen_owner_writes_nothing(source_db, dest_db, replicator, **keys: Any) ->
     source_db.execute("create table t (id int primary key, v text)")
     source_db.execute("insert into t values (1, 'a')")
     source_db.execute(f"create publication {PUBLICATION} for table t")
-    # A short lease, so the takeover of a process that is still there (frozen) comes soon;
-    # an orphan of the frozen owner would be ended after idle_in_transaction_timeout.
-    dest = {"lease_timeout": 3, **keys.pop("destination", {})}
+    # A short lease, so the takeover of a process that is still there (frozen) comes soon.
+    # A transaction another of its threads had open at the freeze holds the takeover up
+    # until idle_in_transaction_timeout ends it: short too, so that the wait stays short.
+    dest = {"lease_timeout": 3, "idle_in_transaction_timeout": 10,
+            **keys.pop("destination", {})}
     a = replicator(destination=dest, **keys)
     b = replicator(destination=dest, **keys)
     # The owner stops itself with a batch in hand, before its transaction begins.
@@ -129,10 +140,13 @@ def _frozen_owner_writes_nothing(source_db, dest_db, replicator, **keys: Any) ->
                           "where slot_name = %s and active_pid is not null", [PUBLICATION])
         gen_before = _lease(dest_db)[1]
         b.start()
-        wait_for(lambda: STANDBY in b.current() or not b.alive, 30,
-                 what="the second process to wait as a standby")
-        wait_for(lambda: TOOK_OVER in b.current() or not b.alive, 30,
-                 what="the takeover once the frozen owner's lease expired")
+        def detail() -> str:
+            return f"{_locks(dest_db)}\n--- standby:\n{b.logs()}\n--- frozen owner:\n{a.logs()}"
+
+        # It waits as a standby until the lease expires, or, started late on a busy
+        # machine, finds it expired already: either way it holds it within seconds.
+        wait_for(lambda: HOLDING in b.current() or not b.alive, 30,
+                 what="the takeover once the frozen owner's lease expired", detail=detail)
         assert b.alive, b.logs()
         pid, gen_after = _lease(dest_db)
         assert pid == b.proc.pid and gen_after == gen_before + 1

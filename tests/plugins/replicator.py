@@ -484,8 +484,11 @@ def replicator(tmp_path: Path, source_db: Any, dest_db: Any) -> Iterator[Any]:
         process.stop()
 
 
-def wait_for(predicate: Any, timeout: float = 60, what: str = "condition") -> None:
-    """Poll until predicate() is true; a psycopg error counts as not yet (a table not there)."""
+def wait_for(predicate: Any, timeout: float = 60, what: str = "condition",
+             detail: Any = None) -> None:
+    """Poll until predicate() is true; a psycopg error counts as not yet (a table not there).
+
+    detail: a callable whose text (processes' logs) a timeout shows, read only then."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -494,7 +497,7 @@ def wait_for(predicate: Any, timeout: float = 60, what: str = "condition") -> No
         except psycopg.Error:
             pass
         time.sleep(0.1)
-    pytest.fail(f"timed out waiting for {what}")
+    pytest.fail(f"timed out waiting for {what}" + (f"\n{detail()}" if detail else ""))
 
 
 def sync_state(dest_db: Any, table: str = "t") -> str | None:
