@@ -164,7 +164,8 @@ class Backfill:
     def run(self) -> int:
         cfg = self.config
         dst = cfg.destination
-        with psycopg.connect(cfg.source.conninfo(), autocommit=True) as catalog, \
+        with psycopg.connect(cfg.source.conninfo(), autocommit=True,
+                             prepare_threshold=None) as catalog, \
                 watchdog.connect(dst.conninfo(), autocommit=True,
                                  prepare_threshold=None) as dest:
             exporter = ReplicationConnection(cfg.source.conninfo(replication="database"))

@@ -500,7 +500,7 @@ def _cmd_resync(args: argparse.Namespace) -> int:
     dst = config.destination
     slot = config.source.slot
     try:
-        conn = psycopg.connect(dst.conninfo(), autocommit=True)
+        conn = psycopg.connect(dst.conninfo(), autocommit=True, prepare_threshold=None)
     except psycopg.Error as exc:
         raise classify(exc, settings=dst) from None
     with conn:
@@ -550,7 +550,7 @@ def _cmd_dead_letters(args: argparse.Namespace) -> int:
     dst = config.destination
     table = args.table if args.table is None or "." in args.table else f"{dst.schema}.{args.table}"
     try:
-        conn = psycopg.connect(dst.conninfo(), autocommit=True)
+        conn = psycopg.connect(dst.conninfo(), autocommit=True, prepare_threshold=None)
     except psycopg.Error as exc:
         raise classify(exc, settings=dst) from None
     with conn:

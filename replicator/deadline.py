@@ -121,7 +121,11 @@ class Connection(Waits, psycopg.Connection[TupleRow]):
 
 def connect(conninfo: str, answer_timeout: float | None, *, side: str, setting: str = "",
             **kwargs: Any) -> Connection:
-    """``psycopg.connect`` with a deadline on every later wait (None: no deadline)."""
+    """``psycopg.connect`` with a deadline on every later wait (None: no deadline).
+
+    Never a prepared statement (unless asked): either side may be a transaction-mode
+    pooler, where one would stay on a server connection another client then gets."""
+    kwargs.setdefault("prepare_threshold", None)
     conn = Connection.connect(conninfo, **kwargs)
     conn.answer_timeout = answer_timeout
     conn.side = side

@@ -116,7 +116,7 @@ def _mirror_tables(config: Config, dest: psycopg.Connection, readers: list[str],
     """Creates the missing mirror tables, secures every table; returns the mirror schemas."""
     src, dst = config.source, config.destination
     try:
-        catalog = psycopg.connect(src.conninfo(), autocommit=True)
+        catalog = psycopg.connect(src.conninfo(), autocommit=True, prepare_threshold=None)
     except psycopg.OperationalError as exc:
         raise classify_connect(exc, src.conninfo(), settings=src) from None
     with catalog:

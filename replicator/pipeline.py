@@ -240,9 +240,14 @@ class Pipeline:
 
     def request_stop(self, *_args: Any) -> None:
         if self.stop_requested.is_set():
-            # A second signal: leave now; nothing unapplied was confirmed.
-            log.warning("second stop signal: exiting without finishing the batch")
-            raise SystemExit(1)
+            # A second signal: leave now, as a crash would; nothing unapplied was confirmed.
+            # Not SystemExit: unwinding runs the finally blocks that wait for the batch in
+            # flight (its cancel, its connection), which is what the second signal refuses.
+            log.warning("second stop signal: exiting without finishing the batch (it is "
+                        "applied again at the next start)")
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            os._exit(ExitCode.INTERRUPTED)
         log.info("stop requested: finishing the transaction and batch in flight")
         self.stop_requested.set()
         # Whatever a dead connection holds up, the process ends within its promise: nothing

@@ -243,7 +243,7 @@ def check(config: Config) -> int:
     """
     src, dst = config.source, config.destination
     try:
-        catalog = psycopg.connect(src.conninfo(), autocommit=True)
+        catalog = psycopg.connect(src.conninfo(), autocommit=True, prepare_threshold=None)
     except psycopg.Error as exc:
         raise classify(exc, settings=src) from None
     with catalog:
@@ -266,7 +266,7 @@ def check(config: Config) -> int:
             print(printable(f"  {t.qualname:40} key ({', '.join(t.key)}) -> "
                             f"{'.'.join(config.target(t.schema, t.name) or ())}"))
     try:
-        dest = psycopg.connect(dst.conninfo(), autocommit=True)
+        dest = psycopg.connect(dst.conninfo(), autocommit=True, prepare_threshold=None)
     except psycopg.Error as exc:
         raise classify(exc, settings=dst) from None
     with dest:

@@ -82,13 +82,15 @@ def collect(config: Config, max_lag_seconds: float) -> Status:
     src, dst = config.source, config.destination
     slot = src.slot
     try:
-        source = psycopg.connect(src.conninfo(options=SOURCE_OPTIONS), autocommit=True)
+        source = psycopg.connect(src.conninfo(options=SOURCE_OPTIONS), autocommit=True,
+                                 prepare_threshold=None)
     except psycopg.Error as exc:
         raise classify(exc, settings=src) from None
     with source:
         wal = catalog.slot_wal(source, slot)
         try:
-            dest = psycopg.connect(dst.conninfo(options=DEST_OPTIONS), autocommit=True)
+            dest = psycopg.connect(dst.conninfo(options=DEST_OPTIONS), autocommit=True,
+                                   prepare_threshold=None)
         except psycopg.Error as exc:
             raise classify(exc, settings=dst) from None
         with dest:

@@ -419,7 +419,8 @@ class Verifier:
     @staticmethod
     def _connect(settings: Any, options: str) -> psycopg.Connection:
         try:
-            return psycopg.connect(settings.conninfo(options=options), autocommit=True)
+            return psycopg.connect(settings.conninfo(options=options), autocommit=True,
+                                   prepare_threshold=None)
         except psycopg.Error as exc:
             raise classify(exc, settings=settings) from None
 

@@ -19,8 +19,12 @@ import psycopg
 import pytest
 from plugins.pgbouncer import OWNER, ROLE_PASSWORD
 from plugins.replicator import PASSWORD_VAR, PUBLICATION, ReplicatorProcess
+from plugins.servers import ONE_VERSION
 
 from replicator import failpoints
+
+# The kill windows are the replicator's own (tests/plugins/servers.py).
+pytestmark = ONE_VERSION
 
 BIG = "(select string_agg(md5(random()::text), '') from generate_series(1, 100))"
 AUDIT = """
@@ -88,6 +92,7 @@ def proc(request, replicator, source_db) -> ReplicatorProcess:
     source_db.execute(f"create publication {PUBLICATION} for table t")
     if request.param == "pgbouncer":
         request.getfixturevalue("owned_dest")
+        request.getfixturevalue("pool_neighbour")
         bouncer = request.getfixturevalue("pgbouncer")
         process = replicator(batch_size=200, flush_interval=0.1, destination={
             "host": bouncer.host, "port": bouncer.port, "user": OWNER})

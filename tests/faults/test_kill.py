@@ -11,12 +11,16 @@ six tables (identical column order, `order by id`).
 The seeded tests create the tables, the publication and the slot before `seed()` fills the
 tables: the seeded rows then reach the replicator twice, through its initial copy and through
 the stream (which must drop what the copy already has), and the kills hit both.
+
+Kills at random moments, signals and destination crashes are the replicator's own windows
+(ONE_VERSION); a large transaction, streamed differently by each source version, runs on each.
 """
 
 from __future__ import annotations
 
 import random
 import re
+import signal
 import threading
 import time
 from typing import Any
@@ -24,6 +28,7 @@ from typing import Any
 import psycopg
 from plugins.faults import Workload, mirror_diff, seed_source
 from plugins.replicator import MIRROR_SCHEMA, PUBLICATION, STATE_SCHEMA
+from plugins.servers import ONE_VERSION
 
 from replicator.lsn import parse_lsn
 
@@ -110,6 +115,7 @@ def assert_mirror_equal(source_db, dest_db, rep, summary: str) -> dict[str, int]
 KILLS = 7
 
 
+@ONE_VERSION
 def test_sigkill_during_workload(source_db, dest_db, replicator):
     version = source_db.cluster.version
     seed_source(source_db, scale=0.3)
@@ -347,6 +353,7 @@ def _compare_big(source_db, dest_db) -> list:
 # -- c: SIGTERM finishes the batch in flight and confirms exactly what it applied -----------
 
 
+@ONE_VERSION
 def test_sigterm_finishes_batch(source_db, dest_db, replicator):
     version = source_db.cluster.version
     seed_source(source_db, scale=0.2)
@@ -392,6 +399,43 @@ def test_sigterm_finishes_batch(source_db, dest_db, replicator):
     assert_mirror_equal(source_db, dest_db, rep, summary)
 
 
+@ONE_VERSION
+def test_second_signal_exits_at_once(source_db, dest_db, replicator):
+    """A first SIGTERM waits for the batch in flight; a second one does not: the process
+    exits 130 at once, before the first signal's own deadline (SHUT_AFTER) could end it, and
+    the batch it dropped is neither applied nor confirmed, so the next run applies it."""
+    from replicator.pipeline import SHUT_AFTER
+
+    source_db.execute("create table t (id int primary key, v text)")
+    source_db.execute("insert into t values (1, 'a')")
+    source_db.execute(f"create publication {PUBLICATION} for table t")
+    rep = replicator(**BATCHES)
+    # The first batch of changes waits before its transaction: the batch a first signal
+    # lets finish, and a second one leaves.
+    rep.start(env={"REPLICATOR_FAILPOINTS": "apply.batch_before_begin=sleep:60"})
+    wait_for(lambda: rep.streaming() or not rep.alive, 60, what="streaming")
+    source_db.execute("update t set v = 'b' where id = 1")
+    wait_for(lambda: '"failpoint":"apply.batch_before_begin"' in rep.current()
+             or not rep.alive, 30, what="the batch to wait at its failpoint")
+    assert rep.alive, rep.logs()
+    rep.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: '"msg":"stop requested' in rep.current() or not rep.alive, 10,
+             what="the first signal to be heard")
+    time.sleep(0.5)
+    assert rep.alive, f"the first signal did not wait for the batch in flight\n{rep.logs()}"
+    rep.proc.send_signal(signal.SIGTERM)
+    code = rep.wait(SHUT_AFTER - 1.5)
+    assert code == 130, f"exit {code} after the second signal\n{rep.logs()}"
+    out = rep.current()
+    assert "second stop signal" in out and "still not stopped" not in out, rep.logs()
+    problem = confirmed_not_beyond_applied(source_db, dest_db)
+    assert problem is None, f"{problem}\n{rep.logs()}"
+    assert dest_db.scalar(f"select v from {MIRROR_SCHEMA}.t where id = 1") == "a"
+    assert rep.run_until_caught_up(timeout=60) == 0, rep.logs()
+    assert dest_db.scalar(f"select v from {MIRROR_SCHEMA}.t where id = 1") == "b"
+
+
+@ONE_VERSION
 def test_sigterm_during_initial_copy(source_db, dest_db, replicator):
     """A stop requested while the existing rows are being copied is a stop, not an error: exit 0
     (the copy restarts on the next run), and the next run makes the mirror equal."""
@@ -426,6 +470,7 @@ def test_sigterm_during_initial_copy(source_db, dest_db, replicator):
 # -- d: the destination server crashes and comes back -------------------------------------------
 
 
+@ONE_VERSION
 def test_destination_restart(source_db, dest_db, replicator):
     version = source_db.cluster.version
     cluster = dest_db.cluster
@@ -474,6 +519,7 @@ def test_destination_restart(source_db, dest_db, replicator):
     assert_mirror_equal(source_db, dest_db, rep, summary)
 
 
+@ONE_VERSION
 def test_destination_crash_loses_only_unconfirmed_commits(source_db, dest_db, replicator):
     # Batches commit with synchronous_commit off: a destination crash loses the commits its
     # WAL writer had not flushed yet. The slot must never have been told of those, so the

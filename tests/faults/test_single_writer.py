@@ -28,12 +28,12 @@ from plugins.replicator import (
     cli,
     wait_for,
 )
+from plugins.servers import ONE_VERSION
 
 from replicator.devtools.localpg import free_port
 
 # The lease is the replicator's own protocol, whatever the source's version.
-pytestmark = pytest.mark.parametrize(
-    "source_cluster", [pytest.param(15, id="pg15", marks=pytest.mark.pg15)], indirect=True)
+pytestmark = ONE_VERSION
 
 BATCHES = {"batch_size": 1000, "flush_interval": 0.2}
 STANDBY = '"msg":"another replicator process writes for this pipeline: waiting as a standby"'
@@ -181,7 +181,7 @@ def test_frozen_owner_resumed_after_takeover_writes_nothing(source_db, dest_db, 
 
 
 def test_frozen_owner_writes_nothing_through_pgbouncer(source_db, owned_dest, pgbouncer,
-                                                       replicator):
+                                                       pool_neighbour, replicator):
     """The same with the destination behind pgbouncer in transaction mode, where no
     session lock would survive from one transaction to the next."""
     _frozen_owner_writes_nothing(

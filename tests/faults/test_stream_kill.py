@@ -15,6 +15,7 @@ import time
 import pytest
 from plugins.proxy import proxied
 from plugins.replicator import json_logging, table_rows, wait_for
+from plugins.servers import ONE_VERSION
 from zoo import setup_zoo, zoo_rows
 
 from replicator import failpoints
@@ -68,8 +69,7 @@ def test_sigkill_while_a_transaction_is_streamed(source_db, dest_db, replicator)
 
 
 # Windows of the replicator's own commit protocol: one source version is enough.
-@pytest.mark.parametrize(
-    "source_cluster", [pytest.param(15, id="pg15", marks=pytest.mark.pg15)], indirect=True)
+@ONE_VERSION
 @pytest.mark.parametrize("point", [failpoints.STREAM_CHUNK_APPLIED, failpoints.STREAM_BEFORE_COMMIT,
                                    failpoints.STREAM_COMMITTED])
 def test_killed_in_each_window_of_a_transaction_applied_while_it_runs(
@@ -93,8 +93,7 @@ def test_killed_in_each_window_of_a_transaction_applied_while_it_runs(
     assert table_rows(source_db, "zoo") == table_rows(dest_db, "zoo", "odoo_mirror")
 
 
-@pytest.mark.parametrize(
-    "source_cluster", [pytest.param(15, id="pg15", marks=pytest.mark.pg15)], indirect=True)
+@ONE_VERSION
 def test_killed_after_a_subtransaction_rolled_back_in_the_open_transaction(
         source_db, dest_db, replicator):
     """Rolled back to its savepoint in the destination, then the process dies: the next
@@ -126,8 +125,7 @@ WRITING_IDLE = ("select count(*) from pg_stat_activity where datname = current_d
                 "and state = 'idle in transaction' and backend_xid is not null")
 
 
-@pytest.mark.parametrize(
-    "source_cluster", [pytest.param(15, id="pg15", marks=pytest.mark.pg15)], indirect=True)
+@ONE_VERSION
 def test_orphan_of_a_transaction_applied_while_it_ran_is_ended_by_the_server(
         source_db, dest_db, replicator, proxy):
     """Killed behind a pooler that keeps its server connection: the open destination

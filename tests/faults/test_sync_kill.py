@@ -18,6 +18,7 @@ import time
 import psycopg
 import pytest
 from plugins.replicator import PUBLICATION, ReplicatorProcess, assert_same, table_rows
+from plugins.servers import ONE_VERSION
 
 from replicator import failpoints
 
@@ -102,9 +103,7 @@ def finish_and_compare(proc: ReplicatorProcess, writer: Writer, source_db, dest_
 
 
 # The crash windows are the replicator's own, whatever the source's version: one version
-# (PostgreSQL 15) keeps the suite's time; the other tests here run on both.
-ONE_VERSION = pytest.mark.parametrize(
-    "source_cluster", [pytest.param(15, id="pg15", marks=pytest.mark.pg15)], indirect=True)
+# (ONE_VERSION) keeps the suite's time; the other tests here run on both.
 
 
 LIVE_POINTS = [

@@ -25,12 +25,15 @@ from plugins.replicator import (
     error_line,
     wait_for,
 )
-from plugins.servers import _fresh_database, _start_cluster, grant_source_role
+from plugins.servers import ONE_VERSION, _fresh_database, _start_cluster, grant_source_role
 from psycopg import sql
 
 from replicator.devtools.localpg import LocalCluster
 from replicator.errors import ExitCode, ReplicatorError
 from replicator.preflight import check_server_version
+
+# What this module tests does not depend on the source's version (tests/plugins/servers.py).
+pytestmark = ONE_VERSION
 
 
 def _run(config: Path, cwd: Path, *extra: str) -> str:

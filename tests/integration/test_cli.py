@@ -23,8 +23,13 @@ from plugins.replicator import (
     error_line,
     table_difference,
 )
+from plugins.servers import ONE_VERSION
 
 from replicator.devtools.odoo import TABLES, create_table_statement
+
+# What this module tests does not depend on the source's version (tests/plugins/servers.py).
+pytestmark = ONE_VERSION
+
 
 MISSING_VAR = CLI_UNSET_VAR
 

@@ -26,6 +26,7 @@ from plugins.replicator import (
     wait_for,
     write_config,
 )
+from plugins.servers import ONE_VERSION
 
 from replicator import dead_letters, state
 from replicator._decode import Decoder
@@ -36,6 +37,10 @@ from replicator.devtools.localpg import free_port
 from replicator.errors import ErrorKind, ReplicatorError
 from replicator.schema import Column, MirrorTable, SourceTable
 from replicator.settings import MetricsSettings
+
+# What this module tests does not depend on the source's version (tests/plugins/servers.py).
+pytestmark = ONE_VERSION
+
 
 RELID = 16500
 COLS = (Column("id", "integer", 23, 4), Column("name", "text", 25, -1),

@@ -28,9 +28,14 @@ from plugins.replicator import (
     running,
     write_config,
 )
+from plugins.servers import ONE_VERSION
 from psycopg import sql
 
 from replicator.devtools.localpg import free_port
+
+# What this module tests does not depend on the source's version (tests/plugins/servers.py).
+pytestmark = ONE_VERSION
+
 
 # -- retries reset after progress ---------------------------------------------------------------
 

@@ -21,8 +21,12 @@ from plugins.replicator import (
     sync_state,
     wait_for,
 )
-from plugins.servers import SOURCE_ROLE
+from plugins.servers import ONE_VERSION, SOURCE_ROLE
 from psycopg import sql
+
+# What this module tests does not depend on the source's version (tests/plugins/servers.py).
+pytestmark = ONE_VERSION
+
 
 ROLE = sql.Identifier(SOURCE_ROLE)
 

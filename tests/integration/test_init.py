@@ -34,11 +34,17 @@ from plugins.replicator import (
     wait_for,
     write_config,
 )
+from plugins.servers import ONE_VERSION
 
 from replicator import failpoints
 from replicator.devtools.odoo import TABLE_NAMES, TABLES, create_table_statement
 from replicator.devtools.seed import seed
 from replicator.init import init
+
+# What this module tests does not depend on the source's version (tests/plugins/servers.py).
+# Every test here goes through pgbouncer; a neighbour shares the pool (pool_neighbour).
+pytestmark = [ONE_VERSION, pytest.mark.usefixtures("pool_neighbour")]
+
 
 MIRROR = "odoo_mirror"
 # What init sets up is the destination's, and so is the memory trigger: one source version is

@@ -5,8 +5,6 @@ resyncs, a truncate across a copied and a streaming table, and many reconnects."
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from plugins.replicator import (
     PUBLICATION,
@@ -16,6 +14,7 @@ from plugins.replicator import (
     sync_state,
     table_rows,
     wait_for,
+    wait_same,
 )
 
 from replicator import failpoints, state
@@ -67,7 +66,9 @@ def test_table_left_and_rejoined_the_publication_between_polls(source_db, dest_d
         source_db.execute("update t set v = 'unpublished' where id <= 10")
         source_db.execute(f"alter publication {PUBLICATION} add table t")
         source_db.execute("insert into u values (1000, 'after')")
-        time.sleep(3)
+        # The running replicator sees it by itself (a new membership: t copied again),
+        # not only the next start.
+        wait_same(source_db, dest_db, "t", "u")
     catch_up(source_db, dest_db)
     assert_same(source_db, dest_db, "t")
     assert_same(source_db, dest_db, "u")
@@ -96,7 +97,7 @@ def test_table_dropped_and_recreated_while_running(source_db, dest_db):
         source_db.execute("insert into t values (1, 'new'), (500, 'new')")
         source_db.execute(f"alter publication {PUBLICATION} add table t")
         source_db.execute("insert into t values (501, 'newer')")
-        time.sleep(3)
+        wait_same(source_db, dest_db, "t", "u")
     catch_up(source_db, dest_db)
     assert_same(source_db, dest_db, "t")
     assert_same(source_db, dest_db, "u")

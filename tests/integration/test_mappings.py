@@ -10,8 +10,13 @@ from __future__ import annotations
 
 import pytest
 from plugins.replicator import PUBLICATION, catch_up, cli, cli_config, error_line
+from plugins.servers import ONE_VERSION
 
 from replicator.errors import ErrorKind, ReplicatorError
+
+# What this module tests does not depend on the source's version (tests/plugins/servers.py).
+pytestmark = ONE_VERSION
+
 
 BIG = "(select string_agg(md5(random()::text), '') from generate_series(1, 100))"
 KEPT = "id, name, active, company_id, note"
@@ -34,6 +39,7 @@ def writer_dest(request, dest_db):
     if request.param == "direct":
         return dest_db
     request.getfixturevalue("owned_dest")
+    request.getfixturevalue("pool_neighbour")
     return _Through(request.getfixturevalue("pgbouncer").dsn(dest_db.name))
 
 

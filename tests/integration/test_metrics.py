@@ -9,9 +9,13 @@ from pathlib import Path
 
 import orjson
 from plugins.replicator import PUBLICATION, running
+from plugins.servers import ONE_VERSION
 
 from replicator.devtools.localpg import free_port
 from replicator.settings import MetricsSettings
+
+# What this module tests does not depend on the source's version (tests/plugins/servers.py).
+pytestmark = ONE_VERSION
 
 
 def get(port: int, path: str) -> tuple[int, bytes]:

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import psycopg
 import pytest
+from plugins.servers import ONE_VERSION
 
 from replicator.devtools import odoo
 from replicator.devtools.seed import seed
 from replicator.devtools.workload import workload
+
+# What this module tests does not depend on the source's version (tests/plugins/servers.py).
+pytestmark = ONE_VERSION
+
 
 SIX = sorted(odoo.TABLES)
 

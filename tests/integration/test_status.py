@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 
-from plugins.replicator import PUBLICATION, catch_up, running, wait_for, write_config
+from plugins.replicator import (
+    MIRROR_SCHEMA,
+    PUBLICATION,
+    STATE_SCHEMA,
+    catch_up,
+    running,
+    wait_for,
+    write_config,
+)
+from plugins.servers import ONE_VERSION
+from psycopg import sql
 
 from replicator.cli import main
+
+# What this module tests does not depend on the source's version (tests/plugins/servers.py).
+pytestmark = ONE_VERSION
 
 
 def status(capsys, config, *extra: str) -> tuple[int, str, str]:
@@ -89,3 +103,87 @@ def test_status_help(capsys):
     assert main(["status", "--help"]) == 0
     out = capsys.readouterr().out
     assert "--max-lag-seconds" in out and "--json" in out and "read-only" in out.lower()
+
+
+def _status_in_thread(config, *extra: str, timeout: float = 30) -> tuple[int, str]:
+    """`status` in a thread, so that one which waited for a lock fails the test instead of
+    hanging it; (exit code, stdout and stderr)."""
+    import contextlib
+    import io
+
+    result: list[tuple[int, str]] = []
+
+    def target() -> None:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            code = main(["status", "--config", str(config), *extra])
+        result.append((code, out.getvalue()))
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"status still waiting after {timeout} s: it waited for a lock"
+    return result[0]
+
+
+def test_status_waits_for_no_lock_and_writes_nothing(source_db, dest_db, tmp_path, capsys):
+    source_db.execute("create table t (id int primary key, v text)")
+    source_db.execute("insert into t select g, 'x' from generate_series(1, 40) g")
+    source_db.execute(f"create publication {PUBLICATION} for table t")
+    config = write_config(tmp_path, source_db, dest_db)
+    # Never run: status creates nothing (no state schema, no table).
+    code, _out, _ = status(capsys, config, "--json")
+    assert code == 0
+    assert dest_db.scalar("select count(*) from pg_namespace where nspname = %s",
+                          [STATE_SCHEMA]) == 0
+    catch_up(source_db, dest_db)
+    wait_slot_released(source_db)
+    tables = [sql.Identifier(s, n) for s, n in dest_db.fetchall(
+        "select schemaname, tablename from pg_tables where schemaname in (%s, %s)",
+        [STATE_SCHEMA, MIRROR_SCHEMA])]
+    assert len(tables) > 3, tables
+    with dest_db.connect(autocommit=False) as holder:
+        # SHARE on every state and mirror table: any write status made would wait for it
+        # (and, with its lock_timeout, fail); reads go on.
+        for table in tables:
+            holder.execute(sql.SQL("lock table {} in share mode").format(table))
+        code, out = _status_in_thread(config, "--json")
+        st = json.loads(out)
+        assert code == 0, out
+        assert st["tables"][0]["mirror_rows"] == 40
+        assert st["tables"][0]["mirror_rows_method"] == "count"
+        holder.rollback()
+        # ACCESS EXCLUSIVE on the mirror table, as the replicator's TRUNCATE or ALTER TABLE
+        # holds it: status does not queue behind it (nor in front of it), it estimates.
+        holder.execute(sql.SQL("lock table {} in access exclusive mode").format(
+            sql.Identifier(MIRROR_SCHEMA, "t")))
+        code, out = _status_in_thread(config, "--json")
+        st = json.loads(out)
+        assert code == 0, out
+        assert st["tables"][0]["mirror_rows_method"] in ("estimate", "unknown"), st
+        holder.rollback()
+        # ACCESS EXCLUSIVE on the state itself (a newer replicator's migration): status
+        # cannot read it, and says so in one line instead of waiting.
+        holder.execute(sql.SQL("lock table {} in access exclusive mode").format(
+            sql.Identifier(STATE_SCHEMA, "pipelines")))
+        code, out = _status_in_thread(config)
+        assert code != 0 and out.startswith("error: ") and out.count("\n") == 1, out
+        assert "lock" in out, out
+        holder.rollback()
+
+
+def test_status_default_max_lag_is_300_seconds(source_db, dest_db, tmp_path, capsys):
+    source_db.execute("create table t (id int primary key, v text)")
+    source_db.execute(f"create publication {PUBLICATION} for table t")
+    config = write_config(tmp_path, source_db, dest_db)
+    catch_up(source_db, dest_db)
+    wait_slot_released(source_db)
+    source_db.execute("insert into t values (1, 'behind')")   # lag in bytes: not applied
+    for seconds, expected in ((200, 0), (310, 1)):
+        # The last batch as if it were that long ago.
+        dest_db.execute(f"update {STATE_SCHEMA}.pipelines set updated_at = now() - "
+                        "%s * interval '1 second'", [seconds])
+        code, out, _ = status(capsys, config)
+        assert code == expected, f"{seconds} s behind: exit {code}\n{out}"
+        assert ("not keeping up" in out) == bool(expected), out
+    assert "--max-lag-seconds 300)" in out

@@ -339,7 +339,7 @@ class _Through:
 
 
 def test_streamed_transactions_through_pgbouncer(source_db, dest_db, owned_dest, pgbouncer,
-                                                  caplog):
+                                                  pool_neighbour, caplog):
     """Through a transaction-mode pooler, as a non-superuser owner: one transaction applied
     while it runs (its open transaction pins one server connection) next to one that falls
     back to its commit, and the small ones between them."""

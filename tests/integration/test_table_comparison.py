@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import pytest
 from plugins.replicator import PUBLICATION, assert_same, catch_up, same_rows
+from plugins.servers import ONE_VERSION
 from zoo import setup_zoo, zoo_rows
+
+# What this module tests does not depend on the source's version (tests/plugins/servers.py).
+pytestmark = ONE_VERSION
+
 
 # One change each to a single mirror value of every kind of column, and to the set of rows.
 TAMPERINGS = [

@@ -10,11 +10,13 @@ exit 2 at once (no retrying), no traceback and no password.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,7 +37,7 @@ from plugins.replicator import (
 from plugins.servers import TestDatabase, grant_source_role
 from psycopg import sql
 
-from replicator.devtools.localpg import LocalCluster, ensure_os_user
+from replicator.devtools.localpg import LocalCluster, ensure_os_user, free_port
 
 DEST_ROLE = "mirror_writer"  # authenticated by its client certificate (CN = the role)
 PUBLICATION = "odoo_pub"
@@ -155,7 +157,8 @@ def tls_dbs(tls_server: TlsServer, request: pytest.FixtureRequest) -> Iterator[t
 
 def tls_config(workdir: Path, server: TlsServer, src: Any, dst: Any, *,
                source: dict[str, Any] | None = None,
-               destination: dict[str, Any] | None = None) -> Path:
+               destination: dict[str, Any] | None = None,
+               metrics: dict[str, Any] | None = None) -> Path:
     """verify-full on both sides with paths relative to the config file (certs/ beside it),
     the destination logging in with its client certificate; `source`/`destination` override."""
     local = workdir / "certs"
@@ -165,16 +168,25 @@ def tls_config(workdir: Path, server: TlsServer, src: Any, dst: Any, *,
     tls = {"host": "localhost", "sslmode": "verify-full", "sslrootcert": "certs/ca.crt"}
     return write_config(
         workdir, src, dst, password=f"${PASSWORD_VAR}", flush_interval=0.2,
-        logging=json_logging(),
+        logging=json_logging(), metrics=metrics,
         source={**tls, **(source or {})},
         destination={**tls, "user": DEST_ROLE, "sslcert": "certs/client.crt",
                      "sslkey": "certs/client.key", **(destination or {})},
     )
 
 
+def _command(config: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "replicator", *args, "--config", str(config)],
+                          cwd=config.parent, env=replicator_env(), capture_output=True,
+                          text=True, timeout=60)
+
+
 def test_verify_full_replicates_over_tls_with_a_client_certificate(tls_server, tls_dbs, tmp_path):
     src, dst = tls_dbs
-    process = ReplicatorProcess(tls_config(tmp_path, tls_server, src, dst), tmp_path)
+    port = free_port()
+    config = tls_config(tmp_path, tls_server, src, dst,
+                        metrics={"enabled": True, "port": port, "slot_poll_interval": 0.5})
+    process = ReplicatorProcess(config, tmp_path)
     try:
         process.start()
         wait_for(lambda: process.streaming() or not process.alive, 60, "streaming")
@@ -183,6 +195,20 @@ def test_verify_full_replicates_over_tls_with_a_client_certificate(tls_server, t
         wait_for(lambda: dst.scalar("select count(*) from odoo_mirror.t") == 51, 30,
                  "the streamed row")
         assert_same(src, dst, "t")
+        # The metrics' own connections (the slot monitor, on both sides) go through TLS
+        # too: the server refuses any other (hostssl only).
+        wait_for(lambda: 'etl_slot_wal_status{wal_status="reserved"} 1.0' in _scrape(port), 30,
+                 "the slot monitor to read the source's slot")
+        time.sleep(1.5)     # three polls of the destination's dead letters
+        assert "metrics monitor: query failed" not in process.current(), process.logs()
+        # `status` and `check` beside it, with the same settings: each connects to both sides.
+        st = _command(config, "status", "--json")
+        assert st.returncode == 0, st.stdout + st.stderr
+        assert json.loads(st.stdout)["slot_active"] is True, st.stdout
+        ck = _command(config, "check")
+        assert ck.returncode == 0, ck.stdout + ck.stderr
+        for out in (st.stdout + st.stderr, ck.stdout + ck.stderr):
+            assert PASSWORD not in out and "Traceback" not in out, out
         backends = src.fetchall(
             "select a.datname, a.usename, a.backend_type, s.ssl, s.client_dn "
             "from pg_stat_activity a join pg_stat_ssl s using (pid) "
@@ -199,6 +225,14 @@ def test_verify_full_replicates_over_tls_with_a_client_certificate(tls_server, t
         process.stop()
     out, err = process.output()
     assert PASSWORD not in out + err
+
+
+def _scrape(port: int) -> str:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            return resp.read().decode()
+    except OSError:
+        return ""
 
 
 def _certs(workdir: Path) -> Path:

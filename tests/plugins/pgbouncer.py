@@ -7,6 +7,10 @@ Supabase pooler (Supavisor, port 6543) is, and the roles a Supabase mirror is us
 - `supabase_roles`: cluster-wide roles: OWNER (the replicator's, LOGIN, no superuser, no
   CREATEROLE), the analytics roles superset_readonly and service_role, STRANGER (a login
   with no grant at all) and OUTSIDER (granted SELECT by a test but not in the policy).
+- `pool_neighbour`: another client of the test database's pool (OWNER), in a loop of short
+  transactions for the test's length, each checking that the server connection it got has
+  nothing a transaction before left behind (a session SET, a prepared statement, an
+  advisory lock, a temporary table, an open transaction); the test fails if one had.
 - `owned_dest`: the test's destination database with its mirror and state schemas owned by
   OWNER, who may also create schemas there (ipai_memory).
 """
@@ -17,6 +21,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +40,7 @@ ANALYTICS = ("superset_readonly", "service_role")
 STRANGER = "no_grant_role"
 OUTSIDER = "not_in_policy_role"
 ROLE_PASSWORD = "Role-Pw-3c9e"  # pgbouncer checks it; the server behind trusts 127.0.0.1
+POOL_SIZE = 2
 
 
 class PgBouncer:
@@ -89,7 +95,12 @@ auth_type = md5
 auth_file = {workdir}/userlist.txt
 pool_mode = transaction
 max_client_conn = 500
-default_pool_size = 40
+; Two server connections per database and user, handed out in turn (not the last one used
+; first): the replicator's consecutive transactions land on different server connections,
+; shared with a neighbour (pool_neighbour), so session state leaking from one transaction
+; would show in another's.
+default_pool_size = {POOL_SIZE}
+server_round_robin = 1
 ignore_startup_parameters = extra_float_digits
 server_reset_query =
 logfile = {workdir}/pgbouncer.log
@@ -140,3 +151,71 @@ def owned_dest(dest_db: Any, supabase_roles: tuple[str, ...]) -> Any:
             conn.execute(sql.SQL("create schema {} authorization {}").format(
                 sql.Identifier(schema), sql.Identifier(OWNER)))
     return dest_db
+
+
+# What a transaction-mode pooler's server connection must look like to the next client:
+# what a replicator's transaction set with SET LOCAL, set_config(..., true) or
+# pg_advisory_xact_lock is gone with it.
+_SESSION_STATE = """
+select current_setting('statement_timeout'), current_setting('lock_timeout'),
+       current_setting('idle_in_transaction_session_timeout'),
+       current_setting('synchronous_commit'), current_setting('default_transaction_read_only'),
+       current_setting('search_path'),
+       (select count(*) from pg_prepared_statements),
+       (select count(*) from pg_locks where pid = pg_backend_pid() and locktype = 'advisory'),
+       (select count(*) from pg_class where relpersistence = 't'
+          and relnamespace = pg_my_temp_schema()),
+       pg_backend_pid()
+"""
+
+
+class PoolNeighbour(threading.Thread):
+    def __init__(self, pgbouncer: PgBouncer, dbname: str) -> None:
+        super().__init__(daemon=True, name="pool-neighbour")
+        self.pgbouncer, self.dbname = pgbouncer, dbname
+        self.stop_event = threading.Event()
+        self.baseline: tuple | None = None
+        self.leaks: list[tuple] = []
+        self.backends: set[int] = set()
+        self.checks = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with self.pgbouncer.connect(self.dbname) as conn:
+                while not self.stop_event.wait(0.02):
+                    with conn.transaction():
+                        row = conn.execute(_SESSION_STATE).fetchone()
+                    assert row is not None
+                    self.backends.add(row[-1])
+                    self.checks += 1
+                    state = tuple(row[:-1])
+                    if self.baseline is None:
+                        self.baseline = state
+                    elif state != self.baseline and len(self.leaks) < 5:
+                        with conn.transaction():
+                            prepared = conn.execute(
+                                "select left(statement, 200) from pg_prepared_statements"
+                            ).fetchall()
+                        self.leaks.append((state, prepared))
+        except BaseException as exc:  # reported by finish()
+            self.error = exc
+
+    def finish(self) -> None:
+        self.stop_event.set()
+        self.join(30)
+        assert self.error is None, f"the pool's neighbour failed: {self.error!r}"
+        assert not self.leaks, (
+            "a server connection came to the pool's neighbour with session state left by "
+            f"another client's transaction: {self.leaks} (clean: {self.baseline})")
+        assert self.checks > 0
+
+
+@pytest.fixture
+def pool_neighbour(pgbouncer: PgBouncer, dest_db: Any, supabase_roles: tuple[str, ...]
+                   ) -> Iterator[PoolNeighbour]:
+    """Another client of the test database's pool (OWNER), for the test's length."""
+    neighbour = PoolNeighbour(pgbouncer, dest_db.name)
+    neighbour.start()
+    yield neighbour
+    neighbour.finish()

@@ -303,6 +303,25 @@ def same_rows(source_db: Any, dest_db: Any, table: str, order: str = "id") -> bo
         return table_difference(src, dst, table, order) is None
 
 
+def wait_same(source_db: Any, dest_db: Any, *tables: str, timeout: float = 60,
+              what: str = "") -> None:
+    """Until each mirror table equals its source table (as assert_same: schema and rows,
+    none empty): for a running replicator that must get there by itself."""
+    problems: list[str] = []
+
+    def same() -> bool:
+        problems.clear()
+        with source_db.connect() as src, dest_db.connect() as dst:
+            for table in tables:
+                problem = table_difference(src, dst, table, empty_ok=False)
+                if problem is not None:
+                    problems.append(f"{table}: {problem}")
+        return not problems
+
+    wait_for(same, timeout, what or f"the mirror of {', '.join(tables)} to equal the source",
+             detail=lambda: "\n".join(problems))
+
+
 def assert_same(source_db: Any, dest_db: Any, table: str, order: str = "id",
                 empty_ok: bool = False) -> None:
     """The mirror table equals the source table: schema, then row for row. An empty source

@@ -26,6 +26,28 @@ from replicator.devtools.localpg import LocalCluster, LocalClusterError, availab
 
 SOURCE_VERSIONS = (15, 18)
 DEST_VERSION = 15
+# A test (or a module: pytestmark) of what the source's version changes nothing in: the
+# replicator's own crash windows, signals and lease, its CLI and config errors, the
+# destination's side (grants, mappings, dead letters, status). It runs against ONE_SOURCE
+# only, not every version: the decoder, the stream, slots, catalogs and the copy are where
+# versions differ, and those tests run on each.
+ONE_VERSION = pytest.mark.one_source_version
+ONE_SOURCE = 15
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    keep, drop = [], []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        version = callspec.params.get("source_cluster") if callspec is not None else None
+        if version is not None and version != ONE_SOURCE \
+                and item.get_closest_marker("one_source_version") is not None:
+            drop.append(item)
+        else:
+            keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 # The replicator's source role in the tests, as the README's "Source role: least privilege"
 # makes it: LOGIN REPLICATION, and SELECT on the tables, nothing else.
 SOURCE_ROLE = "replicator_src"
