@@ -5,7 +5,8 @@ import os
 
 from hypothesis import settings
 
-pytest_plugins = ["plugins.servers", "plugins.replicator", "plugins.proxy", "plugins.pgbouncer"]
+pytest_plugins = ["plugins.servers", "plugins.replicator", "plugins.proxy", "plugins.pgbouncer",
+                  "plugins.schedule"]
 
 # In CI the same examples every run (a failure there reproduces here with CI=true); on a
 # developer's machine new ones each time.
