@@ -136,7 +136,7 @@ def test_orphan_of_a_transaction_applied_while_it_ran_is_ended_by_the_server(
     p = proxy(dest_db)
     p.keep_server_side()
     first = replicator(**{**SETTINGS, "destination": proxied(
-        dest_db, p, idle_in_transaction_timeout=4, lease_timeout=3)})
+        dest_db, p, idle_in_transaction_timeout=8, lease_timeout=3)})
     first.start()
     wait_for(lambda: mirror_count(dest_db) == 1000, 60, what="the initial copy")
     with source_db.connect(autocommit=False) as big:
@@ -146,7 +146,9 @@ def test_orphan_of_a_transaction_applied_while_it_ran_is_ended_by_the_server(
                  what="the chunks merged into an open destination transaction")
         p.blackhole()
         assert first.kill(), first.logs()
-        assert dest_db.scalar(WRITING_IDLE) == 1      # the orphan, holding rows 1..100
+        # The orphan, holding rows 1..100: idle in transaction once the statement the kill
+        # may have caught running is done (a loaded machine: not at once).
+        wait_for(lambda: dest_db.scalar(WRITING_IDLE) == 1, 5, what="the orphan")
         big.commit()
     source_db.execute("update zoo set code = 'after big' where id <= 10")
     second = replicator(**{**SETTINGS, "destination": {"lock_timeout": 1, "lease_timeout": 3}})

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from plugins.servers import scratch
 
 from replicator.devtools.localpg import available_versions
 
@@ -28,7 +29,7 @@ def test_backfill_bench_smoke(tmp_path):
             pytest.fail(message + " (CI installs it: see .ci/run)")
         pytest.skip(message)
     # A mode-755 base directory: as root the servers run as an unprivileged user.
-    base = Path(f"/tmp/odoo-replicator-bench-smoke-{os.getpid()}")
+    base = scratch("bench-smoke")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     proc = subprocess.run(
         [sys.executable, str(BENCH), "--rows", "5000", "--repeat", "1", "--json",
@@ -72,7 +73,7 @@ def test_backfill_bench_smoke(tmp_path):
 def test_soak_bench_smoke():
     """bench/soak.py end to end for a few seconds: kills on both sides, samples, a mirror
     equal to the source, and a report whose verdict fields are filled (no timing asserted)."""
-    base = Path(f"/tmp/odoo-replicator-soak-smoke-{os.getpid()}")
+    base = scratch("soak-smoke")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     try:
         proc = subprocess.run(
@@ -100,7 +101,7 @@ def _bench(script: str, *args: str, timeout: float = 240) -> subprocess.Complete
 def test_cdc_bulk_bench_smoke():
     """bench/cdc_bulk.py on a 2,000-row close: every way reports, the mirrors are equal to
     the source, the native subscription's streaming setting is the pinned one."""
-    base = Path(f"/tmp/odoo-replicator-bulk-smoke-{os.getpid()}")
+    base = scratch("bulk-smoke")
     try:
         proc = _bench("cdc_bulk.py", "--rows", "2000", "--base-scale", "0.1", "--json",
                       "--base-dir", str(base))
@@ -143,7 +144,7 @@ def test_cdc_oltp_bench_smoke(tmp_path):
     """bench/cdc_oltp.py for 2 s a way: lag percentiles, tps, the CSV of every marker, and
     mirrors equal to the source after pgbench's Odoo invoices; the native subscription with
     the other streaming value and primary keys only on both sides, as the report shows."""
-    base = Path(f"/tmp/odoo-replicator-oltp-smoke-{os.getpid()}")
+    base = scratch("oltp-smoke")
     lag_csv = tmp_path / "lag.csv"
     try:
         proc = _bench("cdc_oltp.py", "--seconds", "2", "--scale", "0.1", "--json",

@@ -9,11 +9,11 @@ import re
 import shlex
 import subprocess
 import sys
-from pathlib import Path
 
 import psycopg
 import pytest
 from plugins.replicator import REPO
+from plugins.servers import scratch
 
 from replicator.devtools.localpg import available_versions
 
@@ -22,8 +22,7 @@ from replicator.devtools.localpg import available_versions
 def test_demo_keep_runs_everything_and_prints_commands_that_work():
     if 15 not in available_versions() and os.environ.get("CI"):
         pytest.fail("PostgreSQL 15 is not available (CI installs it: see .ci/run)")
-    # Not pytest's tmp_path: as root the servers run as a user who cannot enter it.
-    base = Path(f"/tmp/odoo-replicator-demo-test-{os.getpid()}")
+    base = scratch("demo-test")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     try:
         proc = subprocess.run(

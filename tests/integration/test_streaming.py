@@ -339,10 +339,12 @@ class _Through:
 
 
 def test_streamed_transactions_through_pgbouncer(source_db, dest_db, owned_dest, pgbouncer,
-                                                  pool_neighbour, caplog):
+                                                  roomy_pool, pool_neighbour, caplog):
     """Through a transaction-mode pooler, as a non-superuser owner: one transaction applied
     while it runs (its open transaction pins one server connection) next to one that falls
-    back to its commit, and the small ones between them."""
+    back to its commit, and the small ones between them. The pool holds what README asks
+    for (max_streams + 3): with two, a pinned connection left the batch waiting for the
+    pooler while the streamed transaction waited for the batch, until the test's timeout."""
     setup_zoo(source_db)
     source_db.execute(zoo_rows(1000))
     writer = _Through(pgbouncer.dsn(dest_db.name))

@@ -11,6 +11,8 @@ Supabase pooler (Supavisor, port 6543) is, and the roles a Supabase mirror is us
   transactions for the test's length, each checking that the server connection it got has
   nothing a transaction before left behind (a session SET, a prepared statement, an
   advisory lock, a temporary table, an open transaction); the test fails if one had.
+- `roomy_pool`: the test database's pool made big enough for what the replicator holds at
+  once with streamed transactions applied while they run (README: max_streams + 3).
 - `owned_dest`: the test's destination database with its mirror and state schemas owned by
   OWNER, who may also create schemas there (ipai_memory).
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -44,10 +47,24 @@ POOL_SIZE = 2
 
 
 class PgBouncer:
-    def __init__(self, port: int, dest: LocalCluster) -> None:
+    def __init__(self, port: int, dest: LocalCluster, workdir: Path) -> None:
         self.host = "127.0.0.1"
         self.port = port
         self.dest = dest
+        self.workdir = workdir
+
+    def pool_size(self, dbname: str, size: int) -> None:
+        """Give one database a pool of ``size`` server connections (a reload, at once)."""
+        ini = self.workdir / "pgbouncer.ini"
+        entry = f"{dbname} = host=127.0.0.1 port={self.dest.port} pool_size={size}"
+        ini.write_text(ini.read_text().replace("[databases]\n", f"[databases]\n{entry}\n", 1))
+        log = self.workdir / "pgbouncer.log"
+        reloads = log.read_text().count("re-reading config")
+        os.kill(int((self.workdir / "pgbouncer.pid").read_text()), signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while log.read_text().count("re-reading config") == reloads:
+            assert time.monotonic() < deadline, "pgbouncer did not reload its config"
+            time.sleep(0.05)
 
     def dsn(self, dbname: str, user: str = OWNER) -> str:
         return make_conninfo(host=self.host, port=self.port, dbname=dbname, user=user,
@@ -104,6 +121,7 @@ server_round_robin = 1
 ignore_startup_parameters = extra_float_digits
 server_reset_query =
 logfile = {workdir}/pgbouncer.log
+pidfile = {workdir}/pgbouncer.pid
 """)
     # -q: log to the logfile only. Its stderr must not be a pipe nobody reads: pgbouncer
     # blocks once the pipe is full (64 kB of log) and every client waits for ever.
@@ -130,7 +148,7 @@ logfile = {workdir}/pgbouncer.log
                 pytest.fail(f"pgbouncer did not start (exit {proc.poll()}):\n{tail}")
             time.sleep(0.05)
     try:
-        yield PgBouncer(port, dest_cluster)
+        yield PgBouncer(port, dest_cluster, workdir)
     finally:
         proc.terminate()
         try:
@@ -219,3 +237,9 @@ def pool_neighbour(pgbouncer: PgBouncer, dest_db: Any, supabase_roles: tuple[str
     neighbour.start()
     yield neighbour
     neighbour.finish()
+
+
+@pytest.fixture
+def roomy_pool(pgbouncer: PgBouncer, dest_db: Any) -> None:
+    """Before anything connects to it: the test database's pool at max_streams (2) + 3."""
+    pgbouncer.pool_size(dest_db.name, 5)

@@ -1,11 +1,13 @@
 """pytest plugin: the order tests are handed to xdist's workers, the longest modules first.
 
-Workers take tests in collection order. Alphabetically, the longest modules (a wheel build,
-96 MB values, black holes the watchdog must find) came last, and one worker ran them alone
-for minutes after the others had finished. Handed out first, they run beside the many short
-ones, which then fill the gaps: the suite ends when its longest module could. Modules stay
-whole (their module-scoped fixtures start once); the rest keeps its order, unit tests last.
-Seconds per module from `pytest -n 4 --durations=0`; only the order depends on them.
+With `--dist worksteal` (README's command) each worker starts on an even, contiguous share of
+the collection and, once done, takes half of what another has left, from its end.
+Alphabetically the longest modules (a wheel build, 96 MB values, black holes the watchdog must
+find) came last and one worker ran them alone for minutes after the others had finished;
+first, they start at once and the short ones are what moves between workers. (xdist's default
+`load` hands out contiguous chunks and never takes back: there, long ones first put them all
+on one worker.) Modules stay whole (their module-scoped fixtures start once); the rest keeps
+its order, unit tests last. Seconds per module from `pytest -n 4 --durations=0`.
 """
 
 from __future__ import annotations

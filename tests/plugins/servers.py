@@ -113,6 +113,13 @@ def _cluster_root() -> Path:
     return SHM if os.access(SHM, os.W_OK) and st.f_bavail * st.f_frsize >= SHM_ROOM else Path("/tmp")
 
 
+def scratch(name: str) -> Path:
+    """A path for a test's own servers (a bench smoke, the demo) where the suite's clusters
+    go: memory when there is room. Not pytest's tmp_path: as root the servers run as a user
+    who cannot enter it. The caller creates and removes it."""
+    return _cluster_root() / f"odoo-replicator-{name}-{os.getpid()}"
+
+
 @pytest.fixture(scope="session")
 def pg_base_dir() -> Iterator[Path]:
     """A mode-755 directory under /dev/shm (or /tmp) holding this session's clusters.
