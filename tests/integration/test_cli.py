@@ -22,6 +22,7 @@ from plugins.replicator import (
     cli_config,
     error_line,
     table_difference,
+    wait_for,
 )
 from plugins.servers import ONE_VERSION
 
@@ -153,7 +154,10 @@ def test_password_never_printed(source_db, dest_db, tmp_path):
     bad_run = ReplicatorProcess(bad, bad_dir)
     try:
         bad_run.start()
-        if bad_run.wait(3) is None and bad_run.terminate(10) is None:
+        # Until it said why (a loaded machine takes seconds to get there), then stopped.
+        wait_for(lambda: "no_such_db" in "".join(bad_run.output()) or not bad_run.alive, 30,
+                 what="the connection error to be logged")
+        if bad_run.alive and bad_run.terminate(10) is None:
             pytest.fail("the replicator did not stop on SIGTERM while retrying a connection")
     finally:
         bad_run.stop()

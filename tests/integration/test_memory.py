@@ -1,6 +1,6 @@
 """Memory of the running process for one huge value.
 
-A 96 MB text value (an attachment's body, a log kept in one field) arrives in one pgoutput
+A huge text value (an attachment's body, a log kept in one field) arrives in one pgoutput
 message, and libpq holds it twice whatever its client does: in its input buffer (which it
 never shrinks) and in the copy PQgetCopyData returns. Past those two the process must not
 copy it again: the decoder leaves a value of 1 MiB or more in that copy (a Span) and the
@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 from plugins.replicator import MIRROR_SCHEMA, PUBLICATION, assert_same, wait_for
+from plugins.servers import ONE_VERSION
 
-# The copies are the replicator's and libpq's, whatever the source's version: one version
-# (PostgreSQL 15) keeps the suite's time.
-ONE_VERSION = pytest.mark.parametrize(
-    "source_cluster", [pytest.param(15, id="pg15", marks=pytest.mark.pg15)], indirect=True)
+# The copies are the replicator's and libpq's, whatever the source's version.
+pytestmark = ONE_VERSION
 
-VALUE_MB = 96
+# Half of README's 96 MB, for the suite's time: a third copy (48 MB more than the bound)
+# still fails, and the ratio is what is measured (235 MiB for 96 MB, 43 before it).
+VALUE_MB = 48
 # What libpq's two copies leave: the process's own memory may grow by a few MiB besides.
 SLACK_MIB = 16
 
@@ -32,7 +33,6 @@ def peak_rss_mib(pid: int) -> float:
     raise AssertionError("no VmHWM in /proc/PID/status")
 
 
-@ONE_VERSION
 @pytest.mark.parametrize("streaming", [True, False], ids=["streamed", "at-commit"])
 def test_one_huge_value_is_not_copied_past_libpq(source_db, dest_db, replicator, streaming):
     source_db.execute("create table doc (id int primary key, body text)")
@@ -59,7 +59,6 @@ def test_one_huge_value_is_not_copied_past_libpq(source_db, dest_db, replicator,
     assert "retrying after an error" not in r.current(), r.logs()
 
 
-@ONE_VERSION
 @pytest.mark.parametrize("streaming", [True, False], ids=["streamed", "at-commit"])
 def test_big_values_left_in_place_keep_their_rows_in_order(source_db, dest_db, replicator,
                                                            streaming):
