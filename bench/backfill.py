@@ -64,6 +64,7 @@ from psycopg import sql  # noqa: E402
 
 from replicator import backfill as backfill_mod  # noqa: E402
 from replicator import state  # noqa: E402
+from replicator.config import from_dsns  # noqa: E402
 from replicator.devtools import odoo, seed  # noqa: E402
 from replicator.devtools.localpg import DURABLE_SETTINGS  # noqa: E402
 from replicator.pipeline import Pipeline  # noqa: E402
@@ -352,7 +353,7 @@ class Bench(Servers):
 
     def config(self, **overrides: Any) -> Config:
         overrides.setdefault("slot", SLOT)
-        return Config.from_dsns(self.src_dsn, self.dst_dsn, PUBLICATION, **overrides)
+        return from_dsns(self.src_dsn, self.dst_dsn, PUBLICATION, **overrides)
 
     def drop_source_slots(self) -> None:
         with self.src.connect() as conn:

@@ -382,7 +382,8 @@ NO_OPTIONS = MappingOptions()
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
-    """Everything the replicator needs; build it with ``load_config`` or ``from_dsns``.
+    """Everything the replicator needs; build it with ``config.load_config`` or
+    ``config.from_dsns``.
 
     ``mappings`` maps "schema.table" on the source to "schema.table" on the destination, both
     always qualified. Empty means: every table of the publication, same name, in
@@ -418,16 +419,6 @@ class Config:
             return None
         dest_schema, dest_table = dest.split(".", 1)
         return (dest_schema, dest_table)
-
-    @classmethod
-    def from_dsns(
-        cls, source_dsn: str, dest_dsn: str, publication: str, **overrides: Any
-    ) -> Config:
-        """A Config from two connection strings (tests, the demo): see ``config.from_dsns``."""
-        # Building from text is the loader's job; imported here because config imports this.
-        from .config import from_dsns
-
-        return from_dsns(source_dsn, dest_dsn, publication, **overrides)
 
 
 def _normalise_mappings(

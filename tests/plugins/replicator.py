@@ -29,6 +29,7 @@ import pytest
 
 from plugins.servers import SOURCE_ROLE
 from replicator import failpoints
+from replicator.config import from_dsns
 from replicator.pipeline import Pipeline
 from replicator.settings import Config
 
@@ -148,7 +149,7 @@ def make_config(source_db: Any, dest_db: Any, **overrides: Any) -> Config:
     (`source_user="postgres"` overrides it)."""
     overrides.setdefault("flush_interval", 0.2)
     overrides.setdefault("source_user", SOURCE_ROLE)
-    return Config.from_dsns(source_db.dsn, dest_db.dsn, PUBLICATION, **overrides)
+    return from_dsns(source_db.dsn, dest_db.dsn, PUBLICATION, **overrides)
 
 
 def catch_up(source_db: Any, dest_db: Any, timeout: float = 120, **overrides: Any) -> Pipeline:

@@ -10,10 +10,9 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict
 
 from replicator import redact
-from replicator.config import load_config
+from replicator.config import from_dsns, load_config
 from replicator.errors import ConfigError, ErrorKind, ExitCode
 from replicator.settings import (
-    Config,
     DestinationSettings,
     LoggingSettings,
     MetricsSettings,
@@ -367,7 +366,7 @@ def test_a_missing_certificate_or_key_file_names_the_key_and_the_path(tmp_path):
     # libpq's keyword for the system's trust store is not a path.
     assert load_config(write(tmp_path, with_source('sslrootcert = "system"')), environ=ENV).source.sslrootcert == "system"
     with pytest.raises(ConfigError) as info:
-        Config.from_dsns("dbname=a sslrootcert=nowhere.pem", "dbname=b", "pub")
+        from_dsns("dbname=a sslrootcert=nowhere.pem", "dbname=b", "pub")
     assert info.value.message == "[source] sslrootcert: nowhere.pem does not exist"
     assert "relative to the working directory" in info.value.hint
 
@@ -464,7 +463,7 @@ def test_empty_password_is_left_to_libpq(tmp_path):
 
 
 def test_from_dsns():
-    config = Config.from_dsns(
+    config = from_dsns(
         "host=/tmp/pg port=5499 dbname=odoo user=odoo password='s3 cret'",
         "postgresql://postgres:p%40ss@localhost:5433/postgres?sslmode=disable",
         "pub",
@@ -490,7 +489,7 @@ def test_from_dsns():
 
 def test_from_dsns_rejects_unknown_override():
     with pytest.raises(ConfigError) as info:
-        Config.from_dsns("dbname=a", "dbname=b", "pub", bach_size=1)
+        from_dsns("dbname=a", "dbname=b", "pub", bach_size=1)
     assert info.value.message == "from_dsns: unknown setting 'bach_size'"
     assert "did you mean 'batch_size'" in info.value.hint
 

@@ -7,8 +7,8 @@ import os
 import pytest
 
 from replicator import backfill
+from replicator.config import from_dsns
 from replicator.errors import ConfigError
-from replicator.settings import Config
 
 DSNS = ("host=/tmp/pg dbname=odoo user=odoo", "host=/tmp/pg dbname=mirror user=postgres", "pub")
 
@@ -26,21 +26,21 @@ def test_usable_cpus_are_this_process_s():
 
 def test_unset_means_the_cpus_default(monkeypatch):
     monkeypatch.setattr(backfill, "usable_cpus", lambda: 8)
-    assert backfill.copy_workers(Config.from_dsns(*DSNS)) == 4
+    assert backfill.copy_workers(from_dsns(*DSNS)) == 4
     monkeypatch.setattr(backfill, "usable_cpus", lambda: 2)
-    assert backfill.copy_workers(Config.from_dsns(*DSNS)) == 1
+    assert backfill.copy_workers(from_dsns(*DSNS)) == 1
 
 
 def test_explicit_setting_wins_within_max_connections(monkeypatch):
     monkeypatch.setattr(backfill, "usable_cpus", lambda: 2)
-    assert backfill.copy_workers(Config.from_dsns(*DSNS, copy_workers=6)) == 6
+    assert backfill.copy_workers(from_dsns(*DSNS, copy_workers=6)) == 6
     # The catalog and replication connections need two of the source's connections.
-    assert backfill.copy_workers(Config.from_dsns(
+    assert backfill.copy_workers(from_dsns(
         *DSNS, copy_workers=6, source_max_connections=5)) == 3
     monkeypatch.setattr(backfill, "usable_cpus", lambda: 16)
-    assert backfill.copy_workers(Config.from_dsns(*DSNS, source_max_connections=3)) == 1
+    assert backfill.copy_workers(from_dsns(*DSNS, source_max_connections=3)) == 1
 
 
 def test_copy_workers_must_be_positive():
     with pytest.raises(ConfigError, match=r"\[destination\] copy_workers: must be >= 1"):
-        Config.from_dsns(*DSNS, copy_workers=0)
+        from_dsns(*DSNS, copy_workers=0)
