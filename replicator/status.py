@@ -20,6 +20,7 @@ from psycopg import sql
 
 from . import catalog, lease, state
 from .classify import classify
+from .errors import ErrorKind, ReplicatorError
 from .lsn import format_lsn, parse_lsn
 from .settings import Config
 
@@ -94,13 +95,22 @@ def collect(config: Config, max_lag_seconds: float) -> Status:
         except psycopg.Error as exc:
             raise classify(exc, settings=dst) from None
         with dest:
-            has_state = state.exists(dest, dst.state_schema)
-            row = state.pipeline_row(dest, dst.state_schema, slot) if has_state else None
-            synced = state.table_sync(dest, dst.state_schema, slot) if has_state else {}
-            dead = state.dead_letter_count(dest, dst.state_schema, slot) if has_state else 0
-            pending = _indexes_pending(dest, dst.state_schema, slot) if has_state else []
-            who = lease.writers(dest, dst.state_schema, slot) if has_state else \
-                lease.Writers(None, "none", None, None, None)
+            try:
+                has_state = state.exists(dest, dst.state_schema)
+                row = state.pipeline_row(dest, dst.state_schema, slot) if has_state else None
+                synced = state.table_sync(dest, dst.state_schema, slot) if has_state else {}
+                dead = state.dead_letter_count(dest, dst.state_schema, slot) if has_state else 0
+                pending = _indexes_pending(dest, dst.state_schema, slot) if has_state else []
+                who = lease.writers(dest, dst.state_schema, slot) if has_state else \
+                    lease.Writers(None, "none", None, None, None)
+            except psycopg.errors.LockNotAvailable:
+                # Only a migration takes more than a row lock there: not worth waiting for.
+                raise ReplicatorError(
+                    ErrorKind.DESTINATION_CONNECT,
+                    f"[destination] the replicator's state (schema {dst.state_schema!r}) is "
+                    "locked, and status does not wait for a lock",
+                    "a replicator starting a newer version is upgrading it: try again in a "
+                    "few seconds") from None
             names = [n for n, (st, _l, _m) in synced.items() if st != state.REMOVED]
             estimates = catalog.table_estimates(source, names)
             tables = [_table(dest, name, synced[name][2], synced[name][0], estimates.get(name))
