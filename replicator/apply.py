@@ -927,13 +927,11 @@ class Applier:
 
     def connect(self) -> psycopg.Connection:
         try:
-            # prepare_threshold=None: a transaction-mode pooler hands every
-            # transaction to any server connection, prepared statements break.
-            # Watched: a dead connection is noticed long before stall_timeout (watchdog.py).
+            # Watched: a dead connection is noticed long before stall_timeout (watchdog.py);
+            # never prepared, as no connection deadline.connect makes is (a pooler).
             self.conn = watchdog.connect(
                 self._conninfo, self.limits.answer_timeout if self.limits else None,
-                side="destination", setting="[destination] stall_timeout",
-                autocommit=True, prepare_threshold=None)
+                side="destination", setting="[destination] stall_timeout", autocommit=True)
         except psycopg.OperationalError as exc:
             raise ReplicatorError(
                 ErrorKind.DESTINATION_CONNECT, f"cannot connect to the destination: {exc}",

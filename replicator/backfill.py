@@ -166,8 +166,7 @@ class Backfill:
         dst = cfg.destination
         with psycopg.connect(cfg.source.conninfo(), autocommit=True,
                              prepare_threshold=None) as catalog, \
-                watchdog.connect(dst.conninfo(), autocommit=True,
-                                 prepare_threshold=None) as dest:
+                watchdog.connect(dst.conninfo(), autocommit=True) as dest:
             exporter = ReplicationConnection(cfg.source.conninfo(replication="database"))
             exporter.connect()
             try:
@@ -336,8 +335,7 @@ class Backfill:
                 int(me.get_value(0, 0) or 0), int(me.get_value(0, 1) or 0))
             watchdog.watch(pulled, cfg.source.conninfo(), "source")
             # Watched (watchdog.py): no deadline bounds a copy, a dead connection is shut.
-            dest = watchdog.connect(cfg.destination.conninfo(), autocommit=True,
-                                    prepare_threshold=None)
+            dest = watchdog.connect(cfg.destination.conninfo(), autocommit=True)
             while not self.stop.is_set() and not self._errors:
                 try:
                     task = self._tasks.get(timeout=0.2)

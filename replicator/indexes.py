@@ -134,8 +134,7 @@ class IndexBuilder:
         while not self._stop.is_set():
             try:
                 # Watched (watchdog.py): no deadline bounds a build, a dead connection is shut.
-                with watchdog.connect(self.dest.conninfo(), autocommit=True,
-                                      prepare_threshold=None) as conn:
+                with watchdog.connect(self.dest.conninfo(), autocommit=True) as conn:
                     while not self._stop.is_set():
                         if not self._build_next(conn):
                             self._stop.wait(POLL_INTERVAL)

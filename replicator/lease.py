@@ -315,7 +315,7 @@ class Lease:
                 if conn is None or conn.closed:
                     conn = deadline.connect(self.conninfo, max(1.0, interval), side="destination",
                                             setting="[destination] lease_timeout",
-                                            autocommit=True, prepare_threshold=None,
+                                            autocommit=True,
                                             connect_timeout=max(2, int(interval)))
                 row = conn.execute(sql.SQL(
                     "update {} set renewed_at = now(), "
@@ -373,7 +373,7 @@ class Lease:
             # Bounded: a stop must not wait on a destination that stopped answering.
             conn = conn_factory() if conn_factory else deadline.connect(
                 self.conninfo, RELEASE_TIMEOUT, side="destination", autocommit=True,
-                prepare_threshold=None, connect_timeout=int(RELEASE_TIMEOUT))
+                connect_timeout=int(RELEASE_TIMEOUT))
             with conn:
                 conn.execute(sql.SQL(
                     "update {} set expires_at = now(), released_at = now() "

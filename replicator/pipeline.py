@@ -166,7 +166,7 @@ class Pipeline:
         try:
             conn = deadline.connect(dst.conninfo(), deadline.BatchLimits.of(dst).answer_timeout,
                                     side="destination", setting="[destination] stall_timeout",
-                                    autocommit=True, prepare_threshold=None)
+                                    autocommit=True)
         except psycopg.OperationalError as exc:
             raise classify_connect(exc, dst.conninfo(), settings=dst) from exc
         with conn:

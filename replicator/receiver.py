@@ -736,8 +736,7 @@ class Receiver:
                 # Watched: a dead connection is shut in seconds, not stall_timeout (watchdog.py).
                 self.poll_conn = watchdog.connect(
                     dst.conninfo(), deadline.BatchLimits.of(dst).answer_timeout, side="destination",
-                    setting="[destination] stall_timeout", autocommit=True,
-                    prepare_threshold=None)  # polled every few seconds through any pooler
+                    setting="[destination] stall_timeout", autocommit=True)
             except psycopg.OperationalError as exc:
                 raise classify_connect(exc, dst.conninfo(), settings=dst) from exc
         return self.poll_conn

@@ -14,6 +14,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from collections.abc import Callable
 
 import psycopg
 import pytest
@@ -119,19 +120,13 @@ LIVE_POINTS = [
 def test_kill_in_a_live_resync(point, proc, source_db, dest_db):
     setup_tables(source_db)
     until_caught_up(proc)
-    writer = Writer(source_db)
-    writer.start()
-    try:
-        proc.start(env={failpoints.ENV: f"{point}=kill"})
+
+    def resync_b() -> None:
         wait_for(lambda: '"msg":"streaming"' in proc.current(), 60, "streaming", proc)
         dest_db.execute("update replicator.tables set state = 'pending' "
                         "where source_table = 'public.b'")
-        code = proc.wait_exit(90)
-        assert code == -signal.SIGKILL, f"exit {code}, not killed at {point}\n{proc.logs()}"
-        assert f'"failpoint":"{point}"' in proc.current()
-        finish_and_compare(proc, writer, source_db, dest_db)
-    finally:
-        writer.stop()
+
+    killed_at_under_writes(point, proc, source_db, dest_db, started=resync_b)
 
 
 STARTUP_POINTS = [
@@ -169,12 +164,16 @@ def test_sigterm_during_a_live_resync_keeps_the_changes_made_during_the_copy(
     assert state_of(dest_db, "b") == "streaming"
 
 
-def killed_at_under_writes(point: str, proc: ReplicatorProcess, source_db, dest_db) -> None:
-    """Start a run that dies at ``point`` while a writer writes, then recover and compare."""
+def killed_at_under_writes(point: str, proc: ReplicatorProcess, source_db, dest_db,
+                           started: Callable[[], None] | None = None) -> None:
+    """Start a run that dies at ``point`` while a writer writes, then recover and compare.
+    ``started``: what to do once the run is started (ask for the resync that reaches it)."""
     writer = Writer(source_db)
     writer.start()
     try:
         proc.start(env={failpoints.ENV: f"{point}=kill"})
+        if started is not None:
+            started()
         code = proc.wait_exit(90)
         assert code == -signal.SIGKILL, f"exit {code}, not killed at {point}\n{proc.logs()}"
         assert f'"failpoint":"{point}"' in proc.current()

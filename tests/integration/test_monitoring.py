@@ -25,6 +25,7 @@ from pathlib import Path
 
 import promql
 import pytest
+from plugins.faults import scrape
 from plugins.replicator import PUBLICATION, STATE_SCHEMA, running, wait_for
 
 from replicator.devtools.localpg import free_port
@@ -157,15 +158,6 @@ def test_promtool_unit_tests_pass_and_fail_when_an_alert_breaks(tmp_path):
 def http_json(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=5) as resp:
         return json.loads(resp.read())
-
-
-def scrape(port: int) -> str:
-    """The replicator's /metrics page ("" while it does not listen yet)."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-            return resp.read().decode()
-    except OSError:
-        return ""
 
 
 def prometheus_config(tmp_path: Path, target_port: int) -> Path:

@@ -38,11 +38,16 @@ def wait_slot_released(source_db) -> None:
         timeout=30, what="the slot to be released")
 
 
-def test_status_text_json_running_stopped_and_dropped_slot(source_db, dest_db, tmp_path, capsys):
+def forty_rows(source_db, dest_db, tmp_path):
+    """Table t with 40 rows, published; the config of a pipeline never run."""
     source_db.execute("create table t (id int primary key, v text)")
     source_db.execute("insert into t select g, 'x' from generate_series(1, 40) g")
     source_db.execute(f"create publication {PUBLICATION} for table t")
-    config = write_config(tmp_path, source_db, dest_db)
+    return write_config(tmp_path, source_db, dest_db)
+
+
+def test_status_text_json_running_stopped_and_dropped_slot(source_db, dest_db, tmp_path, capsys):
+    config = forty_rows(source_db, dest_db, tmp_path)
 
     # Never run: nothing synced, so nothing is wrong yet.
     code, out, _ = status(capsys, config, "--json")
@@ -127,10 +132,7 @@ def _status_in_thread(config, *extra: str, timeout: float = 30) -> tuple[int, st
 
 
 def test_status_waits_for_no_lock_and_writes_nothing(source_db, dest_db, tmp_path, capsys):
-    source_db.execute("create table t (id int primary key, v text)")
-    source_db.execute("insert into t select g, 'x' from generate_series(1, 40) g")
-    source_db.execute(f"create publication {PUBLICATION} for table t")
-    config = write_config(tmp_path, source_db, dest_db)
+    config = forty_rows(source_db, dest_db, tmp_path)
     # Never run: status creates nothing (no state schema, no table).
     code, _out, _ = status(capsys, config, "--json")
     assert code == 0

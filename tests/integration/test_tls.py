@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from plugins.faults import scrape
 from plugins.replicator import (
     PASSWORD,
     PASSWORD_VAR,
@@ -197,7 +197,7 @@ def test_verify_full_replicates_over_tls_with_a_client_certificate(tls_server, t
         assert_same(src, dst, "t")
         # The metrics' own connections (the slot monitor, on both sides) go through TLS
         # too: the server refuses any other (hostssl only).
-        wait_for(lambda: 'etl_slot_wal_status{wal_status="reserved"} 1.0' in _scrape(port), 30,
+        wait_for(lambda: 'etl_slot_wal_status{wal_status="reserved"} 1.0' in scrape(port), 30,
                  "the slot monitor to read the source's slot")
         time.sleep(1.5)     # three polls of the destination's dead letters
         assert "metrics monitor: query failed" not in process.current(), process.logs()
@@ -225,14 +225,6 @@ def test_verify_full_replicates_over_tls_with_a_client_certificate(tls_server, t
         process.stop()
     out, err = process.output()
     assert PASSWORD not in out + err
-
-
-def _scrape(port: int) -> str:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-            return resp.read().decode()
-    except OSError:
-        return ""
 
 
 def _certs(workdir: Path) -> Path:

@@ -111,6 +111,15 @@ def seed_source(source_db, scale: float, seed: int = 42) -> dict[str, int]:
     return seed_rows(source_db.dsn, scale=scale, seed=seed, publication=PUBLICATION)
 
 
+def scrape(port: int) -> str:
+    """The replicator's /metrics page ("" while it does not listen yet)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            return resp.read().decode()
+    except OSError:
+        return ""
+
+
 def http_status(port: int, path: str = "/health", timeout: float = 2) -> int:
     """The status code of GET ``path`` on the metrics server; 0 if nothing answers."""
     try:
