@@ -3,7 +3,8 @@ from setuptools import Extension, setup
 
 extensions = [
     Extension("replicator._decode", ["replicator/_decode.pyx"], extra_compile_args=["-O2"]),
-    Extension("replicator._pipe", ["replicator/_pipe.pyx"], extra_compile_args=["-O2"]),
+    Extension("replicator.pipeline._pipe", ["replicator/pipeline/_pipe.pyx"],
+              extra_compile_args=["-O2"]),
 ]
 
 setup(

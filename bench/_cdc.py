@@ -22,8 +22,8 @@ from _common import (
 from _replicator import ReplicatorChild
 from psycopg import sql
 
+from replicator.config.settings import DestinationSettings
 from replicator.devtools import odoo, seed
-from replicator.settings import DestinationSettings
 
 PG_VERSION = 15
 MARKER = "bench_marker"

@@ -25,7 +25,7 @@ account_move_line is published.
 `--tune` adds an experiment: the replicator's copy phase alone (Backfill.run with
 its primary key replaced by a no-op, then built and timed on its own) for each
 worker count in `--tune-workers` (set on the Backfill after construction) and each
-`replicator.backfill.PAGES_PER_RANGE` in `--tune-pages` (0: never split),
+`replicator.pipeline.backfill.PAGES_PER_RANGE` in `--tune-pages` (0: never split),
 interleaved over `--tune-repeat` rounds.
 
 Each timed run also reports the CPU seconds of the source cluster, the
@@ -62,14 +62,14 @@ if str(ROOT) not in sys.path:
 import psycopg  # noqa: E402
 from psycopg import sql  # noqa: E402
 
-from replicator import backfill as backfill_mod  # noqa: E402
-from replicator import state  # noqa: E402
-from replicator.config import from_dsns  # noqa: E402
+from replicator.config.load import from_dsns  # noqa: E402
+from replicator.config.settings import Config  # noqa: E402
+from replicator.destination import state  # noqa: E402
 from replicator.devtools import odoo, seed  # noqa: E402
 from replicator.devtools.localpg import DURABLE_SETTINGS  # noqa: E402
-from replicator.pipeline import Pipeline  # noqa: E402
+from replicator.pipeline import backfill as backfill_mod  # noqa: E402
+from replicator.pipeline.supervisor import Pipeline  # noqa: E402
 from replicator.schema import MirrorTable, read_table  # noqa: E402
-from replicator.settings import Config  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
@@ -113,12 +113,12 @@ class PhaseTimer:
 
     # (module, class, method, phase name)
     TARGETS = [
-        ("replicator.source", "ReplicationConnection", "create_slot", "create_slot"),
-        ("replicator.backfill", "Backfill", "run", "backfill"),
-        ("replicator.backfill", "Backfill", "_plan", "plan"),
-        ("replicator.backfill", "Backfill", "_copy", "copy"),
+        ("replicator.source.connection", "ReplicationConnection", "create_slot", "create_slot"),
+        ("replicator.pipeline.backfill", "Backfill", "run", "backfill"),
+        ("replicator.pipeline.backfill", "Backfill", "_plan", "plan"),
+        ("replicator.pipeline.backfill", "Backfill", "_copy", "copy"),
         # older replicators built the indexes after _copy, in _finish
-        ("replicator.backfill", "Backfill", "_finish", "finish"),
+        ("replicator.pipeline.backfill", "Backfill", "_finish", "finish"),
     ]
 
     def __init__(self) -> None:

@@ -67,9 +67,9 @@ from _common import clean_env, machine_info, median, median_cpu, say  # noqa: E4
 from _replicator import ReplicatorChild, parse_settings  # noqa: E402
 from psycopg import sql  # noqa: E402
 
+from replicator.config.settings import SourceSettings  # noqa: E402
 from replicator.devtools import odoo  # noqa: E402
-from replicator.settings import SourceSettings  # noqa: E402
-from replicator.source import protocol_for  # noqa: E402
+from replicator.source.connection import protocol_for  # noqa: E402
 
 TABLE = "account_move_line"
 FLOOR_SLOT = "bench_floor"

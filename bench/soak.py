@@ -44,11 +44,11 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from replicator.config.settings import APPLICATION_NAME  # noqa: E402
 from replicator.devtools.demo import compare  # noqa: E402
 from replicator.devtools.localpg import DURABLE_SETTINGS, LocalCluster, free_port  # noqa: E402
 from replicator.devtools.seed import seed  # noqa: E402
 from replicator.devtools.workload import workload  # noqa: E402
-from replicator.settings import APPLICATION_NAME  # noqa: E402
 
 PUBLICATION = "odoo_pub_soak"
 

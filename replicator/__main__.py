@@ -1,5 +1,5 @@
 """``python -m replicator``: the same as the ``replicator`` console script."""
 
-from .cli import main
+from .commands.cli import main
 
 raise SystemExit(main())

@@ -27,12 +27,12 @@ from psycopg.abc import PQGen
 from psycopg.errors import _WaitTimeout
 from psycopg.rows import TupleRow
 
+from .config.settings import DestinationSettings
 from .errors import ErrorKind, ReplicatorError
 from .lsn import format_lsn
-from .settings import DestinationSettings
 
 if TYPE_CHECKING:  # lease.py imports this module
-    from .lease import Fence
+    from .destination.lease import Fence
 
 __all__ = ["STALL_GRACE", "BatchLimits", "Connection", "NoAnswer", "Waits", "connect", "shut",
            "shut_all", "shut_pgconn", "timed_out"]

@@ -15,7 +15,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from .redact import redact
+from .config.redact import redact
 
 __all__ = [
     "ConfigError",

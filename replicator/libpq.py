@@ -1,4 +1,4 @@
-"""Addresses of libpq functions for the compiled loops (replicator._decode, replicator._pipe).
+"""Addresses of libpq functions for the compiled loops (`_decode`, `pipeline._pipe`).
 
 They are taken from the libpq psycopg itself loaded, through its ctypes handle: the
 PGconn pointers psycopg hands out are only meaningful to that library, so the C

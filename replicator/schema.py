@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
-from . import catalog
+from .config.settings import NO_OPTIONS, MappingOptions
 from .errors import ErrorKind, ReplicatorError
-from .settings import NO_OPTIONS, MappingOptions
+from .source import catalog
 
 log = logging.getLogger(__name__)
 

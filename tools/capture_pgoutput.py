@@ -43,7 +43,7 @@ from replicator.devtools.localpg import LocalCluster  # noqa: E402
 from replicator.devtools.odoo import column_names  # noqa: E402
 from replicator.devtools.seed import seed  # noqa: E402
 from replicator.devtools.workload import workload as odoo_load  # noqa: E402
-from replicator.source import protocol_for  # noqa: E402
+from replicator.source.connection import protocol_for  # noqa: E402
 
 DATA_DIR = REPO_ROOT / "tests" / "unit" / "data"
 BENCH_DATA_DIR = REPO_ROOT / "bench" / "data"

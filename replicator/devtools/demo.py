@@ -21,11 +21,11 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from .. import init, status, verify
-from ..config import load_config
-from ..logs import setup_logging
-from ..pipeline import Pipeline
-from ..settings import LoggingSettings
+from ..commands import init, status, verify
+from ..config.load import load_config
+from ..config.settings import LoggingSettings
+from ..pipeline.supervisor import Pipeline
+from ..telemetry.logs import setup_logging
 from .localpg import LocalCluster, available_versions, free_port
 from .odoo import TABLE_NAMES
 from .seed import seed

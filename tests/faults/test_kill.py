@@ -404,7 +404,7 @@ def test_second_signal_exits_at_once(source_db, dest_db, replicator):
     """A first SIGTERM waits for the batch in flight; a second one does not: the process
     exits 130 at once, before the first signal's own deadline (SHUT_AFTER) could end it, and
     the batch it dropped is neither applied nor confirmed, so the next run applies it."""
-    from replicator.pipeline import SHUT_AFTER
+    from replicator.pipeline.supervisor import SHUT_AFTER
 
     source_db.execute("create table t (id int primary key, v text)")
     source_db.execute("insert into t values (1, 'a')")

@@ -21,7 +21,7 @@ from plugins.servers import SOURCE_VERSIONS, _fresh_database, _start_cluster, gr
 
 from replicator.devtools.localpg import LocalCluster
 from replicator.errors import ExitCode
-from replicator.metrics import SLOT_WAL_STATUS, Metrics, SlotMonitor
+from replicator.telemetry.metrics import SLOT_WAL_STATUS, Metrics, SlotMonitor
 
 ROWS = 200
 
@@ -137,7 +137,7 @@ def test_a_missing_slot_with_copied_tables_is_refused_even_before_any_batch(
 
 def test_slot_query_reads_the_invalidation_on_every_version(source_db):
     """invalidation_reason is a column from 17 on; the one query must work before it too."""
-    from replicator.catalog import replication_slot
+    from replicator.source.catalog import replication_slot
 
     with psycopg.connect(source_db.dsn, autocommit=True) as conn:
         conn.execute("select pg_create_logical_replication_slot('probe', 'pgoutput')")

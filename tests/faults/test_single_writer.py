@@ -1,5 +1,5 @@
 """One writer per pipeline: two processes of the same config, as a rolling update or a
-second container makes them, never both write (replicator/lease.py).
+second container makes them, never both write (replicator/destination/lease.py).
 
 Two `run` processes started at once on an empty mirror used to copy at the same time and
 lose rows for good. Now one holds the lease and the other waits as a standby, says so, and

@@ -20,8 +20,10 @@ from plugins.replicator import (
 )
 from zoo import setup_zoo, zoo_rows
 
-from replicator import failpoints, state, status
-from replicator.cli import main as cli_main
+from replicator import failpoints
+from replicator.commands import status
+from replicator.commands.cli import main as cli_main
+from replicator.destination import state
 from replicator.devtools.odoo import TABLE_NAMES
 from replicator.devtools.seed import seed
 from replicator.devtools.workload import workload
@@ -166,7 +168,7 @@ def test_changes_during_the_copy_end_up_right(source_db, dest_db):
 
 
 def test_large_table_is_split_into_ctid_ranges(source_db, dest_db, monkeypatch):
-    from replicator import backfill
+    from replicator.pipeline import backfill
 
     monkeypatch.setattr(backfill, "PAGES_PER_RANGE", 16)
     source_db.execute("create table big (id int primary key, pad text)")

@@ -30,7 +30,7 @@ from psycopg import sql
 
 from replicator.devtools.localpg import LocalCluster
 from replicator.errors import ExitCode, ReplicatorError
-from replicator.preflight import check_server_version
+from replicator.pipeline.preflight import check_server_version
 
 # What this module tests does not depend on the source's version (tests/plugins/servers.py).
 pytestmark = ONE_VERSION

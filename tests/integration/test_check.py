@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from plugins.replicator import PUBLICATION, write_config
 
-from replicator.cli import main
+from replicator.commands.cli import main
 
 
 def test_check_reports_tables_and_changes_nothing(source_db, dest_db, tmp_path, capsys):

@@ -28,15 +28,15 @@ from plugins.replicator import (
 )
 from plugins.servers import ONE_VERSION
 
-from replicator import dead_letters, state
 from replicator._decode import Decoder
-from replicator.apply import Applier
 from replicator.batch import Batch
-from replicator.cli import main
+from replicator.commands.cli import main
+from replicator.config.settings import MetricsSettings
+from replicator.destination import dead_letters, state
+from replicator.destination.applier import Applier
 from replicator.devtools.localpg import free_port
 from replicator.errors import ErrorKind, ReplicatorError
 from replicator.schema import Column, MirrorTable, SourceTable
-from replicator.settings import MetricsSettings
 
 # What this module tests does not depend on the source's version (tests/plugins/servers.py).
 pytestmark = ONE_VERSION

@@ -37,9 +37,9 @@ from plugins.replicator import (
 from plugins.servers import ONE_VERSION
 
 from replicator import failpoints
+from replicator.commands.init import init
 from replicator.devtools.odoo import TABLE_NAMES, TABLES, create_table_statement
 from replicator.devtools.seed import seed
-from replicator.init import init
 
 # What this module tests does not depend on the source's version (tests/plugins/servers.py).
 # Every test here goes through pgbouncer; a neighbour shares the pool (pool_neighbour).

@@ -17,7 +17,8 @@ from plugins.replicator import (
     wait_same,
 )
 
-from replicator import failpoints, state
+from replicator import failpoints
+from replicator.destination import state
 
 
 def resync(dest_db, table: str = "t") -> None:

@@ -14,11 +14,11 @@ from hypothesis import strategies as st
 from pgwire import UNCHANGED as U
 from pgwire import begin, commit, delete, insert, int4, truncate, update
 
-from replicator import apply as apply_module
-from replicator import state
 from replicator._decode import Decoder
-from replicator.apply import Applier
 from replicator.batch import Batch, Truncate
+from replicator.destination import applier as apply_module
+from replicator.destination import state
+from replicator.destination.applier import Applier
 from replicator.errors import ReplicatorError
 from replicator.schema import Column, MirrorTable, SourceTable
 

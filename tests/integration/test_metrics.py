@@ -11,8 +11,8 @@ import orjson
 from plugins.replicator import PUBLICATION, running
 from plugins.servers import ONE_VERSION
 
+from replicator.config.settings import MetricsSettings
 from replicator.devtools.localpg import free_port
-from replicator.settings import MetricsSettings
 
 # What this module tests does not depend on the source's version (tests/plugins/servers.py).
 pytestmark = ONE_VERSION

@@ -13,9 +13,9 @@ import urllib.request
 
 import pytest
 
-from replicator import metrics
 from replicator.errors import ReplicatorError
-from replicator.metrics import Metrics, MetricsServer
+from replicator.telemetry import metrics
+from replicator.telemetry.metrics import Metrics, MetricsServer
 
 
 def reachable(host: str, port: int) -> bool:

@@ -28,8 +28,8 @@ import pytest
 from plugins.faults import scrape
 from plugins.replicator import PUBLICATION, STATE_SCHEMA, running, wait_for
 
+from replicator.config.settings import MetricsSettings
 from replicator.devtools.localpg import free_port
-from replicator.settings import MetricsSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 MONITORING = ROOT / "monitoring"

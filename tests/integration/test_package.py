@@ -35,10 +35,10 @@ def run(*args: str | Path, cwd: Path, timeout: float) -> subprocess.CompletedPro
 
 
 PROBE = """
-import importlib.resources, json, replicator, replicator._decode, replicator._pipe
+import importlib.resources, json, replicator, replicator._decode, replicator.pipeline._pipe
 sql = importlib.resources.files("replicator") / "sql" / "state"
 print(json.dumps({"package": replicator.__file__, "decode": replicator._decode.__file__,
-                  "pipe": replicator._pipe.__file__,
+                  "pipe": replicator.pipeline._pipe.__file__,
                   "migrations": sorted(p.name for p in sql.iterdir() if p.name.endswith(".sql"))}))
 """
 

@@ -7,7 +7,7 @@ from plugins.replicator import PUBLICATION, assert_same, catch_up, make_config, 
 from zoo import setup_zoo, zoo_rows
 
 from replicator.errors import ErrorKind, ReplicatorError
-from replicator.pipeline import Pipeline
+from replicator.pipeline.supervisor import Pipeline
 
 
 def test_every_type_round_trips(source_db, dest_db):

@@ -19,7 +19,7 @@ from plugins.replicator import (
     wait_for,
 )
 
-from replicator import state
+from replicator.destination import state
 from replicator.errors import ReplicatorError, RetryPolicy
 
 

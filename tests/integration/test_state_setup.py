@@ -12,7 +12,7 @@ import threading
 import psycopg
 import pytest
 
-from replicator import state
+from replicator.destination import state
 
 STATE_TABLES = {"pipelines", "tables", "columns", "dead_letters", "schema_migrations",
                 "index_builds", "leases"}

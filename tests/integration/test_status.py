@@ -18,7 +18,7 @@ from plugins.replicator import (
 from plugins.servers import ONE_VERSION
 from psycopg import sql
 
-from replicator.cli import main
+from replicator.commands.cli import main
 
 # What this module tests does not depend on the source's version (tests/plugins/servers.py).
 pytestmark = ONE_VERSION

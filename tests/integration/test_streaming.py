@@ -21,9 +21,10 @@ import pytest
 from plugins.replicator import PUBLICATION, assert_same, catch_up, running, table_rows, wait_for
 from zoo import setup_zoo, zoo_rows
 
-from replicator import dead_letters, failpoints
-from replicator.receiver import Receiver
-from replicator.stream_apply import MAX_SAVEPOINTS
+from replicator import failpoints
+from replicator.destination import dead_letters
+from replicator.pipeline.receiver import Receiver
+from replicator.pipeline.stream_apply import MAX_SAVEPOINTS
 
 STREAMING = {"logical_decoding_work_mem": "64kB"}
 

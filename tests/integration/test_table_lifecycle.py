@@ -19,9 +19,10 @@ from plugins.replicator import (
     wait_for,
 )
 
-from replicator import failpoints, state
-from replicator.apply import Applier
+from replicator import failpoints
 from replicator.batch import Batch
+from replicator.destination import state
+from replicator.destination.applier import Applier
 
 
 def two_tables(source_db, rows: int = 2000) -> None:
@@ -245,7 +246,7 @@ def test_a_session_ends_only_after_the_batch_in_flight(dest_db):
     # could still be running on it (and commit after the next session read the position).
     import threading
 
-    from replicator.pipeline import _stop_applier
+    from replicator.pipeline.supervisor import _stop_applier
 
     applier = Applier(dest_db.dsn, "replicator", PUBLICATION)
     applier.connect()

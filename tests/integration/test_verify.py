@@ -20,7 +20,7 @@ from plugins.replicator import (
     write_config,
 )
 
-from replicator.cli import main
+from replicator.commands.cli import main
 
 
 def verify(capsys: Any, config: Any, *extra: str) -> tuple[int, str, str]:
@@ -319,9 +319,9 @@ def test_running_pipeline_idle_source_mirror_passes_a_position_past_the_wal_end(
     """A snapshot's position can lie just past the last record (at a page boundary, after the
     page header): with the source idle, verify writes the WAL record that carries the
     applied position past it instead of waiting for the source's next write."""
-    from replicator.config import load_config
+    from replicator.commands.verify import Verifier
+    from replicator.config.load import load_config
     from replicator.lsn import parse_lsn
-    from replicator.verify import Verifier
 
     source_db.execute("create table w (id int primary key, v int, s text)")
     source_db.execute(f"create publication {PUBLICATION} for table w")
@@ -364,8 +364,8 @@ def test_a_locked_mirror_table_is_skipped_as_busy_not_waited_for(source_db, dest
 @pytest.mark.parametrize("source_cluster", [15], indirect=True)   # one version: time
 def test_repair_leaves_a_key_alone_that_changed_since_it_was_verified(source_db, dest_db,
                                                                       tmp_path, capsys):
-    from replicator.config import load_config
-    from replicator.verify import Verifier
+    from replicator.commands.verify import Verifier
+    from replicator.config.load import load_config
 
     source_db.execute("create table t (id int primary key, v text)")
     source_db.execute("insert into t select g, 'v' from generate_series(1, 100) g")

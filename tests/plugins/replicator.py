@@ -29,9 +29,9 @@ import pytest
 
 from plugins.servers import SOURCE_ROLE
 from replicator import failpoints
-from replicator.config import from_dsns
-from replicator.pipeline import Pipeline
-from replicator.settings import Config
+from replicator.config.load import from_dsns
+from replicator.config.settings import Config
+from replicator.pipeline.supervisor import Pipeline
 
 PUBLICATION = "odoo_pub"
 MIRROR_SCHEMA = "odoo_mirror"

@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from replicator import redact
+from replicator.config import redact
 
 
 @pytest.fixture(autouse=True)

@@ -14,10 +14,10 @@ import psycopg
 import pytest
 
 from replicator.classify import classify
-from replicator.cli import main
-from replicator.config import load_config
+from replicator.commands.cli import main
+from replicator.config.load import load_config
+from replicator.config.settings import Config
 from replicator.errors import ConfigError, ErrorKind, ExitCode, ReplicatorError
-from replicator.settings import Config
 
 CONFIG = """\
 [source]
@@ -117,8 +117,12 @@ def test_the_data_path_does_not_import_the_dev_tooling():
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     code = (
         "import sys\n"
-        "from replicator import (apply, backfill, batch, catalog, cli, config, handoff, pipeline,\n"
-        "    preflight, receiver, schema, source, state)\n"
+        "from replicator import batch, schema\n"
+        "from replicator.commands import cli\n"
+        "from replicator.config import load\n"
+        "from replicator.destination import applier, state\n"
+        "from replicator.pipeline import backfill, handoff, preflight, receiver, supervisor\n"
+        "from replicator.source import catalog, connection\n"
         "try:\n"
         "    cli.main(['run', '--help'])\n"
         "except SystemExit:\n"
@@ -134,7 +138,7 @@ def test_the_data_path_does_not_import_the_dev_tooling():
 
 
 def test_check_prints_summary_without_secrets(config_path, monkeypatch, capsys):
-    fake_module(monkeypatch, "replicator.preflight")  # no check() yet
+    fake_module(monkeypatch, "replicator.pipeline.preflight")  # no check() yet
     assert main(["check", "--config", str(config_path)]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"config OK: {config_path}\n")
@@ -177,7 +181,7 @@ def test_check_warns_about_tls_that_does_not_verify_a_remote_server(
         source, destination, pgsslmode, expected, tmp_path, monkeypatch, capsys):
     """The default stays libpq's (prefer): `check` says, in one line per side, when a server
     across a network is not verified, and what to set. Nothing else changes."""
-    fake_module(monkeypatch, "replicator.preflight")
+    fake_module(monkeypatch, "replicator.pipeline.preflight")
     monkeypatch.setenv("ODOO_DB_PASSWORD", SOURCE_PW)
     monkeypatch.setenv("SUPABASE_DB_PASSWORD", DEST_PW)
     monkeypatch.delenv("PGHOST", raising=False)
@@ -207,18 +211,18 @@ def test_check_calls_runtime_check_when_it_exists(config_path, monkeypatch, caps
         seen.append(config)
         return 3
 
-    fake_module(monkeypatch, "replicator.preflight", check=check)
+    fake_module(monkeypatch, "replicator.pipeline.preflight", check=check)
     assert main(["check", "-c", str(config_path)]) == 3
     assert seen[0].source.publication == "odoo_pub_scout"
 
 
 def test_check_works_before_runtime_exists(config_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "replicator.preflight", None)  # import fails: not written yet
+    monkeypatch.setitem(sys.modules, "replicator.pipeline.preflight", None)  # import fails: not written yet
     assert main(["check", "-c", str(config_path)]) == 0
 
 
 def test_config_from_environment_variable(config_path, monkeypatch, capsys):
-    fake_module(monkeypatch, "replicator.preflight")
+    fake_module(monkeypatch, "replicator.pipeline.preflight")
     monkeypatch.setenv("REPLICATOR_CONFIG", str(config_path))
     assert main(["check"]) == 0
 
@@ -233,7 +237,7 @@ def test_run_passes_config_and_flag_to_runtime(config_path, monkeypatch, capsys)
         calls.append((config, until_caught_up))
         return 0
 
-    fake_module(monkeypatch, "replicator.pipeline", run=run)
+    fake_module(monkeypatch, "replicator.pipeline.supervisor", run=run)
     assert main(["run", "--config", str(config_path), "--until-caught-up"]) == 0
     assert main(["run", "--config", str(config_path)]) == 0
     (first, flag1), (_, flag2) = calls
@@ -246,10 +250,10 @@ def test_run_passes_config_and_flag_to_runtime(config_path, monkeypatch, capsys)
 
 def test_run_log_level_override(config_path, monkeypatch, capsys):
     def run(config, *, until_caught_up):
-        logging.getLogger("replicator.pipeline").debug("debug visible")
+        logging.getLogger("replicator.pipeline.supervisor").debug("debug visible")
         return 0
 
-    fake_module(monkeypatch, "replicator.pipeline", run=run)
+    fake_module(monkeypatch, "replicator.pipeline.supervisor", run=run)
     assert main(["run", "-c", str(config_path), "--log-level", "debug"]) == 0
     assert "debug visible" in capsys.readouterr().out
 
@@ -282,7 +286,7 @@ def test_replicator_error_from_runtime_uses_its_exit_code_and_is_redacted(config
             f"the password {SOURCE_PW} was refused",
         )
 
-    fake_module(monkeypatch, "replicator.pipeline", run=run)
+    fake_module(monkeypatch, "replicator.pipeline.supervisor", run=run)
     assert main(["run", "-c", str(config_path)]) == ExitCode.UNAVAILABLE == 3
     line = assert_one_error_line(capsys.readouterr().err)
     assert SOURCE_PW not in line
@@ -304,7 +308,7 @@ def test_exit_code_per_kind(kind, code, config_path, monkeypatch, capsys):
     def run(config, *, until_caught_up):
         raise ReplicatorError(kind, "what went wrong")
 
-    fake_module(monkeypatch, "replicator.pipeline", run=run)
+    fake_module(monkeypatch, "replicator.pipeline.supervisor", run=run)
     assert main(["run", "-c", str(config_path)]) == code
     assert assert_one_error_line(capsys.readouterr().err) == f"error: what went wrong — {kind.default_hint}"
 
@@ -313,7 +317,7 @@ def test_unexpected_exception_is_logged_with_traceback_and_exit_1(config_path, m
     def run(config, *, until_caught_up):
         raise RuntimeError(f"bug near {SOURCE_PW}")
 
-    fake_module(monkeypatch, "replicator.pipeline", run=run)
+    fake_module(monkeypatch, "replicator.pipeline.supervisor", run=run)
     assert main(["run", "-c", str(config_path)]) == 1
     out = capsys.readouterr().out  # [logging] output = stdout
     assert "Traceback" in out and "RuntimeError: bug near ***" in out
@@ -334,7 +338,7 @@ def test_keyboard_interrupt_is_quiet_130(config_path, monkeypatch, capsys):
     def run(config, *, until_caught_up):
         raise KeyboardInterrupt
 
-    fake_module(monkeypatch, "replicator.pipeline", run=run)
+    fake_module(monkeypatch, "replicator.pipeline.supervisor", run=run)
     assert main(["run", "-c", str(config_path)]) == 130
     captured = capsys.readouterr()
     assert captured.err == ""
@@ -577,7 +581,7 @@ def test_errors_pickle_and_format():
 
 def test_repo_config_check(monkeypatch, capsys):
     """The shipped etl-config.toml passes `check` with the two documented variables."""
-    fake_module(monkeypatch, "replicator.preflight")
+    fake_module(monkeypatch, "replicator.pipeline.preflight")
     monkeypatch.setenv("ODOO_DB_PASSWORD", "x" * 12)
     monkeypatch.setenv("SUPABASE_DB_PASSWORD", "y" * 12)
     repo_config = Path(__file__).resolve().parents[2] / "etl-config.toml"

@@ -12,10 +12,8 @@ from pathlib import Path
 
 import pytest
 
-import replicator
-from replicator import _decode, _pipe
-
-PACKAGE = Path(replicator.__file__).parent
+from replicator import _decode
+from replicator.pipeline import _pipe
 
 
 def test_event_codes_are_the_enum_values_as_distinct_ints():
@@ -61,7 +59,8 @@ def _public(names) -> set[str]:
 
 def _stub(module) -> tuple[dict[str, ast.AST], dict[str, set[str]]]:
     """Top-level public names of the module's .pyi, and the public members of its classes."""
-    tree = ast.parse((PACKAGE / f"{module.__name__.rsplit('.', 1)[1]}.pyi").read_text())
+    tree = ast.parse(Path(module.__file__).with_name(
+        f"{module.__name__.rsplit('.', 1)[1]}.pyi").read_text())
     top: dict[str, ast.AST] = {}
     members: dict[str, set[str]] = {}
     for node in tree.body:

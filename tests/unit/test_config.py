@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from replicator import redact
-from replicator.config import from_dsns, load_config
-from replicator.errors import ConfigError, ErrorKind, ExitCode
-from replicator.settings import (
+from replicator.config import redact
+from replicator.config.load import from_dsns, load_config
+from replicator.config.settings import (
     DestinationSettings,
     LoggingSettings,
     MetricsSettings,
     Secret,
     SourceSettings,
 )
+from replicator.errors import ConfigError, ErrorKind, ExitCode
 
 REPO_CONFIG = Path(__file__).resolve().parents[2] / "etl-config.toml"
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from replicator.cli import main
-from replicator.console import printable
+from replicator.commands.cli import main
 from replicator.errors import ErrorKind, ReplicatorError
-from replicator.logs import TextFormatter
+from replicator.telemetry.console import printable
+from replicator.telemetry.logs import TextFormatter
 
 REPO = Path(__file__).resolve().parents[2]
 OSC_TITLE = "\x1b]0;pwned\x07"  # sets the terminal's title
@@ -46,9 +46,9 @@ def test_the_error_line_escapes_names(monkeypatch, capsys):
         raise ReplicatorError(ErrorKind.SOURCE_SETUP, f'table "{HOSTILE}" has no key',
                               f"alter table {HOSTILE} replica identity full")
 
-    module = types.ModuleType("replicator.preflight")
+    module = types.ModuleType("replicator.pipeline.preflight")
     module.check = check  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "replicator.preflight", module)
+    monkeypatch.setitem(sys.modules, "replicator.pipeline.preflight", module)
     monkeypatch.setenv("ODOO_DB_PASSWORD", "x" * 12)
     monkeypatch.setenv("SUPABASE_DB_PASSWORD", "y" * 12)
     assert main(["check", "--config", str(REPO / "etl-config.toml")]) == 2
@@ -60,7 +60,7 @@ def test_the_error_line_escapes_names(monkeypatch, capsys):
 
 @pytest.mark.parametrize("value", [HOSTILE, {"table": HOSTILE}])
 def test_the_text_log_escapes_names(value):
-    record = logging.LogRecord("replicator.init", logging.INFO, __file__, 1,
+    record = logging.LogRecord("replicator.commands.init", logging.INFO, __file__, 1,
                                "created mirror table %s", (HOSTILE,), None)
     record.table = value
     line = TextFormatter().format(record)

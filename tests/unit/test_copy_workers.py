@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from replicator import backfill
-from replicator.config import from_dsns
+from replicator.config.load import from_dsns
 from replicator.errors import ConfigError
+from replicator.pipeline import backfill
 
 DSNS = ("host=/tmp/pg dbname=odoo user=odoo", "host=/tmp/pg dbname=mirror user=postgres", "pub")
 

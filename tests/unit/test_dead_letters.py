@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import datetime
 
-from replicator.apply import group_keys, rejects
-from replicator.dead_letters import Letter, _queues
+from replicator.destination.applier import group_keys, rejects
+from replicator.destination.dead_letters import Letter, _queues
 
 
 def test_keys_without_links_are_one_group_each():
@@ -42,7 +42,7 @@ def test_retry_queues_follow_keys_and_key_changes_in_id_order():
 
 
 def test_dead_letters_help(capsys):
-    from replicator.cli import main
+    from replicator.commands.cli import main
 
     assert main(["dead-letters", "--help"]) == 0
     out = capsys.readouterr().out

@@ -15,13 +15,13 @@ from pathlib import Path
 import promql
 import pytest
 
-from replicator import metrics
+from replicator.telemetry import metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 MONITORING = ROOT / "monitoring"
 DASHBOARD = MONITORING / "grafana-dashboard.json"
 
-# The metric names replicator/metrics.py declares, with the series names prometheus_client
+# The metric names replicator/telemetry/metrics.py declares, with the series names prometheus_client
 # derives from them (histogram and counter suffixes).
 DECLARED = {value for name, value in vars(metrics).items()
             if name.isupper() and isinstance(value, str) and value.startswith("etl_")}

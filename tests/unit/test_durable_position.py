@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from replicator.handoff import Progress
+from replicator.pipeline.handoff import Progress
 
 
 def test_a_batch_committed_without_flush_is_durable_once_wal_passes_it():

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from replicator import redact, state
-from replicator.cli import main
-from replicator.config import load_config
+from replicator.commands.cli import main
+from replicator.config import redact
+from replicator.config.load import load_config
+from replicator.destination import state
 from replicator.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,5 +1,5 @@
 """When a standby may take over at once: the lease's holder is a process of this host that no
-longer runs (replicator/lease.py). A wrong "gone" would cost a live writer its lease (never
+longer runs (replicator/destination/lease.py). A wrong "gone" would cost a live writer its lease (never
 data: the fence stops it); a wrong "alive" makes a crash restart wait out lease_timeout."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 
-from replicator.lease import Fence, _process_gone
+from replicator.destination.lease import Fence, _process_gone
 
 HOST = socket.gethostname()
 

@@ -6,9 +6,9 @@ import textwrap
 
 import pytest
 
-from replicator.config import load_config
+from replicator.config.load import load_config
+from replicator.config.settings import NO_OPTIONS, MappingOptions
 from replicator.errors import ConfigError
-from replicator.settings import NO_OPTIONS, MappingOptions
 
 MINIMAL = """\
 [source]
@@ -94,7 +94,7 @@ def test_unknown_key_names_the_close_one(tmp_path):
 
 
 def test_check_summary_shows_the_options(tmp_path):
-    from replicator.cli import _summary
+    from replicator.commands.cli import _summary
 
     config = load(tmp_path, """\
         [mappings.res_partner]

@@ -6,8 +6,8 @@ import io
 import logging
 import time
 
-from replicator import backfill
-from replicator.backfill import TableCopy, _ProgressReporter
+from replicator.pipeline import backfill
+from replicator.pipeline.backfill import TableCopy, _ProgressReporter
 from replicator.schema import Column, MirrorTable, SourceTable
 
 
@@ -43,7 +43,7 @@ def test_logs_a_progress_line_every_few_seconds(monkeypatch, caplog):
     monkeypatch.setattr(backfill.sys, "stderr", io.StringIO())
     monkeypatch.setattr(backfill, "PROGRESS_INTERVAL", 0.0)
     reporter = _ProgressReporter(copies())
-    with caplog.at_level(logging.INFO, logger="replicator.backfill"):
+    with caplog.at_level(logging.INFO, logger="replicator.pipeline.backfill"):
         reporter.tick()
     rec = [r for r in caplog.records if r.getMessage() == "copy progress"][0]
     assert rec.table == "odoo_mirror.account_move_line"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from plugins.replicator import write_config
 
-from replicator.config import load_config
+from replicator.config.load import load_config
 from replicator.deadline import STALL_GRACE, BatchLimits
 from replicator.errors import ConfigError
 

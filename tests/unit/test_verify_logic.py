@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from replicator.verify import (
+from replicator.commands.verify import (
     DriftRange,
     Range,
     Recheck,

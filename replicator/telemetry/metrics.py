@@ -19,9 +19,11 @@ import psycopg
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from . import catalog, deadline, state
-from .errors import ErrorKind, ReplicatorError
-from .lsn import parse_lsn, pg_now
+from .. import deadline
+from ..destination import state
+from ..errors import ErrorKind, ReplicatorError
+from ..lsn import parse_lsn, pg_now
+from ..source import catalog
 
 log = logging.getLogger(__name__)
 

@@ -48,14 +48,15 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import catalog, lease, state
-from .classify import classify
-from .errors import ConfigError, ErrorKind, ReplicatorError
-from .lease import Fence
-from .lsn import format_lsn, parse_lsn
-from .preflight import check_read_privileges
-from .schema import FIRST_USER_OID, column_types
-from .settings import Config
+from ..classify import classify
+from ..config.settings import Config
+from ..destination import lease, state
+from ..destination.lease import Fence
+from ..errors import ConfigError, ErrorKind, ReplicatorError
+from ..lsn import format_lsn, parse_lsn
+from ..pipeline.preflight import check_read_privileges
+from ..schema import FIRST_USER_OID, column_types
+from ..source import catalog
 
 log = logging.getLogger(__name__)
 

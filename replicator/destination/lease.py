@@ -38,8 +38,8 @@ from typing import Any, Callable
 import psycopg
 from psycopg import pq, sql
 
-from . import deadline
-from .errors import ErrorKind, ReplicatorError
+from .. import deadline
+from ..errors import ErrorKind, ReplicatorError
 
 log = logging.getLogger(__name__)
 

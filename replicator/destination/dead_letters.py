@@ -43,12 +43,12 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from ..config.settings import NO_OPTIONS, Config, MappingOptions
+from ..lsn import format_lsn, parse_lsn
+from ..schema import DELETED_AT, MirrorTable, create_staging_sql, read_table
 from . import state
-from .apply import clear_staging_sql, history_sql, merge_sql
+from .applier import clear_staging_sql, history_sql, merge_sql
 from .lease import Fence
-from .lsn import format_lsn, parse_lsn
-from .schema import DELETED_AT, MirrorTable, create_staging_sql, read_table
-from .settings import NO_OPTIONS, Config, MappingOptions
 
 __all__ = ["Letter", "RetryResult", "mirror_options", "retry", "waiting"]
 

@@ -26,13 +26,13 @@ from typing import TextIO
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from .classify import classify
-from .config import load_config
-from .console import printable
-from .errors import ConfigError, ErrorKind, ExitCode, ReplicatorError
-from .logs import setup_logging
-from .redact import redact, register_secret
-from .settings import Config, LoggingSettings
+from ..classify import classify
+from ..config.load import load_config
+from ..config.redact import redact, register_secret
+from ..config.settings import Config, LoggingSettings
+from ..errors import ConfigError, ErrorKind, ExitCode, ReplicatorError
+from ..telemetry.console import printable
+from ..telemetry.logs import setup_logging
 
 __all__ = ["build_parser", "main"]
 
@@ -457,7 +457,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, metrics=dataclasses.replace(
             config.metrics, host=args.metrics_host))
     setup_logging(settings)
-    pipeline = _import("replicator.pipeline")
+    pipeline = _import("replicator.pipeline.supervisor")
     log.info(
         "config loaded",
         extra={
@@ -473,7 +473,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_init(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     _setup_console_logging()
-    init_module = _import("replicator.init")
+    init_module = _import("replicator.commands.init")
     init_module.init(config)
     return ExitCode.OK
 
@@ -485,7 +485,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     for warning in _tls_warnings(config):
         _say(f"warning: {warning}", file=sys.stderr)
     sys.stdout.flush()  # the summary first, then whatever the deeper checks report
-    preflight = _import_optional("replicator.preflight")
+    preflight = _import_optional("replicator.pipeline.preflight")
     if preflight is not None and hasattr(preflight, "check"):
         result = preflight.check(config)
         return ExitCode.OK if result is None else int(result)
@@ -495,8 +495,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_resync(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     _setup_console_logging()
-    state = _import("replicator.state")
-    lease = _import("replicator.lease")
+    state = _import("replicator.destination.state")
+    lease = _import("replicator.destination.lease")
     dst = config.destination
     slot = config.source.slot
     try:
@@ -531,7 +531,7 @@ def _cmd_resync(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     _setup_console_logging()
-    status = _import("replicator.status")
+    status = _import("replicator.commands.status")
     st = status.collect(config, args.max_lag_seconds)
     if args.json:
         print(json.dumps(st.as_dict(), indent=None))
@@ -544,9 +544,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_dead_letters(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     _setup_console_logging()
-    letters = _import("replicator.dead_letters")
-    state = _import("replicator.state")
-    lease = _import("replicator.lease")
+    letters = _import("replicator.destination.dead_letters")
+    state = _import("replicator.destination.state")
+    lease = _import("replicator.destination.lease")
     dst = config.destination
     table = args.table if args.table is None or "." in args.table else f"{dst.schema}.{args.table}"
     try:
@@ -587,7 +587,7 @@ def _cmd_dead_letters(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     _setup_console_logging()
-    verify = _import("replicator.verify")
+    verify = _import("replicator.commands.verify")
     report = verify.verify(config, args.table, args.wait, repair=args.repair)
     if args.json:
         print(json.dumps(report.as_dict(), indent=None))

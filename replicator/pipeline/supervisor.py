@@ -18,18 +18,22 @@ from typing import Any
 
 import psycopg
 
-from . import access, deadline, failpoints, state
-from ._decode import Decoder
-from .apply import Applier
+from .. import deadline, failpoints
+from .._decode import Decoder
+from ..batch import SyncDone
+from ..classify import classify, classify_connect, is_connect_failure
+from ..config.settings import Config, DestinationSettings, SourceSettings
+from ..destination import access, state
+from ..destination.applier import Applier
+from ..destination.indexes import IndexBuilder
+from ..destination.lease import Holder, Lease
+from ..errors import ErrorKind, ExitCode, ReplicatorError, Retries
+from ..lsn import format_lsn, pg_now
+from ..schema import MirrorTable
+from ..source.connection import TEXT_MODE_OPTIONS, ReplicationConnection, protocol_for
+from ..telemetry.metrics import Metrics, MetricsServer, SlotMonitor
 from .backfill import Backfill, CopyStopped
-from .batch import SyncDone
-from .classify import classify, classify_connect, is_connect_failure
-from .errors import ErrorKind, ExitCode, ReplicatorError, Retries
 from .handoff import Handoff, Progress
-from .indexes import IndexBuilder
-from .lease import Holder, Lease
-from .lsn import format_lsn, pg_now
-from .metrics import Metrics, MetricsServer, SlotMonitor
 from .preflight import (
     check_destination_server,
     check_replication_role,
@@ -37,9 +41,6 @@ from .preflight import (
     discover_tables,
 )
 from .receiver import Receiver, SessionRestart
-from .schema import MirrorTable
-from .settings import Config, DestinationSettings, SourceSettings
-from .source import TEXT_MODE_OPTIONS, ReplicationConnection, protocol_for
 from .stream_apply import apply_finishing
 
 log = logging.getLogger(__name__)

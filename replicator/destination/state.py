@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from psycopg import sql
 
-from .lsn import format_lsn, parse_lsn
+from ..lsn import format_lsn, parse_lsn
 
 if TYPE_CHECKING:  # schema.py does not import state.py, but the type is all this needs
-    from .schema import MirrorTable
+    from ..schema import MirrorTable
 
 # The state schema's versions: replicator/sql/state/NNN_name.sql, run in NNN order,
 # each once per state schema. A file is never edited once released (deployments

@@ -48,14 +48,15 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import failpoints, state
-from ._decode import Pieces, cut_rows
-from .apply import Applier, ApplyResult
-from .batch import Batch, SpilledRows, SpilledSlice, TableRows
-from .errors import ErrorKind, ReplicatorError
+from .. import failpoints
+from .._decode import Pieces, cut_rows
+from ..batch import Batch, SpilledRows, SpilledSlice, TableRows
+from ..destination import state
+from ..destination.applier import Applier, ApplyResult
+from ..errors import ErrorKind, ReplicatorError
+from ..lsn import format_lsn
+from ..schema import MirrorTable
 from .handoff import Handoff
-from .lsn import format_lsn
-from .schema import MirrorTable
 
 log = logging.getLogger(__name__)
 

@@ -21,10 +21,10 @@ from typing import Any
 
 import orjson
 
+from ..config.redact import redact
+from ..config.settings import LoggingSettings
+from ..errors import ConfigError
 from .console import printable
-from .errors import ConfigError
-from .redact import redact
-from .settings import LoggingSettings
 
 __all__ = ["JsonFormatter", "TextFormatter", "setup_logging"]
 
@@ -94,7 +94,7 @@ class JsonFormatter(logging.Formatter):
 class TextFormatter(logging.Formatter):
     """A readable line, extras as key=value:
 
-    ``2026-01-14T10:00:00.123Z info    replicator.apply: applied rows=1000 lsn=0/16B3748``
+    ``2026-01-14T10:00:00.123Z info    replicator.pipeline.supervisor: batch applied rows=1000``
     """
 
     def format(self, record: logging.LogRecord) -> str:

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 from psycopg.conninfo import make_conninfo
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .redact import MASK, register_secret
 
 __all__ = [

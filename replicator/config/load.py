@@ -24,7 +24,7 @@ import psycopg
 from dotenv.parser import parse_stream
 from psycopg.conninfo import conninfo_to_dict
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .redact import register_secret
 from .settings import (
     MAPPING_KEYS,

@@ -17,10 +17,10 @@ from typing import Any
 import psycopg
 from psycopg import pq, sql
 
-from .classify import classify
-from .errors import ErrorKind, ReplicatorError
-from .libpq import function_addresses
-from .lsn import format_lsn, parse_lsn, pg_now
+from ..classify import classify
+from ..errors import ErrorKind, ReplicatorError
+from ..libpq import function_addresses
+from ..lsn import format_lsn, parse_lsn, pg_now
 
 log = logging.getLogger(__name__)
 

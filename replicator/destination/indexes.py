@@ -27,11 +27,12 @@ import time
 import psycopg
 from psycopg import sql
 
-from . import failpoints, state, watchdog
-from .errors import ReplicatorError
+from .. import failpoints
+from ..config.settings import DestinationSettings
+from ..errors import ReplicatorError
+from ..telemetry.metrics import Metrics
+from . import state, watchdog
 from .lease import Fence
-from .metrics import Metrics
-from .settings import DestinationSettings
 
 log = logging.getLogger(__name__)
 

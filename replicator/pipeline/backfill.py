@@ -8,7 +8,7 @@ until every worker has imported the snapshot, then goes (and its temporary
 slot with it).
 
 Rows move as COPY (FORMAT BINARY) from the source straight into COPY FROM
-STDIN on the destination, through a C loop (replicator._pipe) that never
+STDIN on the destination, through a C loop (replicator.pipeline._pipe) that never
 decodes them. Tables copy in parallel, and a large table is cut into ctid
 ranges so it alone can keep every worker busy. Mirror tables that the copy
 creates get their primary key after the data, before the table is marked
@@ -40,18 +40,17 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import pq, sql
 
-from . import access, deadline, failpoints, state, watchdog
-from ._pipe import Pipe
-from .apply import check_filter, ensure_mirror_columns
-from .catalog import SourceIndex, secondary_indexes, table_size
-from .classify import classify_connect, setup_error
-from .console import printable
-from .errors import ErrorKind, ReplicatorError
-from .lease import Fence
-from .libpq import function_addresses
-from .lsn import format_lsn, parse_lsn
-from .metrics import Metrics
-from .schema import (
+from .. import deadline, failpoints
+from ..classify import classify_connect, setup_error
+from ..config.settings import Config, ConnectionSettings
+from ..destination import access, state, watchdog
+from ..destination.applier import check_filter, ensure_mirror_columns
+from ..destination.lease import Fence
+from ..destination.state import IndexBuild
+from ..errors import ErrorKind, ReplicatorError
+from ..libpq import function_addresses
+from ..lsn import format_lsn, parse_lsn
+from ..schema import (
     MirrorTable,
     check_options,
     check_source_filter,
@@ -60,9 +59,11 @@ from .schema import (
     create_staging_sql,
     mirror_exists,
 )
-from .settings import Config, ConnectionSettings
-from .source import ReplicationConnection, quote_ident
-from .state import IndexBuild
+from ..source.catalog import SourceIndex, secondary_indexes, table_size
+from ..source.connection import ReplicationConnection, quote_ident
+from ..telemetry.console import printable
+from ..telemetry.metrics import Metrics
+from ._pipe import Pipe
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import dataclasses
 import threading
 import time
 
-from .batch import Batch
+from ..batch import Batch
 
 
 class Handoff:

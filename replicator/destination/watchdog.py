@@ -53,8 +53,8 @@ from typing import Any
 import psycopg
 from psycopg import pq
 
-from . import deadline
-from .deadline import Connection
+from .. import deadline
+from ..deadline import Connection
 
 __all__ = ["BACKEND_SQL", "LOOK_EVERY", "PROBE_TIMEOUT", "WATCH_AFTER", "connect",
            "note_backend", "watch"]

@@ -13,8 +13,19 @@ from collections.abc import Collection
 
 import psycopg
 
-from . import access, state
-from .catalog import (
+from ..classify import classify, read_grant
+from ..config.settings import Config
+from ..destination import access, state
+from ..errors import ErrorKind, ReplicatorError
+from ..lsn import format_lsn, parse_lsn
+from ..schema import (
+    SourceTable,
+    check_options,
+    check_replicable,
+    check_source_filter,
+    read_table,
+)
+from ..source.catalog import (
     Slot,
     may_replicate,
     publication_exists,
@@ -24,19 +35,8 @@ from .catalog import (
     unreadable_tables,
     wal_level,
 )
-from .classify import classify, read_grant
-from .console import printable
-from .errors import ErrorKind, ReplicatorError
-from .lsn import format_lsn, parse_lsn
-from .schema import (
-    SourceTable,
-    check_options,
-    check_replicable,
-    check_source_filter,
-    read_table,
-)
-from .settings import Config
-from .source import quote_literal
+from ..source.connection import quote_literal
+from ..telemetry.console import printable
 
 _LOST_HINT = ("the mirror misses changes: run `replicator resync --config PATH --all`, "
               "then `replicator run` copies every table again")

@@ -18,8 +18,8 @@ from collections.abc import Callable
 import psycopg
 from psycopg import sql
 
-from . import deadline, state, watchdog
-from ._decode import (
+from .. import deadline
+from .._decode import (
     EV_COMMIT,
     EV_COPY_DONE,
     EV_ERROR,
@@ -34,8 +34,7 @@ from ._decode import (
     EV_WOULD_BLOCK,
     Decoder,
 )
-from .backfill import Backfill, CopyStopped
-from .batch import (
+from ..batch import (
     AlterTable,
     Batch,
     Rows,
@@ -46,16 +45,18 @@ from .batch import (
     TableRows,
     Truncate,
 )
-from .catalog import column_type, emit_heartbeat, publication_members, publication_tables
-from .classify import classify_connect
-from .errors import ErrorKind, ReplicatorError
+from ..classify import classify_connect
+from ..config.settings import Config
+from ..destination import state, watchdog
+from ..destination.lease import Fence
+from ..errors import ErrorKind, ReplicatorError
+from ..lsn import format_lsn, parse_lsn
+from ..schema import Column, MirrorTable, check_replicable, column_origins, read_table
+from ..source.catalog import column_type, emit_heartbeat, publication_members, publication_tables
+from ..source.connection import ReplicationConnection
+from ..telemetry.metrics import Metrics
+from .backfill import Backfill, CopyStopped
 from .handoff import Handoff, Progress
-from .lease import Fence
-from .lsn import format_lsn, parse_lsn
-from .metrics import Metrics
-from .schema import Column, MirrorTable, check_replicable, column_origins, read_table
-from .settings import Config
-from .source import ReplicationConnection
 from .stream_apply import StreamApply
 
 log = logging.getLogger(__name__)

@@ -34,12 +34,12 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
-from . import access, lease, state
-from .classify import classify, classify_connect
-from .errors import ConfigError, ErrorKind, ReplicatorError
-from .preflight import discover_tables
-from .schema import MirrorTable, column_origins, create_mirror_sql, mirror_exists
-from .settings import Config
+from ..classify import classify, classify_connect
+from ..config.settings import Config
+from ..destination import access, lease, state
+from ..errors import ConfigError, ErrorKind, ReplicatorError
+from ..pipeline.preflight import discover_tables
+from ..schema import MirrorTable, column_origins, create_mirror_sql, mirror_exists
 
 log = logging.getLogger(__name__)
 

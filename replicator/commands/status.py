@@ -18,11 +18,12 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import catalog, lease, state
-from .classify import classify
-from .errors import ErrorKind, ReplicatorError
-from .lsn import format_lsn, parse_lsn
-from .settings import Config
+from ..classify import classify
+from ..config.settings import Config
+from ..destination import lease, state
+from ..errors import ErrorKind, ReplicatorError
+from ..lsn import format_lsn, parse_lsn
+from ..source import catalog
 
 log = logging.getLogger(__name__)
 

@@ -36,9 +36,9 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from . import access, deadline, failpoints, state, watchdog
-from ._decode import Pieces
-from .batch import (
+from .. import deadline, failpoints
+from .._decode import Pieces
+from ..batch import (
     AlterTable,
     Batch,
     Rows,
@@ -49,12 +49,12 @@ from .batch import (
     TableRows,
     Truncate,
 )
-from .classify import setup_error
-from .deadline import BatchLimits, timed_out
-from .errors import ErrorKind, ReplicatorError
-from .lease import Fence
-from .lsn import format_lsn, parse_lsn
-from .schema import (
+from ..classify import setup_error
+from ..config.settings import ON_ERROR
+from ..deadline import BatchLimits, timed_out
+from ..errors import ErrorKind, ReplicatorError
+from ..lsn import format_lsn, parse_lsn
+from ..schema import (
     DELETED_AT,
     Column,
     MirrorTable,
@@ -67,7 +67,8 @@ from .schema import (
     mirror_exists,
     plan_mirror,
 )
-from .settings import ON_ERROR
+from . import access, state, watchdog
+from .lease import Fence
 
 if TYPE_CHECKING:  # the pipeline hands the applier its session's builder
     from .indexes import IndexBuilder

@@ -1,4 +1,4 @@
-# The Python API of the compiled module replicator._pipe (_pipe.pyx).
+# The Python API of the compiled module replicator.pipeline._pipe (_pipe.pyx).
 
 class Pipe:
     rows: int

@@ -1,0 +1,1 @@
+"""Reading the source: the replication connection and the catalog queries."""

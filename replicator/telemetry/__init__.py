@@ -1,0 +1,1 @@
+"""How the process speaks: logs, Prometheus metrics and /health, text for a terminal."""
