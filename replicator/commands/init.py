@@ -37,9 +37,10 @@ from psycopg import sql
 from ..classify import classify, classify_connect
 from ..config.settings import Config
 from ..destination import access, lease, state
+from ..destination.mirror_ddl import create_mirror_sql, mirror_exists
 from ..errors import ConfigError, ErrorKind, ReplicatorError
 from ..pipeline.preflight import discover_tables
-from ..schema import MirrorTable, column_origins, create_mirror_sql, mirror_exists
+from ..schema import MirrorTable, column_origins
 
 log = logging.getLogger(__name__)
 

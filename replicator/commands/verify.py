@@ -52,10 +52,11 @@ from ..classify import classify
 from ..config.settings import Config
 from ..destination import lease, state
 from ..destination.lease import Fence
+from ..destination.mirror_ddl import column_types
 from ..errors import ConfigError, ErrorKind, ReplicatorError
 from ..lsn import format_lsn, parse_lsn
 from ..pipeline.preflight import check_read_privileges
-from ..schema import FIRST_USER_OID, column_types
+from ..schema import FIRST_USER_OID
 from ..source import catalog
 
 log = logging.getLogger(__name__)

@@ -45,10 +45,11 @@ from psycopg import sql
 
 from ..config.settings import NO_OPTIONS, Config, MappingOptions
 from ..lsn import format_lsn, parse_lsn
-from ..schema import DELETED_AT, MirrorTable, create_staging_sql, read_table
+from ..schema import DELETED_AT, MirrorTable, read_table
 from . import state
-from .applier import clear_staging_sql, history_sql, merge_sql
+from .batch_sql import clear_staging_sql, history_sql, merge_sql
 from .lease import Fence
+from .mirror_ddl import create_staging_sql
 
 __all__ = ["Letter", "RetryResult", "mirror_options", "retry", "waiting"]
 

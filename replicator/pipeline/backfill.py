@@ -44,8 +44,14 @@ from .. import deadline, failpoints
 from ..classify import classify_connect, setup_error
 from ..config.settings import Config, ConnectionSettings
 from ..destination import access, state, watchdog
-from ..destination.applier import check_filter, ensure_mirror_columns
+from ..destination.batch_sql import check_filter
 from ..destination.lease import Fence
+from ..destination.mirror_ddl import (
+    create_mirror_sql,
+    create_staging_sql,
+    ensure_mirror_columns,
+    mirror_exists,
+)
 from ..destination.state import IndexBuild
 from ..errors import ErrorKind, ReplicatorError
 from ..libpq import function_addresses
@@ -55,9 +61,6 @@ from ..schema import (
     check_options,
     check_source_filter,
     column_origins,
-    create_mirror_sql,
-    create_staging_sql,
-    mirror_exists,
 )
 from ..source.catalog import SourceIndex, secondary_indexes, table_size
 from ..source.connection import ReplicationConnection, quote_ident

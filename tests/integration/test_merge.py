@@ -16,7 +16,7 @@ from pgwire import begin, commit, delete, insert, int4, truncate, update
 
 from replicator._decode import Decoder
 from replicator.batch import Batch, Truncate
-from replicator.destination import applier as apply_module
+from replicator.destination import applier as applier_module
 from replicator.destination import state
 from replicator.destination.applier import Applier
 from replicator.errors import ReplicatorError
@@ -330,7 +330,7 @@ def test_a_failed_first_batch_leaves_staging_to_be_cleared_by_the_next(mirror, d
 def test_staging_is_vacuumed_after_enough_rows(mirror, dest_db, monkeypatch):
     # The deleted rows' pages are reused (or cut off) only after a VACUUM; without one,
     # every COPY appends pages that each batch's delete and MERGE scan again.
-    monkeypatch.setattr(apply_module, "STAGING_VACUUM_ROWS", 300)
+    monkeypatch.setattr(applier_module, "STAGING_VACUUM_ROWS", 300)
     stage = _staging(dest_db)
     for b in range(3):
         mirror(*(insert(RELID, row(b * 100 + i, "a" * 50, "A" * 50)) for i in range(100)))

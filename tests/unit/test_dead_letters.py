@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import datetime
 
-from replicator.destination.applier import group_keys, rejects
 from replicator.destination.dead_letters import Letter, _queues
+from replicator.destination.reject_sql import group_keys, rejects
 
 
 def test_keys_without_links_are_one_group_each():

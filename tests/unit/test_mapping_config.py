@@ -108,7 +108,8 @@ def test_check_summary_shows_the_options(tmp_path):
 
 
 def test_a_column_excluded_later_is_dropped_from_the_mirror():
-    from replicator.schema import Column, MirrorTable, Origin, SourceTable, plan_mirror
+    from replicator.destination.mirror_ddl import plan_mirror
+    from replicator.schema import Column, MirrorTable, Origin, SourceTable
 
     cols = (Column("id", "integer", 23, 4), Column("email", "text", 25, -1),
             Column("iban", "text", 25, -1))

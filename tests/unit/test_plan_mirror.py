@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from replicator.schema import Column, MirrorTable, Origin, SourceTable, plan_mirror
+from replicator.destination.mirror_ddl import plan_mirror
+from replicator.schema import Column, MirrorTable, Origin, SourceTable
 
 INT = Column("x", "integer", 23, 4)
 TEXT = Column("x", "text", 25, -1)
