@@ -148,7 +148,8 @@ class Applier:
 
     def __init__(self, conninfo: str, state_schema: str, slot: str, on_error: str = "stop",
                  limits: BatchLimits | None = None, readers: tuple[str, ...] = (),
-                 source_conninfo: str | None = None, fence: Fence | None = None):
+                 source_conninfo: str | None = None, fence: Fence | None = None,
+                 commit_times: bool = False, defer_flush: bool = False):
         assert on_error in ON_ERROR, on_error
         self._conninfo = conninfo
         # Read only for rows that move into a [mappings] filter with unchanged-TOAST values.
@@ -174,14 +175,14 @@ class Applier:
         self._careful = False
         # [destination] analytics_roles: the policy of every mirror table it creates.
         self.readers = readers
-        # Set once <state>.commit_times exists (the pipeline sets up its component):
-        # each batch then records its commit time for the tables it changed.
-        self.commit_times = False
+        # Each batch records its commit time for the tables it changed: <state>.commit_times
+        # must exist before the first batch (the pipeline sets up its component).
+        self.commit_times = commit_times
         # Commit batches with synchronous_commit off and report where their commit records
         # are (ApplyResult.wal_lsn): the caller confirms a batch to the source only once the
-        # destination's WAL is flushed past it. The pipeline sets it; other callers (a dead
-        # letter retry) get a commit that is durable when apply() returns.
-        self.defer_flush = False
+        # destination's WAL is flushed past it. The pipeline's applier does; other callers
+        # get a commit that is durable when apply() returns.
+        self.defer_flush = defer_flush
         self.conn: psycopg.Connection | None = None
         self._statements: dict[tuple[str, str, bool], sql.SQL] = {}
         # Mirror tables being copied while the stream runs: their changes are

@@ -1,4 +1,4 @@
-"""What the receiver and the applier thread share: one closed batch, and the applied position.
+"""What a pipeline's threads share: one closed batch, the applied position, the stop request.
 
 At most one closed batch waits between them; when the applier is idle, the
 receiver closes the batch at the next transaction boundary, so batches stay
@@ -14,6 +14,9 @@ import threading
 import time
 
 from ..batch import Batch
+from ..config.settings import Config
+from ..destination.lease import Fence
+from ..telemetry.metrics import Metrics
 
 
 class Handoff:
@@ -136,3 +139,17 @@ class Progress:
         """Seconds since the oldest batch not known to be flushed committed (0: none)."""
         with self._lock:
             return time.monotonic() - self._pending[0][2] if self._pending else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Shared:
+    """What every session of one pipeline, and each of its threads, works with.
+
+    ``progress`` is the applier's applied and durable position, ``stop`` the pipeline's stop
+    request, ``fence`` its lease (None: a caller that writes without one, in tests).
+    """
+    config: Config
+    metrics: Metrics
+    progress: Progress
+    stop: threading.Event
+    fence: Fence | None

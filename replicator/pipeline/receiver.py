@@ -1,22 +1,19 @@
 """The receiver: reads and decodes the stream, closes batches, never goes silent.
 
-It runs on the session's calling thread: it answers keepalives, reports the
-durably applied position, follows Relation and Truncate messages, and runs
-the copies of tables added to the publication (or resynced) while the
-stream goes on. Closed batches go to the applier thread through a Handoff.
+It runs on the session's calling thread: it follows Relation and Truncate messages and
+streamed (in-progress) transactions, and closes batches at transaction boundaries, which
+go to the applier thread through a Handoff. What it tells the source (status updates,
+heartbeats) is feedback.py's; tables copied while the stream goes on are table_copies.py's.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import queue
-import threading
 import time
 from collections.abc import Callable
 
 import psycopg
-from psycopg import sql
 
 from .. import deadline
 from .._decode import (
@@ -46,56 +43,44 @@ from ..batch import (
     Truncate,
 )
 from ..classify import classify_connect
-from ..config.settings import Config
-from ..destination import state, watchdog
-from ..destination.lease import Fence
+from ..destination import watchdog
 from ..errors import ErrorKind, ReplicatorError
-from ..lsn import format_lsn, parse_lsn
+from ..lsn import format_lsn
 from ..schema import Column, MirrorTable, check_replicable, column_origins, read_table
-from ..source.catalog import column_type, emit_heartbeat, publication_members, publication_tables
+from ..source.catalog import column_type, publication_members, publication_tables
 from ..source.connection import ReplicationConnection
-from ..telemetry.metrics import Metrics
-from .backfill import Backfill, CopyStopped
-from .handoff import Handoff, Progress
+from .feedback import Feedback
+from .handoff import Handoff, Shared
 from .stream_apply import StreamApply
+from .table_copies import TableCopies
 
 log = logging.getLogger(__name__)
 
-STATUS_INTERVAL = 5.0      # seconds between standby status updates when nothing changes
-IDLE_PROBE_INTERVAL = 1.0  # how often an idle receiver asks the source where WAL ends
 PUMP_MESSAGES = 20000      # messages decoded between looks at memory, status and signals
 BUSY_WAIT = 0.005          # socket wait while a batch is ready but the applier is busy
-FLUSH_CHECK_INTERVAL = 0.1  # how often to ask whether committed batches are on the disk yet
-FORCE_FLUSH_AFTER = 2.0     # seconds a commit may wait for the WAL writer before a forced flush
-POLL_INTERVAL = 2.0        # how often to look for tables added to the publication or resyncs
-
-
-class SessionRestart(Exception):
-    """The session starts over from the applied position; not a failure (no retry counted)."""
 
 
 class Receiver:
     """One session's stream, from START_REPLICATION until it stops, catches up or fails.
 
-    ``progress`` is the applier's (read here for status updates), ``stop`` the
-    pipeline's stop request, ``target`` the LSN to catch up to (or None: run on).
+    ``target`` is the LSN to catch up to (or None: run on); ``stream_applier`` makes the
+    Applier of a streamed transaction applied while it runs (None: never).
     """
 
-    def __init__(self, config: Config, progress: Progress, metrics: Metrics,
-                 stop: threading.Event, repl: ReplicationConnection, decoder: Decoder,
+    def __init__(self, shared: Shared, repl: ReplicationConnection, decoder: Decoder,
                  handoff: Handoff, catalog: psycopg.Connection,
                  mirrors: dict[tuple[str, str], MirrorTable], sync_lsns: dict[tuple[str, str], int],
                  binary: bool, target: int | None,
-                 stream_applier: Callable[[], object] | None = None,
-                 fence: Fence | None = None):
+                 stream_applier: Callable[[], object] | None = None):
+        config = shared.config
         self.cfg = config
         # The pipeline's lease: the receiver's own writes (live copies, removed tables).
-        self.fence = fence
+        self.fence = fence = shared.fence
         # Makes the Applier of a streamed transaction applied while it runs (None: never).
         self.stream_applier = stream_applier
-        self.progress = progress
-        self.metrics = metrics
-        self.stop_requested = stop
+        self.progress = progress = shared.progress
+        self.metrics = metrics = shared.metrics
+        self.stop_requested = shared.stop
         self.repl = repl
         self.dec = decoder
         self.handoff = handoff
@@ -117,23 +102,11 @@ class Receiver:
         self.streams: dict[int, StreamedTxn] = {}
         self.stream: StreamedTxn | None = None
         self.workers: list[StreamApply] = []
-        self.sent_flush = -1
-        self.last_status = 0.0
-        self.last_probe = 0.0
-        self.last_flush_check = 0.0
-        self.last_heartbeat = 0.0
-        self.received = 0
-        # Seconds spent waiting for the socket with nothing arriving, since the last message:
-        # only time spent listening counts (not backpressure, not a slow catalog query).
-        self.silent = 0.0
-        self.pinged = False
-        # Copies running while the stream goes on (added tables, resyncs).
-        self.syncing: dict[tuple[str, str], threading.Thread] = {}
-        self.sync_results: queue.Queue = queue.Queue()
-        self.sync_stop = threading.Event()
-        self.refused: set[tuple[str, str]] = set()
-        self.last_poll = time.monotonic()
         self.poll_conn: psycopg.Connection | None = None
+        self.feedback = Feedback(config, repl, progress, catalog, self._poll_conn,
+                                 self._nothing_pending, probing=target is not None)
+        # Copies running while the stream goes on (added tables, resyncs).
+        self.copies = TableCopies(config, metrics, catalog, self._poll_conn, fence)
         # Decoded rows kept in memory before spilling: a quarter of the budget,
         # since a batch also exists as bytes handed to the applier, and one
         # more batch can wait for it.
@@ -146,7 +119,7 @@ class Receiver:
             # Opened now, while the destination is known to answer: opened later through a
             # dead connection it would wait its connect_timeout, not the stall deadline.
             self._poll_conn()
-            self.progress.restart(self._wal_position("pg_current_wal_insert_lsn()"))
+            self.progress.restart(self.feedback.wal_position("pg_current_wal_insert_lsn()"))
             self._loop()
         finally:
             # Open streamed transactions are sent again from their start by the next session.
@@ -155,14 +128,12 @@ class Receiver:
             for st in self.streams.values():
                 st.close()
             self.streams.clear()
-            self.sync_stop.set()
-            for th in self.syncing.values():
-                th.join(timeout=30)
+            self.copies.stop()
             if self.poll_conn is not None:
                 self.poll_conn.close()
 
     def _loop(self) -> None:
-        dec, stop = self.dec, self.stop_requested
+        dec, stop, feedback = self.dec, self.stop_requested, self.feedback
         while True:
             self._check_applier()
             between = not (dec.in_txn or dec.in_stream)
@@ -172,17 +143,17 @@ class Receiver:
             if between:
                 self._sync_progress()
             ev = dec.pump(PUMP_MESSAGES)
-            self.received = max(self.received, dec.wal_start)
+            feedback.received = max(feedback.received, dec.wal_start)
             if dec.wal_end > self.metrics.wal_end:
                 self.metrics.wal_end = dec.wal_end
             if ev != EV_WOULD_BLOCK:
-                self.silent, self.pinged = 0.0, False
+                feedback.heard()
             if ev == EV_WOULD_BLOCK:
-                self._check_silence()
+                feedback.check_silence()
                 self.metrics.alive()
                 self._maybe_close(idle=True)
-                self._maybe_status()
-                self._maybe_heartbeat()
+                feedback.maybe_send()
+                feedback.maybe_heartbeat()
                 waited = time.monotonic()
                 # A batch left waiting for a busy applier goes over the moment the
                 # applier is done (batches close when it is idle); its end does not wake
@@ -191,14 +162,14 @@ class Receiver:
                 busy = (not self.batch.empty and not dec.in_txn) or (
                     self.target is not None and not self.handoff.idle())
                 self.repl.wait_readable(BUSY_WAIT if busy else 0.2)
-                self.silent += time.monotonic() - waited
+                feedback.listened(time.monotonic() - waited)
             elif ev == EV_COMMIT:
                 if not dec.skipping:
                     self.batch.commit(dec.end_lsn, dec.commit_ts, dec.final_lsn)
                     if self.batch.txns == 1:
                         self.metrics.received_commit(dec.end_lsn, dec.commit_ts)
                 self._maybe_close()
-                self._maybe_status()
+                feedback.maybe_send()
             elif ev == EV_KEEPALIVE:
                 self._on_keepalive()
             elif ev == EV_RELATION:
@@ -207,7 +178,7 @@ class Receiver:
                 self._on_truncate(dec.event)
             elif ev == EV_LIMIT:
                 self.metrics.alive()
-                self._maybe_status()
+                feedback.maybe_send()
             elif ev == EV_STREAM_START:
                 self._on_stream_start(dec.event)
             elif ev == EV_STREAM_STOP:
@@ -215,7 +186,7 @@ class Receiver:
             elif ev == EV_STREAM_COMMIT:
                 self._on_stream_commit(dec.event)
                 self._maybe_close()
-                self._maybe_status()
+                feedback.maybe_send()
             elif ev == EV_STREAM_ABORT:
                 self._on_stream_abort(dec.event)
             if dec.buffered_bytes > self.memory_limit:
@@ -236,29 +207,12 @@ class Receiver:
                     "the replicator reconnects and resumes from the last applied position")
             # Begin, Origin, Type and logical decoding Messages need nothing here.
 
-    def _check_silence(self) -> None:
-        """A walsender that sent nothing for receive_timeout is gone (wal_receiver_timeout).
-
-        An idle walsender sends keepalives only when our status updates stop, which they
-        never do; so at half the timeout we ask for a reply, which a live one sends at once.
-        """
-        limit = self.cfg.source.receive_timeout
-        if self.silent >= limit:
-            raise ReplicatorError(
-                ErrorKind.SOURCE_CONNECT,
-                f"nothing received from the source for {limit:g} s ([source] receive_timeout): "
-                "the replication connection is dead",
-                "the replicator reconnects and resumes from the last applied position")
-        if self.silent >= limit / 2 and not self.pinged:
-            self.pinged = True
-            self._send_status(reply=True)
-
     def _caught_up(self) -> bool:
         # Changes received after the target need not be waited for: _finish applies the
         # whole transactions already batched and confirms only what was applied. Waiting for
         # nothing to be pending never ends under a source that writes all the time.
         return self.target is not None and self.progress.applied_lsn >= self.target \
-            and not self.syncing
+            and not self.copies
 
     def _check_applier(self) -> None:
         if self.handoff.error is not None:
@@ -301,7 +255,7 @@ class Receiver:
             if not block:
                 return False
             # Backpressure: stop reading, but keep the source from timing us out.
-            self._send_status()
+            self.feedback.send()
         return True
 
     def _offer(self, batch: Batch) -> None:
@@ -320,94 +274,15 @@ class Receiver:
             self._close(block=True)
         while not self.handoff.wait_idle(1.0):
             self._check_applier()
-            self._send_status()
+            self.feedback.send()
         self._check_applier()
         # Only what is on the destination's disk is confirmed: the last batches committed
         # without waiting for it, so flush them before the last status update.
         if self.progress.undurable:
-            self._check_flush(force=True)
-        self._send_status()
+            self.feedback.check_flush(force=True)
+        self.feedback.send()
         log.info("stopped" if self.stop_requested.is_set() else "caught up",
                  extra={"applied_lsn": format_lsn(self.progress.applied_lsn)})
-
-    # -- status ----------------------------------------------------------
-
-    def _send_status(self, reply: bool = False) -> None:
-        # Durable, not just committed: a destination crash loses commits not yet flushed,
-        # and the source must send those again.
-        flush = self.progress.durable_lsn
-        self.repl.send_status(max(self.received, flush), flush, flush, reply)
-        self.sent_flush = flush
-        self.last_status = time.monotonic()
-
-    def _maybe_status(self) -> None:
-        now = time.monotonic()
-        if self.progress.undurable and now - self.last_flush_check >= FLUSH_CHECK_INTERVAL:
-            self._check_flush()
-        if self.progress.durable_lsn != self.sent_flush \
-                or now - self.last_status >= STATUS_INTERVAL:
-            self._send_status()
-        if self.target is not None and self._nothing_pending() \
-                and now - self.last_probe >= IDLE_PROBE_INTERVAL:
-            # Ask for a keepalive: it tells where the source's WAL ends, which
-            # is how we learn that only unpublished tables changed since.
-            self.last_probe = now
-            self._send_status(reply=True)
-
-    def _wal_position(self, function: str) -> int:
-        # Server-wide: through a transaction-mode pooler any server connection answers.
-        try:
-            row = self._poll_conn().execute(f"select {function}::text").fetchone()
-        except psycopg.OperationalError as exc:
-            raise ReplicatorError(
-                ErrorKind.DESTINATION_CONNECT, f"destination connection lost: {exc}",
-                "the replicator reconnects and resumes from the last durable position") from exc
-        assert row is not None  # a select without from: always one row
-        return parse_lsn(row[0])
-
-    def _check_flush(self, force: bool = False) -> None:
-        """Batches the applier committed whose commit records are flushed become durable.
-
-        The applier learns it after each batch; this is for when no batch follows. The WAL
-        writer flushes within a few wal_writer_delay, but the insert position read after a
-        commit can lie past a page header no flush reaches until more WAL is written: so
-        after FORCE_FLUSH_AFTER (or when forced: the receiver stops) a transaction that
-        writes WAL commits synchronously, which flushes the WAL up to its own commit record
-        (one that writes none, holding only an xid, does not wait for the flush). It locks
-        the pipeline's row, skipped if a batch holds it: that batch's commit comes soon.
-        """
-        self.last_flush_check = time.monotonic()
-        if force or self.progress.undurable_for() >= FORCE_FLUSH_AFTER:
-            conn = self._poll_conn()
-            dst = self.cfg.destination
-            try:
-                with conn.transaction():
-                    conn.execute("select set_config('synchronous_commit', 'on', true)")
-                    conn.execute(sql.SQL("select from {}.pipelines where slot = %s "
-                                         "for update skip locked").format(
-                                             sql.Identifier(dst.state_schema)),
-                                 [self.cfg.source.slot])
-            except psycopg.OperationalError as exc:
-                raise ReplicatorError(
-                    ErrorKind.DESTINATION_CONNECT, f"destination connection lost: {exc}",
-                    "the replicator reconnects and resumes from the last durable position"
-                ) from exc
-        self.progress.flushed(self._wal_position("pg_current_wal_flush_lsn()"))
-
-    def _maybe_heartbeat(self) -> None:
-        interval = self.cfg.source.heartbeat_interval
-        now = time.monotonic()
-        if interval and now - self.last_heartbeat >= interval and self._nothing_pending():
-            # Through the slot it becomes a keepalive's wal_end, which the applier
-            # records and the next status confirms: the slot advances with no writes.
-            self.last_heartbeat = now
-            try:
-                emit_heartbeat(self.catalog)
-            except psycopg.errors.InsufficientPrivilege as exc:
-                # Not worth stopping replication for: the slot only advances with writes.
-                log.warning("heartbeat off for this session: the source role may not call "
-                            "pg_logical_emit_message", extra={"error": str(exc).strip()})
-                self.last_heartbeat = float("inf")
 
     def _nothing_pending(self) -> bool:
         return (not self.dec.in_txn and not self.dec.in_stream and self.batch.empty
@@ -422,7 +297,7 @@ class Receiver:
             marker = Batch(end_lsn=wal_end)
             self.handoff.offer(marker, timeout=0.0)
         if self.dec.reply_requested:
-            self._send_status()
+            self.feedback.send()
 
     # -- relations and truncates ------------------------------------------
 
@@ -430,7 +305,8 @@ class Receiver:
         relid, nspname, relname, replident, cols, _xid = event
         key = (nspname, relname)
         t = self.mirrors.get(key)
-        if t is None and key not in self.refused and self.cfg.target(nspname, relname) is not None \
+        if t is None and key not in self.copies.refused \
+                and self.cfg.target(nspname, relname) is not None \
                 and key in publication_tables(self.catalog, self.cfg.source.publication):
             # Added to the publication while we run: copy it, hold its changes
             # meanwhile. (A table that already left it again may still be
@@ -451,7 +327,7 @@ class Receiver:
         # The full type (typmod included): numeric(10,2) -> (12,4) is a change.
         layout = (tuple((c.name, c.type_sql) for c in columns), key_cols)
         differs = t.columns != columns or t.source.key != key_cols
-        if key in self.syncing:
+        if key in self.copies:
             if differs:
                 raise ReplicatorError(
                     ErrorKind.PROTOCOL, f"the columns of {t.source.qualname} changed while it "
@@ -491,7 +367,7 @@ class Receiver:
             if differs:
                 log.info("table columns changed at the source", extra={
                     "table": t.source.qualname, "columns": [c.name for c in columns]})
-        elif key not in self.syncing:
+        elif key not in self.copies:
             # Rows of skipped transactions are parsed (to be dropped) with
             # this layout, and the next applied ones may use it too.
             sink.ops.append(AlterTable(t, alter=False))
@@ -585,7 +461,7 @@ class Receiver:
         # The chunks waiting may wait for the batch being filled: hand it over (the
         # decoder's rows were just taken, so it holds committed transactions only).
         self._check_applier()
-        self._send_status()
+        self.feedback.send()
         self._close(block=False)
 
     def _applies_early(self, tr: TableRows) -> bool:
@@ -600,7 +476,7 @@ class Receiver:
         key = (t.source.schema, t.source.name)
         o = t.options
         return o.filter is None and not o.soft_delete and not o.history \
-            and key not in self.syncing and 0 < self.sync_lsns.get(key, 0) <= self.dec.wal_start
+            and key not in self.copies and 0 < self.sync_lsns.get(key, 0) <= self.dec.wal_start
 
     def _on_stream_stop(self) -> None:
         st = self.stream
@@ -679,56 +555,26 @@ class Receiver:
 
     def _sync_progress(self) -> None:
         """Between transactions: look for new work, and hand finished copies over."""
-        now = time.monotonic()
-        if now - self.last_poll >= POLL_INTERVAL:
-            self.last_poll = now
-            self._poll()
+        if self.copies.due():
+            work = self.copies.poll(self.mirrors)
+            for key in work.added:
+                self._start_sync(key)
+            if work.gone:
+                self._remove(work.gone)
+            for key in work.resync:
+                log.info("resync requested", extra={"table": self.mirrors[key].source.qualname})
+                self._start_sync(key)
         self._collect_syncs()
 
     def _collect_syncs(self) -> None:
-        while True:
-            try:
-                key, t, result = self.sync_results.get_nowait()
-            except queue.Empty:
-                return
-            self.syncing.pop(key).join()
-            if isinstance(result, BaseException):
-                raise result
+        for key, t, lsn in self.copies.finished():
             # Rows decoded so far were held; from here on the decoder drops
             # what the copy already has.
             self.batch.add_rows(self.dec.take(), self.by_relid)
-            self.batch.ops.append(SyncDone(t, result))
-            self.sync_lsns[key] = result
+            self.batch.ops.append(SyncDone(t, lsn))
+            self.sync_lsns[key] = lsn
             if t.relid and t.relid in self.by_relid:
-                self.dec.set_skip(t.relid, result)
-
-    def _poll(self) -> None:
-        src, dst = self.cfg.source, self.cfg.destination
-        members = publication_members(self.catalog, src.publication)
-        published = set(members)
-        for key, t in self.mirrors.items():
-            if key in published and key not in self.syncing and t.source.membership \
-                    and members[key] != t.source.membership:
-                # Dropped and created again, or dropped from the publication and
-                # added back, since the last poll: the stream may have missed
-                # changes. The next session's start copies it again (its sync
-                # state still holds the old identity).
-                log.info("table was recreated or rejoined the publication: copied again",
-                         extra={"table": t.source.qualname})
-                raise SessionRestart(f"{t.source.qualname} changed identity at the source")
-        for key in sorted(published):
-            if key not in self.mirrors and key not in self.refused \
-                    and self.cfg.target(*key) is not None:
-                self._start_sync(key)
-        poll_conn = self._poll_conn()
-        gone = [key for key in self.mirrors if key not in published and key not in self.syncing]
-        if gone:
-            self._remove(gone)
-        states = state.table_states(poll_conn, dst.state_schema, src.slot)
-        for key, t in list(self.mirrors.items()):
-            if states.get(t.source.qualname, ("",))[0] == state.PENDING and key not in self.syncing:
-                log.info("resync requested", extra={"table": t.source.qualname})
-                self._start_sync(key)
+                self.dec.set_skip(t.relid, lsn)
 
     def _poll_conn(self) -> psycopg.Connection:
         if self.poll_conn is None:
@@ -758,15 +604,7 @@ class Receiver:
                 self.dec.define(t.relid, len(t.columns), [], False)
             self.sync_lsns.pop(key, None)
             self.altered.pop(key, None)
-        assert self.poll_conn is not None, "_poll connects before it removes"
-        with self.poll_conn.transaction():
-            if self.fence is not None:
-                self.fence.check(self.poll_conn)
-            names = state.mark_removed(self.poll_conn, self.cfg.destination.state_schema,
-                                       self.cfg.source.slot, [f"{s}.{n}" for s, n in keys])
-        for name in names:
-            log.info("table left the publication: its mirror keeps its rows; if it comes back "
-                     "it is copied again", extra={"table": name})
+        self.copies.mark_removed(keys)
 
     def _start_sync(self, key: tuple[str, str]) -> None:
         t = self.mirrors.get(key)
@@ -777,7 +615,7 @@ class Receiver:
             try:
                 check_replicable(source)
             except ReplicatorError as exc:
-                self.refused.add(key)
+                self.copies.refused.add(key)
                 log.error("table added to the publication cannot be replicated",
                           extra={"table": source.qualname, "error": exc.message, "hint": exc.hint})
                 return
@@ -801,23 +639,4 @@ class Receiver:
         self.sync_lsns[key] = 0
         if t.relid and t.relid in self.by_relid:
             self.dec.set_skip(t.relid, 0)
-        th = threading.Thread(target=self._copy_table, args=(key, t, op), daemon=True,
-                              name=f"sync-{t.dest_name}")
-        self.syncing[key] = th
-        th.start()
-
-    def _copy_table(self, key: tuple[str, str], t: MirrorTable, op: SyncStart) -> None:
-        try:
-            # Copy only once the applier holds the table's changes, so nothing
-            # it applies afterwards lands on top of the copy.
-            while not op.applied.wait(0.5):
-                if self.sync_stop.is_set():
-                    return
-            self.metrics.table_sync(t.qualname, state.COPYING)
-            lsn = Backfill(self.cfg, [t], self.cfg.source.slot, self.sync_stop, self.metrics,
-                           live=True, fence=self.fence).run()
-            self.sync_results.put((key, t, lsn))
-        except CopyStopped:
-            pass  # the receiver is stopping; the table stays pending for the next run
-        except BaseException as exc:
-            self.sync_results.put((key, t, exc))
+        self.copies.start(key, t, op)

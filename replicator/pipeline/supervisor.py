@@ -1,10 +1,9 @@
-"""The pipeline: sessions, their retries, and the applier thread beside the receiver.
+"""The pipeline: its lease, its sessions and their retries, and how it stops.
 
-A session connects, runs the preflight checks, copies tables that need it,
-then streams: the receiver (the calling thread, receiver.py) reads and
-decodes the stream, answers keepalives and reports the durably applied
-position; the applier thread applies the closed batches it hands over
-(handoff.py). A failed session is retried by its error kind's policy.
+One process writes for a pipeline: it holds the lease in the destination (a second one
+waits as a standby). Each session (session.py) connects, copies what needs it and
+streams until it ends; a failed one is retried by its error kind's policy. A stop signal
+finishes the batch in flight, within a bound whatever a dead connection holds up.
 """
 
 from __future__ import annotations
@@ -18,30 +17,19 @@ from typing import Any
 
 import psycopg
 
-from .. import deadline, failpoints
-from .._decode import Decoder
-from ..batch import SyncDone
+from .. import deadline
 from ..classify import classify, classify_connect, is_connect_failure
 from ..config.settings import Config, DestinationSettings, SourceSettings
-from ..destination import access, state
-from ..destination.applier import Applier
-from ..destination.indexes import IndexBuilder
+from ..destination import state
 from ..destination.lease import Holder, Lease
 from ..errors import ErrorKind, ExitCode, ReplicatorError, Retries
-from ..lsn import format_lsn, pg_now
-from ..schema import MirrorTable
-from ..source.connection import TEXT_MODE_OPTIONS, ReplicationConnection, protocol_for
 from ..telemetry.metrics import Metrics, MetricsServer, SlotMonitor
-from .backfill import Backfill, CopyStopped
-from .handoff import Handoff, Progress
+from .handoff import Progress, Shared
 from .preflight import (
     check_destination_server,
-    check_replication_role,
-    check_slot,
-    discover_tables,
 )
-from .receiver import Receiver, SessionRestart
-from .stream_apply import apply_finishing
+from .session import Session
+from .table_copies import SessionRestart
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +94,8 @@ class Pipeline:
             try:
                 if not self._claim():
                     return 0
-                self._session()
+                Session(Shared(self.config, self.metrics, self.progress, self.stop_requested,
+                               self.lease.fence), self.until_caught_up).run()
                 self._check_lease(None)
                 return 0
             except SessionRestart as exc:
@@ -257,265 +246,6 @@ class Pipeline:
             timer = threading.Timer(delay, action)
             timer.daemon = True
             timer.start()
-
-    # -- one connected session -------------------------------------------
-
-    def _session(self) -> None:
-        cfg = self.config
-        src, dst = cfg.source, cfg.destination
-        slot = src.slot
-        try:
-            catalog = deadline.connect(src.conninfo(), src.receive_timeout, side="source",
-                                       setting="[source] receive_timeout", autocommit=True)
-        except psycopg.OperationalError as exc:
-            raise classify_connect(exc, src.conninfo(), settings=src) from exc
-        fence = self.lease.fence
-        applier = Applier(dst.conninfo(), dst.state_schema, slot, dst.on_error,
-                          deadline.BatchLimits.of(dst), dst.analytics_roles,
-                          source_conninfo=src.conninfo(), fence=fence)
-        repl: ReplicationConnection | None = None
-        applier_thread = None
-        builder: IndexBuilder | None = None
-        handoff = Handoff()
-        try:
-            tables = discover_tables(catalog, cfg)
-            # Before the walsender refuses it with a startup error that looks like any other
-            # failed connection (and would be retried as one).
-            check_replication_role(catalog, src.user)
-            binary = all(c.builtin for t in tables for c in t.columns)
-            mirrors = {(t.schema, t.name): MirrorTable(
-                t, *_target(cfg, t.schema, t.name), state_schema=dst.state_schema,
-                binary=binary, options=cfg.options(t.schema, t.name))
-                for t in tables}
-
-            dest = applier.connect()
-            try:
-                check_destination_server(dest)
-                state.setup(dest, dst.state_schema)
-            except psycopg.Error as exc:
-                # Named as the destination's, so the hint says whose grant is missing.
-                raise classify(exc, settings=dst) from exc
-            state.setup_component(dest, dst.state_schema, "freshness")
-            applier.commit_times = True
-            applier.defer_flush = True
-            missing = sorted(set(dst.analytics_roles)
-                             - set(access.existing_roles(dest, dst.analytics_roles)))
-            if missing:
-                log.warning("analytics roles missing: mirror tables created now get no "
-                            "policy or grant for them", extra={
-                                "roles": missing, "hint": "create them, then run "
-                                "`replicator init` (or fix [destination] analytics_roles)"})
-            applied = state.applied_lsn(dest, dst.state_schema, slot)
-
-            repl = ReplicationConnection(src.conninfo(replication="database"),
-                                         src.receive_timeout)
-            repl.connect()
-            sysinfo = repl.identify_system()
-            synced_from = state.system_id(dest, dst.state_schema, slot)
-            if synced_from and synced_from != sysinfo.system_id:
-                raise ReplicatorError(
-                    ErrorKind.RESYNC_REQUIRED,
-                    f"the source is another PostgreSQL cluster (system id {sysinfo.system_id}) "
-                    f"than the one the mirror was synced from ({synced_from})",
-                    "check [source] host/port; if the source was really replaced, run "
-                    "`replicator resync --config PATH --all`")
-            # Tables never copied, whose copy did not finish (a crash or stop
-            # mid-copy lands here again), that left the publication and came
-            # back, or that are now mapped to another mirror table, are copied
-            # before streaming starts; the others continue from the slot.
-            synced = state.table_sync(dest, dst.state_schema, slot)
-            identities = state.source_identities(dest, dst.state_schema, slot)
-            continuing = [t.source.qualname for t in mirrors.values()
-                          if _synced(synced, t, identities)]
-            found = check_slot(catalog, slot, applied, continuing)
-            if fence is not None and (found is None or found.invalidated):
-                fence.check(dest)   # only the lease's holder creates or drops the slot
-            if found is not None and found.invalidated:
-                # Nothing relies on it (check_slot said so): every table is copied
-                # again, from a snapshot consistent with the new slot.
-                repl.drop_slot(slot)
-                log.warning("dropped the invalidated replication slot to create it again",
-                            extra={"slot": slot, "reason": found.why_invalidated()})
-                found = None
-            if found is None:
-                point = repl.create_slot(slot)
-                log.info("created replication slot", extra={
-                    "slot": slot, "consistent_point": format_lsn(point)})
-            repl.close()
-            repl = None
-
-            gone = [name for name in synced
-                    if name not in {t.source.qualname for t in mirrors.values()}]
-            with dest.transaction():
-                if fence is not None:
-                    fence.check(dest)
-                removed = state.mark_removed(dest, dst.state_schema, slot, gone)
-            for name in removed:
-                log.info("table no longer replicated: its mirror keeps its rows; if it comes "
-                         "back it is copied again", extra={"table": name})
-            states = {name: (st, lsn) for name, (st, lsn, _m) in synced.items()}
-            to_copy = [t for t in mirrors.values() if not _synced(synced, t, identities)]
-            if to_copy:
-                self.metrics.alive("copying")
-                try:
-                    sync_lsn = Backfill(cfg, to_copy, slot, self.stop_requested, self.metrics,
-                                        fence=fence).run()
-                except CopyStopped:
-                    log.info("stopped during the initial copy: unfinished tables are copied "
-                             "again on the next run")
-                    return
-                for t in to_copy:
-                    states[t.source.qualname] = (state.COPIED, sync_lsn)
-                failpoints.hit(failpoints.STARTUP_COPIED)
-            # Streaming mirrors keep their columns: the stream alters them in
-            # order (a replayed older transaction must not see the newest catalog).
-            applier.prepare_tables(list(mirrors.values()), alter=False)
-            with dest.transaction():
-                if fence is not None:
-                    fence.check(dest)
-                for t in mirrors.values():
-                    st, lsn = states[t.source.qualname]
-                    if st != state.STREAMING or \
-                            identities.get(t.source.qualname) != t.source.membership:
-                        state.set_table(dest, dst.state_schema, slot, t,
-                                        state.STREAMING, lsn)
-            sync_lsns = {key: states[t.source.qualname][1] for key, t in mirrors.items()}
-
-            options = [] if binary else [TEXT_MODE_OPTIONS]
-            if src.logical_decoding_work_mem:
-                options.append(f"-c logical_decoding_work_mem={src.logical_decoding_work_mem}")
-            repl = ReplicationConnection(src.conninfo(
-                replication="database",
-                **({"options": " ".join(options)} if options else {})), src.receive_timeout)
-            repl.connect()
-            start = applied or 0
-            protocol = protocol_for(repl.server_version)
-
-            decoder = Decoder()
-            decoder.skip_before = start
-            repl.attach(decoder)
-            repl.start(slot, start, src.publication, protocol, binary, src.streaming)
-            self.progress.applied_lsn = start
-            self.metrics.applied_to(start)
-            self.metrics.alive("streaming")
-            for t in mirrors.values():
-                self.metrics.table_sync(t.qualname, state.STREAMING)
-            log.info("streaming", extra={
-                "slot": slot, "publication": src.publication, "from_lsn": format_lsn(start),
-                "protocol": protocol, "mode": "binary" if binary else "text",
-                "tables": len(mirrors), "target_lsn": format_lsn(sysinfo.xlogpos)
-                if self.until_caught_up else None})
-
-            applier_thread = threading.Thread(
-                target=self._apply_loop, args=(applier, handoff, sysinfo.system_id),
-                name="applier", daemon=True)
-            applier_thread.start()
-            # Secondary indexes of copied tables, built while the stream is applied.
-            builder = IndexBuilder(dst, slot, self.metrics, fence=fence).start()
-            applier.index_builds = builder
-
-            def stream_applier() -> Applier:
-                return Applier(dst.conninfo(), dst.state_schema, slot, dst.on_error,
-                               deadline.BatchLimits.of(dst), dst.analytics_roles, fence=fence)
-
-            Receiver(cfg, self.progress, self.metrics, self.stop_requested, repl, decoder,
-                     handoff, catalog, mirrors, sync_lsns, binary,
-                     sysinfo.xlogpos if self.until_caught_up else None,
-                     stream_applier if dst.max_streams else None, fence=fence).loop()
-        finally:
-            if builder is not None:
-                # A build in flight finishes on the destination; the next session waits
-                # for it.
-                builder.stop()
-            handoff.close()
-            if applier_thread is not None:
-                # Its connection is closed only once it is done: a batch still
-                # running could otherwise commit after the next session has
-                # read the applied position.
-                _stop_applier(applier_thread, applier, self.stop_requested.is_set())
-            if repl is not None:
-                repl.close()
-            applier.close()
-            catalog.close()
-
-    # -- the applier thread ----------------------------------------------
-
-    def _apply_loop(self, applier: Applier, handoff: Handoff, system_id: str) -> None:
-        while True:
-            batch = handoff.take()
-            if batch is None:
-                return
-            try:
-                if batch.stream is not None:
-                    result = apply_finishing(batch, applier, system_id)
-                else:
-                    result = applier.apply(batch, system_id=system_id)
-            except BaseException as exc:  # handed to the receiver, which raises it
-                handoff.fail(exc)
-                return
-            finally:
-                batch.close()
-            self.progress.applied(batch.end_lsn, result.wal_lsn, result.wal_flushed)
-            if batch.last_commit_ts:
-                self.progress.last_commit_ts = batch.last_commit_ts
-            if batch.txns:
-                lag = max(0.0, (pg_now() - batch.last_commit_ts) / 1e6)
-                log.info("batch applied", extra={
-                    "txns": batch.txns, "rows": result.rows, "inserts": result.inserts,
-                    "updates": result.updates, "deletes": result.deletes,
-                    "dead_letters": result.dead_letters, "copies": result.copies,
-                    "memory_bytes": batch.memory_bytes, "seconds": round(result.seconds, 4),
-                    "lag_s": round(lag, 3), "lsn": format_lsn(batch.end_lsn),
-                    "tables": sorted(result.per_op)})
-            self.metrics.batch_applied(batch, result)
-            if batch.stream is not None:
-                self.metrics.streamed_applied(batch.stream.committed)
-            for op in batch.ops:
-                if isinstance(op, SyncDone):
-                    self.metrics.table_sync(op.table.qualname, state.STREAMING)
-
-
-def _synced(synced: dict[str, tuple[str, int, str]], t: MirrorTable,
-            identities: dict[str, str | None]) -> bool:
-    """Whether the table's mirror holds its rows and the stream only has to go on.
-
-    Not if the source table or its publication membership is another one than
-    the rows came from (dropped and created again, or dropped from the
-    publication and added back, while stopped): the stream has a gap there.
-    An identity not recorded yet (state from an older version) is trusted.
-    """
-    st, _lsn, mirror = synced.get(t.source.qualname, (state.PENDING, 0, ""))
-    identity = identities.get(t.source.qualname)
-    return st in (state.COPIED, state.STREAMING) and mirror == t.qualname \
-        and (identity is None or identity == t.source.membership)
-
-
-def _target(config: Config, schema: str, table: str) -> tuple[str, str]:
-    """The mirror table of a source table discover_tables kept (so it is mapped)."""
-    target = config.target(schema, table)
-    assert target is not None, f"{schema}.{table} is not mapped"
-    return target
-
-
-def _stop_applier(thread: threading.Thread, applier: Applier, stopping: bool) -> None:
-    """Wait for the batch in flight to end, then cancel it, then cut its connection.
-
-    Its connection is closed only once it is done: a batch still running could otherwise
-    commit after the next session has read the applied position. A destination that answers
-    neither (dead) gets its socket shut: it never received the commit, so nothing commits.
-    """
-    # Stopping, the batch had its time already: a stop shuts dead connections (SHUT_AFTER).
-    patience = 1 if stopping else 5
-    thread.join(timeout=patience)
-    if thread.is_alive():
-        log.warning("cancelling the batch in flight before closing its connection")
-        applier.cancel(timeout=1 if stopping else 5)
-        thread.join(timeout=patience)
-    if thread.is_alive():
-        log.warning("the destination answers neither the batch nor its cancel: closing the "
-                    "connection under it (the batch is rolled back and replayed)")
-        applier.abort()
-        thread.join(timeout=5)
 
 
 def _shut_connections() -> None:

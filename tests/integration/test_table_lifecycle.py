@@ -246,7 +246,7 @@ def test_a_session_ends_only_after_the_batch_in_flight(dest_db):
     # could still be running on it (and commit after the next session read the position).
     import threading
 
-    from replicator.pipeline.supervisor import _stop_applier
+    from replicator.pipeline.session import _stop_applier
 
     applier = Applier(dest_db.dsn, "replicator", PUBLICATION)
     applier.connect()
