@@ -3,15 +3,14 @@ demo.
 
 This is where errors become what an operator sees: a ReplicatorError is one line on stderr
 (``error: <what, where> — <what to do>``) and its kind's exit code; anything else is a bug and
-is logged with its traceback. The modules doing the work are imported only by the command
-that needs them, so ``--help`` and ``check`` work even where they cannot be loaded.
+is logged with its traceback. Each command's work is in a module of its own; this one
+parses, loads the configuration, sets up logging and prints.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import ipaddress
 import json
 import logging
@@ -20,8 +19,6 @@ import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import ModuleType
-from typing import TextIO
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -31,8 +28,10 @@ from ..config.load import load_config
 from ..config.redact import redact, register_secret
 from ..config.settings import Config, LoggingSettings
 from ..errors import ConfigError, ErrorKind, ExitCode, ReplicatorError
-from ..telemetry.console import printable
+from ..pipeline import preflight, supervisor
+from ..telemetry.console import printable, say
 from ..telemetry.logs import setup_logging
+from . import dead_letters, init, resync, status, verify
 
 __all__ = ["build_parser", "main"]
 
@@ -439,12 +438,6 @@ def _report(err: ReplicatorError) -> int:
     return int(err.exit_code)
 
 
-def _say(text: str, *, file: TextIO | None = None) -> None:
-    """Print text for a person (stdout by default): names in it come from the databases, so
-    their control characters are escaped (see ``console``)."""
-    print(printable(text, multiline=True), file=file)
-
-
 # --- commands -------------------------------------------------------------------------------
 
 
@@ -457,7 +450,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, metrics=dataclasses.replace(
             config.metrics, host=args.metrics_host))
     setup_logging(settings)
-    pipeline = _import("replicator.pipeline.supervisor")
     log.info(
         "config loaded",
         extra={
@@ -467,76 +459,42 @@ def _cmd_run(args: argparse.Namespace) -> int:
             "until_caught_up": args.until_caught_up,
         },
     )
-    return int(pipeline.run(config, until_caught_up=args.until_caught_up))
+    return int(supervisor.run(config, until_caught_up=args.until_caught_up))
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     _setup_console_logging()
-    init_module = _import("replicator.commands.init")
-    init_module.init(config)
+    init.init(config)
     return ExitCode.OK
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     _setup_console_logging()
-    _say(_summary(config))
+    say(_summary(config))
     for warning in _tls_warnings(config):
-        _say(f"warning: {warning}", file=sys.stderr)
+        say(f"warning: {warning}", file=sys.stderr)
     sys.stdout.flush()  # the summary first, then whatever the deeper checks report
-    preflight = _import_optional("replicator.pipeline.preflight")
-    if preflight is not None and hasattr(preflight, "check"):
-        result = preflight.check(config)
-        return ExitCode.OK if result is None else int(result)
-    return ExitCode.OK
+    result = preflight.check(config)
+    return ExitCode.OK if result is None else int(result)
 
 
 def _cmd_resync(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     _setup_console_logging()
-    state = _import("replicator.destination.state")
-    lease = _import("replicator.destination.lease")
-    dst = config.destination
-    slot = config.source.slot
-    try:
-        conn = psycopg.connect(dst.conninfo(), autocommit=True, prepare_threshold=None)
-    except psycopg.Error as exc:
-        raise classify(exc, settings=dst) from None
-    with conn:
-        state.setup(conn, dst.state_schema)
-        fence = lease.observe(conn, dst.state_schema, slot, "`replicator resync`")
-        known = state.table_states(conn, dst.state_schema, slot)
-        if args.all:
-            with conn.transaction():
-                fence.check(conn)
-                state.forget_pipeline(conn, dst.state_schema, slot)
-                count = state.request_resync(conn, dst.state_schema, slot, list(known))
-            _say(f"resync requested for every table ({count}); the next run copies them")
-            return ExitCode.OK
-        names = [t if "." in t else f"public.{t}" for t in args.table]
-        unknown = [n for n in names if n not in known]
-        if unknown:
-            raise ConfigError(
-                f"--table: {', '.join(unknown)} is not replicated by slot {slot!r}",
-                "known tables: " + (", ".join(sorted(known)) or "none yet (run first)"))
-        with conn.transaction():
-            fence.check(conn)
-            state.request_resync(conn, dst.state_schema, slot, names)
-    _say(f"resync requested for {', '.join(names)}: a running replicator starts it within "
-         "seconds, otherwise the next run does")
+    say(resync.request(config, args.table, args.all))
     return ExitCode.OK
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     _setup_console_logging()
-    status = _import("replicator.commands.status")
     st = status.collect(config, args.max_lag_seconds)
     if args.json:
         print(json.dumps(st.as_dict(), indent=None))
     else:
-        _say(status.render(st))
+        say(status.render(st))
     # Not an error of this command: what it found, for scripts and monitors to branch on.
     return 1 if st.problems else ExitCode.OK
 
@@ -544,55 +502,17 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_dead_letters(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     _setup_console_logging()
-    letters = _import("replicator.destination.dead_letters")
-    state = _import("replicator.destination.state")
-    lease = _import("replicator.destination.lease")
-    dst = config.destination
-    table = args.table if args.table is None or "." in args.table else f"{dst.schema}.{args.table}"
-    try:
-        conn = psycopg.connect(dst.conninfo(), autocommit=True, prepare_threshold=None)
-    except psycopg.Error as exc:
-        raise classify(exc, settings=dst) from None
-    with conn:
-        if not state.exists(conn, dst.state_schema):
-            raise ConfigError(f"no replicator state in schema {dst.state_schema!r} of the "
-                              "destination", "run `replicator run` first")
-        state.setup(conn, dst.state_schema)
-        outcome = None
-        if args.retry:
-            fence = lease.observe(conn, dst.state_schema, config.source.slot,
-                                  "`replicator dead-letters --retry`")
-            outcome = letters.retry(conn, dst.state_schema, config.source.slot, table, fence,
-                                    letters.mirror_options(config))
-        left = letters.waiting(conn, dst.state_schema, config.source.slot, table)
-    if args.json:
-        doc: dict = {"dead_letters": [letter.as_dict() for letter in left]}
-        if outcome is not None:
-            doc["retry"] = {"applied": outcome.applied, "superseded": outcome.superseded,
-                            "failed": len(outcome.failed),
-                            "not_retryable": outcome.not_retryable}
-        print(json.dumps(doc, default=str))
-    else:
-        if outcome is not None:
-            _say(f"retried: {outcome.applied} applied, {len(outcome.failed)} still failing, "
-                 f"{outcome.superseded} superseded by a later copy of their table, "
-                 f"{outcome.not_retryable} not retryable")
-        _say(f"{len(left)} dead letters" + (":" if left else ""))
-        for letter in left:
-            d = letter.as_dict()
-            _say(f"  #{d['id']} {d['table']} {d['op'] or '-'} key {letter.key} at {d['lsn']} "
-                 f"({d['created']}, retries {d['retries']}): "
-                 f"{d['reason']}" + (f" [{d['sqlstate']}]" if d["sqlstate"] else ""))
-    return 1 if outcome is not None and outcome.failed else ExitCode.OK
+    return dead_letters.run(config, args.table, args.retry, args.json)
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     _setup_console_logging()
-    verify = _import("replicator.commands.verify")
     report = verify.verify(config, args.table, args.wait, repair=args.repair)
     if args.json:
         print(json.dumps(report.as_dict(), indent=None))
     else:
-        _say(verify.render(report))
+        say(verify.render(report))
     # What it found, not an error of the command: scripts branch on it.
     return 1 if report.drift else ExitCode.OK
 
@@ -609,20 +529,22 @@ def _cmd_seed(args: argparse.Namespace) -> int:
             "PGPASSWORD") from None
     register_secret(params.get("password"))
     if params.get("password"):
-        _say("warning: the --dsn password is visible to every user of this machine in the "
+        say("warning: the --dsn password is visible to every user of this machine in the "
              "process list (ps): leave it out of --dsn and set PGPASSWORD (or ~/.pgpass), "
              "which libpq reads", file=sys.stderr)
     _setup_console_logging()
-    seed_module = _import("replicator.devtools.seed")
+    # Dev tooling, imported only here: `replicator run` never loads the generator.
+    from ..devtools import seed as seed_module
     rows = seed_module.seed(args.dsn, scale=args.scale, seed=args.seed)
     if isinstance(rows, Mapping):  # rows per table
-        _say("seeded: " + ", ".join(f"{table} {count}" for table, count in rows.items()))
+        say("seeded: " + ", ".join(f"{table} {count}" for table, count in rows.items()))
     return ExitCode.OK
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     _setup_console_logging()
-    demo_module = _import("replicator.devtools.demo")
+    # Dev tooling, imported only here (its test servers and workload).
+    from ..devtools import demo as demo_module
     result = demo_module.main(args.workdir, args.scale, keep=args.keep, seconds=args.seconds)
     return ExitCode.OK if result is None else int(result)
 
@@ -666,31 +588,6 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
-
-
-def _import_optional(name: str) -> ModuleType | None:
-    """The module, or None if it does not exist (a later feature); its own errors propagate."""
-    try:
-        return _import(name)
-    except ModuleNotFoundError as exc:
-        if exc.name == name:
-            return None
-        raise
-
-
-def _import(name: str) -> ModuleType:
-    """Import a command's implementation; a missing build is an operator problem, not a bug."""
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name == "replicator._decode":
-            raise ReplicatorError(
-                ErrorKind.INTERNAL,
-                "the compiled pgoutput decoder (replicator._decode) is not built",
-                "install the package with its extension: pip install -e . "
-                "(needs Cython and a C compiler)",
-            ) from exc
-        raise
 
 
 def _setup_console_logging() -> None:

@@ -10,8 +10,9 @@ its title, hide lines, rewrite what was printed before, or make a link say somet
 from __future__ import annotations
 
 import re
+from typing import TextIO
 
-__all__ = ["printable"]
+__all__ = ["printable", "say"]
 
 # Every C0 control (NUL..US, so ESC, BEL, CR and tab too), DEL and every C1 control (CSI,
 # OSC, ST... as single bytes), plus what reorders or breaks lines without being a control:
@@ -46,3 +47,8 @@ def printable(text: str, *, multiline: bool = False) -> str:
     if not _CONTROL.search(text):
         return text
     return _CONTROL.sub(_escape, text)
+
+
+def say(text: str, *, file: TextIO | None = None) -> None:
+    """Print text for a person (stdout by default), through ``printable``."""
+    print(printable(text, multiline=True), file=file)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import pickle
@@ -58,11 +59,14 @@ def config_path(tmp_path, monkeypatch) -> Path:
     return path
 
 
-def fake_module(monkeypatch, name: str, **functions) -> types.ModuleType:
-    module = types.ModuleType(name)
+def stub(monkeypatch, name: str, **functions) -> types.ModuleType:
+    """The command's module with these functions replaced (preflight: check() checks nothing
+    unless given, so no test here needs a database)."""
+    module = importlib.import_module(name)
+    if name == "replicator.pipeline.preflight":
+        functions.setdefault("check", lambda config: None)
     for attr, function in functions.items():
-        setattr(module, attr, function)
-    monkeypatch.setitem(sys.modules, name, module)
+        monkeypatch.setattr(module, attr, function)
     return module
 
 
@@ -138,7 +142,7 @@ def test_the_data_path_does_not_import_the_dev_tooling():
 
 
 def test_check_prints_summary_without_secrets(config_path, monkeypatch, capsys):
-    fake_module(monkeypatch, "replicator.pipeline.preflight")  # no check() yet
+    stub(monkeypatch, "replicator.pipeline.preflight")
     assert main(["check", "--config", str(config_path)]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"config OK: {config_path}\n")
@@ -181,7 +185,7 @@ def test_check_warns_about_tls_that_does_not_verify_a_remote_server(
         source, destination, pgsslmode, expected, tmp_path, monkeypatch, capsys):
     """The default stays libpq's (prefer): `check` says, in one line per side, when a server
     across a network is not verified, and what to set. Nothing else changes."""
-    fake_module(monkeypatch, "replicator.pipeline.preflight")
+    stub(monkeypatch, "replicator.pipeline.preflight")
     monkeypatch.setenv("ODOO_DB_PASSWORD", SOURCE_PW)
     monkeypatch.setenv("SUPABASE_DB_PASSWORD", DEST_PW)
     monkeypatch.delenv("PGHOST", raising=False)
@@ -211,18 +215,26 @@ def test_check_calls_runtime_check_when_it_exists(config_path, monkeypatch, caps
         seen.append(config)
         return 3
 
-    fake_module(monkeypatch, "replicator.pipeline.preflight", check=check)
+    stub(monkeypatch, "replicator.pipeline.preflight", check=check)
     assert main(["check", "-c", str(config_path)]) == 3
     assert seen[0].source.publication == "odoo_pub_scout"
 
 
-def test_check_works_before_runtime_exists(config_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "replicator.pipeline.preflight", None)  # import fails: not written yet
-    assert main(["check", "-c", str(config_path)]) == 0
+@pytest.mark.parametrize("compiled", ["replicator._decode", "replicator.pipeline._pipe"])
+def test_a_missing_build_is_one_line(compiled):
+    """Without the compiled extensions the command line cannot even be imported: the entry
+    point says so in one line, with the way out, and exits 1."""
+    code = (f"import sys\nsys.modules[{compiled!r}] = None  # as if never built\n"
+            "from replicator.__main__ import main\nraise SystemExit(main())\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == ExitCode.INTERNAL
+    line = assert_one_error_line(result.stderr)
+    assert f"the compiled part {compiled} is not built" in line and "pip install -e ." in line
 
 
 def test_config_from_environment_variable(config_path, monkeypatch, capsys):
-    fake_module(monkeypatch, "replicator.pipeline.preflight")
+    stub(monkeypatch, "replicator.pipeline.preflight")
     monkeypatch.setenv("REPLICATOR_CONFIG", str(config_path))
     assert main(["check"]) == 0
 
@@ -237,7 +249,7 @@ def test_run_passes_config_and_flag_to_runtime(config_path, monkeypatch, capsys)
         calls.append((config, until_caught_up))
         return 0
 
-    fake_module(monkeypatch, "replicator.pipeline.supervisor", run=run)
+    stub(monkeypatch, "replicator.pipeline.supervisor", run=run)
     assert main(["run", "--config", str(config_path), "--until-caught-up"]) == 0
     assert main(["run", "--config", str(config_path)]) == 0
     (first, flag1), (_, flag2) = calls
@@ -253,7 +265,7 @@ def test_run_log_level_override(config_path, monkeypatch, capsys):
         logging.getLogger("replicator.pipeline.supervisor").debug("debug visible")
         return 0
 
-    fake_module(monkeypatch, "replicator.pipeline.supervisor", run=run)
+    stub(monkeypatch, "replicator.pipeline.supervisor", run=run)
     assert main(["run", "-c", str(config_path), "--log-level", "debug"]) == 0
     assert "debug visible" in capsys.readouterr().out
 
@@ -286,7 +298,7 @@ def test_replicator_error_from_runtime_uses_its_exit_code_and_is_redacted(config
             f"the password {SOURCE_PW} was refused",
         )
 
-    fake_module(monkeypatch, "replicator.pipeline.supervisor", run=run)
+    stub(monkeypatch, "replicator.pipeline.supervisor", run=run)
     assert main(["run", "-c", str(config_path)]) == ExitCode.UNAVAILABLE == 3
     line = assert_one_error_line(capsys.readouterr().err)
     assert SOURCE_PW not in line
@@ -308,7 +320,7 @@ def test_exit_code_per_kind(kind, code, config_path, monkeypatch, capsys):
     def run(config, *, until_caught_up):
         raise ReplicatorError(kind, "what went wrong")
 
-    fake_module(monkeypatch, "replicator.pipeline.supervisor", run=run)
+    stub(monkeypatch, "replicator.pipeline.supervisor", run=run)
     assert main(["run", "-c", str(config_path)]) == code
     assert assert_one_error_line(capsys.readouterr().err) == f"error: what went wrong — {kind.default_hint}"
 
@@ -317,7 +329,7 @@ def test_unexpected_exception_is_logged_with_traceback_and_exit_1(config_path, m
     def run(config, *, until_caught_up):
         raise RuntimeError(f"bug near {SOURCE_PW}")
 
-    fake_module(monkeypatch, "replicator.pipeline.supervisor", run=run)
+    stub(monkeypatch, "replicator.pipeline.supervisor", run=run)
     assert main(["run", "-c", str(config_path)]) == 1
     out = capsys.readouterr().out  # [logging] output = stdout
     assert "Traceback" in out and "RuntimeError: bug near ***" in out
@@ -328,7 +340,7 @@ def test_unexpected_exception_before_logging_is_set_up(monkeypatch, capsys):
     def seed(dsn, *, scale, seed):
         raise RuntimeError("seed bug")
 
-    fake_module(monkeypatch, "replicator.devtools.seed", seed=seed)
+    stub(monkeypatch, "replicator.devtools.seed", seed=seed)
     assert main(["seed", "--dsn", "dbname=x"]) == 1
     err = capsys.readouterr().err
     assert "internal error" in err and "Traceback" in err and "RuntimeError: seed bug" in err
@@ -338,7 +350,7 @@ def test_keyboard_interrupt_is_quiet_130(config_path, monkeypatch, capsys):
     def run(config, *, until_caught_up):
         raise KeyboardInterrupt
 
-    fake_module(monkeypatch, "replicator.pipeline.supervisor", run=run)
+    stub(monkeypatch, "replicator.pipeline.supervisor", run=run)
     assert main(["run", "-c", str(config_path)]) == 130
     captured = capsys.readouterr()
     assert captured.err == ""
@@ -355,7 +367,7 @@ def test_seed_passes_arguments(monkeypatch, capsys):
         calls.append((dsn, scale, seed))
         return {"res_partner": 10 * scale, "account_move": 20 * scale}
 
-    fake_module(monkeypatch, "replicator.devtools.seed", seed=seed)
+    stub(monkeypatch, "replicator.devtools.seed", seed=seed)
     assert main(["seed", "--dsn", "dbname=odoo_core", "--scale", "3", "--seed", "7"]) == 0
     assert capsys.readouterr().out == "seeded: res_partner 30, account_move 60\n"
     assert main(["seed", "--dsn", "dbname=odoo_core"]) == 0
@@ -366,7 +378,7 @@ def test_seed_never_prints_the_dsn_password(monkeypatch, capsys):
     def seed(dsn, *, scale, seed):
         raise psycopg.OperationalError("connection failed: FATAL:  password authentication failed for user \"odoo\"")
 
-    fake_module(monkeypatch, "replicator.devtools.seed", seed=seed)
+    stub(monkeypatch, "replicator.devtools.seed", seed=seed)
     # An unclassified database error from a command is still a one-line operator error.
     assert main(["seed", "--dsn", "dbname=odoo_core password=Dsn-Secret-3"]) == 2
     line = assert_one_error_line(_without_dsn_warning(capsys.readouterr().err))
@@ -391,7 +403,7 @@ def _without_dsn_warning(err: str) -> str:
     "host=Tr0ub4dorxkcd dbname",
 ])
 def test_seed_dsn_parse_errors_quote_nothing_of_the_dsn(dsn, monkeypatch, capsys):
-    fake_module(monkeypatch, "replicator.devtools.seed",
+    stub(monkeypatch, "replicator.devtools.seed",
                 seed=lambda *a, **k: pytest.fail("seeded with a DSN that does not parse"))
     assert main(["seed", "--dsn", dsn]) == 2
     line = assert_one_error_line(capsys.readouterr().err)
@@ -404,7 +416,7 @@ def test_seed_warns_about_a_password_in_the_dsn(monkeypatch, capsys):
     """A password on the command line is in every user's `ps`: one warning line, and the
     way that keeps it out (PGPASSWORD, which libpq reads); the command still works."""
     seen = []
-    fake_module(monkeypatch, "replicator.devtools.seed",
+    stub(monkeypatch, "replicator.devtools.seed",
                 seed=lambda dsn, *, scale, seed: seen.append((dsn, os.environ.get("PGPASSWORD"))))
     for dsn in ("dbname=odoo_core password=Dsn-Secret-3", "postgresql://odoo:Dsn-Secret-3@h/db"):
         assert main(["seed", "--dsn", dsn]) == 0
@@ -420,7 +432,7 @@ def test_seed_warns_about_a_password_in_the_dsn(monkeypatch, capsys):
 
 def test_demo_passes_arguments(monkeypatch, tmp_path, capsys):
     calls = []
-    fake_module(monkeypatch, "replicator.devtools.demo",
+    stub(monkeypatch, "replicator.devtools.demo",
                 main=lambda workdir, scale, keep, seconds: calls.append((workdir, scale, keep, seconds)))
     assert main(["demo", "--workdir", str(tmp_path), "--scale", "2", "--keep", "--seconds", "3"]) == 0
     assert main(["demo"]) == 0
@@ -581,7 +593,7 @@ def test_errors_pickle_and_format():
 
 def test_repo_config_check(monkeypatch, capsys):
     """The shipped etl-config.toml passes `check` with the two documented variables."""
-    fake_module(monkeypatch, "replicator.pipeline.preflight")
+    stub(monkeypatch, "replicator.pipeline.preflight")
     monkeypatch.setenv("ODOO_DB_PASSWORD", "x" * 12)
     monkeypatch.setenv("SUPABASE_DB_PASSWORD", "y" * 12)
     repo_config = Path(__file__).resolve().parents[2] / "etl-config.toml"

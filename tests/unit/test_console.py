@@ -5,14 +5,13 @@ of whoever runs `check`, a CSI sequence rewrites what it printed)."""
 from __future__ import annotations
 
 import logging
-import sys
-import types
 from pathlib import Path
 
 import pytest
 
 from replicator.commands.cli import main
 from replicator.errors import ErrorKind, ReplicatorError
+from replicator.pipeline import preflight
 from replicator.telemetry.console import printable
 from replicator.telemetry.logs import TextFormatter
 
@@ -46,9 +45,7 @@ def test_the_error_line_escapes_names(monkeypatch, capsys):
         raise ReplicatorError(ErrorKind.SOURCE_SETUP, f'table "{HOSTILE}" has no key',
                               f"alter table {HOSTILE} replica identity full")
 
-    module = types.ModuleType("replicator.pipeline.preflight")
-    module.check = check  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "replicator.pipeline.preflight", module)
+    monkeypatch.setattr(preflight, "check", check)
     monkeypatch.setenv("ODOO_DB_PASSWORD", "x" * 12)
     monkeypatch.setenv("SUPABASE_DB_PASSWORD", "y" * 12)
     assert main(["check", "--config", str(REPO / "etl-config.toml")]) == 2
