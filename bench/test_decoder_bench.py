@@ -15,17 +15,11 @@ this file with --benchmark-disable (each decoder once, no timing).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from pgoutput_replay import ODOO_CAPTURE, frames, load_capture, replay  # noqa: E402
-from reference_decoder import ReferenceDecoder  # noqa: E402
-
-from replicator._decode import Decoder  # noqa: E402
+from replicator._decode import Decoder
+from replicator.devtools.pgoutput_replay import ODOO_CAPTURE, frames, load_capture, replay
+from replicator.devtools.reference_decoder import ReferenceDecoder
 
 DECODERS = {"cython": Decoder, "reference": ReferenceDecoder}
 

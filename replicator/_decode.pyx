@@ -40,6 +40,24 @@ cdef enum:
     # the buffer PQgetCopyData returns, the relation's COPY buffer).
     BIG_VALUE = 1 << 20
 
+# The replication stream's CopyData frames. XLogData 'w': Int64 WAL start, Int64 WAL end,
+# Int64 send time, then one pgoutput message. Primary keepalive 'k': Int64 WAL end, Int64
+# send time, Byte1 reply requested. pgoutput Begin 'B': Int64 final LSN, Int64 commit time,
+# Int32 xid. Offsets from the tag byte.
+cdef enum:
+    XLOG_WAL_START = 1
+    XLOG_WAL_END = 9
+    XLOG_SEND_TIME = 17
+    XLOG_MESSAGE = 25          # the header's length: where the pgoutput message starts
+    KEEPALIVE_WAL_END = 1
+    KEEPALIVE_SEND_TIME = 9
+    KEEPALIVE_REPLY = 17
+    KEEPALIVE_LEN = 18
+    BEGIN_FINAL_LSN = 1
+    BEGIN_COMMIT_TS = 9
+    BEGIN_XID = 17
+    BEGIN_LEN = 21
+
 # The 11-byte signature, flags and header extension length of COPY BINARY, and
 # the field count -1 that ends the rows. Written here only: every buffer starts
 # with the header, and batch.py takes both from this module.
@@ -53,213 +71,10 @@ class DecodeError(Exception):
     """The stream does not look like pgoutput as we understand it."""
 
 
-cdef int buf_reserve(Buf *b, Py_ssize_t extra) noexcept nogil:
-    cdef Py_ssize_t need = b.len + extra
-    cdef Py_ssize_t cap
-    cdef char *data
-    if need <= b.cap:
-        return 0
-    cap = b.cap * 2 if b.cap else 65536
-    while cap < need:
-        cap *= 2
-    data = <char *>realloc(b.data, cap)
-    if data == NULL:
-        return -1
-    b.data = data
-    b.cap = cap
-    return 0
-
-
-cdef int buf_reset(Buf *b) noexcept nogil:
-    # Every buffer starts with the COPY BINARY header so that taking it is
-    # one copy, not a concatenation.
-    b.len = 0
-    if buf_reserve(b, HEADER_LEN) < 0:
-        return -1
-    memcpy(b.data, HEADER, HEADER_LEN)
-    b.len = HEADER_LEN
-    return 0
-
-
-cdef const char *parse_tuple(const char *p, const char *end, int ncols, Field *out) noexcept nogil:
-    """Point `out` at the fields of a TupleData; NULL when malformed."""
-    cdef int i
-    cdef int32_t flen
-    cdef char kind
-    if p + 2 > end:
-        return NULL
-    if rd16(p) != ncols:
-        return NULL
-    p += 2
-    for i in range(ncols):
-        if p >= end:
-            return NULL
-        kind = p[0]
-        p += 1
-        out[i].kind = kind
-        out[i].ptr = NULL
-        out[i].len = -1
-        if kind == b't' or kind == b'b':
-            if p + 4 > end:
-                return NULL
-            flen = <int32_t>rd32(p)
-            p += 4
-            if flen < 0 or p + flen > end:
-                return NULL
-            out[i].ptr = p
-            out[i].len = flen
-            p += flen
-        elif kind != b'n' and kind != b'u':
-            return NULL
-    return p
-
-
-cdef inline int has_value(Field *f) noexcept nogil:
-    return f.kind == b't' or f.kind == b'b'
-
-
-cdef int rel_seg(Rel *r, Py_ssize_t at, Field *f, int held) noexcept nogil:
-    cdef Seg *grown
-    if r.nsegs == r.segcap:
-        grown = <Seg *>realloc(r.segs, (r.segcap * 2 if r.segcap else 4) * sizeof(Seg))
-        if grown == NULL:
-            return -1
-        r.segs = grown
-        r.segcap = r.segcap * 2 if r.segcap else 4
-    r.segs[r.nsegs].at = at
-    r.segs[r.nsegs].ptr = f.ptr
-    r.segs[r.nsegs].len = f.len
-    r.segs[r.nsegs].held = held
-    r.nsegs += 1
-    r.seg_bytes += f.len
-    return 0
-
-
-cdef inline int left_in_place(Field *f, int held) noexcept nogil:
-    return held >= 0 and f.len >= BIG_VALUE
-
-
-cdef int write_row(Rel *r, int64_t seq, uint64_t lsn, char op, Field *src, int key_only,
-                   Field *okey, Field *fill, int held) noexcept nogil:
-    """Append one staging row to the relation's COPY buffer.
-
-    src: the row's fields; key_only: write only the key columns of src (a
-    delete); okey: the old key, written into the _ok columns (a key change);
-    fill: an old full image whose values replace unchanged-TOAST fields
-    (REPLICA IDENTITY FULL sends it). held >= 0: the message may be kept as
-    Decoder.held[held], and its big values are left there (a Seg each).
-    0, 1 if a value was left in the message, -1 when out of memory.
-    """
-    cdef int kept = 0
-    cdef int nsegs = r.nsegs
-    cdef Py_ssize_t seg_bytes = r.seg_bytes
-    cdef int i, k, ncols = r.ncols
-    cdef int nbits = 0
-    cdef Py_ssize_t size
-    cdef Field *f
-    cdef char *w
-    cdef int ulen = (ncols + 7) >> 3
-    cdef uint8_t ubits[UBITS_MAX]
-
-    size = 2 + 12 + 12 + 5 + 4 + ulen
-    for i in range(ncols):
-        size += 4
-        if key_only and not r.is_key[i]:
-            continue
-        f = &src[i]
-        if f.kind == b'u' and fill != NULL and has_value(&fill[i]):
-            f = &fill[i]
-        if has_value(f) and not left_in_place(f, held):
-            size += f.len
-    for k in range(r.nkey):
-        size += 4
-        if okey != NULL and has_value(&okey[r.key_idx[k]]) \
-                and not left_in_place(&okey[r.key_idx[k]], held):
-            size += okey[r.key_idx[k]].len
-    if buf_reserve(&r.buf, size) < 0:
-        return -1
-    # The row is written whole or not at all: a failure takes its Segs back.
-
-    memset(ubits, 0, ulen)
-    w = r.buf.data + r.buf.len
-    wr16(w, <int16_t>(3 + ncols + r.nkey + 1))
-    w += 2
-    wr32(w, 8)
-    wr64(w + 4, seq)
-    w += 12
-    wr32(w, 8)
-    wr64(w + 4, <int64_t>lsn)
-    w += 12
-    wr32(w, 1)
-    w[4] = op
-    w += 5
-    for i in range(ncols):
-        if key_only and not r.is_key[i]:
-            wr32(w, -1)
-            w += 4
-            continue
-        f = &src[i]
-        if f.kind == b'u' and fill != NULL and has_value(&fill[i]):
-            f = &fill[i]
-        if has_value(f) and left_in_place(f, held):
-            wr32(w, f.len)
-            w += 4
-            if rel_seg(r, w - r.buf.data, f, held) < 0:
-                r.nsegs, r.seg_bytes = nsegs, seg_bytes
-                return -1
-            kept = 1
-        elif has_value(f):
-            wr32(w, f.len)
-            memcpy(w + 4, f.ptr, f.len)
-            w += 4 + f.len
-        else:
-            if f.kind == b'u':
-                ubits[i >> 3] |= <uint8_t>(1 << (i & 7))
-                nbits += 1
-            wr32(w, -1)
-            w += 4
-    for k in range(r.nkey):
-        if okey != NULL and has_value(&okey[r.key_idx[k]]):
-            f = &okey[r.key_idx[k]]
-            wr32(w, f.len)
-            if left_in_place(f, held):
-                w += 4
-                if rel_seg(r, w - r.buf.data, f, held) < 0:
-                    r.nsegs, r.seg_bytes = nsegs, seg_bytes
-                    return -1
-                kept = 1
-            else:
-                memcpy(w + 4, f.ptr, f.len)
-                w += 4 + f.len
-        else:
-            wr32(w, -1)
-            w += 4
-    if nbits:
-        wr32(w, ulen)
-        memcpy(w + 4, ubits, ulen)
-        w += 4 + ulen
-        r.n_unchanged += 1
-    else:
-        wr32(w, -1)
-        w += 4
-    r.buf.len = w - r.buf.data
-    r.rows += 1
-    return kept
-
-
-cdef int key_changed(Rel *r, Field *old, Field *new) noexcept nogil:
-    cdef int k, i
-    for k in range(r.nkey):
-        i = r.key_idx[k]
-        if new[i].kind == b'u' or old[i].kind == b'u':
-            continue
-        if old[i].kind == b'n' and new[i].kind == b'n':
-            continue
-        if has_value(&old[i]) != has_value(&new[i]):
-            return 1
-        if old[i].len != new[i].len or memcmp(old[i].ptr, new[i].ptr, old[i].len) != 0:
-            return 1
-    return 0
+# The parts, in the order C needs them (asyncpg's way: one module, several files).
+include "pgoutput/copy_buffer.pxi"     # growable buffers, big values left in place
+include "pgoutput/tuple_data.pxi"      # a TupleData's fields, pointed at in the message
+include "pgoutput/staging_rows.pxi"    # the staging row: written, restaged, cut, read
 
 
 cdef void rel_free(Rel *r) noexcept nogil:
@@ -270,66 +85,6 @@ cdef void rel_free(Rel *r) noexcept nogil:
     free(r.buf.data)
     free(r.segs)
     memset(r, 0, sizeof(Rel))
-
-
-cdef class Held:
-    """A message buffer libpq allocated (PQgetCopyData), freed with the last Span in it."""
-    cdef char *ptr
-    cdef freemem_fn free
-
-    def __dealloc__(self):
-        if self.ptr != NULL:
-            self.free(self.ptr)
-
-
-cdef class Span:
-    """A big value where it arrived: read-only bytes in a Held buffer (buffer protocol)."""
-    cdef Held owner
-    cdef const char *ptr
-    cdef Py_ssize_t size
-
-    def __len__(self):
-        return self.size
-
-    def __getbuffer__(self, Py_buffer *view, int flags):
-        if flags & PyBUF_WRITABLE:
-            raise BufferError("a Span is read-only")
-        PyBuffer_FillInfo(view, self, <void *>self.ptr, self.size, 1, flags)
-
-    def __releasebuffer__(self, Py_buffer *view):
-        pass
-
-
-class Pieces:
-    """One COPY BINARY stream of a relation in parts, header in the first and trailer in
-    the last: bytes, and a Span for each big value left in its message. Written part by
-    part (memoryview() of each), so the value is never copied whole again."""
-
-    __slots__ = ("parts", "size")
-
-    def __init__(self, parts):
-        self.parts = parts
-        self.size = sum(len(p) for p in parts)
-
-    def __len__(self):
-        return self.size
-
-
-cdef object _pieces(Rel *r, list owners):
-    cdef int i
-    cdef Span span
-    cdef Py_ssize_t pos = 0
-    parts = []
-    for i in range(r.nsegs):
-        parts.append(PyBytes_FromStringAndSize(r.buf.data + pos, r.segs[i].at - pos))
-        span = Span.__new__(Span)
-        span.owner = owners[r.segs[i].held]
-        span.ptr = r.segs[i].ptr
-        span.size = r.segs[i].len
-        parts.append(span)
-        pos = r.segs[i].at
-    parts.append(PyBytes_FromStringAndSize(r.buf.data + pos, r.buf.len + TRAILER_LEN - pos))
-    return Pieces(parts)
 
 
 cdef class Decoder:
@@ -620,11 +375,11 @@ cdef class Decoder:
         return -1
 
     cdef int _begin(self, const char *p, Py_ssize_t n) noexcept nogil:
-        if n < 21:
+        if n < BEGIN_LEN:
             return self._fail(b"truncated Begin")
-        self.final_lsn = rd64(p + 1)
-        self.commit_ts = <int64_t>rd64(p + 9)
-        self.xid = rd32(p + 17)
+        self.final_lsn = rd64(p + BEGIN_FINAL_LSN)
+        self.commit_ts = <int64_t>rd64(p + BEGIN_COMMIT_TS)
+        self.xid = rd32(p + BEGIN_XID)
         self.in_txn = 1
         self.txn_rows = 0
         # A transaction whose commit record starts before the applied end LSN
@@ -633,37 +388,36 @@ cdef class Decoder:
         return 0
 
     cdef int _hot(self, const char *p, Py_ssize_t n) noexcept nogil:
-        """A CopyData frame: 0 when handled here, 1 for Python, -1 on error."""
+        """A CopyData frame: 0 when handled here, 1 for Python, -1 on error.
+
+        Every frame comes here first: an XLogData header is read here only.
+        """
         cdef char tag
         if n < 1 or p[0] != b'w':
             return 1
-        if n < 26:
+        if n < XLOG_MESSAGE + 1:
             return self._fail(b"truncated XLogData frame")
-        self.wal_start = rd64(p + 1)
-        self.wal_end = rd64(p + 9)
-        self.send_time = <int64_t>rd64(p + 17)
-        tag = p[25]
+        self.wal_start = rd64(p + XLOG_WAL_START)
+        self.wal_end = rd64(p + XLOG_WAL_END)
+        self.send_time = <int64_t>rd64(p + XLOG_SEND_TIME)
+        tag = p[XLOG_MESSAGE]
         if tag == b'I' or tag == b'U' or tag == b'D':
-            return self._row(p + 25, n - 25, tag)
+            return self._row(p + XLOG_MESSAGE, n - XLOG_MESSAGE, tag)
         if tag == b'B':
-            return self._begin(p + 25, n - 25)
+            return self._begin(p + XLOG_MESSAGE, n - XLOG_MESSAGE)
         return 1
 
     cdef int _cold(self, const char *p, Py_ssize_t n) except -1:
-        """A CopyData frame that needs Python: an event code."""
+        """A CopyData frame that needs Python, after _hot: an event code."""
         if n >= 1 and p[0] == b'w':
-            if n < 26:
-                raise DecodeError("truncated XLogData frame")
-            self.wal_start = rd64(p + 1)
-            self.wal_end = rd64(p + 9)
-            self.send_time = <int64_t>rd64(p + 17)
-            return self._message(p + 25, n - 25)
+            # _hot read its header, and refused one too short for a message.
+            return self._message(p + XLOG_MESSAGE, n - XLOG_MESSAGE)
         if n >= 1 and p[0] == b'k':
-            if n < 18:
+            if n < KEEPALIVE_LEN:
                 raise DecodeError("truncated keepalive")
-            self.wal_end = rd64(p + 1)
-            self.send_time = <int64_t>rd64(p + 9)
-            self.reply_requested = p[17] != 0
+            self.wal_end = rd64(p + KEEPALIVE_WAL_END)
+            self.send_time = <int64_t>rd64(p + KEEPALIVE_SEND_TIME)
+            self.reply_requested = p[KEEPALIVE_REPLY] != 0
             return EV_KEEPALIVE
         raise DecodeError(f"unexpected CopyData message type 0x{<unsigned char>p[0]:02x}" if n else
                           "empty CopyData message")
@@ -671,9 +425,6 @@ cdef class Decoder:
     cdef int _message(self, const char *p, Py_ssize_t n) except -1:
         """One pgoutput message: an event code."""
         cdef char tag
-        cdef const char *q
-        cdef const char *end = p + n
-        cdef int rc
         if n < 1:
             raise DecodeError("empty pgoutput message")
         tag = p[0]
@@ -881,251 +632,4 @@ cdef class Decoder:
         return 0
 
 
-cdef class _Reader:
-    """Bounds-checked reads for the rare messages (Python objects are fine there)."""
-    cdef bytes data
-    cdef Py_ssize_t pos
-
-    def __init__(self, bytes data):
-        self.data = data
-        self.pos = 0
-
-    cdef const char *_need(self, Py_ssize_t k) except NULL:
-        if self.pos + k > len(self.data):
-            raise DecodeError("truncated pgoutput message")
-        cdef const char *p = PyBytes_AS_STRING(self.data) + self.pos
-        self.pos += k
-        return p
-
-    cdef Py_ssize_t left(self):
-        return len(self.data) - self.pos
-
-    cdef int u8(self) except -1:
-        return <uint8_t>self._need(1)[0]
-
-    cdef int u16(self) except -1:
-        return rd16(self._need(2))
-
-    cdef uint32_t u32(self) except? 0xffffffff:
-        return rd32(self._need(4))
-
-    cdef int32_t i32(self) except? -1:
-        return <int32_t>rd32(self._need(4))
-
-    cdef uint64_t u64(self) except? 0xffffffffffffffff:
-        return rd64(self._need(8))
-
-    cdef int64_t i64(self) except? -1:
-        return <int64_t>rd64(self._need(8))
-
-    cdef bytes take(self, Py_ssize_t k):
-        cdef const char *p = self._need(k)
-        return p[:k]
-
-    cdef str cstr(self):
-        end = self.data.find(b"\x00", self.pos)
-        if end < 0:
-            raise DecodeError("unterminated string in pgoutput message")
-        try:
-            s = self.data[self.pos:end].decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise DecodeError(f"invalid UTF-8 in a name of a pgoutput message: {exc}") from None
-        self.pos = end + 1
-        return s
-
-
-cdef int xid_in(const uint32_t *xids, Py_ssize_t n, uint32_t xid) noexcept nogil:
-    cdef Py_ssize_t lo = 0, hi = n, mid
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if xids[mid] < xid:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo < n and xids[lo] == xid
-
-
-cdef int row_fields(const char *q, const char *end) noexcept nogil:
-    """The field count of the staging row at q, -1 unless it starts _seq, _lsn, _op."""
-    cdef int nf
-    if end - q < 2 + 12 + 12 + 5:
-        return -1
-    nf = <int16_t>rd16(q)
-    if nf < 4 or rd32(q + 2) != 8 or rd32(q + 14) != 8 or rd32(q + 26) != 1:
-        return -1
-    return nf
-
-
-cdef const char *row_end(const char *q, const char *end, int nf, int32_t *last) noexcept nogil:
-    """Past the staging row at q (nf fields); *last = its last field's length. NULL if cut short."""
-    cdef int i
-    cdef int32_t flen = -1
-    q += 2
-    for i in range(nf):
-        if end - q < 4:
-            return NULL
-        flen = <int32_t>rd32(q)
-        q += 4
-        if flen > 0:
-            if end - q < flen:
-                return NULL
-            q += flen
-    last[0] = flen
-    return q
-
-
-def restage(data, aborted, uint64_t lsn, int64_t delta):
-    """A streamed transaction's staging rows, made those of a committed one.
-
-    data: whole staging rows (no COPY header or trailer) whose _lsn field holds
-    the (sub)transaction xid the decoder wrote. Rows of an xid in ``aborted``
-    are dropped (a subtransaction the source rolled back); the others get
-    _lsn = lsn (the commit LSN) and _seq + delta. In place: data must be writable
-    (a bytearray), and the rows kept are moved to its front. Returns (bytes kept,
-    rows, inserts, updates, deletes, rows_with_unchanged_toast).
-    """
-    cdef unsigned char[:] view = data
-    cdef Py_ssize_t n = view.shape[0]
-    cdef char *p = <char *>&view[0] if n else NULL
-    cdef const char *row
-    cdef const char *end = p + n
-    cdef const char *q
-    cdef char *w
-    cdef char *out
-    cdef Py_ssize_t pos = 0, size, nabort
-    cdef int nf, i, bad = 0
-    cdef int32_t flen
-    cdef int64_t rows = 0, ins = 0, upd = 0, dels = 0, unch = 0, old_seq
-    cdef char op
-    cdef uint32_t xid
-    cdef uint32_t *xids
-    ordered = sorted(int(x) for x in aborted)
-    nabort = len(ordered)
-    xids = <uint32_t *>malloc(max(1, nabort) * sizeof(uint32_t))
-    if xids == NULL:
-        raise MemoryError()
-    for i, x in enumerate(ordered):
-        xids[i] = <uint32_t>x
-    out = p
-    w = out
-    with nogil:
-        q = p
-        while q < end:
-            row = q
-            nf = row_fields(q, end)
-            if nf < 0:
-                bad = 1
-                break
-            xid = <uint32_t>rd64(q + 18)
-            q = row_end(q, end, nf, &flen)
-            if q == NULL:
-                bad = 1
-                break
-            if nabort and xid_in(xids, nabort, xid):
-                continue
-            size = q - row
-            # Read before the move: kept rows slide over the dropped ones' bytes.
-            old_seq = <int64_t>rd64(row + 6)
-            op = row[30]
-            if w != row:
-                memmove(w, row, size)
-            wr64(w + 6, old_seq + delta)
-            wr64(w + 18, <int64_t>lsn)
-            rows += 1
-            if op == b'I':
-                ins += 1
-            elif op == b'U':
-                upd += 1
-            else:
-                dels += 1
-            if flen >= 0:      # the last field, _u: set when a column came as unchanged TOAST
-                unch += 1
-            w += size
-    free(xids)
-    if bad:
-        raise DecodeError("malformed staging rows")
-    return w - out, rows, ins, upd, dels, unch
-
-
-def cut_rows(data, bounds):
-    """Staging rows (no COPY header or trailer) cut before the first row whose _seq
-    reaches each of ``bounds`` (ascending).
-
-    Returns one (offset, size, rows, inserts, updates, deletes) per piece,
-    len(bounds) + 1 of them: a streamed chunk is merged piece by piece with a
-    savepoint between them, where a subtransaction begins.
-    """
-    cdef const unsigned char[:] view = data
-    cdef Py_ssize_t n = view.shape[0]
-    cdef const char *p = <const char *>&view[0] if n else NULL
-    cdef const char *end = p + n
-    cdef const char *q = p
-    cdef const char *row
-    cdef int nf, bad = 0
-    cdef int32_t flen
-    cdef int64_t bound
-    cdef Py_ssize_t start = 0
-    cdef int64_t rows = 0, ins = 0, upd = 0, dels = 0
-    limits = [int(b) for b in bounds]
-    if limits != sorted(limits):
-        raise ValueError("bounds must be ascending")
-    pieces = []
-    for bound in limits + [INT64_MAX]:
-        with nogil:
-            while q < end:
-                row = q
-                nf = row_fields(q, end)
-                if nf < 0:
-                    bad = 1
-                    break
-                if <int64_t>rd64(q + 6) >= bound:
-                    break
-                q = row_end(q, end, nf, &flen)
-                if q == NULL:
-                    bad = 1
-                    break
-                rows += 1
-                if row[30] == b'I':
-                    ins += 1
-                elif row[30] == b'U':
-                    upd += 1
-                else:
-                    dels += 1
-        if bad:
-            raise DecodeError("malformed staging rows")
-        pieces.append((start, (q - p) - start, rows, ins, upd, dels))
-        start = q - p
-        rows = ins = upd = dels = 0
-    return pieces
-
-
-def iter_copy_binary(data):
-    """Yield the rows of a COPY BINARY stream as tuples of bytes/None.
-
-    Not for the hot path: tests and dead-letter reporting read staging rows
-    with it.
-    """
-    cdef bytes b = bytes(data)
-    cdef Py_ssize_t pos, n = len(b)
-    cdef const char *p = PyBytes_AS_STRING(b)
-    cdef int nf, i
-    cdef int32_t flen
-    if n < HEADER_LEN or b[:11] != COPY_HEADER[:11]:
-        raise DecodeError("not a COPY BINARY stream")
-    pos = HEADER_LEN + <Py_ssize_t>rd32(p + 15)
-    while pos + 2 <= n:
-        nf = <int16_t>rd16(p + pos)
-        pos += 2
-        if nf == -1:
-            return
-        row = []
-        for i in range(nf):
-            flen = <int32_t>rd32(p + pos)
-            pos += 4
-            if flen < 0:
-                row.append(None)
-            else:
-                row.append(b[pos:pos + flen])
-                pos += flen
-        yield tuple(row)
-    raise DecodeError("COPY BINARY stream without trailer")
+include "pgoutput/reader.pxi"          # bounds-checked reads for the rare messages

@@ -27,6 +27,18 @@ def test_event_codes_are_the_enum_values_as_distinct_ints():
     assert len(set(exported.values())) == len(exported)
 
 
+def test_the_stub_lists_the_event_codes():
+    """_decode.pxd is where the codes are written; the .pyi repeats them for type checkers,
+    so it must say the same: every member, its value, and an EV_ constant for each."""
+    tree = ast.parse(Path(_decode.__file__).with_name("_decode.pyi").read_text())
+    enum = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Event")
+    stub = {a.targets[0].id: a.value.value for a in enum.body if isinstance(a, ast.Assign)}
+    assert stub == {name: int(m) for name, m in _decode.Event.__members__.items()}
+    constants = {n.target.id for n in tree.body
+                 if isinstance(n, ast.AnnAssign) and n.target.id.startswith("EV_")}
+    assert constants == set(stub)
+
+
 def test_event_codes_reach_python_from_the_c_side():
     # feed_frame's return value is computed in C from the enum: a keepalive and
     # a Begin must come back as the Python constants.

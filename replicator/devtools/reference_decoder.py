@@ -19,20 +19,22 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-# The event codes of replicator._decode (its .pyi lists them).
-EV_NONE = 0
-EV_KEEPALIVE = 4
-EV_COMMIT = 5
-EV_RELATION = 6
-EV_TRUNCATE = 7
-EV_MESSAGE = 8
-EV_ORIGIN = 9
-EV_TYPE = 10
-EV_STREAM_START = 11
-EV_STREAM_STOP = 12
-EV_STREAM_COMMIT = 13
-EV_STREAM_ABORT = 14
-EV_BEGIN = 16
+# The event codes are the API both decoders share: taken from the one place they are written.
+from .._decode import (
+    EV_BEGIN,
+    EV_COMMIT,
+    EV_KEEPALIVE,
+    EV_MESSAGE,
+    EV_NONE,
+    EV_ORIGIN,
+    EV_RELATION,
+    EV_STREAM_ABORT,
+    EV_STREAM_COMMIT,
+    EV_STREAM_START,
+    EV_STREAM_STOP,
+    EV_TRUNCATE,
+    EV_TYPE,
+)
 
 COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + b"\x00" * 8
 COPY_TRAILER = b"\xff\xff"

@@ -4,7 +4,7 @@ A capture (tools/capture_pgoutput.py: tests/unit/data/pgoutput_*.json, and
 bench/data/pgoutput_15_v3_binary_odoo.json.gz for the six Odoo tables) is a list of
 pgoutput messages with their LSNs. `frames()` wraps each in the XLogData CopyData frame
 a walsender sends; `replay()` feeds them to a decoder (replicator._decode.Decoder or
-bench/reference_decoder.ReferenceDecoder: the same API), defining each relation when
+devtools.reference_decoder.ReferenceDecoder: the same API), defining each relation when
 its Relation message arrives with the key the message flags, and taking the buffered
 rows at a commit once `batch_rows` rows are pending, as the receiver closes a batch.
 """
@@ -17,18 +17,13 @@ import struct
 from pathlib import Path
 from typing import Any
 
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-ODOO_CAPTURE = BENCH / "data" / "pgoutput_15_v3_binary_odoo.json.gz"
+from .._decode import EV_COMMIT, EV_RELATION
+from ..lsn import parse_lsn
+
+# The captures live in the checkout, beside the tests and benchmarks that replay them.
+ROOT = Path(__file__).resolve().parents[2]
+ODOO_CAPTURE = ROOT / "bench" / "data" / "pgoutput_15_v3_binary_odoo.json.gz"
 UNIT_CAPTURES = sorted((ROOT / "tests" / "unit" / "data").glob("pgoutput_*.json"))
-
-EV_COMMIT = 5
-EV_RELATION = 6
-
-
-def parse_lsn(text: str) -> int:
-    hi, lo = text.split("/")
-    return (int(hi, 16) << 32) | int(lo, 16)
 
 
 def load_capture(path: Path) -> list[tuple[int, bytes]]:
