@@ -7,7 +7,9 @@ them runs).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import os
 import platform
 import shutil
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -232,3 +235,34 @@ def table_digest(conn: Any, schema: str, table: str) -> tuple[int, str]:
                 "from {} t").format(sql.Identifier(schema, table))
     return conn.execute(q).fetchone()
 
+
+
+# -- the command line and the report's end, alike in every script --------------------------
+
+
+def add_run_options(ap: argparse.ArgumentParser, json_help: str) -> None:
+    """--json, --keep and --base-dir: how a run reports and where its clusters live."""
+    ap.add_argument("--json", action="store_true", help=json_help)
+    ap.add_argument("--keep", action="store_true", help="keep the clusters running at the end")
+    ap.add_argument("--base-dir", type=Path, default=None,
+                    help="mode-755 directory for the clusters")
+
+
+def add_cdc_options(ap: argparse.ArgumentParser, native_streaming: tuple[str, ...]) -> None:
+    """What both change-stream benchmarks set alike on the two destinations and the replicator."""
+    ap.add_argument("--no-indexes", action="store_true",
+                    help="primary keys only on both destinations (replicator copy_indexes = "
+                         "false); by default both get the source's secondary indexes")
+    ap.add_argument("--native-streaming", choices=native_streaming, default="off",
+                    help="the native subscription's streaming setting (pinned, printed)")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="a replicator setting for every run, e.g. source.streaming=false or "
+                         "destination.max_streams=0 (repeatable; printed in the report)")
+
+
+def emit(report: dict[str, Any], as_json: bool, table: Callable[[dict[str, Any]], None]) -> None:
+    """The report as JSON on stdout (with --json), then its table."""
+    if as_json:
+        json.dump(report, sys.stdout, indent=2, default=str)
+        print()
+    table(report)

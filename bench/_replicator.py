@@ -17,47 +17,8 @@ from typing import Any
 
 from _common import ROOT
 
+from replicator.devtools.config_file import write_config
 from replicator.devtools.localpg import LocalCluster, free_port
-
-CONFIG = """\
-[source]
-type = "postgres"
-host = "127.0.0.1"
-port = {src_port}
-database = "{src_db}"
-user = "postgres"
-password = "bench"
-publication = "{publication}"
-slot = "{slot}"
-{source_extra}
-
-[destination]
-type = "postgres"
-host = "127.0.0.1"
-port = {dst_port}
-database = "{dst_db}"
-user = "postgres"
-password = "bench"
-copy_indexes = {copy_indexes}
-{destination_extra}
-
-[logging]
-level = "warning"
-format = "json"
-output = "{log}"
-
-[metrics]
-enabled = true
-port = {metrics_port}
-"""
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def parse_settings(items: list[str]) -> dict[str, dict[str, Any]]:
@@ -102,13 +63,17 @@ class ReplicatorChild:
         self.metrics_port = free_port()
         self.log = workdir / "replicator.log"
         self.config = workdir / "etl-config.toml"
-        self.config.write_text(CONFIG.format(
-            src_port=source.port, src_db=src_db, dst_port=dest.port, dst_db=dst_db,
-            publication=publication, slot=slot, log=self.log, metrics_port=self.metrics_port,
-            copy_indexes="true" if copy_indexes else "false",
-            **{f"{side}_extra": "\n".join(f"{k} = {toml_value(v)}"
-                                          for k, v in (settings or {}).get(side, {}).items())
-               for side in ("source", "destination")}))
+        extra = settings or {}
+        write_config(self.config, {
+            "source": {"type": "postgres", "host": "127.0.0.1", "port": source.port,
+                       "database": src_db, "user": "postgres", "password": "bench",
+                       "publication": publication, "slot": slot, **extra.get("source", {})},
+            "destination": {"type": "postgres", "host": "127.0.0.1", "port": dest.port,
+                            "database": dst_db, "user": "postgres", "password": "bench",
+                            "copy_indexes": copy_indexes, **extra.get("destination", {})},
+            "logging": {"level": "warning", "format": "json", "output": self.log},
+            "metrics": {"enabled": True, "port": self.metrics_port},
+        })
         self.proc: subprocess.Popen | None = None
         self.started = 0.0
 

@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import json
 import logging
 import os
 import shutil
@@ -74,6 +73,8 @@ from replicator.schema import MirrorTable, read_table  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     Servers,
+    add_run_options,
+    emit,
     machine_info,
     median,
     median_cpu,
@@ -573,9 +574,6 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=1_000_000, help="account_move_line rows (about)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per way; the median is reported")
-    ap.add_argument("--json", action="store_true",
-                    help="print the report as JSON on stdout (and the table on stderr)")
-    ap.add_argument("--keep", action="store_true", help="keep the clusters running at the end")
     ap.add_argument("--ways", default="raw,native,replicator,replicator-indexes",
                     help="comma-separated subset of raw,native,replicator,replicator-indexes "
                          "(none: only the --tune experiment)")
@@ -585,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tune-pages", type=parse_int_list, default=[2048, 4096, 8192, 0],
                     help="PAGES_PER_RANGE values; 0 means one range for the whole table")
     ap.add_argument("--tune-repeat", type=int, default=None, help="runs per combination (--repeat)")
-    ap.add_argument("--base-dir", type=Path, default=None, help="mode-755 directory for the clusters")
+    add_run_options(ap, "print the report as JSON on stdout (and the table on stderr)")
     args = ap.parse_args(argv)
     if args.rows < 100 or args.repeat < 1:
         ap.error("--rows must be >= 100 and --repeat >= 1")
@@ -667,12 +665,8 @@ def main(argv: list[str] | None = None) -> int:
             "targets": targets(ways),
             "tuning": tuning,
         }
-        if args.json:
-            json.dump(report, sys.stdout, indent=2, default=str)
-            print()
-            print_table(report, out=sys.stderr)
-        else:
-            print_table(report)
+        emit(report, args.json, lambda r: print_table(r, out=sys.stderr if args.json
+                                                      else sys.stdout))
     finally:
         bench.close()
     return 0

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import math
 import re
@@ -57,7 +56,7 @@ from _cdc import (  # noqa: E402
     print_header,
     report_base,
 )
-from _common import clean_env, machine_info, say  # noqa: E402
+from _common import add_cdc_options, add_run_options, clean_env, emit, machine_info, say  # noqa: E402
 from _replicator import parse_settings  # noqa: E402
 from psycopg import sql  # noqa: E402
 
@@ -326,19 +325,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="write every marker as t,lag_ms,way (t: seconds since the load began)")
     ap.add_argument("--timeout", type=float, default=600,
                     help="seconds to wait for a way to start streaming or to catch up")
-    ap.add_argument("--no-indexes", action="store_true",
-                    help="primary keys only on both destinations (replicator copy_indexes = "
-                         "false); by default both get the source's secondary indexes")
-    ap.add_argument("--native-streaming", choices=NATIVE_STREAMING, default="off",
-                    help="the native subscription's streaming setting (pinned, printed)")
-    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                    help="a replicator setting for every run, e.g. source.streaming=false or "
-                         "destination.max_streams=0 (repeatable; printed in the report)")
-    ap.add_argument("--json", action="store_true",
-                    help="print the report as JSON on stdout (the table is always on stderr)")
-    ap.add_argument("--keep", action="store_true", help="keep the clusters running at the end")
-    ap.add_argument("--base-dir", type=Path, default=None,
-                    help="mode-755 directory for the clusters")
+    add_cdc_options(ap, NATIVE_STREAMING)
+    add_run_options(ap, "print the report as JSON on stdout (the table is always on stderr)")
     args = ap.parse_args(argv)
     wanted = [w.strip() for w in args.ways.split(",") if w.strip()]
     if not wanted or any(w not in ("native", "ours") for w in wanted):
@@ -383,10 +371,7 @@ def main(argv: list[str] | None = None) -> int:
             "ways": {w: {k: v for k, v in e.items() if k != "samples"} for w, e in ways.items()},
             "targets": targets(ways),
         }
-        if args.json:
-            json.dump(report, sys.stdout, indent=2, default=str)
-            print()
-        print_table(report)
+        emit(report, args.json, print_table)
     finally:
         bench.close()
     return 0

@@ -45,6 +45,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from replicator.config.settings import APPLICATION_NAME  # noqa: E402
+from replicator.devtools.config_file import write_config  # noqa: E402
 from replicator.devtools.demo import compare  # noqa: E402
 from replicator.devtools.localpg import DURABLE_SETTINGS, LocalCluster, free_port  # noqa: E402
 from replicator.devtools.seed import seed  # noqa: E402
@@ -52,35 +53,6 @@ from replicator.devtools.workload import workload  # noqa: E402
 
 PUBLICATION = "odoo_pub_soak"
 
-CONFIG = """\
-[source]
-type = "postgres"
-host = "127.0.0.1"
-port = {src_port}
-database = "odoo_core"
-user = "postgres"
-password = "soak"
-publication = "{publication}"
-
-[destination]
-type = "postgres"
-host = "127.0.0.1"
-port = {dst_port}
-database = "postgres"
-user = "postgres"
-password = "soak"
-batch_size = 5000
-flush_interval = 0.5
-
-[logging]
-level = "warning"
-format = "json"
-output = "{log}"
-
-[metrics]
-enabled = true
-port = {metrics_port}
-"""
 
 
 def _proc_status(pid: int) -> dict[str, int]:
@@ -122,9 +94,16 @@ def run(minutes: float, kill_every: float, sample_every: float, scale: int,
         metrics_port = free_port()
         config = workdir / "etl-config.toml"
         log_path = workdir / "replicator.log"
-        config.write_text(CONFIG.format(src_port=source.port, dst_port=dest.port,
-                                        publication=PUBLICATION, log=log_path,
-                                        metrics_port=metrics_port))
+        write_config(config, {
+            "source": {"type": "postgres", "host": "127.0.0.1", "port": source.port,
+                       "database": "odoo_core", "user": "postgres", "password": "soak",
+                       "publication": PUBLICATION},
+            "destination": {"type": "postgres", "host": "127.0.0.1", "port": dest.port,
+                            "database": "postgres", "user": "postgres", "password": "soak",
+                            "batch_size": 5000, "flush_interval": 0.5},
+            "logging": {"level": "warning", "format": "json", "output": log_path},
+            "metrics": {"enabled": True, "port": metrics_port},
+        })
         child = subprocess.Popen(
             [sys.executable, "-m", "replicator", "run", "--config", str(config)],
             cwd=workdir, env={**os.environ, "PYTHONPATH": str(REPO)},

@@ -136,6 +136,8 @@ cdef class Decoder:
     cdef Rel *_find(self, uint32_t relid) noexcept nogil
     cdef int _hot(self, const char *p, Py_ssize_t n) noexcept nogil
     cdef int _row(self, const char *p, Py_ssize_t n, char tag) noexcept nogil
+    cdef int _write(self, Rel *r, uint64_t lsn, char op, Field *src, int key_only,
+                    Field *okey, Field *fill, int held) noexcept nogil
     cdef int _begin(self, const char *p, Py_ssize_t n) noexcept nogil
     cdef int _fail(self, const char *msg) noexcept nogil
     cdef int _hold_room(self) noexcept nogil

@@ -272,7 +272,6 @@ cdef class Decoder:
         cdef char c
         cdef int has_old = 0, full_old = 0, moved
         cdef Py_ssize_t before, seg_before
-        cdef int rc
         cdef int held = self.nheld if self._zero_copy else -1
         cdef uint64_t lsn = self.final_lsn
         if self.in_stream:
@@ -311,11 +310,8 @@ cdef class Decoder:
                 return self._fail(b"insert without a new tuple")
             if parse_tuple(q, end, r.ncols, r.new_fields) == NULL:
                 return self._fail(b"malformed tuple in insert")
-            rc = write_row(r, self.seq, lsn, b'I', r.new_fields, 0, NULL, NULL, held)
-            if rc < 0:
-                return self._fail(b"out of memory")
-            self._keep_msg |= rc
-            self.seq += 1
+            if self._write(r, lsn, b'I', r.new_fields, 0, NULL, NULL, held) < 0:
+                return -1
             r.n_insert += 1
         elif tag == b'U':
             if c == b'K' or c == b'O':
@@ -332,35 +328,36 @@ cdef class Decoder:
             if moved:
                 # The old key goes away; the new row remembers it so that its
                 # unchanged-TOAST columns can be taken from the old image.
-                rc = write_row(r, self.seq, lsn, b'D', r.old_fields, 1, NULL, NULL, held)
-                if rc < 0:
-                    return self._fail(b"out of memory")
-                self._keep_msg |= rc
-                self.seq += 1
+                if self._write(r, lsn, b'D', r.old_fields, 1, NULL, NULL, held) < 0:
+                    return -1
                 self.batch_rows += 1
                 r.n_moves += 1
-            rc = write_row(r, self.seq, lsn, b'U', r.new_fields, 0,
+            if self._write(r, lsn, b'U', r.new_fields, 0,
                            r.old_fields if moved else NULL,
-                           r.old_fields if full_old else NULL, held)
-            if rc < 0:
-                return self._fail(b"out of memory")
-            self._keep_msg |= rc
-            self.seq += 1
+                           r.old_fields if full_old else NULL, held) < 0:
+                return -1
             r.n_update += 1
         else:
             if c != b'K' and c != b'O':
                 return self._fail(b"delete without an old tuple")
             if parse_tuple(q, end, r.ncols, r.old_fields) == NULL:
                 return self._fail(b"malformed old tuple in delete")
-            rc = write_row(r, self.seq, lsn, b'D', r.old_fields, 1, NULL, NULL, held)
-            if rc < 0:
-                return self._fail(b"out of memory")
-            self._keep_msg |= rc
-            self.seq += 1
+            if self._write(r, lsn, b'D', r.old_fields, 1, NULL, NULL, held) < 0:
+                return -1
             r.n_delete += 1
         self.txn_rows += 1
         self.batch_rows += 1
         self.buffered_bytes += r.buf.len - before + r.seg_bytes - seg_before
+        return 0
+
+    cdef int _write(self, Rel *r, uint64_t lsn, char op, Field *src, int key_only,
+                    Field *okey, Field *fill, int held) noexcept nogil:
+        """One staging row with the next sequence number: 0, or -1 with errbuf set."""
+        cdef int rc = write_row(r, self.seq, lsn, op, src, key_only, okey, fill, held)
+        if rc < 0:
+            return self._fail(b"out of memory")
+        self._keep_msg |= rc
+        self.seq += 1
         return 0
 
     cdef str _error(self):

@@ -19,13 +19,16 @@ Kinds, policies and default hints are in ``errors``; this module only picks amon
 from __future__ import annotations
 
 import re
+import select
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from psycopg import sql
+from psycopg import pq, sql
 
+from . import libpq
 from .errors import ConfigError, ErrorKind, ReplicatorError
 
 __all__ = ["classify", "classify_connect", "connect_sqlstate", "is_connect_failure", "read_grant",
@@ -519,6 +522,16 @@ def classify_connect(
     return classify(exc, side=side, settings=settings, sqlstate=sqlstate)
 
 
+def connection_lost(exc: BaseException, side: str, doing: str = "",
+                    hint: str = "the replicator reconnects and resumes from the last durable "
+                    "position") -> ReplicatorError:
+    """A connection that broke under a statement (not a refused connect): a connect kind,
+    retried after reconnecting. ``doing``: what it was doing, as "while ..." or "after ..."."""
+    kind = ErrorKind.SOURCE_CONNECT if side == "source" else ErrorKind.DESTINATION_CONNECT
+    return ReplicatorError(kind, f"{side} connection lost{' ' + doing if doing else ''}: {exc}",
+                           hint)
+
+
 def is_connect_failure(exc: BaseException | None) -> bool:
     """True for psycopg's exception from connect() (not from a connection that later broke)."""
     return isinstance(exc, psycopg.OperationalError) and str(exc).startswith(
@@ -530,7 +543,6 @@ def is_connect_failure(exc: BaseException | None) -> bool:
 _SERVER_ERROR = re.compile(r"\S:  \S")
 # With verbose errors: "FATAL:  3D000: database "x" does not exist".
 _VERBOSE_SQLSTATE = re.compile(r"\S:  ([0-9A-Z]{5}): ")
-_PQERRORS_VERBOSE = 2
 
 
 def connect_sqlstate(conninfo: str, timeout: float = 10.0) -> str | None:
@@ -538,29 +550,15 @@ def connect_sqlstate(conninfo: str, timeout: float = 10.0) -> str | None:
 
     Only with psycopg's pure-Python libpq binding (what this project installs): the
     verbosity must be set on the connection before the server's answer arrives, which
-    psycopg offers no call for, so it goes through the same libpq via ctypes.
+    psycopg offers no call for (libpq.py reaches it).
     """
-    # Lazy: only the diagnosis of a failed connection needs libpq through ctypes.
-    from psycopg import pq
-
-    if pq.__impl__ != "python":
+    if not libpq.reachable():
         return None  # a bundled libpq that ctypes cannot reach safely
-    # Lazy: reached only with the pure-Python binding checked just above.
-    import ctypes
-    import select
-    import time
-
-    # Private to psycopg, and importing it loads libpq through ctypes: only on this path.
-    from psycopg.pq import _pq_ctypes
-
-    set_verbosity = _pq_ctypes.pq.PQsetErrorVerbosity
-    set_verbosity.argtypes = [ctypes.c_void_p, ctypes.c_int]
-    set_verbosity.restype = ctypes.c_int
     pgconn = pq.PGconn.connect_start(conninfo.encode())
     try:
         if pgconn.status == pq.ConnStatus.BAD:
             return None
-        set_verbosity(pgconn.pgconn_ptr, _PQERRORS_VERBOSE)
+        libpq.set_error_verbosity(pgconn, libpq.PQERRORS_VERBOSE)
         # PQconnectPoll does not apply connect_timeout: bound the wait here.
         deadline = time.monotonic() + timeout
         status = pq.PollingStatus.WRITING

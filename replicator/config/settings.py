@@ -209,8 +209,8 @@ class SourceSettings(ConnectionSettings):
     streaming: bool = True
     # The walsender's logical_decoding_work_mem for our connection ("" = the server's, 64MB
     # by default): the size of a streamed chunk. Small chunks let a big transaction be applied
-    # while it runs with little left for its commit (bench/cdc_bulk.py: the 200k-row close
-    # was visible 1.1 s after its commit with 8MB, 5.6 s with 64MB) and keep memory low.
+    # while it runs with little left for its commit, and keep memory low (the measured
+    # choice: BENCHMARKS.md, "The defaults, and why").
     logical_decoding_work_mem: str = "8MB"
 
     def _validate(self) -> None:

@@ -37,7 +37,7 @@ from ..batch import (
     TableRows,
     Truncate,
 )
-from ..classify import setup_error
+from ..classify import connection_lost, setup_error
 from ..config.settings import ON_ERROR
 from ..deadline import BatchLimits, timed_out
 from ..errors import ErrorKind, ReplicatorError
@@ -411,9 +411,8 @@ class Applier:
             raise timed_out(exc, batch.end_lsn, self.limits) from exc
         except psycopg.OperationalError as exc:
             self.holding = holding_before
-            raise ReplicatorError(
-                ErrorKind.DESTINATION_CONNECT, f"destination connection lost while applying "
-                f"up to {format_lsn(batch.end_lsn)}: {exc}",
+            raise connection_lost(
+                exc, "destination", f"while applying up to {format_lsn(batch.end_lsn)}",
                 "the batch was rolled back; the replicator retries it after reconnecting",
             ) from exc
         except psycopg.Error as exc:
@@ -459,9 +458,8 @@ class Applier:
                 "select pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text"
             ).fetchone()
         except psycopg.OperationalError as exc:
-            raise ReplicatorError(
-                ErrorKind.DESTINATION_CONNECT,
-                f"destination connection lost after a commit, before its WAL position: {exc}",
+            raise connection_lost(
+                exc, "destination", "after a commit, before its WAL position",
                 "the batch is not confirmed to the source; the replicator reconnects") from exc
         assert row is not None  # a select without from: always one row
         res.wal_lsn, res.wal_flushed = parse_lsn(row[0]), parse_lsn(row[1])
@@ -480,9 +478,8 @@ class Applier:
             try:
                 self._dest.execute(vacuum_staging_sql(t))
             except psycopg.OperationalError as exc:
-                raise ReplicatorError(
-                    ErrorKind.DESTINATION_CONNECT,
-                    f"destination connection lost while vacuuming {t.qualname}'s staging: {exc}",
+                raise connection_lost(
+                    exc, "destination", f"while vacuuming {t.qualname}'s staging",
                     "the batches before were committed; the replicator reconnects") from exc
             except psycopg.Error as exc:
                 # Only the speed of later batches depends on it: autovacuum still comes.
@@ -647,9 +644,9 @@ class Applier:
                                                prepare_threshold=None)
             row = self._source.execute(source_values_sql(t), [Jsonb(keys)]).fetchone()
         except psycopg.OperationalError as exc:
-            raise ReplicatorError(
-                ErrorKind.SOURCE_CONNECT, f"cannot read {t.source.qualname} on the source for "
-                f"rows entering its [mappings] filter: {exc}",
+            raise connection_lost(
+                exc, "source", f"while reading {t.source.qualname} for rows entering its "
+                "[mappings] filter",
                 "the batch was rolled back; the replicator retries it after reconnecting",
             ) from exc
         values = row[0] if row else []

@@ -26,6 +26,7 @@ from ..config.load import load_config
 from ..config.settings import LoggingSettings
 from ..pipeline.supervisor import Pipeline
 from ..telemetry.logs import setup_logging
+from .config_file import write_config
 from .localpg import LocalCluster, available_versions, free_port
 from .odoo import TABLE_NAMES
 from .seed import seed
@@ -34,38 +35,6 @@ from .workload import workload
 PUBLICATION = "odoo_pub_scout"
 WORKLOAD_SECONDS = 10
 
-CONFIG = """\
-# Written by `replicator demo`: the deployment doc's format, pointing at the demo servers.
-[source]
-type = "postgres"
-host = "127.0.0.1"
-port = {src_port}
-database = "odoo_core"
-user = "postgres"
-password = "$ODOO_DB_PASSWORD"
-publication = "{publication}"
-
-[destination]
-type = "postgres"
-host = "127.0.0.1"
-port = {dst_port}
-database = "postgres"
-user = "postgres"
-password = "$SUPABASE_DB_PASSWORD"
-schema = "odoo_mirror"
-batch_size = 5000
-flush_interval = 1
-
-[logging]
-level = "info"
-format = "text"
-output = "stdout"
-
-[metrics]
-enabled = true
-port = {metrics_port}
-path = "/metrics"
-"""
 
 
 def say(text: str = "") -> None:
@@ -116,8 +85,17 @@ def _run(base: Path, source: LocalCluster, dest: LocalCluster, scale: int,
 
     config_path = base / "etl-config.toml"
     metrics_port = free_port()
-    config_path.write_text(CONFIG.format(src_port=source.port, dst_port=dest.port,
-                                         publication=PUBLICATION, metrics_port=metrics_port))
+    write_config(config_path, {
+        "source": {"type": "postgres", "host": "127.0.0.1", "port": source.port,
+                   "database": "odoo_core", "user": "postgres",
+                   "password": "$ODOO_DB_PASSWORD", "publication": PUBLICATION},
+        "destination": {"type": "postgres", "host": "127.0.0.1", "port": dest.port,
+                        "database": "postgres", "user": "postgres",
+                        "password": "$SUPABASE_DB_PASSWORD", "schema": "odoo_mirror",
+                        "batch_size": 5000, "flush_interval": 1},
+        "logging": {"level": "info", "format": "text", "output": "stdout"},
+        "metrics": {"enabled": True, "port": metrics_port, "path": "/metrics"},
+    }, header="Written by `replicator demo`, for its throwaway servers.")
     # The demo servers trust local connections; the variables show where
     # real secrets go (the environment or a .env file beside the config).
     os.environ.setdefault("ODOO_DB_PASSWORD", "demo")

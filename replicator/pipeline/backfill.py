@@ -611,9 +611,8 @@ def default_copy_workers(cpus: int) -> int:
     """Copy workers for a machine with this many usable CPUs (no setting given).
 
     Half the CPUs, at most 4: each stream keeps a source and a destination
-    backend busy besides this process. Measured on 2 CPUs running both servers
-    (bench/backfill.py --tune, 1M rows, quiet machine, medians of 3): 1 stream
-    2.37 s, 2 streams 2.65 s, 4 streams 2.80 s: more streams only contend.
+    backend busy besides this process, and on a machine running both servers more
+    streams only contend (bench/backfill.py --tune; figures in BENCHMARKS.md).
     """
     return max(1, min(4, cpus // 2))
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import psycopg
 from psycopg import sql
 
+from ..classify import connection_lost
 from ..config.settings import Config
 from ..errors import ErrorKind, ReplicatorError
 from ..lsn import parse_lsn
@@ -114,9 +115,7 @@ class Feedback:
         try:
             row = self.dest().execute(f"select {function}::text").fetchone()
         except psycopg.OperationalError as exc:
-            raise ReplicatorError(
-                ErrorKind.DESTINATION_CONNECT, f"destination connection lost: {exc}",
-                "the replicator reconnects and resumes from the last durable position") from exc
+            raise connection_lost(exc, "destination") from exc
         assert row is not None  # a select without from: always one row
         return parse_lsn(row[0])
 
@@ -143,10 +142,7 @@ class Feedback:
                                              sql.Identifier(dst.state_schema)),
                                  [self.cfg.source.slot])
             except psycopg.OperationalError as exc:
-                raise ReplicatorError(
-                    ErrorKind.DESTINATION_CONNECT, f"destination connection lost: {exc}",
-                    "the replicator reconnects and resumes from the last durable position"
-                ) from exc
+                raise connection_lost(exc, "destination") from exc
         self.progress.flushed(self.wal_position("pg_current_wal_flush_lsn()"))
 
     # -- heartbeats -------------------------------------------------------------

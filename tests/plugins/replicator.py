@@ -31,6 +31,7 @@ from plugins.servers import SOURCE_ROLE
 from replicator import failpoints
 from replicator.config.load import from_dsns
 from replicator.config.settings import Config
+from replicator.devtools import config_file
 from replicator.pipeline.supervisor import Pipeline
 
 PUBLICATION = "odoo_pub"
@@ -47,24 +48,6 @@ PLACEHOLDER_PASSWORD = "unused"
 
 
 # -- the config file -------------------------------------------------------------------------
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a TOML basic string
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"no TOML spelling for {value!r} in a test config")
-
-
-def _section(name: str, keys: Mapping[str, Any]) -> str:
-    lines = [f"[{name}]"]
-    lines.extend(f"{key} = {_toml_value(value)}" for key, value in keys.items() if value is not None)
-    return "\n".join(lines) + "\n"
 
 
 def _side(db: Any, placeholder: tuple[str, int, str], user: str = "postgres") -> dict[str, Any]:
@@ -108,16 +91,25 @@ def write_config(
            "batch_size": batch_size, "flush_interval": flush_interval}
     src.update(source or {})
     dst.update(destination or {})
-    parts = [
-        _section("source", {"type": "postgres", **src}),
-        _section("destination", {"type": "postgres", **dst}),
-    ]
+    sections: dict[str, Mapping[str, Any]] = {"source": {"type": "postgres", **src},
+                                               "destination": {"type": "postgres", **dst}}
     if logging is not None:
-        parts.append(_section("logging", logging))
-    parts.append(_section("metrics", {"enabled": False} if metrics is None else metrics))
-    path = directory / name
-    path.write_text("\n".join(parts))
-    return path
+        sections["logging"] = logging
+    sections["metrics"] = {"enabled": False} if metrics is None else metrics
+    return config_file.write_config(directory / name, sections)
+
+
+def minimal_config(source_password: str = "$ODOO_DB_PASSWORD",
+                   dest_password: str = "$SUPABASE_DB_PASSWORD",
+                   **sections: Mapping[str, Any]) -> str:
+    """The smallest valid etl-config.toml text, for tests that load it without servers
+    (placeholder servers, the source role `odoo`); `sections` adds more, in order."""
+    return config_file.config_text({
+        "source": {"host": "127.0.0.1", "port": 5432, "database": "odoo_core", "user": "odoo",
+                   "password": source_password, "publication": "odoo_pub_scout"},
+        "destination": {"host": "127.0.0.1", "port": 5433, "database": "postgres",
+                        "user": "postgres", "password": dest_password},
+        **sections})
 
 
 JSON_STDOUT = {"level": "info", "format": "json", "output": "stdout"}

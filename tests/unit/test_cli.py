@@ -13,6 +13,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from plugins.replicator import minimal_config
 
 from replicator.classify import classify
 from replicator.commands.cli import main
@@ -20,29 +21,8 @@ from replicator.config.load import load_config
 from replicator.config.settings import Config
 from replicator.errors import ConfigError, ErrorKind, ExitCode, ReplicatorError
 
-CONFIG = """\
-[source]
-host = "127.0.0.1"
-port = 5432
-database = "odoo_core"
-user = "odoo"
-password = "$ODOO_DB_PASSWORD"
-publication = "odoo_pub_scout"
-
-[destination]
-host = "127.0.0.1"
-port = 5433
-database = "postgres"
-user = "postgres"
-password = "$SUPABASE_DB_PASSWORD"
-
-[mappings]
-account_move = "odoo_mirror.account_move"
-
-[logging]
-format = "json"
-output = "stdout"
-"""
+CONFIG = minimal_config(mappings={"account_move": "odoo_mirror.account_move"},
+                        logging={"format": "json", "output": "stdout"})
 
 SOURCE_PW = "src-Secret-1"
 DEST_PW = "dst-Secret-2"

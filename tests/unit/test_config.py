@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from plugins.replicator import minimal_config
 from psycopg.conninfo import conninfo_to_dict
 
 from replicator.config import redact
@@ -22,22 +23,7 @@ from replicator.errors import ConfigError, ErrorKind, ExitCode
 
 REPO_CONFIG = Path(__file__).resolve().parents[2] / "etl-config.toml"
 
-MINIMAL = """\
-[source]
-host = "127.0.0.1"
-port = 5432
-database = "odoo_core"
-user = "odoo"
-password = "$ODOO_DB_PASSWORD"
-publication = "odoo_pub_scout"
-
-[destination]
-host = "127.0.0.1"
-port = 5433
-database = "postgres"
-user = "postgres"
-password = "${SUPABASE_DB_PASSWORD}"
-"""
+MINIMAL = minimal_config(dest_password="${SUPABASE_DB_PASSWORD}")
 
 ENV = {"ODOO_DB_PASSWORD": "odoo-secret-1", "SUPABASE_DB_PASSWORD": "supa-secret-2"}
 

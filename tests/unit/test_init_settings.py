@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from plugins.replicator import minimal_config
 
 from replicator.commands.cli import main
 from replicator.config import redact
@@ -17,22 +18,7 @@ from replicator.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 
-CONFIG = """\
-[source]
-host = "127.0.0.1"
-port = 5432
-database = "odoo_core"
-user = "odoo"
-password = ""
-publication = "odoo_pub_scout"
-
-[destination]
-host = "127.0.0.1"
-port = 5433
-database = "postgres"
-user = "postgres"
-password = ""
-"""
+CONFIG = minimal_config("", "")
 
 
 @pytest.fixture(autouse=True)
