@@ -19,7 +19,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -31,8 +31,14 @@ from .config.settings import DestinationSettings
 from .errors import ErrorKind, ReplicatorError
 from .lsn import format_lsn
 
-if TYPE_CHECKING:  # lease.py imports this module
-    from .destination.lease import Fence
+
+class Guard(Protocol):
+    """What a batch's first statement needs of the pipeline's lease (destination/lease.py's
+    Fence): the statement that checks it, carrying the batch's settings, and its verdict."""
+
+    def statement(self, columns: sql.Composable | None = None) -> sql.Composed: ...
+
+    def passed(self, rows: list[Any] | None) -> None: ...
 
 __all__ = ["STALL_GRACE", "BatchLimits", "Connection", "NoAnswer", "Waits", "connect", "shut",
            "shut_all", "shut_pgconn", "timed_out"]
@@ -54,8 +60,8 @@ class NoAnswer(psycopg.OperationalError):
 
 
 class Waits:
-    """What the watchdog (watchdog.py) reads of a connection, from its thread: the server
-    backend serving it, and whether and since when it waits for the server."""
+    """What the watchdog (destination/watchdog.py) reads of a connection, from its thread:
+    the server backend serving it, and whether and since when it waits for the server."""
 
     # pg_backend_pid() as last read: at connect, then in each batch transaction (through a
     # transaction-mode pooler the backend can change per transaction).
@@ -208,10 +214,10 @@ class BatchLimits:
         return self.stall_timeout + STALL_GRACE
 
     def set_local(self, cur: psycopg.Cursor, synchronous_commit: str | None = None,
-                  fence: Fence | None = None) -> None:
+                  fence: Guard | None = None) -> None:
         """The limits, and the transaction's synchronous_commit if given: one round trip.
 
-        With a fence, the same statement is the transaction's lease check (lease.py), so
+        With a fence, the same statement is the transaction's lease check (destination/lease.py), so
         the single-writer guarantee costs a batch no round trip of its own. It also reads
         the transaction's backend for the watchdog (Connection.backend_pid).
         """

@@ -15,7 +15,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from .config.redact import redact
+from .redact import redact
 
 __all__ = [
     "ConfigError",
@@ -159,7 +159,8 @@ _TABLE: dict[ErrorKind, tuple[RetryPolicy, str]] = {
         "the replication stream could not be decoded; it is re-read from the last applied "
         "position. If this persists, report it with the log",
     ),
-    # Another process took the pipeline's lease (lease.py): writing on would make two writers.
+    # Another process took the pipeline's lease (destination/lease.py): writing on would
+    # make two writers.
     # Not retried here; a supervisor that restarts the process makes it a standby.
     ErrorKind.SUPERSEDED: (
         RetryPolicy(retryable=False, exit_code=ExitCode.SUPERSEDED),

@@ -25,10 +25,10 @@ from psycopg.conninfo import conninfo_to_dict
 
 from ..classify import classify
 from ..config.load import load_config
-from ..config.redact import redact, register_secret
 from ..config.settings import Config, LoggingSettings
 from ..errors import ConfigError, ErrorKind, ExitCode, ReplicatorError
 from ..pipeline import preflight, supervisor
+from ..redact import redact, register_secret
 from ..telemetry.console import printable, say
 from ..telemetry.logs import setup_logging
 from . import dead_letters, init, resync, status, verify

@@ -9,7 +9,7 @@ In order, each step only if something differs (a second init changes nothing):
    the code path `run` uses (state pending: `run` copies them), so that the
    views have their tables before the first copy;
 4. row-level security, the "Analytics access only" policy and the grants on
-   every table of the mirror schemas (access.py): readers SELECT, every other
+   every table of the mirror schemas (destination/access.py): readers SELECT, every other
    privilege of every other role revoked;
 5. the mirror component's migrations (replicator/sql/mirror/: the views and
    get_pending_expenses), and with [destination] memory_triggers the memory

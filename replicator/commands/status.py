@@ -66,8 +66,9 @@ class Status:
     tables: list[TableStatus] = field(default_factory=list)
     # Secondary indexes of copied tables still being built ("mirror table: index"), in order.
     indexes_pending: list[str] = field(default_factory=list)
-    # The process holding the pipeline's lease (lease.py): "holding" (it renews), "released"
-    # (stopped cleanly), "expired" (stopped renewing: died, or cut off) or "none".
+    # The process holding the pipeline's lease (destination/lease.py): "holding" (it
+    # renews), "released" (stopped cleanly), "expired" (stopped renewing: died, or cut off)
+    # or "none".
     writer: str | None = None
     writer_state: str = "none"
     writer_generation: int | None = None

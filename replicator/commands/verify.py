@@ -645,7 +645,7 @@ class Verifier:
         if self.dst_write is None:
             self.dst_write = self._connect(self.config.destination, REPAIR_OPTIONS)
             # The lease as found now: a takeover by another `run` fails the repair's
-            # transactions before they write (lease.py).
+            # transactions before they write (destination/lease.py).
             self.fence = lease.observe(self.dst_write, self.state_schema, self.slot,
                                        "`replicator verify --repair`")
         conn = self.dst_write

@@ -25,7 +25,7 @@ from dotenv.parser import parse_stream
 from psycopg.conninfo import conninfo_to_dict
 
 from ..errors import ConfigError
-from .redact import register_secret
+from ..redact import register_secret
 from .settings import (
     MAPPING_KEYS,
     Config,

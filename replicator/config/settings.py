@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 from psycopg.conninfo import make_conninfo
 
 from ..errors import ConfigError
-from .redact import MASK, register_secret
+from ..redact import MASK, register_secret
 
 __all__ = [
     "APPLICATION_NAME",
@@ -39,8 +39,8 @@ DEFAULT_CONNECT_TIMEOUT = 10
 # Every connection: a peer that stopped acknowledging (a crashed host, a cable pulled, a NAT
 # entry dropped without a reset) is noticed within about 30 s, idle (keepalive probes after
 # 10 s, every 5 s, 3 unanswered) or sending (tcp_user_timeout, ms). A pooler or a tunnel that
-# acknowledges but forwards nothing is the watchdog's to notice (watchdog.py). Ignored on
-# Unix sockets.
+# acknowledges but forwards nothing is the watchdog's to notice (destination/watchdog.py).
+# Ignored on Unix sockets.
 TCP_KEEPALIVE = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
                  "keepalives_count": 3, "tcp_user_timeout": 30000}
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")

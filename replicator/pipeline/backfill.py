@@ -13,7 +13,7 @@ decodes them. Tables copy in parallel, and a large table is cut into ctid
 ranges so it alone can keep every worker busy. Mirror tables that the copy
 creates get their primary key after the data, before the table is marked
 copied (MERGE needs it); the source's secondary indexes are only recorded
-(state.record_index_builds) and built once the table streams (indexes.py),
+(state.record_index_builds) and built once the table streams (destination/indexes.py),
 so streaming never waits for them.
 
 A crash at any point leaves the table 'copying': the next start truncates it
@@ -338,7 +338,8 @@ class Backfill:
             pulled.backend_pid, pulled.backend_start = (
                 int(me.get_value(0, 0) or 0), int(me.get_value(0, 1) or 0))
             watchdog.watch(pulled, cfg.source.conninfo(), "source")
-            # Watched (watchdog.py): no deadline bounds a copy, a dead connection is shut.
+            # Watched (destination/watchdog.py): no deadline bounds a copy, a dead
+            # connection is shut.
             dest = watchdog.connect(cfg.destination.conninfo(), autocommit=True)
             while not self.stop.is_set() and not self._errors:
                 try:
@@ -566,7 +567,7 @@ def source_indexes(catalog: psycopg.Connection, t: MirrorTable) -> list[IndexBui
     Unique indexes become plain ones: a batch applies many changes in one
     statement, and an intermediate state (two rows swapping a value) would
     trip a uniqueness check the source never saw fail. CONCURRENTLY: they are
-    built while the applier writes to the table (indexes.py).
+    built while the applier writes to the table (destination/indexes.py).
     """
     return [IndexBuild(t.qualname, t.dest_schema, ix.name, index_sql(t, ix).as_string())
             for ix in secondary_indexes(catalog, t.source.oid)]

@@ -580,7 +580,8 @@ class Receiver:
         if self.poll_conn is None:
             dst = self.cfg.destination
             try:
-                # Watched: a dead connection is shut in seconds, not stall_timeout (watchdog.py).
+                # Watched: a dead connection is shut in seconds, not stall_timeout
+                # (destination/watchdog.py).
                 self.poll_conn = watchdog.connect(
                     dst.conninfo(), deadline.BatchLimits.of(dst).answer_timeout, side="destination",
                     setting="[destination] stall_timeout", autocommit=True)

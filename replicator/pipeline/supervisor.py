@@ -23,12 +23,13 @@ from ..config.settings import Config, DestinationSettings, SourceSettings
 from ..destination import state
 from ..destination.lease import Holder, Lease
 from ..errors import ErrorKind, ExitCode, ReplicatorError, Retries
-from ..telemetry.metrics import Metrics, MetricsServer, SlotMonitor
+from ..telemetry.metrics import Metrics, MetricsServer
 from .handoff import Progress, Shared
 from .preflight import (
     check_destination_server,
 )
 from .session import Session
+from .slot_monitor import SlotMonitor
 from .table_copies import SessionRestart
 
 log = logging.getLogger(__name__)
@@ -141,7 +142,7 @@ class Pipeline:
                 if self.stop_requested.wait(delay):
                     return 0
 
-    # -- the pipeline's lease (lease.py) -----------------------------------
+    # -- the pipeline's lease (destination/lease.py) --------------------------
 
     def _claim(self) -> bool:
         """Hold the lease before anything is written, as a standby until it is free.

@@ -2,9 +2,9 @@
 
 One place to see what the replicator reads from the source (and so which
 privileges and server versions it relies on). The functions return plain
-rows; schema.py builds table definitions from them, preflight.py judges them.
+rows; schema.py builds table definitions from them, pipeline/preflight.py judges them.
 Queries against the destination live with what they serve: mirror DDL in
-schema.py, the state schema in state.py.
+schema.py, the state schema in destination/state.py.
 """
 
 from __future__ import annotations

@@ -21,9 +21,9 @@ from typing import Any
 
 import orjson
 
-from ..config.redact import redact
 from ..config.settings import LoggingSettings
 from ..errors import ConfigError
+from ..redact import redact
 from .console import printable
 
 __all__ = ["JsonFormatter", "TextFormatter", "setup_logging"]

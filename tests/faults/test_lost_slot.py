@@ -21,7 +21,8 @@ from plugins.servers import SOURCE_VERSIONS, _fresh_database, _start_cluster, gr
 
 from replicator.devtools.localpg import LocalCluster
 from replicator.errors import ExitCode
-from replicator.telemetry.metrics import SLOT_WAL_STATUS, Metrics, SlotMonitor
+from replicator.pipeline.slot_monitor import SlotMonitor
+from replicator.telemetry.metrics import SLOT_WAL_STATUS, Metrics
 
 ROWS = 200
 

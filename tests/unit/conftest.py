@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from replicator.config import redact
+from replicator import redact
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ import pytest
 from plugins.replicator import minimal_config
 from psycopg.conninfo import conninfo_to_dict
 
-from replicator.config import redact
+from replicator import redact
 from replicator.config.load import from_dsns, load_config
 from replicator.config.settings import (
     DestinationSettings,

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from plugins.replicator import minimal_config
 
+from replicator import redact
 from replicator.commands.cli import main
-from replicator.config import redact
 from replicator.config.load import load_config
 from replicator.destination import state
 from replicator.errors import ConfigError

@@ -9,9 +9,9 @@ from datetime import datetime
 import orjson
 import pytest
 
-from replicator.config.redact import redact, register_secret
 from replicator.config.settings import DestinationSettings, LoggingSettings
 from replicator.errors import ConfigError
+from replicator.redact import redact, register_secret
 from replicator.telemetry.logs import setup_logging
 
 log = logging.getLogger("replicator.test")
