@@ -46,6 +46,7 @@ import argparse
 import logging
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -95,16 +96,37 @@ LINE_COLUMNS = [c for c in odoo.column_names(TABLE) if c != "id"]
 
 class Bench(CdcBench):
     def __init__(self, rows: int, keep: bool, base: Path | None, poll_s: float,
-                 timeout: float) -> None:
+                 timeout: float, analyze_every: float = 0.0) -> None:
         super().__init__(keep, base, timeout, (TABLE,))
         self.rows = rows
         self.poll_s = poll_s
+        # ANALYZE the table this often while the close runs (0: never), as autovacuum does
+        # during a big close: each makes the walsender describe the table again mid-stream.
+        self.analyze_every = analyze_every
         self.recvlogical = str(self.src.bin_dir / "pg_recvlogical")
 
     # -- the close
 
     def close_month(self) -> dict[str, Any]:
         """The insert and the update transactions; their seconds on the source."""
+        done = threading.Event()
+        analyzer = threading.Thread(target=self._analyze_until, args=(done,), daemon=True)
+        if self.analyze_every:
+            analyzer.start()
+        try:
+            return self._close_month()
+        finally:
+            done.set()
+            if analyzer.is_alive():
+                analyzer.join()
+
+    def _analyze_until(self, done: threading.Event) -> None:
+        with self.src.connect(SRC_DB) as conn:
+            conn.autocommit = True
+            while not done.wait(self.analyze_every):
+                conn.execute(sql.SQL("analyze {}").format(sql.Identifier("public", TABLE)))
+
+    def _close_month(self) -> dict[str, Any]:
         cols = sql.SQL(", ").join(map(sql.Identifier, LINE_COLUMNS))
         t = sql.Identifier("public", TABLE)
         with self.src.connect(SRC_DB) as conn:
@@ -156,6 +178,7 @@ class Bench(CdcBench):
             self.meter.watch("replicator", child.pid)
             res = self.timed_close(MIRROR, child)
             res["peak_rss_mib"] = round(child.peak_rss_mib(), 1)
+            res["streamed"] = streamed(child)
         finally:
             self.meter.unwatch("replicator")
             code = child.stop()
@@ -247,6 +270,12 @@ class Bench(CdcBench):
 # -- reporting --------------------------------------------------------------
 
 
+def streamed(child: ReplicatorChild) -> dict[str, int]:
+    """How the replicator applied the streamed transactions: while they ran, or at commit."""
+    return {how: int(child.metric(f'etl_streamed_transactions_total{{applied="{how}"}}') or 0)
+            for how in ("while_running", "at_commit")}
+
+
 def summarize(samples: dict[str, list[dict]]) -> dict[str, Any]:
     ways: dict[str, Any] = {}
     for way, runs in samples.items():
@@ -263,6 +292,8 @@ def summarize(samples: dict[str, list[dict]]) -> dict[str, Any]:
             entry["source_update_s"] = median([r["update_s"] for r in runs])
         if "peak_rss_mib" in runs[0]:
             entry["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
+        if "streamed" in runs[0]:
+            entry["streamed"] = [r["streamed"] for r in runs]
         for key in ("streaming", "binary", "options", "mirror_equal", "destination_indexes"):
             if key in runs[0]:
                 entry[key] = runs[0][key]
@@ -307,8 +338,9 @@ def print_table(report: dict[str, Any], out=sys.stderr) -> None:
     print_header(report, out)
     c = report["close"]
     p(f"close: {c['rows']:,}-row insert txn + {c['rows']:,}-row update txn on {TABLE} "
-      f"(seeded with {c['seeded_rows']:,}) + a marker row; median of {report['repeat']} run(s)",
-      file=out)
+      f"(seeded with {c['seeded_rows']:,}) + a marker row; median of {report['repeat']} run(s)"
+      + (f"; ANALYZE every {c['analyze_every_s']:g} s during it" if c.get("analyze_every_s")
+         else ""), file=out)
     ways = report["ways"]
     if WAY_NATIVE in ways:
         n = ways[WAY_NATIVE]
@@ -337,6 +369,11 @@ def print_table(report: dict[str, Any], out=sys.stderr) -> None:
         p(f"{way:34} {e['seconds']:8.2f} {ratio:>22} {rss:>9}   "
           f"{cpu.get('source', 0):.1f} / {cpu.get('destination', 0):.1f} / "
           f"{cpu.get('replicator', 0):.1f} / {cpu.get('bench', 0):.1f}", file=out)
+    live = ways.get(WAY_LIVE, {})
+    if "streamed" in live:
+        p("replicator, live: streamed transactions applied while running / at commit, per run: "
+          + ", ".join(f"{s['while_running']}/{s['at_commit']}" for s in live["streamed"]),
+          file=out)
     p("(native and live: marker commit -> visible; cold: `replicator run` start -> marker "
       "visible; floor: pg_recvlogical start -> exit at the marker's LSN)", file=out)
     if report["targets"]:
@@ -357,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--poll-ms", type=float, default=5.0,
                     help="how often the destination is polled for the marker")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds a way may take")
+    ap.add_argument("--analyze-every", type=float, default=0.0, metavar="SECONDS",
+                    help="ANALYZE the table this often during the close, as autovacuum does "
+                         "(each makes the source describe it again mid-transaction); 0: never")
     add_cdc_options(ap, NATIVE_STREAMING)
     add_run_options(ap, "print the report as JSON on stdout (the table is always on stderr)")
     args = ap.parse_args(argv)
@@ -369,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
     machine = machine_info()
-    bench = Bench(args.rows, args.keep, args.base_dir, args.poll_ms / 1000, args.timeout)
+    bench = Bench(args.rows, args.keep, args.base_dir, args.poll_ms / 1000, args.timeout,
+                  args.analyze_every)
     bench.native_streaming = args.native_streaming
     bench.copy_indexes = not args.no_indexes
     bench.replicator_settings = parse_settings(args.set)
@@ -400,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
             **report_base(bench, machine, versions, ways),
             "repeat": args.repeat,
             "close": {"table": f"public.{TABLE}", "rows": args.rows,
-                      "seeded_rows": bench.seeded[TABLE]},
+                      "seeded_rows": bench.seeded[TABLE], "analyze_every_s": args.analyze_every},
             "ways": ways,
             "targets": targets(ways),
         }

@@ -468,15 +468,18 @@ class Receiver:
         """Whether a streamed chunk's rows of this table may be merged before the commit.
 
         Not with a row filter, soft deletes or history (they need the commit LSN and
-        time), nor for a table being copied; nor if its copy may hold this transaction:
-        the chunk's changes come before the transaction's commit in the WAL, so a copy
-        whose snapshot is no later than they are cannot hold it.
+        time), nor for a table being copied; nor if its copy may hold this transaction. A
+        transaction the source streams has not committed where the source decodes, which
+        is past every position the stream has delivered: so its commit comes after the
+        highest dataStart received, and a copy whose snapshot is no later holds nothing of
+        it. Not the current frame's dataStart: a Relation message sent again inside the
+        chunk (after an ANALYZE, or for another table's first change) may carry 0.
         """
         t = tr.table
         key = (t.source.schema, t.source.name)
         o = t.options
-        return o.filter is None and not o.soft_delete and not o.history \
-            and key not in self.copies and 0 < self.sync_lsns.get(key, 0) <= self.dec.wal_start
+        return o.filter is None and not o.soft_delete and not o.history and key not in \
+            self.copies and 0 < self.sync_lsns.get(key, 0) <= self.feedback.received
 
     def _on_stream_stop(self) -> None:
         st = self.stream

@@ -138,6 +138,38 @@ def test_rolled_back_subtransactions_of_a_streamed_transaction_are_dropped(zoo, 
     assert rows[0][4] == "kept"
 
 
+def test_a_relation_message_inside_a_chunk_does_not_give_the_transaction_up(zoo, dest_db,
+                                                                          caplog):
+    """The source sends a Relation message again in the middle of a streamed transaction:
+    after an ANALYZE (a relcache invalidation) and for the first change of another table.
+    Its frame says nothing of where the transaction is (its dataStart can be 0), so whether
+    the chunk's rows may be applied early is decided from what the stream has delivered:
+    the transaction stays applied while it runs, in the first session after a start."""
+    zoo.execute("create table side (id integer primary key, note text)")
+    zoo.execute(f"alter publication {PUBLICATION} add table side")
+    zoo.execute("insert into side values (0, 'copied')")
+    catch_up(zoo, dest_db, **STREAMING)      # side is copied: its changes may apply early
+    other = zoo.connect(autocommit=True)
+    try:
+        with zoo.connect(autocommit=False) as conn:
+            for step in range(4):
+                base = 10_000 + step * 3000
+                conn.execute(zoo_rows(base + 1000, start=base))
+                other.execute("analyze zoo")      # the walsender describes zoo again
+                conn.execute(zoo_rows(base + 2000, start=base + 1001))
+            conn.execute("insert into side select g, 'n' || g from generate_series(1, 3000) g")
+            conn.execute(zoo_rows(40_000, start=30_001))
+            conn.commit()
+    finally:
+        other.close()
+    chunks = caught_up(zoo, dest_db, caplog)
+    assert len(chunks) == 1 and chunks[0] > 4, chunks
+    assert gave_up(caplog) == []
+    assert len(applied_while_running(caplog)) == 1
+    assert_same(zoo, dest_db, "zoo")
+    assert_same(zoo, dest_db, "side")
+
+
 @pytest.mark.parametrize("seed", [7, 11])
 def test_random_savepoint_programs_end_equal(zoo, dest_db, caplog, seed):
     """Nested savepoints released and rolled back at random around inserts, updates and
