@@ -278,13 +278,15 @@ class Session:
                 "mode": "binary" if binary else "text", "tables": len(mirrors),
                 "target_lsn": format_lsn(self.target) if self.target is not None else None})
 
+            # Secondary indexes of copied tables, built while the stream is applied; known to
+            # the applier before its first batch, which holds the builds of a table it alters.
+            indexes = IndexBuilder(dst, src.slot, shared.metrics, fence=shared.fence)
+            applier.index_builds = indexes
             applier_thread = threading.Thread(
                 target=apply_loop, args=(shared, applier, handoff, self.system_id),
                 name="applier", daemon=True)
             applier_thread.start()
-            # Secondary indexes of copied tables, built while the stream is applied.
-            builder = IndexBuilder(dst, src.slot, shared.metrics, fence=shared.fence).start()
-            applier.index_builds = builder
+            builder = indexes.start()
 
             def stream_applier() -> Applier:
                 return make_applier(self.cfg, shared, pipeline=False)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import psycopg
 
 from .. import deadline
+from ..config.settings import Config
 from ..destination import state
 from ..lsn import parse_lsn
 from ..source import catalog
@@ -27,6 +28,13 @@ class SlotMonitor:
     Its own autocommit connections, on its own thread: a slow or failing query
     never holds up replication. A failure is logged once per streak of them.
     """
+
+    @classmethod
+    def of(cls, config: Config, metrics: Metrics) -> SlotMonitor:
+        """The pipeline's: its servers, slot and state, every [metrics] slot_poll_interval."""
+        return cls(metrics, config.source.conninfo(), config.destination.conninfo(),
+                   config.destination.state_schema, config.source.slot,
+                   config.metrics.slot_poll_interval)
 
     def __init__(self, metrics: Metrics, source_conninfo: str, dest_conninfo: str,
                  state_schema: str, slot: str, interval: float) -> None:

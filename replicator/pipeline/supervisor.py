@@ -63,9 +63,7 @@ class Pipeline:
         if cfg.metrics.enabled:
             server = MetricsServer(self.metrics, cfg.metrics.port, cfg.metrics.path,
                                    cfg.metrics.host).start()
-            monitor = SlotMonitor(self.metrics, cfg.source.conninfo(),
-                                  cfg.destination.conninfo(), cfg.destination.state_schema,
-                                  cfg.source.slot, cfg.metrics.slot_poll_interval).start()
+            monitor = SlotMonitor.of(cfg, self.metrics).start()
         try:
             code = self._run()
             # Stopped because the lease was lost (the lease thread asked): not a clean end.
