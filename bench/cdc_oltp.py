@@ -75,8 +75,12 @@ LINE_OVERRIDES = {"move_id": ":move", "parent_state": "'draft'", "move_name": "'
                   "create_date": NOW, "write_date": NOW}
 
 
-def pgbench_script() -> str:
-    """One Odoo invoice per transaction: the entry, its lines, the partner's rank."""
+def pgbench_script(lines: int = 0, updates: int = 0) -> str:
+    """One Odoo invoice per transaction: the entry, its lines, the partner's rank.
+
+    ``lines``: journal items inserted per invoice (0: the template entry's own, about five;
+    more: its lines repeated up to that many); ``updates``: existing journal items updated
+    per transaction besides (the firehose's shape: 40 and 10)."""
 
     def select_list(table: str, overrides: dict[str, str]) -> tuple[str, str]:
         cols = [c for c in odoo.column_names(table) if c != "id"]
@@ -86,13 +90,23 @@ def pgbench_script() -> str:
     line_cols, line_vals = select_list("account_move_line", LINE_OVERRIDES)
     # Seeded ids have no gaps, but the first id at or above a random one is a safe pick
     # whatever the seed does; \gset needs exactly one row back.
+    source = ("account_move_line where move_id = (select min(id) from account_move where id >= "
+              ":tmpl)")
+    if lines:
+        source = (f"(select l.* from account_move_line l cross join generate_series(1, {lines}) g "
+                  f"where l.move_id = (select min(id) from account_move where id >= :tmpl) "
+                  f"limit {lines}) account_move_line")
+    touched = (f"update account_move_line set write_date = {NOW} where id in (select id from "
+               f"account_move_line where id >= :line order by id limit {updates});\n"
+               if updates else "")
     return f"""\
 \\set tmpl random(1, :max_move)
 \\set partner random(1, :max_partner)
+\\set line random(1, :max_line)
 begin;
 insert into account_move ({move_cols}) select {move_vals} from account_move where id = (select min(id) from account_move where id >= :tmpl) returning id as move \\gset
-insert into account_move_line ({line_cols}) select {line_vals} from account_move_line where move_id = (select min(id) from account_move where id >= :tmpl);
-update res_partner set customer_rank = customer_rank + 1, write_date = {NOW} where id = (select min(id) from res_partner where id >= :partner);
+insert into account_move_line ({line_cols}) select {line_vals} from {source};
+{touched}update res_partner set customer_rank = customer_rank + 1, write_date = {NOW} where id = (select min(id) from res_partner where id >= :partner);
 end;
 """
 
@@ -193,8 +207,9 @@ class Bench(CdcBench):
         super().seed(scale)
         with self.src.connect(TEMPLATE_DB) as conn:
             self.max_ids = {t: conn.execute(sql.SQL("select max(id) from {}").format(
-                sql.Identifier(t))).fetchone()[0] for t in ("account_move", "res_partner")}
-        self.script.write_text(pgbench_script())
+                sql.Identifier(t))).fetchone()[0]
+                for t in ("account_move", "res_partner", "account_move_line")}
+        self.script.write_text(pgbench_script(self.args.lines, self.args.updates))
 
     def wait_streaming(self, schema: str, check=None) -> None:
         """A marker before the load, seen at the destination: the way is streaming."""
@@ -208,6 +223,7 @@ class Bench(CdcBench):
                "-j", str(min(a.clients, 2)), "-T", str(a.seconds), "-f", str(self.script),
                "--random-seed=42", "-D", f"max_move={self.max_ids['account_move']}",
                "-D", f"max_partner={self.max_ids['res_partner']}",
+               "-D", f"max_line={self.max_ids['account_move_line']}",
                "-h", self.src.host, "-p", str(self.src.port), "-U", "postgres", SRC_DB]
         markers = Markers(self.src.dsn(SRC_DB), self.dst.dsn(DST_DB), schema, a.poll_ms / 1000)
         snap = self.meter.snapshot()
@@ -219,7 +235,10 @@ class Bench(CdcBench):
                 check()
             time.sleep(0.5)
         out, err = proc.communicate()
+        load_end = time.monotonic()
         markers.finish(a.timeout)
+        # Drained: from the end of the load until its last marker was visible.
+        drained = max(markers.seen.values()) - load_end
         cpu = self.meter.since(snap, settle=False)
         if proc.returncode != 0:
             raise SystemExit(f"pgbench failed ({proc.returncode}): {err[-2000:]}")
@@ -230,7 +249,7 @@ class Bench(CdcBench):
         lags = markers.lags_ms()
         values = [lag for _t, lag in lags]
         return {"tps": float(tps.group(1)), "transactions": int(done.group(1)),
-                "markers": len(values),
+                "markers": len(values), "drained_s": round(max(0.0, drained), 3),
                 "lag_ms": {"p50": percentile(values, 50), "p95": percentile(values, 95),
                            "p99": percentile(values, 99), "max": max(values)},
                 "samples": lags, **cpu}
@@ -269,8 +288,10 @@ def print_table(report: dict[str, Any], out=sys.stderr) -> None:
     p = print
     print_header(report, out)
     lo = report["load"]
+    shape = (f"{lo['lines']} lines and {lo['updates']} updated lines per invoice"
+             if lo.get("lines") else "the template entry's lines per invoice")
     p(f"load: pgbench, {lo['clients']} clients, {lo['seconds']} s, no rate limit, Odoo "
-      f"invoice script; a marker every {MARKER_EVERY_S * 1000:.0f} ms, destination polled "
+      f"invoice script ({shape}); a marker every {MARKER_EVERY_S * 1000:.0f} ms, destination polled "
       f"every {lo['poll_ms']:g} ms (lag resolution)", file=out)
     ways = report["ways"]
     if WAY_NATIVE in ways:
@@ -279,7 +300,7 @@ def print_table(report: dict[str, Any], out=sys.stderr) -> None:
           f"{'on' if n['binary'] else 'off'}", file=out)
     p("", file=out)
     p(f"{'way':20} {'lag p50':>8} {'p95':>7} {'p99':>7} {'max':>8} {'markers':>8} "
-      f"{'source tps':>11} {'vs native':>9} {'peak RSS':>9}   CPU s: "
+      f"{'source tps':>11} {'vs native':>9} {'drained':>8} {'peak RSS':>9}   CPU s: "
       "source/destination/replicator/bench", file=out)
     for way in (WAY_NATIVE, WAY_OURS):
         if way not in ways:
@@ -289,10 +310,11 @@ def print_table(report: dict[str, Any], out=sys.stderr) -> None:
         vs = f"{e['tps_vs_native']:.2f}x" if "tps_vs_native" in e else ""
         rss = f"{e['peak_rss_mib']:.0f} MiB" if "peak_rss_mib" in e else ""
         p(f"{way:20} {lag['p50']:8.1f} {lag['p95']:7.1f} {lag['p99']:7.1f} {lag['max']:8.1f} "
-          f"{e['markers']:8} {e['tps']:11.0f} {vs:>9} {rss:>9}   "
+          f"{e['markers']:8} {e['tps']:11.0f} {vs:>9} {e['drained_s']:7.2f}s {rss:>9}   "
           f"{cpu.get('source', 0):.1f} / {cpu.get('destination', 0):.1f} / "
           f"{cpu.get('replicator', 0):.1f} / {cpu.get('bench', 0):.1f}", file=out)
-    p("(lag in ms: marker commit -> visible at the destination)", file=out)
+    p("(lag in ms: marker commit -> visible at the destination; drained: load end -> its "
+      "last marker visible)", file=out)
     if report["targets"]:
         p("", file=out)
         for line in report["targets"]:
@@ -314,8 +336,18 @@ def targets(ways: dict[str, Any]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seconds", type=int, default=60, help="how long pgbench runs per way")
-    ap.add_argument("--clients", type=int, default=4, help="pgbench clients")
+    ap.add_argument("--seconds", type=int, default=None,
+                    help="how long pgbench runs per way (default 60, firehose 30)")
+    ap.add_argument("--clients", type=int, default=None,
+                    help="pgbench clients (default 4, firehose 8)")
+    ap.add_argument("--lines", type=int, default=None,
+                    help="journal items inserted per invoice (default: the template's, about "
+                         "five; firehose 40)")
+    ap.add_argument("--updates", type=int, default=None,
+                    help="existing journal items updated per transaction (default 0, firehose 10)")
+    ap.add_argument("--firehose", action="store_true",
+                    help="the firehose: 8 clients, 40 lines inserted and 10 updated per "
+                         "transaction, 30 s (each still overridable)")
     ap.add_argument("--scale", type=float, default=1.0,
                     help="seed scale of the source (1: about 1,000 entries, 5,000 lines)")
     ap.add_argument("--ways", default="native,ours", help="comma-separated subset of native,ours")
@@ -328,6 +360,11 @@ def main(argv: list[str] | None = None) -> int:
     add_cdc_options(ap, NATIVE_STREAMING)
     add_run_options(ap, "print the report as JSON on stdout (the table is always on stderr)")
     args = ap.parse_args(argv)
+    profile = ({"seconds": 30, "clients": 8, "lines": 40, "updates": 10} if args.firehose
+               else {"seconds": 60, "clients": 4, "lines": 0, "updates": 0})
+    for key, value in profile.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     wanted = [w.strip() for w in args.ways.split(",") if w.strip()]
     if not wanted or any(w not in ("native", "ours") for w in wanted):
         ap.error("--ways: choose from native,ours")
@@ -367,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         report = {
             **report_base(bench, machine, versions, ways),
             "load": {"clients": args.clients, "seconds": args.seconds, "poll_ms": args.poll_ms,
+                     "lines": args.lines, "updates": args.updates,
                      "marker_every_ms": MARKER_EVERY_S * 1000, "script": pgbench_script()},
             "ways": {w: {k: v for k, v in e.items() if k != "samples"} for w, e in ways.items()},
             "targets": targets(ways),

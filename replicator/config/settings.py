@@ -251,7 +251,9 @@ class DestinationSettings(ConnectionSettings):
     # Applied LSN, staging and dead-letter tables: kept apart from the mirror that Superset,
     # n8n and the RLS policies see.
     state_schema: str = "replicator"
-    batch_size: int = 1000  # rows
+    # Rows a batch may gather while the one before is being applied (an idle applier takes
+    # what has committed at once): batches grow with the load, up to this.
+    batch_size: int = 10000  # rows
     flush_interval: float = 5.0  # seconds: the longest a committed change waits
     max_memory_mb: int = 256
     # Streamed source transactions applied while they run, each in its own destination

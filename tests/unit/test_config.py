@@ -73,7 +73,7 @@ def test_repo_config_loads_with_the_two_variables(monkeypatch):
     assert (src.publication, src.slot) == ("odoo_pub_scout", "odoo_pub_scout")
     assert (dst.host, dst.port, dst.database, dst.user) == ("127.0.0.1", 5433, "postgres", "postgres")
     assert dst.password.reveal() == "from-env-supa"
-    assert (dst.schema, dst.batch_size, dst.flush_interval) == ("odoo_mirror", 1000, 5.0)
+    assert (dst.schema, dst.batch_size, dst.flush_interval) == ("odoo_mirror", 10000, 5.0)
     assert config.mappings == {
         f"public.{t}": f"odoo_mirror.{t}"
         for t in (
@@ -306,7 +306,7 @@ def test_defaults(tmp_path):
     assert load_config(write(tmp_path, with_source("retry_timeout = 2.5")), environ=ENV).source.retry_timeout == 2.5
     assert src.slot == "odoo_pub_scout"
     assert (dst.schema, dst.state_schema, dst.batch_size, dst.flush_interval) == (
-        "odoo_mirror", "replicator", 1000, 5.0,
+        "odoo_mirror", "replicator", 10000, 5.0,
     )
     assert (dst.max_memory_mb, dst.copy_indexes, dst.on_error) == (256, True, "stop")
     dst = load_config(write(tmp_path, with_destination('on_error = "dead_letter"')), environ=ENV).destination
