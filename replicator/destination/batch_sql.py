@@ -25,13 +25,11 @@ def ident(name: str) -> sql.Identifier:
     return sql.Identifier(name)
 
 
-
 def typed(expr: sql.Composable, t: MirrorTable, col: Column) -> sql.Composable:
     # Binary staging already has the mirror's type; text staging is cast.
     if t.binary and col.builtin:
         return expr
     return sql.SQL("{}::{}").format(expr, sql.SQL(col.mirror_type))
-
 
 
 def staging_columns(t: MirrorTable) -> list[sql.Identifier]:
@@ -40,17 +38,14 @@ def staging_columns(t: MirrorTable) -> list[sql.Identifier]:
             + [ident(f"_r_ok{i}") for i in range(len(t.source.key))] + [ident("_r_u")])
 
 
-
 def copy_sql(t: MirrorTable) -> sql.Composed:
     return sql.SQL("copy {} ({}) from stdin (format binary)").format(
         t.stage, sql.SQL(", ").join(staging_columns(t)))
 
 
-
 def copy_held_sql(t: MirrorTable) -> sql.Composed:
     return sql.SQL("copy {} ({}) from stdin (format binary)").format(
         t.held, sql.SQL(", ").join(staging_columns(t)))
-
 
 
 def clear_staging_sql(t: MirrorTable) -> sql.Composed:
@@ -67,7 +62,6 @@ def clear_staging_sql(t: MirrorTable) -> sql.Composed:
     return sql.SQL("delete from {}").format(t.stage)
 
 
-
 def temp_staging_sql(t: MirrorTable) -> sql.Composed:
     """A streamed transaction's own staging table for t, emptied for the next chunk.
 
@@ -81,7 +75,6 @@ def temp_staging_sql(t: MirrorTable) -> sql.Composed:
                    "on commit drop; truncate {}").format(t.stage, t.shared_stage, t.stage)
 
 
-
 # Rows a staging table takes (and deletes again) between two VACUUMs of it. Autovacuum
 # comes by once a minute at best, and until then every COPY appends to fresh pages (the
 # free space of the deleted rows is known only after a vacuum) that each batch's delete
@@ -91,12 +84,10 @@ def temp_staging_sql(t: MirrorTable) -> sql.Composed:
 STAGING_VACUUM_ROWS = 5000
 
 
-
 def vacuum_staging_sql(t: MirrorTable) -> sql.Composed:
     # skip_locked: a session holding a conflicting lock on staging (an operator's VACUUM
     # FULL, ALTER) makes this VACUUM skip, not wait outside the batch's lock_timeout.
     return sql.SQL("vacuum (skip_locked) {}").format(t.stage)
-
 
 
 def unhold_sql(t: MirrorTable) -> tuple[list[sql.Composed], sql.Composed]:
@@ -128,13 +119,11 @@ def unhold_sql(t: MirrorTable) -> tuple[list[sql.Composed], sql.Composed]:
     ], sql.SQL("select exists {}").format(last_truncate)
 
 
-
 def _filter_sql(t: MirrorTable) -> sql.Composable:
     # Operator-written SQL ([mappings] filter), trusted like the rest of the config. Every
     # statement holding it runs with parameters, so its % signs are doubled.
     assert t.options.filter is not None
     return sql.SQL(t.options.filter.replace("%", "%%"))
-
 
 
 def passes(t: MirrorTable, alias: str, cast: bool = True) -> sql.Composable:
@@ -150,7 +139,6 @@ def passes(t: MirrorTable, alias: str, cast: bool = True) -> sql.Composable:
         cols, _filter_sql(t))
 
 
-
 # The source commit time of a staged row's transaction: the applier passes the batch's
 # commit LSNs and times (microseconds since 2000-01-01, as pgoutput sends them).
 def commit_time(lsn: sql.Composable) -> sql.Composed:
@@ -160,9 +148,7 @@ def commit_time(lsn: sql.Composable) -> sql.Composed:
         "now())").format(lsn)
 
 
-
 COMMIT_TIME = commit_time(sql.SQL("s._r_lsn"))
-
 
 
 def _merge_tail(t: MirrorTable, source: sql.Composable, toast: bool) -> sql.Composed:
@@ -214,10 +200,8 @@ def _merge_tail(t: MirrorTable, source: sql.Composable, toast: bool) -> sql.Comp
              vals=sql.SQL(", ").join(ins_val))
 
 
-
 def toastable(col: Column) -> bool:
     return col.typlen == -1
-
 
 
 def merge_sql(t: MirrorTable) -> sql.Composed:
@@ -227,7 +211,6 @@ def merge_sql(t: MirrorTable) -> sql.Composed:
                      "order by {k}, _r_seq desc)").format(k=key, stage=t.stage,
                                                           f=passes(t, "s"))
     return _merge_tail(t, source, toast=False)
-
 
 
 def _toast_ctes(t: MirrorTable) -> sql.Composed:
@@ -404,13 +387,11 @@ def _toast_ctes(t: MirrorTable) -> sql.Composed:
              lom=eq("lo", rk, "l", key_names), dest=t.dest, tgo_match=tgo_match)
 
 
-
 def merge_toast_sql(t: MirrorTable) -> sql.Composed:
     # MERGE takes no WITH RECURSIVE of its own (PostgreSQL 15): the CTEs go
     # inside its source.
     return _merge_tail(t, sql.SQL("(") + _toast_ctes(t) + sql.SQL(
         "select r.*, {} as _r_in from r)").format(passes(t, "r", cast=False)), toast=True)
-
 
 
 def dead_letter_sql(t: MirrorTable) -> sql.Composed:
@@ -426,7 +407,6 @@ def dead_letter_sql(t: MirrorTable) -> sql.Composed:
         "(select 1 from {dest} t where {on}))) and {f}"
     ).format(dl=sql.Identifier(t.state_schema, "dead_letters"), obj=obj, dest=t.dest, on=on,
              f=passes(t, "s", cast=False))
-
 
 
 def history_sql(t: MirrorTable) -> sql.Composed:
@@ -445,13 +425,11 @@ def history_sql(t: MirrorTable) -> sql.Composed:
              f=passes(t, "s"))
 
 
-
 def _on_mirror(t: MirrorTable) -> sql.Composed:
     """Mirror row m of staged row s."""
     by_name = {c.name: c for c in t.columns}
     return sql.SQL(" and ").join(sql.SQL("m.{} = {}").format(
         ident(k), typed(sql.SQL("s.{}").format(ident(k)), t, by_name[k])) for k in t.source.key)
-
 
 
 def _images(t: MirrorTable, mirror: sql.SQL | None) -> list[sql.Composable]:
@@ -482,7 +460,6 @@ def _images(t: MirrorTable, mirror: sql.SQL | None) -> list[sql.Composable]:
     return vals
 
 
-
 def soft_deleted_sql(t: MirrorTable) -> sql.Composed:
     """After the MERGE: rows the batch inserted and deleted again (their key's last staged
     change is a delete, and the mirror has no row) are kept too, marked, with their latest
@@ -504,7 +481,6 @@ def soft_deleted_sql(t: MirrorTable) -> sql.Composed:
              on=_on_mirror(t), f=passes(t, "s"))
 
 
-
 def moving_in_sql(t: MirrorTable) -> sql.Composed:
     """Keys (jsonb) of the last staged rows that enter the filter with unchanged-TOAST
     values: no mirror row has those values (nor, after a key change, the old key's), the
@@ -516,7 +492,6 @@ def moving_in_sql(t: MirrorTable) -> sql.Composed:
         "and (s._r_anykeep or s._r_bad) and not exists (select 1 from {dest} t where {on}) "
         "and {f}"
     ).format(kj=key_json(t, "s"), dest=t.dest, on=on, f=passes(t, "s", cast=False))
-
 
 
 def source_values_sql(t: MirrorTable) -> sql.Composed:
@@ -531,7 +506,6 @@ def source_values_sql(t: MirrorTable) -> sql.Composed:
         sql.SQL("{}{} as {}").format(ident(c.name), sql.SQL("" if c.builtin else "::text"),
                                      ident(c.name)) for c in cols),
         src=src, keys=keys)
-
 
 
 def fill_moving_in_sql(t: MirrorTable) -> sql.Composed:
@@ -552,10 +526,8 @@ def fill_moving_in_sql(t: MirrorTable) -> sql.Composed:
     ).format(stage=t.stage, sets=sql.SQL(", ").join(sets), same=same, same2=same2)
 
 
-
 def check_filter_sql(t: MirrorTable) -> sql.Composed:
     return sql.SQL("select {} from {} s limit 0").format(passes(t, "s"), t.stage)
-
 
 
 def check_filter(conn: psycopg.Connection, t: MirrorTable) -> None:

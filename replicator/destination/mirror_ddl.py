@@ -49,7 +49,6 @@ def create_mirror_sql(t: MirrorTable, with_key: bool = True,
     ]
 
 
-
 def create_staging_sql(t: MirrorTable) -> sql.Composed:
     by_name = {c.name: c for c in t.columns}
     parts: list[sql.Composable] = [
@@ -67,15 +66,12 @@ def create_staging_sql(t: MirrorTable) -> sql.Composed:
         t.stage, sql.SQL(", ").join(parts))
 
 
-
 def create_held_sql(t: MirrorTable) -> sql.Composed:
     return sql.SQL("create table if not exists {} (like {})").format(t.held, t.stage)
 
 
-
 def mirror_columns(conn: psycopg.Connection, t: MirrorTable) -> dict[str, str]:
     return column_types(conn, t.dest)
-
 
 
 def column_types(conn: psycopg.Connection, table: sql.Composable) -> dict[str, str]:
@@ -88,13 +84,11 @@ def column_types(conn: psycopg.Connection, table: sql.Composable) -> dict[str, s
     return dict(rows.fetchall())
 
 
-
 @dataclass
 class MirrorPlan:
     statements: list[tuple[sql.Composed, tuple | None]]  # (stmt, (column, from, to) of a cast)
     attnums: dict[int, str]       # source attnum -> mirror column, after the plan
     recopy: list[str]             # columns added whose existing rows the stream cannot fill
-
 
 
 def plan_mirror(t: MirrorTable, existing: dict[str, str], remembered: dict[int, str],
@@ -206,13 +200,11 @@ def plan_mirror(t: MirrorTable, existing: dict[str, str], remembered: dict[int, 
     return MirrorPlan(out, attnums, recopy)
 
 
-
 def alter_mirror_sql(t: MirrorTable, existing: dict[str, str],
                      remembered: dict[int, str] | None = None,
                      origins: tuple[Origin, ...] | None = None) -> list[sql.Composed]:
     """Bring an existing mirror table up to the stream's columns (see plan_mirror)."""
     return [s for s, _ in plan_mirror(t, existing, remembered or {}, origins).statements]
-
 
 
 def mirror_exists(conn: psycopg.Connection, t: MirrorTable) -> bool:
@@ -222,7 +214,6 @@ def mirror_exists(conn: psycopg.Connection, t: MirrorTable) -> bool:
 
 
 HISTORY_COLUMNS = ("_op", "_commit_time", "_lsn", "_seq")
-
 
 
 def create_history_sql(t: MirrorTable) -> list[sql.Composed]:
@@ -237,7 +228,6 @@ def create_history_sql(t: MirrorTable) -> list[sql.Composed]:
         sql.SQL("create unique index if not exists {} on {} (_lsn, _seq)").format(
             ident(f"{t.dest_name[:50]}_history_lsn"), t.history),
     ]
-
 
 
 def ensure_mirror_columns(conn: psycopg.Connection, t: MirrorTable, state_schema: str, slot: str,
