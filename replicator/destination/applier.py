@@ -644,9 +644,10 @@ class Applier:
                                                prepare_threshold=None)
             row = self._source.execute(source_values_sql(t), [Jsonb(keys)]).fetchone()
         except psycopg.OperationalError as exc:
-            raise connection_lost(
-                exc, "source", f"while reading {t.source.qualname} for rows entering its "
-                "[mappings] filter",
+            # Connecting or reading: the same retry either way, so the message names both.
+            raise ReplicatorError(
+                ErrorKind.SOURCE_CONNECT, f"cannot read {t.source.qualname} on the source for "
+                f"rows entering its [mappings] filter: {exc}",
                 "the batch was rolled back; the replicator retries it after reconnecting",
             ) from exc
         values = row[0] if row else []
