@@ -11,7 +11,6 @@ import psycopg
 from ..classify import classify
 from ..config.settings import Config
 from ..destination import lease, state
-from ..errors import ConfigError
 
 
 def request(config: Config, tables: list[str], every: bool) -> str:
@@ -32,12 +31,7 @@ def request(config: Config, tables: list[str], every: bool) -> str:
                 state.forget_pipeline(conn, dst.state_schema, slot)
                 count = state.request_resync(conn, dst.state_schema, slot, list(known))
             return f"resync requested for every table ({count}); the next run copies them"
-        names = [t if "." in t else f"public.{t}" for t in tables]
-        unknown = [n for n in names if n not in known]
-        if unknown:
-            raise ConfigError(
-                f"--table: {', '.join(unknown)} is not replicated by slot {slot!r}",
-                "known tables: " + (", ".join(sorted(known)) or "none yet (run first)"))
+        names = state.named_tables(tables, known, slot)
         with conn.transaction():
             fence.check(conn)
             state.request_resync(conn, dst.state_schema, slot, names)

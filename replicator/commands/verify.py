@@ -53,7 +53,7 @@ from ..config.settings import Config
 from ..destination import lease, state
 from ..destination.lease import Fence
 from ..destination.mirror_ddl import column_types
-from ..errors import ConfigError, ErrorKind, ReplicatorError
+from ..errors import ErrorKind, ReplicatorError
 from ..lsn import format_lsn, parse_lsn
 from ..pipeline.preflight import check_read_privileges
 from ..schema import FIRST_USER_OID
@@ -445,13 +445,7 @@ class Verifier:
                   if st != state.REMOVED}
         if not wanted:
             return dict(sorted(synced.items()))
-        names = [t if "." in t else f"public.{t}" for t in wanted]
-        unknown = [n for n in names if n not in synced]
-        if unknown:
-            raise ConfigError(
-                f"--table: {', '.join(unknown)} is not replicated by slot {self.slot!r}",
-                "known tables: " + (", ".join(sorted(synced)) or "none yet (run first)"))
-        return {n: synced[n] for n in names}
+        return {n: synced[n] for n in state.named_tables(wanted, synced, self.slot)}
 
     # -- snapshots
 

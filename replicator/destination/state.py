@@ -11,12 +11,14 @@ from __future__ import annotations
 import importlib.resources
 import re
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import sql
 
+from ..errors import ConfigError
 from ..lsn import format_lsn, parse_lsn
 
 if TYPE_CHECKING:  # schema.py does not import state.py, but the type is all this needs
@@ -307,6 +309,18 @@ def source_identities(conn: psycopg.Connection,
         sql.SQL("select source_table, source_identity from {}.tables where slot = %s").format(
             sql.Identifier(state_schema)), [slot]).fetchall()
     return dict(rows)
+
+
+def named_tables(given: list[str], known: Collection[str], slot: str) -> list[str]:
+    """``--table`` names as the state writes them (``public.`` when no schema is given);
+    one that the pipeline does not replicate is the operator's mistake, said in one line."""
+    names = [t if "." in t else f"public.{t}" for t in given]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(
+            f"--table: {', '.join(unknown)} is not replicated by slot {slot!r}",
+            "known tables: " + (", ".join(sorted(known)) or "none yet (run first)"))
+    return names
 
 
 def table_states(conn: psycopg.Connection,

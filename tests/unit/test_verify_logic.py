@@ -3,6 +3,7 @@ re-check rule that tells drift from a change in flight; the text report (no serv
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -94,3 +95,19 @@ def test_render_lists_drift_ranges_keys_and_caps_the_list():
 def test_keys_are_listed_by_number_when_they_are_numbers():
     keys = [("100001",), ("12000",), ("-3",), ("b",), ("a",)]
     assert sorted(keys, key=key_order) == [("-3",), ("12000",), ("100001",), ("a",), ("b",)]
+
+
+def test_table_names_resolve_against_the_state_or_say_which_are_unknown():
+    from replicator.destination.state import named_tables
+    from replicator.errors import ConfigError
+
+    known = {"public.account_move": 1, "sales.orders": 2}
+    assert named_tables(["account_move", "sales.orders"], known, "odoo_pub") == [
+        "public.account_move", "sales.orders"]
+    with pytest.raises(ConfigError) as info:
+        named_tables(["account_mov", "sales.orders"], known, "odoo_pub")
+    assert info.value.message == "--table: public.account_mov is not replicated by slot 'odoo_pub'"
+    assert info.value.hint == "known tables: public.account_move, sales.orders"
+    with pytest.raises(ConfigError) as info:
+        named_tables(["x"], {}, "odoo_pub")
+    assert info.value.hint == "known tables: none yet (run first)"
