@@ -23,12 +23,13 @@ from replicator.devtools.localpg import LocalCluster, free_port
 
 def parse_settings(items: list[str]) -> dict[str, dict[str, Any]]:
     """`--set source.streaming=false` and the like: the replicator's settings for a run."""
-    out: dict[str, dict[str, Any]] = {"source": {}, "destination": {}}
+    out: dict[str, dict[str, Any]] = {"source": {}, "destination": {}, "logging": {}}
     for item in items:
         key, sep, raw = item.partition("=")
         side, dot, name = key.partition(".")
         if not sep or not dot or side not in out:
-            raise SystemExit(f"--set {item!r}: write source.KEY=VALUE or destination.KEY=VALUE")
+            raise SystemExit(f"--set {item!r}: write source.KEY=VALUE, destination.KEY=VALUE "
+                             "or logging.level=info")
         value: Any = raw
         if raw in ("true", "false"):
             value = raw == "true"
@@ -71,7 +72,8 @@ class ReplicatorChild:
             "destination": {"type": "postgres", "host": "127.0.0.1", "port": dest.port,
                             "database": dst_db, "user": "postgres", "password": "bench",
                             "copy_indexes": copy_indexes, **extra.get("destination", {})},
-            "logging": {"level": "warning", "format": "json", "output": self.log},
+            "logging": {"level": "warning", "format": "json", "output": self.log,
+                        **extra.get("logging", {})},
             "metrics": {"enabled": True, "port": self.metrics_port},
         })
         self.proc: subprocess.Popen | None = None

@@ -27,7 +27,7 @@ from typing import Any
 
 import psycopg
 from plugins.faults import Workload, mirror_diff, seed_source
-from plugins.replicator import MIRROR_SCHEMA, PUBLICATION, STATE_SCHEMA
+from plugins.replicator import MIRROR_SCHEMA, PUBLICATION, STATE_SCHEMA, assert_same
 from plugins.servers import ONE_VERSION
 
 from replicator.lsn import parse_lsn
@@ -184,6 +184,98 @@ def test_sigkill_during_workload(source_db, dest_db, replicator):
     # The kills hit runs that were applying, not only runs still starting up.
     assert sum(1 for n in applied_per_run if n > 0) >= 3, summary
     assert rep.kills >= 6
+
+
+# -- a2: SIGKILL while batches grow (the shipped batch_size and flush_interval) -------------
+
+
+GROW_TABLE = "grow_line"
+GROW_WRITERS = 4
+OLD_CAP = 1000  # the old default batch_size, and BATCHES': batches must outgrow it here
+
+
+class Burst(threading.Thread):
+    """Small transactions as fast as one connection commits them: 20 rows inserted, three
+    updated, one deleted. Several of these outrun a batch, so batches grow while one runs."""
+
+    def __init__(self, dsn: str, writer: int) -> None:
+        super().__init__(name=f"burst-{writer}", daemon=True)
+        self.dsn, self.writer = dsn, writer
+        self.stop_event = threading.Event()
+        self.txns = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        rng = random.Random(self.writer)
+        try:
+            with psycopg.connect(self.dsn) as conn:
+                base = self.writer * 10_000_000
+                while not self.stop_event.is_set():
+                    first = base + self.txns * 20
+                    conn.execute(f"insert into {GROW_TABLE} select g, {self.writer}, md5(g::text) "
+                                 "from generate_series(%s::int, %s::int) g", (first, first + 19))
+                    if self.txns:
+                        old = base + rng.randrange(self.txns * 20)
+                        conn.execute(f"update {GROW_TABLE} set n = n + 1 where id between %s and %s",
+                                     (old, old + 2))
+                        conn.execute(f"delete from {GROW_TABLE} where id = %s",
+                                     (base + rng.randrange(self.txns * 20),))
+                    conn.commit()
+                    self.txns += 1
+        except BaseException as exc:  # noqa: BLE001 - reported by stop()
+            self.error = exc
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(30)
+        assert self.error is None, f"writer {self.writer} failed: {self.error!r}"
+
+
+@ONE_VERSION
+def test_sigkill_while_batches_grow(source_db, dest_db, replicator):
+    """The shipped defaults (batch_size 10000, a batch closed as soon as the applier is
+    free): under writers faster than one batch, and after each restart's backlog, batches
+    hold thousands of rows; kills land in them and nothing is lost or applied twice."""
+    source_db.execute(f"create table {GROW_TABLE} (id int primary key, n int not null, "
+                      "body text not null)")
+    source_db.execute(f"create publication {PUBLICATION} for table {GROW_TABLE}")
+    rep = replicator()  # no batch settings: the defaults users run
+    rng = random.Random("sigkill-while-batches-grow")
+    writers = [Burst(source_db.dsn, w) for w in range(1, GROW_WRITERS + 1)]
+    violations: list[str] = []
+    rep.start()
+    wait_for(lambda: rep.streaming() or not rep.alive, 30, 0.02, what="the first run to stream")
+    for w in writers:
+        w.start()
+    try:
+        for _ in range(4):
+            # Down for a moment: the next run starts with a backlog, which it applies in
+            # batches as large as batch_size allows; the kill lands in them.
+            time.sleep(rng.uniform(0.5, 1.0))
+            wait_for(lambda: rep.streaming() or not rep.alive, 30, 0.02,
+                     what=f"run {rep.runs} to stream")
+            time.sleep(rng.uniform(0.2, 1.2))
+            assert rep.kill(), rep.logs()
+            problem = confirmed_not_beyond_applied(source_db, dest_db)
+            if problem:
+                violations.append(f"after kill {rep.kills}: {problem}")
+            rep.start()
+    finally:
+        for w in writers:
+            w.stop()
+    rep.kill()
+    code = rep.run_until_caught_up(timeout=90)
+    sizes = [b["rows"] for r in range(1, rep.runs) for b in rep.batches(r)]
+    summary = (f"{rep.kills} kills, {sum(w.txns for w in writers)} source transactions, "
+               f"{len(sizes)} batches in the killed runs, largest {max(sizes, default=0)} rows")
+    print(summary)
+    assert code == 0, f"{summary}\n{rep.logs()}"
+    assert not violations, f"{summary}:\n" + "\n".join(violations)
+    assert_same(source_db, dest_db, GROW_TABLE)
+    assert not dead_letters(dest_db)
+    # Batches grew past the old cap, and kills hit runs that were applying.
+    assert max(sizes, default=0) > OLD_CAP, summary
+    assert sum(1 for r in range(1, rep.runs) if rep.batches(r)) >= 3, summary
 
 
 # -- b: SIGKILL while one big source transaction is being applied ----------------------------
