@@ -131,6 +131,26 @@ class CdcBench(Servers):
                                      f"{self.timeout:g} s")
                 time.sleep(poll_s)
 
+    def wait_synced(self, check=None) -> None:
+        """Until every published table is streaming in the replicator's state: a marker can
+        be seen before that, copied with its table."""
+        deadline = time.monotonic() + self.timeout
+        with self.dst.connect(DST_DB) as conn:
+            while True:
+                try:
+                    done = conn.execute("select count(*) filter (where state = 'streaming') "
+                                        "from replicator.tables").fetchone()[0]
+                except psycopg.errors.UndefinedTable:
+                    done = 0
+                if done >= len(self.tables):
+                    return
+                if check is not None:
+                    check()
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"the replicator's tables not streaming after "
+                                     f"{self.timeout:g} s")
+                time.sleep(0.1)
+
     def indexes_owed(self) -> int:
         with self.dst.connect(DST_DB) as conn:
             return conn.execute("select count(*) from replicator.index_builds").fetchone()[0]

@@ -24,7 +24,16 @@ each way the destination is compared with the source, table by table.
 Reported: marker lag p50 / p95 / p99 / max, the source's tps (pgbench's own count) and
 ours / native, CPU seconds per side; `--csv` writes every marker as (t, lag_ms, way).
 
+`--backlog ROWS` measures the apply ceiling instead: with each way synced and then
+stopped (the subscription disabled; the replicator stopped by SIGTERM), pgbench writes
+about ROWS row changes in the firehose's small transactions (40 journal items inserted and
+10 updated per invoice, unless --lines/--updates say otherwise) and a marker; then the way
+starts again (ENABLE; `replicator run`) and is timed until the marker is visible: rows/s
+applied cold, timed from the moment the way's slot is active (its start, printed apart:
+the native launcher may wait seconds before it starts a worker).
+
     python bench/cdc_oltp.py [--seconds 60] [--clients 4] [--csv lag.csv] [--json]
+    python bench/cdc_oltp.py --backlog 1000000 [--no-indexes]
 """
 
 from __future__ import annotations
@@ -50,7 +59,9 @@ from _cdc import (  # noqa: E402
     MARKER,
     MIRROR,
     NATIVE_STREAMING,
+    SLOT,
     SRC_DB,
+    SUBSCRIPTION,
     TEMPLATE_DB,
     CdcBench,
     print_header,
@@ -254,6 +265,108 @@ class Bench(CdcBench):
                            "p99": percentile(values, 99), "max": max(values)},
                 "samples": lags, **cpu}
 
+    def backlog_transactions(self) -> tuple[int, int]:
+        """(transactions per client, row changes per transaction) for --backlog rows."""
+        a = self.args
+        per_txn = 1 + (a.lines or 5) + a.updates + 1  # entry, lines, updated lines, partner
+        return max(1, math.ceil(a.backlog / per_txn / a.clients)), per_txn
+
+    def write_backlog(self) -> dict[str, Any]:
+        """pgbench writes the backlog (no consumer connected), then one marker."""
+        a = self.args
+        per_client, per_txn = self.backlog_transactions()
+        cmd = [self.pgbench, "-n", "-M", "prepared", "-c", str(a.clients),
+               "-j", str(min(a.clients, 2)), "-t", str(per_client), "-f", str(self.script),
+               "--random-seed=42", "-D", f"max_move={self.max_ids['account_move']}",
+               "-D", f"max_partner={self.max_ids['res_partner']}",
+               "-D", f"max_line={self.max_ids['account_move_line']}",
+               "-h", self.src.host, "-p", str(self.src.port), "-U", "postgres", SRC_DB]
+        t0 = time.monotonic()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env())
+        if proc.returncode != 0:
+            raise SystemExit(f"pgbench failed ({proc.returncode}): {proc.stderr[-2000:]}")
+        written_s = time.monotonic() - t0
+        self.insert_marker(1)
+        with self.src.connect(SRC_DB) as conn:
+            conn.execute("checkpoint")
+        txns = per_client * a.clients
+        return {"transactions": txns, "rows": txns * per_txn, "written_s": round(written_s, 2)}
+
+    def wait_slot_active(self, slot: str, check=None) -> float:
+        """When the way's slot on the source became active (its consumer connected): the
+        apply is timed from there, so that the native launcher's wait for a worker (up to
+        wal_retrieve_retry_interval) and the replicator's start count apart."""
+        deadline = time.monotonic() + self.timeout
+        with self.src.connect(SRC_DB) as conn:
+            while not conn.execute("select coalesce(bool_or(active), false) from "
+                                   "pg_replication_slots where slot_name = %s",
+                                   [slot]).fetchone()[0]:
+                if check is not None:
+                    check()
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"slot {slot} not active after {self.timeout:g} s")
+                time.sleep(0.01)
+        return time.monotonic()
+
+    def run_backlog_native(self) -> dict[str, Any]:
+        self.fresh(native=True)
+        sub = self.subscribe_native(self.native_streaming)
+        self.wait_streaming("public")
+        with self.dst.connect(DST_DB) as conn:
+            conn.execute(sql.SQL("alter subscription {} disable").format(
+                sql.Identifier(SUBSCRIPTION)))
+            deadline = time.monotonic() + self.timeout
+            while conn.execute("select count(*) from pg_stat_subscription where pid is not null"
+                               ).fetchone()[0]:
+                if time.monotonic() > deadline:
+                    raise SystemExit("the native apply worker did not stop")
+                time.sleep(0.05)
+        backlog = self.write_backlog()
+        snap = self.meter.snapshot()
+        with self.dst.connect(DST_DB) as conn:
+            conn.execute(sql.SQL("alter subscription {} enable").format(
+                sql.Identifier(SUBSCRIPTION)))
+        started = time.monotonic()
+        active = self.wait_slot_active(SUBSCRIPTION)
+        seen = self.wait_marker("public", 1, 0.01)
+        res = {**backlog, **sub, "seconds": round(seen - active, 3),
+               "start_s": round(active - started, 3),
+               **self.meter.since(snap, settle=False)}
+        self.drop_subscription()
+        self.check_mirror("public", WAY_NATIVE)
+        return {**res, "mirror_equal": True}
+
+    def run_backlog_ours(self) -> dict[str, Any]:
+        self.fresh(native=False)
+        child = self.child()
+        child.start()
+        try:
+            self.wait_streaming(MIRROR, child.check_alive)
+            self.wait_synced(child.check_alive)
+            self.wait_indexes(child.check_alive)
+        finally:
+            code = child.stop()
+        if code != 0:
+            raise SystemExit(f"{WAY_OURS}: the replicator exited {code} on SIGTERM")
+        backlog = self.write_backlog()
+        snap = self.meter.snapshot()
+        child.start()
+        try:
+            self.meter.watch("replicator", child.pid)
+            active = self.wait_slot_active(SLOT, child.check_alive)
+            seen = self.wait_marker(MIRROR, 1, 0.01, child.check_alive)
+            res = {**backlog, "seconds": round(seen - active, 3),
+                   "start_s": round(active - child.started, 3),
+                   **self.meter.since(snap, settle=False),
+                   "peak_rss_mib": round(child.peak_rss_mib(), 1)}
+        finally:
+            self.meter.unwatch("replicator")
+            code = child.stop()
+        if code != 0:
+            raise SystemExit(f"{WAY_OURS}: the replicator exited {code} on SIGTERM")
+        self.check_mirror(MIRROR, WAY_OURS)
+        return {**res, "mirror_equal": True}
+
     def run_native(self) -> dict[str, Any]:
         self.fresh(native=True)
         sub = self.subscribe_native(self.native_streaming)
@@ -270,6 +383,7 @@ class Bench(CdcBench):
         child.start()
         try:
             self.wait_streaming(MIRROR, child.check_alive)
+            self.wait_synced(child.check_alive)
             self.wait_indexes(child.check_alive)
             self.meter.watch("replicator", child.pid)
             res = self.load(MIRROR, child.check_alive)
@@ -321,6 +435,33 @@ def print_table(report: dict[str, Any], out=sys.stderr) -> None:
             p(line, file=out)
 
 
+def print_backlog(report: dict[str, Any], out=sys.stderr) -> None:
+    print_header(report, out)
+    lo = report["load"]
+    print(f"backlog: {lo['backlog_rows']:,} row changes requested, written by pgbench with "
+          f"{lo['clients']} clients while no consumer ran, {lo['lines']} lines inserted and "
+          f"{lo['updates']} updated per invoice; then the way starts and is timed until the "
+          "marker after the backlog is visible", file=out)
+    print("", file=out)
+    print(f"{'way':20} {'transactions':>12} {'rows':>10} {'start':>6} {'seconds':>8} "
+          f"{'rows/s':>9} {'vs native':>9} {'peak RSS':>9}   CPU s: "
+          "source/destination/replicator/bench", file=out)
+    for way in (WAY_NATIVE, WAY_OURS):
+        e = report["ways"].get(way)
+        if e is None:
+            continue
+        cpu = e["cpu_s"]
+        vs = f"{e['vs_native']:.2f}x" if "vs_native" in e else ""
+        rss = f"{e['peak_rss_mib']:.0f} MiB" if "peak_rss_mib" in e else ""
+        print(f"{way:20} {e['transactions']:12,} {e['rows']:10,} {e['start_s']:5.2f}s "
+              f"{e['seconds']:8.2f} "
+              f"{e['rows_per_s']:9,.0f} {vs:>9} {rss:>9}   {cpu.get('source', 0):.1f} / "
+              f"{cpu.get('destination', 0):.1f} / {cpu.get('replicator', 0):.1f} / "
+              f"{cpu.get('bench', 0):.1f}", file=out)
+    print("(start: ENABLE or `replicator run` -> the slot active; seconds, and rows/s: the "
+          "slot active -> the marker after the backlog visible)", file=out)
+
+
 def targets(ways: dict[str, Any]) -> list[str]:
     out = []
     native, ours = ways.get(WAY_NATIVE), ways.get(WAY_OURS)
@@ -348,6 +489,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--firehose", action="store_true",
                     help="the firehose: 8 clients, 40 lines inserted and 10 updated per "
                          "transaction, 30 s (each still overridable)")
+    ap.add_argument("--backlog", type=int, default=0, metavar="ROWS",
+                    help="measure the apply ceiling instead: about ROWS row changes in small "
+                         "transactions written while each way is stopped, then applied cold "
+                         "(firehose shape unless --lines/--updates/--clients say otherwise)")
     ap.add_argument("--scale", type=float, default=1.0,
                     help="seed scale of the source (1: about 1,000 entries, 5,000 lines)")
     ap.add_argument("--ways", default="native,ours", help="comma-separated subset of native,ours")
@@ -360,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
     add_cdc_options(ap, NATIVE_STREAMING)
     add_run_options(ap, "print the report as JSON on stdout (the table is always on stderr)")
     args = ap.parse_args(argv)
-    profile = ({"seconds": 30, "clients": 8, "lines": 40, "updates": 10} if args.firehose
+    profile = ({"seconds": 30, "clients": 8, "lines": 40, "updates": 10}
+               if args.firehose or args.backlog
                else {"seconds": 60, "clients": 4, "lines": 0, "updates": 0})
     for key, value in profile.items():
         if getattr(args, key) is None:
@@ -382,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
         versions = bench.versions()
         bench.seed(args.scale)
         ways: dict[str, Any] = {}
+        if args.backlog:
+            return backlog_main(bench, args, wanted, machine, versions)
         # Native first, then ours (the brief's order), each on fresh databases.
         for key in ("native", "ours"):
             if key not in wanted:
@@ -412,6 +560,34 @@ def main(argv: list[str] | None = None) -> int:
         emit(report, args.json, print_table)
     finally:
         bench.close()
+    return 0
+
+
+def backlog_main(bench: Bench, args: argparse.Namespace, wanted: list[str],
+                 machine: dict[str, Any], versions: dict[str, str]) -> int:
+    ways: dict[str, Any] = {}
+    for key in ("native", "ours"):
+        if key not in wanted:
+            continue
+        way = WAY_NATIVE if key == "native" else WAY_OURS
+        say(f"{way}: a backlog of about {args.backlog:,} row changes, applied cold")
+        e = ways[way] = bench.run_backlog_native() if key == "native" \
+            else bench.run_backlog_ours()
+        e["rows_per_s"] = e["rows"] / max(1e-9, e["seconds"])
+        say(f"  {e['rows']:,} rows in {e['transactions']:,} transactions (written in "
+            f"{e['written_s']:.1f} s), applied in {e['seconds']:.2f} s: "
+            f"{e['rows_per_s']:,.0f} rows/s")
+    if WAY_NATIVE in ways and WAY_OURS in ways:
+        ways[WAY_OURS]["vs_native"] = (ways[WAY_OURS]["rows_per_s"]
+                                       / ways[WAY_NATIVE]["rows_per_s"])
+    report = {
+        **report_base(bench, machine, versions, ways),
+        "load": {"backlog_rows": args.backlog, "clients": args.clients, "lines": args.lines,
+                 "updates": args.updates, "script": pgbench_script(args.lines, args.updates)},
+        "ways": ways,
+        "targets": [],
+    }
+    emit(report, args.json, print_backlog)
     return 0
 
 
