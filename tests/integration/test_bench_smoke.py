@@ -184,3 +184,26 @@ def test_decoder_bench_smoke():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "2 passed" in proc.stdout
     assert "same staging output on the capture: True" in proc.stdout
+
+
+@pytest.mark.pg15
+def test_cdc_backlog_bench_smoke():
+    """bench/cdc_oltp.py --backlog: a few thousand row changes written while each way is
+    stopped, applied cold, timed from the slot going active; mirrors equal afterwards."""
+    base = scratch("backlog-smoke")
+    try:
+        proc = _bench("cdc_oltp.py", "--backlog", "3000", "--clients", "2", "--scale", "0.1",
+                      "--no-indexes", "--json", "--base-dir", str(base))
+    finally:
+        subprocess.run(["rm", "-rf", str(base)], check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    ways = report["ways"]
+    assert list(ways) == ["native subscription", "replicator"]
+    for way, e in ways.items():
+        # 2 clients, 52 row changes per invoice: 29 invoices each
+        assert e["transactions"] == 58 and e["rows"] == 58 * 52, way
+        assert e["seconds"] > 0 and e["start_s"] >= 0 and e["rows_per_s"] > 0, way
+        assert e["mirror_equal"] is True, way
+    assert ways["replicator"]["vs_native"] > 0 and 10 < ways["replicator"]["peak_rss_mib"] < 4096
+    assert "rows/s" in proc.stderr and "slot active" in proc.stderr
