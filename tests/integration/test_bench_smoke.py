@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,8 @@ def test_backfill_bench_smoke(tmp_path):
         if os.environ.get("CI"):
             pytest.fail(message + " (CI installs it: see .ci/run)")
         pytest.skip(message)
+    if shutil.which("pgcopydb") is None and os.environ.get("CI"):
+        pytest.fail("pgcopydb is not installed (CI installs it: see .ci/run)")
     # A mode-755 base directory: as root the servers run as an unprivileged user.
     base = scratch("bench-smoke")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
@@ -57,6 +60,11 @@ def test_backfill_bench_smoke(tmp_path):
     with_indexes = ways["replicator (copy_indexes=true)"]
     assert with_indexes["mirror_indexes"] + with_indexes["indexes_owed"] > 1
     assert ways["replicator (copy_indexes=false)"]["indexes_owed"] == 0
+    if shutil.which("pgcopydb"):     # in the default ways when installed
+        clone = ways["pgcopydb clone"]
+        assert clone["seconds"] > 0 and clone["indexes"] > 1   # the key and the source's others
+        assert clone["vs_pgcopydb"] == pytest.approx(1.0)
+        assert ways["raw pipe"]["vs_pgcopydb"] > 0
     assert len(report["tuning"]) == 2
     assert all(r["rows_per_s"] > 0 for r in report["tuning"])
     ranges = {r["ranges"] for r in report["tuning"]}
