@@ -196,10 +196,6 @@ class Applier:
         # VACUUM (table name -> (table, rows)).
         self._emptied: set[str] = set()
         self._staged: dict[str, tuple[MirrorTable, int]] = {}
-        # When the batch in flight began opening its transaction, until its first statement
-        # answered (0: not opening). Through a transaction-mode pooler that is where a batch
-        # waits for a server connection; a streamed transaction holding one gives it up.
-        self._opening_since = 0.0
 
     def connect(self) -> psycopg.Connection:
         try:
@@ -214,11 +210,6 @@ class Applier:
                 "check [destination] host/port/user/password and that the database exists",
             ) from exc
         return self.conn
-
-    def opening_for(self) -> float:
-        """Seconds the batch in flight has waited for its transaction to open (0: none)."""
-        since = self._opening_since
-        return time.monotonic() - since if since else 0.0
 
     @property
     def _dest(self) -> psycopg.Connection:
@@ -345,7 +336,6 @@ class Applier:
             finally:
                 self._careful = False
         finally:
-            self._opening_since = 0.0
             self._release_index_builds()
 
     def _release_index_builds(self) -> None:
@@ -364,7 +354,6 @@ class Applier:
         self._emptied = set()
         try:
             conn = self._dest
-            self._opening_since = started
             with conn.transaction(), conn.cursor() as cur:
                 # The source may forget a transaction once it is confirmed, so the commit
                 # must be durable before we confirm it: at once (on), or later, once the
@@ -377,7 +366,6 @@ class Applier:
                     cur.execute(f"set local synchronous_commit = {durability}")
                     if self.fence is not None:
                         self.fence.check(cur)
-                self._opening_since = 0.0
                 if record_lsn and batch.end_lsn:
                     # First, so the pipeline's row is locked for the whole batch: a
                     # `dead-letters --retry` locks it before touching the mirror, and the

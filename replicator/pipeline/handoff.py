@@ -12,7 +12,6 @@ import collections
 import dataclasses
 import threading
 import time
-from collections.abc import Callable
 
 from ..batch import Batch
 from ..config.settings import Config
@@ -33,9 +32,6 @@ class Handoff:
         # every batch handed over before it (stream_apply's commit-order barrier).
         self.offered = 0
         self.applied = 0
-        # Seconds the applier's batch has waited for its destination transaction to open
-        # (the session points it at Applier.opening_for).
-        self.opening: Callable[[], float] = lambda: 0.0
 
     def idle(self) -> bool:
         with self._cv:

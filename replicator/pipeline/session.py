@@ -282,7 +282,6 @@ class Session:
             # the applier before its first batch, which holds the builds of a table it alters.
             indexes = IndexBuilder(dst, src.slot, shared.metrics, fence=shared.fence)
             applier.index_builds = indexes
-            handoff.opening = applier.opening_for
             applier_thread = threading.Thread(
                 target=apply_loop, args=(shared, applier, handoff, self.system_id),
                 name="applier", daemon=True)

@@ -32,8 +32,7 @@ Anything this path does not handle makes it give up (roll back, ``failed``), and
 transaction is applied from its files at commit like any other: DDL or TRUNCATE inside it,
 a table with [mappings] options or a copy in progress, a key with waiting dead letters
 (its changes queue behind them, apply.py), a rollback of a subtransaction that has no
-savepoint, a batch waiting for the server connection this one holds (a pooler's pool too
-small for max_streams), any destination error. Giving up loses nothing: the files hold it all.
+savepoint, any destination error. Giving up loses nothing: the files hold it all.
 """
 
 from __future__ import annotations
@@ -66,10 +65,6 @@ BARRIER_POLL = 0.002      # seconds between looks at the applied position
 MAX_SAVEPOINTS = 32       # per destination transaction; a backend caches 64 subtransaction ids
 KEEPALIVES = 4            # statements sent per idle_in_transaction_session_timeout of waiting
 KEEPALIVE = "select 1"
-# Seconds the applier's batch may wait for its transaction to open while this one waits for
-# that batch: past them a transaction-mode pooler is taken to have no server connection
-# left for the batch, and this transaction gives its own up.
-POOL_PATIENCE = 3.0
 
 SAVEPOINT = sql.SQL("savepoint {}")
 ROLLBACK_TO = sql.SQL("rollback to savepoint {}")
@@ -294,37 +289,16 @@ class StreamApply(threading.Thread):
         idle_ms = int(row[0]) if row else 0
         self._keepalive = idle_ms / 1000 / KEEPALIVES if idle_ms > 0 else None
 
-    def _check_pool(self) -> None:
-        """Give up if the applier's batch waits for a connection to open its transaction.
-
-        While this transaction waits for the batch (its barrier), or for a chunk the
-        receiver cannot send before the batch is applied, it holds a server connection;
-        through a transaction-mode pooler with no other one free, neither would go on.
-        """
-        waited = self._handoff.opening()
-        if waited <= POOL_PATIENCE:
-            return
-        log.warning("the batch waits for a destination connection while a streamed "
-                    "transaction holds one: that transaction is applied at its commit instead",
-                    extra={"xid": self.xid, "waited_s": round(waited, 1),
-                           "hint": "give the pooler's pool at least [destination] max_streams "
-                                   "+ 3 server connections, or set max_streams = 0"})
-        raise GiveUp("the batch waited for a destination connection")
-
     def _next(self, cur: psycopg.Cursor) -> Any:   # what _queue holds
         """The next chunk, abort or commit; the transaction kept busy while it waits."""
         idle_from = time.monotonic()
-        tick = min(POOL_PATIENCE / 3, self._keepalive or POOL_PATIENCE)
         while True:
             try:
-                item = self._queue.get(timeout=tick)
+                item = self._queue.get(timeout=self._keepalive)
                 break
             except queue.Empty:
-                self._check_pool()
-                if self._keepalive is not None and \
-                        time.monotonic() - idle_from >= self._keepalive:
-                    cur.execute(KEEPALIVE)
-                    idle_from = time.monotonic()
+                cur.execute(KEEPALIVE)
+                idle_from = time.monotonic()
         # A barrier wait next is more of the same idle time.
         self._waited_from = idle_from
         return item
@@ -335,7 +309,6 @@ class StreamApply(threading.Thread):
         while self._handoff.applied < chunk.barrier:
             if self.failed is not None:
                 raise psycopg.Rollback()
-            self._check_pool()
             time.sleep(BARRIER_POLL)
             if self._keepalive is not None and \
                     time.monotonic() - self._waited_from >= self._keepalive:

@@ -407,37 +407,6 @@ def test_streamed_transactions_through_pgbouncer(source_db, dest_db, owned_dest,
     assert_same(source_db, dest_db, "zoo")
 
 
-def test_streams_give_their_connection_up_to_a_batch_a_small_pool_keeps_waiting(
-        source_db, dest_db, owned_dest, pgbouncer, caplog):
-    """A pool of two server connections, two transactions streamed at once, a small one
-    committed between their chunks: each open streamed transaction holds a server
-    connection, the batch of the small one waits for the pooler, and the streamed ones
-    wait for that batch. The batch must not wait for ever: a streamed transaction gives
-    its connection up (it is applied from its files at its commit) and all ends equal."""
-    setup_zoo(source_db)
-    source_db.execute(zoo_rows(1000))
-    writer = _Through(pgbouncer.dsn(dest_db.name))
-    catch_up(source_db, writer, **STREAMING)
-    a = source_db.connect(autocommit=False)
-    b = source_db.connect(autocommit=False)
-    try:
-        a.execute(zoo_rows(6000, start=2000))
-        b.execute(zoo_rows(16_000, start=10_000))
-        source_db.execute("update zoo set code = 'between' where id <= 10")
-        a.execute(zoo_rows(24_000, start=20_000))
-        b.execute(zoo_rows(34_000, start=30_000))
-        a.commit()
-        b.commit()
-    finally:
-        a.close()
-        b.close()
-    chunks = caught_up(source_db, writer, caplog, timeout=90)
-    assert len(chunks) == 2 and min(chunks) > 1, chunks
-    assert "the batch waited for a destination connection" in gave_up(caplog), gave_up(caplog)
-    assert any("max_streams + 3" in getattr(r, "hint", "") for r in caplog.records)
-    assert_same(source_db, dest_db, "zoo")
-
-
 def letters(dest_db) -> list[tuple]:
     return dest_db.fetchall("select key_data, op, row_data->>'name' from replicator.dead_letters "
                             "order by id")
