@@ -23,6 +23,7 @@ from _replicator import ReplicatorChild
 from psycopg import sql
 
 from replicator.config.settings import DestinationSettings
+from replicator.destination import state
 from replicator.devtools import odoo, seed
 
 PG_VERSION = 15
@@ -138,8 +139,9 @@ class CdcBench(Servers):
         with self.dst.connect(DST_DB) as conn:
             while True:
                 try:
-                    done = conn.execute("select count(*) filter (where state = 'streaming') "
-                                        "from replicator.tables").fetchone()[0]
+                    done = conn.execute("select count(*) filter (where state = %s) "
+                                        "from replicator.tables", [state.STREAMING]
+                                        ).fetchone()[0]
                 except psycopg.errors.UndefinedTable:
                     done = 0
                 if done >= len(self.tables):
@@ -150,6 +152,22 @@ class CdcBench(Servers):
                     raise SystemExit(f"the replicator's tables not streaming after "
                                      f"{self.timeout:g} s")
                 time.sleep(0.1)
+
+    def ready(self, child: ReplicatorChild) -> None:
+        """Until the replicator child streams with every table synced and its mirror's
+        secondary indexes built: the state a way is timed from."""
+        self.insert_marker(0)
+        self.wait_marker(MIRROR, 0, 0.05, child.check_alive)
+        self.wait_synced(child.check_alive)
+        self.wait_indexes(child.check_alive)
+
+    @staticmethod
+    def stop_child(child: ReplicatorChild, way: str) -> None:
+        """SIGTERM the replicator child; a way whose replicator exits otherwise than 0 is not
+        a result."""
+        code = child.stop()
+        if code != 0:
+            raise SystemExit(f"{way}: the replicator exited {code} on SIGTERM")
 
     def indexes_owed(self) -> int:
         with self.dst.connect(DST_DB) as conn:

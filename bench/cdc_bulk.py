@@ -172,18 +172,14 @@ class Bench(CdcBench):
         child = self.child()
         child.start()
         try:
-            self.insert_marker(0)
-            self.wait_marker(MIRROR, 0, self.poll_s, child.check_alive)
-            self.wait_indexes(child.check_alive)
+            self.ready(child)
             self.meter.watch("replicator", child.pid)
             res = self.timed_close(MIRROR, child)
             res["peak_rss_mib"] = round(child.peak_rss_mib(), 1)
             res["streamed"] = streamed(child)
         finally:
             self.meter.unwatch("replicator")
-            code = child.stop()
-        if code != 0:
-            raise SystemExit(f"{WAY_LIVE}: the replicator exited {code} on SIGTERM")
+            self.stop_child(child, WAY_LIVE)
         self.check_mirror(MIRROR, WAY_LIVE)
         return {**res, "mirror_equal": True,
                 "destination_indexes": self.destination_indexes(MIRROR)}
@@ -221,9 +217,7 @@ class Bench(CdcBench):
             peak = child.peak_rss_mib()
         finally:
             self.meter.unwatch("replicator")
-            code = child.stop()
-        if code != 0:
-            raise SystemExit(f"{WAY_COLD}: the replicator exited {code} on SIGTERM")
+            self.stop_child(child, WAY_COLD)
         self.check_mirror(MIRROR, WAY_COLD)
         cold = {"seconds": seen - child.started, **close, **cpu, "peak_rss_mib": round(peak, 1),
                 "mirror_equal": True, "destination_indexes": self.destination_indexes(MIRROR)}

@@ -222,6 +222,17 @@ class Bench(CdcBench):
                 for t in ("account_move", "res_partner", "account_move_line")}
         self.script.write_text(pgbench_script(self.args.lines, self.args.updates))
 
+    def pgbench_cmd(self, *length: str) -> list[str]:
+        """pgbench running the invoice script with --clients; ``length``: ("-T", seconds) or
+        ("-t", transactions per client)."""
+        a = self.args
+        return [self.pgbench, "-n", "-M", "prepared", "-c", str(a.clients),
+                "-j", str(min(a.clients, 2)), *length, "-f", str(self.script),
+                "--random-seed=42", "-D", f"max_move={self.max_ids['account_move']}",
+                "-D", f"max_partner={self.max_ids['res_partner']}",
+                "-D", f"max_line={self.max_ids['account_move_line']}",
+                "-h", self.src.host, "-p", str(self.src.port), "-U", "postgres", SRC_DB]
+
     def wait_streaming(self, schema: str, check=None) -> None:
         """A marker before the load, seen at the destination: the way is streaming."""
         self.insert_marker(0)
@@ -230,12 +241,7 @@ class Bench(CdcBench):
     def load(self, schema: str, check=None) -> dict[str, Any]:
         """pgbench for --seconds with the markers going; lag samples, tps, CPU."""
         a = self.args
-        cmd = [self.pgbench, "-n", "-M", "prepared", "-c", str(a.clients),
-               "-j", str(min(a.clients, 2)), "-T", str(a.seconds), "-f", str(self.script),
-               "--random-seed=42", "-D", f"max_move={self.max_ids['account_move']}",
-               "-D", f"max_partner={self.max_ids['res_partner']}",
-               "-D", f"max_line={self.max_ids['account_move_line']}",
-               "-h", self.src.host, "-p", str(self.src.port), "-U", "postgres", SRC_DB]
+        cmd = self.pgbench_cmd("-T", str(a.seconds))
         markers = Markers(self.src.dsn(SRC_DB), self.dst.dsn(DST_DB), schema, a.poll_ms / 1000)
         snap = self.meter.snapshot()
         markers.start()
@@ -275,12 +281,7 @@ class Bench(CdcBench):
         """pgbench writes the backlog (no consumer connected), then one marker."""
         a = self.args
         per_client, per_txn = self.backlog_transactions()
-        cmd = [self.pgbench, "-n", "-M", "prepared", "-c", str(a.clients),
-               "-j", str(min(a.clients, 2)), "-t", str(per_client), "-f", str(self.script),
-               "--random-seed=42", "-D", f"max_move={self.max_ids['account_move']}",
-               "-D", f"max_partner={self.max_ids['res_partner']}",
-               "-D", f"max_line={self.max_ids['account_move_line']}",
-               "-h", self.src.host, "-p", str(self.src.port), "-U", "postgres", SRC_DB]
+        cmd = self.pgbench_cmd("-t", str(per_client))
         t0 = time.monotonic()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env())
         if proc.returncode != 0:
@@ -341,13 +342,9 @@ class Bench(CdcBench):
         child = self.child()
         child.start()
         try:
-            self.wait_streaming(MIRROR, child.check_alive)
-            self.wait_synced(child.check_alive)
-            self.wait_indexes(child.check_alive)
+            self.ready(child)
         finally:
-            code = child.stop()
-        if code != 0:
-            raise SystemExit(f"{WAY_OURS}: the replicator exited {code} on SIGTERM")
+            self.stop_child(child, WAY_OURS)
         backlog = self.write_backlog()
         snap = self.meter.snapshot()
         child.start()
@@ -361,9 +358,7 @@ class Bench(CdcBench):
                    "peak_rss_mib": round(child.peak_rss_mib(), 1)}
         finally:
             self.meter.unwatch("replicator")
-            code = child.stop()
-        if code != 0:
-            raise SystemExit(f"{WAY_OURS}: the replicator exited {code} on SIGTERM")
+            self.stop_child(child, WAY_OURS)
         self.check_mirror(MIRROR, WAY_OURS)
         return {**res, "mirror_equal": True}
 
@@ -382,17 +377,13 @@ class Bench(CdcBench):
         child = self.child()
         child.start()
         try:
-            self.wait_streaming(MIRROR, child.check_alive)
-            self.wait_synced(child.check_alive)
-            self.wait_indexes(child.check_alive)
+            self.ready(child)
             self.meter.watch("replicator", child.pid)
             res = self.load(MIRROR, child.check_alive)
             res["peak_rss_mib"] = round(child.peak_rss_mib(), 1)
         finally:
             self.meter.unwatch("replicator")
-            code = child.stop()
-        if code != 0:
-            raise SystemExit(f"{WAY_OURS}: the replicator exited {code} on SIGTERM")
+            self.stop_child(child, WAY_OURS)
         self.check_mirror(MIRROR, WAY_OURS)
         return {**res, "mirror_equal": True,
                 "destination_indexes": self.destination_indexes(MIRROR)}

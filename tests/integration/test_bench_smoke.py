@@ -105,18 +105,24 @@ def _bench(script: str, *args: str, timeout: float = 240) -> subprocess.Complete
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
 
 
+def _bench_report(script: str, name: str, *args: str) -> tuple[dict, subprocess.CompletedProcess]:
+    """A CDC benchmark run with --json under a scratch base directory (removed after): its
+    report, and the process (for the table on stderr)."""
+    base = scratch(name)
+    try:
+        proc = _bench(script, *args, "--json", "--base-dir", str(base))
+    finally:
+        subprocess.run(["rm", "-rf", str(base)], check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout), proc
+
+
 @pytest.mark.pg15
 def test_cdc_bulk_bench_smoke():
     """bench/cdc_bulk.py on a 2,000-row close: every way reports, the mirrors are equal to
     the source, the native subscription's streaming setting is the pinned one."""
-    base = scratch("bulk-smoke")
-    try:
-        proc = _bench("cdc_bulk.py", "--rows", "2000", "--base-scale", "0.1", "--json",
-                      "--base-dir", str(base))
-    finally:
-        subprocess.run(["rm", "-rf", str(base)], check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout)
+    report, proc = _bench_report("cdc_bulk.py", "bulk-smoke", "--rows", "2000",
+                                 "--base-scale", "0.1")
     ways = report["ways"]
     assert set(ways) == {"native subscription, live", "replicator, live", "replicator, cold",
                          "pg_recvlogical (floor for cold)", "  the floor, streaming as we ask"}
@@ -152,15 +158,10 @@ def test_cdc_oltp_bench_smoke(tmp_path):
     """bench/cdc_oltp.py for 2 s a way: lag percentiles, tps, the CSV of every marker, and
     mirrors equal to the source after pgbench's Odoo invoices; the native subscription with
     the other streaming value and primary keys only on both sides, as the report shows."""
-    base = scratch("oltp-smoke")
     lag_csv = tmp_path / "lag.csv"
-    try:
-        proc = _bench("cdc_oltp.py", "--seconds", "2", "--scale", "0.1", "--json",
-                      "--csv", str(lag_csv), "--native-streaming", "on", "--no-indexes", "--base-dir", str(base))
-    finally:
-        subprocess.run(["rm", "-rf", str(base)], check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout)
+    report, proc = _bench_report("cdc_oltp.py", "oltp-smoke", "--seconds", "2", "--scale", "0.1",
+                                 "--csv", str(lag_csv), "--native-streaming", "on",
+                                 "--no-indexes")
     ways = report["ways"]
     assert list(ways) == ["native subscription", "replicator"]
     for way, e in ways.items():
@@ -198,14 +199,8 @@ def test_decoder_bench_smoke():
 def test_cdc_backlog_bench_smoke():
     """bench/cdc_oltp.py --backlog: a few thousand row changes written while each way is
     stopped, applied cold, timed from the slot going active; mirrors equal afterwards."""
-    base = scratch("backlog-smoke")
-    try:
-        proc = _bench("cdc_oltp.py", "--backlog", "3000", "--clients", "2", "--scale", "0.1",
-                      "--no-indexes", "--json", "--base-dir", str(base))
-    finally:
-        subprocess.run(["rm", "-rf", str(base)], check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout)
+    report, proc = _bench_report("cdc_oltp.py", "backlog-smoke", "--backlog", "3000",
+                                 "--clients", "2", "--scale", "0.1", "--no-indexes")
     ways = report["ways"]
     assert list(ways) == ["native subscription", "replicator"]
     for way, e in ways.items():
