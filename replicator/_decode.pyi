@@ -123,6 +123,10 @@ class Decoder:
 def restage(
     data: bytearray | memoryview, aborted: Any, lsn: int, delta: int
 ) -> tuple[int, int, int, int, int, int]: ...
+# staging rows -> (the inserts as a COPY BINARY stream of the mirror's kept columns (keep: a
+# byte per table column, nonzero to keep it), the other rows as a staging COPY BINARY
+# stream, how many other rows); None if a row is a delete
+def split_inserts(data: _Bytes, keep: bytes) -> tuple[bytearray, bytearray, int] | None: ...
 # per piece: (offset, size, rows, inserts, updates, deletes); len(bounds) + 1 pieces
 def cut_rows(
     data: _Bytes, bounds: list[int]

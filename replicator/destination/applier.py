@@ -3,6 +3,11 @@
 The transaction also records the applied LSN, so a batch is in the mirror exactly when its
 position is. Its statements are built in batch_sql.py, the mirror's DDL in mirror_ddl.py.
 
+A table's inserts, in a batch without deletes of it, are COPYed into the mirror as they
+are, with no staging and no MERGE (Applier._copy_inserts); its other rows are staged and
+merged after them. An insert of a key the mirror has already (a `verify --repair` got
+there first) fails that COPY, and the batch runs again by MERGE, which updates the row.
+
 A change the mirror rejects for its data makes the batch run again with each table's MERGE
 under a savepoint, and the failing table's staged keys are bisected down to the keys that
 fail (reject_sql.py). With [destination] on_error = "stop" the first such key stops the
@@ -25,7 +30,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from .. import deadline, failpoints
-from .._decode import Pieces
+from .._decode import COPY_HEADER, COPY_TRAILER, Pieces, split_inserts
 from ..batch import (
     AlterTable,
     Batch,
@@ -44,6 +49,7 @@ from ..errors import ErrorKind, ReplicatorError
 from ..lsn import format_lsn, parse_lsn
 from ..schema import (
     DELETED_AT,
+    Column,
     MirrorTable,
     Origin,
     check_options,
@@ -55,6 +61,7 @@ from .batch_sql import (
     check_filter,
     clear_staging_sql,
     copy_held_sql,
+    copy_mirror_sql,
     copy_sql,
     dead_letter_sql,
     fill_moving_in_sql,
@@ -77,6 +84,7 @@ from .mirror_ddl import (
     create_staging_sql,
     ensure_mirror_columns,
     mirror_exists,
+    takes_rows_as_sent,
 )
 from .reject_sql import (
     ISOLATE,
@@ -131,7 +139,8 @@ class ApplyResult:
             self.dead_per_table[table] = self.dead_per_table.get(table, 0) + n
 
 
-def _write(copy: psycopg.Copy, data: bytes | Pieces | SpilledRows | SpilledSlice) -> None:
+def _write(copy: psycopg.Copy,
+           data: bytes | bytearray | Pieces | SpilledRows | SpilledSlice) -> None:
     if isinstance(data, (SpilledRows, SpilledSlice)):
         for chunk in data.chunks():
             copy.write(chunk)
@@ -173,6 +182,11 @@ class Applier:
         # Set while a batch runs again after a rejected change: each table's MERGE then
         # runs under a savepoint, and a failing one is bisected.
         self._careful = False
+        # Whether a mirror table takes its inserts by COPY as the stream sent them
+        # (takes_rows_as_sent), per table and columns, checked once a session; and whether
+        # the batch in flight runs by MERGE only, after one of its inserts met its key.
+        self._as_sent: dict[tuple[str, tuple[Column, ...]], bool] = {}
+        self._merge_only = False
         # [destination] analytics_roles: the policy of every mirror table it creates.
         self.readers = readers
         # Each batch records its commit time for the tables it changed: <state>.commit_times
@@ -274,6 +288,7 @@ class Applier:
                     {o.attnum: c.name for c, o in zip(t.columns, origins) if o.attnum is not None})
         conn.execute(create_staging_sql(t))
         self._ensure_options(t)
+        self._as_sent[t.qualname, t.columns] = takes_rows_as_sent(conn, t)
 
     def _hold_index_builds(self, t: MirrorTable) -> None:
         """No index build on t until this batch transaction ends: its ALTER TABLE waits for
@@ -307,6 +322,7 @@ class Applier:
         stmt = self._statements.get(key)
         if stmt is None:
             build = {"copy": copy_sql, "copy_held": copy_held_sql, "merge": merge_sql,
+                     "copy_mirror": copy_mirror_sql,
                      "merge_toast": merge_toast_sql, "dead": dead_letter_sql,
                      "queued": queued_sql, "isolate_links": isolate_links_sql,
                      "isolate_queued": isolate_queued_sql, "isolate_stage": isolate_stage_sql,
@@ -321,7 +337,15 @@ class Applier:
         if batch.txns:
             failpoints.hit(failpoints.BATCH_BEFORE_BEGIN)
         try:
-            return self._apply(batch, record_lsn, system_id)
+            try:
+                return self._apply(batch, record_lsn, system_id)
+            except KeyPresent as present:
+                log.info("the batch inserts a key the mirror has already: applying it again "
+                         "by MERGE, which updates that row", extra={
+                             "lsn": format_lsn(batch.end_lsn), "table": present.table,
+                             "constraint": present.exc.diag.constraint_name})
+                self._merge_only = True
+                return self._apply(batch, record_lsn, system_id)
         except _Rejected as rejected:
             # Savepoints cost nothing until a change fails: only then does the batch run
             # again, each table's MERGE under one, to find the keys that fail.
@@ -336,6 +360,7 @@ class Applier:
             finally:
                 self._careful = False
         finally:
+            self._merge_only = False
             self._release_index_builds()
 
     def _release_index_builds(self) -> None:
@@ -402,7 +427,7 @@ class Applier:
                     failpoints.hit(failpoints.SYNC_DONE_BEFORE_COMMIT)
                 if batch.txns:
                     failpoints.hit(failpoints.BATCH_BEFORE_COMMIT)
-        except ReplicatorError:
+        except (ReplicatorError, KeyPresent):
             self.holding = holding_before
             raise
         except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled,
@@ -558,30 +583,87 @@ class Applier:
             with cur.copy(self._stmt("copy_held", t)) as copy:
                 _write(copy, tr.data)
             return
-        if t.staging not in self._clean and t.staging not in self._emptied:
+        data: bytes | bytearray | Pieces | SpilledRows | SpilledSlice = tr.data
+        staged = tr.rows
+        split = self._copy_inserts(cur, t, tr.inserts, tr.deletes + tr.moves, data,
+                                   self._lettered is None or t.qualname in self._lettered)
+        if split is not None:
+            res.copies += 1
+            data, staged = split
+        if staged:
+            if t.staging not in self._clean and t.staging not in self._emptied:
+                cur.execute(clear_staging_sql(t))
+            with cur.copy(self._stmt("copy", t)) as copy:
+                _write(copy, data)
+            res.copies += 1
+            out = self._merge_table(cur, t, bool(tr.unchanged), end_lsn, res)
             cur.execute(clear_staging_sql(t))
-        with cur.copy(self._stmt("copy", t)) as copy:
-            _write(copy, tr.data)
-        res.copies += 1
-        out = self._merge_table(cur, t, bool(tr.unchanged), end_lsn, res)
-        cur.execute(clear_staging_sql(t))
-        self._emptied.add(t.staging)
-        staged = self._staged.get(t.staging, (t, 0))[1] + tr.rows
-        self._staged[t.staging] = (t, staged)
+            self._emptied.add(t.staging)
+            self._staged[t.staging] = (t, self._staged.get(t.staging, (t, 0))[1] + staged)
+        else:
+            out = {}
         res.rows += tr.rows - sum(out.values())
         # A key change's delete is not counted as a delete, hence the floor.
         res.count(t.qualname, *(max(0, n - out.get(o, 0))
                                 for n, o in zip((tr.inserts, tr.updates, tr.deletes), "IUD")))
 
+    def _copy_inserts(self, cur: psycopg.Cursor, t: MirrorTable, inserts: int, deletes: int,
+                      data: bytes | bytearray | Pieces | SpilledRows | SpilledSlice,
+                      lettered: bool) -> tuple[bytearray, int] | None:
+        """COPY t's inserts into the mirror as they are, with no staging and no MERGE;
+        returns its other rows, to stage and merge (a COPY BINARY stream, how many), or
+        None: every row goes through staging.
+
+        Not when a row is a delete (split_inserts: an insert may then follow an earlier
+        change of its key), nor from a buffer too big for memory or holding big values left
+        where they came, nor into a mirror that does not take rows as sent, nor for a table
+        with dead letters a key could queue behind, nor with a [mappings] option that needs
+        the MERGE: a filter decides which rows go in, a history logs them, and a
+        soft-deleted row keeps its key in the mirror.
+        """
+        if not (inserts > 0 and deletes == 0 and not self._careful and not self._merge_only
+                and isinstance(data, (bytes, bytearray, SpilledSlice)) and not lettered
+                and t.options.filter is None and not t.options.history
+                and not t.options.soft_delete):
+            return None
+        known = self._as_sent.get((t.qualname, t.columns))
+        if known is None:
+            known = self._as_sent[t.qualname, t.columns] = takes_rows_as_sent(cur.connection, t)
+        if not known:
+            return None
+        if isinstance(data, SpilledSlice):
+            rows: bytes | memoryview = data.read()
+        else:
+            rows = memoryview(data)[len(COPY_HEADER):len(data) - len(COPY_TRAILER)]
+        split = split_inserts(rows, bytes(c.name not in t.options.exclude for c in t.columns))
+        if split is None:
+            return None
+        mirror_rows, rest, nrest = split
+        try:
+            with cur.copy(self._stmt("copy_mirror", t)) as copy:
+                copy.write(mirror_rows)
+        except psycopg.errors.UniqueViolation as exc:
+            raise KeyPresent(t.qualname, exc) from exc
+        return rest, nrest
+
     def merge_streamed(self, cur: psycopg.Cursor, t: MirrorTable,
-                       data: bytes | Pieces | SpilledRows | SpilledSlice, unchanged: bool,
-                       res: ApplyResult, lettered: bool = False) -> int | None:
+                       data: bytes | bytearray | Pieces | SpilledRows | SpilledSlice,
+                       unchanged: bool, res: ApplyResult, lettered: bool = False, inserts: int = 0,
+                       deletes: int = 0) -> int | None:
         """Stage and merge streamed rows of one table: a chunk's, or a piece of one.
 
         lettered: the table has waiting dead letters. If one of the staged keys has one,
         nothing is merged and None returned: the key's change must queue behind its
         letters, and a letter needs the commit LSN, which only the commit brings.
+        inserts, deletes: how many of its rows are inserts and deletes (the inserts may go
+        into the mirror by COPY, see _copy_inserts, which finds any delete row itself).
         """
+        split = self._copy_inserts(cur, t, inserts, deletes, data, lettered)
+        if split is not None:
+            res.copies += 1
+            data, rest = split
+            if not rest:
+                return 0
         if t.temp_stage:
             cur.execute(temp_staging_sql(t))
         else:
@@ -776,6 +858,15 @@ class Applier:
         cur.execute(isolate_keys_sql(), [group])
         found = [f"{k} (LSN {format_lsn(int(lsn))})" for k, lsn in cur.fetchall()]
         return ", ".join(found) or "?"
+
+
+class KeyPresent(Exception):
+    """A key inserted by COPY is in the mirror already: apply its batch (or streamed
+    transaction, at its commit) by MERGE."""
+
+    def __init__(self, table: str, exc: psycopg.Error) -> None:
+        super().__init__(str(exc))
+        self.table, self.exc = table, exc
 
 
 class _Rejected(Exception):

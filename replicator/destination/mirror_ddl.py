@@ -84,6 +84,27 @@ def column_types(conn: psycopg.Connection, table: sql.Composable) -> dict[str, s
     return dict(rows.fetchall())
 
 
+def takes_rows_as_sent(conn: psycopg.Connection, t: MirrorTable) -> bool:
+    """Whether t's inserts can be COPYed into its mirror as the stream sent them (binary).
+
+    Each kept column must have the stream's own type: COPY BINARY converts nothing, and a
+    column whose type was changed by hand (timestamp to timestamptz: the same bytes, another
+    meaning) takes them through the MERGE's casts. The mirror's primary key must be the
+    table's key, so an insert of a key the mirror has fails instead of adding a second row.
+    """
+    if not t.binary or not all(c.builtin for c in t.kept):
+        return False
+    types = column_types(conn, t.dest)
+    if any(types.get(c.name) != c.type_sql for c in t.kept):
+        return False
+    row = conn.execute(
+        "select coalesce(array_agg(a.attname::text), '{}') "
+        "from pg_index i join pg_attribute a on a.attrelid = i.indrelid "
+        "and a.attnum = any(i.indkey) where i.indrelid = %s::regclass and i.indisprimary",
+        [t.dest.as_string(conn)]).fetchone()
+    return row is not None and sorted(row[0]) == sorted(t.source.key)
+
+
 @dataclass
 class MirrorPlan:
     statements: list[tuple[sql.Composed, tuple | None]]  # (stmt, (column, from, to) of a cast)

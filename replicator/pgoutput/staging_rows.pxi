@@ -340,3 +340,100 @@ def iter_copy_binary(data):
                 pos += flen
         yield tuple(row)
     raise DecodeError("COPY BINARY stream without trailer")
+
+
+
+def split_inserts(data, keep):
+    """A table's staging rows (no COPY header or trailer) split into its inserts, as the
+    mirror's own rows, and the rest, as staging rows: (mirror rows, rest, rows in rest),
+    each a whole COPY BINARY stream. None if a row is a delete.
+
+    The mirror rows have the columns whose byte in ``keep`` (one per table column) is
+    nonzero, without _seq, _lsn, _op, the old key and _u: they are COPYed into the mirror,
+    and the rest is staged and merged after them. Without a delete in the batch (a key
+    change writes one too) every insert is the first change of its key in the batch, so
+    the mirror does not have the key yet, and the rest's updates of it find its row.
+    """
+    cdef const unsigned char[:] view = data
+    cdef const unsigned char[:] kv = keep
+    cdef Py_ssize_t n = view.shape[0]
+    cdef int ncols = kv.shape[0]
+    cdef const char *p = <const char *>&view[0] if n else NULL
+    cdef const char *k = <const char *>&kv[0] if ncols else NULL
+    cdef const char *end = p + n
+    cdef const char *q = p
+    cdef const char *row
+    cdef const char *f
+    cdef char *w
+    cdef char *base
+    cdef char *rw
+    cdef char *rbase
+    cdef int nf, i, nkept = 0, bad = 0, deleted = 0
+    cdef int32_t flen = -1
+    cdef Py_ssize_t nrest = 0
+    for i in range(ncols):
+        if k[i]:
+            nkept += 1
+    # Neither is longer than the input: a row goes to one of them, an insert shorter.
+    out = bytearray(HEADER_LEN + n + TRAILER_LEN)
+    rest = bytearray(HEADER_LEN + n + TRAILER_LEN)
+    base = PyByteArray_AS_STRING(out)
+    rbase = PyByteArray_AS_STRING(rest)
+    memcpy(base, HEADER, HEADER_LEN)
+    memcpy(rbase, HEADER, HEADER_LEN)
+    w = base + HEADER_LEN
+    rw = rbase + HEADER_LEN
+    with nogil:
+        while q < end:
+            row = q
+            nf = row_fields(q, end)
+            # _seq, _lsn, _op, the columns, at least one old key field, _u.
+            if nf - 4 - ncols < 1:
+                bad = 1
+                break
+            if q[ROW_OP] == b'D':
+                deleted = 1
+                break
+            if q[ROW_OP] != b'I':
+                q = row_end(q, end, nf, &flen)
+                if q == NULL:
+                    bad = 1
+                    break
+                memcpy(rw, row, q - row)
+                rw += q - row
+                nrest += 1
+                continue
+            wr16(w, <int16_t>nkept)
+            w += 2
+            f = q + ROW_HEAD
+            for i in range(ncols):
+                if end - f < FIELD_LEN:
+                    bad = 1
+                    break
+                flen = <int32_t>rd32(f)
+                if flen > 0 and end - f - FIELD_LEN < flen:
+                    bad = 1
+                    break
+                if k[i]:
+                    memcpy(w, f, FIELD_LEN + (flen if flen > 0 else 0))
+                    w += FIELD_LEN + (flen if flen > 0 else 0)
+                f += FIELD_LEN + (flen if flen > 0 else 0)
+            if bad:
+                break
+            # Past the old key and _u, which is NULL: an insert sends every value.
+            q = row_end(q, end, nf, &flen)
+            if q == NULL or flen >= 0:
+                bad = 1
+                break
+        if not bad and not deleted:
+            memcpy(w, TRAILER, TRAILER_LEN)
+            w += TRAILER_LEN
+            memcpy(rw, TRAILER, TRAILER_LEN)
+            rw += TRAILER_LEN
+    if bad:
+        raise DecodeError("malformed staging rows")
+    if deleted:
+        return None
+    del out[w - base:]
+    del rest[rw - rbase:]
+    return out, rest, nrest

@@ -52,7 +52,7 @@ from .. import failpoints
 from .._decode import Pieces, cut_rows
 from ..batch import Batch, SpilledRows, SpilledSlice, TableRows
 from ..destination import state
-from ..destination.applier import Applier, ApplyResult
+from ..destination.applier import Applier, ApplyResult, KeyPresent
 from ..errors import ErrorKind, ReplicatorError
 from ..lsn import format_lsn
 from ..schema import MirrorTable
@@ -368,8 +368,14 @@ class StreamApply(threading.Thread):
         table = self._temp.get(tr.table.qualname)
         if table is None or table.columns != tr.table.columns:
             table = self._temp[tr.table.qualname] = replace(tr.table, temp_stage=True)
-        dead = applier.merge_streamed(cur, table, data, bool(tr.unchanged), level,
-                                      lettered=tr.table.qualname in self._lettered)
+        try:
+            dead = applier.merge_streamed(cur, table, data, bool(tr.unchanged), level,
+                                          lettered=tr.table.qualname in self._lettered,
+                                          inserts=counts[1], deletes=counts[3])
+        except KeyPresent as exc:
+            # The constraint, not the key: the log is read by more people than the mirror.
+            raise GiveUp(f"an insert of a key the mirror has already ({exc.table}, "
+                         f"constraint {exc.exc.diag.constraint_name})") from exc
         # Dead letters need the commit LSN: the applier writes them at the commit.
         if dead is None:
             raise GiveUp("a key with a waiting dead letter")

@@ -8,6 +8,8 @@ when nothing can supply them the row goes to the dead letter table.
 
 from __future__ import annotations
 
+from datetime import date
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -16,6 +18,7 @@ from pgwire import begin, commit, delete, insert, int4, truncate, update
 
 from replicator._decode import Decoder
 from replicator.batch import Batch, Truncate
+from replicator.config.settings import MappingOptions
 from replicator.destination import applier as applier_module
 from replicator.destination import state
 from replicator.destination.applier import Applier
@@ -306,8 +309,9 @@ def test_rows_left_in_staging_by_an_older_version_are_not_merged(mirror, dest_db
     stage = _staging(dest_db)
     dest_db.execute(f"insert into {stage} (_r_seq, _r_lsn, _r_op, id, name, big) "
                     "values (1000000, 1, 'I', 9, 'stale', 'STALE')")
-    mirror(insert(RELID, row(1, "a", "A")))
-    assert mirror.rows() == [(1, "a", "A")]
+    # An update: a batch of inserts only goes into the mirror by COPY, not through staging.
+    mirror(insert(RELID, row(1, "a", "A")), update(RELID, row(1, "a", "A1")))
+    assert mirror.rows() == [(1, "a", "A1")]
 
 
 def test_a_failed_first_batch_leaves_staging_to_be_cleared_by_the_next(mirror, dest_db):
@@ -321,8 +325,9 @@ def test_a_failed_first_batch_leaves_staging_to_be_cleared_by_the_next(mirror, d
         mirror(insert(RELID, row(1, "boom", "A")))
     dest_db.execute("alter table odoo_mirror.t drop constraint no_boom")
     assert dest_db.scalar(f"select count(*) from {stage}") == 1
-    mirror(insert(RELID, row(1, "a", "A")))
-    mirror(insert(RELID, row(2, "b", "B")))
+    # Updates: a batch of inserts only goes into the mirror by COPY, not through staging.
+    mirror(insert(RELID, row(1, "a", "A")), update(RELID, row(1, "a", "A")))
+    mirror(insert(RELID, row(2, "b", "B")), update(RELID, row(2, "b", "B")))
     assert mirror.rows() == [(1, "a", "A"), (2, "b", "B")]
     assert dest_db.scalar(f"select count(*) from {stage}") == 0
 
@@ -333,6 +338,116 @@ def test_staging_is_vacuumed_after_enough_rows(mirror, dest_db, monkeypatch):
     monkeypatch.setattr(applier_module, "STAGING_VACUUM_ROWS", 300)
     stage = _staging(dest_db)
     for b in range(3):
+        # Updates: inserts go into the mirror by COPY, not through staging.
         mirror(*(insert(RELID, row(b * 100 + i, "a" * 50, "A" * 50)) for i in range(100)))
+        mirror(*(update(RELID, row(b * 100 + i, "b" * 50, "B" * 50)) for i in range(100)))
     assert dest_db.scalar("select pg_relation_size(%s)", [stage]) == 0
     assert len(mirror.rows()) == 300
+
+
+# -- a batch of inserts only: COPY into the mirror, no staging, no MERGE -------------
+
+def test_inserts_only_go_into_the_mirror_without_staging(mirror, dest_db):
+    stage = _staging(dest_db)
+    # Staging gone for the batch: one that used it would fail.
+    dest_db.execute(f"alter table {stage} rename to gone")
+    try:
+        mirror(*(insert(RELID, row(i, f"n{i}", None if i % 2 else "B" * 3000))
+                 for i in range(1, 6)))
+    finally:
+        dest_db.execute(f"alter table replicator.gone rename to {stage.split('.')[1]}")
+    assert mirror.rows() == [(i, f"n{i}", None if i % 2 else "B" * 3000) for i in range(1, 6)]
+    # The next batch with an update uses staging again, and leaves it empty.
+    mirror(insert(RELID, row(6, "n6", "x")), update(RELID, row(1, "n1", "y")))
+    assert mirror.rows()[0] == (1, "n1", "y")
+    assert dest_db.scalar(f"select count(*) from {stage}") == 0
+
+
+def test_an_insert_of_a_key_the_mirror_has_updates_it(mirror, dest_db, caplog):
+    # `verify --repair` copied the source's row before the stream brought its insert.
+    caplog.set_level("INFO", logger="replicator.destination.applier")
+    dest_db.execute("insert into odoo_mirror.t values (2, 'repaired', 'R')")
+    res = mirror(insert(RELID, row(1, "a", "A")), insert(RELID, row(2, "b", "B")))
+    assert mirror.rows() == [(1, "a", "A"), (2, "b", "B")]
+    assert res.inserts == 2
+    assert "inserts a key the mirror has already" in caplog.text
+    assert "rejected" not in caplog.text
+
+
+def test_a_rejected_insert_is_still_found_and_stopped(mirror, dest_db):
+    dest_db.execute("alter table odoo_mirror.t add constraint no_boom check (name <> 'boom')")
+    with pytest.raises(ReplicatorError, match='key {"id": 2}'):
+        mirror(insert(RELID, row(1, "a", "A")), insert(RELID, row(2, "boom", "B")))
+    assert mirror.rows() == []
+
+
+def test_inserts_into_a_mirror_column_retyped_by_hand_are_cast(dest_db):
+    # timestamp -> timestamptz: COPY BINARY would take the same bytes for another instant;
+    # the MERGE casts in the session's time zone, as it does for an update.
+    cols = (Column("id", "integer", 23, 4),
+            Column("at", "timestamp without time zone", 1114, 8))
+    table = MirrorTable(SourceTable(RELID, "public", "ts", cols, ("id",), "d"),
+                        "odoo_mirror", "ts", "replicator", binary=True)
+    applier = Applier(dest_db.dsn, "replicator", "test_slot")
+    applier.connect()
+    state.setup(applier.conn, "replicator")
+    applier.prepare_tables([table])
+    applier.close()
+    dest_db.execute("alter table odoo_mirror.ts alter column at type timestamptz")
+    dest_db.execute(f"alter database {dest_db.name} set timezone = 'Asia/Tokyo'")
+    applier = Applier(dest_db.dsn, "replicator", "test_slot")
+    applier.connect()
+    try:
+        applier.prepare_tables([table], alter=False)
+        dec = Decoder()
+        dec.define(RELID, 2, [0], True)
+        batch = Batch()
+        dec.feed(begin(100))
+        # 2026-01-01 00:00:00 as a timestamp: microseconds since 2000-01-01.
+        micros = (date(2026, 1, 1) - date(2000, 1, 1)).days * 86_400_000_000
+        dec.feed(insert(RELID, [int4(1), micros.to_bytes(8, "big", signed=True)]))
+        dec.feed(commit(100, 110))
+        batch.add_rows(dec.take(), {RELID: table})
+        batch.commit(110, 0)
+        applier.apply(batch)
+    finally:
+        applier.close()
+    assert dest_db.scalar("select at = timestamptz '2026-01-01 00:00:00+09' "
+                          "from odoo_mirror.ts") is True
+
+
+def test_inserts_leave_excluded_columns_out(dest_db):
+    table = MirrorTable(SourceTable(RELID, "public", "t", COLS, ("id",), "d"),
+                        "odoo_mirror", "t", "replicator", binary=True,
+                        options=MappingOptions(exclude=frozenset({"name"})))
+    applier = Applier(dest_db.dsn, "replicator", "test_slot")
+    applier.connect()
+    try:
+        state.setup(applier.conn, "replicator")
+        applier.prepare_tables([table])
+        dec = Decoder()
+        dec.define(RELID, 3, [0], True)
+        batch = Batch()
+        dec.feed(begin(100))
+        dec.feed(insert(RELID, row(1, "secret", "A")))
+        dec.feed(insert(RELID, row(2, "secret", None)))
+        dec.feed(commit(100, 110))
+        batch.add_rows(dec.take(), {RELID: table})
+        batch.commit(110, 0)
+        applier.apply(batch)
+    finally:
+        applier.close()
+    assert dest_db.fetchall("select * from odoo_mirror.t order by id") == [(1, "A"), (2, None)]
+
+
+def test_inserts_by_copy_then_updates_of_them_by_merge(mirror, dest_db):
+    # The inserts go in first, by COPY; the updates (one with an unchanged large value,
+    # which the inserted row supplies) are staged and merged after them.
+    mirror(insert(RELID, row(1, "a", "A")))
+    mirror(insert(RELID, row(2, "b", "B" * 3000)), insert(RELID, row(3, "c", "C")),
+           update(RELID, [int4(2), B("b2"), U]), update(RELID, row(1, "a1", "A1")),
+           update(RELID, [int4(2), B("b3"), U]), insert(RELID, row(4, "d", None)))
+    assert mirror.rows() == [(1, "a1", "A1"), (2, "b3", "B" * 3000), (3, "c", "C"),
+                             (4, "d", None)]
+    assert mirror.dead() == []
+    assert dest_db.scalar(f"select count(*) from {_staging(dest_db)}") == 0

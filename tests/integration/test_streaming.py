@@ -544,3 +544,22 @@ def test_a_source_ddl_while_a_streamed_transaction_holds_an_index_build(source_d
     assert "retrying after an error" not in out and "deadlock" not in out, rep.logs()
     assert rep.alive, rep.logs()
     rep.stop()
+
+
+def test_a_streamed_insert_of_a_key_the_mirror_has_is_applied_at_its_commit(zoo, dest_db,
+                                                                             caplog):
+    """A chunk's inserts go into the mirror by COPY; one of a key the mirror has already (a
+    `verify --repair` got there before the stream) fails that COPY, and the transaction is
+    applied at its commit instead, by MERGE, which updates the row."""
+    dest_db.execute("insert into odoo_mirror.zoo (id, code) values (5000, 'repaired')")
+    with caplog.at_level("DEBUG", logger="replicator"), \
+            running(zoo, dest_db, max_streams=1, **STREAMING), \
+            zoo.connect(autocommit=False) as conn:
+        conn.execute(zoo_rows(8_000, start=1001))
+        conn.commit()
+        wait_for(lambda: dest_db.scalar("select count(*) from odoo_mirror.zoo") == 8000,
+                 what="the streamed transaction in the mirror")
+    reasons = gave_up(caplog)
+    assert reasons == ["an insert of a key the mirror has already (odoo_mirror.zoo, "
+                       "constraint zoo_pkey)"], reasons
+    assert_same(zoo, dest_db, "zoo")
