@@ -10,7 +10,7 @@ RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 FROM python:3.11-slim-bookworm
 # libpq5: psycopg (pure Python) and the extensions share the system libpq.
-# curl: the deployment doc's health check.
+# curl: the compose file's health check (GET /health).
 RUN apt-get update \
     && apt-get install -y --no-install-recommends libpq5 curl \
     && rm -rf /var/lib/apt/lists/* \

@@ -245,9 +245,11 @@ def _senders_full(w: _Where, text: str) -> tuple[ErrorKind, str]:
 
 
 def _too_many(w: _Where, text: str) -> tuple[ErrorKind, str]:
+    # Only [source] max_connections bounds what the replicator opens (its copy workers).
+    lower = "lower [source] max_connections, " if w.section == "[source]" else ""
     return _connect_kind(w), (
-        f"the server is out of connection slots: lower {w.section} max_connections, use the "
-        "pooler (port 6543 on Supabase), or raise max_connections on the server"
+        f"the server is out of connection slots: {lower}use the pooler (port 6543 on "
+        "Supabase), or raise max_connections on the server"
     )
 
 

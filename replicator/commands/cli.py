@@ -1,5 +1,5 @@
-"""The ``replicator`` command: init, run, check, resync, status, verify, dead-letters, seed,
-demo.
+"""The ``replicator`` command: init, run, check, resync, status, verify, dead-letters, drop,
+seed, demo.
 
 This is where errors become what an operator sees: a ReplicatorError is one line on stderr
 (``error: <what, where> — <what to do>``) and its kind's exit code; anything else is a bug and
@@ -31,7 +31,7 @@ from ..pipeline import preflight, supervisor
 from ..redact import redact, register_secret
 from ..telemetry.console import printable, say
 from ..telemetry.logs import setup_logging
-from . import dead_letters, init, resync, status, verify
+from . import dead_letters, drop, init, resync, status, verify
 
 __all__ = ["build_parser", "main"]
 
@@ -55,6 +55,7 @@ examples:
   replicator status --config etl-config.toml  slot, lag, tables, dead letters (exit 1: a problem)
   replicator dead-letters --retry             re-apply rejected changes once the mirror is fixed
   replicator verify --config etl-config.toml  compare mirror and source row by row (exit 1: drift)
+  replicator drop --config etl-config.toml    remove the pipeline: its slot and state (--yes)
   replicator seed --dsn "dbname=odoo_core"    fill a database with Odoo-shaped test data
   replicator demo                             try it all on throwaway local servers
 
@@ -66,6 +67,7 @@ exit codes:
   2    something to fix: configuration, source database setup, or a resync is required
   3    a database stayed unreachable
   4    applying or decoding kept failing on the same data
+  5    another replicator process holds the pipeline's lease
   130  interrupted"""
 
 
@@ -93,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
             "each source transaction applied exactly once. Stop with Ctrl-C or SIGTERM:\n"
             "the process exits within 9 s even while a connection is dead. A connection\n"
             "that goes silent is noticed ([source] receive_timeout, [destination]\n"
-            "stall_timeout) and opened again; see README, Dead connections and recovery."
+            "stall_timeout) and opened again; see docs/operations.md, Dead connections and\n"
+            "recovery."
         ),
         epilog=(
             "examples:\n"
@@ -130,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         "init",
         help="set up the mirror in Supabase: schemas, RLS and policy, views, grants, triggers",
         description=(
-            "Create or bring up to date what the deployment doc set up by hand, from SQL\n"
+            "Create or bring up to date the mirror's setup in Supabase, from SQL\n"
             "migrations shipped in the package (versions recorded in the state schema):\n"
             "  - the mirror and state schemas, and the mirror tables (empty, from the source\n"
             "    catalog: `run` copies them), so the views exist before the first copy;\n"
@@ -208,9 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
             "while behind), each table's sync state with source and mirror row counts, and\n"
             "the dead letters. Read-only, and never waits for a lock: safe beside `run`.\n"
             "Mirror rows are count(*) up to 100000 rows, the planner's estimate above.\n"
-            "Exit 0 when all is well; 1 when the slot is missing or lost while the state says\n"
-            "the mirror was synced, or when the lag exceeds --max-lag-seconds; 2 (or 3 for\n"
-            "an unreachable database) when it cannot tell, with one line on stderr."
+            "Says whether a replicator runs the pipeline: \"running\", \"standby\" (a second\n"
+            "process taking over) or \"not running since T\" with the reason it stopped (its\n"
+            "error, \"stopped on request\", or none recorded: killed).\n"
+            "Exit 0 when all is well; 1 when no replicator runs it, when the slot is missing\n"
+            "or lost while the state says the mirror was synced, or when the lag exceeds\n"
+            "--max-lag-seconds; 2 (or 3 for an unreachable database) when it cannot tell,\n"
+            "with one line on stderr."
         ),
         epilog=(
             "examples:\n"
@@ -226,6 +233,35 @@ def build_parser() -> argparse.ArgumentParser:
                         help="exit 1 when the mirror is more than S seconds behind "
                         "(default: %(default)g)")
     status.set_defaults(handler=_cmd_status)
+
+    dropper = commands.add_parser(
+        "drop",
+        help="remove the pipeline: its replication slot on the source and its state",
+        description=(
+            "Remove what the pipeline of this config made: its replication slot on the\n"
+            "source (which otherwise keeps WAL there for ever) and its rows in the state\n"
+            "schema (applied position, table states, dead letters, lease). The mirror tables\n"
+            "stay, and analysts keep reading them, unless --mirror drops them too (a view\n"
+            "over one is never dropped with it: drop those yourself first). The publication\n"
+            "is yours and stays. Without --yes nothing is removed: it says what would be.\n"
+            "Refused while a replicator runs this pipeline: stop it first. A `run` after a\n"
+            "drop starts a new pipeline: a new slot and a copy of every table.\n"
+            "Exit 0 when removed (or nothing was there); 2 without --yes."
+        ),
+        epilog=(
+            "examples:\n"
+            "  replicator drop --config etl-config.toml           # what would be removed\n"
+            "  replicator drop --config etl-config.toml --yes\n"
+            "  replicator drop --config etl-config.toml --yes --mirror"
+        ),
+        formatter_class=_Formatter,
+    )
+    _add_config_option(dropper)
+    dropper.add_argument("--yes", action="store_true",
+                         help="remove it (without: only say what would be removed)")
+    dropper.add_argument("--mirror", action="store_true",
+                         help="drop the mirror tables too (and their change histories)")
+    dropper.set_defaults(handler=_cmd_drop)
 
     letters = commands.add_parser(
         "dead-letters",
@@ -450,6 +486,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, metrics=dataclasses.replace(
             config.metrics, host=args.metrics_host))
     setup_logging(settings)
+    for line in _no_effect(config):
+        log.warning(line)
     log.info(
         "config loaded",
         extra={
@@ -473,7 +511,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     _setup_console_logging()
     say(_summary(config))
-    for warning in _tls_warnings(config):
+    for warning in _tls_warnings(config) + _no_effect(config):
         say(f"warning: {warning}", file=sys.stderr)
     sys.stdout.flush()  # the summary first, then whatever the deeper checks report
     result = preflight.check(config)
@@ -497,6 +535,31 @@ def _cmd_status(args: argparse.Namespace) -> int:
         say(status.render(st))
     # Not an error of this command: what it found, for scripts and monitors to branch on.
     return 1 if st.problems else ExitCode.OK
+
+
+def _cmd_drop(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    _setup_console_logging()
+    slot = config.source.slot
+    if not args.yes:
+        found = drop.describe(drop.plan(config), args.mirror)
+        if not found:
+            say(f"pipeline {slot}: nothing to remove (no slot {slot} on the source, no state)")
+            return ExitCode.OK
+        say(printable(f"pipeline {slot}: `drop --yes` would remove\n"
+                      + "".join(f"  - {line}\n" for line in found)
+                      + ("" if args.mirror else "the mirror tables stay (--mirror drops them)\n")
+                      + f"the publication {config.source.publication} stays"))
+        say("nothing was removed: run it again with --yes", file=sys.stderr)
+        return ExitCode.FATAL
+    removed = drop.drop(config, args.mirror)
+    if not removed:
+        say(f"pipeline {slot}: nothing to remove (no slot {slot} on the source, no state)")
+        return ExitCode.OK
+    say(printable(f"pipeline {slot}: removed\n" + "".join(f"  - {line}\n" for line in removed)
+                  + ("" if args.mirror else "the mirror tables stay (--mirror drops them); ")
+                  + "a `run` now starts a new pipeline: a new slot, every table copied again"))
+    return ExitCode.OK
 
 
 def _cmd_dead_letters(args: argparse.Namespace) -> int:
@@ -619,12 +682,11 @@ def _summary(config: Config) -> str:
         f"batches up to {dst.batch_size} rows, flushed within {dst.flush_interval:g} s"
         + (f"; password from {dst.password_source}" if dst.password_source else "")
     )
+    lines.append(f"  tables:      every table of the publication -> {dst.schema}.<same name>")
     if config.mappings:
         pairs = ", ".join(f"{s} -> {d}{_mapping_options(config, s)}"
                           for s, d in config.mappings.items())
-        lines.append(f"  mappings:    {len(config.mappings)} tables: {pairs}")
-    else:
-        lines.append(f"  mappings:    every table of the publication -> {dst.schema}.<same name>")
+        lines.append(f"  mappings:    {len(config.mappings)} renamed or with options: {pairs}")
     lg = config.logging
     lines.append(f"  logging:     {lg.level}, {lg.format} -> {lg.output}")
     m = config.metrics
@@ -641,6 +703,11 @@ _WEAK_SSLMODES = {
     "require": "encrypts but accepts any certificate, so a machine in between can pose as "
                "the server",
 }
+
+
+def _no_effect(config: Config) -> list[str]:
+    return [f"{key} has no effect: the replicator holds each connection open for as long "
+            "as it runs; remove it from the config" for key in config.ignored]
 
 
 def _tls_warnings(config: Config) -> list[str]:

@@ -126,7 +126,6 @@ def _mirror_tables(config: Config, dest: psycopg.Connection, readers: list[str],
         mirrors = []
         for st in tables:
             target = config.target(st.schema, st.name)
-            assert target is not None, "discover_tables keeps mapped tables only"
             # With its [mappings] options: no excluded column, _deleted_at if soft deleted.
             mirrors.append(MirrorTable(st, *target, state_schema=dst.state_schema,
                                        binary=binary, options=config.options(st.schema, st.name)))

@@ -75,6 +75,11 @@ class Status:
     # holding: seconds until the lease expires; released/expired: seconds since.
     writer_seconds: float | None = None
     standby: str | None = None     # a second process waiting to take over
+    # "running" (a writer renews the lease), "standby" (none does, a standby is taking
+    # over) or "not running"; with since (the writer last seen) and why it stopped.
+    running: str = "not running"
+    stopped_at: str | None = None
+    exit_reason: str | None = None
     problems: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -135,7 +140,14 @@ def collect(config: Config, max_lag_seconds: float) -> Status:
         last_batch_at=updated.isoformat() if updated else None,
         lag_bytes=lag_bytes, lag_seconds=lag_seconds, dead_letters=dead, tables=tables,
         indexes_pending=pending, writer=who.writer, writer_state=who.writer_state,
-        writer_generation=who.generation, writer_seconds=who.seconds, standby=who.standby)
+        writer_generation=who.generation, writer_seconds=who.seconds, standby=who.standby,
+        running="running" if who.writer_state == "holding" else
+        "standby" if who.standby else "not running",
+        stopped_at=who.last_seen.isoformat() if who.last_seen and who.writer_state in (
+            "released", "expired") else None,
+        exit_reason=who.exit_reason if who.writer_state == "released" else None)
+    if st.running == "not running":
+        st.problems.append(_not_running(st))
     if st.synced and not wal.exists:
         st.problems.append(f"replication slot {slot!r} is missing: the mirror lost changes "
                            "(run `replicator resync --all`)")
@@ -206,6 +218,8 @@ def render(st: Status) -> str:
         ("lag", f"{_bytes(st.lag_bytes)}, {val(st.lag_seconds)} s"),
         ("last batch", val(st.last_batch_at)),
         ("dead letters", str(st.dead_letters)),
+        ("replicator", st.running if st.running != "not running" else
+         f"not running since {val(st.stopped_at)}" if st.writer else "not running (never run)"),
         ("writer", _writer(st)),
     ]
     if st.standby:
@@ -230,6 +244,14 @@ def render(st: Status) -> str:
     for p in st.problems:
         lines.append(f"PROBLEM: {p}")
     return "\n".join(lines)
+
+
+def _not_running(st: Status) -> str:
+    if st.writer is None:
+        return "no replicator runs this pipeline: none has run yet (`replicator run`)"
+    why = st.exit_reason or ("no exit recorded: killed, or cut off from the destination"
+                             if st.writer_state == "expired" else "no reason recorded")
+    return f"no replicator runs this pipeline: not running since {st.stopped_at}: {why}"
 
 
 def _writer(st: Status) -> str:

@@ -260,6 +260,12 @@ class TablePlan:
                         sql.Composable]
     source_values: list[sql.Composable] = field(default_factory=list)   # compared, as text
     mirror_columns: list[tuple[str, str]] = field(default_factory=list)  # (name, type)
+    key_types: list[int] = field(default_factory=list)   # type OIDs of the key columns
+
+    def key(self, k: Key) -> dict[str, Any]:
+        """A key as JSON shows it, as the dead letters do (jsonb): integers as numbers."""
+        return {n: int(v) if t in INTEGER_TYPES and v is not None else v
+                for n, v, t in zip(self.key_names, k, self.key_types)}
 
     def source(self, conn: psycopg.Connection) -> Reader:
         schema, _, name = self.source_table.partition(".")
@@ -268,6 +274,14 @@ class TablePlan:
     def mirror(self, conn: psycopg.Connection) -> Reader:
         schema, _, name = self.mirror_table.partition(".")
         return Reader(conn, sql.Identifier(schema, name), *self.mirror_parts)
+
+
+# Seconds an inactive slot that holds unapplied changes is given to become active (a `run`
+# starting) before verify stops waiting for the mirror.
+STALLED_GRACE = 3.0
+
+# int2, int4, int8, oid: a key of one of these is a number in --json.
+INTEGER_TYPES = frozenset({21, 23, 20, 26})
 
 
 class Skip(Exception):
@@ -349,7 +363,8 @@ def plan_table(src: psycopg.Connection, dst: psycopg.Connection, state_schema: s
 
     return TablePlan(source_table, mirror_table, list(key), compared, not_compared,
                      (*parts(list(key)), row(s_row)),
-                     (*parts([mirror_name[k] for k in key]), row(m_row)), values, mirror_cols)
+                     (*parts([mirror_name[k] for k in key]), row(m_row)), values, mirror_cols,
+                     [by_name[k][1] for k in key])
 
 
 # -- results -----------------------------------------------------------------------------------
@@ -357,8 +372,8 @@ def plan_table(src: psycopg.Connection, dst: psycopg.Connection, state_schema: s
 
 @dataclass
 class DriftRange:
-    start: dict[str, str] | None     # first key of the range (None: the table's start)
-    end: dict[str, str] | None       # first key after it (None: the table's end)
+    start: dict[str, Any] | None     # first key of the range (None: the table's start)
+    end: dict[str, Any] | None       # first key after it (None: the table's end)
     source_rows: int
     mirror_rows: int
 
@@ -440,6 +455,11 @@ class Verifier:
                 ErrorKind.MIRROR_BEHIND,
                 f"the destination has no replicator state (schema {self.state_schema}): "
                 "nothing was replicated yet", "run `replicator run` first")
+        if state.applied_lsn(self.dst, self.state_schema, self.slot) is None:
+            raise ReplicatorError(
+                ErrorKind.MIRROR_BEHIND,
+                f"pipeline {self.slot!r} has never been synced: the mirror has nothing to "
+                "compare yet", "run `replicator run` first, then verify")
         synced = {n: (st, m) for n, (st, _l, m)
                   in state.table_sync(self.dst, self.state_schema, self.slot).items()
                   if st != state.REMOVED}
@@ -474,6 +494,7 @@ class Verifier:
         nudged = False
         next_peek = 0.0
         peek_error = ""
+        stalled_since: float | None = None   # inactive slot, changes left in it
         while True:
             applied = state.applied_lsn(self.dst, self.state_schema, self.slot)
             if applied is None:
@@ -490,7 +511,9 @@ class Verifier:
                     ErrorKind.RESYNC_REQUIRED,
                     f"replication slot {self.slot!r} is missing: the mirror lost changes",
                     "run `replicator resync --config PATH --all`, then `replicator run`")
-            if not wal.active and now >= next_peek:
+            if wal.active:
+                stalled_since = None
+            elif now >= next_peek:
                 next_peek = now + 1.0
                 try:
                     if not catalog.slot_has_changes(self.src_side, self.slot,
@@ -499,6 +522,16 @@ class Verifier:
                         return   # stopped, and nothing of ours left to apply
                 except psycopg.Error as exc:   # started meanwhile, or no privilege
                     peek_error = " ".join(str(exc).split())
+                else:
+                    stalled_since = stalled_since if stalled_since is not None else now
+            if stalled_since is not None and now - stalled_since > STALLED_GRACE:
+                # Nothing reads the slot: waiting for the mirror would wait for nothing.
+                raise ReplicatorError(
+                    ErrorKind.MIRROR_BEHIND,
+                    f"the mirror is behind the source (applied {format_lsn(applied)}, source "
+                    f"snapshot at {format_lsn(at)}) and no replicator is applying: slot "
+                    f"{self.slot!r} is inactive and holds changes it has not applied",
+                    "start `replicator run`, then verify again")
             if wal.active and not nudged and now - started > 0.5:
                 # An idle source writes no WAL past `at`, and the applied position
                 # moves with the WAL the slot sends: give it a record to send.
@@ -588,9 +621,8 @@ class Verifier:
         result.unsettled = len(check.open)
         drifted = sorted(check.confirmed, key=key_order)
         self.drifted[plan.source_table] = (plan, dict(check.confirmed))
-        names = plan.key_names
         result.keys_total = len(drifted)
-        result.keys = [{"key": dict(zip(names, k)), "kind": kind(check.confirmed[k])}
+        result.keys = [{"key": plan.key(k), "kind": kind(check.confirmed[k])}
                        for k in drifted]
         shown = {in_range[k] for k in drifted}
         if result.narrowing_stopped and drifted:
@@ -599,8 +631,7 @@ class Verifier:
         for i in sorted(shown):
             r, cs, cm, _differs = counts[i]
             result.drift_ranges.append(DriftRange(
-                dict(zip(names, r.lo)) if r.lo else None,
-                dict(zip(names, r.hi)) if r.hi else None, cs, cm))
+                plan.key(r.lo) if r.lo else None, plan.key(r.hi) if r.hi else None, cs, cm))
         result.verdict = "drift" if drifted else "ok"
         return result
 
@@ -729,7 +760,7 @@ def verify(config: Config, tables: list[str] | None = None, wait: float = 60.0,
 SHOW_KEYS = 20   # keys listed per table in the text output (--json lists them all)
 
 
-def _key(k: dict[str, str] | None, edge: str) -> str:
+def _key(k: dict[str, Any] | None, edge: str) -> str:
     if k is None:
         return edge
     return ", ".join(f"{n}={v}" for n, v in k.items())

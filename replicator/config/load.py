@@ -63,6 +63,8 @@ _SECTIONS: dict[str, type] = {
     "metrics": MetricsSettings,
 }
 _ALL_SECTIONS = ["source", "destination", "mappings", "logging", "metrics"]
+# Keys accepted for the deployment runbook's files that have no effect (Config.ignored).
+_NO_EFFECT = {"source": ("idle_timeout",), "destination": ("idle_timeout",)}
 
 
 def load_config(
@@ -96,7 +98,8 @@ def load_config(
     if missing:
         raise ConfigError(
             f"{config_path}: missing section(s) " + ", ".join(f"[{m}]" for m in missing),
-            "see the deployment doc's etl-config.toml for the sections and their keys",
+            "start from the etl-config.toml that ships with the replicator: it has every "
+            "section and key",
         )
 
     # Resolve and register both passwords before anything else can echo a value.
@@ -118,7 +121,9 @@ def load_config(
         )
 
     mappings = _read_mappings(doc.get("mappings", {}), resolver)
-    return Config(mappings=mappings, path=config_path, **sections)
+    ignored = tuple(f"[{name}] {key}" for name, keys in _NO_EFFECT.items()
+                    for key in keys if key in doc.get(name, {}))
+    return Config(mappings=mappings, path=config_path, ignored=ignored, **sections)
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -127,7 +132,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(
             f"config file {path} not found",
-            "pass --config PATH, or copy the deployment doc's etl-config.toml there",
+            "pass --config PATH, or copy the etl-config.toml that ships with the replicator "
+            "there",
         ) from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason})", "save it as UTF-8") from None

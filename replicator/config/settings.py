@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -120,6 +120,9 @@ class ConnectionSettings:
     sslcert: str | None = None
     sslkey: str | None = None
     max_connections: int = 10
+    # The deployment runbook's, for a connection pool the replicator does not have (it holds
+    # each connection for as long as it runs): accepted, and named by `check` and `run` as
+    # having no effect (Config.ignored).
     idle_timeout: int = 300  # seconds
     # How long `run --until-caught-up` (a one-shot job) keeps retrying while this server is
     # unreachable before it exits 3; a long-running `run` retries for ever.
@@ -388,8 +391,10 @@ class Config:
     ``config.from_dsns``.
 
     ``mappings`` maps "schema.table" on the source to "schema.table" on the destination, both
-    always qualified. Empty means: every table of the publication, same name, in
-    ``destination.schema``. Use ``target()`` rather than reading it directly. A value may be
+    always qualified. Every table of the publication is replicated: one without a mapping
+    goes to the same name in ``destination.schema``; a mapping renames it or adds options,
+    it never chooses which tables are replicated (the publication does). Use ``target()``
+    rather than reading it directly. A value may be
     a table (the table form: target, exclude, filter, soft_delete, history); its options end
     up in ``mapping_options`` (read them with ``options()``).
     """
@@ -402,6 +407,9 @@ class Config:
     path: Path | None = None  # the config file; None when built from DSNs
     mapping_options: dict[str, MappingOptions] = field(default_factory=dict,
                                                        metadata=_NOT_A_KEY)
+    # Keys the file sets that do nothing ("[source] idle_timeout"): said, not refused, so a
+    # file written for the runbook still loads.
+    ignored: tuple[str, ...] = field(default=(), metadata=_NOT_A_KEY)
 
     def __post_init__(self) -> None:
         targets, options = _normalise_mappings(self.mappings, self.destination)
@@ -412,15 +420,23 @@ class Config:
         """The table-form options of a source table's mapping (none for the string form)."""
         return self.mapping_options.get(f"{schema}.{table}", NO_OPTIONS)
 
-    def target(self, schema: str, table: str) -> tuple[str, str] | None:
-        """Destination (schema, table) for a source table, or None if it is not mapped."""
-        if not self.mappings:
-            return (self.destination.schema, table)
+    def target(self, schema: str, table: str) -> tuple[str, str]:
+        """Destination (schema, table) of a published source table."""
         dest = self.mappings.get(f"{schema}.{table}")
         if dest is None:
-            return None
+            return (self.destination.schema, table)
         dest_schema, dest_table = dest.split(".", 1)
         return (dest_schema, dest_table)
+
+    def target_owners(self, tables: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
+        """Mirror tables ("schema.table") that more than one of the source tables (schema,
+        table) would go to, with those tables: two schemas' tables of one name, or a
+        mapping onto the name of a table that has none."""
+        owners: dict[str, list[str]] = {}
+        for schema, table in tables:
+            owners.setdefault(".".join(self.target(schema, table)), []).append(
+                f"{schema}.{table}")
+        return {target: sorted(names) for target, names in owners.items() if len(names) > 1}
 
 
 def _normalise_mappings(
@@ -434,7 +450,8 @@ def _normalise_mappings(
         where = f"[mappings] {key}"
         source = _qualify(where, "source table", key, "public")
         if isinstance(value, MappingOptions):
-            raise ConfigError(f"{where}: expected a string or a table", "see README: mappings")
+            raise ConfigError(f"{where}: expected a string or a table",
+                              "see docs/configuration.md, [mappings]")
         if isinstance(value, Mapping):
             value, options[source] = _table_mapping(f"[mappings.{key}]", value, source)
             where = f"[mappings.{key}] target"

@@ -26,6 +26,7 @@ after a standby took over writes nothing, whatever its clock says.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import socket
@@ -246,11 +247,25 @@ class Lease:
             stop.wait(POLL_INTERVAL)
         return False
 
+    def try_take(self, conn: psycopg.Connection) -> Holder | None:
+        """Take the lease if no other process holds it (once, no waiting); None when taken,
+        else the holder. For a command that must write alone (`replicator drop`)."""
+        holder = read(conn, self.state_schema, self.slot)
+        if holder is None or self._can_take(holder):
+            try:
+                if self._take(conn, announce=False):
+                    return None
+            except psycopg.errors.LockNotAvailable:
+                pass
+            holder = read(conn, self.state_schema, self.slot)
+        assert holder is not None   # _take put a row in, and only a delete removes it
+        return holder
+
     def _can_take(self, h: Holder) -> bool:
         return (h.owner == self.owner or h.released or h.expires_in <= 0
                 or _process_gone(h.host, h.pid, self.owner, h.owner))
 
-    def _take(self, conn: psycopg.Connection) -> bool:
+    def _take(self, conn: psycopg.Connection, announce: bool = True) -> bool:
         leases = _leases(self.state_schema)
         with conn.transaction():
             conn.execute("select set_config('lock_timeout', %s, true)", [TAKEOVER_LOCK_TIMEOUT])
@@ -274,6 +289,7 @@ class Lease:
                 "update {} set owner = %s, owner_host = %s, owner_pid = %s, "
                 "generation = generation + %s, acquired_at = now(), renewed_at = now(), "
                 "expires_at = now() + %s * interval '1 second', released_at = null, "
+                "exit_reason = null, "
                 "standby = case when standby = %s then null else standby end "
                 "where slot = %s returning generation").format(leases),
                 [self.owner, self.host, self.pid, 0 if same else 1, self.timeout,
@@ -281,7 +297,7 @@ class Lease:
         assert gen is not None
         self.fence = Fence(self.state_schema, self.slot, int(gen[0]))
         self.lost.clear()
-        log.info("holding the pipeline's lease", extra={
+        (log.info if announce else log.debug)("holding the pipeline's lease", extra={
             "slot": self.slot, "generation": self.fence.generation, "owner": self.owner,
             "lease_timeout_s": self.timeout})
         return True
@@ -347,11 +363,12 @@ class Lease:
         if conn is not None:
             conn.close()
 
-    def release(self, conn_factory: Callable[[], psycopg.Connection] | None = None) -> None:
+    def release(self, conn_factory: Callable[[], psycopg.Connection] | None = None,
+                reason: str | None = None) -> None:
         """Stop renewing; on a clean stop, expire the lease so a standby takes over at once.
 
         Safe while a writer of ours is still in flight: the fence, not the expiry, keeps it
-        from writing after a takeover.
+        from writing after a takeover. reason: why this process stops (`status` shows it).
         """
         self._stop.set()
         if self._thread is not None:
@@ -376,9 +393,10 @@ class Lease:
                 connect_timeout=int(RELEASE_TIMEOUT))
             with conn:
                 conn.execute(sql.SQL(
-                    "update {} set expires_at = now(), released_at = now() "
+                    "update {} set expires_at = now(), released_at = now(), exit_reason = %s "
                     "where slot = %s and generation = %s and owner = %s").format(
-                    _leases(self.state_schema)), [self.slot, fence.generation, self.owner])
+                    _leases(self.state_schema)),
+                    [reason, self.slot, fence.generation, self.owner])
             log.info("released the pipeline's lease", extra={"slot": self.slot,
                                                              "generation": fence.generation})
         except psycopg.Error as exc:
@@ -397,6 +415,8 @@ class Writers:
     generation: int | None
     seconds: float | None       # holding: until it expires; released/expired: since then
     standby: str | None         # a process seen waiting within STANDBY_SEEN seconds
+    last_seen: dt.datetime | None = None   # the writer's last renewal (or release)
+    exit_reason: str | None = None         # why it stopped, if it said (released)
 
 
 # A standby looks every POLL_INTERVAL; one not seen for this long has gone.
@@ -409,18 +429,33 @@ def writers(conn: psycopg.Connection, state_schema: str, slot: str) -> Writers:
                          [_leases(state_schema).as_string(conn)]).fetchone()
     if not (found and found[0]):
         return Writers(None, "none", None, None, None)
+    reason = sql.SQL("exit_reason") if _has_exit_reason(conn, state_schema) else sql.NULL
     row = conn.execute(sql.SQL(
         "select owner, generation, extract(epoch from expires_at - now())::float8, "
         "released_at is not null, "
-        "case when standby_seen_at > now() - %s * interval '1 second' then standby end "
-        "from {} where slot = %s").format(_leases(state_schema)),
+        "case when standby_seen_at > now() - %s * interval '1 second' then standby end, "
+        "coalesce(released_at, renewed_at), {}, owner_host, owner_pid "
+        "from {} where slot = %s").format(reason, _leases(state_schema)),
         [STANDBY_SEEN, slot]).fetchone()
     if row is None or not row[0]:
         return Writers(None, "none", None, None, row[4] if row else None)
-    owner, gen, left, released, standby = row
+    owner, gen, left, released, standby, seen, why, host, pid = row
+    if not released and left is not None and left > 0 and pid != os.getpid() \
+            and _process_gone(host, pid, "", owner):
+        # Killed on this host: gone now, though its lease has not run out yet.
+        return Writers(owner, "expired", gen, 0.0, standby, seen)
     if released:
-        return Writers(owner, "released", gen, round(-left, 1), standby)
+        return Writers(owner, "released", gen, round(-left, 1), standby, seen, why)
     if left is None or left <= 0:
         return Writers(owner, "expired", gen, None if left is None else round(-left, 1),
-                       standby)
-    return Writers(owner, "holding", gen, round(left, 1), standby)
+                       standby, seen)
+    return Writers(owner, "holding", gen, round(left, 1), standby, seen)
+
+
+def _has_exit_reason(conn: psycopg.Connection, state_schema: str) -> bool:
+    """A state schema from before 006_exit_reasons (status never migrates) has no column."""
+    row = conn.execute(
+        "select exists (select 1 from pg_attribute where attrelid = to_regclass(%s) "
+        "and attname = 'exit_reason' and not attisdropped)",
+        [_leases(state_schema).as_string(conn)]).fetchone()
+    return bool(row and row[0])

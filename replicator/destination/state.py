@@ -430,3 +430,46 @@ def index_built(conn: psycopg.Connection, state_schema: str, slot: str,
     conn.execute(sql.SQL("delete from {}.index_builds where slot = %s and index_schema = %s "
                          "and index_name = %s").format(sql.Identifier(state_schema)),
                  [slot, build.index_schema, build.index_name])
+
+
+# -- removing a pipeline (`replicator drop`) ------------------------------------
+
+# Every state table holding rows of a pipeline, by its slot column; the lease goes last.
+PIPELINE_TABLES = ("pipelines", "tables", "columns", "dead_letters", "index_builds",
+                   "commit_times", "leases")
+
+
+def pipeline_rows(conn: psycopg.Connection[Any] | psycopg.Cursor[Any], state_schema: str,
+                  slot: str) -> dict[str, int]:
+    """State table -> the pipeline's rows in it (a table this state schema lacks: none)."""
+    counts = {}
+    for name in PIPELINE_TABLES:
+        table = sql.Identifier(state_schema, name)
+        found = conn.execute("select to_regclass(%s) is not null",
+                             [table.as_string(conn)]).fetchone()
+        if found and found[0]:
+            row = conn.execute(sql.SQL("select count(*) from {} where slot = %s").format(table),
+                               [slot]).fetchone()
+            counts[name] = int(row[0]) if row else 0
+    return counts
+
+
+def delete_pipeline(conn: psycopg.Connection[Any] | psycopg.Cursor[Any], state_schema: str,
+                    slot: str) -> None:
+    """Every row of the pipeline, in the caller's transaction (after its lease check)."""
+    for name in pipeline_rows(conn, state_schema, slot):
+        conn.execute(sql.SQL("delete from {} where slot = %s").format(
+            sql.Identifier(state_schema, name)), [slot])
+
+
+def mirror_tables(conn: psycopg.Connection, state_schema: str,
+                  slot: str) -> list[tuple[str, str]]:
+    """(schema, table) of the mirror tables the pipeline made that still exist, as the
+    catalog names them (the state's "schema.table" is matched, never split)."""
+    return [(r[0], r[1]) for r in conn.execute(sql.SQL(
+        "select n.nspname, c.relname from {} t "
+        "join pg_class c on c.relkind in ('r', 'p') "
+        "join pg_namespace n on n.oid = c.relnamespace "
+        "and n.nspname || '.' || c.relname = t.mirror_table "
+        "where t.slot = %s order by 1, 2").format(sql.Identifier(state_schema, "tables")),
+        [slot]).fetchall()]

@@ -116,8 +116,14 @@ def discover_tables(catalog: psycopg.Connection, config: Config) -> list[SourceT
     # Before the tables are read: their names, cast to regclass, need USAGE on the schema.
     check_read_privileges(catalog, config)
     members = publication_members(catalog, src.publication)
+    for target, owners in config.target_owners(published).items():
+        raise ReplicatorError(
+            ErrorKind.CONFIG,
+            f"{' and '.join(owners)} would both be mirrored to {target}",
+            f"give one of them another name in [mappings], e.g. \"{owners[-1]}\" = "
+            f"\"{target.split('.', 1)[0]}.{owners[-1].replace('.', '_')}\"")
     tables = [dataclasses.replace(read_table(catalog, s, t), membership=members.get((s, t), ""))
-              for s, t in published if config.target(s, t) is not None]
+              for s, t in published]
     for t in tables:
         check_replicable(t)
         check_options(t, config.options(t.schema, t.name))
@@ -131,8 +137,7 @@ def check_read_privileges(catalog: psycopg.Connection, config: Config,
     cannot read, with the GRANT that fixes it: before a slot and a snapshot are made for a
     copy that would be refused."""
     missing = [row for row in unreadable_tables(catalog, config.source.publication)
-               if config.target(row[0], row[1]) is not None
-               and (only is None or f"{row[0]}.{row[1]}" in only)]
+               if only is None or f"{row[0]}.{row[1]}" in only]
     if not missing:
         return
     role = catalog.info.user
@@ -264,7 +269,7 @@ def check(config: Config) -> int:
                else f"{src.slot} will be created")))
         for t in tables:
             print(printable(f"  {t.qualname:40} key ({', '.join(t.key)}) -> "
-                            f"{'.'.join(config.target(t.schema, t.name) or ())}"))
+                            f"{'.'.join(config.target(t.schema, t.name))}"))
     try:
         dest = psycopg.connect(dst.conninfo(), autocommit=True, prepare_threshold=None)
     except psycopg.Error as exc:
@@ -278,7 +283,7 @@ def check(config: Config) -> int:
         # Not blocking replication, but not the mirror's access model either: said, one
         # line each (init revokes the privileges, a trigger is for the operator to judge).
         targets = [config.target(t.schema, t.name) for t in tables]
-        schemas = sorted({dst.schema, *(target[0] for target in targets if target)})
+        schemas = sorted({dst.schema, *(target[0] for target in targets)})
         for line in access.findings(dest, schemas,
                                     access.existing_roles(dest, dst.analytics_roles)):
             print(printable(f"destination WARNING: {line}"))

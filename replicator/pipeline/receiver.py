@@ -306,7 +306,6 @@ class Receiver:
         key = (nspname, relname)
         t = self.mirrors.get(key)
         if t is None and key not in self.copies.refused \
-                and self.cfg.target(nspname, relname) is not None \
                 and key in publication_tables(self.catalog, self.cfg.source.publication):
             # Added to the publication while we run: copy it, hold its changes
             # meanwhile. (A table that already left it again may still be
@@ -628,7 +627,15 @@ class Receiver:
                     ErrorKind.PROTOCOL, f"table {source.qualname} added to the publication has "
                     "user-defined column types", "the replicator restarts in text mode to copy it")
             target = self.cfg.target(*key)
-            assert target is not None, "only mapped tables are synced"
+            taken = next((m.source.qualname for m in self.mirrors.values()
+                          if (m.dest_schema, m.dest_name) == target), None)
+            if taken is not None:
+                self.copies.refused.add(key)
+                log.error("table added to the publication cannot be replicated", extra={
+                    "table": source.qualname, "error": f"{taken} is mirrored to "
+                    f"{'.'.join(target)} already", "hint": "give it another name in "
+                    "[mappings] and restart"})
+                return
             t = MirrorTable(source, *target,
                             state_schema=self.cfg.destination.state_schema, binary=self.binary,
                             options=self.cfg.options(*key))

@@ -129,7 +129,7 @@ class Session:
         check_replication_role(catalog, cfg.source.user)
         binary = all(c.builtin for t in tables for c in t.columns)
         mirrors = {(t.schema, t.name): MirrorTable(
-            t, *_target(cfg, t.schema, t.name), state_schema=dst.state_schema,
+            t, *cfg.target(t.schema, t.name), state_schema=dst.state_schema,
             binary=binary, options=cfg.options(t.schema, t.name))
             for t in tables}
         return mirrors, binary
@@ -342,13 +342,6 @@ def apply_loop(shared: Shared, applier: Applier, handoff: Handoff, system_id: st
         for op in batch.ops:
             if isinstance(op, SyncDone):
                 metrics.table_sync(op.table.qualname, state.STREAMING)
-
-
-def _target(config: Config, schema: str, table: str) -> tuple[str, str]:
-    """The mirror table of a source table discover_tables kept (so it is mapped)."""
-    target = config.target(schema, table)
-    assert target is not None, f"{schema}.{table} is not mapped"
-    return target
 
 
 def _stop_applier(thread: threading.Thread, applier: Applier, stopping: bool) -> None:

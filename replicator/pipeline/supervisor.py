@@ -23,6 +23,7 @@ from ..config.settings import Config, DestinationSettings, SourceSettings
 from ..destination import state
 from ..destination.lease import Holder, Lease
 from ..errors import ErrorKind, ExitCode, ReplicatorError, Retries
+from ..redact import redact
 from ..telemetry.metrics import Metrics, MetricsServer
 from .handoff import Progress, Shared
 from .preflight import (
@@ -64,16 +65,26 @@ class Pipeline:
             server = MetricsServer(self.metrics, cfg.metrics.port, cfg.metrics.path,
                                    cfg.metrics.host).start()
             monitor = SlotMonitor.of(cfg, self.metrics).start()
+        # Why this process stops, for `status`: its error's one line, or how it was stopped.
+        reason = "exited on an internal error (the log has the traceback)"
         try:
             code = self._run()
             # Stopped because the lease was lost (the lease thread asked): not a clean end.
             self._check_lease(None)
+            reason = ("stopped on request" if self.stop_requested.is_set()
+                      else "caught up (run --until-caught-up) and exited")
             return code
+        except ReplicatorError as exc:
+            reason = redact(exc.one_line())
+            raise
+        except KeyboardInterrupt:
+            reason = "interrupted"
+            raise
         finally:
             self.metrics.status = "stopped"
             # Every writer of ours has stopped (the session joined them): a standby may
             # take over now instead of after the expiry.
-            self.lease.release()
+            self.lease.release(reason=reason)
             if monitor is not None:
                 monitor.stop()
             if server is not None:

@@ -97,8 +97,7 @@ class TableCopies:
                 raise SessionRestart(f"{t.source.qualname} changed identity at the source")
         work = Work()
         work.added = [key for key in sorted(published)
-                      if key not in mirrors and key not in self.refused
-                      and self.cfg.target(*key) is not None]
+                      if key not in mirrors and key not in self.refused]
         work.gone = [key for key in mirrors if key not in published and key not in self.running]
         states = state.table_states(self.dest(), dst.state_schema, src.slot)
         work.resync = [key for key, t in mirrors.items()

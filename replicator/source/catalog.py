@@ -268,6 +268,19 @@ def replication_slot(conn: psycopg.Connection, slot: str) -> Slot | None:
     return None if row is None else Slot(*row)
 
 
+SLOT_HOLDER_SQL = """
+select active_pid, (pg_current_wal_lsn() - restart_lsn)::int8
+from pg_replication_slots
+where slot_name = %s
+"""
+
+
+def slot_holder(conn: psycopg.Connection, slot: str) -> tuple[int | None, int | None] | None:
+    """(the pid streaming from the slot, WAL bytes it keeps), or None without the slot."""
+    row = conn.execute(SLOT_HOLDER_SQL, [slot]).fetchone()
+    return None if row is None else (row[0], row[1])
+
+
 def may_replicate(conn: psycopg.Connection) -> bool:
     """Whether the connected role has REPLICATION (or is a superuser)."""
     return bool(_one(conn, MAY_REPLICATE_SQL)[0])

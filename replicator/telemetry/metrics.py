@@ -1,6 +1,6 @@
 """Prometheus metrics on [metrics] port/path, and /health for container health checks.
 
-Metric names are the README's (the shipped alert rules use them) and live here
+Metric names are docs/monitoring.md's (the shipped alert rules use them) and live here
 as constants, nowhere else.
 """
 

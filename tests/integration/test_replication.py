@@ -213,16 +213,19 @@ def test_new_column_at_the_source_reaches_the_mirror(source_db, dest_db):
     assert_same(source_db, dest_db, "zoo")
 
 
-def test_mappings_choose_tables_and_names(source_db, dest_db):
+def test_mappings_rename_and_the_publication_chooses_the_tables(source_db, dest_db):
+    # A table the mappings do not name is replicated all the same, under its own name (it
+    # used to be left out without a word).
     setup_zoo(source_db)
-    source_db.execute("create table skipped (id int primary key)")
-    source_db.execute(f"alter publication {PUBLICATION} add table skipped")
+    source_db.execute("create table unmapped (id int primary key)")
+    source_db.execute(f"alter publication {PUBLICATION} add table unmapped")
     catch_up(source_db, dest_db, mappings={"zoo": "analytics.zoo_copy"})
     source_db.execute("insert into zoo (id) values (1)")
-    source_db.execute("insert into skipped values (1)")
+    source_db.execute("insert into unmapped values (1)")
     catch_up(source_db, dest_db, mappings={"zoo": "analytics.zoo_copy"})
     assert dest_db.fetchall("select id from analytics.zoo_copy") == [(1,)]
-    assert dest_db.scalar("select to_regclass('odoo_mirror.skipped')") is None
+    assert dest_db.fetchall("select id from odoo_mirror.unmapped") == [(1,)]
+    assert dest_db.scalar("select to_regclass('odoo_mirror.zoo')") is None
 
 
 def test_lost_slot_requires_a_resync(source_db, dest_db):

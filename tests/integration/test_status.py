@@ -49,21 +49,28 @@ def forty_rows(source_db, dest_db, tmp_path):
 def test_status_text_json_running_stopped_and_dropped_slot(source_db, dest_db, tmp_path, capsys):
     config = forty_rows(source_db, dest_db, tmp_path)
 
-    # Never run: nothing synced, so nothing is wrong yet.
+    # Never run: nothing synced, nothing lost, and nothing runs it.
     code, out, _ = status(capsys, config, "--json")
     st = json.loads(out)
-    assert code == 0 and st["synced"] is False and st["slot_exists"] is False
+    assert code == 1 and st["synced"] is False and st["slot_exists"] is False
+    assert st["running"] == "not running" and st["problems"] == [
+        "no replicator runs this pipeline: none has run yet (`replicator run`)"]
 
     catch_up(source_db, dest_db)
     wait_slot_released(source_db)
     code, out, _ = status(capsys, config)
-    assert code == 0, out
+    # A one-shot run that caught up and exited: all is well but for that.
+    assert code == 1, out
+    assert "replicator           not running since" in out, out
+    assert out.count("PROBLEM") == 1 and \
+        ": caught up (run --until-caught-up) and exited" in out, out
     assert "dead letters" in out and "public.t" in out and "odoo_mirror.t" in out
     line = next(ln for ln in out.splitlines() if ln.startswith("public.t"))
     assert line.split()[2] == "streaming" and line.split()[-1] == "40", line
     code, out, _ = status(capsys, config, "--json")
     st = json.loads(out)
-    assert code == 0 and st["slot_exists"] and not st["slot_active"]
+    assert code == 1 and st["slot_exists"] and not st["slot_active"]
+    assert st["exit_reason"] == "caught up (run --until-caught-up) and exited"
     assert st["wal_status"] == "reserved" and st["retained_wal_bytes"] > 0
     assert st["tables"] == [{"source_table": "public.t", "mirror_table": "odoo_mirror.t",
                              "state": "streaming", "source_rows_estimate": st["tables"][0][
@@ -82,6 +89,7 @@ def test_status_text_json_running_stopped_and_dropped_slot(source_db, dest_db, t
             time.sleep(0.2)
         assert st["slot_active"] and st["tables"][0]["mirror_rows"] == 41, st
         assert code == 0 and st["lag_seconds"] is not None
+        assert st["running"] == "running" and st["problems"] == [], st
 
     # Far behind by the rule: lag bytes > 0 and the last write older than the bound.
     source_db.execute("insert into t values (42, 'z')")
@@ -89,6 +97,7 @@ def test_status_text_json_running_stopped_and_dropped_slot(source_db, dest_db, t
     time.sleep(2.5)
     code, out, _ = status(capsys, config, "--max-lag-seconds", "1")
     assert code == 1 and "not keeping up" in out
+    assert ": stopped on request" in out, out
 
     wait_slot_released(source_db)
     source_db.execute("select pg_drop_replication_slot(%s)", [PUBLICATION])
@@ -135,7 +144,7 @@ def test_status_waits_for_no_lock_and_writes_nothing(source_db, dest_db, tmp_pat
     config = forty_rows(source_db, dest_db, tmp_path)
     # Never run: status creates nothing (no state schema, no table).
     code, _out, _ = status(capsys, config, "--json")
-    assert code == 0
+    assert code == 1     # nothing runs it
     assert dest_db.scalar("select count(*) from pg_namespace where nspname = %s",
                           [STATE_SCHEMA]) == 0
     catch_up(source_db, dest_db)
@@ -151,7 +160,7 @@ def test_status_waits_for_no_lock_and_writes_nothing(source_db, dest_db, tmp_pat
             holder.execute(sql.SQL("lock table {} in share mode").format(table))
         code, out = _status_in_thread(config, "--json")
         st = json.loads(out)
-        assert code == 0, out
+        assert code == 1 and st["running"] == "not running", out
         assert st["tables"][0]["mirror_rows"] == 40
         assert st["tables"][0]["mirror_rows_method"] == "count"
         holder.rollback()
@@ -161,7 +170,7 @@ def test_status_waits_for_no_lock_and_writes_nothing(source_db, dest_db, tmp_pat
             sql.Identifier(MIRROR_SCHEMA, "t")))
         code, out = _status_in_thread(config, "--json")
         st = json.loads(out)
-        assert code == 0, out
+        assert code == 1 and st["running"] == "not running", out
         assert st["tables"][0]["mirror_rows_method"] in ("estimate", "unknown"), st
         holder.rollback()
         # ACCESS EXCLUSIVE on the state itself (a newer replicator's migration): status
@@ -181,6 +190,9 @@ def test_status_default_max_lag_is_300_seconds(source_db, dest_db, tmp_path, cap
     catch_up(source_db, dest_db)
     wait_slot_released(source_db)
     source_db.execute("insert into t values (1, 'behind')")   # lag in bytes: not applied
+    # As if a writer ran it (it holds the lease): only the lag is in question here.
+    dest_db.execute(f"update {STATE_SCHEMA}.leases set released_at = null, "
+                    "expires_at = now() + interval '1 hour'")
     for seconds, expected in ((200, 0), (310, 1)):
         # The last batch as if it were that long ago.
         dest_db.execute(f"update {STATE_SCHEMA}.pipelines set updated_at = now() - "
@@ -189,3 +201,43 @@ def test_status_default_max_lag_is_300_seconds(source_db, dest_db, tmp_path, cap
         assert code == expected, f"{seconds} s behind: exit {code}\n{out}"
         assert ("not keeping up" in out) == bool(expected), out
     assert "--max-lag-seconds 300)" in out
+
+
+# -- whether a replicator runs it ----------------------------------------------------------
+
+
+def test_status_says_why_the_replicator_stopped(source_db, dest_db, replicator, capsys):
+    """`run` exited with an error: status names it, with when, and exits 1 (it answered 0
+    with no problem before, for a replicator that had died)."""
+    source_db.execute("create table t (id int primary key, v text)")
+    source_db.execute(f"create publication {PUBLICATION} for table t")
+    # A password in the file (the servers trust any): status runs in this process.
+    proc = replicator(batch_size=50, flush_interval=0.05, password="unused")
+    assert proc.run_until_caught_up(60) == 0, proc.logs()
+    dest_db.execute(f"alter table {MIRROR_SCHEMA}.t add constraint no_boom check (v <> 'boom')")
+    source_db.execute("insert into t values (1, 'boom')")
+    assert proc.run_until_caught_up(60) == 4, proc.logs()
+    code, out, _ = status(capsys, proc.config, "--json")
+    st = json.loads(out)
+    assert code == 1 and st["running"] == "not running" and st["stopped_at"], st
+    assert st["exit_reason"].startswith(
+        f"the destination rejected a change of {MIRROR_SCHEMA}.t key"), st
+    assert st["problems"] == [f"no replicator runs this pipeline: not running since "
+                              f"{st['stopped_at']}: {st['exit_reason']}"], st
+
+
+def test_status_sees_a_killed_replicator_at_once(source_db, dest_db, replicator, capsys):
+    source_db.execute("create table t (id int primary key, v text)")
+    source_db.execute(f"create publication {PUBLICATION} for table t")
+    # A password in the file (the servers trust any): status runs in this process.
+    proc = replicator(batch_size=50, flush_interval=0.05, password="unused")
+    proc.start()
+    wait_for(lambda: dest_db.scalar(f"select count(*) from {STATE_SCHEMA}.tables "
+                                    "where state = 'streaming'") == 1, what="streaming")
+    code, out, _ = status(capsys, proc.config, "--json")
+    assert json.loads(out)["running"] == "running", out
+    assert proc.kill()
+    # Its lease has most of lease_timeout to run, but its pid on this host is gone.
+    code, out, _ = status(capsys, proc.config)
+    assert code == 1, out
+    assert "no exit recorded: killed, or cut off from the destination" in out, out

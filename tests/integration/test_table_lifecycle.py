@@ -23,6 +23,7 @@ from replicator import failpoints
 from replicator.batch import Batch
 from replicator.destination import state
 from replicator.destination.applier import Applier
+from replicator.errors import ReplicatorError
 
 
 def two_tables(source_db, rows: int = 2000) -> None:
@@ -182,6 +183,36 @@ def test_mapping_moved_to_another_mirror_table_is_copied_there(source_db, dest_d
         source_db.fetchall("select * from b order by id")
     assert dest_db.scalar("select mirror_table from replicator.tables "
                           "where source_table = 'public.b'") == "odoo_mirror.b_moved"
+
+
+def test_a_mapping_renames_and_the_publication_chooses_the_tables(source_db, dest_db):
+    # A [mappings] line for a alone used to leave b, published, out without a word; and a
+    # table added to the publication while running must be copied, mapped or not.
+    two_tables(source_db, rows=300)
+    mappings = {"public.a": "odoo_mirror.a_renamed"}
+    with running(source_db, dest_db, mappings=mappings):
+        wait_for(lambda: sync_state(dest_db, "b") == "streaming", what="b copied")
+        source_db.execute("create table c (id int primary key, v text)")
+        source_db.execute("insert into c values (1, 'seventh table')")
+        source_db.execute(f"alter publication {PUBLICATION} add table c")
+        source_db.execute("insert into c values (2, 'after it joined')")
+        wait_for(lambda: sync_state(dest_db, "c") == "streaming", what="c copied")
+    catch_up(source_db, dest_db, mappings=mappings)
+    assert dest_db.fetchall("select * from odoo_mirror.a_renamed order by id") == \
+        source_db.fetchall("select * from a order by id")
+    assert_same(source_db, dest_db, "b")
+    assert_same(source_db, dest_db, "c")
+    assert dest_db.scalar("select to_regclass('odoo_mirror.a') is null") is True
+
+
+def test_two_tables_bound_for_one_mirror_table_are_refused(source_db, dest_db):
+    two_tables(source_db, rows=10)
+    with pytest.raises(ReplicatorError) as err:
+        catch_up(source_db, dest_db, mappings={"public.a": "odoo_mirror.b"})
+    assert err.value.message == "public.a and public.b would both be mirrored to odoo_mirror.b"
+    assert err.value.hint == ('give one of them another name in [mappings], e.g. "public.b" = '
+                              '"odoo_mirror.public_b"')
+    assert dest_db.scalar("select to_regclass('odoo_mirror.b') is null") is True
 
 
 def test_destination_schema_changed_copies_every_table_into_it(source_db, dest_db):

@@ -97,12 +97,12 @@ def test_clean_then_changed_missing_extra_rows_pipeline_stopped(source_db, dest_
     assert code == 1 and report["drift"] is True and len(report["tables"]) == 1
     t = table(report, "public.t")
     assert t["verdict"] == "drift" and t["keys_total"] == 3
-    assert t["keys"] == [{"key": {"id": "12345"}, "kind": "changed"},
-                         {"key": {"id": "20001"}, "kind": "missing"},
-                         {"key": {"id": "30000"}, "kind": "extra"}]
+    assert t["keys"] == [{"key": {"id": 12345}, "kind": "changed"},
+                         {"key": {"id": 20001}, "kind": "missing"},
+                         {"key": {"id": 30000}, "kind": "extra"}]
     assert (t["source_rows"], t["mirror_rows"]) == (25000, 25000)
     assert [(r["start"], r["end"]) for r in t["drift_ranges"]] == [
-        ({"id": "10001"}, {"id": "20001"}), ({"id": "20001"}, None)]
+        ({"id": 10001}, {"id": 20001}), ({"id": 20001}, None)]
 
 
 @pytest.mark.parametrize("source_cluster", [15], indirect=True)   # one version: time
@@ -120,11 +120,11 @@ def test_many_extra_mirror_rows_are_cut_down_and_the_key_list_capped(source_db, 
     code, report = verify_json(capsys, config)
     t = table(report, "public.t")
     assert code == 1 and t["narrowing_stopped"] is True, t
-    assert t["keys"][0] == {"key": {"id": "12000"}, "kind": "changed"}
+    assert t["keys"][0] == {"key": {"id": 12000}, "kind": "changed"}
     assert 1000 <= t["keys_total"] < 25001
     assert all(k["kind"] == "extra" and int(k["key"]["id"]) > 100000 for k in t["keys"][1:])
     assert [(r["start"], r["end"], r["source_rows"], r["mirror_rows"])
-            for r in t["drift_ranges"]] == [({"id": "10001"}, None, 5000, 30000)]
+            for r in t["drift_ranges"]] == [({"id": 10001}, None, 5000, 30000)]
     code, out, _ = verify(capsys, config)
     assert code == 1 and "only the first were narrowed" in out and "more keys" in out
 
@@ -166,6 +166,27 @@ def test_mirror_behind_with_pipeline_stopped_is_exit_2(source_db, dest_db, tmp_p
     code, out, err = verify(capsys, config, "--wait", "1.5")
     assert code == 2 and out == "", out
     assert "did not catch up" in err and "not running" in err and err.count("\n") == 1
+    # With the default wait (60 s): no replicator applies, so verify does not wait for one.
+    started = time.monotonic()
+    code, out, err = verify(capsys, config)
+    assert code == 2 and out == "", out
+    assert "no replicator is applying: slot" in err and "start `replicator run`" in err, err
+    assert time.monotonic() - started < 30
+
+
+def test_a_pipeline_never_synced_has_nothing_to_compare(source_db, dest_db, tmp_path, capsys):
+    # `replicator init` made the state (and the mirror tables, empty); no `run` yet.
+    from replicator.destination import state
+
+    source_db.execute("create table t (id int primary key)")
+    source_db.execute("insert into t values (1)")
+    source_db.execute(f"create publication {PUBLICATION} for table t")
+    config = write_config(tmp_path, source_db, dest_db)
+    with dest_db.connect() as conn:
+        state.setup(conn, "replicator")
+    code, out, err = verify(capsys, config)
+    assert code == 2 and out == "", out
+    assert "has never been synced: the mirror has nothing to compare yet" in err, err
 
 
 class Writer(threading.Thread):
@@ -243,8 +264,8 @@ def test_no_false_alarm_under_live_load_then_exactly_the_tampered_keys(
         code, report = verify_json(capsys, process.config)
         w = table(report, "public.w")
         assert code == 1 and w["verdict"] == "drift", w
-        assert w["keys"] == [{"key": {"id": "20000"}, "kind": "changed"},
-                             {"key": {"id": "25000"}, "kind": "missing"}], w
+        assert w["keys"] == [{"key": {"id": 20000}, "kind": "changed"},
+                             {"key": {"id": 25000}, "kind": "missing"}], w
         assert process.alive, process.logs()
     finally:
         writer.stop()
@@ -268,7 +289,7 @@ def test_one_changed_row_among_a_million_under_live_load(source_db, dest_db, rep
         code, report = verify_json(capsys, process.config)
         took = time.monotonic() - started
         w = table(report, "public.w")
-        assert code == 1 and w["keys"] == [{"key": {"id": "777777"}, "kind": "changed"}], w
+        assert code == 1 and w["keys"] == [{"key": {"id": 777777}, "kind": "changed"}], w
         assert w["ranges"] in (100, 101) and w["source_rows"] > 990_000   # + the new rows
         # Boundaries every 10000 rows: the writer's deletes below 100000 shift them a little.
         (r,) = w["drift_ranges"]
@@ -376,7 +397,8 @@ def test_repair_leaves_a_key_alone_that_changed_since_it_was_verified(source_db,
     verifier = Verifier(load_config(config), wait=5)
     try:
         result = verifier.verify_table("public.t", "streaming", f"{MIRROR_SCHEMA}.t")
-        assert [k["key"] for k in result.keys] == [{"id": "7"}, {"id": "8"}]
+        # Numbers, as in `dead-letters --json`.
+        assert [k["key"] for k in result.keys] == [{"id": 7}, {"id": 8}]
         # A newer source version of 8, not in the mirror yet (run is stopped).
         source_db.execute("update t set v = 'newer' where id = 8")
         assert verifier.repair("public.t") == (1, 1)

@@ -578,4 +578,19 @@ def test_repo_config_check(monkeypatch, capsys):
     monkeypatch.setenv("SUPABASE_DB_PASSWORD", "y" * 12)
     repo_config = Path(__file__).resolve().parents[2] / "etl-config.toml"
     assert main(["check", "--config", str(repo_config)]) == 0
-    assert "6 tables" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "every table of the publication -> odoo_mirror.<same name>" in captured.out
+    # Every key the shipped file sets does something.
+    assert "has no effect" not in captured.err
+
+
+def test_check_names_a_key_without_effect(tmp_path, monkeypatch, capsys):
+    stub(monkeypatch, "replicator.pipeline.preflight")
+    monkeypatch.setenv("ODOO_DB_PASSWORD", "x" * 12)
+    monkeypatch.setenv("SUPABASE_DB_PASSWORD", "y" * 12)
+    path = tmp_path / "etl-config.toml"
+    path.write_text(minimal_config().replace("[destination]", "idle_timeout = 300\n\n"
+                                                               "[destination]", 1))
+    assert main(["check", "--config", str(path)]) == 0
+    assert ("[source] idle_timeout has no effect: the replicator holds each connection open "
+            "for as long as it runs; remove it from the config") in capsys.readouterr().err

@@ -68,23 +68,15 @@ def test_repo_config_loads_with_the_two_variables(monkeypatch):
 
     assert config.path == REPO_CONFIG
     src, dst = config.source, config.destination
-    assert (src.host, src.port, src.database, src.user) == ("127.0.0.1", 5432, "odoo_core", "odoo")
+    assert (src.host, src.port, src.database, src.user) == (
+        "127.0.0.1", 5432, "odoo_core", "replicator")
     assert src.password.reveal() == "from-env-odoo"
     assert (src.publication, src.slot) == ("odoo_pub_scout", "odoo_pub_scout")
     assert (dst.host, dst.port, dst.database, dst.user) == ("127.0.0.1", 5433, "postgres", "postgres")
     assert dst.password.reveal() == "from-env-supa"
     assert (dst.schema, dst.batch_size, dst.flush_interval) == ("odoo_mirror", 10000, 5.0)
-    assert config.mappings == {
-        f"public.{t}": f"odoo_mirror.{t}"
-        for t in (
-            "account_move",
-            "account_move_line",
-            "res_partner",
-            "project_task",
-            "hr_expense",
-            "hr_expense_sheet",
-        )
-    }
+    # No mapping: the publication's tables, each under its own name.
+    assert config.mappings == {}
     assert config.logging == LoggingSettings(level="info", format="json", output="stdout")
     assert config.metrics == MetricsSettings(enabled=True, port=9090, path="/metrics")
 
@@ -400,7 +392,8 @@ def test_mapping_normalisation(tmp_path):
         "billing.invoice": "finance.invoice",  # a bare dotted key is a nested table in TOML
     }
     assert config.target("public", "res_partner") == ("odoo_mirror", "partners")
-    assert config.target("public", "hr_expense") is None  # published but not mapped
+    # Published, not mapped: replicated under its own name (mappings never choose tables).
+    assert config.target("public", "hr_expense") == ("odoo_mirror", "hr_expense")
 
 
 @pytest.mark.parametrize(
@@ -529,3 +522,28 @@ def test_passwords_registered_before_other_errors_can_echo_them(tmp_path):
     err = load_error(write(tmp_path, text), environ={**ENV, "ODOO_DB_PASSWORD": "Secret-9"})
     assert "Secret-9" not in str(err)
     assert err.message == "[destination] schema: '***' is not a valid schema name"
+
+
+def test_mappings_rename_and_never_choose_the_tables(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL + '[mappings]\naccount_move = "x.moves"\n'),
+                         environ=ENV)
+    assert config.target("public", "account_move") == ("x", "moves")
+    # A published table without a mapping is replicated under its own name.
+    assert config.target("public", "res_partner") == ("odoo_mirror", "res_partner")
+    assert config.target("sales", "orders") == ("odoo_mirror", "orders")
+
+
+def test_two_tables_bound_for_one_mirror_table_are_found(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL + '[mappings]\na = "odoo_mirror.b"\n'),
+                         environ=ENV)
+    assert config.target_owners([("public", "a"), ("public", "b"), ("public", "c"),
+                                 ("sales", "c")]) == {
+        "odoo_mirror.b": ["public.a", "public.b"], "odoo_mirror.c": ["public.c", "sales.c"]}
+
+
+def test_the_shipped_file_sets_no_key_without_effect():
+    config = load_config(REPO_CONFIG, environ={"ODOO_DB_PASSWORD": "x" * 12,
+                                               "SUPABASE_DB_PASSWORD": "y" * 12})
+    assert config.ignored == ()
+    assert config.source.user == "replicator"
+    assert config.mappings == {}
