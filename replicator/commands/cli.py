@@ -360,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Create Odoo-shaped tables (account_move, account_move_line, res_partner,\n"
             "project_task, hr_expense, hr_expense_sheet) in a database and fill them with\n"
             "generated data; the same --seed gives the same data. For tests, benchmarks and\n"
-            "demos: never point it at a production database."
+            "demos: never point it at a production database. It also creates the publication\n"
+            "(--publication, FOR TABLE the six) unless one of that name exists, and says so."
         ),
         epilog=(
             "examples:\n"
@@ -390,6 +391,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=42,
         metavar="S",
         help="random seed: the same seed gives the same data (default: %(default)s)",
+    )
+    seed.add_argument(
+        "--publication",
+        default="odoo_pub_scout",
+        metavar="NAME",
+        help="the publication to create for the six tables (default: %(default)s); "
+        "--publication '' creates none",
     )
     seed.set_defaults(handler=_cmd_seed)
 
@@ -433,6 +441,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         metavar="S",
         help="how long the Odoo-like workload writes while streaming (default: %(default)g)",
+    )
+    demo.add_argument(
+        "--port",
+        type=_positive_int,
+        metavar="N",
+        help="the port of the replicator's metrics and /health (default: a free one)",
     )
     demo.set_defaults(handler=_cmd_demo)
     return parser
@@ -598,9 +612,16 @@ def _cmd_seed(args: argparse.Namespace) -> int:
     _setup_console_logging()
     # Dev tooling, imported only here: `replicator run` never loads the generator.
     from ..devtools import seed as seed_module
-    rows = seed_module.seed(args.dsn, scale=args.scale, seed=args.seed)
+    publication = args.publication or None
+    existed = publication is not None and seed_module.publication_exists(args.dsn, publication)
+    rows = seed_module.seed(args.dsn, scale=args.scale, seed=args.seed, publication=publication)
     if isinstance(rows, Mapping):  # rows per table
         say("seeded: " + ", ".join(f"{table} {count}" for table, count in rows.items()))
+    if publication is not None:
+        tables = ", ".join(rows) if isinstance(rows, Mapping) else "the six tables"
+        say(printable(f"publication {publication}: " + (
+            "exists already, left as it is" if existed else
+            f"created FOR TABLE {tables} (so skip `create publication` for it)")))
     return ExitCode.OK
 
 
@@ -608,7 +629,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     _setup_console_logging()
     # Dev tooling, imported only here (its test servers and workload).
     from ..devtools import demo as demo_module
-    result = demo_module.main(args.workdir, args.scale, keep=args.keep, seconds=args.seconds)
+    result = demo_module.main(args.workdir, args.scale, keep=args.keep, seconds=args.seconds,
+                              metrics_port=args.port)
     return ExitCode.OK if result is None else int(result)
 
 

@@ -29,6 +29,15 @@ def run(config: Config, table: str | None, retry: bool, as_json: bool) -> int:
             raise ConfigError(f"no replicator state in schema {dst.state_schema!r} of the "
                               "destination", "run `replicator run` first")
         state.setup(conn, dst.state_schema)
+        if table is not None:
+            known = {m for _st, _lsn, m in state.table_sync(
+                conn, dst.state_schema, config.source.slot).values()}
+            if table not in known:
+                raise ConfigError(
+                    f"--table: {table} is not a mirror table of pipeline "
+                    f"{config.source.slot!r}",
+                    "name a mirror table as `replicator status` lists it (schema.table, or "
+                    "table for [destination] schema)")
         outcome = None
         if retry:
             fence = lease.observe(conn, dst.state_schema, config.source.slot,

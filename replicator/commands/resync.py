@@ -11,6 +11,7 @@ import psycopg
 from ..classify import classify
 from ..config.settings import Config
 from ..destination import lease, state
+from ..errors import ErrorKind, ReplicatorError
 
 
 def request(config: Config, tables: list[str], every: bool) -> str:
@@ -22,6 +23,12 @@ def request(config: Config, tables: list[str], every: bool) -> str:
     except psycopg.Error as exc:
         raise classify(exc, settings=dst) from None
     with conn:
+        if not state.exists(conn, dst.state_schema):
+            # Nothing to copy again, and a refused request must leave nothing behind.
+            raise ReplicatorError(
+                ErrorKind.CONFIG, f"nothing to resync: no pipeline has run against this "
+                f"destination yet (no state schema {dst.state_schema!r})",
+                "the first `replicator run` copies every table")
         state.setup(conn, dst.state_schema)
         fence = lease.observe(conn, dst.state_schema, slot, "`replicator resync`")
         known = state.table_states(conn, dst.state_schema, slot)
@@ -30,7 +37,8 @@ def request(config: Config, tables: list[str], every: bool) -> str:
                 fence.check(conn)
                 state.forget_pipeline(conn, dst.state_schema, slot)
                 count = state.request_resync(conn, dst.state_schema, slot, list(known))
-            return f"resync requested for every table ({count}); the next run copies them"
+            return (f"resync requested for every table ({count}): a running replicator "
+                    "starts copying them within seconds, otherwise the next run does")
         names = state.named_tables(tables, known, slot)
         with conn.transaction():
             fence.check(conn)

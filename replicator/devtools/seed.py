@@ -28,6 +28,13 @@ LOAD_ORDER = (
 # fmt: on
 
 
+def publication_exists(dsn: str, name: str) -> bool:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("select exists (select 1 from pg_publication where pubname = %s)",
+                           [name]).fetchone()
+    return bool(row and row[0])
+
+
 def seed(
     dsn: str,
     scale: float = 1,

@@ -31,7 +31,6 @@ import contextlib
 import logging
 import os
 import queue
-import sys
 import threading
 import time
 import uuid
@@ -64,14 +63,13 @@ from ..schema import (
 )
 from ..source.catalog import SourceIndex, secondary_indexes, table_size
 from ..source.connection import ReplicationConnection, quote_ident
-from ..telemetry.console import printable
 from ..telemetry.metrics import Metrics
+from ..telemetry.progress import CopyProgress
 from ._pipe import Pipe
 
 log = logging.getLogger(__name__)
 
 PAGES_PER_RANGE = 8192          # 64 MB of heap per ctid range
-PROGRESS_INTERVAL = 5.0         # seconds between progress log lines
 
 
 @dataclass
@@ -91,6 +89,10 @@ class TableCopy:
     index_left: int = 0
     secondary: int = 0           # secondary indexes recorded, built once the table streams
     state: str = "copying"
+
+    @property
+    def name(self) -> str:
+        return self.table.qualname
 
     def live(self) -> tuple[int, int]:
         return (self.rows + sum(p.rows for p in self.pipes),
@@ -294,22 +296,21 @@ class Backfill:
                                     name=f"copy-{i}", daemon=True) for i in range(n)]
         for th in threads:
             th.start()
-        progress = _ProgressReporter(self.copies)
         try:
-            # Every worker has imported the snapshot once the barrier opens: only
-            # then may the exporting connection do anything else.
-            imported.wait()
-            exporter.close()
-            while any(th.is_alive() for th in threads):
-                progress.tick()
-                if self.metrics is not None:
-                    self.metrics.alive()
-                for th in threads:
-                    th.join(0.2)
+            with CopyProgress(self.copies) as progress:
+                # Every worker has imported the snapshot once the barrier opens: only
+                # then may the exporting connection do anything else.
+                imported.wait()
+                exporter.close()
+                while any(th.is_alive() for th in threads):
+                    progress.tick()
+                    if self.metrics is not None:
+                        self.metrics.alive()
+                    for th in threads:
+                        th.join(0.2)
         except threading.BrokenBarrierError:
             pass
         finally:
-            progress.done()
             for th in threads:
                 th.join()
         if self._errors:
@@ -630,54 +631,3 @@ def copy_workers(config: Config) -> int:
     wanted = config.destination.copy_workers or default_copy_workers(usable_cpus())
     # The replication and catalog connections count against max_connections too.
     return max(1, min(config.source.max_connections - 2, wanted))
-
-
-class _ProgressReporter:
-    """Progress a person can watch: bars on a terminal, a log line every few seconds."""
-
-    def __init__(self, copies: list[TableCopy]):
-        self.copies = copies
-        self.tty = sys.stderr.isatty()
-        self.last_log = time.monotonic()
-        self.drawn = 0
-        self.started = time.monotonic()
-
-    def _stats(self, c: TableCopy) -> dict:
-        rows, nbytes = c.live()
-        end = c.finished or time.monotonic()
-        secs = max(1e-3, end - (c.started or end))
-        rate = rows / secs if c.started else 0.0
-        total = max(c.est_rows, rows)
-        eta = (total - rows) / rate if rate > 0 and not c.finished else 0.0
-        return {"table": c.table.qualname, "rows": rows, "est_rows": total,
-                "mb_per_s": round(nbytes / 1e6 / secs, 1) if c.started else 0.0,
-                "eta_s": round(eta, 1), "done": bool(c.finished)}
-
-    def tick(self) -> None:
-        now = time.monotonic()
-        if self.tty:
-            self._draw()
-        if now - self.last_log >= PROGRESS_INTERVAL:
-            self.last_log = now
-            for c in self.copies:
-                log.log(logging.DEBUG if self.tty else logging.INFO, "copy progress",
-                        extra=self._stats(c))
-
-    def _draw(self) -> None:
-        lines = []
-        for c in self.copies:
-            s = self._stats(c)
-            frac = (min(1.0, s["rows"] / s["est_rows"]) if s["est_rows"]
-                    else (1.0 if s["done"] else 0.0))
-            bar = "#" * int(frac * 30)
-            lines.append(f"{printable(s['table'])[:32]:32} [{bar:30}] {s['rows']:>11,} rows "
-                         f"{s['mb_per_s']:>7.1f} MB/s  ETA {s['eta_s']:>6.0f}s"
-                         + ("  done" if s["done"] else ""))
-        out = ("\x1b[F" * self.drawn) + "".join(f"\x1b[2K{line}\n" for line in lines)
-        sys.stderr.write(out)
-        sys.stderr.flush()
-        self.drawn = len(lines)
-
-    def done(self) -> None:
-        if self.tty:
-            self._draw()

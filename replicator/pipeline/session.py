@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 import psycopg
@@ -22,7 +23,7 @@ from ..batch import SyncDone
 from ..classify import classify, classify_connect
 from ..config.settings import Config
 from ..destination import access, state
-from ..destination.applier import Applier
+from ..destination.applier import Applier, ApplyResult
 from ..destination.indexes import IndexBuilder
 from ..errors import ErrorKind, ReplicatorError
 from ..lsn import format_lsn, pg_now
@@ -307,9 +308,45 @@ class Session:
             repl.close()
 
 
+# Seconds between "applied" summaries at info level; each batch is logged at debug.
+SUMMARY_EVERY = 10.0
+
+
+class _Summary:
+    """What the batches applied since the last "applied" line add up to."""
+
+    def __init__(self) -> None:
+        self.since = time.monotonic()
+        self.batches = self.txns = self.rows = self.inserts = self.updates = 0
+        self.deletes = self.dead_letters = 0
+        self.seconds = 0.0
+
+    def add(self, txns: int, result: ApplyResult) -> None:
+        self.batches += 1
+        self.txns += txns
+        self.rows += result.rows
+        self.inserts += result.inserts
+        self.updates += result.updates
+        self.deletes += result.deletes
+        self.dead_letters += result.dead_letters
+        self.seconds += result.seconds
+
+    def due(self) -> bool:
+        return self.batches > 0 and time.monotonic() - self.since >= SUMMARY_EVERY
+
+    def extra(self, lag: float, lsn: int) -> dict[str, object]:
+        return {"batches": self.batches, "txns": self.txns, "rows": self.rows,
+                "inserts": self.inserts, "updates": self.updates, "deletes": self.deletes,
+                "dead_letters": self.dead_letters,
+                "seconds": round(time.monotonic() - self.since, 1),
+                "busy_s": round(self.seconds, 2), "lag_s": round(lag, 3),
+                "lsn": format_lsn(lsn)}
+
+
 def apply_loop(shared: Shared, applier: Applier, handoff: Handoff, system_id: str) -> None:
     """The applier thread: each batch the receiver hands over, one transaction each."""
     progress, metrics = shared.progress, shared.metrics
+    summary = _Summary()
     while True:
         batch = handoff.take()
         if batch is None:
@@ -329,7 +366,11 @@ def apply_loop(shared: Shared, applier: Applier, handoff: Handoff, system_id: st
             progress.last_commit_ts = batch.last_commit_ts
         if batch.txns:
             lag = max(0.0, (pg_now() - batch.last_commit_ts) / 1e6)
-            log.info("batch applied", extra={
+            summary.add(batch.txns, result)
+            if summary.due():
+                log.info("applied", extra=summary.extra(lag, batch.end_lsn))
+                summary = _Summary()
+            log.debug("batch applied", extra={
                 "txns": batch.txns, "rows": result.rows, "inserts": result.inserts,
                 "updates": result.updates, "deletes": result.deletes,
                 "dead_letters": result.dead_letters, "copies": result.copies,

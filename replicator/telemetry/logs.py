@@ -113,7 +113,12 @@ class TextFormatter(logging.Formatter):
 
 
 def _text_value(value: Any) -> str:
-    text = value if isinstance(value, str) else str(value)
+    if isinstance(value, list | tuple | set | frozenset):
+        # tables=a,b rather than tables=['a', 'b']
+        text = ",".join(str(v) for v in (sorted(value) if isinstance(value, set | frozenset)
+                                         else value))
+    else:
+        text = value if isinstance(value, str) else str(value)
     # Quote only when needed, so `key=value` pairs stay greppable and unambiguous.
     if not text or any(c.isspace() or c in "\"=" for c in text):
         return orjson.dumps(text).decode()
@@ -143,6 +148,19 @@ class _StdStreamHandler(logging.StreamHandler):
 _OURS = "_replicator_handler"
 
 
+def _as_json(settings: LoggingSettings) -> bool:
+    """format "auto": text for a person at a terminal, JSON for a container or a file."""
+    if settings.format != "auto":
+        return settings.format == "json"
+    if settings.output not in ("stdout", "stderr"):
+        return True
+    stream = getattr(sys, settings.output)
+    try:
+        return not stream.isatty()
+    except (AttributeError, ValueError):   # a closed or odd stream
+        return True
+
+
 def setup_logging(settings: LoggingSettings) -> logging.Handler:
     """Send all logging (ours and libraries') to ``settings.output`` in ``settings.format``.
 
@@ -163,7 +181,7 @@ def setup_logging(settings: LoggingSettings) -> logging.Handler:
                 f"[logging] output: cannot open {path}: {exc.strerror}",
                 "create the directory or fix its permissions, or use output = \"stdout\"",
             ) from None
-    handler.setFormatter(JsonFormatter() if settings.format == "json" else TextFormatter())
+    handler.setFormatter(JsonFormatter() if _as_json(settings) else TextFormatter())
     setattr(handler, _OURS, True)
 
     root = logging.getLogger()

@@ -27,13 +27,20 @@ from typing import Any
 
 import psycopg
 from plugins.faults import Workload, mirror_diff, seed_source
-from plugins.replicator import MIRROR_SCHEMA, PUBLICATION, STATE_SCHEMA, assert_same
+from plugins.replicator import (
+    MIRROR_SCHEMA,
+    PUBLICATION,
+    STATE_SCHEMA,
+    assert_same,
+    json_logging,
+)
 from plugins.servers import ONE_VERSION
 
 from replicator.lsn import parse_lsn
 
 # Frequent batches: many destination commits for the kills and signals to land between.
-BATCHES = {"batch_size": 1000, "flush_interval": 0.2}
+# Debug logs: each batch's "batch applied" line (info level has a summary every 10 s).
+BATCHES = {"batch_size": 1000, "flush_interval": 0.2, "logging": json_logging("debug")}
 
 
 def dead_letters(dest_db) -> list[tuple]:
@@ -239,7 +246,8 @@ def test_sigkill_while_batches_grow(source_db, dest_db, replicator):
     source_db.execute(f"create table {GROW_TABLE} (id int primary key, n int not null, "
                       "body text not null)")
     source_db.execute(f"create publication {PUBLICATION} for table {GROW_TABLE}")
-    rep = replicator()  # no batch settings: the defaults users run
+    # No batch settings: the defaults users run (debug logs: each batch's line).
+    rep = replicator(logging=json_logging("debug"))
     rng = random.Random("sigkill-while-batches-grow")
     writers = [Burst(source_db.dsn, w) for w in range(1, GROW_WRITERS + 1)]
     violations: list[str] = []

@@ -251,6 +251,26 @@ def test_resync_of_unknown_table_is_one_clear_line(source_db, dest_db, tmp_path,
     assert len(err) == 1 and "public.nope" in err[0] and "public.a" in err[0]
 
 
+def test_resync_before_any_run_is_refused_and_creates_nothing(source_db, dest_db, tmp_path,
+                                                               capsys):
+    source_db.execute("create table a (id int primary key)")
+    source_db.execute(f"create publication {PUBLICATION} for table a")
+    config = write_config(tmp_path, source_db, dest_db)
+    for which in (["--table", "a"], ["--all"]):
+        assert cli_main(["resync", "--config", str(config), *which]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == ["error: nothing to resync: no pipeline has run against this destination "
+                       "yet (no state schema 'replicator') — the first `replicator run` copies "
+                       "every table"], err
+    assert dest_db.scalar("select to_regnamespace('replicator') is null") is True
+    catch_up(source_db, dest_db)
+    capsys.readouterr()
+    assert cli_main(["resync", "--config", str(config), "--all"]) == 0
+    assert capsys.readouterr().out.strip() == (
+        "resync requested for every table (1): a running replicator starts copying them "
+        "within seconds, otherwise the next run does")
+
+
 # -- secondary indexes from the catalog, not from parsed text --------------------------------
 
 INDEXES = [

@@ -173,6 +173,20 @@ def test_password_never_printed(source_db, dest_db, tmp_path):
     assert_no_password(*outputs)
 
 
+def test_seed_says_whether_it_created_the_publication(source_db, dest_db, tmp_path):
+    proc = cli("seed", "--dsn", source_db.dsn, "--publication", PUBLICATION, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"publication {PUBLICATION}: created FOR TABLE res_partner, " in proc.stdout
+    assert "(so skip `create publication` for it)" in proc.stdout
+    assert source_db.scalar("select count(*) from pg_publication_tables where pubname = %s",
+                            [PUBLICATION]) == 6
+    other = dest_db   # an empty database, with the publication made first
+    other.execute(f"create publication {PUBLICATION}")
+    proc = cli("seed", "--dsn", other.dsn, "--publication", PUBLICATION, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"publication {PUBLICATION}: exists already, left as it is" in proc.stdout
+
+
 def test_until_caught_up_finishes_while_the_source_keeps_writing(source_db, dest_db, replicator):
     """The target is the source's WAL end at the start: changes committed after it need not
     be waited for. It used to wait until nothing at all was pending, which a source writing

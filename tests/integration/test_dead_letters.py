@@ -319,8 +319,11 @@ def test_poison_rows_during_a_real_sync(source_db, dest_db, tmp_path, capsys):
 
         code, out, _ = cli(capsys, "dead-letters", "--config", str(config), "--table", "t")
         assert code == 0 and out.startswith("3 dead letters:") and "#" in out, out
-        code, out, _ = cli(capsys, "dead-letters", "--config", str(config), "--table", "other")
-        assert code == 0 and out.startswith("0 dead letters"), out
+        # A table the pipeline does not mirror: said, not "0 dead letters".
+        code, out, err = cli(capsys, "dead-letters", "--config", str(config), "--table", "other")
+        assert code == 2 and out == "", out
+        assert err.startswith("error: --table: odoo_mirror.other is not a mirror table of "
+                              "pipeline"), err
 
         # Retried while run runs: the mirror still rejects them all; each key's failing
         # letter gets the error again, exit 1.

@@ -15,7 +15,7 @@ import pytest
 from plugins.replicator import REPO
 from plugins.servers import scratch
 
-from replicator.devtools.localpg import available_versions
+from replicator.devtools.localpg import available_versions, free_port
 
 
 @pytest.mark.pg15
@@ -23,11 +23,15 @@ def test_demo_keep_runs_everything_and_prints_commands_that_work():
     if 15 not in available_versions() and os.environ.get("CI"):
         pytest.fail("PostgreSQL 15 is not available (CI installs it: see .ci/run)")
     base = scratch("demo-test")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    # No activated venv and no passwords in the environment: what a new user has.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")
+           and k not in ("VIRTUAL_ENV", "ODOO_DB_PASSWORD", "SUPABASE_DB_PASSWORD")}
+    env["PATH"] = "/usr/bin:/bin"
+    port = free_port()
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "replicator", "demo", "--keep", "--seconds", "2",
-             "--workdir", str(base)],
+             "--workdir", str(base), "--port", str(port)],
             capture_output=True, text=True, timeout=240, cwd=REPO, env=env)
         out = proc.stdout
         assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
@@ -36,6 +40,15 @@ def test_demo_keep_runs_everything_and_prints_commands_that_work():
                      "== the mirror equals the source", "/metrics"):
             assert step in out, f"{step!r} missing from the demo's output:\n{out[-4000:]}"
         assert "Traceback" not in out + proc.stderr
+        assert f"http://127.0.0.1:{port}/metrics" in out
+        # Nothing masked: the demo's passwords are in no path ("demo-test" is).
+        assert "***" not in out and str(base) in out
+        # The printed commands work as printed, with no venv activated.
+        for line in re.findall(r"^   (\S+ (?:status|verify) --config \S+)", out, re.M):
+            done = subprocess.run(line, shell=True, timeout=60, capture_output=True, text=True,
+                                  env=env, cwd="/")
+            assert done.returncode in (0, 1), f"{line}: {done.stdout}{done.stderr}"
+            assert "error" not in done.stderr, f"{line}: {done.stderr}"
 
         dsns = re.findall(r"^   psql ('[^']*'|\S+)", out, re.M)
         assert len(dsns) == 2, out[-2000:]
@@ -59,3 +72,34 @@ def test_demo_keep_runs_everything_and_prints_commands_that_work():
     finally:
         subprocess.run(["pkill", "-f", "--", f"-D {base}"], check=False, capture_output=True)
         subprocess.run(["rm", "-rf", str(base)], check=False)
+
+
+@pytest.mark.pg15
+def test_demo_leaves_nothing_behind_without_keep(monkeypatch):
+    """Without --keep the servers go, and so do the config and .env it wrote (and the
+    workdir it made)."""
+    from replicator.devtools import demo
+
+    if 15 not in available_versions() and os.environ.get("CI"):
+        pytest.fail("PostgreSQL 15 is not available (CI installs it: see .ci/run)")
+    seen = {}
+
+    def short_run(base, source, dest, scale, seconds, metrics_port):
+        (base / demo.CONFIG_NAME).write_text("# written\n")
+        (base / ".env").write_text("X=1\n")
+        seen["base"] = base
+        return True
+
+    monkeypatch.setattr(demo, "_run", short_run)
+    root = scratch("demo-cleanup")
+    try:
+        workdir = root / "fresh"
+        assert demo.main(workdir, keep=False) == 0
+        assert seen["base"] == workdir and not workdir.exists()
+        given = root / "given"
+        given.mkdir(parents=True)
+        assert demo.main(given, keep=False) == 0
+        assert given.exists() and not (given / demo.CONFIG_NAME).exists() \
+            and not (given / ".env").exists()
+    finally:
+        subprocess.run(["rm", "-rf", str(root)], check=False)

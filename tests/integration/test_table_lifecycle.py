@@ -235,7 +235,7 @@ def test_busy_applier_does_not_fragment_batches_or_escape_the_memory_limit(
     source_db.execute("create table a (id int primary key, v text)")
     source_db.execute(f"create publication {PUBLICATION} for table a")
     catch_up(source_db, dest_db)
-    caplog.set_level(logging.INFO, logger="replicator")
+    caplog.set_level(logging.DEBUG, logger="replicator")   # each batch's line
     limit = (1 << 20) // 4      # max_memory_mb = 1: a quarter of it for decoded rows
     with running(source_db, dest_db, max_memory_mb=1, batch_size=1_000_000,
                  flush_interval=0.1) as pipeline:

@@ -463,7 +463,7 @@ class ReplicatorProcess:
         return '"msg":"streaming"' in self.output()[0]
 
     def batches(self, run: int) -> list[dict]:
-        """The "batch applied" log records of one run."""
+        """The "batch applied" log records of one run (logged at debug level)."""
         records = []
         for line in self.output(run)[0].splitlines():
             if '"batch applied"' in line:

@@ -317,10 +317,11 @@ def test_unexpected_exception_is_logged_with_traceback_and_exit_1(config_path, m
 
 
 def test_unexpected_exception_before_logging_is_set_up(monkeypatch, capsys):
-    def seed(dsn, *, scale, seed):
+    def seed(dsn, *, scale, seed, publication):
         raise RuntimeError("seed bug")
 
-    stub(monkeypatch, "replicator.devtools.seed", seed=seed)
+    stub(monkeypatch, "replicator.devtools.seed", seed=seed,
+         publication_exists=lambda dsn, name: False)
     assert main(["seed", "--dsn", "dbname=x"]) == 1
     err = capsys.readouterr().err
     assert "internal error" in err and "Traceback" in err and "RuntimeError: seed bug" in err
@@ -343,22 +344,30 @@ def test_keyboard_interrupt_is_quiet_130(config_path, monkeypatch, capsys):
 def test_seed_passes_arguments(monkeypatch, capsys):
     calls = []
 
-    def seed(dsn, *, scale, seed):
-        calls.append((dsn, scale, seed))
+    def seed(dsn, *, scale, seed, publication):
+        calls.append((dsn, scale, seed, publication))
         return {"res_partner": 10 * scale, "account_move": 20 * scale}
 
-    stub(monkeypatch, "replicator.devtools.seed", seed=seed)
+    stub(monkeypatch, "replicator.devtools.seed", seed=seed,
+         publication_exists=lambda dsn, name: name == "mine")
     assert main(["seed", "--dsn", "dbname=odoo_core", "--scale", "3", "--seed", "7"]) == 0
-    assert capsys.readouterr().out == "seeded: res_partner 30, account_move 60\n"
-    assert main(["seed", "--dsn", "dbname=odoo_core"]) == 0
-    assert calls == [("dbname=odoo_core", 3, 7), ("dbname=odoo_core", 1, 42)]
+    assert capsys.readouterr().out == (
+        "seeded: res_partner 30, account_move 60\npublication odoo_pub_scout: created FOR "
+        "TABLE res_partner, account_move (so skip `create publication` for it)\n")
+    assert main(["seed", "--dsn", "dbname=odoo_core", "--publication", "mine"]) == 0
+    assert capsys.readouterr().out.endswith("publication mine: exists already, left as it is\n")
+    assert main(["seed", "--dsn", "dbname=odoo_core", "--publication", ""]) == 0
+    assert "publication" not in capsys.readouterr().out
+    assert calls == [("dbname=odoo_core", 3, 7, "odoo_pub_scout"),
+                     ("dbname=odoo_core", 1, 42, "mine"), ("dbname=odoo_core", 1, 42, None)]
 
 
 def test_seed_never_prints_the_dsn_password(monkeypatch, capsys):
-    def seed(dsn, *, scale, seed):
+    def seed(dsn, *, scale, seed, publication):
         raise psycopg.OperationalError("connection failed: FATAL:  password authentication failed for user \"odoo\"")
 
-    stub(monkeypatch, "replicator.devtools.seed", seed=seed)
+    stub(monkeypatch, "replicator.devtools.seed", seed=seed,
+         publication_exists=lambda dsn, name: False)
     # An unclassified database error from a command is still a one-line operator error.
     assert main(["seed", "--dsn", "dbname=odoo_core password=Dsn-Secret-3"]) == 2
     line = assert_one_error_line(_without_dsn_warning(capsys.readouterr().err))
@@ -397,7 +406,9 @@ def test_seed_warns_about_a_password_in_the_dsn(monkeypatch, capsys):
     way that keeps it out (PGPASSWORD, which libpq reads); the command still works."""
     seen = []
     stub(monkeypatch, "replicator.devtools.seed",
-                seed=lambda dsn, *, scale, seed: seen.append((dsn, os.environ.get("PGPASSWORD"))))
+                seed=lambda dsn, *, scale, seed, publication: seen.append(
+                    (dsn, os.environ.get("PGPASSWORD"))),
+                publication_exists=lambda dsn, name: True)
     for dsn in ("dbname=odoo_core password=Dsn-Secret-3", "postgresql://odoo:Dsn-Secret-3@h/db"):
         assert main(["seed", "--dsn", dsn]) == 0
         err = capsys.readouterr().err
@@ -413,10 +424,12 @@ def test_seed_warns_about_a_password_in_the_dsn(monkeypatch, capsys):
 def test_demo_passes_arguments(monkeypatch, tmp_path, capsys):
     calls = []
     stub(monkeypatch, "replicator.devtools.demo",
-                main=lambda workdir, scale, keep, seconds: calls.append((workdir, scale, keep, seconds)))
-    assert main(["demo", "--workdir", str(tmp_path), "--scale", "2", "--keep", "--seconds", "3"]) == 0
+                main=lambda workdir, scale, keep, seconds, metrics_port: calls.append(
+                    (workdir, scale, keep, seconds, metrics_port)))
+    assert main(["demo", "--workdir", str(tmp_path), "--scale", "2", "--keep", "--seconds", "3",
+                 "--port", "9191"]) == 0
     assert main(["demo"]) == 0
-    assert calls == [(tmp_path, 2, True, 3.0), (None, 1, False, 10.0)]
+    assert calls == [(tmp_path, 2, True, 3.0, 9191), (None, 1, False, 10.0, None)]
 
 
 # --- classify() -----------------------------------------------------------------------------

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import re
+import sys
 from datetime import datetime
 
 import orjson
@@ -190,3 +193,40 @@ def test_setup_twice_replaces_its_own_handler(capsys):
     log.warning("shown")
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and "shown" in out and not out.startswith("{")
+
+
+# --- format "auto": text for a person, JSON for a container -------------------------------
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("tty, json_expected", [(True, False), (False, True)])
+def test_auto_format_is_text_on_a_terminal_and_json_otherwise(monkeypatch, tty, json_expected):
+    out = _Terminal() if tty else io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    setup_logging(LoggingSettings(level="info", output="stdout"))   # format: auto
+    log.info("streaming", extra={"tables": ["public.a", "public.b"]})
+    line = out.getvalue().strip()
+    assert line.startswith("{") is json_expected, line
+    if not json_expected:
+        # A list reads as one: tables=public.a,public.b, not tables=['public.a', 'public.b'].
+        assert line.endswith("streaming tables=public.a,public.b"), line
+
+
+def test_auto_format_writes_json_to_a_file(tmp_path):
+    path = tmp_path / "replicator.log"
+    handler = setup_logging(LoggingSettings(level="info", output=str(path)))
+    log.info("streaming")
+    handler.flush()
+    assert json.loads(path.read_text().splitlines()[-1])["msg"] == "streaming"
+
+
+def test_the_setting_wins_over_the_terminal(monkeypatch):
+    out = _Terminal()
+    monkeypatch.setattr(sys, "stdout", out)
+    setup_logging(LoggingSettings(level="info", format="json", output="stdout"))
+    log.info("streaming")
+    assert out.getvalue().startswith("{")
