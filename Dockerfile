@@ -4,9 +4,12 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev libpq-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml setup.py README.md ./
+COPY pyproject.toml setup.py README.md constraints.txt ./
 COPY replicator ./replicator
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# Every version pinned, the build's own (setuptools, Cython) included: PIP_CONSTRAINT
+# reaches pip's isolated build environment too.
+ENV PIP_CONSTRAINT=/src/constraints.txt
+RUN pip wheel --no-cache-dir --wheel-dir /wheels . && cp constraints.txt /wheels/
 
 FROM python:3.11-slim-bookworm
 # libpq5: psycopg (pure Python) and the extensions share the system libpq.
@@ -17,7 +20,9 @@ RUN apt-get update \
     && useradd --system --home /app --shell /usr/sbin/nologin replicator \
     && mkdir -p /app/data && chown replicator: /app/data
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
+# Only the wheels built and pinned above: nothing fetched at this stage.
+RUN pip install --no-cache-dir --no-index -c /wheels/constraints.txt /wheels/*.whl \
+    && rm -rf /wheels
 WORKDIR /app
 # Spill files of transactions bigger than max_memory_mb go here: docker-compose.yml mounts the
 # etl-data volume on it (a new named volume takes this directory's owner) instead of the

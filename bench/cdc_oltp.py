@@ -453,12 +453,26 @@ def print_backlog(report: dict[str, Any], out=sys.stderr) -> None:
           "slot active -> the marker after the backlog visible)", file=out)
 
 
-def targets(ways: dict[str, Any]) -> list[str]:
+def targets(ways: dict[str, Any], firehose: bool = False) -> list[str]:
+    """Issue 26's targets: OLTP, p99 lag no worse than native's and p50 within 1.5x of it;
+    the firehose, drained no later than native and within 1 s, at 0.95x native's tps."""
     out = []
     native, ours = ways.get(WAY_NATIVE), ways.get(WAY_OURS)
-    if native and ours:
-        x = ours["lag_ms"]["p99"] / max(1e-9, native["lag_ms"]["p99"])
-        out.append(f"target p99 lag <= 2x native's: {'MET' if x <= 2 else 'NOT MET'} ({x:.2f}x)")
+
+    def verdict(ok: bool) -> str:
+        return "MET" if ok else "NOT MET"
+    if native and ours and firehose:
+        drained, theirs = ours["drained_s"], native["drained_s"]
+        out.append(f"target drained <= native's and <= 1 s: "
+                   f"{verdict(drained <= max(theirs, 0.0) + 0.05 and drained <= 1.0)} "
+                   f"({drained:.2f} s against {theirs:.2f} s)")
+        tps = ours["tps"] / max(1e-9, native["tps"])
+        out.append(f"target source tps >= 0.95x native's:  {verdict(tps >= 0.95)} ({tps:.2f}x)")
+    elif native and ours:
+        p99 = ours["lag_ms"]["p99"] / max(1e-9, native["lag_ms"]["p99"])
+        p50 = ours["lag_ms"]["p50"] / max(1e-9, native["lag_ms"]["p50"])
+        out.append(f"target p99 lag <= native's:       {verdict(p99 <= 1)} ({p99:.2f}x)")
+        out.append(f"target p50 lag <= 1.5x native's:  {verdict(p50 <= 1.5)} ({p50:.2f}x)")
     if ours and "peak_rss_mib" in ours:
         peak = ours["peak_rss_mib"]
         out.append(f"target peak RSS < 200 MB:      {'MET' if peak * 1.048576 < 200 else 'NOT MET'}"
@@ -546,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
                      "lines": args.lines, "updates": args.updates,
                      "marker_every_ms": MARKER_EVERY_S * 1000, "script": pgbench_script()},
             "ways": {w: {k: v for k, v in e.items() if k != "samples"} for w, e in ways.items()},
-            "targets": targets(ways),
+            "targets": targets(ways, args.firehose),
         }
         emit(report, args.json, print_table)
     finally:

@@ -237,6 +237,11 @@ class _Resolver:
             if m["escape"]:
                 return "$"
             name = m["braced"] if m["braced"] is not None else m["bare"]
+            default: str | None = None
+            if m["braced"] is not None and ":-" in m["braced"]:
+                # ${NAME:-default}, as in a shell or a compose file: the default when NAME
+                # is unset or empty (a host that differs inside a container, say).
+                name, default = m["braced"].split(":-", 1)
             if m["open"] is not None or not _VAR_NAME_RE.fullmatch(name or ""):
                 problem = ("a ${ without its closing }" if m["open"] is not None
                            else "a ${...} whose name is not letters, digits and underscores")
@@ -244,9 +249,13 @@ class _Resolver:
                     f": {problem} (not shown: the value may be a password)"
                 raise ConfigError(
                     f"{where}: invalid variable reference{shown}",
-                    f"write $NAME or ${{NAME}} (letters, digits, underscores); {literal}",
+                    f"write $NAME, ${{NAME}} or ${{NAME:-default}} (a name of letters, digits "
+                    f"and underscores); {literal}",
                 )
             assert self.environ is not None
+            if default is not None and not (self.environ.get(name) or self.dotenv.get(name)):
+                origins.append(f"the default of {m.group(0)}")
+                return default
             if name in self.environ:
                 origins.append(f"{m.group(0)} in the environment")
                 return self.environ[name]

@@ -181,6 +181,10 @@ def test_cdc_oltp_bench_smoke(tmp_path):
     per_way = {w: sum(1 for r in rows[1:] if r.endswith("," + w)) for w in ways}
     assert per_way == {w: e["markers"] for w, e in ways.items()}
     assert "lag p50" in proc.stderr and "source tps" in proc.stderr
+    # Issue 26's two OLTP targets, and the memory bound.
+    assert [t.split(":")[0].strip() for t in report["targets"]] == [
+        "target p99 lag <= native's", "target p50 lag <= 1.5x native's",
+        "target peak RSS < 200 MB"]
 
 
 def test_decoder_bench_smoke():

@@ -18,6 +18,8 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -82,6 +84,48 @@ def test_promtool_checks_the_config_and_the_rules():
     proc = promtool("check", "rules", ALERTS.name)
     assert proc.returncode == 0, proc.stdout
     assert f"SUCCESS: {len(EXPECTED_ALERTS)} rules found" in proc.stdout
+
+
+def test_amtool_checks_the_alertmanager_config():
+    """Alertmanager's own checker on the config docker-compose.yml mounts (Debian's
+    prometheus-alertmanager), and Prometheus sends its alerts there."""
+    path = shutil.which("amtool")
+    if path is None:
+        message = "amtool is not installed (Debian package prometheus-alertmanager)"
+        if os.environ.get("CI"):
+            pytest.fail(message + " (CI installs it: see .ci/run)")
+        pytest.skip(message)
+    proc = subprocess.run([path, "check-config", "alertmanager.yml"], cwd=MONITORING,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60)
+    assert proc.returncode == 0 and "SUCCESS" in proc.stdout, proc.stdout
+    assert "- 1 receivers" in proc.stdout and "- 1 inhibit rules" in proc.stdout, proc.stdout
+    broken = MONITORING / "alertmanager.yml"
+    bad = broken.read_text().replace("receiver: operators\n  group_by",
+                                     "receiver: nobody\n  group_by", 1)
+    assert bad != broken.read_text()
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "alertmanager.yml").write_text(bad)
+        proc = subprocess.run([path, "check-config", "alertmanager.yml"], cwd=tmp,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=60)
+    assert proc.returncode != 0 and "nobody" in proc.stdout, proc.stdout
+
+
+def test_the_compose_file_is_valid_by_the_compose_specification():
+    """docker-compose.yml against the Compose Specification's JSON schema (the copy that
+    check-jsonschema bundles), as `docker compose config` would read it."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec",
+         str(ROOT / "docker-compose.yml")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with tempfile.TemporaryDirectory() as tmp:
+        bad = Path(tmp) / "docker-compose.yml"
+        bad.write_text((ROOT / "docker-compose.yml").read_text().replace(
+            "restart: unless-stopped", "restart: [unless-stopped]", 1))
+        proc = subprocess.run(
+            [sys.executable, "-m", "check_jsonschema", "--builtin-schema",
+             "vendor.compose-spec", str(bad)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0, "a broken compose file passed the schema"
 
 
 def test_the_doc_alerts_are_kept_and_every_alert_is_there():

@@ -77,7 +77,7 @@ def test_repo_config_loads_with_the_two_variables(monkeypatch):
     assert (dst.schema, dst.batch_size, dst.flush_interval) == ("odoo_mirror", 10000, 5.0)
     # No mapping: the publication's tables, each under its own name.
     assert config.mappings == {}
-    assert config.logging == LoggingSettings(level="info", format="json", output="stdout")
+    assert config.logging == LoggingSettings(level="info", format="auto", output="stdout")
     assert config.metrics == MetricsSettings(enabled=True, port=9090, path="/metrics")
 
 
@@ -304,7 +304,7 @@ def test_defaults(tmp_path):
     dst = load_config(write(tmp_path, with_destination('on_error = "dead_letter"')), environ=ENV).destination
     assert dst.on_error == "dead_letter"
     assert config.logging == LoggingSettings()
-    assert config.logging == LoggingSettings(level="info", format="json", output="stdout")
+    assert config.logging == LoggingSettings(level="info", format="auto", output="stdout")
     assert config.metrics == MetricsSettings(enabled=True, port=9090, path="/metrics")
     assert config.mappings == {}
     # No [mappings]: every published table keeps its name in the destination schema.
@@ -547,3 +547,18 @@ def test_the_shipped_file_sets_no_key_without_effect():
     assert config.ignored == ()
     assert config.source.user == "replicator"
     assert config.mappings == {}
+
+
+def test_a_variable_with_a_default(tmp_path):
+    # ${NAME:-default}: the host of a local run, another one inside a container.
+    text = MINIMAL.replace('host = "127.0.0.1"', 'host = "${ODOO_DB_HOST:-127.0.0.1}"', 1)
+    assert load_config(write(tmp_path, text), environ=ENV).source.host == "127.0.0.1"
+    assert load_config(write(tmp_path, text), environ={**ENV, "ODOO_DB_HOST": ""}
+                       ).source.host == "127.0.0.1"
+    assert load_config(write(tmp_path, text), environ={**ENV, "ODOO_DB_HOST": "odoo-db"}
+                       ).source.host == "odoo-db"
+    assert load_config(write(tmp_path, text, dotenv="ODOO_DB_HOST=from-dotenv\n"),
+                       environ=ENV).source.host == "from-dotenv"
+    bad = MINIMAL.replace('host = "127.0.0.1"', 'host = "${ODOO DB:-x}"', 1)
+    assert "write $NAME, ${NAME} or ${NAME:-default}" in load_error(
+        write(tmp_path, bad), ENV).hint

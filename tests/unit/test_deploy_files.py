@@ -188,12 +188,17 @@ def stages() -> list[list[str]]:
 def test_dockerfile_builds_the_wheel_then_runs_it_slim_and_unprivileged():
     build, runtime = stages()
     assert re.fullmatch(r"FROM \S+ AS build", build[0])
-    assert any(re.match(r"RUN pip wheel .* \.$", i) for i in build)
+    assert any(re.match(r"RUN pip wheel .* \. && cp constraints\.txt /wheels/$", i)
+               for i in build)
+    # Pinned versions (constraints.txt), for the build's isolated environment too.
+    assert "ENV PIP_CONSTRAINT=/src/constraints.txt" in build
     assert runtime[0].startswith("FROM ") and "slim" in runtime[0]
     copies = [i for i in runtime if i.startswith(("COPY", "ADD"))]
     assert copies == ["COPY --from=build /wheels /wheels"]       # no source in the runtime
     installs = [i for i in runtime if "pip install" in i]
-    assert len(installs) == 1 and re.search(r"pip install .*/wheels/\*\.whl", installs[0])
+    assert len(installs) == 1 and re.search(
+        r"pip install --no-cache-dir --no-index -c /wheels/constraints\.txt /wheels/\*\.whl",
+        installs[0])
     users = [i.split()[1] for i in runtime if i.startswith("USER ")]
     assert users and users[-1] not in ("root", "0")
     user = users[-1]
@@ -210,3 +215,39 @@ def test_dockerfile_builds_the_wheel_then_runs_it_slim_and_unprivileged():
     assert f"chown {user}: /app/data" in " ".join(runtime)
     assert "ENV TMPDIR=/app/data" in runtime
     assert "      - etl-data:/app/data" in compose()
+
+
+def test_constraints_pin_every_runtime_dependency_exactly():
+    """The image installs pinned versions only: each dependency of pyproject.toml (and the
+    build's) has one `name==version` line in constraints.txt."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    wanted = [re.split(r"[<>=!~\[ ;]", d, maxsplit=1)[0]
+              for d in project["project"]["dependencies"] + project["build-system"]["requires"]]
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$",
+                           (ROOT / "constraints.txt").read_text(), re.M))
+    norm = {re.sub(r"[-_.]+", "-", k).lower(): v for k, v in pins.items()}
+    missing = [d for d in wanted if re.sub(r"[-_.]+", "-", d).lower() not in norm]
+    assert not missing, f"not pinned in constraints.txt: {missing}"
+
+
+def test_compose_pins_every_image_and_runs_the_whole_stack():
+    text = compose()
+    images = re.findall(r"^\s+image: (\S+)$", text, re.M)
+    assert images and all(":" in i and not i.endswith(":latest") for i in images
+                          if not i.startswith("odoo-replicator")), images
+    services = re.findall(r"^  ([a-z]+):$", text.split("\nvolumes:")[0], re.M)
+    assert services == ["etl", "prometheus", "alertmanager", "grafana"], services
+    # Hosts from .env: 127.0.0.1 inside a container is the container.
+    assert "ODOO_DB_HOST: ${ODOO_DB_HOST:?" in text and "SUPABASE_DB_HOST: ${SUPABASE_DB_HOST:?" \
+        in text
+    config = (ROOT / "etl-config.toml").read_text()
+    assert 'host = "${ODOO_DB_HOST:-127.0.0.1}"' in config
+    assert 'host = "${SUPABASE_DB_HOST:-127.0.0.1}"' in config
+    assert "- targets: ['alertmanager:9093']" in (MONITORING / "prometheus.yml").read_text()
+
+
+def test_the_dashboard_shows_index_builds_and_streamed_transactions():
+    exprs = " ".join(t["expr"] for p in json.loads(DASHBOARD.read_text())["panels"]
+                     for t in p.get("targets", []))
+    for name in (metrics.INDEX_BUILDS, metrics.STREAMED):
+        assert name in exprs, name
