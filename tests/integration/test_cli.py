@@ -176,7 +176,8 @@ def test_password_never_printed(source_db, dest_db, tmp_path):
 def test_seed_says_whether_it_created_the_publication(source_db, dest_db, tmp_path):
     proc = cli("seed", "--dsn", source_db.dsn, "--publication", PUBLICATION, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert f"publication {PUBLICATION}: created FOR TABLE res_partner, " in proc.stdout
+    assert f"publication {PUBLICATION}: created FOR TABLE account_move, account_move_line, " \
+        "res_partner, " in proc.stdout
     assert "(so skip `create publication` for it)" in proc.stdout
     assert source_db.scalar("select count(*) from pg_publication_tables where pubname = %s",
                             [PUBLICATION]) == 6

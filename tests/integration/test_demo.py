@@ -26,7 +26,7 @@ def test_demo_keep_runs_everything_and_prints_commands_that_work():
     # No activated venv and no passwords in the environment: what a new user has.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")
            and k not in ("VIRTUAL_ENV", "ODOO_DB_PASSWORD", "SUPABASE_DB_PASSWORD")}
-    env["PATH"] = "/usr/bin:/bin"
+    env["PATH"] = "/usr/sbin:/usr/bin:/sbin:/bin"
     port = free_port()
     try:
         proc = subprocess.run(
