@@ -91,7 +91,7 @@ def plan(config: Config) -> Plan:
 def drop(config: Config, drop_mirror: bool) -> list[str]:
     """Remove the pipeline (and with ``drop_mirror`` its mirror tables); what was removed,
     one line per part (none: there was nothing)."""
-    src, dst = config.source, config.destination
+    dst = config.destination
     p = plan(config)
     if p.slot_pid is not None:
         raise ReplicatorError(
@@ -111,6 +111,11 @@ def drop(config: Config, drop_mirror: bool) -> list[str]:
         has_state = state.exists(dest, dst.state_schema)
         claim = lease.Lease(dst.conninfo(), dst.state_schema, p.slot, LEASE_SECONDS)
         if has_state:
+            try:
+                # An older state (before 006_exit_reasons, say) as `run` would find it.
+                state.setup(dest, dst.state_schema)
+            except psycopg.Error as exc:
+                raise classify(exc, settings=dst) from None
             holder = claim.try_take(dest)
             if holder is not None:
                 raise ReplicatorError(
@@ -119,47 +124,40 @@ def drop(config: Config, drop_mirror: bool) -> list[str]:
                     f"for {max(0.0, holder.expires_in):.0f} s more: nothing was removed",
                     "stop it first (a stopped replicator lets go at once; a killed one's "
                     "lease runs out after [destination] lease_timeout)")
-        if p.slot_exists:
-            with _connect(src) as source:
-                try:
-                    source.execute("select pg_drop_replication_slot(%s)", [p.slot])
-                except psycopg.errors.UndefinedObject:
-                    pass      # dropped meanwhile: what was wanted
-                except psycopg.errors.ObjectInUse:
-                    if has_state:
-                        claim.release(lambda: _connect(dst))
-                    raise ReplicatorError(
-                        ErrorKind.SOURCE_SETUP,
-                        f"replication slot {p.slot} came into use on the source: nothing was "
-                        "removed", "stop the process that reads it, then drop again") from None
-                except psycopg.Error as exc:
-                    if has_state:
-                        claim.release(lambda: _connect(dst))
-                    raise classify(exc, settings=src) from None
-            removed.append(slot_line(p))
-        if has_state:
-            assert claim.fence is not None   # try_take took it
-            with dest.transaction():
-                claim.fence.check(dest)
-                state.delete_pipeline(dest, dst.state_schema, p.slot)
-            if any(p.state_rows.values()):
-                removed.append(state_line(p))
-        if drop_mirror and (p.mirror or p.history):
-            try:
+        try:
+            if p.slot_exists:
+                _drop_slot(config, p.slot)
+                removed.append(slot_line(p))
+            if has_state:
+                assert claim.fence is not None   # try_take took it
                 with dest.transaction():
-                    for schema, table in p.history + p.mirror:
-                        dest.execute(sql.SQL("drop table {}").format(
-                            sql.Identifier(schema, table)))
-            except psycopg.errors.DependentObjectsStillExist as exc:
-                # A view made since the look above.
-                done = "; ".join(removed) or "nothing"
-                raise ReplicatorError(
-                    ErrorKind.CONFIG,
-                    f"removed {done}; the mirror tables were kept: "
-                    f"{exc.diag.message_detail or exc.diag.message_primary}",
-                    "drop the views over them, then the tables by hand (the pipeline that "
-                    "made them is gone)") from None
-            removed.append(mirror_line(p))
+                    # Under the lease (a standby `run` waits meanwhile), the state and the
+                    # mirror together: no new pipeline writes into tables being dropped.
+                    claim.fence.check(dest)
+                    state.delete_pipeline(dest, dst.state_schema, p.slot)
+                    if drop_mirror:
+                        for schema, table in p.history + p.mirror:
+                            dest.execute(sql.SQL("drop table {}").format(
+                                sql.Identifier(schema, table)))
+                if any(p.state_rows.values()):
+                    removed.append(state_line(p))
+                if drop_mirror and (p.mirror or p.history):
+                    removed.append(mirror_line(p))
+        except psycopg.errors.DependentObjectsStillExist as exc:
+            # A view made since the look above: the state is as it was, the slot is gone.
+            done = "; ".join(removed) or "nothing"
+            raise ReplicatorError(
+                ErrorKind.CONFIG,
+                f"removed {done}; the pipeline's state and mirror tables were kept: "
+                f"{exc.diag.message_detail or exc.diag.message_primary}",
+                "drop the views over them, then drop --mirror again") from None
+        finally:
+            if has_state and claim.fence is not None:
+                # The lease row stays, released, with its generation: a standby takes over
+                # at once and starts a new pipeline, and no writer of an older generation
+                # can pass the fence of a row numbered anew.
+                claim.release(lambda: _connect(dst), reason="the pipeline was dropped "
+                              "(`replicator drop`)", announce=False)
     return removed
 
 
@@ -175,6 +173,22 @@ def _views_over(dest: psycopg.Connection, tables: list[tuple[str, str]]) -> list
         "where d.refclassid = 'pg_class'::regclass and v.oid <> d.refobjid "
         "and d.refobjid = any (select to_regclass(n) from unnest(%s::text[]) n) "
         "order by 1", [names]).fetchall()]
+
+
+def _drop_slot(config: Config, slot: str) -> None:
+    src = config.source
+    with _connect(src) as source:
+        try:
+            source.execute("select pg_drop_replication_slot(%s)", [slot])
+        except psycopg.errors.UndefinedObject:
+            pass      # dropped meanwhile: what was wanted
+        except psycopg.errors.ObjectInUse:
+            raise ReplicatorError(
+                ErrorKind.SOURCE_SETUP,
+                f"replication slot {slot} came into use on the source: nothing was removed",
+                "stop the process that reads it, then drop again") from None
+        except psycopg.Error as exc:
+            raise classify(exc, settings=src) from None
 
 
 def _history_tables(dest: psycopg.Connection, config: Config,

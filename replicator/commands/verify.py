@@ -277,8 +277,8 @@ class TablePlan:
 
 
 # Seconds an inactive slot that holds unapplied changes is given to become active (a `run`
-# starting) before verify stops waiting for the mirror.
-STALLED_GRACE = 3.0
+# starting, or reconnecting after a session restart) before verify stops waiting for it.
+STALLED_GRACE = 10.0
 
 # int2, int4, int8, oid: a key of one of these is a number in --json.
 INTEGER_TYPES = frozenset({21, 23, 20, 26})

@@ -364,7 +364,7 @@ class Lease:
             conn.close()
 
     def release(self, conn_factory: Callable[[], psycopg.Connection] | None = None,
-                reason: str | None = None) -> None:
+                reason: str | None = None, announce: bool = True) -> None:
         """Stop renewing; on a clean stop, expire the lease so a standby takes over at once.
 
         Safe while a writer of ours is still in flight: the fence, not the expiry, keeps it
@@ -397,8 +397,8 @@ class Lease:
                     "where slot = %s and generation = %s and owner = %s").format(
                     _leases(self.state_schema)),
                     [reason, self.slot, fence.generation, self.owner])
-            log.info("released the pipeline's lease", extra={"slot": self.slot,
-                                                             "generation": fence.generation})
+            (log.info if announce else log.debug)("released the pipeline's lease", extra={
+                "slot": self.slot, "generation": fence.generation})
         except psycopg.Error as exc:
             log.warning("cannot release the pipeline's lease: a standby takes over when it "
                         "expires", extra={"slot": self.slot, "error": str(exc).strip(),
@@ -434,15 +434,19 @@ def writers(conn: psycopg.Connection, state_schema: str, slot: str) -> Writers:
         "select owner, generation, extract(epoch from expires_at - now())::float8, "
         "released_at is not null, "
         "case when standby_seen_at > now() - %s * interval '1 second' then standby end, "
-        "coalesce(released_at, renewed_at), {}, owner_host, owner_pid "
+        "coalesce(released_at, renewed_at), {}, owner_host, owner_pid, "
+        # A renewal missed: the holder renews every third of its lease.
+        "now() - renewed_at > (expires_at - renewed_at) / 3 + interval '2 seconds' "
         "from {} where slot = %s").format(reason, _leases(state_schema)),
         [STANDBY_SEEN, slot]).fetchone()
     if row is None or not row[0]:
         return Writers(None, "none", None, None, row[4] if row else None)
-    owner, gen, left, released, standby, seen, why, host, pid = row
-    if not released and left is not None and left > 0 and pid != os.getpid() \
+    owner, gen, left, released, standby, seen, why, host, pid, missed = row
+    if not released and left is not None and left > 0 and missed and pid != os.getpid() \
             and _process_gone(host, pid, "", owner):
-        # Killed on this host: gone now, though its lease has not run out yet.
+        # Gone before its lease ran out: it missed a renewal, and no process of its pid
+        # runs on this host name. Both, since another container with this host name (host
+        # networking, one pod) has pids of its own: a live writer there renews on time.
         return Writers(owner, "expired", gen, 0.0, standby, seen)
     if released:
         return Writers(owner, "released", gen, round(-left, 1), standby, seen, why)

@@ -434,9 +434,10 @@ def index_built(conn: psycopg.Connection, state_schema: str, slot: str,
 
 # -- removing a pipeline (`replicator drop`) ------------------------------------
 
-# Every state table holding rows of a pipeline, by its slot column; the lease goes last.
+# Every state table holding rows of a pipeline, by its slot column. Not the lease: its row
+# stays (released), so its generation never starts again at 1 (lease.py).
 PIPELINE_TABLES = ("pipelines", "tables", "columns", "dead_letters", "index_builds",
-                   "commit_times", "leases")
+                   "commit_times")
 
 
 def pipeline_rows(conn: psycopg.Connection[Any] | psycopg.Cursor[Any], state_schema: str,

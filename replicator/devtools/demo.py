@@ -54,6 +54,13 @@ def main(workdir: Path | None = None, scale: int = 1, keep: bool = False,
         return 2
     version = 15 if 15 in versions else versions[-1]
     made = workdir is None or not Path(workdir).exists()
+    taken = [name for name in (CONFIG_NAME, ".env")
+             if workdir is not None and (Path(workdir) / name).exists()]
+    if taken:
+        # A deployment directory, say: the demo writes and removes these files.
+        say(f"error: {workdir} has {' and '.join(taken)} already, which the demo would "
+            "overwrite and remove — give --workdir an empty or new directory")
+        return 2
     base = Path(workdir or tempfile.mkdtemp(prefix="replicator-demo-"))
     base.mkdir(parents=True, exist_ok=True)
     base.chmod(0o755)  # the servers run as an unprivileged user when we are root

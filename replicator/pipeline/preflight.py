@@ -9,6 +9,7 @@ check_slot said it may).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Collection
 
 import psycopg
@@ -37,6 +38,8 @@ from ..source.catalog import (
 )
 from ..source.connection import quote_literal
 from ..telemetry.console import printable
+
+log = logging.getLogger(__name__)
 
 _LOST_HINT = ("the mirror misses changes: run `replicator resync --config PATH --all`, "
               "then `replicator run` copies every table again")
@@ -122,6 +125,14 @@ def discover_tables(catalog: psycopg.Connection, config: Config) -> list[SourceT
             f"{' and '.join(owners)} would both be mirrored to {target}",
             f"give one of them another name in [mappings], e.g. \"{owners[-1]}\" = "
             f"\"{target.split('.', 1)[0]}.{owners[-1].replace('.', '_')}\"")
+    unnamed = [f"{s}.{t}" for s, t in published if f"{s}.{t}" not in config.mappings]
+    if config.mappings and unnamed:
+        # [mappings] used to choose the tables: a config written then replicates more now,
+        # and says so at every start (check lists every table).
+        log.warning("published tables that [mappings] does not name are replicated under "
+                    "their own name", extra={
+                        "tables": unnamed, "hint": "the publication chooses what is "
+                        "replicated: take a table out of it to stop replicating it"})
     tables = [dataclasses.replace(read_table(catalog, s, t), membership=members.get((s, t), ""))
               for s, t in published]
     for t in tables:

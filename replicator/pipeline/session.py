@@ -347,9 +347,12 @@ def apply_loop(shared: Shared, applier: Applier, handoff: Handoff, system_id: st
     """The applier thread: each batch the receiver hands over, one transaction each."""
     progress, metrics = shared.progress, shared.metrics
     summary = _Summary()
+    lag, lsn = 0.0, 0
     while True:
         batch = handoff.take()
         if batch is None:
+            if summary.batches:   # what the last seconds applied, said before stopping
+                log.info("applied", extra=summary.extra(lag, lsn))
             return
         try:
             if batch.stream is not None:
@@ -365,7 +368,7 @@ def apply_loop(shared: Shared, applier: Applier, handoff: Handoff, system_id: st
         if batch.last_commit_ts:
             progress.last_commit_ts = batch.last_commit_ts
         if batch.txns:
-            lag = max(0.0, (pg_now() - batch.last_commit_ts) / 1e6)
+            lag, lsn = max(0.0, (pg_now() - batch.last_commit_ts) / 1e6), batch.end_lsn
             summary.add(batch.txns, result)
             if summary.due():
                 log.info("applied", extra=summary.extra(lag, batch.end_lsn))

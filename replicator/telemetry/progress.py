@@ -57,6 +57,13 @@ def stats(c: _Copy, now: float | None = None) -> dict[str, Any]:
     return out
 
 
+def _is_tty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
 class CopyProgress:
     """Bars on a terminal (stderr), log lines every LOG_EVERY seconds otherwise."""
 
@@ -76,8 +83,11 @@ class CopyProgress:
                 console=Console(file=sys.stderr), auto_refresh=False)
             for c in self.copies:
                 self._tasks[id(c)] = self._bars.add_task("", total=None, table="", detail="")
+            # Log lines to a terminal go above the bars; to a file or a pipe (`run > log`)
+            # they go where they went, untouched.
             self._live = Live(self._bars, console=self._bars.console, refresh_per_second=4,
-                              redirect_stdout=True, redirect_stderr=True, transient=False)
+                              redirect_stdout=_is_tty(sys.stdout), redirect_stderr=True,
+                              transient=False)
             self._live.start()
         return self
 

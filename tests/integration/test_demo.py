@@ -96,6 +96,12 @@ def test_demo_leaves_nothing_behind_without_keep(monkeypatch):
         workdir = root / "fresh"
         assert demo.main(workdir, keep=False) == 0
         assert seen["base"] == workdir and not workdir.exists()
+        # A directory with a config or .env of the user's: refused, untouched.
+        mine = root / "deployment"
+        mine.mkdir(parents=True)
+        (mine / ".env").write_text("ODOO_DB_PASSWORD=the real one\n")
+        assert demo.main(mine, keep=False) == 2
+        assert (mine / ".env").read_text() == "ODOO_DB_PASSWORD=the real one\n"
         given = root / "given"
         given.mkdir(parents=True)
         assert demo.main(given, keep=False) == 0

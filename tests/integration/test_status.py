@@ -237,7 +237,14 @@ def test_status_sees_a_killed_replicator_at_once(source_db, dest_db, replicator,
     code, out, _ = status(capsys, proc.config, "--json")
     assert json.loads(out)["running"] == "running", out
     assert proc.kill()
-    # Its lease has most of lease_timeout to run, but its pid on this host is gone.
+    # Its lease (lease_timeout 30 s) has long to run, but once it missed a renewal (every
+    # 10 s) and its pid on this host is gone, status says so.
+    def stopped() -> bool:
+        return status(capsys, proc.config)[0] == 1
+    wait_for(stopped, 20, what="status to see the killed replicator")
     code, out, _ = status(capsys, proc.config)
     assert code == 1, out
     assert "no exit recorded: killed, or cut off from the destination" in out, out
+    left = dest_db.scalar(f"select extract(epoch from expires_at - now()) from "
+                          f"{STATE_SCHEMA}.leases")
+    assert left > 0, "seen before the lease ran out"

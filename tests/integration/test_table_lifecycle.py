@@ -185,11 +185,13 @@ def test_mapping_moved_to_another_mirror_table_is_copied_there(source_db, dest_d
                           "where source_table = 'public.b'") == "odoo_mirror.b_moved"
 
 
-def test_a_mapping_renames_and_the_publication_chooses_the_tables(source_db, dest_db):
+def test_a_mapping_renames_and_the_publication_chooses_the_tables(source_db, dest_db,
+                                                                   caplog):
     # A [mappings] line for a alone used to leave b, published, out without a word; and a
     # table added to the publication while running must be copied, mapped or not.
     two_tables(source_db, rows=300)
     mappings = {"public.a": "odoo_mirror.a_renamed"}
+    caplog.set_level(logging.INFO, logger="replicator")
     with running(source_db, dest_db, mappings=mappings):
         wait_for(lambda: sync_state(dest_db, "b") == "streaming", what="b copied")
         source_db.execute("create table c (id int primary key, v text)")
@@ -203,6 +205,12 @@ def test_a_mapping_renames_and_the_publication_chooses_the_tables(source_db, des
     assert_same(source_db, dest_db, "b")
     assert_same(source_db, dest_db, "c")
     assert dest_db.scalar("select to_regclass('odoo_mirror.a') is null") is True
+    # Said at the start: a config whose [mappings] once chose the tables replicates more now.
+    [said] = [r for r in caplog.records if r.getMessage().startswith(
+        "published tables that [mappings] does not name")][:1]
+    assert said.tables == ["public.b"]
+    # What the batches applied, summed up at info level (each batch's line is at debug).
+    assert [r for r in caplog.records if r.getMessage() == "applied"]
 
 
 def test_two_tables_bound_for_one_mirror_table_are_refused(source_db, dest_db):

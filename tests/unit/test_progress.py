@@ -75,3 +75,16 @@ def test_logs_a_progress_line_every_few_seconds(monkeypatch, caplog):
     assert rec.table == "odoo_mirror.account_move_line" and rec.state == "copying"
     assert rec.rows == 250 and rec.est_rows == 1000
     assert rec.mb_per_s > 0 and rec.eta_s > 0
+
+
+def test_log_lines_to_a_file_stay_in_the_file(monkeypatch):
+    # `run > replicator.log` on a terminal: the bars on stderr, the log lines (stdout) in
+    # the file, not captured into the live display.
+    out, err = io.StringIO(), Tty()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    with CopyProgress([table_copy("account_move_line", 1000)], tty=True) as bars:
+        sys.stdout.write("a log line for the file\n")
+        bars.tick()
+    assert out.getvalue() == "a log line for the file\n"
+    assert "a log line for the file" not in err.getvalue()
