@@ -31,7 +31,7 @@ from ..pipeline import preflight, supervisor
 from ..redact import redact, register_secret
 from ..telemetry.console import printable, say
 from ..telemetry.logs import setup_logging
-from . import dead_letters, drop, init, resync, status, verify
+from . import dead_letters, drop, init, resync, status, verify, verify_report
 
 __all__ = ["build_parser", "main"]
 
@@ -589,7 +589,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.as_dict(), indent=None))
     else:
-        say(verify.render(report))
+        say(verify_report.render(report))
     # What it found, not an error of the command: scripts branch on it.
     return 1 if report.drift else ExitCode.OK
 

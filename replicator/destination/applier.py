@@ -10,9 +10,9 @@ there first) fails that COPY, and the batch runs again by MERGE, which updates t
 
 A change the mirror rejects for its data makes the batch run again with each table's MERGE
 under a savepoint, and the failing table's staged keys are bisected down to the keys that
-fail (reject_sql.py). With [destination] on_error = "stop" the first such key stops the
-pipeline (the batch rolls back); with "dead_letter" every change of it goes to the dead
-letter table, in order, and the rest of the batch is applied.
+fail (isolation.py; its statements in reject_sql.py). With [destination] on_error = "stop"
+the first such key stops the pipeline (the batch rolls back); with "dead_letter" every
+change of it goes to the dead letter table, in order, and the rest of the batch is applied.
 
 Pooler safe (Supabase port 6543, transaction mode): no prepared statements,
 settings by SET LOCAL only, nothing that outlives the transaction.
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import psycopg
@@ -55,6 +54,7 @@ from ..schema import (
     check_options,
 )
 from . import access, state, watchdog
+from .apply_result import ApplyResult
 from .batch_sql import (
     COMMIT_TIME,
     STAGING_VACUUM_ROWS,
@@ -76,6 +76,7 @@ from .batch_sql import (
     unhold_sql,
     vacuum_staging_sql,
 )
+from .isolation import KeyIsolation
 from .lease import Fence
 from .mirror_ddl import (
     create_held_sql,
@@ -83,18 +84,13 @@ from .mirror_ddl import (
     create_mirror_sql,
     create_staging_sql,
     ensure_mirror_columns,
+    has_user_triggers,
     mirror_exists,
     takes_rows_as_sent,
 )
 from .reject_sql import (
-    ISOLATE,
-    group_keys,
-    isolate_groups_sql,
-    isolate_keys_sql,
     isolate_links_sql,
-    isolate_ops_sql,
     isolate_queued_sql,
-    isolate_sql,
     isolate_stage_sql,
     letter_sql,
     queued_sql,
@@ -105,38 +101,6 @@ if TYPE_CHECKING:  # the pipeline hands the applier its session's builder
     from .indexes import IndexBuilder
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ApplyResult:
-    rows: int = 0
-    inserts: int = 0
-    updates: int = 0
-    deletes: int = 0
-    dead_letters: int = 0
-    copies: int = 0       # COPYs into staging: one per table with rows, unless a truncate splits
-    seconds: float = 0.0
-    # With Applier.defer_flush: a destination WAL position at or past the batch's commit
-    # record, and the destination's WAL flush position, both read after the commit.
-    wal_lsn: int = 0
-    wal_flushed: int = 0
-    per_op: dict[str, dict[str, int]] = field(default_factory=dict)
-    dead_per_table: dict[str, int] = field(default_factory=dict)
-    lettered: set[str] = field(default_factory=set)   # tables given retryable dead letters
-
-    def count(self, table: str, inserts: int = 0, updates: int = 0, deletes: int = 0) -> None:
-        ops = self.per_op.setdefault(table, {"insert": 0, "update": 0, "delete": 0})
-        ops["insert"] += inserts
-        ops["update"] += updates
-        ops["delete"] += deletes
-        self.inserts += inserts
-        self.updates += updates
-        self.deletes += deletes
-
-    def dead(self, table: str, n: int) -> None:
-        if n > 0:
-            self.dead_letters += n
-            self.dead_per_table[table] = self.dead_per_table.get(table, 0) + n
 
 
 def _write(copy: psycopg.Copy,
@@ -183,9 +147,10 @@ class Applier:
         # runs under a savepoint, and a failing one is bisected.
         self._careful = False
         # Whether a mirror table takes its inserts by COPY as the stream sent them
-        # (takes_rows_as_sent), per table and columns, checked once a session; and whether
-        # the batch in flight runs by MERGE only, after one of its inserts met its key.
-        self._as_sent: dict[tuple[str, tuple[Column, ...]], bool] = {}
+        # (takes_rows_as_sent) and has user triggers, per table and columns, checked once a
+        # session; and whether the batch in flight runs by MERGE only, after one of its
+        # inserts met its key.
+        self._as_sent: dict[tuple[str, tuple[Column, ...]], tuple[bool, bool]] = {}
         self._merge_only = False
         # [destination] analytics_roles: the policy of every mirror table it creates.
         self.readers = readers
@@ -288,7 +253,8 @@ class Applier:
                     {o.attnum: c.name for c, o in zip(t.columns, origins) if o.attnum is not None})
         conn.execute(create_staging_sql(t))
         self._ensure_options(t)
-        self._as_sent[t.qualname, t.columns] = takes_rows_as_sent(conn, t)
+        self._as_sent[t.qualname, t.columns] = (takes_rows_as_sent(conn, t),
+                                                 has_user_triggers(conn, t))
 
     def _hold_index_builds(self, t: MirrorTable) -> None:
         """No index build on t until this batch transaction ends: its ALTER TABLE waits for
@@ -585,7 +551,7 @@ class Applier:
             return
         data: bytes | bytearray | Pieces | SpilledRows | SpilledSlice = tr.data
         staged = tr.rows
-        split = self._copy_inserts(cur, t, tr.inserts, tr.deletes + tr.moves, data,
+        split = self._copy_inserts(cur, t, tr.inserts, tr.updates, tr.deletes + tr.moves, data,
                                    self._lettered is None or t.qualname in self._lettered)
         if split is not None:
             res.copies += 1
@@ -607,8 +573,8 @@ class Applier:
         res.count(t.qualname, *(max(0, n - out.get(o, 0))
                                 for n, o in zip((tr.inserts, tr.updates, tr.deletes), "IUD")))
 
-    def _copy_inserts(self, cur: psycopg.Cursor, t: MirrorTable, inserts: int, deletes: int,
-                      data: bytes | bytearray | Pieces | SpilledRows | SpilledSlice,
+    def _copy_inserts(self, cur: psycopg.Cursor, t: MirrorTable, inserts: int, updates: int,
+                      deletes: int, data: bytes | bytearray | Pieces | SpilledRows | SpilledSlice,
                       lettered: bool) -> tuple[bytearray, int] | None:
         """COPY t's inserts into the mirror as they are, with no staging and no MERGE;
         returns its other rows, to stage and merge (a COPY BINARY stream, how many), or
@@ -628,8 +594,13 @@ class Applier:
             return None
         known = self._as_sent.get((t.qualname, t.columns))
         if known is None:
-            known = self._as_sent[t.qualname, t.columns] = takes_rows_as_sent(cur.connection, t)
-        if not known:
+            known = self._as_sent[t.qualname, t.columns] = (
+                takes_rows_as_sent(cur.connection, t), has_user_triggers(cur.connection, t))
+        as_sent, triggered = known
+        # A user trigger (the invoice-to-memory one) sees one insert per key with the batch's
+        # last values when the MERGE collapses the key's changes (docs: What the mirror
+        # sees): with updates to follow, its table keeps the MERGE.
+        if not as_sent or (triggered and updates):
             return None
         if isinstance(data, SpilledSlice):
             rows: bytes | memoryview = data.read()
@@ -649,16 +620,16 @@ class Applier:
     def merge_streamed(self, cur: psycopg.Cursor, t: MirrorTable,
                        data: bytes | bytearray | Pieces | SpilledRows | SpilledSlice,
                        unchanged: bool, res: ApplyResult, lettered: bool = False, inserts: int = 0,
-                       deletes: int = 0) -> int | None:
+                       updates: int = 0, deletes: int = 0) -> int | None:
         """Stage and merge streamed rows of one table: a chunk's, or a piece of one.
 
         lettered: the table has waiting dead letters. If one of the staged keys has one,
         nothing is merged and None returned: the key's change must queue behind its
         letters, and a letter needs the commit LSN, which only the commit brings.
-        inserts, deletes: how many of its rows are inserts and deletes (the inserts may go
-        into the mirror by COPY, see _copy_inserts, which finds any delete row itself).
+        inserts, updates, deletes: how many of its rows are of each (the inserts may go into
+        the mirror by COPY, see _copy_inserts, which finds any delete row itself).
         """
-        split = self._copy_inserts(cur, t, inserts, deletes, data, lettered)
+        split = self._copy_inserts(cur, t, inserts, updates, deletes, data, lettered)
         if split is not None:
             res.copies += 1
             data, rest = split
@@ -763,102 +734,8 @@ class Applier:
                 if not rejects(exc):
                     raise
                 failed = exc
-        return self._isolate(cur, t, unchanged, end_lsn, res, failed)
-
-    def _isolate(self, cur: psycopg.Cursor, t: MirrorTable, unchanged: bool, end_lsn: int,
-                 res: ApplyResult, failed: psycopg.Error | None) -> dict[str, int]:
-        """Apply the staged keys that the mirror accepts, set the others aside.
-
-        failed: the error of merging everything staged, if that was tried.
-        """
-        for stmt in isolate_sql(t):
-            cur.execute(stmt)
-        cur.execute(sql.SQL("select coalesce(max(_r_kn) + 1, 0) from {}").format(ISOLATE))
-        counted = cur.fetchone()
-        n = int(counted[0]) if counted else 0
-        cur.execute(self._stmt("isolate_links", t))
-        links = [(int(a), int(b)) for a, b in cur.fetchall()]
-        queued: set[int] = set()
-        if self._lettered is not None and t.qualname in self._lettered:
-            cur.execute(self._stmt("isolate_queued", t), {"slot": self.slot, "table": t.qualname})
-            queued = {int(r[0]) for r in cur.fetchall()}
-        groups, count = list(range(n)), n
-        if links or queued:
-            groups, count = group_keys(n, links, queued)
-            cur.execute(isolate_groups_sql(), [list(range(n)), groups])
-        bad: list[int] = []
-        if queued:
-            if self.on_error == "stop":
-                raise ReplicatorError(ErrorKind.DESTINATION_REJECTED, (
-                    f"{t.qualname}: {self._keys(cur, -1)} has a waiting dead letter, and "
-                    f"[destination] on_error is \"stop\""), "retry or delete its dead letters "
-                    "(`replicator dead-letters --retry`), or set on_error = \"dead_letter\"")
-            self._letter(cur, t, [-1], "queued behind an earlier dead letter of the same key",
-                         None, res)
-            bad.append(-1)
-        if count:
-            res.dead(t.qualname, self._bisect(cur, t, unchanged, end_lsn, 0, count, failed, bad,
-                                              res))
-        out: dict[str, int] = {}
-        if bad:
-            cur.execute(isolate_ops_sql(), [bad])
-            out = {op: int(c) for op, c in cur.fetchall()}
-        cur.execute(sql.SQL("drop table pg_temp.{}").format(ISOLATE))
-        return out
-
-    def _bisect(self, cur: psycopg.Cursor, t: MirrorTable, unchanged: bool, end_lsn: int,
-                lo: int, hi: int, failed: psycopg.Error | None, bad: list[int],
-                res: ApplyResult) -> int:
-        """Merge groups lo..hi-1, halving what fails; returns unchanged-TOAST dead rows."""
-        if failed is None:
-            try:
-                with cur.connection.transaction():
-                    cur.execute(self._stmt("isolate_stage", t), [lo, hi])
-                    dead = self._merge_staged(cur, t, unchanged, end_lsn)
-                    cur.execute(clear_staging_sql(t))
-                return dead
-            except psycopg.Error as exc:
-                if not rejects(exc):
-                    raise
-                failed = exc
-        if hi - lo > 1:
-            mid = (lo + hi) // 2
-            return (self._bisect(cur, t, unchanged, end_lsn, lo, mid, None, bad, res)
-                    + self._bisect(cur, t, unchanged, end_lsn, mid, hi, None, bad, res))
-        reason = failed.diag.message_primary or type(failed).__name__
-        if self.on_error == "stop":
-            raise ReplicatorError(
-                ErrorKind.DESTINATION_REJECTED,
-                f"the destination rejected a change of {t.qualname} key {self._keys(cur, lo)}: "
-                f"{reason} (SQLSTATE {failed.sqlstate})")
-        self._letter(cur, t, [lo], reason, failed, res)
-        bad.append(lo)
-        return 0
-
-    def _letter(self, cur: psycopg.Cursor, t: MirrorTable, groups: list[int], reason: str,
-                failed: psycopg.Error | None, res: ApplyResult) -> None:
-        cur.execute(self._stmt("letter", t), {
-            "slot": self.slot, "table": t.qualname, "reason": reason, "groups": groups,
-            "sqlstate": failed.sqlstate if failed is not None else None})
-        rows = max(cur.rowcount, 0)
-        res.dead(t.qualname, rows)
-        res.lettered.add(t.qualname)
-        # Neither key nor row values here (the dead letter table has them): the log is read
-        # by more people than the mirror is.
-        log.warning("changes the destination rejected were written to the dead letter table",
-                    extra={"table": t.qualname, "rows": rows, "sqlstate":
-                           failed.sqlstate if failed is not None else None,
-                           "condition": type(failed).__name__ if failed is not None
-                           else "queued behind a dead letter",
-                           "constraint": failed.diag.constraint_name if failed is not None
-                           else None})
-
-    def _keys(self, cur: psycopg.Cursor, group: int) -> str:
-        """The keys of one group, with their commit LSNs, for an error line."""
-        cur.execute(isolate_keys_sql(), [group])
-        found = [f"{k} (LSN {format_lsn(int(lsn))})" for k, lsn in cur.fetchall()]
-        return ", ".join(found) or "?"
-
+        return KeyIsolation(self._stmt, self._merge_staged, self.slot, self.on_error,
+                            self._lettered).run(cur, t, unchanged, end_lsn, res, failed)
 
 class KeyPresent(Exception):
     """A key inserted by COPY is in the mirror already: apply its batch (or streamed

@@ -105,6 +105,14 @@ def takes_rows_as_sent(conn: psycopg.Connection, t: MirrorTable) -> bool:
     return row is not None and sorted(row[0]) == sorted(t.source.key)
 
 
+def has_user_triggers(conn: psycopg.Connection, t: MirrorTable) -> bool:
+    """Whether t's mirror has an enabled trigger of a user's (the invoice-to-memory one)."""
+    row = conn.execute(
+        "select exists (select 1 from pg_trigger where tgrelid = %s::regclass "
+        "and not tgisinternal and tgenabled <> 'D')", [t.dest.as_string(conn)]).fetchone()
+    return bool(row and row[0])
+
+
 @dataclass
 class MirrorPlan:
     statements: list[tuple[sql.Composed, tuple | None]]  # (stmt, (column, from, to) of a cast)

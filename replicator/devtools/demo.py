@@ -23,7 +23,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from ..commands import init, status, verify
+from ..commands import init, status, verify, verify_report
 from ..config.load import load_config
 from ..config.settings import LoggingSettings
 from ..pipeline.supervisor import Pipeline
@@ -149,7 +149,7 @@ def _run(base: Path, source: LocalCluster, dest: LocalCluster, scale: int,
 
     say(f"== replicator verify --config {config_path}")
     report = verify.verify(config)
-    say(_indent(verify.render(report)))
+    say(_indent(verify_report.render(report)))
 
     say("== source vs mirror")
     ok = compare(source.dsn("odoo_core"), dest.dsn("postgres")) and not report.drift

@@ -371,7 +371,8 @@ class StreamApply(threading.Thread):
         try:
             dead = applier.merge_streamed(cur, table, data, bool(tr.unchanged), level,
                                           lettered=tr.table.qualname in self._lettered,
-                                          inserts=counts[1], deletes=counts[3])
+                                          inserts=counts[1], updates=counts[2],
+                                          deletes=counts[3])
         except KeyPresent as exc:
             # The constraint, not the key: the log is read by more people than the mirror.
             raise GiveUp(f"an insert of a key the mirror has already ({exc.table}, "

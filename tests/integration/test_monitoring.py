@@ -46,11 +46,12 @@ EXPECTED_ALERTS = {"ETLHighLag", "ETLFailedRecords", "ETLSlotRetainedWALHigh",
 TARGET_LABELS = {"job", "instance", "service", "env"}
 
 
-def tool(name: str) -> str:
-    """The path of a Prometheus binary; off CI a machine without it skips, as for PostgreSQL."""
+def tool(name: str, package: str = "prometheus") -> str:
+    """The path of a Prometheus (or Alertmanager) binary; off CI a machine without it skips,
+    as for PostgreSQL; under CI it fails (.ci/run installs it)."""
     path = shutil.which(name)
     if path is None:
-        message = f"{name} is not installed (Debian package prometheus)"
+        message = f"{name} is not installed (Debian package {package})"
         if os.environ.get("CI"):
             pytest.fail(message + " (CI installs it: see .ci/run)")
         pytest.skip(message)
@@ -89,12 +90,7 @@ def test_promtool_checks_the_config_and_the_rules():
 def test_amtool_checks_the_alertmanager_config():
     """Alertmanager's own checker on the config docker-compose.yml mounts (Debian's
     prometheus-alertmanager), and Prometheus sends its alerts there."""
-    path = shutil.which("amtool")
-    if path is None:
-        message = "amtool is not installed (Debian package prometheus-alertmanager)"
-        if os.environ.get("CI"):
-            pytest.fail(message + " (CI installs it: see .ci/run)")
-        pytest.skip(message)
+    path = tool("amtool", "prometheus-alertmanager")
     proc = subprocess.run([path, "check-config", "alertmanager.yml"], cwd=MONITORING,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60)
     assert proc.returncode == 0 and "SUCCESS" in proc.stdout, proc.stdout

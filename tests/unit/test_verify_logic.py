@@ -7,18 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from replicator.commands.verify import (
-    DriftRange,
-    Range,
-    Recheck,
-    Report,
-    TableResult,
-    diff_rows,
-    key_order,
-    kind,
-    render,
-    split,
-)
+from replicator.commands.verify import Range, Recheck, diff_rows, key_order, kind, split
+from replicator.commands.verify_report import DriftRange, Report, TableResult, render
 
 
 def test_split_cuts_at_each_bound_and_keeps_the_edges():
