@@ -66,6 +66,7 @@ from psycopg import sql  # noqa: E402
 
 from replicator.config.load import from_dsns  # noqa: E402
 from replicator.config.settings import Config  # noqa: E402
+from replicator.destination import shadow as shadow_mod  # noqa: E402
 from replicator.destination import state  # noqa: E402
 from replicator.devtools import odoo, seed  # noqa: E402
 from replicator.devtools.localpg import DURABLE_SETTINGS  # noqa: E402
@@ -100,6 +101,8 @@ WAY_REPL = "replicator (copy_indexes=false)"
 WAY_REPL_IDX = "replicator (copy_indexes=true)"
 WAY_REPL_COPY = "  its copy phase only"
 WAY_PGCOPYDB = "pgcopydb clone"
+WAY_RESYNC = "replicator resync (1% drift)"
+RESYNC_DRIFT = 0.01             # share of the mirror's rows changed by hand before a resync
 PGCOPYDB_JOBS = 2               # --table-jobs and --index-jobs: one per CPU here
 PGCOPYDB_SRC_DB = "bench_pgcopydb_src"
 
@@ -446,6 +449,53 @@ class Bench(Servers):
                 "ranges": timer.ranges[0] if timer.ranges else None,
                 "mirror_indexes": n_idx, "indexes_owed": owed}
 
+    def run_resync(self) -> dict[str, Any]:
+        """`replicator resync --table` of a mirror that has its rows, then a run until caught
+        up: the copy goes into a shadow table and one transaction brings the mirror to it.
+        Before it, RESYNC_DRIFT of the mirror's rows are changed and half as many deleted by
+        hand, so the swap has work to do; the first copy is not timed."""
+        self.fresh_destination(with_table=False)
+        self.drop_source_slots()
+        cfg = self.config(copy_indexes=False)
+        if Pipeline(cfg, until_caught_up=True).run() != 0:
+            raise RuntimeError("the replicator's first copy failed")
+        every = max(2, int(1 / RESYNC_DRIFT))
+        with self.dst.connect(DST_DB) as conn:
+            conn.execute(f"update odoo_mirror.{TABLE} set name = 'drift' where id % {every} = 0")
+            conn.execute(f"delete from odoo_mirror.{TABLE} where id % {2 * every} = 1")
+            conn.execute(f"vacuum analyze odoo_mirror.{TABLE}")
+            state.request_resync(conn, "replicator", SLOT, [f"public.{TABLE}"])
+            conn.execute("checkpoint")
+        swaps: list[float] = []
+        original = shadow_mod.swap_in
+
+        def timed_swap(*args: Any, **kw: Any) -> Any:
+            t = time.monotonic()
+            try:
+                return original(*args, **kw)
+            finally:
+                swaps.append(time.monotonic() - t)
+
+        backfill_mod.shadow.swap_in = timed_swap   # type: ignore[attr-defined]
+        try:
+            snap = self.meter.snapshot()
+            t0 = time.monotonic()
+            rc = Pipeline(cfg, until_caught_up=True).run()
+            t1 = time.monotonic()
+            cpu = self.meter.since(snap)
+        finally:
+            backfill_mod.shadow.swap_in = original   # type: ignore[attr-defined]
+        if rc != 0:
+            raise RuntimeError(f"replicator run returned {rc}")
+        self.drop_source_slots()
+        self.check_rows(f"odoo_mirror.{TABLE}", WAY_RESYNC)
+        with self.dst.connect(DST_DB) as conn:
+            drift = conn.execute(
+                f"select count(*) from odoo_mirror.{TABLE} where name = 'drift'").fetchone()[0]
+        if drift or len(swaps) != 1:
+            raise RuntimeError(f"resync: {drift} drifted rows left, {len(swaps)} swap(s)")
+        return {"seconds": t1 - t0, **cpu, "swap_seconds": swaps[0]}
+
     # -- the tuning experiment: the copy phase alone
 
     def run_copy_only(self, workers: int | None, pages_per_range: int | None) -> dict[str, Any]:
@@ -519,6 +569,8 @@ def summarize(bench: Bench, samples: dict[str, list[dict]]) -> dict[str, Any]:
             entry["indexes_owed"] = runs[0].get("indexes_owed", 0)
         if way == WAY_PGCOPYDB:
             entry["indexes"] = runs[0]["indexes"]
+        if way == WAY_RESYNC:
+            entry["swap_s"] = median([r["swap_seconds"] for r in runs])
         if way == WAY_NATIVE:
             entry["streaming"] = runs[0]["streaming"]
             entry["binary"] = runs[0]["binary"]
@@ -573,7 +625,8 @@ def print_table(report: dict[str, Any], out=sys.stdout) -> None:
 
     p(f"{'way':36} {'seconds':>9} {'rows/s':>10} {'vs raw pipe':>12} {'vs native':>10} "
       f"{'vs pgcopydb':>12}   CPU s: source/destination/bench", file=out)
-    order = [WAY_REPL, WAY_REPL_COPY, WAY_REPL_IDX, WAY_RAW, WAY_NATIVE, WAY_PGCOPYDB]
+    order = [WAY_REPL, WAY_REPL_COPY, WAY_REPL_IDX, WAY_RESYNC, WAY_RAW, WAY_NATIVE,
+             WAY_PGCOPYDB]
     for way in order:
         if way not in ways:
             continue
@@ -594,6 +647,12 @@ def print_table(report: dict[str, Any], out=sys.stdout) -> None:
             p(f"\n{way}: where the time goes (medians, s)", file=out)
             for name, secs in ways[way]["phases_s"].items():
                 p(f"  {name:48} {secs:8.2f}", file=out)
+    if WAY_RESYNC in ways:
+        r = ways[WAY_RESYNC]
+        first = ways.get(WAY_REPL, {}).get("seconds")
+        p(f"\n{WAY_RESYNC}: {r['seconds']:.2f} s, of which the swap into the mirror "
+          f"{r['swap_s']:.2f} s" + (f"; {r['seconds'] / first:.2f}x the first copy's time"
+                                    if first else ""), file=out)
     if WAY_NATIVE in ways:
         st = ways[WAY_NATIVE].get("states_first_seen_s") or {}
         p(f"\nnative: srsubstate first seen at (s) {st}", file=out)
@@ -645,11 +704,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=1_000_000, help="account_move_line rows (about)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per way; the median is reported")
-    ap.add_argument("--ways", default="raw,native,replicator,replicator-indexes"
+    ap.add_argument("--ways", default="raw,native,replicator,replicator-indexes,resync"
                     + (",pgcopydb" if shutil.which("pgcopydb") else ""),
                     help="comma-separated subset of raw,native,replicator,replicator-indexes,"
-                         "pgcopydb (default: all of them, pgcopydb when it is installed; "
-                         "none: only the --tune experiment)")
+                         "resync,pgcopydb (default: all of them, pgcopydb when it is "
+                         "installed; none: only the --tune experiment)")
     ap.add_argument("--tune", action="store_true",
                     help="also time the copy phase for each --tune-workers x --tune-pages")
     ap.add_argument("--tune-workers", type=parse_int_list, default=[1, 2, 3, 4])
@@ -662,7 +721,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--rows must be >= 100 and --repeat >= 1")
     wanted = [w.strip() for w in args.ways.split(",") if w.strip() and w.strip() != "none"]
     way_names = {"raw": WAY_RAW, "native": WAY_NATIVE, "replicator": WAY_REPL,
-                 "replicator-indexes": WAY_REPL_IDX, "pgcopydb": WAY_PGCOPYDB}
+                 "replicator-indexes": WAY_REPL_IDX, "pgcopydb": WAY_PGCOPYDB,
+                 "resync": WAY_RESYNC}
     unknown = [w for w in wanted if w not in way_names]
     if unknown:
         ap.error(f"unknown way(s) {unknown}: choose from {', '.join(way_names)}")
@@ -682,6 +742,7 @@ def main(argv: list[str] | None = None) -> int:
             WAY_REPL: lambda: bench.run_replicator(copy_indexes=False),
             WAY_REPL_IDX: lambda: bench.run_replicator(copy_indexes=True),
             WAY_PGCOPYDB: bench.run_pgcopydb,
+            WAY_RESYNC: bench.run_resync,
         }
         order = [way_names[w] for w in wanted]
         samples: dict[str, list[dict]] = {w: [] for w in order}

@@ -125,6 +125,11 @@ class MirrorTable:
         """Where the table's changes wait while it is being copied (logged: they must survive)."""
         return sql.Identifier(self.state_schema, "held" + self.staging[5:])
 
+    @property
+    def shadow(self) -> sql.Composable:
+        """Where a new copy of a mirror that has rows goes (destination/shadow.py)."""
+        return sql.Identifier(self.state_schema, "shadow" + self.staging[5:])
+
     def staging_type(self, col: Column) -> str:
         return col.type_sql if self.binary else "text"
 

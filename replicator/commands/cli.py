@@ -180,10 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="copy one table (or all) again from the source, while the rest keeps streaming",
         description=(
             "Mark tables for a new initial copy. A running replicator picks the request up\n"
-            "within seconds: it holds the table's changes, truncates and re-copies it from a\n"
-            "fresh snapshot, applies the held changes and streams it again; other tables keep\n"
-            "streaming meanwhile. With no replicator running, the next `run` does the copy.\n"
-            "Analysts see the table empty or partly filled while it is being copied."
+            "within seconds: it holds the table's changes, copies it from a fresh snapshot\n"
+            "into a shadow table, brings the mirror to that copy in one transaction, applies\n"
+            "the held changes and streams it again; other tables keep streaming meanwhile.\n"
+            "With no replicator running, the next `run` does the copy. Analysts see the old\n"
+            "rows until the copy is complete, then the new ones; the table's views, policy\n"
+            "and grants are untouched. The shadow needs room for a second copy of the table."
         ),
         epilog=(
             "examples:\n"

@@ -16,13 +16,16 @@ copied (MERGE needs it); the source's secondary indexes are only recorded
 (state.record_index_builds) and built once the table streams (destination/indexes.py),
 so streaming never waits for them.
 
-A crash at any point leaves the table 'copying': the next start truncates it
-and copies it again. A copy made before streaming starts marks each table
-'copied' as soon as its rows and key are in, and such a table is never
-copied again. A copy made while the stream runs (`live`: an added table, a
-resync) leaves the table 'copying': the stream holds its changes meanwhile,
-and the batch that merges them also marks it 'streaming', in one destination
-transaction, so the held changes and the state can never be apart.
+A mirror that has rows (a resync, a copy after a crash) keeps them for its readers:
+the copy goes into a shadow table, and the transaction that marks the table
+copied brings the mirror to it (destination/shadow.py). A crash at any point
+leaves the table 'copying': the next start copies it again. A copy made
+before streaming starts marks each table 'copied' as soon as its rows and
+key are in, and such a table is never copied again. A copy made while the
+stream runs (`live`: an added table, a resync) leaves the table 'copying':
+the stream holds its changes meanwhile, and the batch that merges them (on
+top of the copy, swapped in already) also marks it 'streaming', in one
+destination transaction, so the held changes and the state can never be apart.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from psycopg import pq, sql
 from .. import deadline, failpoints
 from ..classify import classify_connect, setup_error
 from ..config.settings import Config, ConnectionSettings
-from ..destination import access, state, watchdog
+from ..destination import access, shadow, state, watchdog
 from ..destination.batch_sql import check_filter
 from ..destination.lease import Fence
 from ..destination.mirror_ddl import (
@@ -57,6 +60,7 @@ from ..libpq import function_addresses
 from ..lsn import format_lsn, parse_lsn
 from ..schema import (
     MirrorTable,
+    Origin,
     check_options,
     check_source_filter,
     column_origins,
@@ -85,6 +89,10 @@ class TableCopy:
     started: float = 0.0
     finished: float = 0.0
     created: bool = False        # the copy created the mirror: build its key after
+    # Where the rows go: the mirror, or the shadow of a mirror that has rows (its origins:
+    # for bringing the mirror's columns to the source's when the shadow is swapped in).
+    target: sql.Composable | None = None
+    origins: tuple[Origin, ...] | None = None
     indexes: list[sql.Composed | sql.SQL] = field(default_factory=list)   # the primary key
     index_left: int = 0
     secondary: int = 0           # secondary indexes recorded, built once the table streams
@@ -93,6 +101,10 @@ class TableCopy:
     @property
     def name(self) -> str:
         return self.table.qualname
+
+    @property
+    def shadowed(self) -> bool:
+        return self.target is not None
 
     def live(self) -> tuple[int, int]:
         return (self.rows + sum(p.rows for p in self.pipes),
@@ -222,22 +234,25 @@ class Backfill:
                         # the attnums remembered are the old table's.
                         state.record_column_attnums(dest, dst.state_schema, self.slot,
                                                     t.source.qualname, {})
-                    # User triggers (the invoice-to-memory one) must not fire
-                    # for every historical row; they are enabled again after.
-                    dest.execute(sql.SQL("alter table {} disable trigger user").format(t.dest))
-                    dest.execute(sql.SQL("truncate {}").format(t.dest))
-                    # The copy writes the source's columns as they are now: the
-                    # mirror gets them first, in this transaction, so a failure
-                    # leaves the old rows; an empty table always converts.
-                    ensure_mirror_columns(dest, t, dst.state_schema, self.slot, origins,
-                                          fast_defaults=False)
-                    # A mirror left without its key by an interrupted first copy
-                    # gets its indexes like a new one.
-                    has_key = dest.execute(
-                        "select exists (select 1 from pg_constraint where conrelid = "
-                        "%s::regclass and contype = 'p')", [t.dest.as_string(dest)]).fetchone()
-                    assert has_key is not None  # select exists (...): always one row
-                    copy.created = not has_key[0]
+                    if shadow.has_primary_key(dest, t):
+                        # Readers keep the old rows until the copy is complete: it goes
+                        # into a shadow, and the mirror is brought to it when it is.
+                        for stmt in shadow.create_shadow_sql(t):
+                            dest.execute(stmt)
+                        copy.target, copy.origins = t.shadow, origins
+                    else:
+                        # A mirror left without its key by an interrupted first copy
+                        # is loaded and gets its indexes like a new one. User triggers
+                        # (the invoice-to-memory one) must not fire for every historical
+                        # row; they are enabled again after.
+                        dest.execute(sql.SQL("alter table {} disable trigger user").format(
+                            t.dest))
+                        dest.execute(sql.SQL("truncate {}").format(t.dest))
+                        # The copy writes the source's columns as they are now: the
+                        # mirror gets them first; an empty table always converts.
+                        ensure_mirror_columns(dest, t, dst.state_schema, self.slot, origins,
+                                              fast_defaults=False)
+                        copy.created = True
                 else:
                     # No key while loading: the primary key is built after the data.
                     for stmt in create_mirror_sql(t, with_key=False):
@@ -434,7 +449,11 @@ class Backfill:
         with dest.transaction():
             self._fenced(dest)
             dest.execute("set local synchronous_commit = on")
-            dest.execute(sql.SQL("alter table {} enable trigger user").format(t.dest))
+            if copy.shadowed:
+                shadow.swap_in(dest, t, self.config.destination.state_schema, self.slot,
+                               copy.origins)
+            else:
+                dest.execute(sql.SQL("alter table {} enable trigger user").format(t.dest))
             state.set_table(dest, self.config.destination.state_schema, self.slot, t,
                             state.COPYING if self.live else state.COPIED, self._sync_lsn,
                             rows=copy.rows)
@@ -472,7 +491,8 @@ class Backfill:
             select += sql.SQL(" where ") + sql.SQL(" and ").join(where)
         out = sql.SQL("copy ({}) to stdout (format binary)").format(select).as_string()
         into = sql.SQL("copy {} ({}) from stdin (format binary)").format(
-            t.dest, sql.SQL(", ").join(sql.Identifier(c.name) for c in t.kept)).as_string()
+            copy.target or t.dest,
+            sql.SQL(", ").join(sql.Identifier(c.name) for c in t.kept)).as_string()
 
         if not copy.started:
             copy.started = time.monotonic()

@@ -18,7 +18,13 @@ from collections.abc import Callable
 
 import psycopg
 import pytest
-from plugins.replicator import PUBLICATION, ReplicatorProcess, assert_same, table_rows
+from plugins.replicator import (
+    MIRROR_SCHEMA,
+    PUBLICATION,
+    ReplicatorProcess,
+    assert_same,
+    table_rows,
+)
 from plugins.servers import ONE_VERSION
 
 from replicator import failpoints
@@ -162,6 +168,31 @@ def test_sigterm_during_a_live_resync_keeps_the_changes_made_during_the_copy(
     rows = table_rows(source_db, "b")
     assert rows[:2] == [(1, "changed during the copy"), (2, "changed during the copy")]
     assert state_of(dest_db, "b") == "streaming"
+
+
+@ONE_VERSION
+def test_a_resync_killed_in_its_copy_leaves_the_mirror_as_it_was(proc, source_db, dest_db):
+    # Killed with every row in the shadow and the mirror not yet brought to it: readers
+    # still see the mirror as it was; the next start copies it again into a new shadow.
+    setup_tables(source_db)
+    until_caught_up(proc)
+    mirror = f"select count(*), sum(length(v)) from {MIRROR_SCHEMA}.b"
+    before = dest_db.fetchall(mirror)
+    shadows = ("select count(*) from pg_class where relnamespace = 'replicator'::regnamespace "
+               "and relname like 'shadow%'")
+    proc.start(env={failpoints.ENV: f"{failpoints.COPY_DONE_BEFORE_MARK}=kill"})
+    wait_for(lambda: '"msg":"streaming"' in proc.current(), 60, "streaming", proc)
+    source_db.execute("update b set v = v || ' changed before the resync'")
+    wait_for(lambda: dest_db.fetchall(mirror) != before, 60, "the update to stream", proc)
+    streamed = dest_db.fetchall(mirror)
+    dest_db.execute("update replicator.tables set state = 'pending' where source_table = 'public.b'")
+    assert proc.wait_exit(90) == -signal.SIGKILL, proc.logs()
+    assert dest_db.fetchall(mirror) == streamed
+    assert dest_db.scalar(shadows) == 1
+    writer = Writer(source_db)
+    writer.start()
+    finish_and_compare(proc, writer, source_db, dest_db)
+    assert dest_db.scalar(shadows) == 0
 
 
 def killed_at_under_writes(point: str, proc: ReplicatorProcess, source_db, dest_db,
