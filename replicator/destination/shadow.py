@@ -45,6 +45,15 @@ def has_primary_key(conn: psycopg.Connection[Any], t: MirrorTable) -> bool:
     return bool(row and row[0])
 
 
+def check_owner(conn: psycopg.Connection[Any], t: MirrorTable) -> None:
+    """Refuse, before any row is copied, a mirror the swap could not alter: as the server
+    would refuse its ALTER (the caller names the fix), without the ALTER's lock."""
+    row = conn.execute("select pg_has_role(current_user, relowner, 'usage') from pg_class "
+                       "where oid = %s::regclass", [t.dest.as_string(conn)]).fetchone()
+    if not (row and row[0]):
+        raise psycopg.errors.InsufficientPrivilege(f"must be owner of table {t.dest_name}")
+
+
 def create_shadow_sql(t: MirrorTable) -> list[sql.Composed]:
     """An empty shadow (one an interrupted copy left is dropped): the copy's columns, no key."""
     cols = sql.SQL(", ").join(

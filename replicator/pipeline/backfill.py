@@ -237,6 +237,7 @@ class Backfill:
                     if shadow.has_primary_key(dest, t):
                         # Readers keep the old rows until the copy is complete: it goes
                         # into a shadow, and the mirror is brought to it when it is.
+                        shadow.check_owner(dest, t)
                         for stmt in shadow.create_shadow_sql(t):
                             dest.execute(stmt)
                         copy.target, copy.origins = t.shadow, origins
@@ -450,8 +451,17 @@ class Backfill:
             self._fenced(dest)
             dest.execute("set local synchronous_commit = on")
             if copy.shadowed:
-                shadow.swap_in(dest, t, self.config.destination.state_schema, self.slot,
-                               copy.origins)
+                try:
+                    shadow.swap_in(dest, t, self.config.destination.state_schema, self.slot,
+                                   copy.origins)
+                except psycopg.Error as exc:
+                    # A grant or ownership taken away during the copy: the operator's to fix.
+                    refused = setup_error(exc, side="destination",
+                                          settings=self.config.destination,
+                                          table=(t.dest_schema, t.dest_name))
+                    if refused is None:
+                        raise
+                    raise refused from exc
             else:
                 dest.execute(sql.SQL("alter table {} enable trigger user").format(t.dest))
             state.set_table(dest, self.config.destination.state_schema, self.slot, t,
