@@ -167,7 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Load the configuration, resolve its $VARIABLES (environment, then .env beside\n"
             "the file), validate every setting, and print a summary without secrets.\n"
             "Where available, it also checks the source and destination setup (wal_level,\n"
-            "publication, replica identities, privileges). Nothing is changed."
+            "publication, replica identities, privileges), and says whether a failover of\n"
+            "the source would keep the slot (PostgreSQL 17+ failover slots; with [source]\n"
+            "standby_host, the standby's synced copy). Nothing is changed."
         ),
         epilog="example:\n  replicator check --config etl-config.toml",
         formatter_class=_Formatter,
@@ -215,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Mirror rows are count(*) up to 100000 rows, the planner's estimate above.\n"
             "Says whether a replicator runs the pipeline: \"running\", \"standby\" (a second\n"
             "process taking over) or \"not running since T\" with the reason it stopped (its\n"
-            "error, \"stopped on request\", or none recorded: killed).\n"
+            "error, \"stopped on request\", or none recorded: killed), and whether a failover\n"
+            "of the source would keep the slot (one `failover` line).\n"
             "Exit 0 when all is well; 1 when no replicator runs it, when the slot is missing\n"
             "or lost while the state says the mirror was synced, or when the lag exceeds\n"
             "--max-lag-seconds; 2 (or 3 for an unreachable database) when it cannot tell,\n"
@@ -744,7 +747,8 @@ def _tls_warnings(config: Config) -> list[str]:
     for side in (config.source, config.destination):
         mode = side.sslmode or os.environ.get("PGSSLMODE") or "prefer"
         host = side.host or os.environ.get("PGHOST", "")
-        if mode not in _WEAK_SSLMODES or _is_local_host(host):
+        if mode not in _WEAK_SSLMODES or _is_local_host(
+                [h for h, _p in side.hosts] if side.host else host.split(",")):
             continue
         origin = ("" if side.sslmode else
                   " (from PGSSLMODE)" if os.environ.get("PGSSLMODE") else " (libpq's default)")
@@ -759,10 +763,10 @@ def _tls_warnings(config: Config) -> list[str]:
     return warnings
 
 
-def _is_local_host(host: str) -> bool:
+def _is_local_host(names: list[str]) -> bool:
     """True when every host libpq would try is this machine: a Unix socket directory (what
     an empty host means too), localhost, or a loopback address."""
-    for name in host.split(","):
+    for name in names:
         name = name.strip()
         if not name or name.startswith(("/", "@")) or name.lower() == "localhost":
             continue

@@ -23,7 +23,7 @@ from ..config.settings import Config
 from ..destination import lease, state
 from ..errors import ErrorKind, ReplicatorError
 from ..lsn import format_lsn, parse_lsn
-from ..source import catalog
+from ..source import catalog, failover
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,11 @@ class Status:
     stopped_at: str | None = None
     exit_reason: str | None = None
     problems: list[str] = field(default_factory=list)
+    # Whether a failover of the source would keep the slot (source/failover.py): one line,
+    # ready true/false/None (not known without [source] standby_host), and what to change.
+    failover: str = ""
+    failover_ready: bool | None = None
+    failover_findings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,6 +101,7 @@ def collect(config: Config, max_lag_seconds: float) -> Status:
         raise classify(exc, settings=src) from None
     with source:
         wal = catalog.slot_wal(source, slot)
+        ready = failover.readiness(source, src, SOURCE_OPTIONS)
         try:
             dest = psycopg.connect(dst.conninfo(options=DEST_OPTIONS), autocommit=True,
                                    prepare_threshold=None)
@@ -145,7 +151,9 @@ def collect(config: Config, max_lag_seconds: float) -> Status:
         "standby" if who.standby else "not running",
         stopped_at=who.last_seen.isoformat() if who.last_seen and who.writer_state in (
             "released", "expired") else None,
-        exit_reason=who.exit_reason if who.writer_state == "released" else None)
+        exit_reason=who.exit_reason if who.writer_state == "released" else None,
+        failover=ready.summary, failover_ready=ready.ready,
+        failover_findings=ready.findings)
     if st.running == "not running":
         st.problems.append(_not_running(st))
     if st.synced and not wal.exists:
@@ -221,6 +229,7 @@ def render(st: Status) -> str:
         ("replicator", st.running if st.running != "not running" else
          f"not running since {val(st.stopped_at)}" if st.writer else "not running (never run)"),
         ("writer", _writer(st)),
+        ("failover", st.failover),
     ]
     if st.standby:
         pairs.append(("standby", f"{st.standby} (waits to take over)"))
@@ -243,6 +252,8 @@ def render(st: Status) -> str:
             lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     for p in st.problems:
         lines.append(f"PROBLEM: {p}")
+    for f in st.failover_findings:
+        lines.append(f"failover: {f}")
     return "\n".join(lines)
 
 

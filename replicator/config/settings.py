@@ -144,6 +144,7 @@ class ConnectionSettings:
                 'the only supported type is "postgres"',
             )
         _check_range(s, "port", self.port, 1, 65535)
+        self.hosts  # noqa: B018 - parsed here, so that a bad entry is refused at load
         _check_range(s, "max_connections", self.max_connections, 1)
         _check_range(s, "idle_timeout", self.idle_timeout, 0)
         _check_range(s, "retry_timeout", self.retry_timeout, 0, exclusive_min=True)
@@ -168,10 +169,11 @@ class ConnectionSettings:
 
         For example ``conninfo(replication="database")`` for the walsender connection.
         """
+        hosts = self.hosts
         params: dict[str, Any] = {
             # Empty values are left out so libpq applies its defaults (socket, PG* variables).
-            "host": self.host or None,
-            "port": self.port,
+            "host": ",".join(h for h, _p in hosts) or None,
+            "port": ",".join(str(p) for _h, p in hosts),
             "dbname": self.database or None,
             "user": self.user or None,
             "password": self.password.reveal() or None,
@@ -183,12 +185,27 @@ class ConnectionSettings:
             "connect_timeout": DEFAULT_CONNECT_TIMEOUT,
             **TCP_KEEPALIVE,
         }
+        if len(hosts) > 1:
+            # libpq tries the hosts in order and keeps the first that takes writes: the
+            # primary, before and after a failover (for the walsender connection too). A
+            # session made read-only on purpose (status, verify) would never pass that
+            # test: it asks for the primary alone.
+            read_only = "default_transaction_read_only=on" in str(extra.get("options") or "")
+            params["target_session_attrs"] = "primary" if read_only else "read-write"
         params.update(extra)
         return make_conninfo("", **params)
 
+    @property
+    def hosts(self) -> list[tuple[str, int]]:
+        """(host, port) of each server ``host`` names: ``a``, ``a:5433``, ``[::1]:5433``, or
+        several of them separated by commas (a primary and its standbys); ``port`` is the
+        port of an entry that names none."""
+        return parse_hosts(self.section, self.host, self.port)
+
     def describe(self) -> str:
         """``user@host:port/database``: for logs and messages, never with the password."""
-        return f"{self.user}@{self.host or 'localhost'}:{self.port}/{self.database}"
+        where = ",".join(f"{h or 'localhost'}:{p}" for h, p in self.hosts)
+        return f"{self.user}@{where}/{self.database}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -215,9 +232,20 @@ class SourceSettings(ConnectionSettings):
     # while it runs with little left for its commit, and keep memory low (the measured
     # choice: BENCHMARKS.md, "The defaults, and why").
     logical_decoding_work_mem: str = "8MB"
+    # A standby of the source ("host" or "host:port"), reached with the source's user and
+    # password, for `check` and `status` to say whether it holds a usable copy of the slot
+    # (failover slots, PostgreSQL 17+). Only read; "" = none to ask.
+    standby_host: str = ""
+
+    @property
+    def standby_hosts(self) -> list[tuple[str, int]]:
+        return parse_hosts("source", self.standby_host, self.port) if self.standby_host else []
 
     def _validate(self) -> None:
         super()._validate()
+        if len(self.standby_hosts) > 1:
+            raise ConfigError("[source] standby_host: names one standby, not several",
+                              'write one host or host:port, e.g. standby_host = "db2:5432"')
         if self.logical_decoding_work_mem and not _MEMORY_RE.fullmatch(
                 self.logical_decoding_work_mem):
             raise ConfigError(
@@ -538,6 +566,32 @@ def describe_value(value: Any, *, secret: bool = False) -> str:
 
 
 # --- validation helpers ---------------------------------------------------------------------
+
+
+def parse_hosts(section: str, text: str, default_port: int) -> list[tuple[str, int]]:
+    """``host`` as (name, port) pairs; see ConnectionSettings.hosts."""
+    if not text.strip():
+        return [("", default_port)]
+    out = []
+    for entry in text.split(","):
+        entry = entry.strip()
+        name, port = entry, str(default_port)
+        if entry.startswith("["):               # [IPv6]:port or [IPv6]
+            name, _, rest = entry[1:].partition("]")
+            if rest:
+                if not rest.startswith(":"):
+                    name = ""
+                port = rest[1:]
+        elif entry.count(":") == 1:             # name:port (more colons: a bare IPv6)
+            name, port = entry.split(":")
+        if not name or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ConfigError(
+                f"[{section}] host: {entry!r} is not a host or host:port",
+                f'write one server, or several separated by commas (a primary and its '
+                f'standbys), e.g. host = "db1:5432,db2:5432"; [{section}] port is the port '
+                f"of an entry without one")
+        out.append((name, int(port)))
+    return out
 
 
 def _check_range(

@@ -299,19 +299,19 @@ class Applier:
         return stmt
 
     def apply(self, batch: Batch, record_lsn: bool = True,
-              system_id: str | None = None) -> ApplyResult:
+              source: state.SourceServer | None = None) -> ApplyResult:
         if batch.txns:
             failpoints.hit(failpoints.BATCH_BEFORE_BEGIN)
         try:
             try:
-                return self._apply(batch, record_lsn, system_id)
+                return self._apply(batch, record_lsn, source)
             except KeyPresent as present:
                 log.info("the batch inserts a key the mirror has already: applying it again "
                          "by MERGE, which updates that row", extra={
                              "lsn": format_lsn(batch.end_lsn), "table": present.table,
                              "constraint": present.exc.diag.constraint_name})
                 self._merge_only = True
-                return self._apply(batch, record_lsn, system_id)
+                return self._apply(batch, record_lsn, source)
         except _Rejected as rejected:
             # Savepoints cost nothing until a change fails: only then does the batch run
             # again, each table's MERGE under one, to find the keys that fail.
@@ -322,7 +322,7 @@ class Applier:
                             "condition": type(exc).__name__})
             self._careful = True
             try:
-                return self._apply(batch, record_lsn, system_id)
+                return self._apply(batch, record_lsn, source)
             finally:
                 self._careful = False
         finally:
@@ -336,7 +336,8 @@ class Applier:
                 self.index_builds.release(table)
         self._held = []
 
-    def _apply(self, batch: Batch, record_lsn: bool, system_id: str | None) -> ApplyResult:
+    def _apply(self, batch: Batch, record_lsn: bool,
+               source: state.SourceServer | None) -> ApplyResult:
         res = ApplyResult()
         started = time.monotonic()
         holding_before = set(self.holding)
@@ -363,7 +364,7 @@ class Applier:
                     # two take turns instead of deadlocking on mirror rows. The position
                     # still commits with the batch, or not at all.
                     state.record_applied(cur, self.state_schema, self.slot, batch.end_lsn,
-                                         system_id)
+                                         source)
                 if self._lettered is None:
                     self._lettered = state.lettered_tables(cur, self.state_schema, self.slot)
                 for op in batch.ops:

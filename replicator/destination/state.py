@@ -166,22 +166,32 @@ def applied_lsn(conn: psycopg.Connection, state_schema: str, slot: str) -> int |
     return parse_lsn(row[0]) if row else None
 
 
+@dataclass(frozen=True)
+class SourceServer:
+    """The server the applied position is read from: its system identifier (the same on a
+    primary and its standbys) and its timeline (a new one after each promotion)."""
+    system_id: str
+    timeline: int
+
+
 def record_applied(cur: psycopg.Cursor, state_schema: str, slot: str, lsn: int,
-                   system_id: str | None = None) -> None:
+                   source: SourceServer | None = None) -> None:
     """Inside the batch's transaction: the batch and its position commit together."""
     cur.execute(
         sql.SQL(
-            "insert into {}.pipelines as p (slot, applied_lsn, source_system_id) "
-            "values (%s, %s::pg_lsn, %s) on conflict (slot) do update set "
+            "insert into {}.pipelines as p (slot, applied_lsn, source_system_id, "
+            "source_timeline) values (%s, %s::pg_lsn, %s, %s) on conflict (slot) do update set "
             # Never backwards: a batch holding only table-sync steps carries the
             # position the receiver last heard of, which may trail what another
             # batch already stored; a lower value would make the slot look ahead
             # of the mirror at the next start.
             "applied_lsn = greatest(p.applied_lsn, excluded.applied_lsn), "
             "source_system_id = coalesce(excluded.source_system_id, p.source_system_id), "
+            "source_timeline = coalesce(excluded.source_timeline, p.source_timeline), "
             "updated_at = now()"
         ).format(sql.Identifier(state_schema)),
-        [slot, format_lsn(lsn), system_id],
+        [slot, format_lsn(lsn), source.system_id if source else None,
+         source.timeline if source else None],
     )
 
 
@@ -251,6 +261,14 @@ def exists(conn: psycopg.Connection, state_schema: str) -> bool:
 def system_id(conn: psycopg.Connection, state_schema: str, slot: str) -> str | None:
     row = conn.execute(
         sql.SQL("select source_system_id from {}.pipelines where slot = %s").format(
+            sql.Identifier(state_schema)), [slot]).fetchone()
+    return row[0] if row else None
+
+
+def source_timeline(conn: psycopg.Connection, state_schema: str, slot: str) -> int | None:
+    """The source timeline of the applied position (None: not run, or not recorded yet)."""
+    row = conn.execute(
+        sql.SQL("select source_timeline from {}.pipelines where slot = %s").format(
             sql.Identifier(state_schema)), [slot]).fetchone()
     return row[0] if row else None
 

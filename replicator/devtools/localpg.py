@@ -398,16 +398,33 @@ class LocalCluster:
             cmd = ["runuser", "-u", user.pw_name, "--", *cmd]
         return shlex.join(cmd)
 
-    def start_standby(self) -> LocalCluster:
-        """A hot standby of this (running) cluster, from pg_basebackup, on a port of its own."""
-        standby = LocalCluster(self.version, self.base_dir, settings=self.settings,
+    def start_standby(self, slot: str | None = None, dbname: str | None = None,
+                      settings: dict[str, Any] | None = None) -> LocalCluster:
+        """A hot standby of this (running) cluster, from pg_basebackup, on a port of its own.
+
+        ``slot``: stream through a physical slot of that name (created by pg_basebackup);
+        ``dbname``: written into primary_conninfo (17+: what slot synchronization needs);
+        ``settings``: the standby's own, on top of this cluster's.
+        """
+        standby = LocalCluster(self.version, self.base_dir,
+                               settings={**self.settings, **(settings or {})},
                                os_user=self.os_user or DEFAULT_OS_USER,
                                remove_on_exit=self.remove_on_exit)
         standby._prepare_dirs()
-        standby._run([str(standby._server_bin() / "pg_basebackup"), "-h", self.host,
-                      "-p", str(self.port), "-U", "postgres", "-D", str(standby.data_dir),
-                      "-R", "-X", "stream", "--checkpoint=fast"])  # not a spread one: minutes
+        cmd = [str(standby._server_bin() / "pg_basebackup"), "-d",
+               make_conninfo(host=self.host, port=self.port, user="postgres",
+                             dbname=dbname or "postgres"),
+               "-D", str(standby.data_dir), "-R", "-X", "stream",
+               "--checkpoint=fast"]  # not a spread one: minutes
+        if slot is not None:
+            cmd += ["-C", "-S", slot]
+        standby._run(cmd)
         return standby.start()
+
+    def promote(self) -> None:
+        """End recovery: a standby becomes a primary on a new timeline."""
+        self._run([str(self._server_bin() / "pg_ctl"), "promote", "-w", "-D",
+                   str(self.data_dir)], timeout=START_TIMEOUT_S + 15)
 
     def _user(self) -> pwd.struct_passwd | None:
         return ensure_os_user(self.os_user) if self.os_user else None

@@ -26,6 +26,7 @@ from ..schema import (
     check_source_filter,
     read_table,
 )
+from ..source import failover
 from ..source.catalog import (
     Slot,
     may_replicate,
@@ -36,7 +37,7 @@ from ..source.catalog import (
     unreadable_tables,
     wal_level,
 )
-from ..source.connection import quote_literal
+from ..source.connection import ReplicationConnection, quote_literal
 from ..telemetry.console import printable
 
 log = logging.getLogger(__name__)
@@ -206,6 +207,43 @@ def check_slot(catalog: psycopg.Connection, slot: str, applied: int | None,
     return found
 
 
+def check_timeline(repl: ReplicationConnection, timeline: int, recorded: int | None,
+                   applied: int | None) -> None:
+    """Refuse to resume after a failover of the source that lost what the mirror applied.
+
+    A promoted standby starts a new timeline, forked from the old one at the end of the WAL
+    it had received. Transactions the mirror applied past that point were never on the new
+    primary (the replicator was sent them before the standby had them: no
+    synchronized_standby_slots): the mirror has rows its source does not. ``recorded`` is
+    the timeline of the applied position (None: not known yet, nothing to compare).
+    """
+    if recorded is None or applied is None or recorded == timeline:
+        return
+    if recorded > timeline:
+        raise ReplicatorError(
+            ErrorKind.RESYNC_REQUIRED,
+            f"the source is on timeline {timeline}, older than the timeline {recorded} the "
+            "mirror was synced on (restored from a backup?)", _LOST_HINT)
+    forks = repl.timeline_history(timeline)
+    if recorded not in forks:
+        raise ReplicatorError(
+            ErrorKind.RESYNC_REQUIRED,
+            f"the source's timeline {timeline} does not descend from timeline {recorded}, the "
+            "one the mirror was synced on", _LOST_HINT)
+    fork = forks[recorded]
+    if applied > fork:
+        raise ReplicatorError(
+            ErrorKind.RESYNC_REQUIRED,
+            f"the source failed over: its timeline {timeline} forked from timeline {recorded} "
+            f"at {format_lsn(fork)}, but the mirror applied up to {format_lsn(applied)}: "
+            "transactions in between are in the mirror and were lost at the source",
+            _LOST_HINT + "; to keep it from happening again set synchronized_standby_slots on "
+            "the primary (`replicator check` says how)")
+    log.info("the source failed over: resuming on its new timeline, from before the fork",
+             extra={"timeline": timeline, "forked_from": recorded, "fork_lsn": format_lsn(fork),
+                    "applied_lsn": format_lsn(applied)})
+
+
 def check_slot_owner(found: Slot, slot: str, database: str) -> None:
     """Refuse a slot this pipeline cannot stream from: a physical one, another database's,
     or another output plugin's (pg_replication_slots.plugin and .database)."""
@@ -281,6 +319,10 @@ def check(config: Config) -> int:
         for t in tables:
             print(printable(f"  {t.qualname:40} key ({', '.join(t.key)}) -> "
                             f"{'.'.join(config.target(t.schema, t.name))}"))
+        ready = failover.readiness(catalog, src)
+        print(printable(f"failover: {ready.summary}"))
+        for line in ready.findings:
+            print(printable(f"failover WARNING: {line}"))
     try:
         dest = psycopg.connect(dst.conninfo(), autocommit=True, prepare_threshold=None)
     except psycopg.Error as exc:

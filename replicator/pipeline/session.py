@@ -35,6 +35,7 @@ from .preflight import (
     check_destination_server,
     check_replication_role,
     check_slot,
+    check_timeline,
     discover_tables,
 )
 from .receiver import Receiver
@@ -87,8 +88,9 @@ class Session:
         self.shared = shared
         self.cfg = shared.config
         self.until_caught_up = until_caught_up
-        # Learnt from the slot's server (_slot): the cluster, and where catching up ends.
-        self.system_id = ""
+        # Learnt from the slot's server (_slot): the cluster and its timeline, and where
+        # catching up ends.
+        self.source: state.SourceServer | None = None
         self.target: int | None = None
 
     def run(self) -> None:
@@ -172,6 +174,8 @@ class Session:
                     f"than the one the mirror was synced from ({synced_from})",
                     "check [source] host/port; if the source was really replaced, run "
                     "`replicator resync --config PATH --all`")
+            check_timeline(repl, sysinfo.timeline,
+                           state.source_timeline(dest, dst.state_schema, slot), synced.applied)
             # Tables never copied, whose copy did not finish (a crash or stop
             # mid-copy lands here again), that left the publication and came
             # back, or that are now mapped to another mirror table, are copied
@@ -191,7 +195,7 @@ class Session:
                 point = repl.create_slot(slot)
                 log.info("created replication slot", extra={
                     "slot": slot, "consistent_point": format_lsn(point)})
-            self.system_id = sysinfo.system_id
+            self.source = state.SourceServer(sysinfo.system_id, sysinfo.timeline)
             self.target = sysinfo.xlogpos if self.until_caught_up else None
         finally:
             repl.close()
@@ -284,7 +288,7 @@ class Session:
             indexes = IndexBuilder(dst, src.slot, shared.metrics, fence=shared.fence)
             applier.index_builds = indexes
             applier_thread = threading.Thread(
-                target=apply_loop, args=(shared, applier, handoff, self.system_id),
+                target=apply_loop, args=(shared, applier, handoff, self.source),
                 name="applier", daemon=True)
             applier_thread.start()
             builder = indexes.start()
@@ -343,7 +347,8 @@ class _Summary:
                 "lsn": format_lsn(lsn)}
 
 
-def apply_loop(shared: Shared, applier: Applier, handoff: Handoff, system_id: str) -> None:
+def apply_loop(shared: Shared, applier: Applier, handoff: Handoff,
+               source: state.SourceServer | None) -> None:
     """The applier thread: each batch the receiver hands over, one transaction each."""
     progress, metrics = shared.progress, shared.metrics
     summary = _Summary()
@@ -356,9 +361,9 @@ def apply_loop(shared: Shared, applier: Applier, handoff: Handoff, system_id: st
             return
         try:
             if batch.stream is not None:
-                result = apply_finishing(batch, applier, system_id)
+                result = apply_finishing(batch, applier, source)
             else:
-                result = applier.apply(batch, system_id=system_id)
+                result = applier.apply(batch, source=source)
         except BaseException as exc:  # handed to the receiver, which raises it
             handoff.fail(exc)
             return

@@ -95,7 +95,7 @@ class _SubAbort:
 class _Commit:
     end_lsn: int
     commit_ts: int
-    system_id: str | None
+    source: state.SourceServer | None
     record_times: bool
 
 
@@ -193,7 +193,7 @@ class StreamApply(threading.Thread):
 
     # -- the applier's side -------------------------------------------------------
 
-    def commit(self, end_lsn: int, commit_ts: int, system_id: str | None,
+    def commit(self, end_lsn: int, commit_ts: int, source: state.SourceServer | None,
                record_times: bool) -> bool:
         """In the applier's turn: apply what is left, the position, COMMIT.
 
@@ -201,7 +201,7 @@ class StreamApply(threading.Thread):
         files instead). A failure once the commit began raises: its outcome is not
         known, so the session starts over from the stored position.
         """
-        item = _Commit(end_lsn, commit_ts, system_id, record_times)
+        item = _Commit(end_lsn, commit_ts, source, record_times)
         while self.failed is None and self.is_alive():
             try:
                 self._queue.put(item, timeout=0.5)
@@ -414,7 +414,7 @@ class StreamApply(threading.Thread):
                 self.result.count(table, ops["insert"], ops["update"], ops["delete"])
         self.rows = self.result.rows
         state.record_applied(cur, applier.state_schema, applier.slot, item.end_lsn,
-                             item.system_id)
+                             item.source)
         if item.record_times and self.tables:
             state.record_commit_times(cur, applier.state_schema, applier.slot,
                                       sorted(self.tables), item.commit_ts)
@@ -423,7 +423,8 @@ class StreamApply(threading.Thread):
             "xid": self.xid, "chunks": self.chunks, "lsn": format_lsn(item.end_lsn)})
 
 
-def apply_finishing(batch: Batch, applier: Applier, system_id: str | None) -> ApplyResult:
+def apply_finishing(batch: Batch, applier: Applier,
+                    source: state.SourceServer | None) -> ApplyResult:
     """A streamed transaction's own batch, in the applier's turn (source commit order).
 
     Its open destination transaction commits, or, if that one gave up, the
@@ -432,7 +433,7 @@ def apply_finishing(batch: Batch, applier: Applier, system_id: str | None) -> Ap
     worker, fallback = batch.stream, batch.fallback
     assert worker is not None and fallback is not None
     started = time.monotonic()
-    if worker.commit(batch.end_lsn, batch.last_commit_ts, system_id, applier.commit_times):
+    if worker.commit(batch.end_lsn, batch.last_commit_ts, source, applier.commit_times):
         worker.result.seconds = time.monotonic() - started
         log.debug("streamed transaction applied while it ran", extra={
             "xid": worker.xid, "chunks": worker.chunks, "lsn": format_lsn(batch.end_lsn)})
@@ -441,4 +442,4 @@ def apply_finishing(batch: Batch, applier: Applier, system_id: str | None) -> Ap
     st, commit_lsn, seq_base, keep = fallback
     batch.ops = st.commit(commit_lsn, seq_base, keep)
     batch.rows = sum(tr.rows for tr in batch.table_rows())
-    return applier.apply(batch, system_id=system_id)
+    return applier.apply(batch, source=source)

@@ -119,9 +119,12 @@ order by i.indexrelid
 # invalidation_reason exists from PostgreSQL 17 on (wal_removed, rows_removed,
 # wal_level_insufficient, idle_timeout in 18): read through to_jsonb so that one
 # query serves 15 and 16 too, where it is null and wal_status 'lost' is the only sign.
+# to_jsonb: columns of newer servers (invalidation_reason 17+, failover and synced 17+)
+# read as NULL from older ones.
 REPLICATION_SLOT_SQL = """
 select plugin, database, confirmed_flush_lsn::text, active, wal_status,
-       to_jsonb(s) ->> 'invalidation_reason'
+       to_jsonb(s) ->> 'invalidation_reason', (to_jsonb(s) ->> 'failover')::boolean,
+       (to_jsonb(s) ->> 'synced')::boolean
 from pg_replication_slots s
 where slot_name = %s
 """
@@ -247,6 +250,8 @@ class Slot:
     active: bool
     wal_status: str | None = None
     invalidation_reason: str | None = None
+    failover: bool | None = None     # synced to standbys that sync slots (17+; None before)
+    synced: bool | None = None       # a standby's copy of a primary's failover slot
 
     @property
     def invalidated(self) -> bool:

@@ -158,11 +158,27 @@ class ReplicationConnection:
         return SystemInfo(sysid, int(tli), parse_lsn(xlogpos), dbname)
 
     def create_slot(self, slot: str) -> int:
-        """Create the logical slot; its consistent point."""
-        rows = self.command(
-            f"CREATE_REPLICATION_SLOT {quote_ident(slot)} LOGICAL pgoutput (SNAPSHOT 'nothing')"
-        )
+        """Create the logical slot; its consistent point.
+
+        On PostgreSQL 17+ it is a failover slot: standbys that sync slots keep a copy, which
+        the replicator resumes from after a failover instead of copying every table again.
+        It costs the primary nothing unless synchronized_standby_slots is set.
+        """
+        failover = ", FAILOVER true" if self.server_version >= 170000 else ""
+        rows = self.command(f"CREATE_REPLICATION_SLOT {quote_ident(slot)} LOGICAL pgoutput "
+                            f"(SNAPSHOT 'nothing'{failover})")
         return parse_lsn(rows[0][1])
+
+    def timeline_history(self, timeline: int) -> dict[int, int]:
+        """Each ancestor timeline of ``timeline`` -> the LSN where the next one forked off it
+        (TIMELINE_HISTORY: the history file's lines are "parent\tswitchpoint\treason")."""
+        rows = self.command(f"TIMELINE_HISTORY {int(timeline)}")
+        forks = {}
+        for line in (rows[0][1] or "").splitlines() if rows else []:
+            parts = line.split("\t")
+            if len(parts) >= 2 and parts[0].strip().isdigit():
+                forks[int(parts[0])] = parse_lsn(parts[1].strip())
+        return forks
 
     def drop_slot(self, slot: str) -> None:
         self.command(f"DROP_REPLICATION_SLOT {quote_ident(slot)}")

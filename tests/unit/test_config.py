@@ -436,6 +436,40 @@ def test_conninfo_has_defaults_and_overrides(tmp_path):
     assert config.source.describe() == "odoo@127.0.0.1:5432/odoo_core"
 
 
+def test_several_source_hosts_ask_libpq_for_the_primary(tmp_path):
+    text = MINIMAL.replace('host = "127.0.0.1"', 'host = "db1, db2:6543,[::1]:5433"', 1)
+    src = load_config(write(tmp_path, text), environ=ENV).source
+    assert src.hosts == [("db1", 5432), ("db2", 6543), ("::1", 5433)]
+    params = conninfo_to_dict(src.conninfo(replication="database"))
+    assert (params["host"], params["port"]) == ("db1,db2,::1", "5432,6543,5433")
+    # The walsender and every other connection go to the one that takes writes...
+    assert params["target_session_attrs"] == "read-write"
+    # ...and a session read-only on purpose (status, verify) to the primary.
+    read_only = conninfo_to_dict(src.conninfo(options="-c default_transaction_read_only=on"))
+    assert read_only["target_session_attrs"] == "primary"
+    assert src.describe() == "odoo@db1:5432,db2:6543,::1:5433/odoo_core"
+    # One host: as before, no target_session_attrs (a standby given on purpose still works).
+    one = load_config(write(tmp_path, MINIMAL), environ=ENV).source
+    assert "target_session_attrs" not in conninfo_to_dict(one.conninfo())
+
+
+@pytest.mark.parametrize("host", ["db1:x", "db1,,db2", "db1:70000", "[::1]x"])
+def test_a_bad_host_entry_is_one_line_naming_it(tmp_path, host):
+    text = MINIMAL.replace('host = "127.0.0.1"', f'host = "{host}"', 1)
+    err = load_error(write(tmp_path, text))
+    assert err.message.startswith("[source] host: ") and "is not a host or host:port" in \
+        err.message, err.message
+    assert "db1:5432,db2:5432" in err.hint
+
+
+def test_standby_host_is_one_host(tmp_path):
+    src = load_config(write(tmp_path, with_source('standby_host = "db2:5433"')),
+                      environ=ENV).source
+    assert src.standby_hosts == [("db2", 5433)]
+    err = load_error(write(tmp_path, with_source('standby_host = "db2,db3"')))
+    assert err.message == "[source] standby_host: names one standby, not several"
+
+
 def test_empty_password_is_left_to_libpq(tmp_path):
     config = load_config(write(tmp_path, MINIMAL.replace('"$ODOO_DB_PASSWORD"', '""')), environ=ENV)
     assert "password" not in conninfo_to_dict(config.source.conninfo())
