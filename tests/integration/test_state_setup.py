@@ -103,7 +103,9 @@ def test_setup_upgrades_an_unversioned_deployment(dest_db):
         with conn.transaction():
             for stmt in UNVERSIONED_SETUP:
                 conn.execute(psycopg.sql.SQL(stmt).format(state=schema))
-        state.record_applied(conn.cursor(), "Old State", "slot_a", 42)
+        # As the replicator of then wrote it.
+        conn.execute(psycopg.sql.SQL("insert into {}.pipelines (slot, applied_lsn) "
+                                     "values ('slot_a', '0/2A')").format(schema))
         conn.execute(psycopg.sql.SQL("insert into {}.dead_letters (slot, mirror_table, lsn, reason) "
                                      "values ('slot_a', 'm.t', '0/2A', 'x')").format(schema))
         before = _columns(conn, "Old State")
@@ -117,7 +119,7 @@ def test_setup_upgrades_an_unversioned_deployment(dest_db):
         assert [c[:2] for c in kept if c not in before] == [
             *[("dead_letters", c) for c in ("op", "key_data", "old_key", "unchanged", "sqlstate",
                                             "retries", "retried_at")],
-            ("tables", "source_identity")]
+            ("pipelines", "source_timeline"), ("tables", "source_identity")]
         assert [c for c in after if c[0] == "schema_migrations"] == [
             ("schema_migrations", "version", "integer", "NO", None),
             ("schema_migrations", "name", "text", "NO", None),
