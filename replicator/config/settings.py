@@ -186,12 +186,12 @@ class ConnectionSettings:
             **TCP_KEEPALIVE,
         }
         if len(hosts) > 1:
-            # libpq tries the hosts in order and keeps the first that takes writes: the
-            # primary, before and after a failover (for the walsender connection too). A
-            # session made read-only on purpose (status, verify) would never pass that
-            # test: it asks for the primary alone.
-            read_only = "default_transaction_read_only=on" in str(extra.get("options") or "")
-            params["target_session_attrs"] = "primary" if read_only else "read-write"
+            # libpq tries the hosts in order and keeps the first that is not a standby: the
+            # primary, before and after a failover (for the walsender connection too).
+            # "primary", not "read-write": that one also refuses a session read-only by
+            # choice (status and verify make theirs so, and a hardened role may have
+            # default_transaction_read_only), on every host.
+            params["target_session_attrs"] = "primary"
         params.update(extra)
         return make_conninfo("", **params)
 
@@ -200,7 +200,7 @@ class ConnectionSettings:
         """(host, port) of each server ``host`` names: ``a``, ``a:5433``, ``[::1]:5433``, or
         several of them separated by commas (a primary and its standbys); ``port`` is the
         port of an entry that names none."""
-        return parse_hosts(self.section, self.host, self.port)
+        return parse_hosts(self.section, "host", self.host, self.port)
 
     def describe(self) -> str:
         """``user@host:port/database``: for logs and messages, never with the password."""
@@ -239,7 +239,8 @@ class SourceSettings(ConnectionSettings):
 
     @property
     def standby_hosts(self) -> list[tuple[str, int]]:
-        return parse_hosts("source", self.standby_host, self.port) if self.standby_host else []
+        return (parse_hosts("source", "standby_host", self.standby_host, self.port)
+                if self.standby_host else [])
 
     def _validate(self) -> None:
         super()._validate()
@@ -568,7 +569,7 @@ def describe_value(value: Any, *, secret: bool = False) -> str:
 # --- validation helpers ---------------------------------------------------------------------
 
 
-def parse_hosts(section: str, text: str, default_port: int) -> list[tuple[str, int]]:
+def parse_hosts(section: str, key: str, text: str, default_port: int) -> list[tuple[str, int]]:
     """``host`` as (name, port) pairs; see ConnectionSettings.hosts."""
     if not text.strip():
         return [("", default_port)]
@@ -586,9 +587,9 @@ def parse_hosts(section: str, text: str, default_port: int) -> list[tuple[str, i
             name, port = entry.split(":")
         if not name or not port.isdigit() or not 1 <= int(port) <= 65535:
             raise ConfigError(
-                f"[{section}] host: {entry!r} is not a host or host:port",
+                f"[{section}] {key}: {entry!r} is not a host or host:port",
                 f'write one server, or several separated by commas (a primary and its '
-                f'standbys), e.g. host = "db1:5432,db2:5432"; [{section}] port is the port '
+                f'standbys), e.g. {key} = "db1:5432,db2:5432"; [{section}] port is the port '
                 f"of an entry without one")
         out.append((name, int(port)))
     return out

@@ -62,60 +62,48 @@ def create_shadow_sql(t: MirrorTable) -> list[sql.Composed]:
             sql.SQL("create unlogged table {} ({})").format(t.shadow, cols)]
 
 
-def _comparable(conn: psycopg.Connection[Any], t: MirrorTable) -> dict[str, bool]:
-    """Whether each shadow column's type (an array's element type) has its own `=`.
-
-    Those without one (json, xml, point; varchar, which borrows text's) are compared as
-    text: a change is never missed, at worst an equal value written again.
-    """
-    rows = conn.execute(
-        "select a.attname::text, exists (select 1 from pg_operator o where o.oprname = '=' "
-        "and o.oprleft = e.oid and o.oprright = e.oid) "
-        "from pg_attribute a join pg_type y on y.oid = a.atttypid "
-        "join pg_type e on e.oid = case when y.typcategory = 'A' then y.typelem else y.oid end "
-        "where a.attrelid = %s::regclass and a.attnum > 0 and not a.attisdropped",
-        [t.shadow.as_string(conn)]).fetchall()
-    return dict(rows)
+# The swap's own temporary table, qualified: a table of that name elsewhere on the
+# search_path is never the one written.
+DIFF = sql.Identifier("pg_temp", "_r_diff")
 
 
-def _differs(name: str, comparable: bool) -> sql.Composed:
-    col = sql.Identifier(name)
-    if comparable:
-        return sql.SQL("m.{c} is distinct from s.{c}").format(c=col)
-    return sql.SQL("m.{c}::text is distinct from s.{c}::text").format(c=col)
-
-
-DIFF = sql.Identifier("_r_diff")    # a temporary table of the swap's transaction
-
-
-def swap_sql(t: MirrorTable, comparable: dict[str, bool]) -> list[sql.Composed]:
+def swap_sql(t: MirrorTable) -> list[sql.Composed]:
     """Find what differs in one pass, then delete, update and insert only that.
 
     One full join of the shadow and the mirror (one hash join, not one per step) keeps the
     rows that differ, with the shadow's values, in a temporary table; the three statements
-    after it touch the mirror through its primary key only.
+    after it touch the mirror through its primary key only. Rows are compared by their
+    binary images (`*<>`, as REFRESH MATERIALIZED VIEW CONCURRENTLY does): every type,
+    also those without `=` (json, point), and values that `=` calls equal but that read
+    differently (numeric 1.0 and 1.00, -0 and 0, '1 day' and '24 hours') count as changed.
     """
     key = [sql.Identifier(k) for k in t.source.key]
     mkeys = [sql.Identifier(f"_r_m{i}") for i in range(len(key))]
     on = sql.SQL(" and ").join(sql.SQL("s.{k} = m.{k}").format(k=k) for k in key)
-    values = [c.name for c in t.kept if c.name not in t.source.key]
-    differs = [_differs(c, comparable.get(c, False)) for c in values]
-    sets = [sql.SQL("{c} = d.{c}").format(c=sql.Identifier(c)) for c in values]
+    values = [sql.Identifier(c.name) for c in t.kept if c.name not in t.source.key]
+    differs: list[sql.Composable] = []
+    if values:
+        differs.append(sql.SQL("(row({m}))::record *<> (row({s}))::record").format(
+            m=sql.SQL(", ").join(sql.SQL("m.{}").format(c) for c in values),
+            s=sql.SQL(", ").join(sql.SQL("s.{}").format(c) for c in values)))
+    sets = [sql.SQL("{c} = d.{c}").format(c=c) for c in values]
     deleted_at = sql.Identifier(DELETED_AT)
     if t.options.soft_delete:
         # A soft-deleted row the copy has again: it is not deleted any more.
         differs.append(sql.SQL("m.{} is not null").format(deleted_at))
         sets.append(sql.SQL("{} = null").format(deleted_at))
-    s0, m0 = key[0], key[0]
-    keep = sql.SQL(" or ").join([sql.SQL("s.{} is null").format(s0),
-                                 sql.SQL("m.{} is null").format(m0), *differs])
+    keep = sql.SQL(" or ").join([sql.SQL("s.{} is null").format(key[0]),
+                                 sql.SQL("m.{} is null").format(key[0]), *differs])
+    # The shadow's columns by name (not s.*): no source column can collide with ours.
+    shadow_cols = sql.SQL(", ").join(sql.SQL("s.{}").format(sql.Identifier(c.name))
+                                     for c in t.kept)
     statements = [sql.SQL(
-        "create temporary table {d} on commit drop as select s.*, {mk}, "
-        "s.{s0} is null as _r_gone, m.{m0} is null as _r_new "
+        "create temporary table {d} on commit drop as select {cols}, {mk}, "
+        "s.{k0} is null as _r_gone, m.{k0} is null as _r_new "
         "from {s} s full join {m} m on {on} where {keep}").format(
-        d=DIFF, mk=sql.SQL(", ").join(sql.SQL("m.{} as {}").format(k, mk)
-                                      for k, mk in zip(key, mkeys)),
-        s0=s0, m0=m0, s=t.shadow, m=t.dest, on=on, keep=keep)]
+        d=DIFF, cols=shadow_cols, mk=sql.SQL(", ").join(
+            sql.SQL("m.{} as {}").format(k, mk) for k, mk in zip(key, mkeys)),
+        k0=key[0], s=t.shadow, m=t.dest, on=on, keep=keep)]
     # A soft-deleted row too: a resync copies the table afresh (docs/configuration.md).
     statements.append(sql.SQL("delete from {m} m using {d} d where d._r_gone and {on}").format(
         m=t.dest, d=DIFF, on=sql.SQL(" and ").join(
@@ -132,24 +120,40 @@ def swap_sql(t: MirrorTable, comparable: dict[str, bool]) -> list[sql.Composed]:
     return statements
 
 
-def _enabled_user_triggers(conn: psycopg.Connection[Any], t: MirrorTable) -> list[str]:
-    return [r[0] for r in conn.execute(
-        "select tgname::text from pg_trigger where tgrelid = %s::regclass "
+# pg_trigger.tgenabled -> how ALTER TABLE enables it again: O (origin and local), A
+# (always), R (replica only).
+_ENABLE = {"O": "enable trigger", "A": "enable always trigger", "R": "enable replica trigger"}
+
+
+def _enabled_user_triggers(conn: psycopg.Connection[Any], t: MirrorTable) -> list[tuple[str, str]]:
+    return [(r[0], r[1]) for r in conn.execute(
+        "select tgname::text, tgenabled::text from pg_trigger where tgrelid = %s::regclass "
         "and not tgisinternal and tgenabled <> 'D' order by tgname",
         [t.dest.as_string(conn)]).fetchall()]
 
 
+class ShadowIncomplete(Exception):
+    """The shadow holds fewer rows than the copy wrote: it was emptied under us (an
+    unlogged table after a destination crash, reached again through a pooler)."""
+
+
 def swap_in(conn: psycopg.Connection[Any], t: MirrorTable, state_schema: str, slot: str,
-            origins: tuple[Origin, ...] | None) -> Swapped:
+            origins: tuple[Origin, ...] | None, rows: int) -> Swapped:
     """In conn's transaction: bring the mirror to the shadow's rows and columns, drop the shadow.
 
-    User triggers do not fire (the copied rows are history, not news; the invoice-to-memory
-    one also skips them by replicator.phase): the enabled ones are disabled for the swap and
-    enabled again after it, one by one, so a trigger an operator disabled stays disabled.
+    ``rows``: what the copy wrote into the shadow; a shadow with fewer is refused
+    (ShadowIncomplete) rather than taken as the source's rows. User triggers do not fire (the
+    copied rows are history, not news; the invoice-to-memory one also skips them by
+    replicator.phase): the enabled ones are disabled for the swap and enabled again after
+    it, one by one and in their mode, so a trigger an operator disabled stays disabled.
     """
+    held = conn.execute(sql.SQL("select count(*) from {}").format(t.shadow)).fetchone()
+    if held is None or held[0] != rows:
+        raise ShadowIncomplete(f"the shadow of {t.qualname} holds {held[0] if held else 0} "
+                               f"rows, the copy wrote {rows}")
     conn.execute(sql.SQL("analyze {}").format(t.shadow))
     triggers = _enabled_user_triggers(conn, t)
-    for name in triggers:
+    for name, _mode in triggers:
         conn.execute(sql.SQL("alter table {} disable trigger {}").format(
             t.dest, sql.Identifier(name)))
     conn.execute("set local replicator.phase = 'copy'")
@@ -170,13 +174,13 @@ def swap_in(conn: psycopg.Connection[Any], t: MirrorTable, state_schema: str, sl
         done.inserted = conn.execute(sql.SQL("insert into {} ({}) select {} from {}").format(
             t.dest, cols, cols, t.shadow)).rowcount
     else:
-        counts = [conn.execute(stmt).rowcount for stmt in swap_sql(t, _comparable(conn, t))]
+        counts = [conn.execute(stmt).rowcount for stmt in swap_sql(t)]
         done.deleted, done.inserted = counts[1], counts[-1]
         done.updated = counts[2] if len(counts) == 4 else 0
         conn.execute(sql.SQL("drop table {}").format(DIFF))
-    for name in triggers:
-        conn.execute(sql.SQL("alter table {} enable trigger {}").format(
-            t.dest, sql.Identifier(name)))
+    for name, mode in triggers:
+        conn.execute(sql.SQL("alter table {} {} {}").format(
+            t.dest, sql.SQL(_ENABLE.get(mode, "enable trigger")), sql.Identifier(name)))
     conn.execute("set local replicator.phase = ''")
     conn.execute(sql.SQL("drop table {}").format(t.shadow))
     log.info("mirror brought to its new copy", extra={

@@ -434,6 +434,28 @@ class Backfill:
         if last:
             self._mark_copied(dest, copy)
 
+    def _swap(self, dest: psycopg.Connection, copy: TableCopy) -> None:
+        """Bring the mirror to its shadow, in the caller's transaction (destination/shadow.py)."""
+        t, dst = copy.table, self.config.destination
+        dest.execute("select set_config('lock_timeout', %s, true)",
+                     [f"{max(1, round(dst.lock_timeout * 1000))}ms"])
+        try:
+            shadow.swap_in(dest, t, dst.state_schema, self.slot, copy.origins, copy.rows)
+        except shadow.ShadowIncomplete as exc:
+            raise ReplicatorError(
+                ErrorKind.DESTINATION_CONNECT, f"{exc} (the destination restarted and emptied "
+                "it): the mirror was left as it was",
+                "the table is copied again when the replicator starts over") from None
+        except psycopg.errors.LockNotAvailable:
+            raise
+        except psycopg.Error as exc:
+            # A grant or ownership taken away during the copy: the operator's to fix.
+            refused = setup_error(exc, side="destination", settings=dst,
+                                  table=(t.dest_schema, t.dest_name))
+            if refused is None:
+                raise
+            raise refused from exc
+
     def _fenced(self, dest: psycopg.Connection) -> None:
         if self.fence is not None:
             self.fence.check(dest)
@@ -447,26 +469,32 @@ class Backfill:
         """
         t = copy.table
         failpoints.hit(failpoints.COPY_DONE_BEFORE_MARK)
-        with dest.transaction():
-            self._fenced(dest)
-            dest.execute("set local synchronous_commit = on")
-            if copy.shadowed:
-                try:
-                    shadow.swap_in(dest, t, self.config.destination.state_schema, self.slot,
-                                   copy.origins)
-                except psycopg.Error as exc:
-                    # A grant or ownership taken away during the copy: the operator's to fix.
-                    refused = setup_error(exc, side="destination",
-                                          settings=self.config.destination,
-                                          table=(t.dest_schema, t.dest_name))
-                    if refused is None:
-                        raise
-                    raise refused from exc
-            else:
-                dest.execute(sql.SQL("alter table {} enable trigger user").format(t.dest))
-            state.set_table(dest, self.config.destination.state_schema, self.slot, t,
-                            state.COPYING if self.live else state.COPIED, self._sync_lsn,
-                            rows=copy.rows)
+        waits = 0
+        while True:
+            try:
+                with dest.transaction():
+                    self._fenced(dest)
+                    dest.execute("set local synchronous_commit = on")
+                    if copy.shadowed:
+                        self._swap(dest, copy)
+                    else:
+                        dest.execute(sql.SQL("alter table {} enable trigger user").format(
+                            t.dest))
+                    state.set_table(dest, self.config.destination.state_schema, self.slot, t,
+                                    state.COPYING if self.live else state.COPIED,
+                                    self._sync_lsn, rows=copy.rows)
+                break
+            except psycopg.errors.LockNotAvailable:
+                # The swap needs a lock a long query (or an index build) holds: rather than
+                # queue every reader behind it, give up for now and try again, the shadow
+                # kept.
+                waits += 1
+                log.warning("the mirror is busy: its new copy is swapped in once the lock "
+                            "is free", extra={"table": t.qualname, "attempt": waits,
+                                              "lock_timeout_s": self.config.destination
+                                              .lock_timeout})
+                if self.stop.wait(min(30.0, 2.0 ** waits)):
+                    raise CopyStopped() from None
         if not self.live:
             failpoints.hit(failpoints.COPY_MARKED)
         copy.state = "copied"

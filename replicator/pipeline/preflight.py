@@ -214,8 +214,11 @@ def check_timeline(repl: ReplicationConnection, timeline: int, recorded: int | N
     A promoted standby starts a new timeline, forked from the old one at the end of the WAL
     it had received. Transactions the mirror applied past that point were never on the new
     primary (the replicator was sent them before the standby had them: no
-    synchronized_standby_slots): the mirror has rows its source does not. ``recorded`` is
-    the timeline of the applied position (None: not known yet, nothing to compare).
+    synchronized_standby_slots): the mirror has rows its source does not. ``applied`` is
+    how far the mirror reflects the source (the applied position, or a later copy's
+    snapshot), ``recorded`` the timeline it was read on (None: not known yet, nothing to
+    compare). A position only moved by keepalives past the fork is refused too: nothing
+    tells it apart from one moved by transactions.
     """
     if recorded is None or applied is None or recorded == timeline:
         return
@@ -235,8 +238,9 @@ def check_timeline(repl: ReplicationConnection, timeline: int, recorded: int | N
         raise ReplicatorError(
             ErrorKind.RESYNC_REQUIRED,
             f"the source failed over: its timeline {timeline} forked from timeline {recorded} "
-            f"at {format_lsn(fork)}, but the mirror applied up to {format_lsn(applied)}: "
-            "transactions in between are in the mirror and were lost at the source",
+            f"at {format_lsn(fork)}, but the mirror is past it (at {format_lsn(applied)}): "
+            "what the source committed in between may be in the mirror and is lost at the "
+            "source",
             _LOST_HINT + "; to keep it from happening again set synchronized_standby_slots on "
             "the primary (`replicator check` says how)")
     log.info("the source failed over: resuming on its new timeline, from before the fork",

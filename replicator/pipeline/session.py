@@ -53,6 +53,16 @@ class Synced:
     identities: dict[str, str | None]          # source table -> its recorded identity
     applied: int | None                        # the applied position, None before the first
 
+    @property
+    def reached(self) -> int | None:
+        """How far into the source's WAL the mirror reflects it: the applied position, or a
+        copied table's snapshot if that is later (None: nothing yet)."""
+        copied = [lsn for st, lsn, _m in self.tables.values()
+                  if lsn and st in (state.COPIED, state.STREAMING)]
+        if self.applied is None and not copied:
+            return None
+        return max([self.applied or 0, *copied])
+
     def continues(self, t: MirrorTable) -> bool:
         """Whether the table's mirror holds its rows and the stream only has to go on.
 
@@ -175,7 +185,7 @@ class Session:
                     "check [source] host/port; if the source was really replaced, run "
                     "`replicator resync --config PATH --all`")
             check_timeline(repl, sysinfo.timeline,
-                           state.source_timeline(dest, dst.state_schema, slot), synced.applied)
+                           state.source_timeline(dest, dst.state_schema, slot), synced.reached)
             # Tables never copied, whose copy did not finish (a crash or stop
             # mid-copy lands here again), that left the publication and came
             # back, or that are now mapped to another mirror table, are copied
@@ -267,6 +277,17 @@ class Session:
         builder: IndexBuilder | None = None
         try:
             repl.connect()
+            # With several hosts this connection may reach another server than the one
+            # _slot checked (a failover in between, during a copy perhaps): that one's
+            # timeline has not been compared with the applied position yet.
+            reached = repl.identify_system()
+            if self.source is not None and (reached.system_id, reached.timeline) != (
+                    self.source.system_id, self.source.timeline):
+                raise ReplicatorError(
+                    ErrorKind.SOURCE_CONNECT,
+                    f"the source changed between the session's checks and its stream "
+                    f"(timeline {self.source.timeline}, now {reached.timeline}): a failover",
+                    "the replicator starts the session again, checking the new primary")
             protocol = protocol_for(repl.server_version)
             decoder = Decoder()
             decoder.skip_before = start

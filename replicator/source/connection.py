@@ -162,9 +162,14 @@ class ReplicationConnection:
 
         On PostgreSQL 17+ it is a failover slot: standbys that sync slots keep a copy, which
         the replicator resumes from after a failover instead of copying every table again.
-        It costs the primary nothing unless synchronized_standby_slots is set.
+        It costs the primary nothing unless synchronized_standby_slots is set; a slot made
+        on a standby (PostgreSQL 16+ decodes there) cannot be one.
         """
-        failover = ", FAILOVER true" if self.server_version >= 170000 else ""
+        failover = ""
+        if self.server_version >= 170000:
+            # A standby refuses FAILOVER (only a primary's slots are synced).
+            (in_recovery,), = self.command("select pg_is_in_recovery()")
+            failover = ", FAILOVER true" if in_recovery == "f" else ""
         rows = self.command(f"CREATE_REPLICATION_SLOT {quote_ident(slot)} LOGICAL pgoutput "
                             f"(SNAPSHOT 'nothing'{failover})")
         return parse_lsn(rows[0][1])

@@ -11,6 +11,7 @@ mirror applied (no synchronized_standby_slots, the standby behind), it refuses t
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -32,6 +33,7 @@ from plugins.replicator import (
 )
 from plugins.servers import ONE_VERSION, SOURCE_ROLE, TestDatabase, grant_source_role
 
+from replicator import failpoints
 from replicator.devtools.localpg import LocalCluster, available_versions
 from replicator.errors import ExitCode
 
@@ -163,8 +165,8 @@ def test_failover_with_synced_slots_resumes_with_nothing_lost_or_twice(
             assert checked.returncode == 0, checked.stderr
             assert "failover: ready: slot odoo_pub is a failover slot, synced to" in \
                 checked.stdout, checked.stdout
-            status = cli("status", "--config", str(proc.config))
-            assert "failover" in status.stdout and "ready" in status.stdout, status.stdout
+            status = cli("status", "--config", str(proc.config), "--json")
+            assert json.loads(status.stdout)["failover_ready"] is True, status.stdout
 
             # A big transaction open on the primary: streamed to the replicator in chunks,
             # never committed.
@@ -199,6 +201,42 @@ def test_failover_with_synced_slots_resumes_with_nothing_lost_or_twice(
         assert copies_after_first_run(proc) == [], proc.logs()
         assert dest_db.scalar("select count(*) from replicator.tables "
                               "where state <> 'streaming'") == 0
+        assert dest_db.scalar("select source_timeline from replicator.pipelines") == 2
+    finally:
+        standby.remove()
+
+
+def test_a_failover_between_the_sessions_checks_and_its_stream(primary, dest_db, tmp_path):
+    # The checks (system id, timeline, slot) ran on the old primary, then a copy made before
+    # streaming took a while, and the stream connection reached the promoted standby: the
+    # session starts over and checks the server it streams from.
+    standby = standby_of(primary, sync=True)
+    try:
+        with primary.connect() as conn:
+            conn.execute(f"alter system set synchronized_standby_slots = '{STANDBY_SLOT}'")
+            conn.execute("select pg_reload_conf()")
+        old, new = TestDatabase(primary, DATABASE), TestDatabase(standby, DATABASE)
+        proc = process(tmp_path, dest_db, primary, standby)
+        proc.start()
+        wait_for(proc.streaming, 60, "streaming", proc.logs)
+        wait_for_standby_slot(old, new)
+        assert proc.terminate(60) == 0, proc.logs()
+        dest_db.execute("update replicator.tables set state = 'pending' "
+                        "where source_table = 'public.b'")
+        proc.start(env={failpoints.ENV: f"{failpoints.STARTUP_COPIED}=sleep:6"})
+        wait_for(lambda: '"failpoint"' in proc.current(), 60, "the copy", proc.logs)
+        primary.stop(mode="immediate")
+        standby.promote()
+        new.execute("update b set v = 'after the switch' where id <= 3")
+        wait_for(lambda: dest_db.scalar("select count(*) from odoo_mirror.b "
+                                        "where v = 'after the switch'") == 3,
+                 90, "the change on the new primary", proc.logs)
+        assert "the source changed between the session's checks and its stream" in \
+            proc.current(), proc.logs()
+        assert proc.terminate(60) == 0, proc.logs()
+        for table in ("a", "b"):
+            assert_same(new, dest_db, table, empty_ok=True)
+        assert dest_db.scalar("select source_timeline from replicator.pipelines") == 2
     finally:
         standby.remove()
 

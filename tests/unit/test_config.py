@@ -442,9 +442,9 @@ def test_several_source_hosts_ask_libpq_for_the_primary(tmp_path):
     assert src.hosts == [("db1", 5432), ("db2", 6543), ("::1", 5433)]
     params = conninfo_to_dict(src.conninfo(replication="database"))
     assert (params["host"], params["port"]) == ("db1,db2,::1", "5432,6543,5433")
-    # The walsender and every other connection go to the one that takes writes...
-    assert params["target_session_attrs"] == "read-write"
-    # ...and a session read-only on purpose (status, verify) to the primary.
+    # The walsender and every other connection go to the primary, also a session read-only
+    # on purpose (status, verify), which "read-write" would refuse on every host.
+    assert params["target_session_attrs"] == "primary"
     read_only = conninfo_to_dict(src.conninfo(options="-c default_transaction_read_only=on"))
     assert read_only["target_session_attrs"] == "primary"
     assert src.describe() == "odoo@db1:5432,db2:6543,::1:5433/odoo_core"
@@ -468,6 +468,8 @@ def test_standby_host_is_one_host(tmp_path):
     assert src.standby_hosts == [("db2", 5433)]
     err = load_error(write(tmp_path, with_source('standby_host = "db2,db3"')))
     assert err.message == "[source] standby_host: names one standby, not several"
+    err = load_error(write(tmp_path, with_source('standby_host = "db2:x"')))
+    assert err.message == "[source] standby_host: 'db2:x' is not a host or host:port"
 
 
 def test_empty_password_is_left_to_libpq(tmp_path):
