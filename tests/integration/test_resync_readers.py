@@ -276,3 +276,22 @@ def test_a_composite_key_an_excluded_column_and_a_filter(source_db, dest_db):
     assert table_rows(dest_db, "b", MIRROR_SCHEMA, order="company, id") == expected
     assert dest_db.scalar(f"select n::text from {MIRROR_SCHEMA}.b "
                           "where (company, id) = (0, 12)") == "3.0000000000000000"
+
+
+def test_a_swap_that_cannot_get_its_lock_waits_with_the_shadow_kept(source_db, dest_db, caplog):
+    # A session holding a lock the swap's writes conflict with (an operator's LOCK, a long
+    # maintenance job): the swap gives up after lock_timeout, so readers do not queue behind
+    # it, and tries again until it gets through.
+    drifted_mirror(source_db, dest_db)
+    resync_b(dest_db)
+    with dest_db.connect(autocommit=False) as holder:
+        holder.execute(f"lock table {MIRROR_SCHEMA}.b in share mode")
+        releaser = threading.Timer(4.0, holder.rollback)
+        releaser.start()
+        try:
+            catch_up(source_db, dest_db, lock_timeout=0.5)
+        finally:
+            releaser.cancel()
+    assert "the mirror is busy" in caplog.text
+    assert_same(source_db, dest_db, "b")
+    assert sync_state(dest_db, "b") == "streaming"
