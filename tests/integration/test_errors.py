@@ -217,13 +217,20 @@ def test_run_keeps_retrying_an_unreachable_server(dest_db, tmp_path):
     run = ReplicatorProcess(_config(tmp_path, None, dest_db, source=source), tmp_path)
     try:
         run.start()
-        # Past retry_timeout: that bound is for --until-caught-up only.
-        time.sleep(5)
+
+        def retries() -> list[str]:
+            return [x for x in run.output()[0].splitlines() if "retrying after an error" in x]
+
+        # Past retry_timeout (1 s): that bound is for --until-caught-up only. Three retries
+        # take 3.5 s at the least (backoff from 1 s with jitter), more on a busy machine.
+        deadline = time.monotonic() + 30
+        while len(retries()) < 3 and time.monotonic() < deadline and run.alive:
+            time.sleep(0.2)
         assert run.alive, "run exited while the server was unreachable"
     finally:
         run.terminate(15)
         run.stop()
-    lines = [x for x in run.output()[0].splitlines() if "retrying after an error" in x]
+    lines = retries()
     assert len(lines) >= 3, lines
     for line in lines:
         assert '"attempt"' in line and '"retry_in_s"' in line and '"hint"' in line, line
