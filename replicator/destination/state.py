@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from psycopg import sql
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ErrorKind, ReplicatorError
 from ..lsn import format_lsn, parse_lsn
 
 if TYPE_CHECKING:  # schema.py does not import state.py, but the type is all this needs
@@ -75,17 +75,34 @@ def setup(conn: psycopg.Connection, state_schema: str,
             "create table if not exists {}.schema_migrations (version int primary key, "
             "name text not null, applied_at timestamptz not null default now())").format(schema))
     for mg in migrations() if files is None else files:
-        with conn.transaction():
-            _lock(conn, state_schema)
-            done = conn.execute(sql.SQL("select 1 from {}.schema_migrations where version = %s")
-                                .format(schema), [mg.version]).fetchone()
-            if done:
-                continue
-            # One execute for the whole file (several statements): no parameters,
-            # so psycopg sends it as a simple query; never prepared.
-            conn.execute(sql.SQL(mg.text).format(state=schema), prepare=False)
-            conn.execute(sql.SQL("insert into {}.schema_migrations (version, name) values (%s, %s)")
-                         .format(schema), [mg.version, mg.name])
+        try:
+            with conn.transaction():
+                _lock(conn, state_schema)
+                done = conn.execute(sql.SQL(
+                    "select 1 from {}.schema_migrations where version = %s").format(schema),
+                    [mg.version]).fetchone()
+                if done:
+                    continue
+                # An ALTER waiting for a table a running replicator holds (a long streamed
+                # transaction, during a rolling update) would queue that replicator's own
+                # next statements on the table behind it, lease renewals included: it gives
+                # up instead, and the caller tries again later.
+                conn.execute("select set_config('lock_timeout', %s, true)",
+                             [MIGRATION_LOCK_TIMEOUT])
+                # One execute for the whole file (several statements): no parameters,
+                # so psycopg sends it as a simple query; never prepared.
+                conn.execute(sql.SQL(mg.text).format(state=schema), prepare=False)
+                conn.execute(sql.SQL(
+                    "insert into {}.schema_migrations (version, name) values (%s, %s)")
+                    .format(schema), [mg.version, mg.name])
+        except psycopg.errors.LockNotAvailable:
+            raise ReplicatorError(
+                ErrorKind.DESTINATION_CONNECT,
+                f"[destination] cannot upgrade the state schema {state_schema!r} "
+                f"({mg.version:03d}_{mg.name}): a table it alters stayed in use for "
+                f"{MIGRATION_LOCK_TIMEOUT} (by a running replicator's transaction)",
+                "nothing was changed; the upgrade runs once that transaction ends "
+                "(`run` retries by itself)") from None
         ran.append(mg.version)
     return ran
 
@@ -101,6 +118,8 @@ def setup(conn: psycopg.Connection, state_schema: str,
 COMPONENTS = ("freshness", "mirror", "memory")
 
 
+# How long a state migration waits for a table's lock before it gives up (and is retried).
+MIGRATION_LOCK_TIMEOUT = "5s"
 MIGRATION_ATTEMPTS = 5      # a migration file rolled back by a deadlock with a batch runs again
 
 

@@ -13,6 +13,7 @@ import psycopg
 import pytest
 
 from replicator.destination import state
+from replicator.errors import ErrorKind, ReplicatorError
 
 STATE_TABLES = {"pipelines", "tables", "columns", "dead_letters", "schema_migrations",
                 "index_builds", "leases"}
@@ -179,3 +180,26 @@ def test_concurrent_first_setups(dest_db):
     assert all(versions == sorted(versions) for versions in ran), ran
     with dest_db.connect() as conn:
         assert [v for v, _n, _t in _recorded(conn, "st")] == [v for v, _n in PACKAGED]
+
+
+def test_a_migration_gives_up_on_a_table_in_use_instead_of_queueing_its_users(dest_db,
+                                                                             monkeypatch):
+    # A rolling update: the new process upgrades the state while the old one holds a table
+    # in a long transaction. Waiting, its ALTER would queue the old process's own next
+    # statements on that table behind it.
+    packaged = state.migrations()
+    with dest_db.connect() as conn:
+        state.setup(conn, "upgrading", files=packaged[:-1])
+    monkeypatch.setattr(state, "MIGRATION_LOCK_TIMEOUT", "300ms")
+    with dest_db.connect(autocommit=False) as old, dest_db.connect() as new:
+        old.execute("lock table upgrading.pipelines in access share mode")
+        with pytest.raises(ReplicatorError) as info:
+            state.setup(new, "upgrading")
+        assert info.value.kind is ErrorKind.DESTINATION_CONNECT
+        assert info.value.message.startswith(
+            "[destination] cannot upgrade the state schema 'upgrading' "
+            f"({packaged[-1].version:03d}_{packaged[-1].name}): a table it alters stayed in use")
+        # Nothing of the file stayed, and the old process's session was never blocked.
+        old.execute("select count(*) from upgrading.pipelines")
+        old.rollback()
+        assert state.setup(new, "upgrading") == [packaged[-1].version]
