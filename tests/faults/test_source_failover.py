@@ -70,6 +70,13 @@ def standby_of(primary: LocalCluster, sync: bool) -> LocalCluster:
     return primary.start_standby(slot=STANDBY_SLOT, dbname=DATABASE, settings=settings)
 
 
+def wait_for_the_standby(primary: LocalCluster) -> None:
+    """The primary's logical walsenders send nothing the standby has not confirmed."""
+    with primary.connect() as conn:
+        conn.execute(f"alter system set synchronized_standby_slots = '{STANDBY_SLOT}'")
+        conn.execute("select pg_reload_conf()")
+
+
 def wait_for_standby_slot(primary: TestDatabase, standby: TestDatabase) -> None:
     """Until the standby's copy of the slot is synced and persistent (made temporary, it
     becomes persistent once the primary's slot moved past where the copy started)."""
@@ -145,9 +152,7 @@ def test_failover_with_synced_slots_resumes_with_nothing_lost_or_twice(
         primary, dest_db, tmp_path):
     standby = standby_of(primary, sync=True)
     try:
-        with primary.connect() as conn:
-            conn.execute(f"alter system set synchronized_standby_slots = '{STANDBY_SLOT}'")
-            conn.execute("select pg_reload_conf()")
+        wait_for_the_standby(primary)
         old, new = TestDatabase(primary, DATABASE), TestDatabase(standby, DATABASE)
         proc = process(tmp_path, dest_db, primary, standby,
                        standby_host=f"127.0.0.1:{standby.port}")
@@ -212,9 +217,7 @@ def test_a_failover_between_the_sessions_checks_and_its_stream(primary, dest_db,
     # session starts over and checks the server it streams from.
     standby = standby_of(primary, sync=True)
     try:
-        with primary.connect() as conn:
-            conn.execute(f"alter system set synchronized_standby_slots = '{STANDBY_SLOT}'")
-            conn.execute("select pg_reload_conf()")
+        wait_for_the_standby(primary)
         old, new = TestDatabase(primary, DATABASE), TestDatabase(standby, DATABASE)
         proc = process(tmp_path, dest_db, primary, standby)
         proc.start()
