@@ -61,17 +61,13 @@ def alter_step(settings: SourceSettings, slot: str) -> str:
             f"'ALTER_REPLICATION_SLOT {quote_ident(slot)} (FAILOVER true)'")
 
 
-def primary(catalog: psycopg.Connection, settings: SourceSettings) -> tuple[Readiness, list[str]]:
-    """What the primary says; with the names in its synchronized_standby_slots."""
+def primary(catalog: psycopg.Connection,
+            settings: SourceSettings) -> tuple[list[str], list[str], Slot | None]:
+    """What is missing on a 17+ primary; with the names in its synchronized_standby_slots
+    and the slot (None: not created yet)."""
     slot_name = settings.slot
-    version = catalog.info.server_version
-    if version < FAILOVER_SLOTS_VERSION:
-        major = version // 10000
-        return Readiness(False, f"PostgreSQL {major} has no failover slots: a failover of "
-                         f"the source loses slot {slot_name}, and the mirror then needs "
-                         "`replicator resync --all` (PostgreSQL 17+ keeps the slot)"), []
     findings = []
-    slot: Slot | None = replication_slot(catalog, slot_name)
+    slot = replication_slot(catalog, slot_name)
     if slot is not None and not slot.failover:
         findings.append(
             f"slot {slot_name} is not a failover slot (made before PostgreSQL 17, or by "
@@ -86,41 +82,35 @@ def primary(catalog: psycopg.Connection, settings: SourceSettings) -> tuple[Read
             "transactions no standby has yet, which a failover loses at the source but not "
             "in the mirror. Set it to the standby's physical slot: alter system set "
             "synchronized_standby_slots = '<slot>'; select pg_reload_conf()")
-    else:
-        found = {n: (kind, active) for n, kind, active in
-                 catalog.execute(STANDBY_SLOTS_SQL, [names]).fetchall()}
-        for n in names:
-            kind, active = found.get(n, (None, False))
-            if kind is None:
-                findings.append(f"synchronized_standby_slots names {n}, which is no slot on "
-                                "the primary: logical decoding waits for it, so the "
-                                "replicator stalls; create it or take it out of the setting")
-            elif kind != "physical":
-                findings.append(f"synchronized_standby_slots names {n}, a {kind} slot: it "
-                                "must name the standbys' physical slots")
-            elif not active:
-                findings.append(f"synchronized_standby_slots names {n}, whose standby is not "
-                                "connected: the replicator receives nothing until it is (or "
-                                "until it is taken out of the setting)")
-    kind = "is" if slot is not None else "will be created as"
-    if findings:
-        return Readiness(False, f"a failover of the source may cost the slot or the "
-                         f"mirror's agreement with it ({len(findings)} finding(s))",
-                         findings), names
-    return Readiness(None, f"slot {slot_name} {kind} a failover slot and the primary waits "
-                     f"for {', '.join(names)} (set [source] standby_host to check the "
-                     "standby's copy)"), names
+    found = {n: (kind, active) for n, kind, active in
+             catalog.execute(STANDBY_SLOTS_SQL, [names]).fetchall()} if names else {}
+    for n in names:
+        kind, active = found.get(n, (None, False))
+        if kind is None:
+            findings.append(f"synchronized_standby_slots names {n}, which is no slot on "
+                            "the primary: logical decoding waits for it, so the "
+                            "replicator stalls; create it or take it out of the setting")
+        elif kind != "physical":
+            findings.append(f"synchronized_standby_slots names {n}, a {kind} slot: it "
+                            "must name the standbys' physical slots")
+        elif not active:
+            findings.append(f"synchronized_standby_slots names {n}, whose standby is not "
+                            "connected: the replicator receives nothing until it is (or "
+                            "until it is taken out of the setting)")
+    return findings, names, slot
 
 
 def standby(conn: psycopg.Connection, settings: SourceSettings, names: list[str],
-            primary_slot: Slot | None) -> list[str]:
-    """What is missing on the standby for it to keep a usable copy of the slot."""
+            primary_slot: Slot | None) -> tuple[list[str], int | None]:
+    """What is missing on the standby for it to keep a usable copy of the slot; and how far
+    its copy trails the primary's slot, in bytes (None: no copy to compare)."""
     where = f"[source] standby_host {settings.standby_host}"
     row = conn.execute(STANDBY_SQL).fetchone()
     assert row is not None   # a select without from: one row
     in_recovery, sync_slots, feedback, primary_slot_name, conninfo = row
     if not in_recovery:
-        return [f"{where} is not a standby (pg_is_in_recovery() is false): point it at one"]
+        return [f"{where} is not a standby (pg_is_in_recovery() is false): point it at "
+                "one"], None
     findings = []
     if sync_slots != "on":
         findings.append(f"{where} has sync_replication_slots {sync_slots or 'unknown'}: "
@@ -143,29 +133,41 @@ def standby(conn: psycopg.Connection, settings: SourceSettings, names: list[str]
         findings.append(f"{where} has no copy of slot {slot_name} yet: it appears once the "
                         "slot is a failover slot and the standby has caught up with it (its "
                         "log says why not)")
-    elif copy[2] is not None:
+        return findings, None
+    synced, confirmed, invalidated, temporary = copy
+    if invalidated is not None:
         findings.append(f"{where} has an invalidated copy of slot {slot_name} "
-                        f"({copy[2]}): a failover would need `replicator resync --all`")
-    elif not copy[0] or copy[3]:
+                        f"({invalidated}): a failover would need `replicator resync --all`")
+    elif not synced or temporary:
         findings.append(f"{where} has a slot {slot_name} that is not a synced copy yet")
-    return findings
+    behind = None
+    if confirmed is not None and primary_slot is not None and primary_slot.confirmed:
+        behind = max(0, parse_lsn(primary_slot.confirmed) - parse_lsn(confirmed))
+    return findings, behind
 
 
-def lag_bytes(conn: psycopg.Connection, slot: str, primary_slot: Slot | None) -> int | None:
-    """How far the standby's copy of the slot trails the primary's slot."""
-    copy = conn.execute(SYNCED_SLOT_SQL, [slot]).fetchone()
-    if copy is None or copy[1] is None or primary_slot is None or not primary_slot.confirmed:
-        return None
-    return max(0, parse_lsn(primary_slot.confirmed) - parse_lsn(copy[1]))
+def _not_ready(findings: list[str]) -> Readiness:
+    return Readiness(False, "a failover of the source may cost the slot or the mirror's "
+                     f"agreement with it ({len(findings)} finding(s))", findings)
 
 
 def readiness(catalog: psycopg.Connection, settings: SourceSettings,
               connect_options: str = "") -> Readiness:
     """Whether a failover would keep the slot: the primary's side, and the standby's when
     [source] standby_host names it (connected to with the source's user and password)."""
-    found, names = primary(catalog, settings)
-    if catalog.info.server_version < FAILOVER_SLOTS_VERSION or not settings.standby_host:
-        return found
+    version = catalog.info.server_version
+    if version < FAILOVER_SLOTS_VERSION:
+        return Readiness(False, f"PostgreSQL {version // 10000} has no failover slots: a "
+                         f"failover of the source loses slot {settings.slot}, and the mirror "
+                         "then needs `replicator resync --all` (PostgreSQL 17+ keeps the slot)")
+    findings, names, slot = primary(catalog, settings)
+    if not settings.standby_host:
+        if findings:
+            return _not_ready(findings)
+        kind = "is" if slot is not None else "will be created as"
+        return Readiness(None, f"slot {settings.slot} {kind} a failover slot and the primary "
+                         f"waits for {', '.join(names)} (set [source] standby_host to check "
+                         "the standby's copy)")
     host, port = settings.standby_hosts[0]
     extra: dict[str, Any] = {"host": host, "port": port, "target_session_attrs": None}
     if connect_options:
@@ -175,15 +177,14 @@ def readiness(catalog: psycopg.Connection, settings: SourceSettings,
                                prepare_threshold=None)
     except psycopg.Error as exc:
         message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        return Readiness(None, found.summary, found.findings + [
-            f"cannot connect to [source] standby_host {settings.standby_host}: {message}"])
+        findings.append(f"cannot connect to [source] standby_host {settings.standby_host}: "
+                        f"{message}")
+        return Readiness(None, "whether a failover keeps the slot is not known: the standby "
+                         "cannot be reached", findings)
     with conn:
-        primary_slot = replication_slot(catalog, settings.slot)
-        findings = found.findings + standby(conn, settings, names, primary_slot)
-        behind = lag_bytes(conn, settings.slot, primary_slot)
-    if findings:
-        return Readiness(False, f"a failover of the source may cost the slot or the mirror's "
-                         f"agreement with it ({len(findings)} finding(s))", findings)
+        on_standby, behind = standby(conn, settings, names, slot)
+    if findings or on_standby:
+        return _not_ready(findings + on_standby)
     return Readiness(True, f"ready: slot {settings.slot} is a failover slot, synced to "
                      f"{settings.standby_host}"
                      + (f" ({behind} bytes behind the primary's)" if behind is not None else "")

@@ -17,7 +17,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from plugins.replicator import PUBLICATION, assert_same, replicator_env
-from plugins.servers import SOURCE_VERSIONS, _fresh_database, _start_cluster, grant_source_role
+from plugins.servers import SOURCE_VERSIONS, _fresh_database, grant_source_role, start_cluster
 
 from replicator.devtools.localpg import LocalCluster
 from replicator.errors import ExitCode
@@ -29,7 +29,7 @@ ROWS = 200
 
 @pytest.fixture(scope="module", params=SOURCE_VERSIONS, ids=lambda v: f"pg{v}")
 def lossy_cluster(request: pytest.FixtureRequest, pg_base_dir: Path) -> Iterator[LocalCluster]:
-    gen = _start_cluster(request.param, pg_base_dir, {"max_slot_wal_keep_size": "16MB"})
+    gen = start_cluster(request.param, pg_base_dir, {"max_slot_wal_keep_size": "16MB"})
     yield next(gen)
     gen.close()
 

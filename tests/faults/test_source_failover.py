@@ -12,7 +12,6 @@ mirror applied (no synchronized_standby_slots, the standby behind), it refuses t
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -31,10 +30,16 @@ from plugins.replicator import (
     wait_for,
     write_config,
 )
-from plugins.servers import ONE_VERSION, SOURCE_ROLE, TestDatabase, grant_source_role
+from plugins.servers import (
+    ONE_VERSION,
+    SOURCE_ROLE,
+    TestDatabase,
+    grant_source_role,
+    start_cluster,
+)
 
 from replicator import failpoints
-from replicator.devtools.localpg import LocalCluster, available_versions
+from replicator.devtools.localpg import LocalCluster, free_port
 from replicator.errors import ExitCode
 
 VERSION = 18
@@ -46,13 +51,8 @@ SYNC_TIMEOUT = 90
 
 @pytest.fixture
 def primary(pg_base_dir: Path) -> Iterator[LocalCluster]:
-    if VERSION not in available_versions():
-        message = f"PostgreSQL {VERSION} is not available on this machine"
-        if os.environ.get("CI"):
-            pytest.fail(message + " (CI installs it: see .ci/run)")
-        pytest.skip(message)
-    cluster = LocalCluster(VERSION, pg_base_dir).start()
-    try:
+    """A PostgreSQL 18 source of its own (the test stops it), with two published tables."""
+    for cluster in start_cluster(VERSION, pg_base_dir):
         cluster.create_database(DATABASE)
         db = TestDatabase(cluster, DATABASE)
         grant_source_role(db)
@@ -61,8 +61,6 @@ def primary(pg_base_dir: Path) -> Iterator[LocalCluster]:
         db.execute("insert into b select g, 'b' || g from generate_series(1, 2000) g")
         db.execute(f"create publication {PUBLICATION} for table a, b")
         yield cluster
-    finally:
-        cluster.remove()
 
 
 def standby_of(primary: LocalCluster, sync: bool) -> LocalCluster:
@@ -88,6 +86,15 @@ def wait_for_standby_slot(primary: TestDatabase, standby: TestDatabase) -> None:
         return bool(row and row[0])
 
     wait_for(synced, SYNC_TIMEOUT, "the standby's synced copy of the slot")
+
+
+def stream_until_the_standby_has_the_slot(proc: ReplicatorProcess, primary: TestDatabase,
+                                          standby: TestDatabase) -> None:
+    """A run that streams until the standby's copy of the slot is persistent, then stops."""
+    proc.start()
+    wait_for(proc.streaming, 60, "streaming", proc.logs)
+    wait_for_standby_slot(primary, standby)
+    assert proc.terminate(60) == 0, proc.logs()
 
 
 class Writer(threading.Thread):
@@ -220,10 +227,7 @@ def test_a_failover_between_the_sessions_checks_and_its_stream(primary, dest_db,
         wait_for_the_standby(primary)
         old, new = TestDatabase(primary, DATABASE), TestDatabase(standby, DATABASE)
         proc = process(tmp_path, dest_db, primary, standby)
-        proc.start()
-        wait_for(proc.streaming, 60, "streaming", proc.logs)
-        wait_for_standby_slot(old, new)
-        assert proc.terminate(60) == 0, proc.logs()
+        stream_until_the_standby_has_the_slot(proc, old, new)
         dest_db.execute("update replicator.tables set state = 'pending' "
                         "where source_table = 'public.b'")
         proc.start(env={failpoints.ENV: f"{failpoints.STARTUP_COPIED}=sleep:6"})
@@ -278,10 +282,7 @@ def test_a_failover_to_a_standby_behind_the_mirror_is_refused(primary, dest_db, 
     try:
         old, new = TestDatabase(primary, DATABASE), TestDatabase(standby, DATABASE)
         proc = process(tmp_path, dest_db, primary, standby)
-        proc.start()
-        wait_for(proc.streaming, 60, "streaming", proc.logs)
-        wait_for_standby_slot(old, new)
-        assert proc.terminate(60) == 0, proc.logs()
+        stream_until_the_standby_has_the_slot(proc, old, new)
         standby.stop()
         old.execute("update b set v = 'only on the old primary' where id <= 10")
         assert proc.run_until_caught_up() == 0, proc.logs()
@@ -322,6 +323,13 @@ def test_check_names_what_a_failover_needs(primary, dest_db, tmp_path):
             r.execute(f"ALTER_REPLICATION_SLOT {PUBLICATION} (FAILOVER true)")
         checked = cli("check", "--config", str(proc.config))
         assert "is not a failover slot" not in checked.stdout, checked.stdout
+        # A standby_host that does not answer: said, and the answer is "not known".
+        unreachable = process(tmp_path, dest_db, primary, standby,
+                              standby_host=f"127.0.0.1:{free_port()}")
+        checked = cli("check", "--config", str(unreachable.config))
+        assert checked.returncode == 0, checked.stderr
+        assert "failover: whether a failover keeps the slot is not known" in checked.stdout
+        assert "failover WARNING: cannot connect to [source] standby_host" in checked.stdout
     finally:
         standby.remove()
     with primary.connect() as conn:

@@ -25,7 +25,7 @@ from plugins.replicator import (
     error_line,
     wait_for,
 )
-from plugins.servers import ONE_VERSION, _fresh_database, _start_cluster, grant_source_role
+from plugins.servers import ONE_VERSION, _fresh_database, grant_source_role, start_cluster
 from psycopg import sql
 
 from replicator.devtools.localpg import LocalCluster
@@ -51,7 +51,7 @@ def _published_table(db) -> None:
 
 @pytest.fixture(scope="module")
 def replica_level_cluster(pg_base_dir: Path) -> Iterator[LocalCluster]:
-    gen = _start_cluster(15, pg_base_dir, {"wal_level": "replica"})
+    gen = start_cluster(15, pg_base_dir, {"wal_level": "replica"})
     yield next(gen)
     gen.close()
 

@@ -134,8 +134,10 @@ def pg_base_dir() -> Iterator[Path]:
     shutil.rmtree(base, ignore_errors=True)
 
 
-def _start_cluster(version: int, base_dir: Path,
-                   settings: dict[str, Any] | None = None) -> Iterator[LocalCluster]:
+def start_cluster(version: int, base_dir: Path,
+                  settings: dict[str, Any] | None = None) -> Iterator[LocalCluster]:
+    """A running cluster of that version, removed after; a version this machine lacks skips
+    the test, or fails it on CI (which installs every one)."""
     if version not in available_versions():
         message = f"PostgreSQL {version} is not available on this machine"
         if os.environ.get("CI"):
@@ -156,13 +158,13 @@ def _start_cluster(version: int, base_dir: Path,
 @pytest.fixture(scope="session")
 def pg15(pg_base_dir: Path) -> Iterator[LocalCluster]:
     """A PostgreSQL 15 source cluster (wal_level=logical)."""
-    yield from _start_cluster(15, pg_base_dir)
+    yield from start_cluster(15, pg_base_dir)
 
 
 @pytest.fixture(scope="session")
 def pg18(pg_base_dir: Path) -> Iterator[LocalCluster]:
     """A PostgreSQL 18 source cluster (wal_level=logical)."""
-    yield from _start_cluster(18, pg_base_dir)
+    yield from start_cluster(18, pg_base_dir)
 
 
 @pytest.fixture(
@@ -177,7 +179,7 @@ def source_cluster(request: pytest.FixtureRequest) -> LocalCluster:
 @pytest.fixture(scope="session")
 def dest_cluster(pg_base_dir: Path) -> Iterator[LocalCluster]:
     """The destination cluster (PostgreSQL 15), separate from every source cluster."""
-    yield from _start_cluster(DEST_VERSION, pg_base_dir)
+    yield from start_cluster(DEST_VERSION, pg_base_dir)
 
 
 def _fresh_database(cluster: LocalCluster, prefix: str, node_name: str) -> Iterator[TestDatabase]:
